@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tapescope demo
+	$(VENV)/bin/tapescope demo --out demo-out --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tapescope tests bench

@@ -1,0 +1,132 @@
+"""Configuration: pydantic models for the scope, the run and processing, loaded from TOML.
+
+A config file has up to three tables, ``[scope]``, ``[run]`` and ``[processing]``; every
+field has a default, so an empty file is the embedded demo configuration. Errors name the
+file, the field (as a dotted path) and what was expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message is meant for a person."""
+
+
+class _Model(BaseModel):
+    # Unknown keys are almost always typos ("exposre_ms"): refuse them rather than ignore.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SerialPortConfig(_Model):
+    """A serial device: any pyserial URL (``/dev/ttyUSB0``, a pty path, ``socket://h:p``)."""
+
+    url: str | None = Field(None, description="pyserial URL; None means 'start the simulator'")
+    baudrate: Annotated[int, Field(gt=0)] = 115200
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+
+class StageConfig(SerialPortConfig):
+    settle_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+
+class TapeConfig(SerialPortConfig):
+    move_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+class CameraConfig(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        None, description="TCP port of the frame server; None means 'start the simulator'"
+    )
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    width: Annotated[int, Field(ge=16, le=16384)] = 512
+    height: Annotated[int, Field(ge=16, le=16384)] = 512
+    pixel_size_nm: Annotated[float, Field(gt=0)] = 4.0
+
+
+class ScopeConfig(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = "sim-scope"
+    stage: StageConfig = StageConfig()
+    tape: TapeConfig = TapeConfig()
+    camera: CameraConfig = CameraConfig()
+
+    @property
+    def simulated(self) -> bool:
+        return self.stage.url is None or self.tape.url is None or self.camera.port is None
+
+
+class RunConfig(_Model):
+    slots: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2])
+    grid: tuple[Annotated[int, Field(ge=1, le=1000)], Annotated[int, Field(ge=1, le=1000)]] = (3, 3)
+    overlap: Annotated[float, Field(ge=0.02, le=0.5)] = 0.10
+    exposure_ms: Annotated[float, Field(gt=0, le=10_000)] = 20.0
+    seed: int = 1
+
+    @field_validator("slots")
+    @classmethod
+    def _unique_slots(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one tape slot is needed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"slots must be unique, got {v}")
+        return v
+
+
+class ProcessingConfig(_Model):
+    flatfield: Literal["auto", "none"] = "auto"
+    section_thickness_nm: Annotated[float, Field(gt=0)] = 40.0
+    pyramid_levels: Annotated[int, Field(ge=2, le=12)] = 3
+    chunk: Annotated[int, Field(ge=32, le=4096)] = 256
+    align: bool = True
+
+    @model_validator(mode="after")
+    def _chunk_power_of_two(self) -> ProcessingConfig:
+        if self.chunk & (self.chunk - 1):
+            raise ValueError(f"chunk must be a power of two, got {self.chunk}")
+        return self
+
+
+class TapescopeConfig(_Model):
+    scope: ScopeConfig = ScopeConfig()
+    run: RunConfig = RunConfig()
+    processing: ProcessingConfig = ProcessingConfig()
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    got = err.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"  {loc}: {msg}{got_txt}"
+
+
+def parse_config(data: dict, source: str = "<config>") -> TapescopeConfig:
+    try:
+        return TapescopeConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> TapescopeConfig:
+    """Read and validate a TOML config; raise ConfigError naming file, field and expectation."""
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, str(p))
