@@ -1,0 +1,1 @@
+"""Async device drivers. Imports nothing else of tapescope (see docs/architecture.md)."""

@@ -1,0 +1,26 @@
+"""Typed device errors: every driver raises these, never a bare OSError or a hang."""
+
+from __future__ import annotations
+
+
+class DeviceError(Exception):
+    """A device refused or failed a command; carries the device's own code and text."""
+
+    def __init__(self, device: str, message: str, code: int | str | None = None) -> None:
+        self.device = device
+        self.code = code
+        self.text = message
+        where = f" (code {code})" if code is not None else ""
+        super().__init__(f"{device}: {message}{where}")
+
+
+class DeviceTimeout(DeviceError):
+    """No (complete) reply within the timeout. The command may or may not have run."""
+
+
+class ProtocolError(DeviceError):
+    """A reply arrived but cannot be parsed: garbled, truncated, or out of sequence."""
+
+
+class DeviceDisconnected(DeviceError):
+    """The transport closed under us (cable pulled, server gone)."""

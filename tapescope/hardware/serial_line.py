@@ -1,0 +1,83 @@
+"""A request/reply line transport over any pyserial URL, usable from asyncio.
+
+pyserial is blocking; each transaction runs in a worker thread under an asyncio lock, so
+the event loop never blocks and only one command is on the wire at a time. The same
+class drives a real RS-232 port, a pseudo-terminal from the simulator, or ``socket://``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import serial
+
+from .errors import DeviceDisconnected, DeviceTimeout, ProtocolError
+
+
+class SerialLine:
+    def __init__(
+        self,
+        device: str,
+        url: str,
+        *,
+        baudrate: int = 115200,
+        timeout_s: float = 2.0,
+        send_eol: bytes = b"\r",
+        recv_eol: bytes = b"\n",
+        encoding: str = "ascii",
+    ) -> None:
+        self.device = device
+        self.url = url
+        self.baudrate = baudrate
+        self.timeout_s = timeout_s
+        self.send_eol = send_eol
+        self.recv_eol = recv_eol
+        self.encoding = encoding
+        self._port: serial.SerialBase | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        def _open() -> serial.SerialBase:
+            return serial.serial_for_url(
+                self.url, baudrate=self.baudrate, timeout=self.timeout_s,
+                write_timeout=self.timeout_s,
+            )
+
+        try:
+            self._port = await asyncio.to_thread(_open)
+        except (serial.SerialException, OSError) as exc:
+            raise DeviceDisconnected(self.device, f"cannot open {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        port, self._port = self._port, None
+        if port is not None:
+            await asyncio.to_thread(port.close)
+
+    @property
+    def is_open(self) -> bool:
+        return self._port is not None and self._port.is_open
+
+    def _transact(self, line: str) -> str:
+        port = self._port
+        if port is None:
+            raise DeviceDisconnected(self.device, "port is not open")
+        try:
+            port.reset_input_buffer()  # a late reply to a timed-out command must not be read as ours
+            port.write(line.encode(self.encoding) + self.send_eol)
+            raw = port.read_until(self.recv_eol)
+        except (serial.SerialException, OSError) as exc:
+            raise DeviceDisconnected(self.device, f"I/O error on {self.url}: {exc}") from exc
+        if not raw.endswith(self.recv_eol):
+            raise DeviceTimeout(
+                self.device, f"no complete reply to {line!r} within {self.timeout_s:g} s"
+                + (f" (partial: {raw!r})" if raw else "")
+            )
+        try:
+            return raw.decode(self.encoding).strip()
+        except UnicodeDecodeError:
+            raise ProtocolError(self.device, f"undecodable reply to {line!r}: {raw!r}") from None
+
+    async def query(self, line: str) -> str:
+        """Send one command line and return its reply line, stripped."""
+        async with self._lock:
+            return await asyncio.to_thread(self._transact, line)

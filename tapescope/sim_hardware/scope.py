@@ -1,0 +1,51 @@
+"""Start every emulator over one shared world, in the running asyncio loop."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from tapescope.config import CameraConfig, ScopeConfig, StageConfig, TapeConfig
+
+from .camera import CameraEmulator
+from .stage import StageEmulator
+from .tape import TapeEmulator
+from .world import SimWorld, WorldParams
+
+
+class SimulatedScope:
+    """``async with SimulatedScope(params) as sim: sim.scope_config(...)``"""
+
+    def __init__(self, params: WorldParams | None = None) -> None:
+        self.world = SimWorld(params)
+        self.stage = StageEmulator(self.world)
+        self.tape = TapeEmulator(self.world)
+        self.camera = CameraEmulator(self.world)
+
+    async def start(self, camera_port: int = 0) -> None:
+        await self.stage.start()
+        await self.tape.start()
+        await self.camera.start(camera_port)
+
+    async def stop(self) -> None:
+        await self.camera.stop()
+        await self.tape.stop()
+        await self.stage.stop()
+
+    async def __aenter__(self) -> SimulatedScope:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def scope_config(self, base: ScopeConfig | None = None) -> ScopeConfig:
+        """A scope config whose ports point at these emulators, other settings kept."""
+        b = base or ScopeConfig()
+        h, w = self.world.p.tile_px
+        return b.model_copy(update={
+            "stage": StageConfig(**{**b.stage.model_dump(), "url": self.stage.port}),
+            "tape": TapeConfig(**{**b.tape.model_dump(), "url": self.tape.port}),
+            "camera": CameraConfig(**{**b.camera.model_dump(), "port": self.camera.port,
+                                      "height": h, "width": w, "pixel_size_nm": self.world.p.pixel_nm}),
+        })

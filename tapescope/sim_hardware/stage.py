@@ -1,0 +1,59 @@
+"""ASI MS-2000 emulator (the subset in hardware/asi_protocol.py) on a pseudo-terminal."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from tapescope.hardware import asi_protocol as asi
+
+from .pty_server import PtyLineServer
+from .world import SimWorld
+
+_AXIS = re.compile(r"^([XY])=(-?\d+(?:\.\d*)?)$")
+
+
+class StageEmulator(PtyLineServer):
+    name = "stage"
+    recv_eol = b"\r"
+    send_eol = b"\r\n"
+
+    def __init__(self, world: SimWorld) -> None:
+        super().__init__()
+        self.world = world
+
+    def _err(self, code: int) -> str:
+        return f":N-{code}"
+
+    def handle(self, line: str) -> str | None:
+        if not line:
+            return None
+        verb, *args = line.split()
+        verb = verb.upper()
+        w = self.world
+        if verb == "/":
+            return "B" if w.stage_busy() else "N"
+        if verb in ("W", "WHERE"):
+            if not args or any(a.upper() not in ("X", "Y") for a in args):
+                return self._err(2)
+            y, x = w.stage_encoder
+            vals = {"X": x, "Y": y}
+            return ":A " + " ".join(asi.nm_to_units(vals[a.upper()]) for a in args)
+        if verb in ("M", "MOVE", "R", "MOVREL"):
+            target = dict(zip(("Y", "X"), w.stage_encoder, strict=True))
+            relative = verb in ("R", "MOVREL")
+            if not args:
+                return self._err(3)
+            for a in args:
+                m = _AXIS.match(a.upper())
+                if not m:
+                    return self._err(2)
+                v = asi.units_to_nm(m.group(2))
+                target[m.group(1)] = target[m.group(1)] + v if relative else v
+            w.stage_move(np.array([target["Y"], target["X"]]))
+            return ":A"
+        if verb == "HALT":
+            w.stage_halt()
+            return ":A"
+        return self._err(1)
