@@ -1,0 +1,106 @@
+"""Global solve: tile positions from pairwise offsets by weighted sparse least squares.
+
+Each pair (i, j) says p_j - p_i = d_ij with weight w_ij (its confidence). A weak prior
+p_i = stage_i keeps tiles with no trustworthy neighbour where the stage put them and
+fixes the free translation of the whole montage. Pairs whose residual is far above the
+rest are dropped and the solve repeated (iterative outlier rejection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.linalg import spsolve
+
+PRIOR_WEIGHT = 1e-3        # a stage prior is worth 1/1000 of a confident pair
+MIN_CONFIDENCE = 0.2       # pairs below this NCC are not used at all
+OUTLIER_PX = 2.0           # residual above which the worst pair is dropped and the rest re-solved
+
+
+@dataclass(frozen=True)
+class Pair:
+    i: int
+    j: int
+    dy: float
+    dx: float
+    confidence: float
+
+
+@dataclass
+class Solution:
+    positions: np.ndarray          # (n, 2) top-left (y, x) in pixels
+    pair_residual: np.ndarray      # (n_pairs,) px; NaN for pairs not used
+    pair_used: np.ndarray          # (n_pairs,) bool
+    tile_residual: np.ndarray      # (n,) px: worst residual of the tile's used pairs
+    status: list[str]              # per tile: "ok" or "stage" (placed by the prior alone)
+
+
+def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | None = None) -> Solution:
+    n = len(stage_px)
+    stage_px = np.asarray(stage_px, dtype=float)
+    used = np.array([p.confidence >= MIN_CONFIDENCE for p in pairs], dtype=bool)
+    positions = stage_px.copy()
+    # Consistent pairs agree to well under a pixel, so an absolute bound is the right test;
+    # one wrong pair spreads its error over its neighbours, so drop only the worst at a time.
+    for _ in range(len(pairs) if max_rounds is None else max_rounds):
+        positions = _lsq(stage_px, pairs, used)
+        res = _residuals(positions, pairs)
+        worst = int(np.argmax(np.where(used, res, -1))) if used.any() else -1
+        if worst < 0 or res[worst] <= OUTLIER_PX:
+            break
+        used[worst] = False
+    else:
+        positions = _lsq(stage_px, pairs, used)  # rounds ran out right after a drop
+    res = _residuals(positions, pairs)
+    tile_res = np.zeros(n)
+    has_pair = np.zeros(n, dtype=bool)
+    for k, p in enumerate(pairs):
+        if used[k]:
+            for t in (p.i, p.j):
+                has_pair[t] = True
+                tile_res[t] = max(tile_res[t], res[k])
+    status = ["ok" if h else "stage" for h in has_pair]
+    if n:
+        # A tile tied to nothing but the prior sits at the stage position exactly.
+        positions[~has_pair] = stage_px[~has_pair]
+    return Solution(positions, np.where(used, res, np.nan), used, tile_res, status)
+
+
+def _lsq(stage_px: np.ndarray, pairs: list[Pair], used: np.ndarray) -> np.ndarray:
+    n = len(stage_px)
+    rows, cols, vals, rhs_y, rhs_x = [], [], [], [], []
+    r = 0
+    for k, p in enumerate(pairs):
+        if not used[k]:
+            continue
+        w = float(np.sqrt(p.confidence))
+        rows += [r, r]
+        cols += [p.j, p.i]
+        vals += [w, -w]
+        rhs_y.append(w * p.dy)
+        rhs_x.append(w * p.dx)
+        r += 1
+    for t in range(n):
+        rows.append(r)
+        cols.append(t)
+        vals.append(PRIOR_WEIGHT)
+        rhs_y.append(PRIOR_WEIGHT * stage_px[t, 0])
+        rhs_x.append(PRIOR_WEIGHT * stage_px[t, 1])
+        r += 1
+    a = coo_matrix((vals, (rows, cols)), shape=(r, n)).tocsr()
+    # Normal equations: A^T A is positive definite thanks to the prior, and sparse
+    # (a tile has at most four neighbours), so a direct solve is exact and fast.
+    ata = (a.T @ a).tocsc()
+    b = np.column_stack([rhs_y, rhs_x])
+    return np.asarray(spsolve(ata, a.T @ b)).reshape(n, 2)
+
+
+def _residuals(positions: np.ndarray, pairs: list[Pair]) -> np.ndarray:
+    if not pairs:
+        return np.zeros(0)
+    i = np.array([p.i for p in pairs])
+    j = np.array([p.j for p in pairs])
+    d = np.array([[p.dy, p.dx] for p in pairs])
+    return np.linalg.norm(positions[j] - positions[i] - d, axis=1)
