@@ -1,0 +1,1 @@
+"""Montage rendering, section-to-section alignment and the OME-Zarr volume."""

@@ -1,0 +1,112 @@
+"""Section processing: flat-field, stitch, render, align to the previous section, write.
+
+Independent of acquisition and hardware: it takes arrays and stage positions and writes
+into a Volume. All sections share one canvas in stage pixel coordinates, so a section
+lands where the stage put it and alignment only has to correct what the tape and the
+stage got wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tapescope.stitching.flatfield import apply_flatfield
+from tapescope.stitching.section import stitch_section
+
+from .align import align_translation
+from .omezarr import Volume
+from .render import render_montage
+
+log = logging.getLogger(__name__)
+
+MIN_ALIGN_CONFIDENCE = 0.15   # NCC below this: the section did not register to its neighbour
+SEAM_FLAG_PX = 1.0            # a stitched pair whose residual exceeds this is a flagged seam
+
+
+@dataclass(frozen=True)
+class Canvas:
+    origin: np.ndarray            # (y, x) stage pixel coordinate of the volume's (0, 0)
+    shape: tuple[int, int]
+
+    @classmethod
+    def around(cls, positions: np.ndarray, tile_shape: tuple[int, int], margin: int) -> Canvas:
+        lo = np.floor(positions.min(axis=0)).astype(int) - margin
+        hi = np.ceil(positions.max(axis=0) + np.array(tile_shape)).astype(int) + margin
+        return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
+
+
+@dataclass
+class SectionReport:
+    z: int
+    status: str                   # "ok" | "unaligned" | "failed"
+    max_residual_px: float
+    flagged_seams: int
+    shift_px: tuple[float, float]
+    alignment_confidence: float
+    tile_status: list[str]
+    message: str = ""
+
+
+class SectionProcessor:
+    """Processes sections in tape order into one Volume (one writer: this object)."""
+
+    def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True,
+                 gain: np.ndarray | None = None, dark: float = 0.0) -> None:
+        if volume.shape[1:] != canvas.shape:
+            raise ValueError(f"volume {volume.shape[1:]} and canvas {canvas.shape} differ")
+        self.volume = volume
+        self.canvas = canvas
+        self.align = align
+        self.gain = gain
+        self.dark = dark
+        self._reference: tuple[np.ndarray, np.ndarray] | None = None  # last good (image, coverage)
+
+    def process(
+        self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
+        grid: Sequence[tuple[int, int]], info: dict,
+    ) -> SectionReport:
+        tiles = [apply_flatfield(t, self.gain, self.dark) for t in raw_tiles]
+        stitched = stitch_section(tiles, stage_px, grid)
+        sol = stitched.solution
+        used = sol.pair_residual[sol.pair_used]
+        max_res = float(used.max()) if used.size else 0.0
+        flagged = int((used > SEAM_FLAG_PX).sum())
+
+        image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape)
+        shift = (0.0, 0.0)
+        conf = 1.0
+        status = "ok"
+        message = ""
+        if self.align and self._reference is not None:
+            ref_img, ref_cov = self._reference
+            if ((cover > 0.5) & (ref_cov > 0.5)).mean() < 0.05:
+                status, conf = "unaligned", 0.0
+                message = "too little overlap with the previous section"
+            else:
+                s = align_translation(ref_img, image, ref_cov > 0.5, cover > 0.5)
+                conf = s.confidence
+                if conf < MIN_ALIGN_CONFIDENCE:
+                    status = "unaligned"
+                    message = f"alignment confidence {conf:.2f} < {MIN_ALIGN_CONFIDENCE}"
+                else:
+                    shift = (s.dy, s.dx)
+                    # aligned(p) = moving(p + s): render again with the tiles moved by -s,
+                    # so the pixels are interpolated once, not twice.
+                    image, cover = render_montage(tiles, sol.positions - np.array(shift),
+                                                  self.canvas.origin, self.canvas.shape)
+        if status == "ok":
+            self._reference = (image, cover)
+        self.volume.write_section(z, image, {
+            **info, "status": status, "shift_px": list(shift), "alignment_confidence": conf,
+            "max_residual_px": max_res, "flagged_seams": flagged, "message": message,
+            "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
+        })
+        return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
+
+    def record_missing(self, z: int, info: dict, reason: str) -> None:
+        """A section that could not be processed keeps its z, recorded as missing."""
+        self.volume.record(z, {**info, "status": "failed", "message": reason})

@@ -1,0 +1,77 @@
+"""The volume's metadata against the official OME-Zarr 0.5 schema, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import zarr
+from referencing import Registry, Resource
+
+from tapescope.montage.omezarr import Volume
+
+SCHEMAS = Path(__file__).parent / "data" / "ngff-0.5"
+
+
+def validate_ome(attrs: dict) -> None:
+    resources = []
+    for name in ("image.schema", "_version.schema"):
+        schema = json.loads((SCHEMAS / name).read_text())
+        resources.append((schema["$id"], Resource.from_contents(schema)))
+    image = json.loads((SCHEMAS / "image.schema").read_text())
+    validator = jsonschema.Draft202012Validator(image, registry=Registry().with_resources(resources))
+    validator.validate(attrs)
+
+
+def check_volume(path: Path) -> zarr.Group:
+    """Assertions every tapescope volume must pass (used by the demo test too)."""
+    group = zarr.open_group(str(path), mode="r")
+    attrs = group.attrs.asdict()
+    validate_ome(attrs)
+    ms = attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert all(a["unit"] == "nanometer" for a in ms["axes"])
+    assert len(ms["datasets"]) >= 2
+    prev = None
+    for ds in ms["datasets"]:
+        arr = group[ds["path"]]
+        assert arr.metadata.zarr_format == 3
+        assert list(arr.metadata.dimension_names) == ["z", "y", "x"]
+        if prev is not None:
+            assert arr.shape[0] == prev.shape[0]
+            assert arr.shape[1] == -(-prev.shape[1] // 2)
+        prev = arr
+    # The community's own model of OME-Zarr 0.5 accepts it too.
+    from ome_zarr_models.v05.image import Image
+    Image.from_zarr(group)
+    return group
+
+
+def test_volume_metadata_validates(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v.zarr", (2, 300, 200), pixel_nm=4.0, thickness_nm=40.0, levels=3, chunk=64)
+    img = np.arange(300 * 200, dtype=np.float32).reshape(300, 200) % 5000
+    vol.write_section(1, img, {"slot": 7})
+    group = check_volume(tmp_path / "v.zarr")
+    scale = group.attrs["ome"]["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"]
+    assert scale == [40.0, 8.0, 8.0]
+    assert np.array_equal(group["0"][1], img.astype(np.uint16))
+    assert group["1"][1].mean() == pytest.approx(img.mean(), rel=0.01)
+    assert not group["0"][0].any()          # an unwritten section stays empty
+    assert group.attrs["tapescope"]["sections"]["1"]["slot"] == 7
+
+
+def test_schema_rejects_broken_metadata(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v.zarr", (1, 64, 64), pixel_nm=4.0, thickness_nm=40.0, levels=2, chunk=32)
+    attrs = vol.group.attrs.asdict()
+    attrs["ome"]["version"] = "0.4"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_ome(attrs)
+
+
+def test_write_refuses_wrong_shape(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v.zarr", (1, 64, 64), pixel_nm=4.0, thickness_nm=40.0, levels=2, chunk=32)
+    with pytest.raises(ValueError, match="does not match volume"):
+        vol.write_section(0, np.zeros((10, 10)), {})
