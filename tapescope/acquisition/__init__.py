@@ -1,0 +1,1 @@
+"""Acquisition: the plan, the engine that runs it, and the run store."""

@@ -1,0 +1,124 @@
+"""The run directory: config snapshot, raw tiles as TIFF, and an fsync'd journal.
+
+Law 1: a tile counts as acquired only once its file is durable *and* its journal line
+is durable, in that order. A crash between the two leaves an orphan file (retaken on
+resume), never a journal line without its tile.
+
+    RUN_DIR/config.json          the configuration the run used
+    RUN_DIR/journal.jsonl        one JSON object per line, append-only
+    RUN_DIR/tiles/slot_NNNNN/rRRR_cCCC.tif
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    slot: int
+    row: int
+    col: int
+    path: Path
+    y_nm: float        # stage encoder readback at exposure
+    x_nm: float
+    crc32: int
+    meta: dict[str, Any]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunStore:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.journal_path = self.dir / "journal.jsonl"
+
+    @classmethod
+    def create(cls, run_dir: str | Path, config_json: str) -> RunStore:
+        d = Path(run_dir)
+        if (d / "journal.jsonl").exists():
+            raise FileExistsError(f"{d} already holds a run (journal.jsonl exists)")
+        (d / "tiles").mkdir(parents=True, exist_ok=True)
+        store = cls(d)
+        store._write_durable(d / "config.json", config_json.encode())
+        store.log_event("run_started", time=time.time())
+        return store
+
+    def _write_durable(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".part")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    def log_event(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n"
+        with open(self.journal_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def tile_path(self, slot: int, row: int, col: int) -> Path:
+        return self.dir / "tiles" / f"slot_{slot:05d}" / f"r{row:03d}_c{col:03d}.tif"
+
+    def write_tile(
+        self, slot: int, row: int, col: int, data: np.ndarray, *, y_nm: float, x_nm: float,
+        meta: dict[str, Any],
+    ) -> TileRecord:
+        path = self.tile_path(slot, row, col)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        crc = zlib.crc32(np.ascontiguousarray(data).tobytes())
+        full = {**meta, "slot": slot, "row": row, "col": col, "y_nm": y_nm, "x_nm": x_nm, "crc32": crc}
+        tmp = path.with_name(path.name + ".part")
+        tifffile.imwrite(tmp, data, description=json.dumps(full), metadata=None)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        self.log_event("tile", slot=slot, row=row, col=col,
+                       file=str(path.relative_to(self.dir)), y_nm=y_nm, x_nm=x_nm, crc32=crc,
+                       meta=meta)
+        return TileRecord(slot, row, col, path, y_nm, x_nm, crc, meta)
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Journal entries in order. A torn last line (crash mid-append) is ignored."""
+        if not self.journal_path.exists():
+            return
+        with open(self.journal_path, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                yield json.loads(line)
+
+    def tiles(self, slot: int | None = None) -> list[TileRecord]:
+        out = []
+        for e in self.events():
+            if e["event"] == "tile" and (slot is None or e["slot"] == slot):
+                out.append(TileRecord(e["slot"], e["row"], e["col"], self.dir / e["file"],
+                                      e["y_nm"], e["x_nm"], e["crc32"], e.get("meta", {})))
+        return out
+
+    @staticmethod
+    def read_tile(rec: TileRecord) -> np.ndarray:
+        data = tifffile.imread(rec.path)
+        if zlib.crc32(np.ascontiguousarray(data).tobytes()) != rec.crc32:
+            raise OSError(f"{rec.path}: pixel checksum does not match the journal")
+        return data

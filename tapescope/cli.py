@@ -1,0 +1,121 @@
+"""The `tapescope` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed, TileAcquired
+from tapescope.config import ConfigError, TapescopeConfig, load_config
+
+app = typer.Typer(help="tapescope: serial-section TEM on tape, from tape to zarr.",
+                  no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Work with configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(path: Path | None) -> TapescopeConfig:
+    if path is None:
+        return TapescopeConfig()
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@config_app.command("check")
+def config_check(file: Path = typer.Argument(..., help="TOML config file to validate")) -> None:
+    """Validate a config file without touching any hardware."""
+    cfg = _load(file)
+    sim = "simulated" if cfg.scope.simulated else "hardware"
+    console.print(f"[green]ok[/]: {file} ({sim} scope '{cfg.scope.name}', "
+                  f"{len(cfg.run.slots)} slots, grid {cfg.run.grid[0]}x{cfg.run.grid[1]})")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="output folder"),
+    sections: int = typer.Option(3, "--sections", min=1, max=64, help="sections (tape slots) to image"),
+    grid: tuple[int, int] = typer.Option((3, 3), "--grid", help="tile grid per section: ROWS COLS"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config (defaults: embedded)"),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="replace OUT/run and OUT/volume.zarr of an earlier demo"),
+) -> None:
+    """Image a few sections of a simulated tape and write a stitched, aligned volume."""
+    from tapescope.runner import acquire_and_process
+
+    if grid[0] < 1 or grid[1] < 1 or grid[0] * grid[1] > 400:
+        raise _fail(f"--grid must be between 1x1 and 400 tiles, got {grid[0]}x{grid[1]}")
+    cfg = _load(config)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={
+        "slots": list(range(sections)), "grid": grid})})
+    targets = [out / "run", out / "volume.zarr"]
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise _fail(f"{', '.join(map(str, existing))} already exist; pass --overwrite to replace them")
+    for p in existing:
+        shutil.rmtree(p)
+
+    bus = EventBus()
+    n_tiles = sections * grid[0] * grid[1]
+    alarms: list[str] = []
+    progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console)
+    t_acq = progress.add_task("acquire", total=n_tiles)
+    t_proc = progress.add_task("stitch+align", total=sections)
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, TileAcquired):
+            progress.advance(t_acq)
+        elif isinstance(ev, SectionProcessed):
+            progress.advance(t_proc)
+        elif isinstance(ev, Alarm):
+            alarms.append(f"{ev.source}: {ev.message}")
+            progress.console.print(f"[yellow]{ev.severity}[/] {ev.source}: {ev.message}")
+
+    bus.subscribe(on_event)
+    t0 = time.monotonic()
+    with progress:
+        result = asyncio.run(acquire_and_process(cfg, out, bus))
+    elapsed = time.monotonic() - t0
+
+    table = Table(title="tapescope demo", show_header=True)
+    for col in ("z", "slot", "status", "max seam residual px", "alignment shift px", "align NCC"):
+        table.add_column(col)
+    for slot, rep in sorted(result.worker.reports.items()):
+        table.add_row(str(rep.z), str(slot), rep.status, f"{rep.max_residual_px:.2f}",
+                      f"({rep.shift_px[0]:+.1f}, {rep.shift_px[1]:+.1f})", f"{rep.alignment_confidence:.2f}")
+    for slot, why in sorted(result.worker.failed.items()):
+        table.add_row("-", str(slot), "failed", "-", "-", why)
+    console.print(table)
+    s = result.summary
+    console.print(f"sections {s.sections}, tiles {s.tiles}, time {elapsed:.1f} s, run {s.state.value}")
+    console.print(f"raw tiles and journal: {result.run_dir}")
+    console.print(f"volume: {result.volume}  (open with zarr.open_group('{result.volume}'))")
+    if s.state.value != "done" or result.worker.failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
