@@ -16,6 +16,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from .transform import SectionTransform
+
 OME_VERSION = "0.5"
 SHARD_FACTOR = 4   # a shard is SHARD_FACTOR x SHARD_FACTOR chunks in y and x
 
@@ -87,21 +89,76 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.levels[0].shape)  # type: ignore[return-value]
 
+    def shard_blocks(self, level: int) -> list[tuple[int, int, int, int]]:
+        """(y0, x0, h, w) of every shard of one z plane of `level`: the unit of writing."""
+        arr = self.levels[level]
+        _, ny, nx = arr.shape
+        sy, sx = arr.shards[1:] if arr.shards else arr.chunks[1:]
+        return [(y, x, min(sy, ny - y), min(sx, nx - x)) for y in range(0, ny, sy) for x in range(0, nx, sx)]
+
+    def _store(self, level: int, z: int, block: tuple[int, int, int, int], data: np.ndarray) -> None:
+        arr = self.levels[level]
+        dt = arr.dtype
+        if np.issubdtype(dt, np.integer):
+            lim = np.iinfo(dt)
+            data = np.clip(np.rint(data), lim.min, lim.max)
+        y0, x0, h, w = block
+        arr[z, y0:y0 + h, x0:x0 + w] = data.astype(dt)
+
+    def write_block(self, z: int, block: tuple[int, int, int, int], data: np.ndarray) -> None:
+        """Write one level-0 shard block of section z (whole shards: no read-modify-write)."""
+        if data.shape != tuple(block[2:]):
+            raise ValueError(f"block data {data.shape} does not match block {block}")
+        self._store(0, z, block, data)
+
+    def build_pyramid(self, z: int, level: int | None = None) -> None:
+        """Levels 1.. of section z, each shard computed from the 2x2 shard area of the level
+        below, read back from the store: memory stays at a few shards whatever the section's
+        size, and each shard still has exactly one writer."""
+        for k in [level] if level is not None else range(1, len(self.levels)):
+            below = self.levels[k - 1]
+            for block in self.shard_blocks(k):
+                y0, x0, h, w = block
+                src = below[z, 2 * y0:2 * (y0 + h), 2 * x0:2 * (x0 + w)].astype(np.float32)
+                self._store(k, z, block, downsample2(src)[:h, :w])
+
     def write_section(self, z: int, image: np.ndarray, info: dict[str, Any]) -> None:
         """Write one section's image into every pyramid level, then record it."""
         if image.shape != self.shape[1:]:
             raise ValueError(f"section image {image.shape} does not match volume {self.shape[1:]}")
+        self._check_z(z)
+        for block in self.shard_blocks(0):
+            y0, x0, h, w = block
+            self.write_block(z, block, image[y0:y0 + h, x0:x0 + w])
+        self.build_pyramid(z)
+        self.record(z, info)
+
+    def _check_z(self, z: int) -> None:
         if not 0 <= z < self.shape[0]:
             raise ValueError(f"z={z} outside volume depth {self.shape[0]}")
-        dt = self.levels[0].dtype
-        lim = np.iinfo(dt) if np.issubdtype(dt, np.integer) else None
-        level = image.astype(np.float32)
-        for k, arr in enumerate(self.levels):
-            if k:
-                level = downsample2(level)
-            out = np.clip(np.rint(level), lim.min, lim.max) if lim else level
-            arr[z, :, :] = out.astype(dt)
-        self.record(z, info)
+
+    # -- per-section transforms, stored beside the volume ---------------------------------
+    @property
+    def transforms_dir(self) -> Path:
+        """`<volume>.transforms/` next to `<volume>.zarr`: one file per section z."""
+        root = Path(str(self.group.store.root)) if hasattr(self.group.store, "root") else None
+        if root is None:
+            raise ValueError("transforms are stored beside a volume on a local disk only")
+        return root.with_suffix(".transforms")
+
+    def save_transform(self, z: int, transform: SectionTransform) -> Path:
+        self._check_z(z)
+        d = self.transforms_dir
+        d.mkdir(exist_ok=True)
+        path = d / f"z{z:06d}.npz"
+        transform.save(path)
+        return path
+
+    def load_transform(self, z: int) -> SectionTransform:
+        path = self.transforms_dir / f"z{z:06d}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"no stored transform for z={z} ({path})")
+        return SectionTransform.load(path)
 
     def record(self, z: int, info: dict[str, Any]) -> None:
         """Store what is known about section z (also for sections that are missing)."""
