@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +77,11 @@ def plan_grid(cfg: TapescopeConfig) -> list[TilePlan]:
     return tile_grid(*cfg.run.grid, (cam.height, cam.width), cam.pixel_size_nm, cfg.run.overlap)
 
 
-async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus) -> RunResult:
-    """Image every planned slot and write the aligned volume to OUT/volume.zarr."""
+async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus, *,
+                              on_engine: Callable[[Engine], None] | None = None) -> RunResult:
+    """Image every planned slot and write the aligned volume to OUT/volume.zarr.
+
+    ``on_engine`` receives the engine before it starts (the GUI uses it for run control)."""
     # Set-up I/O happens once, before any device moves; blocking here is harmless.
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     run_dir, vol_path = out_dir / "run", out_dir / "volume.zarr"
@@ -101,6 +104,8 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     async with open_scope(cfg) as (scope, _):
         engine = Engine(scope, store, bus, slots=slots, grid=grid, exposure_ms=cfg.run.exposure_ms,
                         section_queue=queue)
+        if on_engine is not None:
+            on_engine(engine)
         consumer = asyncio.create_task(worker.run(queue))
         try:
             summary = await engine.run()
