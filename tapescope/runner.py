@@ -103,7 +103,7 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     queue: asyncio.Queue[int | None] = asyncio.Queue()
     async with open_scope(cfg) as (scope, _):
         engine = Engine(scope, store, bus, slots=slots, grid=grid, exposure_ms=cfg.run.exposure_ms,
-                        section_queue=queue)
+                        section_queue=queue, tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm)
         if on_engine is not None:
             on_engine(engine)
         consumer = asyncio.create_task(worker.run(queue))

@@ -1,35 +1,56 @@
-"""The acquisition engine: tape slot -> tile grid -> stored, journalled tiles.
+"""The acquisition engine: tape slot -> plan -> tiles with QC -> stored, journalled tiles.
 
-One asyncio task drives the scope. Finished sections are handed to processing through
-a queue and processed in a worker thread, so the scope never waits on stitching.
+One asyncio task drives the scope through the state machine of state.py (documented in
+docs/acquisition.md). Operator controls (pause, resume, abort, skip_section) only set
+flags and events: they return at once, from any state, and take effect at the next tile
+boundary, so a tile is never half-taken. Every device call runs under a timeout; a
+failed call is retried with a reconnect (RECOVERING), and what still fails pauses or
+fails the run with an alarm, as configured. Finished sections go to processing through
+a bounded queue that never blocks the scope and never drops: processing that falls
+behind catches up from the journal.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import contextlib
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from tapescope.hardware.errors import DeviceError
+from tapescope.hardware.errors import DeviceError, DeviceTimeout
 from tapescope.hardware.scope import Scope
 
-from .events import Alarm, EventBus, RunFinished, RunStarted, SectionAcquired, SectionStarted, TileAcquired
-from .plan import TilePlan
+from .events import (
+    Alarm,
+    DeviceStatus,
+    EventBus,
+    Progress,
+    RunFinished,
+    RunStarted,
+    SectionAcquired,
+    SectionFinished,
+    SectionPlanned,
+    SectionStarted,
+    StateChanged,
+    TileAcquired,
+    TileRejected,
+)
+from .journal import FINAL, RunProgress
+from .plan import SectionPlan, TilePlan
+from .qc import Decision, FocusReference, QCLimits, TileQC, evaluate
+from .state import RunState, check_transition
 from .store import RunStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-
-class RunState(enum.Enum):
-    IDLE = "idle"
-    ACQUIRING = "acquiring"
-    DONE = "done"
-    FAILED = "failed"
-    ABORTED = "aborted"
+__all__ = ["Engine", "EngineSettings", "GridPlanner", "RunState", "RunSummary", "SlotVerdict"]
 
 
 @dataclass(frozen=True)
@@ -38,70 +59,489 @@ class RunSummary:
     sections: int
     tiles: int
     seconds: float
+    section_status: dict[int, str] = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    qc: QCLimits = field(default_factory=QCLimits)
+    device_retries: int = 3                 # per failing call, each after a reconnect
+    retry_backoff_s: float = 0.2
+    on_device_failure: str = "fail"         # "fail": end the run FAILED; "pause": PAUSED, alarm
+    step_timeout_s: float = 120.0           # ceiling on any one device step (drivers time out sooner)
+    watchdog_stall_s: float = 60.0          # no tile for this long while acquiring: alarm + pause
+    min_free_bytes: int = 1 << 30           # besides the next section's tiles
+    reimage_at_end: bool = True
+    barcodes: dict[int, str] = field(default_factory=dict)   # expected barcode per slot, if known
+    refocus: Callable[[], Awaitable[Any]] | None = None       # autofocus routine for focus retakes
+
+
+@dataclass(frozen=True)
+class SlotVerdict:
+    """A slot the planner will not image: empty, damaged, ... (recorded, not fatal)."""
+
+    status: str
+    message: str
+
+
+class Planner(Protocol):
+    async def plan(self, engine: Engine, slot: int, barcode: str) -> SectionPlan | SlotVerdict: ...
+
+
+@dataclass
+class GridPlanner:
+    """The same fixed grid on every slot (the demo's plan)."""
+
+    grid: list[TilePlan]
+
+    async def plan(self, engine: Engine, slot: int, barcode: str) -> SectionPlan:
+        return SectionPlan(slot, barcode, tuple(self.grid))
+
+
+class _Abort(Exception):
+    pass
+
+
+class _Skip(Exception):
+    pass
+
+
+class _Fatal(Exception):
+    """A device fault that retries did not cure, with on_device_failure = "fail"."""
 
 
 class Engine:
     def __init__(
         self, scope: Scope, store: RunStore, bus: EventBus, *, slots: list[int],
-        grid: list[TilePlan], exposure_ms: float,
+        grid: list[TilePlan] | None = None, exposure_ms: float,
         section_queue: asyncio.Queue[int | None] | None = None,
+        planner: Planner | None = None, settings: EngineSettings | None = None,
+        progress: RunProgress | None = None, tile_shape: tuple[int, int] | None = None,
+        pixel_nm: float = 0.0,
     ) -> None:
+        if planner is None:
+            if grid is None:
+                raise ValueError("Engine needs a grid or a planner")
+            planner = GridPlanner(grid)
         self.scope = scope
         self.store = store
         self.bus = bus
-        self.slots = slots
+        self.slots = list(slots)
         self.grid = grid
         self.exposure_ms = exposure_ms
         self.section_queue = section_queue
-        self.state = RunState.IDLE
+        self.planner = planner
+        self.settings = settings or EngineSettings()
+        self.progress = progress or RunProgress()
+        self.tile_shape = tile_shape
+        self.pixel_nm = pixel_nm
+        self._resume_reason = "resumed"
+        self._recover_from = RunState.ACQUIRING
+        self._state = RunState.IDLE
+        self._paused_from = RunState.ACQUIRING
+        self._pause_requested: str | None = None
+        self._abort_requested: str | None = None
+        self._skip_requested: str | None = None
+        self._wake = asyncio.Event()            # set on resume/abort: ends a PAUSED wait
+        self._stop_at_end = False
+        self._t0 = time.monotonic()
+        self._last_tile_t = time.monotonic()
+        self._tiles_this_run = 0
+        self._tiles_planned_total = 0
+        self._current_slot = -1
+        self._last_frame_id = -1
+        self._pending: asyncio.Task[None] | None = None   # the tile being written
 
-    async def run(self) -> RunSummary:
-        t0 = time.monotonic()
-        self.state = RunState.ACQUIRING
-        self.bus.emit(RunStarted(str(self.store.dir), tuple(self.slots), len(self.grid)))
-        n_tiles = n_sections = 0
+    async def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    # -- the operator's controls: flags only; safe from any state, never block -------------
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def pause(self, reason: str = "operator") -> bool:
+        """Pause at the next tile boundary. False if the run is over (nothing to pause)."""
+        if self._state.terminal:
+            return False
+        self._pause_requested = reason
+        return True
+
+    def resume(self, reason: str = "operator") -> bool:
+        """Leave PAUSED (or cancel a pause not yet taken). False if nothing was paused."""
+        if self._state.terminal:
+            return False
+        was = self._pause_requested is not None or self._state is RunState.PAUSED
+        self._pause_requested = None
+        self._resume_reason = reason
+        self._wake.set()
+        return was
+
+    def abort(self, reason: str = "operator") -> bool:
+        """End the run at the next tile boundary (at once when idle or paused)."""
+        if self._state.terminal:
+            return False
+        self._abort_requested = reason
+        self._wake.set()
+        return True
+
+    def skip_section(self, reason: str = "operator") -> bool:
+        """Stop the current section at the next tile boundary, record it as skipped, go on."""
+        if self._state.terminal or self._state is RunState.IDLE:
+            return False
+        self._skip_requested = reason
+        return True
+
+    # -- state ------------------------------------------------------------------------------
+    def _set_state(self, new: RunState, reason: str = "") -> None:
+        old = self._state
+        if new is old:
+            return
+        check_transition(old, new)
+        self._state = new
+        self.store.log_event("state", old=old.value, new=new.value, reason=reason, time=time.time())
+        self.bus.emit(StateChanged(old.value, new.value, reason))
+
+    async def _boundary(self) -> None:
+        """A tile boundary: where abort, skip and pause take effect. Before any of them, the
+        tile being written is made durable: a paused or aborted run has stored all it took."""
+        if self._pending is not None and (self._abort_requested or self._pause_requested or self._skip_requested):
+            await self._flush()
+        if self._abort_requested is not None:
+            raise _Abort(self._abort_requested)
+        if self._pause_requested is not None:
+            await self._paused(self._pause_requested)
+        if self._skip_requested is not None:
+            reason, self._skip_requested = self._skip_requested, None
+            raise _Skip(reason)
+
+    async def _paused(self, reason: str) -> None:
+        self._paused_from = self._state if self._state is not RunState.PAUSED else self._paused_from
+        self._set_state(RunState.PAUSED, reason)
+        while self._pause_requested is not None and self._abort_requested is None:
+            self._wake.clear()
+            if self._pause_requested is None or self._abort_requested is not None:
+                break
+            await self._wake.wait()
+        if self._abort_requested is not None:
+            raise _Abort(self._abort_requested)
+        back = self._paused_from if self._paused_from is not RunState.RECOVERING else RunState.ACQUIRING
+        self._set_state(back, self._resume_reason)
+        self._last_tile_t = time.monotonic()     # the watchdog counts from the resume
+
+    async def _pause_with_alarm(self, source: str, message: str) -> None:
+        self.bus.emit(Alarm(source, message))
+        self.store.log_event("alarm", source=source, message=message, time=time.time())
+        self._pause_requested = f"{source}: {message}"
+        await self._paused(self._pause_requested)
+
+    # -- device calls: timeout, retry with reconnect, then pause or fail --------------------
+    async def _device(self, what: str, fn: Callable[[], Awaitable[T]], device: str = "") -> T:
+        s = self.settings
+        while True:
+            last: DeviceError | None = None
+            for attempt in range(1 + s.device_retries):
+                try:
+                    result = await asyncio.wait_for(fn(), s.step_timeout_s)
+                except TimeoutError:
+                    last = DeviceTimeout(device or "engine", f"{what}: no result within {s.step_timeout_s:g} s")
+                except DeviceError as exc:
+                    last = exc
+                else:
+                    if attempt and self._state is RunState.RECOVERING:
+                        self._set_state(self._recover_from, f"{what} succeeded on retry {attempt}")
+                    return result
+                if attempt < s.device_retries:
+                    if self._state is not RunState.RECOVERING:
+                        self._recover_from = self._state
+                        self._set_state(RunState.RECOVERING, f"{what}: {last}")
+                    self.bus.emit(Alarm(last.device, f"{what} failed ({last}); retry {attempt + 1} of "
+                                        f"{s.device_retries}", "warning"))
+                    self.store.log_event("device_retry", what=what, error=str(last), attempt=attempt + 1,
+                                         time=time.time())
+                    await asyncio.sleep(s.retry_backoff_s * (attempt + 1))
+                    await self._reconnect(last.device)
+                    if self._abort_requested is not None:
+                        raise _Abort(self._abort_requested)
+            assert last is not None
+            if self._state is RunState.RECOVERING:
+                self._set_state(self._recover_from, "retries exhausted")
+            message = f"{what} failed after {s.device_retries} retries: {last}"
+            if s.on_device_failure != "pause":
+                raise _Fatal(message) from last
+            # Pause; on resume, try the same step again from the start.
+            await self._pause_with_alarm(last.device, message)
+
+    async def _reconnect(self, device: str) -> None:
+        dev = getattr(self.scope, device, None)
+        if dev is None:
+            return
+        with contextlib.suppress(DeviceError, OSError, TimeoutError):
+            await asyncio.wait_for(dev.close(), 5)
         try:
-            await self.scope.camera.set_exposure(self.exposure_ms)
-            await self.scope.camera.arm()
-            for slot in self.slots:
-                n_tiles += await self._section(slot)
-                n_sections += 1
-            self.state = RunState.DONE
-        except asyncio.CancelledError:
-            self.state = RunState.ABORTED
-            self.store.log_event("run_aborted", time=time.time())
-            raise
-        except DeviceError as exc:
-            self.state = RunState.FAILED
-            self.bus.emit(Alarm(exc.device, str(exc)))
-            self.store.log_event("run_failed", time=time.time(), error=str(exc))
-        finally:
-            if self.section_queue is not None:
-                self.section_queue.put_nowait(None)  # tells processing that no more will come
-            seconds = time.monotonic() - t0
-            self.bus.emit(RunFinished(self.state.value, n_sections, n_tiles, seconds))
-        self.store.log_event("run_finished", time=time.time(), state=self.state.value)
-        return RunSummary(self.state, n_sections, n_tiles, seconds)
+            await asyncio.wait_for(dev.connect(), self.settings.step_timeout_s)
+            if device == "camera":
+                await self.scope.camera.set_exposure(self.exposure_ms)
+                await self.scope.camera.arm()
+        except (DeviceError, OSError, TimeoutError) as exc:
+            log.warning("reconnecting %s failed: %s", device, exc)
 
-    async def _section(self, slot: int) -> int:
-        await self.scope.tape.goto(slot)
-        at, barcode = await self.scope.tape.barcode()
-        if at != slot:
-            raise DeviceError("tape", f"barcode reader sees slot {at}, expected {slot}")
-        self.store.log_event("section_started", slot=slot, barcode=barcode, time=time.time())
-        self.bus.emit(SectionStarted(slot, barcode))
-        for index, tile in enumerate(self.grid):
-            await self.scope.stage.move_to(tile.x_nm, tile.y_nm)
-            x_nm, y_nm = await self.scope.stage.position()
-            frame = await self.scope.camera.trigger()
-            meta = {"frame_id": frame.frame_id, "timestamp": frame.timestamp,
-                    "exposure_ms": frame.exposure_ms, "barcode": barcode}
-            # fsync is blocking I/O: keep it off the loop so device polling stays live.
-            await asyncio.to_thread(self.store.write_tile, slot, tile.row, tile.col, frame.data,
-                                    y_nm=y_nm, x_nm=x_nm, meta=meta)
-            self.bus.emit(TileAcquired(slot, tile.row, tile.col, index, float(np.mean(frame.data))))
-        self.store.log_event("section_acquired", slot=slot, n_tiles=len(self.grid), time=time.time())
-        self.bus.emit(SectionAcquired(slot, len(self.grid)))
+    # -- the run -----------------------------------------------------------------------------
+    async def run(self) -> RunSummary:
+        self._t0 = time.monotonic()
+        n_sections = 0
+        reason = ""
+        self.bus.emit(RunStarted(str(self.store.dir), tuple(self.slots),
+                                 len(self.grid) if self.grid is not None else 0))
+        watchdog = asyncio.create_task(self._watchdog(), name="engine-watchdog")
+        try:
+            if self._abort_requested is not None:
+                raise _Abort(self._abort_requested)
+            self._set_state(RunState.PREPARING, "run started")
+            await self._boundary()
+            await self._prepare()
+            self._set_state(RunState.ACQUIRING, "prepared")
+            for slot in self.slots:
+                if self._stop_at_end:
+                    break
+                if self.progress.slot(slot).status in FINAL:
+                    continue                      # done in an earlier life of this run
+                await self._section(slot)
+                n_sections += 1
+            if self.settings.reimage_at_end and not self._stop_at_end:
+                for slot in self.progress.reimage_queue():
+                    await self._section(slot, reimage=True)
+            self._set_state(RunState.FINISHING, "all slots visited")
+            final = RunState.DONE
+        except _Abort as exc:
+            final, reason = RunState.ABORTED, str(exc)
+        except asyncio.CancelledError:
+            final, reason = RunState.ABORTED, "cancelled"
+            self._finish(final, reason, n_sections)
+            raise
+        except _Fatal as exc:
+            final, reason = RunState.FAILED, str(exc)
+            self.bus.emit(Alarm("engine", reason))
+        except DeviceError as exc:     # a device fault outside the retry wrapper (a bug, but reported)
+            final, reason = RunState.FAILED, str(exc)
+            self.bus.emit(Alarm(exc.device, str(exc)))
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+        return self._finish(final, reason, n_sections)
+
+    def _finish(self, final: RunState, reason: str, n_sections: int) -> RunSummary:
+        if not self._state.terminal:
+            self._set_state(final, reason)
         if self.section_queue is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.section_queue.put_nowait(None)   # no more will come (a full queue: the worker re-reads)
+        seconds = time.monotonic() - self._t0
+        tiles = self.progress.tiles_stored
+        self.bus.emit(RunFinished(self._state.value, n_sections, tiles, seconds))
+        self.store.log_event("run_finished", time=time.time(), state=self._state.value, reason=reason)
+        status = {s: p.status for s, p in self.progress.slots.items() if p.status}
+        return RunSummary(self._state, n_sections, tiles, seconds, status, reason)
+
+    async def _prepare(self) -> None:
+        cam = self.scope.camera
+        await self._device("set exposure", lambda: cam.set_exposure(self.exposure_ms), "camera")
+        await self._device("arm camera", cam.arm, "camera")
+
+    def _check_disk(self, n_tiles: int) -> str | None:
+        h, w = self.tile_shape or getattr(self.scope.camera, "shape", (0, 0)) or (0, 0)
+        need = self.settings.min_free_bytes + int(n_tiles * h * w * 2 * 1.1)
+        free = shutil.disk_usage(self.store.dir).free
+        if free < need:
+            return (f"{free / 1e9:.2f} GB free in {self.store.dir}, the next section needs "
+                    f"{need / 1e9:.2f} GB (incl. {self.settings.min_free_bytes / 1e9:.2f} GB reserve)")
+        return None
+
+    async def _section(self, slot: int, *, reimage: bool = False) -> None:
+        self._current_slot = slot
+        try:
+            await self._boundary()
+            await self._section_body(slot, reimage)
+        except _Skip as exc:
+            prog = self.progress.slot(slot)
+            n, planned = len(prog.tiles), len(prog.plan.tiles) if prog.plan else 0
+            self._section_done(slot, "skipped", n, f"skipped by {exc} after {n} of {planned} tiles")
+        finally:
+            self._current_slot = -1
+
+    async def _section_body(self, slot: int, reimage: bool) -> None:
+        prog = self.progress.slot(slot)
+        tape = self.scope.tape
+        self.bus.emit(DeviceStatus("tape", {"target_slot": slot}, moving=True))
+        await self._device(f"tape to slot {slot}", lambda: tape.goto(slot), "tape")
+        at, barcode = await self._device("read barcode", tape.barcode, "tape")
+        self.bus.emit(DeviceStatus("tape", {"slot": at, "barcode": barcode}, moving=False))
+        expected = self.settings.barcodes.get(slot)
+        if at != slot or (expected is not None and barcode != expected):
+            want = f"slot {slot}" + (f" barcode {expected}" if expected else "")
+            self._section_done(slot, "wrong_barcode", 0, f"reader sees slot {at} barcode {barcode}, plan says {want}")
+            self.bus.emit(Alarm("tape", f"slot {slot}: barcode mismatch (sees slot {at}, {barcode}); "
+                                "section skipped", "warning"))
+            return
+        self.store.log_event("section_started", slot=slot, barcode=barcode, reimage=reimage, time=time.time())
+        self.bus.emit(SectionStarted(slot, barcode))
+        plan = prog.plan
+        if plan is None:
+            got = await self.planner.plan(self, slot, barcode)
+            if isinstance(got, SlotVerdict):
+                self._section_done(slot, got.status, 0, got.message)
+                self.bus.emit(Alarm("plan", f"slot {slot}: {got.status}: {got.message}", "warning"))
+                return
+            plan = got
+            self.store.log_event("section_planned", plan=plan.to_json(), time=time.time())
+            prog.plan = plan
+        todo = [t for t in plan.tiles if (t.row, t.col) not in prog.tiles
+                or (reimage and (t.row, t.col) in prog.failed_qc)]
+        self._tiles_planned_total = sum(len(p.plan.tiles) for p in self.progress.slots.values() if p.plan)
+        h, w = self.tile_shape or (0, 0)
+        px = self.pixel_nm
+        self.bus.emit(SectionPlanned(slot, barcode, plan.roi_nm,
+                                     tuple((t.row, t.col, t.y_nm, t.x_nm) for t in plan.tiles),
+                                     (h * px, w * px), plan.roi_source))
+        while (why := self._check_disk(len(todo))) is not None:
+            await self._pause_with_alarm("disk", why)
+        index_of = {(t.row, t.col): i for i, t in enumerate(plan.tiles)}
+        focus_ref = FocusReference()
+        flagged = False
+        try:
+            for tile in todo:
+                await self._boundary()
+                decision = await self._tile(slot, barcode, tile, index_of[(tile.row, tile.col)],
+                                            len(plan.tiles), focus_ref)
+                if decision is Decision.STOP_AT_END:
+                    flagged = True
+                elif decision is Decision.STOP_NOW:
+                    await self._flush()
+                    await self._pause_with_alarm("qc", f"slot {slot} tile r{tile.row} c{tile.col}: "
+                                                 "QC says STOP_NOW")
+            await self._flush()
+        finally:
+            if self._pending is not None:
+                # Abort or failure: the tile that was being written still counts (law 1).
+                with contextlib.suppress(Exception):
+                    await self._flush()
+        flagged = flagged or bool(prog.failed_qc)
+        status = "flagged" if flagged else "complete"
+        n_failed = len(prog.failed_qc)
+        msg = f"{n_failed} tile(s) failed QC; montage queued for re-imaging" if flagged else ""
+        self.bus.emit(SectionAcquired(slot, len(prog.tiles)))
+        self._section_done(slot, status, len(prog.tiles), msg, reimage=reimage)
+        if flagged and not reimage:
+            self.store.log_event("reimage_queued", slot=slot, tiles=sorted(map(list, prog.failed_qc)))
+        self._offer_processing(slot)
+
+    def _section_done(self, slot: int, status: str, n_tiles: int, message: str, reimage: bool = False) -> None:
+        prog = self.progress.slot(slot)
+        if prog.status == "flagged" and reimage:
+            prog.reimaged = True
+        prog.status, prog.message = status, message
+        self.store.log_event("section_done", slot=slot, status=status, n_tiles=n_tiles,
+                             n_failed_qc=len(prog.failed_qc), message=message, reimage=reimage, time=time.time())
+        self.bus.emit(SectionFinished(slot, status, n_tiles, len(prog.failed_qc), message))
+        self._emit_progress()
+
+    def _offer_processing(self, slot: int) -> None:
+        if self.section_queue is None:
+            return
+        try:
             self.section_queue.put_nowait(slot)
-        return len(self.grid)
+        except asyncio.QueueFull:
+            # Never wait on processing: the worker catches up from the journal.
+            log.info("processing queue full; slot %d will be picked up from the journal", slot)
+
+    async def _expose(self, tile: TilePlan) -> tuple[Any, float, float]:
+        stage, cam = self.scope.stage, self.scope.camera
+        self.bus.emit(DeviceStatus("stage", {"target_y_nm": tile.y_nm, "target_x_nm": tile.x_nm}, moving=True))
+        await self._device(f"stage to ({tile.x_nm:.0f}, {tile.y_nm:.0f}) nm",
+                           lambda: stage.move_to(tile.x_nm, tile.y_nm), "stage")
+        x_nm, y_nm = await self._device("stage position", stage.position, "stage")
+        self.bus.emit(DeviceStatus("stage", {"x_nm": x_nm, "y_nm": y_nm}, moving=False))
+        frame = await self._device("camera trigger", cam.trigger, "camera")
+        return frame, x_nm, y_nm
+
+    async def _tile(
+        self, slot: int, barcode: str, tile: TilePlan, index: int, n_tiles: int, focus_ref: FocusReference,
+    ) -> Decision:
+        limits = self.settings.qc
+        prog = self.progress.slot(slot)
+        attempt = 0
+        while True:
+            attempt += 1
+            frame, x_nm, y_nm = await self._expose(tile)
+            qc = evaluate(frame.data, limits, reference_focus=focus_ref.value, expected_shape=self.tile_shape)
+            if frame.frame_id <= self._last_frame_id and "integrity" not in qc.faults:
+                qc = TileQC(qc.mean, qc.std, qc.saturation, qc.focus, qc.resin, (*qc.faults, "integrity"),
+                            (*qc.messages, f"frame id {frame.frame_id} repeats (last {self._last_frame_id})"))
+            self._last_frame_id = max(self._last_frame_id, frame.frame_id)
+            if qc.ok or attempt > limits.max_retakes:
+                break
+            self.store.log_event("tile_rejected", slot=slot, row=tile.row, col=tile.col, attempt=attempt,
+                                 qc=qc.as_dict(), time=time.time())
+            self.bus.emit(TileRejected(slot, tile.row, tile.col, attempt, qc.faults, "retake"))
+            if "focus" in qc.faults and self.settings.refocus is not None:
+                await self.settings.refocus()
+        focus_ref.add(qc)
+        decision = qc.decision()
+        if not qc.ok:
+            self.bus.emit(TileRejected(slot, tile.row, tile.col, attempt, qc.faults, decision.value))
+            self.bus.emit(Alarm("qc", f"slot {slot} r{tile.row} c{tile.col}: {'; '.join(qc.messages)} "
+                              f"after {attempt} exposure(s): {decision.value}", "warning"))
+        meta = {"frame_id": frame.frame_id, "timestamp": frame.timestamp, "exposure_ms": frame.exposure_ms,
+                "barcode": barcode, "attempt": attempt, "qc": qc.as_dict(), "qc_failed": not qc.ok}
+        # The previous tile's write overlapped this tile's move and exposure; it must be
+        # durable before this one is written (journal order = acquisition order).
+        await self._flush()
+        self._pending = asyncio.create_task(self._store_tile(slot, tile, index, n_tiles, frame.data,
+                                                             x_nm, y_nm, meta, qc, attempt))
+        if not qc.ok:
+            prog.failed_qc.add((tile.row, tile.col))
+        else:
+            prog.failed_qc.discard((tile.row, tile.col))
+        return decision
+
+    async def _store_tile(self, slot: int, tile: TilePlan, index: int, n_tiles: int, data: np.ndarray,
+                          x_nm: float, y_nm: float, meta: dict[str, Any], qc: TileQC, attempt: int) -> None:
+        # fsync is blocking I/O: keep it off the loop so device polling stays live.
+        rec = await asyncio.to_thread(self.store.write_tile, slot, tile.row, tile.col, data,
+                                      y_nm=y_nm, x_nm=x_nm, meta=meta)
+        self.progress.slot(slot).tiles[(tile.row, tile.col)] = rec
+        self._tiles_this_run += 1
+        self._last_tile_t = time.monotonic()
+        self.bus.emit(TileAcquired(slot, tile.row, tile.col, index, qc.mean, x_nm, y_nm, qc.as_dict(),
+                                   attempt, n_tiles))
+        self._emit_progress()
+
+    def _emit_progress(self) -> None:
+        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        rate = self._tiles_this_run / elapsed
+        done_sections = sum(1 for s in self.slots if self.progress.slot(s).status in FINAL)
+        planned = [self.progress.slot(s).plan for s in self.slots]
+        known = [len(p.tiles) for p in planned if p is not None]
+        per = (sum(known) / len(known)) if known else 0.0
+        total = int(sum(known) + per * sum(1 for p in planned if p is None))
+        stored = sum(len(self.progress.slot(s).tiles) for s in self.slots)
+        eta = (total - stored) / rate if rate > 0 and total >= stored else float("nan")
+        self.bus.emit(Progress(done_sections, len(self.slots), stored, total, rate, eta, self._current_slot))
+
+    async def _watchdog(self) -> None:
+        """Alarm and pause when no tile has arrived for watchdog_stall_s while acquiring."""
+        stall = self.settings.watchdog_stall_s
+        period = min(1.0, stall / 4)
+        while True:
+            await asyncio.sleep(period)
+            busy = self._state in (RunState.ACQUIRING, RunState.RECOVERING)
+            idle_for = time.monotonic() - self._last_tile_t
+            if busy and idle_for > stall and self._pause_requested is None:
+                msg = f"no tile for {idle_for:.0f} s (limit {stall:g} s) in state {self._state.value}"
+                self.bus.emit(Alarm("watchdog", msg))
+                self.store.log_event("alarm", source="watchdog", message=msg, time=time.time())
+                self.pause(f"watchdog: {msg}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("tapescope.events")
 
@@ -30,11 +31,18 @@ class SectionStarted(Event):
 
 @dataclass(frozen=True)
 class TileAcquired(Event):
+    """A tile is stored and journalled (it counts). QC numbers and the encoder position ride along."""
+
     slot: int
     row: int
     col: int
     index: int          # 0-based index of the tile within its section
     mean: float
+    x_nm: float = float("nan")      # stage encoder readback at exposure
+    y_nm: float = float("nan")
+    qc: dict[str, Any] = field(default_factory=dict)   # TileQC.as_dict(): focus, saturation, verdict...
+    attempt: int = 1                # 1 = first exposure; >1 after retakes
+    n_tiles: int = 0                # tiles planned in this section
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,87 @@ class RunFinished(Event):
     sections: int
     tiles: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class StateChanged(Event):
+    """The engine's RunState changed (values are RunState.value strings)."""
+
+    old: str
+    new: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SectionPlanned(Event):
+    """The tile grid of one section: ROI polygon and tile centres in stage nm, (y, x)."""
+
+    slot: int
+    barcode: str
+    roi_nm: tuple[tuple[float, float], ...]
+    tiles: tuple[tuple[int, int, float, float], ...]    # (row, col, y_nm, x_nm) in acquisition order
+    tile_nm: tuple[float, float]                        # tile footprint (height, width) in nm
+    roi_source: str = "grid"                            # "grid" | "auto" | "operator"
+
+
+@dataclass(frozen=True)
+class OverviewAvailable(Event):
+    """A low-resolution overview of a slot (in-process only: pixels never go over MQTT)."""
+
+    slot: int
+    image: Any                      # float32 2D numpy array
+    origin_nm: tuple[float, float]  # stage (y, x) of the image's top-left pixel corner
+    pixel_nm: float
+
+
+@dataclass(frozen=True)
+class TileRejected(Event):
+    """An exposure failed QC and will be retaken (or, at the last attempt, kept and marked)."""
+
+    slot: int
+    row: int
+    col: int
+    attempt: int
+    faults: tuple[str, ...]
+    decision: str                   # "retake" | "GOOD" | "STOP_AT_END" | "STOP_NOW"
+
+
+@dataclass(frozen=True)
+class SectionFinished(Event):
+    """What happened to one slot: complete, flagged (re-image), skipped, empty, damaged, failed."""
+
+    slot: int
+    status: str
+    n_tiles: int
+    n_failed_qc: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceStatus(Event):
+    """A device readout: stage position, tape slot and state, camera exposure..."""
+
+    device: str
+    status: dict[str, Any]
+    moving: bool = False
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    sections_done: int
+    sections_total: int
+    tiles_done: int
+    tiles_total: int                # planned so far (sections not yet planned count as estimated)
+    tiles_per_s: float
+    eta_s: float                    # nan when unknown
+    slot: int = -1                  # current slot, -1 between sections
+
+
+@dataclass(frozen=True)
+class CalibrationDone(Event):
+    name: str                       # "darkfield" | "brightfield" | "auto_exposure" | "autofocus" | "find_aperture"
+    ok: bool
+    summary: dict[str, Any]
 
 
 Handler = Callable[[Event], None]

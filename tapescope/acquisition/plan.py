@@ -35,3 +35,48 @@ def tile_grid(
         order = range(cols) if r % 2 == 0 else range(cols - 1, -1, -1)
         tiles.extend(TilePlan(r, c, y0 + r * step_y, x0 + c * step_x) for c in order)
     return tiles
+
+
+@dataclass(frozen=True)
+class SectionPlan:
+    """What will be imaged on one slot. Journalled before the first tile, so that a resumed
+    run images the same tiles at the same places (no hole, no duplicate)."""
+
+    slot: int
+    barcode: str
+    tiles: tuple[TilePlan, ...]
+    roi_nm: tuple[tuple[float, float], ...] = ()    # (y, x) polygon; () = the whole grid
+    roi_source: str = "grid"                        # "grid" | "auto" | "operator"
+
+    def to_json(self) -> dict:
+        return {"slot": self.slot, "barcode": self.barcode, "roi_source": self.roi_source,
+                "roi_nm": [list(p) for p in self.roi_nm],
+                "tiles": [[t.row, t.col, t.y_nm, t.x_nm] for t in self.tiles]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> SectionPlan:
+        return cls(int(d["slot"]), str(d["barcode"]),
+                   tuple(TilePlan(int(r), int(c), float(y), float(x)) for r, c, y, x in d["tiles"]),
+                   tuple((float(y), float(x)) for y, x in d.get("roi_nm", [])), str(d.get("roi_source", "grid")))
+
+
+def select_slots(*, slots: list[int] | None = None, slot_range: tuple[int, int] | None = None,
+                 all_slots: bool = False, tape_slots: int | None = None) -> list[int]:
+    """The slots to image, in tape order: a list, an inclusive range, or every slot on the tape."""
+    if sum(x is not None and x is not False for x in (slots, slot_range, all_slots or None)) != 1:
+        raise ValueError("give exactly one of: a slot list, a slot range, or all slots")
+    if all_slots:
+        if tape_slots is None:
+            raise ValueError("'all slots' needs the tape's slot count")
+        chosen = list(range(tape_slots))
+    elif slot_range is not None:
+        first, last = slot_range
+        if last < first:
+            raise ValueError(f"slot range {first}..{last} is empty")
+        chosen = list(range(first, last + 1))
+    else:
+        assert slots is not None
+        chosen = sorted(slots)
+    if tape_slots is not None and chosen and chosen[-1] >= tape_slots:
+        raise ValueError(f"slot {chosen[-1]} is beyond the tape's {tape_slots} slots (0..{tape_slots - 1})")
+    return chosen

@@ -108,13 +108,41 @@ class RunStore:
                     break
                 yield json.loads(line)
 
+    @staticmethod
+    def record_of(run_dir: Path, e: dict[str, Any]) -> TileRecord:
+        return TileRecord(e["slot"], e["row"], e["col"], run_dir / e["file"],
+                          e["y_nm"], e["x_nm"], e["crc32"], e.get("meta", {}))
+
     def tiles(self, slot: int | None = None) -> list[TileRecord]:
-        out = []
+        """Stored tiles in acquisition order. A retake supersedes the earlier record of its
+        position (it keeps the position's place in the order): no duplicates."""
+        out: dict[tuple[int, int, int], TileRecord] = {}
         for e in self.events():
             if e["event"] == "tile" and (slot is None or e["slot"] == slot):
-                out.append(TileRecord(e["slot"], e["row"], e["col"], self.dir / e["file"],
-                                      e["y_nm"], e["x_nm"], e["crc32"], e.get("meta", {})))
-        return out
+                out[(e["slot"], e["row"], e["col"])] = self.record_of(self.dir, e)
+        return list(out.values())
+
+    def repair_journal(self) -> int:
+        """Cut a torn last line (a crash mid-append) so that new lines start clean.
+        Returns the number of bytes removed."""
+        if not self.journal_path.exists():
+            return 0
+        raw = self.journal_path.read_bytes()
+        keep = raw.rfind(b"\n") + 1
+        if keep == len(raw):
+            return 0
+        with open(self.journal_path, "rb+") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        return len(raw) - keep
+
+    def stray_files(self) -> list[Path]:
+        """Tile files that no journal line accounts for: writes torn by a crash."""
+        known = {self.dir / e["file"] for e in self.events() if e["event"] == "tile"}
+        tiles_dir = self.dir / "tiles"
+        found = tiles_dir.rglob("*") if tiles_dir.exists() else iter(())
+        return sorted(p for p in found if p.is_file() and p not in known)
 
     @staticmethod
     def read_tile(rec: TileRecord) -> np.ndarray:

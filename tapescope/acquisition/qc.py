@@ -1,0 +1,158 @@
+"""Per-tile QC, computed as each frame arrives, and the decision it leads to.
+
+Numbers (TileQC): mean level, standard deviation, saturation fraction, a focus score and
+frame integrity. Faults map to a decision as in the Allen Institute's QC service:
+GOOD (keep going), STOP_AT_END (finish the montage, flag it for re-imaging) or STOP_NOW
+(pause the run with an alarm). A failing tile is first retaken, a bounded number of
+times, with a refocus when focus is the cause; what still fails is stored and marked,
+never hidden. The table is FAULT_DECISIONS; docs/acquisition.md explains the choices.
+
+The focus score is the variance of the Laplacian of the frame, blurred by one pixel to
+keep shot noise out, divided by the squared mean so that exposure does not change it.
+It is compared with the section's own reference (the median of its good tiles so far),
+not with an absolute number: specimens differ far more than focus does.
+"""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+class Decision(enum.Enum):
+    GOOD = "GOOD"
+    STOP_AT_END = "STOP_AT_END"
+    STOP_NOW = "STOP_NOW"
+
+
+# What a fault means once its retakes are used up. Faults of the instrument (no beam, a
+# broken frame) stop now: more tiles would be just as bad. Faults of one place on the
+# specimen (focus, a bright spot) let the montage finish and flag it for re-imaging.
+FAULT_DECISIONS: dict[str, Decision] = {
+    "integrity": Decision.STOP_NOW,
+    "dark": Decision.STOP_NOW,
+    "saturated": Decision.STOP_AT_END,
+    "bright": Decision.STOP_AT_END,
+    "focus": Decision.STOP_AT_END,
+}
+
+
+@dataclass(frozen=True)
+class QCLimits:
+    mean_min: float = 500.0          # counts; below: beam off or blanked
+    mean_max: float = 60000.0
+    saturation_max: float = 0.005    # fraction of pixels at full scale
+    saturation_level: int = 65535
+    focus_min_ratio: float = 0.5     # of the section's reference focus
+    resin_cv_max: float = 0.04       # std/mean of the blurred frame: below this it is bare resin
+    max_retakes: int = 2
+
+
+@dataclass(frozen=True)
+class TileQC:
+    mean: float
+    std: float
+    saturation: float
+    focus: float
+    resin: bool
+    faults: tuple[str, ...] = ()
+    messages: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+    def decision(self) -> Decision:
+        worst = Decision.GOOD
+        for f in self.faults:
+            d = FAULT_DECISIONS.get(f, Decision.STOP_AT_END)
+            if d is Decision.STOP_NOW:
+                return d
+            worst = d
+        return worst
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["faults"], d["messages"] = list(self.faults), list(self.messages)
+        return d
+
+
+def focus_score(frame: np.ndarray) -> tuple[float, float, float]:
+    """(focus, blurred coefficient of variation, mean) of a frame."""
+    f = frame.astype(np.float32)
+    if max(f.shape) > 1024:       # the score is a ratio: a 2x reduction keeps it and saves time
+        f = cv2.resize(f, (f.shape[1] // 2, f.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    mean = float(f.mean())
+    if mean <= 0:
+        return 0.0, 0.0, mean
+    b = cv2.GaussianBlur(f, (0, 0), 1.0)
+    lap = cv2.Laplacian(b, cv2.CV_32F)
+    cv = float(cv2.GaussianBlur(b, (0, 0), 4.0).std()) / mean
+    return float(lap.var()) / (mean * mean), cv, mean
+
+
+def integrity_faults(frame: np.ndarray, expected_shape: tuple[int, int] | None) -> list[str]:
+    """Reasons a frame is broken: wrong shape, or rows lost at the end of a readout."""
+    out = []
+    if frame.ndim != 2:
+        return [f"frame has {frame.ndim} dimensions, expected 2"]
+    if expected_shape is not None and tuple(frame.shape) != tuple(expected_shape):
+        out.append(f"frame shape {frame.shape} differs from the camera's {expected_shape}")
+    # A truncated readout arrives zero-filled (or repeats one row) at the bottom: an
+    # exposed frame has shot noise in every row, so identical trailing rows are impossible.
+    tail = frame[-8:]
+    if frame.shape[0] >= 16 and np.all(tail == tail[:1]):
+        out.append("last rows of the frame are identical (truncated readout)")
+    return out
+
+
+def evaluate(frame: np.ndarray, limits: QCLimits, *, reference_focus: float | None,
+             expected_shape: tuple[int, int] | None = None) -> TileQC:
+    faults: list[str] = []
+    msgs: list[str] = []
+    integ = integrity_faults(frame, expected_shape)
+    if integ:
+        faults.append("integrity")
+        msgs.extend(integ)
+    focus, cv, mean = focus_score(frame)
+    std = float(frame.std())
+    sat = float(np.count_nonzero(frame >= limits.saturation_level)) / max(frame.size, 1)
+    resin = cv < limits.resin_cv_max and mean >= limits.mean_min
+    if mean < limits.mean_min:
+        faults.append("dark")
+        msgs.append(f"mean {mean:.0f} counts < {limits.mean_min:g} (beam off or blanked?)")
+    elif mean > limits.mean_max:
+        faults.append("bright")
+        msgs.append(f"mean {mean:.0f} counts > {limits.mean_max:g}")
+    if sat > limits.saturation_max:
+        faults.append("saturated")
+        msgs.append(f"{sat:.2%} of pixels saturated > {limits.saturation_max:.2%}")
+    # Bare resin has no structure to focus on: a low score there is not a focus fault.
+    if (not resin and not faults and reference_focus is not None
+            and focus < limits.focus_min_ratio * reference_focus):
+        faults.append("focus")
+        msgs.append(f"focus {focus:.3g} < {limits.focus_min_ratio:g} x section reference {reference_focus:.3g}")
+    return TileQC(mean, std, sat, focus, resin, tuple(faults), tuple(msgs))
+
+
+@dataclass
+class FocusReference:
+    """The running median focus of a section's good, non-resin tiles."""
+
+    min_tiles: int = 3
+    _scores: list[float] = field(default_factory=list)
+
+    def add(self, qc: TileQC) -> None:
+        if qc.ok and not qc.resin:
+            self._scores.append(qc.focus)
+
+    @property
+    def value(self) -> float | None:
+        if len(self._scores) < self.min_tiles:
+            return None
+        return statistics.median(self._scores[-64:])

@@ -1,0 +1,155 @@
+"""Region of interest: the tissue outline on a slot's overview, and the tiles that cover it.
+
+The overview is a low-resolution image of the search area (the slot's aperture). Tissue
+absorbs electrons and has texture; bare resin (or an empty aperture) is bright and flat.
+The outline is the largest connected dark region, after vignetting is divided out;
+a slot with no such region is *empty*, one whose tissue falls apart into pieces (a torn
+or folded section) is *damaged*. Both are recorded and skipped by the engine, not fatal.
+
+All geometry is (y, x) in stage nanometres, as the rest of the acquisition package.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .plan import TilePlan
+
+Polygon = tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
+class Overview:
+    image: np.ndarray                 # float32, flat-fielded, arbitrary units
+    origin_nm: tuple[float, float]    # stage (y, x) of the top-left corner of pixel (0, 0)
+    pixel_nm: float
+
+    def to_px(self, yx_nm: np.ndarray) -> np.ndarray:
+        return (np.asarray(yx_nm, float) - self.origin_nm) / self.pixel_nm
+
+    def to_nm(self, yx_px: np.ndarray) -> np.ndarray:
+        return np.asarray(yx_px, float) * self.pixel_nm + self.origin_nm
+
+
+@dataclass(frozen=True)
+class TissueFinding:
+    verdict: str                      # "tissue" | "empty" | "damaged"
+    outline_nm: Polygon
+    area_fraction: float              # tissue area / search area
+    contrast: float                   # (resin - tissue) / resin
+    message: str
+
+
+@dataclass(frozen=True)
+class TissueLimits:
+    min_contrast: float = 0.06        # tissue at least 6 % darker than resin
+    min_area_fraction: float = 0.02   # of the search area
+    min_main_fraction: float = 0.7    # largest piece / all tissue; below: torn section
+    min_solidity: float = 0.6         # area / convex hull area; below: folded or torn
+
+
+def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: float = 0.0) -> TissueFinding:
+    """Find the section on an overview. margin_nm grows the outline (so edge tiles are kept)."""
+    lim = limits or TissueLimits()
+    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 1.5)
+    resin = float(np.percentile(img, 98))
+    if resin <= 0:
+        return TissueFinding("empty", (), 0.0, 0.0, "overview is dark: no beam?")
+    norm = img / resin
+    # Otsu on the normalised image separates dark tissue from bright resin when both exist.
+    u8 = np.clip(norm * 200, 0, 255).astype(np.uint8)
+    thr, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = (u8 < thr).astype(np.uint8)
+    tissue_level = float(np.median(norm[mask > 0])) if mask.any() else 1.0
+    contrast = 1.0 - tissue_level
+    if contrast < lim.min_contrast or not mask.any():
+        return TissueFinding("empty", (), 0.0, contrast, f"no tissue: contrast {contrast:.3f} < {lim.min_contrast}")
+    k = np.ones((3, 3), np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k, iterations=2)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return TissueFinding("empty", (), 0.0, contrast, "no tissue region after cleaning the mask")
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    main = 1 + int(np.argmax(areas))
+    total = float(areas.sum())
+    frac = total / mask.size
+    if frac < lim.min_area_fraction:
+        return TissueFinding("empty", (), frac, contrast, f"tissue covers {frac:.1%} of the aperture only")
+    part = (labels == main).astype(np.uint8)
+    contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contour = max(contours, key=cv2.contourArea)
+    hull_area = float(cv2.contourArea(cv2.convexHull(contour))) or 1.0
+    solidity = float(areas[main - 1]) / hull_area
+    main_frac = float(areas[main - 1]) / total
+    if margin_nm > 0:
+        r = max(1, round(margin_nm / ov.pixel_nm))
+        part = cv2.dilate(part, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contour = max(contours, key=cv2.contourArea)
+    approx = cv2.approxPolyDP(contour, 1.0, True)[:, 0, :]        # (x, y) pixels
+    # Contour points are pixel centres on the boundary; +0.5 puts them on pixel corners.
+    outline = ov.to_nm(approx[:, ::-1].astype(float) + 0.5)
+    poly: Polygon = tuple((float(y), float(x)) for y, x in outline)
+    if main_frac < lim.min_main_fraction or solidity < lim.min_solidity:
+        return TissueFinding("damaged", poly, frac, contrast,
+                             f"section in pieces: largest piece {main_frac:.0%} of the tissue, "
+                             f"solidity {solidity:.2f}")
+    return TissueFinding("tissue", poly, frac, contrast,
+                         f"tissue {frac:.1%} of the aperture, contrast {contrast:.2f}")
+
+
+def validate_polygon(points: Sequence[Sequence[float]], what: str = "ROI polygon") -> Polygon:
+    """An operator polygon: at least 3 finite (y, x) points with a non-zero area."""
+    pts = [tuple(map(float, p)) for p in points]
+    if len(pts) < 3 or any(len(p) != 2 for p in pts):
+        raise ValueError(f"{what} needs at least 3 (y, x) points, got {points!r}")
+    if not all(math.isfinite(v) for p in pts for v in p):
+        raise ValueError(f"{what} has a non-finite coordinate: {points!r}")
+    arr = np.array(pts)
+    area = 0.5 * abs(np.dot(arr[:, 0], np.roll(arr[:, 1], 1)) - np.dot(arr[:, 1], np.roll(arr[:, 0], 1)))
+    if area <= 0:
+        raise ValueError(f"{what} has zero area: {points!r}")
+    return tuple((p[0], p[1]) for p in pts)
+
+
+def tiles_covering(polygon_nm: Polygon, tile_px: tuple[int, int], pixel_nm: float,
+                   overlap: float) -> list[TilePlan]:
+    """Serpentine tile grid over the polygon's bounding box, keeping tiles that touch it.
+
+    Row and column indices are those of the full grid, so neighbours stay neighbours for
+    stitching even where tiles outside the ROI were skipped.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    poly = np.asarray(polygon_nm, float)
+    th, tw = tile_px[0] * pixel_nm, tile_px[1] * pixel_nm
+    sy, sx = th * (1 - overlap), tw * (1 - overlap)
+    lo, hi = poly.min(axis=0), poly.max(axis=0)
+    rows = max(1, math.ceil(max(hi[0] - lo[0] - th, 0) / sy) + 1)
+    cols = max(1, math.ceil(max(hi[1] - lo[1] - tw, 0) / sx) + 1)
+    cy, cx = (lo + hi) / 2
+    y0, x0 = cy - sy * (rows - 1) / 2, cx - sx * (cols - 1) / 2
+    # Rasterise the polygon at 1/8 tile: fine enough to see a tile that grazes it.
+    res = min(th, tw) / 8
+    origin = np.array([y0 - th / 2, x0 - tw / 2])
+    shape = (math.ceil((sy * (rows - 1) + th) / res) + 1, math.ceil((sx * (cols - 1) + tw) / res) + 1)
+    mask = np.zeros(shape, np.uint8)
+    pts = np.round((poly - origin) / res)[:, ::-1].astype(np.int32)
+    cv2.fillPoly(mask, [pts], 1)
+    cv2.polylines(mask, [pts], True, 1)        # thin polygons still mark their pixels
+    tiles = []
+    for r in range(rows):
+        order = range(cols) if r % 2 == 0 else range(cols - 1, -1, -1)
+        for c in order:
+            yc, xc = y0 + r * sy, x0 + c * sx
+            a = np.floor((np.array([yc - th / 2, xc - tw / 2]) - origin) / res).astype(int)
+            b = np.ceil((np.array([yc + th / 2, xc + tw / 2]) - origin) / res).astype(int)
+            if mask[max(a[0], 0):b[0], max(a[1], 0):b[1]].any():
+                tiles.append(TilePlan(r, c, yc, xc))
+    return tiles

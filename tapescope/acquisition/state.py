@@ -1,0 +1,49 @@
+"""The run's state machine: states, the transitions allowed between them, and who may ask.
+
+Documented in docs/acquisition.md. An illegal transition is a bug in the engine, so it
+raises rather than being ignored: a state machine that silently accepts anything is how
+acquisition programs end up locked in an error state.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RunState(enum.Enum):
+    IDLE = "idle"               # built, not started
+    PREPARING = "preparing"     # calibrations, camera set-up
+    ACQUIRING = "acquiring"     # sections and tiles
+    PAUSED = "paused"           # waiting for resume (operator, watchdog, disk, STOP_NOW, device fault)
+    RECOVERING = "recovering"   # retrying a device call that failed (reconnect, back-off)
+    FINISHING = "finishing"     # acquisition over: draining processing, writing the report
+    DONE = "done"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.DONE, RunState.FAILED, RunState.ABORTED)
+
+
+_S = RunState
+TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    _S.IDLE: frozenset({_S.PREPARING, _S.ABORTED, _S.FAILED}),
+    _S.PREPARING: frozenset({_S.ACQUIRING, _S.PAUSED, _S.RECOVERING, _S.FINISHING, _S.FAILED, _S.ABORTED}),
+    _S.ACQUIRING: frozenset({_S.PAUSED, _S.RECOVERING, _S.FINISHING, _S.FAILED, _S.ABORTED}),
+    _S.PAUSED: frozenset({_S.PREPARING, _S.ACQUIRING, _S.RECOVERING, _S.FINISHING, _S.FAILED, _S.ABORTED}),
+    _S.RECOVERING: frozenset({_S.PREPARING, _S.ACQUIRING, _S.PAUSED, _S.FINISHING, _S.FAILED, _S.ABORTED}),
+    _S.FINISHING: frozenset({_S.DONE, _S.FAILED, _S.ABORTED}),
+    _S.DONE: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.ABORTED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(old: RunState, new: RunState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"run state {old.value} -> {new.value} is not allowed")
