@@ -112,6 +112,46 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def gui(
+    sim: bool = typer.Option(False, "--sim", help="drive a local engine against the built-in simulator"),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="attach to a headless run over MQTT (mqtt://host:port)"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config (defaults: embedded)"),
+    out: Path = typer.Option(Path("gui-out"), "--out", help="folder for the runs started from the GUI"),
+    start: bool = typer.Option(False, "--start", help="start a run as soon as the window opens"),
+    sim_fault: str | None = typer.Option(None, "--sim-fault",
+                                         help="inject a simulator fault, e.g. camera@12 (after 12 tiles)"),
+    screenshot: Path | None = typer.Option(None, "--screenshot", help="save a PNG of the window and exit"),
+    after: float = typer.Option(3.0, "--after", min=0.0, help="seconds before --screenshot is taken"),
+) -> None:
+    """The operator GUI: live view, section map, tape, QC and run control."""
+    from tapescope.gui.app import ensure_display
+
+    if mqtt is not None and sim:
+        raise _fail("--sim and --mqtt exclude each other: drive a local engine, or attach to a run")
+    if mqtt is not None:
+        raise _fail("--mqtt: attaching to a headless run is not available yet (the engine's MQTT "
+                    "topic tree has not landed); use --sim")
+    cfg = _load(config)
+    if sim and not cfg.scope.simulated:
+        raise _fail("--sim with a config whose [scope] ports are all set: leave a port unset to simulate")
+    if not sim and cfg.scope.simulated:
+        raise _fail("no scope configured: pass --sim, or a --config whose [scope] names the ports")
+    from tapescope.gui.session import SimFault
+
+    try:
+        fault = SimFault.parse(sim_fault) if sim_fault else None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if screenshot is not None:
+        ensure_display()
+    try:
+        from tapescope.gui.app import run_gui
+    except ImportError as exc:
+        raise _fail(f"the GUI needs Qt: pip install 'tapescope[gui]' ({exc})") from None
+    raise typer.Exit(run_gui(cfg, out, start=start, fault=fault, screenshot=screenshot, after_s=after))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -1,0 +1,323 @@
+"""What the operator sees, as plain Python: the run's state folded from engine events.
+
+No Qt here (logic split from I/O): the widgets draw this model, the tests check it
+directly, and the same model is fed from the local engine's bus or from MQTT telemetry.
+Events are read by type name and optional attributes, so richer events from a newer
+engine (QC numbers, stage position, tile grid) are shown as soon as they carry them.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from tapescope.acquisition.events import (
+    Alarm,
+    Event,
+    RunFinished,
+    RunStarted,
+    SectionAcquired,
+    SectionProcessed,
+    SectionStarted,
+    TileAcquired,
+)
+
+LOG_LINES = 500      # the log panel keeps this many; the journal keeps everything
+ALARMS_KEPT = 50
+
+
+class TileState(enum.Enum):
+    PLANNED = "planned"
+    ACQUIRED = "acquired"
+    QC_FAILED = "qc failed"
+    RETAKEN = "retaken"
+
+
+class SlotState(enum.Enum):
+    PENDING = "pending"
+    CURRENT = "imaging"
+    ACQUIRED = "acquired"
+    DONE = "done"            # processed into the volume
+    FLAGGED = "flagged"      # processed, but unaligned or with warnings
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    EMPTY = "empty"
+    DAMAGED = "damaged"
+
+
+@dataclass
+class TileInfo:
+    row: int
+    col: int
+    y_nm: float                      # planned centre
+    x_nm: float
+    state: TileState = TileState.PLANNED
+    qc: dict[str, float] = field(default_factory=dict)   # numbers the engine reported
+    attempts: int = 0
+    counted: bool = False            # stored at least once (counts towards progress)
+
+
+@dataclass
+class SlotInfo:
+    slot: int
+    barcode: str = ""
+    state: SlotState = SlotState.PENDING
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class AlarmLine:
+    time: float
+    source: str
+    message: str
+    severity: str
+
+
+class RunModel:
+    """Folds events into state. ``apply`` returns the names of the parts that changed."""
+
+    def __init__(self) -> None:
+        self.run_state = "idle"
+        self.run_dir = ""
+        self.slots: dict[int, SlotInfo] = {}
+        self.current_slot: int | None = None
+        self.tiles_per_section = 0
+        self.plan: list[tuple[int, int, float, float]] = []   # (row, col, y_nm, x_nm) from the config
+        self.tile_nm: tuple[float, float] = (0.0, 0.0)         # tile footprint (height, width)
+        self.section_tiles: dict[int, dict[tuple[int, int], TileInfo]] = {}
+        self.rois: dict[int, tuple[tuple[float, float], ...]] = {}     # slot -> ROI polygon (y, x) nm
+        self.overviews: dict[int, tuple[Any, tuple[float, float], float]] = {}  # image, origin (y, x), nm/px
+        self.tiles_done = 0
+        self.engine_progress: Any = None     # the engine's own Progress event, when it sends one
+        self.sections_processed: dict[int, SectionProcessed] = {}
+        self.last_processed: SectionProcessed | None = None
+        self.alarms: deque[AlarmLine] = deque(maxlen=ALARMS_KEPT)
+        self.log: deque[str] = deque(maxlen=LOG_LINES)
+        self.readouts: dict[str, str] = {}
+        self.readouts_time: dict[str, float] = {}
+        self.t_start: float | None = None
+        self.t_end: float | None = None
+        self._tile_times: deque[float] = deque(maxlen=64)
+
+    # -- set-up that does not come from events -------------------------------------------
+    def set_plan(self, plan: list[tuple[int, int, float, float]], tile_nm: tuple[float, float]) -> None:
+        """The configured tile grid (row, col, y_nm, x_nm of each centre) and the tile footprint.
+
+        Used until the engine announces a section's own plan (``SectionPlanned``)."""
+        self.plan = list(plan)
+        self.tile_nm = tile_nm
+        self.tiles_per_section = len(self.plan)
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def tiles_total(self) -> int:
+        if self.engine_progress is not None:
+            return int(self.engine_progress.tiles_total)
+        return self.tiles_per_section * len(self.slots)
+
+    def tiles_of(self, slot: int | None) -> dict[tuple[int, int], TileInfo]:
+        if slot is None:
+            return {}
+        if slot not in self.section_tiles:
+            self.section_tiles[slot] = {(r, c): TileInfo(r, c, y, x) for r, c, y, x in self.plan}
+        return self.section_tiles[slot]
+
+    def tiles_per_second(self) -> float:
+        if self.engine_progress is not None:
+            return float(self.engine_progress.tiles_per_s)
+        t = self._tile_times
+        if len(t) < 2 or t[-1] <= t[0]:
+            return 0.0
+        return (len(t) - 1) / (t[-1] - t[0])
+
+    def eta_s(self) -> float | None:
+        if self.engine_progress is not None and self.run_state not in ("done", "failed", "aborted"):
+            eta = float(self.engine_progress.eta_s)
+            return None if eta != eta else eta   # nan: the engine does not know yet
+        rate = self.tiles_per_second()
+        if rate <= 0 or self.run_state not in ("acquiring", "preparing", "paused", "recovering"):
+            return None
+        return max(self.tiles_total - self.tiles_done, 0) / rate
+
+    def elapsed_s(self, now: float | None = None) -> float:
+        if self.t_start is None:
+            return 0.0
+        return (self.t_end or now or time.monotonic()) - self.t_start
+
+    # -- events --------------------------------------------------------------------------
+    def _log(self, text: str) -> None:
+        self.log.append(f"{time.strftime('%H:%M:%S')}  {text}")
+
+    def apply(self, ev: Event) -> set[str]:
+        name = type(ev).__name__
+        handler = getattr(self, f"_on_{name}", None)
+        if handler is None:
+            self._log(f"{name}: {_fields(ev)}")
+            return {"log"}
+        return handler(ev) | {"log"}
+
+    def _on_RunStarted(self, ev: RunStarted) -> set[str]:
+        self.run_state = "acquiring"
+        self.run_dir = ev.run_dir
+        self.slots = {s: SlotInfo(s) for s in ev.slots}
+        self.section_tiles.clear()
+        self.sections_processed.clear()
+        self.last_processed = None
+        self.tiles_done = 0
+        self.current_slot = None
+        self._tile_times.clear()
+        self.t_start, self.t_end = time.monotonic(), None
+        if not self.plan:
+            self.tiles_per_section = ev.tiles_per_section
+        self._log(f"run started: {len(ev.slots)} sections x {ev.tiles_per_section} tiles -> {ev.run_dir}")
+        return {"run", "tape", "map", "progress"}
+
+    def _on_SectionStarted(self, ev: SectionStarted) -> set[str]:
+        if self.current_slot is not None and self.slots.get(self.current_slot, SlotInfo(-1)).state \
+                is SlotState.CURRENT:
+            self.slots[self.current_slot].state = SlotState.SKIPPED   # left before it was acquired
+        info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
+        info.barcode, info.state = ev.barcode, SlotState.CURRENT
+        self.current_slot = ev.slot
+        self.tiles_of(ev.slot)
+        self._log(f"section: slot {ev.slot}, barcode {ev.barcode}")
+        return {"tape", "map", "readouts"}
+
+    def _tile(self, slot: int, row: int, col: int) -> TileInfo:
+        tiles = self.tiles_of(slot)
+        tile = tiles.get((row, col))
+        if tile is None:   # a tile no plan showed (e.g. attached over MQTT after the plan was sent)
+            tile = tiles[(row, col)] = TileInfo(row, col, float("nan"), float("nan"))
+        return tile
+
+    def _on_TileAcquired(self, ev: TileAcquired) -> set[str]:
+        tile = self._tile(ev.slot, ev.row, ev.col)
+        attempt = int(getattr(ev, "attempt", tile.attempts + 1))
+        tile.attempts = max(tile.attempts + 1, attempt)
+        qc: dict[str, Any] = {"mean": ev.mean}
+        raw_qc = getattr(ev, "qc", None) or {}
+        qc.update({k: v for k, v in raw_qc.items() if isinstance(v, int | float | str | list | tuple)})
+        x, y = getattr(ev, "x_nm", float("nan")), getattr(ev, "y_nm", float("nan"))
+        if x == x and y == y:
+            qc["stage x_nm"], qc["stage y_nm"] = x, y
+        tile.qc = qc
+        if raw_qc.get("faults"):
+            tile.state = TileState.QC_FAILED     # kept after its last retake, and marked
+        else:
+            tile.state = TileState.RETAKEN if tile.attempts > 1 else TileState.ACQUIRED
+        if not tile.counted:
+            tile.counted = True
+            self.tiles_done += 1
+        self._tile_times.append(time.monotonic())
+        return {"map", "progress"}
+
+    def _on_TileRejected(self, ev: Any) -> set[str]:
+        tile = self._tile(ev.slot, ev.row, ev.col)
+        tile.attempts = max(tile.attempts, int(ev.attempt))
+        tile.state = TileState.QC_FAILED
+        tile.qc["faults"] = list(ev.faults)
+        tile.qc["decision"] = ev.decision
+        self._log(f"slot {ev.slot} tile r{ev.row} c{ev.col} attempt {ev.attempt} failed QC "
+                  f"({', '.join(ev.faults)}): {ev.decision}")
+        return {"map"}
+
+    def _on_SectionPlanned(self, ev: Any) -> set[str]:
+        self.section_tiles[ev.slot] = {(r, c): TileInfo(r, c, y, x) for r, c, y, x in ev.tiles}
+        self.rois[ev.slot] = tuple(ev.roi_nm)
+        self.tile_nm = tuple(ev.tile_nm)  # type: ignore[assignment]
+        self._log(f"slot {ev.slot}: {len(ev.tiles)} tiles planned (ROI from {ev.roi_source})")
+        return {"map", "progress"}
+
+    def _on_OverviewAvailable(self, ev: Any) -> set[str]:
+        self.overviews[ev.slot] = (ev.image, tuple(ev.origin_nm), float(ev.pixel_nm))
+        return {"map"}
+
+    def _on_SectionFinished(self, ev: Any) -> set[str]:
+        info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
+        state = {"complete": SlotState.ACQUIRED, "flagged": SlotState.FLAGGED, "skipped": SlotState.SKIPPED,
+                 "empty": SlotState.EMPTY, "damaged": SlotState.DAMAGED, "failed": SlotState.FAILED}
+        info.state = state.get(ev.status, SlotState.FLAGGED)
+        info.note = ev.message or (f"{ev.n_failed_qc} tiles failed QC" if ev.n_failed_qc else "")
+        self._log(f"slot {ev.slot}: {ev.status}, {ev.n_tiles} tiles" + (f" ({info.note})" if info.note else ""))
+        return {"tape"}
+
+    def _on_DeviceStatus(self, ev: Any) -> set[str]:
+        self.readouts[ev.device] = ", ".join(f"{k} {_short(v)}" for k, v in ev.status.items()) + \
+            ("  (moving)" if ev.moving else "")
+        self.readouts_time[ev.device] = time.monotonic()
+        return {"readouts"}
+
+    def _on_Progress(self, ev: Any) -> set[str]:
+        self.engine_progress = ev
+        self.tiles_done = int(ev.tiles_done)
+        return {"progress"}
+
+    def _on_CalibrationDone(self, ev: Any) -> set[str]:
+        self._log(f"calibration {ev.name}: {'ok' if ev.ok else 'FAILED'} {_short(ev.summary)}")
+        return set()
+
+    def _on_SectionAcquired(self, ev: SectionAcquired) -> set[str]:
+        info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
+        if info.state is SlotState.CURRENT:
+            info.state = SlotState.ACQUIRED
+        self._log(f"slot {ev.slot}: {ev.n_tiles} tiles acquired")
+        return {"tape"}
+
+    def _on_SectionProcessed(self, ev: SectionProcessed) -> set[str]:
+        info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
+        info.state = {"ok": SlotState.DONE, "failed": SlotState.FAILED}.get(ev.status, SlotState.FLAGGED)
+        info.note = ev.message
+        self.sections_processed[ev.slot] = ev
+        self.last_processed = ev
+        self._log(f"slot {ev.slot} (z={ev.z}) processed: {ev.status}, worst seam {ev.max_residual_px:.2f} px, "
+                  f"shift ({ev.shift_px[0]:+.1f}, {ev.shift_px[1]:+.1f}) px")
+        return {"tape", "montage"}
+
+    def _on_Alarm(self, ev: Alarm) -> set[str]:
+        self.alarms.append(AlarmLine(time.time(), ev.source, ev.message, ev.severity))
+        self._log(f"{ev.severity.upper()} {ev.source}: {ev.message}")
+        return {"alarm"}
+
+    def _on_RunFinished(self, ev: RunFinished) -> set[str]:
+        self.run_state = ev.state
+        self.t_end = time.monotonic()
+        if self.current_slot is not None and self.slots[self.current_slot].state is SlotState.CURRENT:
+            self.slots[self.current_slot].state = SlotState.FAILED if ev.state == "failed" else SlotState.SKIPPED
+            self.slots[self.current_slot].note = f"run {ev.state} during this section"
+        self._log(f"run {ev.state}: {ev.sections} sections, {ev.tiles} tiles in {ev.seconds:.1f} s")
+        return {"run", "tape", "progress"}
+
+    def _on_StateChanged(self, ev: Any) -> set[str]:
+        self.run_state = str(ev.new).lower()
+        self._log(f"state: {ev.old} -> {ev.new}" + (f" ({ev.reason})" if ev.reason else ""))
+        return {"run", "progress"}
+
+
+ACTIVE = ("preparing", "acquiring", "recovering")
+TERMINAL = ("done", "failed", "aborted")
+
+
+def allowed(verb: str, run_state: str, running: bool) -> bool:
+    """Whether run control offers VERB in RUN_STATE (``running``: a run is held by this GUI)."""
+    if verb == "start":
+        return not running
+    if not running or run_state in TERMINAL:
+        return False
+    return {"pause": run_state in ACTIVE, "resume": run_state == "paused",
+            "skip_section": run_state in (*ACTIVE, "paused"), "abort": True}.get(verb, False)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_short(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _fields(ev: Event) -> str:
+    d = getattr(ev, "__dict__", {})
+    return ", ".join(f"{k}={v}" for k, v in d.items() if not hasattr(v, "shape"))

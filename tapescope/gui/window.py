@@ -1,0 +1,237 @@
+"""The operator's main window: every panel, fed from one event bus, never blocking.
+
+Events may arrive on any thread (engine loop, processing worker). ``EventBridge`` re-emits
+them as a Qt signal, which Qt queues onto the GUI thread; the model is only touched there.
+Panels are redrawn by a 10 Hz timer from dirty flags, so a burst of events costs one redraw.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PySide6 import QtCore, QtWidgets
+
+from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed
+from tapescope.acquisition.store import RunStore
+
+from .latest import FrameLoader, LatestFrame, TileImage
+from .live_view import LiveView
+from .model import RunModel
+from .panels import AlarmBanner, LogPanel, MontagePreview, Readouts, RunControl, TapePanel
+from .section_map import SectionMap
+
+log = logging.getLogger(__name__)
+
+REFRESH_HZ = 10
+PREVIEW_MAX_PX = 1024
+
+
+class Controller(Protocol):
+    """What run control talks to: a local engine, or a run attached over MQTT."""
+
+    mode: str
+
+    def can(self, verb: str) -> bool: ...
+
+    def do(self, verb: str) -> None: ...
+
+
+class EventBridge(QtCore.QObject):
+    event = QtCore.Signal(object)
+    message = QtCore.Signal(str, str)      # severity, text: faults of the display itself
+
+    def handler(self, ev: Event) -> None:
+        self.event.emit(ev)               # from any thread; delivered queued on the GUI thread
+
+
+def read_montage(volume: Path, z: int, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
+    """Plane z of the volume at the finest pyramid level no larger than max_px on a side."""
+    import zarr
+
+    group = zarr.open_group(str(volume), mode="r")
+    levels = sorted((k for k in group.array_keys() if k.isdigit()), key=int)
+    if not levels:
+        raise ValueError(f"{volume} has no pyramid levels")
+    for key in levels:
+        arr = group[key]
+        if max(arr.shape[1:]) <= max_px or key == levels[-1]:
+            return np.asarray(arr[z], dtype=np.float32)
+    raise AssertionError("unreachable")
+
+
+class MainWindow(QtWidgets.QMainWindow):
+    montageReady = QtCore.Signal(int, object)   # z, image
+
+    def __init__(self, bus: EventBus, controller: Controller, model: RunModel | None = None,
+                 *, confirm_abort: bool = True) -> None:
+        super().__init__()
+        self.setWindowTitle(f"tapescope: {controller.mode}")
+        self.bus = bus
+        self.controller = controller
+        self.model = model or RunModel()
+        self.latest = LatestFrame()
+        self.bridge = EventBridge()
+        self.loader = FrameLoader(self.latest, on_error=lambda m: self.bridge.message.emit("warning", m))
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tapescope-preview")
+        self._dirty: set[str] = set()
+        self._store: RunStore | None = None
+        self.events_seen = 0
+        self._closed = False
+
+        self.live = LiveView(self.latest)
+        self.map = SectionMap(self.model)
+        self.tape = TapePanel(self.model)
+        self.readouts = Readouts(self.model)
+        self.banner = AlarmBanner(self.model)
+        self.logpanel = LogPanel(self.model)
+        self.preview = MontagePreview()
+        self.control = RunControl(self.model, controller.can, self._command, confirm_abort=confirm_abort)
+        self.control.mode.setText(controller.mode)
+        self.tile_info = QtWidgets.QLabel("Click a tile on the map to see it and its QC numbers.")
+        self.tile_info.setWordWrap(True)
+
+        right = QtWidgets.QWidget()
+        rl = QtWidgets.QVBoxLayout(right)
+        rl.setContentsMargins(0, 0, 0, 0)
+        rl.addWidget(self.control)
+        rl.addWidget(self.readouts)
+        rl.addWidget(self.tape, 1)
+        mapbox = QtWidgets.QWidget()
+        ml = QtWidgets.QVBoxLayout(mapbox)
+        ml.setContentsMargins(0, 0, 0, 0)
+        ml.addWidget(self.map, 1)
+        ml.addWidget(self.tile_info)
+        top = QtWidgets.QSplitter(QtCore.Qt.Orientation.Horizontal)
+        for w in (self.live, mapbox, right):
+            top.addWidget(w)
+        top.setSizes([560, 520, 400])
+        bottom = QtWidgets.QSplitter(QtCore.Qt.Orientation.Horizontal)
+        bottom.addWidget(self.logpanel)
+        bottom.addWidget(self.preview)
+        bottom.setSizes([900, 580])
+        main = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
+        main.addWidget(top)
+        main.addWidget(bottom)
+        main.setSizes([620, 280])
+        central = QtWidgets.QWidget()
+        cl = QtWidgets.QVBoxLayout(central)
+        cl.setContentsMargins(4, 4, 4, 4)
+        cl.addWidget(self.banner)
+        cl.addWidget(main, 1)
+        self.setCentralWidget(central)
+        self.resize(1500, 950)
+
+        self.bridge.event.connect(self.on_event)
+        self.bridge.message.connect(self._on_message)
+        self.montageReady.connect(self._on_montage)
+        self.map.tileClicked.connect(self.on_tile_clicked)
+        self._unsubscribe = bus.subscribe(self.bridge.handler)
+        self.timer = QtCore.QTimer(self)
+        self.timer.setInterval(1000 // REFRESH_HZ)
+        self.timer.timeout.connect(self.refresh)
+        self.timer.start()
+        self._dirty |= {"run", "progress", "readouts"}
+        self.refresh()
+
+    # -- events (GUI thread) --------------------------------------------------------------
+    def on_event(self, ev: Event) -> None:
+        self.events_seen += 1
+        self._dirty |= self.model.apply(ev)
+        name = type(ev).__name__
+        if name == "RunStarted":
+            self._store = RunStore(ev.run_dir)  # type: ignore[attr-defined]
+        elif name == "TileAcquired":
+            self.map.current_tile = (ev.row, ev.col)  # type: ignore[attr-defined]
+            self._feed_tile(ev)
+        elif isinstance(ev, SectionProcessed):
+            self.preview.show_report(ev.slot, ev.z, ev.status, ev.max_residual_px, ev.shift_px,
+                                     ev.alignment_confidence, ev.message)
+            if ev.status != "failed" and self._store is not None:
+                volume = self._store.dir.parent / "volume.zarr"
+                fut = self._executor.submit(read_montage, volume, ev.z)
+                fut.add_done_callback(lambda f, z=ev.z: self._montage_done(z, f))
+
+    def _feed_tile(self, ev: Event) -> None:
+        data = getattr(ev, "frame", None)
+        if data is None and self._store is None:
+            return
+        slot, row, col = ev.slot, ev.row, ev.col  # type: ignore[attr-defined]
+        path = "" if self._store is None else str(self._store.tile_path(slot, row, col))
+        self.loader.submit(TileImage(slot, row, col, path, data))
+
+    def _montage_done(self, z: int, fut: object) -> None:   # on the preview thread
+        try:
+            img = fut.result()  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.bridge.message.emit("warning", f"montage preview of z={z} could not be read: {exc}")
+            return
+        self.montageReady.emit(z, img)
+
+    def _on_montage(self, z: int, img: np.ndarray) -> None:
+        self.preview.show_image(img)
+
+    def _on_message(self, severity: str, text: str) -> None:
+        self.on_event(Alarm("gui", text, severity))
+
+    def on_tile_clicked(self, slot: int, row: int, col: int) -> None:
+        tile = self.model.tiles_of(slot).get((row, col))
+        if tile is None:
+            return
+        nums = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in tile.qc.items())
+        self.tile_info.setText(f"slot {slot} tile r{row} c{col}: {tile.state.value}, "
+                               f"attempts {tile.attempts}" + (f"; {nums}" if nums else ""))
+        if tile.counted and self._store is not None:
+            self.loader.submit(TileImage(slot, row, col, str(self._store.tile_path(slot, row, col)),
+                                         info=dict(tile.qc)))
+
+    def _command(self, verb: str) -> None:
+        try:
+            self.controller.do(verb)
+        except Exception as exc:   # a refused command is shown, never a traceback only
+            self.on_event(Alarm("control", f"{verb.replace('_', ' ')} refused: {exc}", "warning"))
+        self._dirty.add("run")
+
+    # -- drawing --------------------------------------------------------------------------
+    def refresh(self) -> None:
+        d, self._dirty = self._dirty, set()
+        while self.loader.thumbs:
+            self.map.add_thumbnail(*self.loader.thumbs.popleft())
+        if {"map", "tape"} & d:
+            if self.model.current_slot != self.map.slot:
+                self.map.show_slot(self.model.current_slot)
+            else:
+                self.map.refresh()
+        if "tape" in d or "run" in d:
+            self.tape.refresh()
+        if "readouts" in d:
+            self.readouts.refresh()
+        if "alarm" in d or "run" in d:
+            self.banner.refresh()
+        if "log" in d:
+            self.logpanel.refresh()
+        # Buttons and ETA follow the clock and the session, not only events.
+        self.control.refresh()
+
+    def closeEvent(self, event: object) -> None:
+        self.shutdown()
+        super().closeEvent(event)  # type: ignore[arg-type]
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.timer.stop()
+        self.live.timer.stop()
+        self._unsubscribe()
+        self.loader.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def screenshot(self, path: Path) -> None:
+        self.refresh()
+        if not self.grab().save(str(path)):
+            raise OSError(f"could not write a screenshot to {path}")
+
