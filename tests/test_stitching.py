@@ -15,9 +15,10 @@ from tapescope.stitching.solve import Pair, solve_positions
 TILE = (256, 256)
 
 
-def simulate_section(seed: int, rows: int = 3, cols: int = 3, overlap: float = 0.12):
+def simulate_section(seed: int, rows: int = 3, cols: int = 3, overlap: float = 0.12, lens_px: float = 0.0):
     """Tiles of one section with their stage (encoder) and true top-left positions, px."""
-    world = SimWorld(WorldParams(seed=seed, n_slots=1, tile_px=TILE, section_px=(1024, 1024)))
+    world = SimWorld(WorldParams(seed=seed, n_slots=1, tile_px=TILE, section_px=(1024, 1024),
+                                 lens_distortion_px=lens_px))
     px = world.p.pixel_nm
     tiles, stage, truth, grid = [], [], [], []
     for t in tile_grid(rows, cols, TILE, px, overlap):

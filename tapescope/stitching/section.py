@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import CPU, Backend
 from .register import register_pair
 from .solve import Pair, Solution, solve_positions
 
@@ -30,6 +31,7 @@ def neighbour_pairs(grid: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def stitch_section(
     tiles: Sequence[np.ndarray], stage_px: np.ndarray, grid: Sequence[tuple[int, int]],
+    backend: Backend = CPU,
 ) -> StitchResult:
     """Positions (top-left, pixels) of flat-fielded tiles of one section."""
     if not (len(tiles) == len(stage_px) == len(grid)):
@@ -38,7 +40,7 @@ def stitch_section(
     pairs = []
     for i, j in neighbour_pairs(grid):
         nominal = stage_px[j] - stage_px[i]
-        shift = register_pair(tiles[i], tiles[j], (float(nominal[0]), float(nominal[1])))
+        shift = register_pair(tiles[i], tiles[j], (float(nominal[0]), float(nominal[1])), backend=backend)
         if shift is not None:
             pairs.append(Pair(i, j, shift.dy, shift.dx, shift.confidence))
     return StitchResult(solve_positions(stage_px, pairs), pairs)

@@ -1,0 +1,109 @@
+"""Synthetic tile sets with known truth: what the stitching tests and benchmarks measure against.
+
+A montage is cut from one section of the simulator's specimen (sim_hardware/specimen.py)
+at true positions that differ from the nominal (stage) ones by a random stage error, then
+passed through a camera model: lens distortion, vignetting and dust (gain), shot noise at
+a given dose, read noise and a dark offset. Blank tiles see bare resin: the specimen under
+them is replaced by a uniform field, as over a torn corner or a hole in the section.
+
+Tiles are resampled with a cubic spline at exact sub-pixel coordinates: OpenCV's warps
+quantise the fractional position to 1/32 px and linear interpolation has a phase error that
+depends on the fraction, either of which would put a bias of a few hundredths of a pixel
+into the very truth that registration is measured against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.ndimage import map_coordinates, spline_filter
+
+from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+
+from .lens import RadialDistortion
+
+RESIN = 0.97   # transmission of bare resin (as the simulator's world uses)
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    tile: int = 1024                   # square tiles, px
+    rows: int = 4
+    cols: int = 4
+    overlap: float = 0.09              # nominal fraction of the tile shared with a neighbour
+    stage_error_px: float = 10.0       # RMS length of the stage's position error
+    dose: float = 200.0                # electrons per pixel at full transmission
+    counts_per_electron: float = 4.0
+    dark: float = 100.0
+    read_noise: float = 6.0
+    vignetting: float = 0.25           # relative fall-off at the sensor corner
+    dust: int = 3                      # dark blots on the scintillator
+    blank: tuple[tuple[int, int], ...] = ()   # (row, col) of tiles over bare resin
+    distortion: RadialDistortion = field(default_factory=RadialDistortion)
+    seed: int = 1
+
+
+@dataclass
+class TileSet:
+    params: SyntheticParams
+    tiles: list[np.ndarray]            # uint16 camera frames
+    grid: list[tuple[int, int]]
+    stage_px: np.ndarray               # (n, 2) nominal top-left (y, x), px
+    truth_px: np.ndarray               # (n, 2) true top-left (y, x), px
+    gain: np.ndarray                   # the camera's true gain field, mean 1
+    blank: np.ndarray                  # (n,) bool
+
+    def error(self, positions: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
+        """Position error (n, 2) after removing the free translation of the montage, which
+        is measured over the tiles in `among` (bool mask; default all): leave out tiles
+        placed by the stage, whose own error would otherwise shift every other tile's."""
+        p = np.asarray(positions, float)
+        m = np.ones(len(p), bool) if among is None else np.asarray(among, bool)
+        return (p - p[m].mean(0)) - (self.truth_px - self.truth_px[m].mean(0))
+
+
+def camera_gain(shape: tuple[int, int], vignetting: float, dust: int, rng: np.random.Generator) -> np.ndarray:
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r2 = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2
+    gain = 1.0 - vignetting * r2 / 2
+    for _ in range(dust):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        s = rng.uniform(4, 12) * h / 512
+        gain *= 1 - 0.15 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    return (gain / gain.mean()).astype(np.float32)
+
+
+def make_tileset(p: SyntheticParams) -> TileSet:
+    rng = np.random.default_rng(p.seed)
+    step = round(p.tile * (1 - p.overlap))
+    margin = int(4 * p.stage_error_px) + 16
+    h = (p.rows - 1) * step + p.tile + 2 * margin
+    w = (p.cols - 1) * step + p.tile + 2 * margin
+    spec = Specimen(SpecimenParams(height_px=h, width_px=w, n_sections=1, seed=p.seed))
+    image = spec.section(0).astype(np.float64)
+    grid = [(r, c) for r in range(p.rows) for c in range(p.cols)]
+    stage = np.array([[margin + r * step, margin + c * step] for r, c in grid], float)
+    truth = stage + rng.normal(0, p.stage_error_px / np.sqrt(2), stage.shape)
+    blank = np.array([rc in set(p.blank) for rc in grid])
+    for k in np.flatnonzero(blank):
+        y, x = np.floor(truth[k]).astype(int)
+        image[y:y + p.tile + 1, x:x + p.tile + 1] = RESIN
+    coeffs = spline_filter(image, order=3)
+    gain = camera_gain((p.tile, p.tile), p.vignetting, p.dust, rng)
+    dy, dx = p.distortion.displacement((p.tile, p.tile))
+    yy, xx = np.mgrid[0:p.tile, 0:p.tile].astype(np.float64)
+    tiles = []
+    noise = np.random.default_rng(p.seed + 1)
+    for k in range(len(grid)):
+        ty, tx = truth[k]
+        # Pixel (u, v) of the camera sees the specimen at the tile's origin + (u, v) + lens
+        # displacement: a barrel lens pulls the corners' view inward.
+        coords = np.stack([ty + yy + dy, tx + xx + dx])
+        t = map_coordinates(coeffs, coords, order=3, prefilter=False, mode="nearest")
+        electrons = np.clip(p.dose * t * gain, 0, None)
+        counts = noise.poisson(electrons).astype(np.float32) * p.counts_per_electron
+        counts += p.dark + noise.normal(0, p.read_noise, counts.shape)
+        tiles.append(np.clip(np.rint(counts), 0, 65535).astype(np.uint16))
+    return TileSet(p, tiles, grid, stage, truth, gain, blank)
