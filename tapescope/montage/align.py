@@ -1,8 +1,9 @@
-"""Section-to-section alignment: translation, coarse at low resolution then refined.
+"""Section-to-section alignment.
 
-Each section is registered to the previous good section. Rotation, affine and elastic
-stages come later (see docs/); a translation is what the tape's slot position error
-mostly is.
+`align_translation`: translation only, coarse at low resolution then refined.
+`align_section`: rigid then affine at low resolution (robust to rotations of several
+degrees), then elastic (sub-pixel patch flow relaxed on a spring mesh). See
+docs/alignment.md.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import cv2
 import numpy as np
 
 from tapescope.stitching.register import ncc, phase_correlate
+
+from .device import array_module
+from .flow import clean_flow, patch_flow, relax_mesh
+from .transform import SectionTransform
 
 COARSE_FACTOR = 4
 
@@ -76,3 +81,142 @@ def align_translation(
             both &= va if own else vb
     conf = ncc(a2[both], b2[both]) if both.sum() > 16 else 0.0
     return SectionShift(dy, dx, conf)
+
+
+# -- rigid, affine and elastic alignment ---------------------------------------------------
+
+COARSE_TARGET_PX = 512        # coarse stage works on images about this size
+ROTATION_STEP_DEG = 1.0
+
+
+@dataclass
+class SectionAlignment:
+    transform: SectionTransform   # output (fixed frame) pixel -> moving pixel
+    confidence: float             # NCC of the coarse overlap after alignment
+    rotation_deg: float
+    flow_nodes: int               # patch vectors kept after cleaning
+    flow_rms_px: float            # scatter of the kept vectors about the relaxed mesh
+    overlap: float                # fraction of the fixed image's valid area that overlaps
+
+
+def _scale_matrix(k: float) -> np.ndarray:
+    """Coarse pixel c -> full pixel k*c + (k-1)/2 (INTER_AREA puts a coarse pixel's centre
+    in the middle of the k x k block it averages), as a 3x3 over (x, y, 1)."""
+    o = (k - 1) / 2
+    return np.array([[k, 0, o], [0, k, o], [0, 0, 1.0]])
+
+
+def _coarse(img: np.ndarray, valid: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    f = _fill_invalid(img, valid)
+    size = (max(f.shape[1] // k, 1), max(f.shape[0] // k, 1))
+    small = cv2.resize(f, size, interpolation=cv2.INTER_AREA)
+    v = np.ones(f.shape, np.float32) if valid is None else valid.astype(np.float32)
+    vs = cv2.resize(v, size, interpolation=cv2.INTER_AREA) > 0.99
+    return small, vs
+
+
+def _warp(img: np.ndarray, m: np.ndarray, shape: tuple[int, int], fill: float = 0.0) -> np.ndarray:
+    """out(p) = img(m @ p), m a 2x3 over (x, y, 1)."""
+    return cv2.warpAffine(img.astype(np.float32), np.asarray(m[:2], np.float64), (shape[1], shape[0]),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=fill)
+
+
+def coarse_affine(
+    fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None = None,
+    moving_valid: np.ndarray | None = None, *, max_rotation_deg: float = 8.0,
+) -> tuple[SectionTransform, float, float]:
+    """Rigid then affine alignment at low resolution: (transform, confidence, rotation).
+
+    Rigid: the moving image is turned in 1 degree steps over +-max_rotation_deg and each
+    candidate is phase-correlated; the sharpest peak gives angle and shift. Affine: the
+    ECC maximisation (OpenCV) refines it, masked to where the fixed section was imaged.
+    The transform maps full-resolution fixed pixels to moving pixels.
+    """
+    k = max(1, int(np.ceil(max(fixed.shape) / COARSE_TARGET_PX)))
+    fs, fv = _coarse(fixed, fixed_valid, k)
+    ms, mv = _coarse(moving, moving_valid, k)
+    h, w = fs.shape
+    centre = ((w - 1) / 2, (h - 1) / 2)
+    fill = float(ms.mean())
+    best: tuple[float, np.ndarray] | None = None
+    score_best = -np.inf
+    steps = int(np.floor(max_rotation_deg / ROTATION_STEP_DEG))
+    for ang in np.arange(-steps, steps + 1) * ROTATION_STEP_DEG:
+        rot = np.vstack([cv2.getRotationMatrix2D(centre, float(ang), 1.0), [0, 0, 1]])
+        turned = _warp(ms, np.linalg.inv(rot), (h, w), fill)   # turned(q) = ms(rot^-1 q)
+        sy, sx, score = phase_correlate(turned, fs, upsample=1)  # fs(p) = turned(p + s)
+        if score > score_best:
+            score_best = score
+            shift = np.array([[1, 0, sx], [0, 1, sy], [0, 0, 1.0]])
+            best = (float(ang), np.linalg.inv(rot) @ shift)
+    assert best is not None
+    angle, m = best
+    warp = m[:2].astype(np.float32)
+    try:
+        criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 200, 1e-6)
+        _, warp = cv2.findTransformECC(fs, ms, warp, cv2.MOTION_AFFINE, criteria,
+                                       fv.astype(np.uint8), 3)
+    except cv2.error:
+        # ECC did not converge (too little texture in the overlap): keep the rigid estimate,
+        # the confidence below says how good it is.
+        warp = m[:2].astype(np.float32)
+    tc = np.vstack([warp.astype(np.float64), [0, 0, 1]])
+    # Confidence: NCC over pixels both sections really imaged.
+    aligned = _warp(ms, tc, (h, w))
+    both = fv & (_warp(mv.astype(np.float32), tc, (h, w)) > 0.99)
+    conf = ncc(fs[both], aligned[both]) if both.sum() > 16 else 0.0
+    s = _scale_matrix(k)
+    full = s @ tc @ np.linalg.inv(s)
+    rot = float(np.degrees(np.arctan2(full[1, 0], full[0, 0])))
+    return SectionTransform(full[:2]), conf, rot if np.isfinite(rot) else angle
+
+
+def remap_image(img: np.ndarray, transform: SectionTransform, shape: tuple[int, int],
+                fill: float = 0.0) -> np.ndarray:
+    """out(p) = img(transform(p)) over an output of `shape`, bilinear, in RAM."""
+    mx, my = transform.block_maps(0, 0, shape[0], shape[1])
+    return cv2.remap(img.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                     borderValue=fill)
+
+
+def align_section(
+    fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None = None,
+    moving_valid: np.ndarray | None = None, *, elastic: bool = True, max_rotation_deg: float = 8.0,
+    stride: int = 32, patch: int = 64, passes: int = 3, stiffness: float = 0.3, device: str = "cpu",
+) -> SectionAlignment:
+    """Align `moving` to `fixed` (same canvas): coarse rigid + affine, then elastic.
+
+    The elastic stage measures a patch flow between the fixed image and the moving image
+    warped by the current transform, cleans it, relaxes it on a spring mesh and adds the
+    result (rotated into the moving frame) to the transform's field; a second pass
+    measures what the first left, where the patches' window no longer biases the peak.
+    """
+    if fixed.shape != moving.shape:
+        raise ValueError(f"shapes differ: {fixed.shape} vs {moving.shape}")
+    xp = array_module(device)
+    transform, conf, rot = coarse_affine(fixed, moving, fixed_valid, moving_valid,
+                                         max_rotation_deg=max_rotation_deg)
+    fv = np.ones(fixed.shape, bool) if fixed_valid is None else fixed_valid.astype(bool)
+    mv = np.ones(moving.shape, np.float32) if moving_valid is None else moving_valid.astype(np.float32)
+    overlap = float((remap_image(mv, transform, fixed.shape) > 0.99)[fv].mean()) if fv.any() else 0.0
+    nodes, rms = 0, 0.0
+    if elastic:
+        shape = fixed.shape
+        ff = _fill_invalid(fixed, fixed_valid)
+        mf = _fill_invalid(moving, moving_valid)
+        field = np.zeros((*SectionTransform.grid_shape(shape, stride), 2), np.float32)
+        for _ in range(passes):
+            current = SectionTransform(transform.matrix, field, stride)
+            warped = remap_image(mf, current, shape, float(mf.mean()))
+            both = fv & (remap_image(mv, current, shape) > 0.99)
+            flow = patch_flow(ff, warped, both, stride=stride, patch=patch, max_shift=patch / 8, xp=xp)
+            weight = clean_flow(flow)
+            u = relax_mesh(flow, weight, stiffness=stiffness)
+            keep = weight > 0
+            nodes = int(keep.sum())
+            rms = float(np.sqrt(((flow.vectors - u)[keep] ** 2).sum(-1).mean())) if nodes else 0.0
+            # Flow u is in output pixels; the field is added in moving pixels.
+            field = field + (u.reshape(-1, 2) @ current.linear.T).reshape(field.shape).astype(np.float32)
+        transform = SectionTransform(transform.matrix, field, stride)
+    return SectionAlignment(transform, conf, rot, nodes, rms, overlap)

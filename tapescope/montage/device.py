@@ -1,0 +1,48 @@
+"""Array module for the heavy maths: NumPy, or CuPy where a GPU is present.
+
+`--device cpu|gpu|auto` picks it. `auto` uses CuPy only when it imports *and* sees a
+device, so the same code runs on a laptop, in CI (no GPU) and on a GPU node.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def _cupy() -> ModuleType | None:
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        return cupy
+    except Exception:  # no cupy, no driver, no device: all mean "no GPU here"
+        return None
+
+
+def gpu_available() -> bool:
+    return _cupy() is not None
+
+
+def array_module(device: str = "auto") -> ModuleType:
+    """numpy or cupy for `device`; 'gpu' without a usable GPU is an error, not a fallback."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return np
+    cp = _cupy()
+    if cp is None:
+        if device == "gpu":
+            raise RuntimeError("device 'gpu' asked for, but CuPy or a CUDA device is not available "
+                               "(install the 'gpu' extra: pip install 'tapescope[gpu]')")
+        return np
+    return cp
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)

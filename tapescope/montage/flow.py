@@ -1,0 +1,215 @@
+"""Fine (elastic) alignment: a sub-pixel patch flow, cleaned, relaxed on a spring mesh.
+
+As in SOFIMA and TrakEM2, the fixed and the (coarsely aligned) moving section are cut
+into patches on a regular grid and each patch pair is correlated; bad vectors are
+dropped; a spring mesh, one node per patch, pulls the survivors into a smooth field.
+Two differences from SOFIMA:
+
+- the peak is refined by an upsampled DFT around it (as `stitching.register` does for
+  tile pairs), so each vector is sub-pixel, not integer;
+- the mesh is linear (zero-length springs to the data and between neighbours), so its
+  equilibrium is one sparse linear solve instead of thousands of integration steps.
+
+The patch correlation is batched and written against an array module: NumPy here,
+CuPy where a GPU is present (`device.array_module`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from .device import to_numpy
+
+WHITEN = 0.5        # same partial whitening as the tile registration (docs/stitching.md)
+PRE_BLUR = 1.0      # px, Gaussian applied in the Fourier domain
+UPSAMPLE = 20       # 0.05 px steps
+BATCH = 256         # patches per batched FFT
+
+
+@dataclass
+class Flow:
+    """Displacements on the grid of node (i, j) at (y, x) = (i * stride, j * stride):
+    the moving image matches the fixed one at p + flow(p)."""
+    vectors: np.ndarray   # (gh, gw, 2) float32, (dx, dy)
+    quality: np.ndarray   # (gh, gw) float32, peak sharpness; 0 where not measured
+    stride: int
+
+
+def _hann(n: int, xp: ModuleType) -> object:
+    w = xp.hanning(n).astype(xp.float32)
+    return w[:, None] * w[None, :]
+
+
+def batched_phase_correlate(
+    a: np.ndarray, b: np.ndarray, max_shift: float, upsample: int = UPSAMPLE, xp: ModuleType = np,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shifts s (n, 2) as (dy, dx) with b(p) ~= a(p + s), and peak sharpness (n,), for
+    n square patch pairs (n, P, P); peaks are searched within |s| <= max_shift."""
+    n, size, _ = a.shape
+    a = xp.asarray(a, xp.float32)
+    b = xp.asarray(b, xp.float32)
+    win = _hann(size, xp)
+    fa = xp.fft.fft2((a - a.mean(axis=(1, 2), keepdims=True)) * win)
+    fb = xp.fft.fft2((b - b.mean(axis=(1, 2), keepdims=True)) * win)
+    f = xp.fft.fftfreq(size).astype(xp.float32)
+    cross = fa * xp.conj(fb)
+    if PRE_BLUR:
+        g = xp.exp(-2 * (np.pi * PRE_BLUR) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
+        cross = cross * (g * g)   # both images blurred: the transfer function twice
+    cross = cross / (xp.abs(cross) ** WHITEN + 1e-12)
+    corr = xp.fft.ifft2(cross).real
+    fi = xp.abs(f * size)
+    inside = (fi[:, None] <= max_shift) & (fi[None, :] <= max_shift)
+    corr = xp.where(inside[None], corr, -xp.inf)
+    flat = corr.reshape(n, -1)
+    idx = xp.argmax(flat, axis=1)
+    peak = flat[xp.arange(n), idx]
+    vals = xp.where(xp.isfinite(flat), flat, xp.nan)
+    # Sharpness: how far the peak stands above the rest of the searched surface.
+    sharp = (peak - xp.nanmean(vals, axis=1)) / (xp.nanstd(vals, axis=1) + 1e-12)
+    py, px = idx // size, idx % size
+    shift = xp.stack([xp.where(py > size // 2, py - size, py), xp.where(px > size // 2, px - size, px)], 1)
+    shift = shift.astype(xp.float64)
+    # Upsampled DFT around the integer peak (Guizar-Sicairos 2008), all patches at once.
+    region = int(np.ceil(upsample * 1.5))
+    centre = float(np.fix(region / 2.0))
+    offset = centre - shift * upsample                       # (n, 2)
+    k = (xp.fft.ifftshift(xp.arange(size)) - size // 2).astype(xp.float64)
+    r = xp.arange(region, dtype=xp.float64)
+    ry = r[None, :] - offset[:, 0:1]                         # (n, R)
+    rx = r[None, :] - offset[:, 1:2]
+    c = -2j * np.pi / (size * upsample)
+    ey = xp.exp(c * ry[:, :, None] * k[None, None, :])       # (n, R, P)
+    ex = xp.exp(c * k[None, :, None] * rx[:, None, :])       # (n, P, R)
+    up = xp.abs(xp.matmul(xp.matmul(ey, xp.conj(cross).astype(xp.complex128)), ex))
+    fine = xp.argmax(up.reshape(n, -1), axis=1)
+    shift = shift + xp.stack([fine // region, fine % region], 1).astype(xp.float64) * (1.0 / upsample) \
+        - centre / upsample
+    return to_numpy(shift), to_numpy(sharp).astype(np.float32)
+
+
+def patch_flow(
+    fixed: np.ndarray, moving: np.ndarray, valid: np.ndarray | None, *, stride: int = 48,
+    patch: int = 128, max_shift: float = 16.0, min_valid: float = 0.6, xp: ModuleType = np,
+) -> Flow:
+    """Flow of `moving` against `fixed` (equal shapes), one vector per grid node whose
+    patch lies inside the image and is at least `min_valid` valid (`valid`: where both
+    images hold data). Invalid pixels are set to the patch's valid mean in both images:
+    the shared border this makes pulls toward zero shift, which is the current estimate
+    in the later passes, so it slows convergence at the edge of the overlap but does not
+    bias where it converges."""
+    h, w = fixed.shape
+    gh, gw = -(-h // stride) + 1, -(-w // stride) + 1
+    half = patch // 2
+    vec = np.zeros((gh, gw, 2), np.float32)
+    qual = np.zeros((gh, gw), np.float32)
+    nodes = []
+    for i in range(gh):
+        for j in range(gw):
+            y, x = i * stride, j * stride
+            if y - half < 0 or x - half < 0 or y + half > h or x + half > w:
+                continue
+            if valid is not None and valid[y - half:y + half, x - half:x + half].mean() < min_valid:
+                continue
+            nodes.append((i, j))
+    for s in range(0, len(nodes), BATCH):
+        part = nodes[s:s + BATCH]
+        fa = np.stack([fixed[i * stride - half:i * stride + half, j * stride - half:j * stride + half]
+                       for i, j in part])
+        mb = np.stack([moving[i * stride - half:i * stride + half, j * stride - half:j * stride + half]
+                       for i, j in part])
+        if valid is not None:
+            vb = np.stack([valid[i * stride - half:i * stride + half, j * stride - half:j * stride + half]
+                           for i, j in part])
+            cnt = vb.sum(axis=(1, 2), keepdims=True)
+            fa = np.where(vb, fa, (fa * vb).sum(axis=(1, 2), keepdims=True) / cnt)
+            mb = np.where(vb, mb, (mb * vb).sum(axis=(1, 2), keepdims=True) / cnt)
+        # fixed(p) ~= moving(p + s): correlate with moving as `a`.
+        shifts, sharp = batched_phase_correlate(mb, fa, max_shift, xp=xp)
+        for (i, j), (dy, dx), q in zip(part, shifts, sharp, strict=True):
+            vec[i, j] = (dx, dy)
+            qual[i, j] = q
+    return Flow(vec, qual, stride)
+
+
+def clean_flow(flow: Flow, *, min_quality_frac: float = 0.4, max_dev_px: float = 3.0) -> np.ndarray:
+    """Weights (gh, gw) in 0..1: 0 for unmeasured nodes, weak peaks (below `min_quality_frac`
+    of the median sharpness) and vectors more than `max_dev_px` from their neighbours'
+    median (the SOFIMA-style local consistency check)."""
+    q = flow.quality
+    measured = q > 0
+    if not measured.any():
+        return np.zeros_like(q)
+    med_q = float(np.median(q[measured]))
+    ok = measured & (q >= min_quality_frac * med_q)
+    vec = flow.vectors
+    keep = ok.copy()
+    for i, j in zip(*np.nonzero(ok), strict=True):
+        ys, xs = slice(max(i - 1, 0), i + 2), slice(max(j - 1, 0), j + 2)
+        nb = ok[ys, xs].copy()
+        nb[i - ys.start, j - xs.start] = False
+        if nb.sum() < 2:
+            continue
+        med = np.median(vec[ys, xs][nb], axis=0)
+        if np.hypot(*(vec[i, j] - med)) > max_dev_px:
+            keep[i, j] = False
+    return np.where(keep, np.clip(q / med_q, 0, 1), 0).astype(np.float32)
+
+
+def _second_differences(gh: int, gw: int) -> sp.csr_matrix:
+    """Stacked operators u_xx, sqrt(2) u_xy, u_yy on a gh x gw grid (thin-plate energy)."""
+    idx = np.arange(gh * gw).reshape(gh, gw)
+    rows, cols, vals = [], [], []
+    r = 0
+
+    def add(terms: list[tuple[np.ndarray, float]]) -> None:
+        nonlocal r
+        m = terms[0][0].size
+        for ids, c in terms:
+            rows.append(np.arange(r, r + m))
+            cols.append(ids.ravel())
+            vals.append(np.full(m, c))
+        r += m
+
+    if gw >= 3:
+        add([(idx[:, :-2], 1.0), (idx[:, 1:-1], -2.0), (idx[:, 2:], 1.0)])
+    if gh >= 3:
+        add([(idx[:-2, :], 1.0), (idx[1:-1, :], -2.0), (idx[2:, :], 1.0)])
+    if gh >= 2 and gw >= 2:
+        s2 = np.sqrt(2.0)
+        add([(idx[:-1, :-1], s2), (idx[1:, 1:], s2), (idx[:-1, 1:], -s2), (idx[1:, :-1], -s2)])
+    if not rows:
+        return sp.csr_matrix((0, gh * gw))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(r, gh * gw))
+
+
+def relax_mesh(flow: Flow, weight: np.ndarray, *, stiffness: float = 0.3, tension: float = 1e-3) -> np.ndarray:
+    """Equilibrium of the elastic mesh, one node per grid point: node u_i is tied to its
+    measured vector by a spring of strength weight_i, resists bending with `stiffness`
+    (thin-plate energy: second differences, so a uniform stretch or turn costs nothing)
+    and its neighbours with a weak `tension`. Minimises
+    sum w_i |u_i - d_i|^2 + stiffness |D2 u|^2 + tension sum_edges |u_i - u_j|^2.
+    Nodes without data (outliers, no overlap) follow the plate: linear, not constant,
+    extrapolation toward the section's edges. Returns the field (gh, gw, 2)."""
+    gh, gw = weight.shape
+    n = gh * gw
+    idx = np.arange(n).reshape(gh, gw)
+    a = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])
+    b = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])
+    adj = sp.coo_matrix((np.ones(a.size), (a, b)), shape=(n, n))
+    adj = adj + adj.T
+    lap = sp.diags(np.asarray(adj.sum(axis=1)).ravel()) - adj
+    d2 = _second_differences(gh, gw)
+    w = weight.ravel().astype(np.float64)
+    # A tiny pull to zero keeps the system regular where no node has data.
+    mat = (sp.diags(w + 1e-6) + stiffness * (d2.T @ d2) + tension * lap).tocsc()
+    solve = spla.factorized(mat)
+    d = flow.vectors.reshape(n, 2).astype(np.float64)
+    u = np.stack([solve(w * d[:, 0]), solve(w * d[:, 1])], -1)
+    return u.reshape(gh, gw, 2).astype(np.float32)
