@@ -50,11 +50,18 @@ class CameraConfig(_Model):
     pixel_size_nm: Annotated[float, Field(gt=0)] = 4.0
 
 
+class ColumnConfig(SerialPortConfig):
+    """The TEM column's serial line. Unset on a real scope means 'no column driver'."""
+
+    ramp_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
+
+
 class ScopeConfig(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = "sim-scope"
     stage: StageConfig = StageConfig()
     tape: TapeConfig = TapeConfig()
     camera: CameraConfig = CameraConfig()
+    column: ColumnConfig = ColumnConfig()
 
     @property
     def simulated(self) -> bool:

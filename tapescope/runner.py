@@ -63,6 +63,7 @@ async def open_scope(cfg: TapescopeConfig) -> AsyncIterator[tuple[Scope, ScopeCo
         stage_url=s.url, tape_url=t.url, camera_host=c.host, camera_port=c.port,
         serial_timeout_s=s.timeout_s, settle_timeout_s=s.settle_timeout_s,
         tape_move_timeout_s=t.move_timeout_s, camera_timeout_s=c.timeout_s, baudrate=s.baudrate,
+        column_url=scope_cfg.column.url, column_ramp_timeout_s=scope_cfg.column.ramp_timeout_s,
     )
     try:
         async with scope:

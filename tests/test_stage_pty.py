@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -35,6 +36,10 @@ async def test_bytes_on_the_wire_are_asi(sim: SimulatedScope) -> None:
     await line.open()
     try:
         assert await line.query("M X=10.5 Y=-2") == ":A"
+        for _ in range(400):                  # the encoder reads its way along while moving
+            if await line.query("/") == "N":
+                break
+            await asyncio.sleep(0.005)
         assert await line.query("W X Y") == ":A 10.50 -2.00"
         assert await line.query("FLY") == ":N-1"
         assert await line.query("M Q=3") == ":N-2"

@@ -1,13 +1,17 @@
 """Camera driver: the tapescope TCP frame protocol over asyncio streams.
 
-The interface follows ophyd-async's detector split: configure (exposure), arm, trigger
-and read are separate, so a vendor-SDK driver can implement the same four calls.
+The interface follows ophyd-async's detector split: configure (exposure, binning, region),
+arm, trigger and read are separate, so a vendor-SDK driver can implement the same calls.
+After the connection drops (a cable, a camera reboot, a dropped or truncated frame), the
+failing call raises; the next call reconnects, restores the settings and goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +19,8 @@ import numpy as np
 
 from . import camera_protocol as cp
 from .errors import DeviceDisconnected, DeviceError, DeviceTimeout, ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,29 +37,73 @@ class Frame:
 class Camera:
     name = "camera"
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, host: str, port: int, *, timeout_s: float = 5.0, reconnect_timeout_s: float = 10.0) -> None:
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        self.reconnect_timeout_s = reconnect_timeout_s
         self.exposure_ms = 0.0
+        self.binning = 1
+        self.roi: tuple[int, int, int, int] | None = None   # (x, y, width, height) in sensor pixels
         self.model = ""
-        self.shape: tuple[int, int] = (0, 0)
+        self.shape: tuple[int, int] = (0, 0)                 # full sensor (height, width)
+        self.frames_lost = 0                                 # gaps in frame ids seen by this driver
+        self.reconnects = 0
+        self._last_frame_id: int | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._wanted = False      # connect() called and close() not: reconnect when dropped
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
+        async with self._lock:
+            await self._open()
+        self._wanted = True
+
+    async def _open(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), self.timeout_s
             )
         except (OSError, TimeoutError) as exc:
-            raise DeviceDisconnected(self.name, f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        info = await self._request("PING", cp.KIND_OK)
+            raise DeviceDisconnected(self.name, f"cannot connect to {self.host}:{self.port}: {exc}",
+                                     retryable=True) from exc
+        info = await self._exchange("PING", cp.KIND_OK)
         self.model = str(info.meta.get("model", "?"))
-        self.shape = (int(info.meta["height"]), int(info.meta["width"]))
+        try:
+            self.shape = (int(info.meta["height"]), int(info.meta["width"]))
+        except (KeyError, TypeError, ValueError):
+            await self._drop()
+            raise ProtocolError(self.name, f"bad PING reply {info.meta!r}") from None
+
+    async def _reopen(self) -> None:
+        """Reconnect after a drop, with backoff, and restore what was configured."""
+        deadline = time.monotonic() + self.reconnect_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                await self._open()
+                break
+            except DeviceError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise DeviceDisconnected(self.name, f"reconnect failed for {self.reconnect_timeout_s:g} s: "
+                                             f"{exc.text}", retryable=True) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        self.reconnects += 1
+        log.warning("camera: reconnected to %s:%d (reconnect %d)", self.host, self.port, self.reconnects)
+        if self.exposure_ms:
+            await self._exchange(f"SET EXPOSURE {self.exposure_ms:g}", cp.KIND_OK)
+        if self.binning != 1:
+            await self._exchange(f"SET BINNING {self.binning}", cp.KIND_OK)
+        if self.roi is not None:
+            await self._exchange("SET ROI {} {} {} {}".format(*self.roi), cp.KIND_OK)
 
     async def close(self) -> None:
+        self._wanted = False
+        await self._drop()
+
+    async def _drop(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
@@ -62,16 +112,42 @@ class Camera:
             except OSError:
                 pass
 
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
     async def set_exposure(self, ms: float) -> None:
         reply = await self._request(f"SET EXPOSURE {ms:g}", cp.KIND_OK)
         self.exposure_ms = float(reply.meta["exposure_ms"])
+
+    async def set_binning(self, binning: int) -> None:
+        reply = await self._request(f"SET BINNING {binning}", cp.KIND_OK)
+        self.binning = int(reply.meta["binning"])
+
+    async def set_roi(self, roi: tuple[int, int, int, int] | None) -> None:
+        """Region of the sensor to read: (x, y, width, height) in unbinned pixels; None = all."""
+        line = "SET ROI FULL" if roi is None else "SET ROI {} {} {} {}".format(*roi)
+        reply = await self._request(line, cp.KIND_OK)
+        x, y, w, h = (int(v) for v in reply.meta["roi"])
+        self.roi = None if (x, y, w, h) == (0, 0, self.shape[1], self.shape[0]) else (x, y, w, h)
+
+    async def status(self) -> dict[str, Any]:
+        """The camera's own view of its settings (exposure, binning, roi, frames)."""
+        return (await self._request("STATUS", cp.KIND_OK)).meta
 
     async def arm(self) -> None:
         await self._request("ARM", cp.KIND_OK)
 
     async def trigger(self) -> Frame:
         """Expose once and return the frame (the read is part of the same exchange)."""
-        return await self._request("TRIGGER", cp.KIND_FRAME, timeout_s=self.timeout_s + self.exposure_ms / 1e3)
+        frame: Frame = await self._request("TRIGGER", cp.KIND_FRAME,
+                                           timeout_s=self.timeout_s + self.exposure_ms / 1e3)
+        if self._last_frame_id is not None and frame.frame_id > self._last_frame_id + 1:
+            lost = frame.frame_id - self._last_frame_id - 1
+            self.frames_lost += lost
+            log.warning("camera: %d frame(s) lost before frame %d", lost, frame.frame_id)
+        self._last_frame_id = frame.frame_id
+        return frame
 
     async def _read_message(self) -> tuple[cp.Header, dict[str, Any], bytes]:
         assert self._reader is not None
@@ -83,30 +159,39 @@ class Camera:
         except asyncio.IncompleteReadError as exc:
             raise DeviceDisconnected(
                 self.name, f"connection closed mid-message ({len(exc.partial)} bytes of "
-                f"{exc.expected} in the last read)"
+                f"{exc.expected} in the last read)", retryable=True,
             ) from exc
         except (ValueError, json.JSONDecodeError) as exc:
             raise ProtocolError(self.name, f"garbled message: {exc}") from exc
         return header, meta, payload
 
     async def _request(self, line: str, expect: int, timeout_s: float | None = None) -> Any:
-        if self._writer is None:
-            raise DeviceDisconnected(self.name, "not connected")
         async with self._lock:
-            try:
-                self._writer.write(line.encode() + b"\n")
-                await self._writer.drain()
-                header, meta, payload = await asyncio.wait_for(
-                    self._read_message(), timeout_s or self.timeout_s
-                )
-            except TimeoutError:
-                # The stream is now out of step: drop it, the caller may reconnect.
-                await self.close()
-                limit = timeout_s or self.timeout_s
-                raise DeviceTimeout(self.name, f"no reply to {line!r} within {limit:g} s") from None
-            except (ConnectionError, OSError) as exc:
-                await self.close()
-                raise DeviceDisconnected(self.name, f"connection lost: {exc}") from exc
+            if self._writer is None:
+                if not self._wanted:
+                    raise DeviceDisconnected(self.name, "not connected")
+                await self._reopen()
+            return await self._exchange(line, expect, timeout_s)
+
+    async def _exchange(self, line: str, expect: int, timeout_s: float | None = None) -> Any:
+        """One request and its reply on the open connection (the caller holds the lock)."""
+        if self._writer is None:
+            raise DeviceDisconnected(self.name, "not connected", retryable=True)
+        limit = timeout_s or self.timeout_s
+        try:
+            self._writer.write(line.encode() + b"\n")
+            await self._writer.drain()
+            header, meta, payload = await asyncio.wait_for(self._read_message(), limit)
+        except TimeoutError:
+            # The stream is now out of step: drop it; the next call reconnects.
+            await self._drop()
+            raise DeviceTimeout(self.name, f"no reply to {line!r} within {limit:g} s", retryable=True) from None
+        except (DeviceDisconnected, ProtocolError):
+            await self._drop()
+            raise
+        except (ConnectionError, OSError) as exc:
+            await self._drop()
+            raise DeviceDisconnected(self.name, f"connection lost: {exc}", retryable=True) from exc
         if header.kind == cp.KIND_ERROR:
             raise DeviceError(self.name, str(meta.get("text", "error")), meta.get("code"))
         if header.kind != expect:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 
 class DeviceError(Exception):
-    """A device refused or failed a command; carries the device's own code and text."""
+    """A device refused or failed a command; carries the device's own code and text.
 
-    def __init__(self, device: str, message: str, code: int | str | None = None) -> None:
+    ``retryable`` is True when the driver knows that sending the same request again is
+    safe and may succeed (the device is in a known state and did not act on it).
+    """
+
+    def __init__(self, device: str, message: str, code: int | str | None = None, *,
+                 retryable: bool = False) -> None:
         self.device = device
         self.code = code
         self.text = message
+        self.retryable = retryable
         where = f" (code {code})" if code is not None else ""
         super().__init__(f"{device}: {message}{where}")
 

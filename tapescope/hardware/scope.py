@@ -6,40 +6,56 @@ import contextlib
 from types import TracebackType
 
 from .camera import Camera
+from .column import Column
 from .stage import Stage
 from .tape import Tape
 
 
 class Scope:
-    def __init__(self, stage: Stage, tape: Tape, camera: Camera) -> None:
+    """Stage, tape, camera and (optionally: not every set-up drives its column) the column."""
+
+    def __init__(self, stage: Stage, tape: Tape, camera: Camera, column: Column | None = None) -> None:
         self.stage = stage
         self.tape = tape
         self.camera = camera
+        self.column = column
+
+    @property
+    def devices(self) -> tuple[Stage | Tape | Camera | Column, ...]:
+        """Every driver, in connect order."""
+        devs: tuple = (self.stage, self.tape, self.camera)
+        return devs if self.column is None else (*devs, self.column)
 
     @classmethod
     def from_ports(
         cls, *, stage_url: str, tape_url: str, camera_host: str, camera_port: int,
         serial_timeout_s: float = 2.0, settle_timeout_s: float = 10.0,
         tape_move_timeout_s: float = 30.0, camera_timeout_s: float = 5.0, baudrate: int = 115200,
+        column_url: str | None = None, column_ramp_timeout_s: float = 60.0,
     ) -> Scope:
+        column = None
+        if column_url is not None:
+            column = Column(column_url, baudrate=baudrate, timeout_s=serial_timeout_s,
+                            ramp_timeout_s=column_ramp_timeout_s)
         return cls(
             Stage(stage_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                   settle_timeout_s=settle_timeout_s),
             Tape(tape_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                  move_timeout_s=tape_move_timeout_s),
             Camera(camera_host, camera_port, timeout_s=camera_timeout_s),
+            column,
         )
 
     async def connect(self) -> None:
         try:
-            for dev in (self.stage, self.tape, self.camera):
+            for dev in self.devices:
                 await dev.connect()
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        for dev in (self.camera, self.tape, self.stage):
+        for dev in reversed(self.devices):
             with contextlib.suppress(Exception):  # closing must reach every device
                 await dev.close()
 

@@ -8,10 +8,15 @@ class drives a real RS-232 port, a pseudo-terminal from the simulator, or ``sock
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import serial
 
-from .errors import DeviceDisconnected, DeviceTimeout, ProtocolError
+from .errors import DeviceDisconnected, DeviceError, DeviceTimeout, ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 class SerialLine:
@@ -81,3 +86,29 @@ class SerialLine:
         """Send one command line and return its reply line, stripped."""
         async with self._lock:
             return await asyncio.to_thread(self._transact, line)
+
+
+async def send_confirmed(device: str, send: Callable[[], Awaitable[Any]],
+                         confirm: Callable[[], Awaitable[bool]]) -> None:
+    """Send a command whose reply may be lost or garbled, and never send it twice.
+
+    When the reply times out or cannot be parsed, the command may or may not have run.
+    Instead of re-sending (a second move from a different start is a different move), ask
+    the device about its state: ``confirm()`` says whether the command took effect. If it
+    did, carry on; if it did not, raise the original error, marked retryable, with what
+    the re-query found. If the re-query fails too, the device is not answering: raise.
+    """
+    try:
+        await send()
+        return
+    except (DeviceTimeout, ProtocolError) as exc:
+        first = exc
+    try:
+        took_effect = await confirm()
+    except DeviceError as exc:
+        raise type(first)(device, f"{first.text}; re-query failed too: {exc.text}", first.code) from first
+    if took_effect:
+        log.warning("%s: %s; the re-query shows the command took effect", device, first.text)
+        return
+    raise type(first)(device, f"{first.text}; the re-query shows it did not take effect (safe to retry)",
+                      first.code, retryable=True) from first

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from . import asi_protocol as asi
 from .errors import DeviceError, DeviceTimeout, ProtocolError
-from .serial_line import SerialLine
+from .serial_line import SerialLine, send_confirmed
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,15 @@ class Stage:
         settle_timeout_s: float = 10.0,
         poll_s: float = 0.005,
         limits: StageLimits | None = None,
+        tolerance_nm: float = 50.0,
     ) -> None:
         self._line = SerialLine(self.name, url, baudrate=baudrate, timeout_s=timeout_s)
         self.settle_timeout_s = settle_timeout_s
         self.poll_s = poll_s
         self.limits = limits or StageLimits()
+        # How far the settled encoder may be from the target before the move counts as
+        # stopped short (a limit switch, an obstruction): far above the encoder's 1 nm.
+        self.tolerance_nm = tolerance_nm
 
     async def connect(self) -> None:
         await self._line.open()
@@ -85,10 +89,34 @@ class Stage:
         raise ProtocolError(self.name, f"unexpected status reply {reply!r}")
 
     async def move_to(self, x_nm: float, y_nm: float, *, wait: bool = True) -> None:
+        """Move to (x, y) nm; with wait, until settled and checked to be there.
+
+        A lost or garbled reply to the move is never answered by sending the move again:
+        the driver asks the stage whether it is moving or already there (send_confirmed).
+        """
         self._check_limits(x_nm, y_nm)
-        await self._command(f"M X={asi.nm_to_units(x_nm)} Y={asi.nm_to_units(y_nm)}")
+        cmd = f"M X={asi.nm_to_units(x_nm)} Y={asi.nm_to_units(y_nm)}"
+
+        async def moved() -> bool:
+            if await self.status() == "busy":
+                return True
+            x, y = await self.position()
+            return abs(x - x_nm) <= self.tolerance_nm and abs(y - y_nm) <= self.tolerance_nm
+
+        await send_confirmed(self.name, lambda: self._command(cmd), moved)
         if wait:
             await self.wait_settled()
+            x, y = await self.position()
+            if abs(x - x_nm) > self.tolerance_nm or abs(y - y_nm) > self.tolerance_nm:
+                raise DeviceError(
+                    self.name, f"stopped at ({x:.0f}, {y:.0f}) nm, short of the target ({x_nm:.0f}, "
+                    f"{y_nm:.0f}) nm: a limit switch or an obstruction", "short", retryable=False,
+                )
+
+    async def move_by(self, dx_nm: float, dy_nm: float, *, wait: bool = True) -> None:
+        """Relative move, sent as an absolute one so that a lost reply can be checked."""
+        x, y = await self.position()
+        await self.move_to(x + dx_nm, y + dy_nm, wait=wait)
 
     async def stop(self) -> None:
         await self._command("HALT")
@@ -100,8 +128,9 @@ class Stage:
             if time.monotonic() > deadline:
                 await self.stop()
                 x, y = await self.position()
+                # Halted and re-read: the stage is in a known place, so a new move is safe.
                 raise DeviceTimeout(
                     self.name, f"not settled after {self.settle_timeout_s:g} s; "
-                    f"halted at ({x:.0f}, {y:.0f}) nm"
+                    f"halted at ({x:.0f}, {y:.0f}) nm", retryable=True,
                 )
             await asyncio.sleep(self.poll_s)

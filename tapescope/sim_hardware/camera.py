@@ -10,6 +10,8 @@ from tapescope.hardware import camera_protocol as cp
 
 from .world import SimWorld
 
+BINNINGS = (1, 2, 4, 8)
+
 
 class CameraEmulator:
     model = "tapescope-sim-cam"
@@ -19,8 +21,13 @@ class CameraEmulator:
         self.host = host
         self.port = 0
         self.exposure_ms = 10.0
+        self.binning = 1
+        h, w = world.p.tile_px
+        self.roi = (0, 0, w, h)             # x, y, width, height in sensor pixels
+        self.connections = 0                # accepted and served, for tests and people
+        self._refuse_until = 0.0
         self._server: asyncio.base_events.Server | None = None
-        self._clients: set[asyncio.Task] = set()
+        self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
     async def start(self, port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve, self.host, port)
@@ -41,23 +48,47 @@ class CameraEmulator:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        if time.monotonic() < self._refuse_until:
+            writer.close()               # the camera is "rebooting": accept, then hang up
+            return
+        self._clients[task] = writer
+        self.connections += 1
         try:
             while line := await reader.readline():
-                writer.write(await self.handle(line.decode("ascii", "replace").strip()))
+                opts = self.world.faults.take("camera_disconnect")
+                if opts is not None:
+                    self._refuse_until = time.monotonic() + float(opts.get("down_s", 0.5))
+                    break
+                reply = await self.handle(line.decode("ascii", "replace").strip())
+                if reply is None:
+                    continue
+                if isinstance(reply, _Truncated):
+                    writer.write(reply.data)
+                    await writer.drain()
+                    break
+                writer.write(reply)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             writer.close()
 
-    async def handle(self, line: str) -> bytes:
+    def _sensor_shape(self) -> tuple[int, int]:
+        return self.world.p.tile_px
+
+    def _status(self) -> dict:
+        return {"exposure_ms": self.exposure_ms, "binning": self.binning, "roi": list(self.roi),
+                "frame_id": self.world.frame_id}
+
+    async def handle(self, line: str) -> bytes | _Truncated | None:
         words = line.split()
-        h, w = self.world.p.tile_px
+        h, w = self._sensor_shape()
         match [x.upper() for x in words]:
             case ["PING"]:
                 return cp.pack(cp.KIND_OK, {"model": self.model, "width": w, "height": h})
+            case ["STATUS"]:
+                return cp.pack(cp.KIND_OK, self._status())
             case ["SET", "EXPOSURE", ms]:
                 try:
                     value = float(ms)
@@ -67,16 +98,57 @@ class CameraEmulator:
                     return cp.pack(cp.KIND_ERROR, {"code": 2, "text": f"exposure out of range: {ms}"})
                 self.exposure_ms = value
                 return cp.pack(cp.KIND_OK, {"exposure_ms": value})
+            case ["SET", "BINNING", b]:
+                if not b.isdigit() or int(b) not in BINNINGS:
+                    return cp.pack(cp.KIND_ERROR, {"code": 2, "text": f"binning must be one of {BINNINGS}: {b}"})
+                rx, ry, rw, rh = self.roi
+                if rw % int(b) or rh % int(b):
+                    return cp.pack(cp.KIND_ERROR, {"code": 3, "text": f"roi {self.roi} is not a multiple of {b}"})
+                self.binning = int(b)
+                return cp.pack(cp.KIND_OK, {"binning": self.binning})
+            case ["SET", "ROI", "FULL"]:
+                self.roi = (0, 0, w, h)
+                return cp.pack(cp.KIND_OK, {"roi": list(self.roi)})
+            case ["SET", "ROI", *vals] if len(vals) == 4:
+                try:
+                    rx, ry, rw, rh = (int(v) for v in vals)
+                except ValueError:
+                    return cp.pack(cp.KIND_ERROR, {"code": 2, "text": f"roi must be 4 integers: {vals}"})
+                b = self.binning
+                if rx < 0 or ry < 0 or rw < b or rh < b or rx + rw > w or ry + rh > h or rw % b or rh % b:
+                    return cp.pack(cp.KIND_ERROR, {"code": 3, "text": f"roi {vals} outside the {w}x{h} sensor "
+                                                   f"or not a multiple of binning {b}"})
+                self.roi = (rx, ry, rw, rh)
+                return cp.pack(cp.KIND_OK, {"roi": list(self.roi)})
             case ["ARM"]:
                 return cp.pack(cp.KIND_OK, {})
             case ["TRIGGER"]:
-                t0 = time.time()
-                await asyncio.sleep(self.exposure_ms / 1e3)
-                # Rendering takes milliseconds to a second: keep the loop (and the pty peers) live.
-                img = await asyncio.to_thread(self.world.expose, self.exposure_ms)
-                meta = {
-                    "frame_id": self.world.frame_id, "timestamp": t0, "shape": list(img.shape),
-                    "dtype": "<u2", "exposure_ms": self.exposure_ms,
-                }
-                return cp.pack(cp.KIND_FRAME, meta, img.astype("<u2").tobytes())
+                return await self._trigger()
         return cp.pack(cp.KIND_ERROR, {"code": 1, "text": f"unknown command {line!r}"})
+
+    async def _trigger(self) -> bytes | _Truncated | None:
+        t0 = time.time()
+        await asyncio.sleep(self.exposure_ms / 1e3)
+        rx, ry, rw, rh = self.roi
+        # Rendering takes milliseconds to a second: keep the loop (and the pty peers) live.
+        img = await asyncio.to_thread(self.world.expose, self.exposure_ms, binning=self.binning,
+                                      roi=(ry, rx, rh, rw))
+        faults = self.world.faults
+        if faults.take("frame_drop") is not None:
+            return None          # exposed (the frame id moved on) but never sent
+        meta = {
+            "frame_id": self.world.frame_id, "timestamp": t0, "shape": list(img.shape),
+            "dtype": "<u2", "exposure_ms": self.exposure_ms, "binning": self.binning,
+            "roi": list(self.roi),
+        }
+        msg = cp.pack(cp.KIND_FRAME, meta, img.astype("<u2").tobytes())
+        if faults.take("frame_truncated") is not None:
+            return _Truncated(msg[: len(msg) // 2])
+        return msg
+
+
+class _Truncated:
+    """Part of a message, after which the emulator hangs up."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data

@@ -2,6 +2,10 @@
 
 The driver opens ``self.port`` (e.g. /dev/pts/7) with pyserial exactly as it would a
 real RS-232 device. Subclasses implement ``handle(line) -> reply | None``.
+
+Serial faults are applied here, once for every line device: ``<name>_timeout`` swallows
+a reply (the command runs, or with ``executed=false`` is lost too), ``<name>_garbled``
+replaces it with bytes that are not ASCII, as line noise would.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import contextlib
 import logging
 import os
 import tty
+from collections import deque
+
+from .faults import FaultBook
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +27,14 @@ class PtyLineServer:
     recv_eol = b"\n"
     send_eol = b"\n"
 
-    def __init__(self) -> None:
+    def __init__(self, faults: FaultBook | None = None) -> None:
+        self.faults = faults or FaultBook()
         self._master = -1
         self._slave = -1
         self._buf = bytearray()
         self.port = ""
         self.commands_seen = 0
+        self.commands: deque[str] = deque(maxlen=1000)  # recent lines, for tests and people
 
     async def start(self) -> str:
         self._master, self._slave = os.openpty()
@@ -58,13 +67,21 @@ class PtyLineServer:
             line = bytes(self._buf[:idx]).decode("ascii", "replace").strip()
             del self._buf[: idx + len(self.recv_eol)]
             self.commands_seen += 1
+            self.commands.append(line)
+            lost = self.faults.take(f"{self.name}_timeout", line)
+            if lost is not None and not lost["executed"]:
+                continue
             try:
                 reply = self.handle(line)
             except Exception:  # a bug in the emulator must show, but not kill the loop
                 log.exception("%s emulator failed on %r", self.name, line)
                 reply = None
-            if reply is not None:
-                self.write_raw(reply.encode("ascii") + self.send_eol)
+            if reply is None or lost is not None:
+                continue
+            data = reply.encode("ascii")
+            if self.faults.take(f"{self.name}_garbled", line) is not None:
+                data = bytes(0x80 | (b * 37 + 11) & 0xFF for b in data or b"?")
+            self.write_raw(data + self.send_eol)
 
     def write_raw(self, data: bytes) -> None:
         if self._master >= 0:

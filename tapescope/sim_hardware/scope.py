@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from tapescope.config import CameraConfig, ScopeConfig, StageConfig, TapeConfig
+from tapescope.config import CameraConfig, ColumnConfig, ScopeConfig, StageConfig, TapeConfig
 
 from .camera import CameraEmulator
+from .column import ColumnEmulator
 from .stage import StageEmulator
 from .tape import TapeEmulator
 from .world import SimWorld, WorldParams
@@ -20,16 +21,23 @@ class SimulatedScope:
         self.stage = StageEmulator(self.world)
         self.tape = TapeEmulator(self.world)
         self.camera = CameraEmulator(self.world)
+        self.column = ColumnEmulator(self.world)
 
     async def start(self, camera_port: int = 0) -> None:
         await self.stage.start()
         await self.tape.start()
+        await self.column.start()
         await self.camera.start(camera_port)
 
     async def stop(self) -> None:
         await self.camera.stop()
+        await self.column.stop()
         await self.tape.stop()
         await self.stage.stop()
+
+    def inject(self, name: str, count: int = 1, *, after: int = 0, **options: object) -> None:
+        """Arm a fault, e.g. ``sim.inject("stage_timeout", count=1)`` (docs/simulator.md)."""
+        self.world.inject(name, count, after=after, **options)
 
     async def __aenter__(self) -> SimulatedScope:
         await self.start()
@@ -46,6 +54,7 @@ class SimulatedScope:
         return b.model_copy(update={
             "stage": StageConfig(**{**b.stage.model_dump(), "url": self.stage.port}),
             "tape": TapeConfig(**{**b.tape.model_dump(), "url": self.tape.port}),
+            "column": ColumnConfig(**{**b.column.model_dump(), "url": self.column.port}),
             "camera": CameraConfig(**{**b.camera.model_dump(), "port": self.camera.port,
                                       "height": h, "width": w, "pixel_size_nm": self.world.p.pixel_nm}),
         })

@@ -20,7 +20,7 @@ class StageEmulator(PtyLineServer):
     send_eol = b"\r\n"
 
     def __init__(self, world: SimWorld) -> None:
-        super().__init__()
+        super().__init__(world.faults)
         self.world = world
 
     def _err(self, code: int) -> str:
@@ -37,11 +37,14 @@ class StageEmulator(PtyLineServer):
         if verb in ("W", "WHERE"):
             if not args or any(a.upper() not in ("X", "Y") for a in args):
                 return self._err(2)
-            y, x = w.stage_encoder
+            y, x = w.stage_readback()
             vals = {"X": x, "Y": y}
             return ":A " + " ".join(asi.nm_to_units(vals[a.upper()]) for a in args)
         if verb in ("M", "MOVE", "R", "MOVREL"):
-            target = dict(zip(("Y", "X"), w.stage_encoder, strict=True))
+            if w.stage_busy():
+                # As the MS-2000 does, a new move while moving starts from where it is now.
+                w.stage_halt()
+            target = dict(zip(("Y", "X"), w.stage_readback(), strict=True))
             relative = verb in ("R", "MOVREL")
             if not args:
                 return self._err(3)

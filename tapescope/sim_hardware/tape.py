@@ -12,27 +12,45 @@ class TapeEmulator(PtyLineServer):
     name = "tape"
 
     def __init__(self, world: SimWorld) -> None:
-        super().__init__()
+        super().__init__(world.faults)
         self.world = world
+
+    def _move(self, slot: int) -> str:
+        w = self.world
+        if w.tape_jammed:
+            return f"ERR {proto.ERR_JAMMED} tape is jammed; CLEAR first"
+        if not 0 <= slot < w.p.n_slots:
+            return f"ERR {proto.ERR_BAD_SLOT} slot must be 0..{w.p.n_slots - 1}"
+        w.tape_goto(slot)
+        return "OK"
 
     def handle(self, line: str) -> str | None:
         if not line:
             return None
         verb, *args = line.split()
         w = self.world
-        state = "MOVING" if w.tape_busy() else "IDLE"
         match verb.upper():
             case "SLOTS?":
                 return f"SLOTS {w.p.n_slots}"
             case "STATE?":
-                return f"STATE {state} {w.slot}"
+                return f"STATE {w.tape_state()} {w.slot}"
+            case "TENSION?":
+                return f"TENSION {w.tape_tension_g():.1f}"
             case "BARCODE?":
+                state = w.tape_state()
                 if state != "IDLE":
-                    return f"ERR {proto.ERR_NO_BARCODE} tape is moving"
+                    return f"ERR {proto.ERR_NO_BARCODE} tape is {state.lower()}"
                 return f"BARCODE {w.slot} {w.barcodes[w.slot]}"
             case "GOTO":
-                if len(args) != 1 or not args[0].isdigit() or int(args[0]) >= w.p.n_slots:
+                if len(args) != 1 or not args[0].isdigit():
                     return f"ERR {proto.ERR_BAD_SLOT} slot must be 0..{w.p.n_slots - 1}"
-                w.tape_goto(int(args[0]))
+                return self._move(int(args[0]))
+            case "FEED" | "REWIND":
+                if len(args) != 1 or not args[0].isdigit():
+                    return f"ERR {proto.ERR_BAD_ARGUMENT} {verb.upper()} needs a number of slots"
+                step = int(args[0]) if verb.upper() == "FEED" else -int(args[0])
+                return self._move(w.slot + step)
+            case "CLEAR":
+                w.tape_clear()
                 return "OK"
-        return "ERR 1 unknown command"
+        return f"ERR {proto.ERR_UNKNOWN} unknown command"

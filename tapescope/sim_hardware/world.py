@@ -1,42 +1,107 @@
-"""The one simulated world that every emulator shares: tape, stage, beam, camera physics.
+"""The one simulated world that every emulator shares: tape, stage, column, camera physics.
 
-Coordinates: the stage's (x, y) in nanometres, (0, 0) at the centre of the aperture.
-Slot k of the tape carries section k of the specimen, placed with a random offset (the
-tape's slot position error). The stage has a *true* position, which the camera sees,
-and an *encoder* position, which the stage reports: they differ by the repeatability
-error of each move, so stitching has real stage error to correct.
+Coordinates: the stage's (y, x) in nanometres, (0, 0) at the beam axis when the stage is
+home. Slot k of the tape carries section k of the specimen. Its *aperture* (the hole in
+the tape) lands at ``aperture_offsets_nm[k]`` (the tape's position error); the section
+lies in it at ``slot_offsets_nm[k]`` (stage coordinates of the section's centre), turned
+by ``slot_rotation_deg[k]``. ``slot_truth[k]`` says what is in the slot (tissue, empty,
+folded, torn, blank resin): the truth that tests and the acquisition engine's QC measure
+against.
+
+The stage has a *true* position, which the camera sees, and an *encoder* position, which
+the stage reports: they differ by the repeatability error and backlash of each move, so
+stitching has real stage error to correct. A move changes the true position at once (the
+camera sees the end point); the travel and settle time only show in the stage's busy
+status and its readback while moving (see docs/simulator.md).
+
+The column sets what the camera sees: the beam must be on (high tension ON, not blanked)
+or frames are dark; the magnification sets the pixel size (``imaging_mag`` gives
+``pixel_nm``); defocus against the section's true focus, which drifts, blurs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
+from .faults import FaultBook
 from .specimen import Specimen, SpecimenParams
+
+HT_STATES = ("OFF", "RAMPING", "ON", "TRIPPED")
 
 
 @dataclass(frozen=True)
 class WorldParams:
     seed: int = 1
     n_slots: int = 16
-    tile_px: tuple[int, int] = (512, 512)      # camera (height, width)
-    pixel_nm: float = 4.0
-    section_px: tuple[int, int] = (2048, 2048)  # specimen extent of each section
+    tile_px: tuple[int, int] = (512, 512)      # camera sensor (height, width)
+    pixel_nm: float = 4.0                      # at imaging_mag
+    section_px: tuple[int, int] = (2048, 2048)  # specimen extent of each section at pixel_nm
     thickness_nm: float = 40.0
-    slot_offset_sigma_nm: float = 200.0        # where the section sits in its aperture
+    # Tape: where each aperture lands (position error) and where its section lies.
+    slot_offset_sigma_nm: float = 200.0        # section centre relative to the beam axis
+    slot_rotation_sigma_deg: float = 0.0       # section rotation; 0 until alignment solves rotation
+    tape_position_sigma_nm: float = 300.0      # aperture centre relative to the beam axis
+    aperture_scale: float = 1.6                # aperture size / section size (GridTape: ~1.5-2)
+    aperture_corner: float = 0.15              # corner radius / aperture short side
+    intact_slots: int = 3                      # slots 0..n-1 always hold undamaged tissue
+    p_empty: float = 0.08                      # chances for each later slot
+    p_fold: float = 0.10
+    p_tear: float = 0.10
+    p_resin: float = 0.15
+    # Stage physics.
     stage_error_sigma_nm: float = 24.0         # repeatability: ~6 px at 4 nm/px
+    stage_backlash_nm: float = 12.0            # lost motion when an axis reverses
     stage_speed_nm_s: float = 2.0e6
+    stage_accel_nm_s2: float = 2.0e8
     stage_settle_s: float = 0.01
+    stage_limits_nm: float = 2.0e7             # hardware limit switches at +-this on each axis
+    # Tape transport.
     tape_s_per_slot: float = 0.02
+    tape_tension_g: float = 80.0
+    # Column.
+    imaging_mag: float = 4800.0                # the magnification at which pixel_nm holds
+    magnifications: tuple[float, ...] = (150.0, 300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0)
+    ht_kv: float = 120.0
+    ht_ramp_s: float = 0.05
+    focus_offset_sigma_nm: float = 300.0       # each section's true focus (tape height)
+    focus_drift_nm: float = 200.0              # amplitude of the slow drift of true focus
+    focus_drift_period_s: float = 900.0
+    defocus_blur: float = 0.004                # blur sigma (nm) per nm of defocus
+    # Camera.
     electrons_per_ms: float = 100.0            # at full transmission and gain 1
     counts_per_electron: float = 4.0
     dark_offset: float = 100.0
     read_noise_counts: float = 6.0
     vignetting: float = 0.25                   # relative fall-off at the sensor corner
+    lens_distortion_px: float = 1.0            # radial (barrel) shift at the sensor corner
+    film_transmission: float = 0.97            # support film / bare resin
+    tape_transmission: float = 0.0             # the tape itself is opaque
+
+
+@dataclass(frozen=True)
+class SlotTruth:
+    """What one tape slot holds. Regions are in section pixels (y0, x0, y1, x1) or lines."""
+
+    slot: int
+    tissue: bool
+    damage: tuple[str, ...] = ()               # "fold", "tear", "resin"
+    regions: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class _Move:
+    start: np.ndarray
+    end: np.ndarray
+    t0: float
+    travel_s: float
+    settle_s: float
+    stall: bool = False
 
 
 class SimWorld:
@@ -50,16 +115,121 @@ class SimWorld:
         self.slot_offsets_nm = rng.normal(0, p.slot_offset_sigma_nm, (p.n_slots, 2))
         self.barcodes = [f"TS{p.seed:03d}-{k:05d}" for k in range(p.n_slots)]
         self.gain = self._make_gain(rng)
+        # Drawn from their own generator so that adding them left the older draws unchanged.
+        trng = np.random.default_rng([p.seed, 7])
+        self.slot_rotation_deg = trng.normal(0, p.slot_rotation_sigma_deg, p.n_slots) \
+            if p.slot_rotation_sigma_deg > 0 else np.zeros(p.n_slots)
+        self.aperture_offsets_nm = trng.normal(0, p.tape_position_sigma_nm, (p.n_slots, 2))
+        self.focus_offsets_nm = trng.normal(0, p.focus_offset_sigma_nm, p.n_slots)
+        self._focus_phase = trng.uniform(0, 2 * math.pi)
+        self.slot_truth = [self._draw_truth(k, trng) for k in range(p.n_slots)]
         self.rng = np.random.default_rng(p.seed + 1000)
+        self.faults = FaultBook()
+        self.t0 = time.monotonic()
         # Stage state.
         self.stage_true = np.zeros(2)      # (y, x) nm
         self.stage_encoder = np.zeros(2)
-        self.stage_busy_until = 0.0
+        self._move: _Move | None = None
+        self._last_dir = np.zeros(2)
         # Tape state.
         self.slot = 0
         self.tape_busy_until = 0.0
+        self.tape_jammed = False
+        self._jam_polls_left = 0
+        self._jam_target = 0
+        # Column state.
+        self.magnification = p.imaging_mag
+        self.focus_nm = 0.0
+        self.blanked = False
+        self._ht = "ON"
+        self._ht_ready_at = 0.0
         self.frame_id = 0
-        self._sections: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._sections: OrderedDict[int, list[np.ndarray]] = OrderedDict()
+        self._sensor_cache: dict[tuple, tuple[np.ndarray | None, np.ndarray]] = {}
+
+    def inject(self, name: str, count: int = 1, *, after: int = 0, **options: object) -> None:
+        """Arm a fault (see faults.FAULTS and docs/simulator.md)."""
+        self.faults.inject(name, count, after=after, **options)
+
+    # -- specimen on the tape -----------------------------------------------------------
+    def _draw_truth(self, slot: int, rng: np.random.Generator) -> SlotTruth:
+        p = self.p
+        u = rng.uniform(size=5)  # drawn for every slot, so one slot's truth never shifts another's
+        h, w = p.section_px
+        if slot < p.intact_slots:
+            return SlotTruth(slot, True)
+        if u[0] < p.p_empty:
+            return SlotTruth(slot, False)
+        damage: list[str] = []
+        regions: dict[str, tuple[float, ...]] = {}
+        geo = rng.uniform(size=(3, 4))
+        if u[1] < p.p_fold:
+            # A straight fold: a line through the section, a band of doubled tissue beside it.
+            y0, y1 = geo[0, 0] * h, geo[0, 1] * h
+            regions["fold"] = (y0, 0.0, y1, float(w), 0.02 * min(h, w) * (1 + geo[0, 2]))
+            damage.append("fold")
+        if u[2] < p.p_tear:
+            x0, x1 = (0.2 + 0.6 * geo[1, 0]) * w, (0.2 + 0.6 * geo[1, 1]) * w
+            regions["tear"] = (0.0, x0, float(h), x1, 0.01 * min(h, w) * (1 + geo[1, 2]))
+            damage.append("tear")
+        if u[3] < p.p_resin:
+            cy, cx = geo[2, 0] * h, geo[2, 1] * w
+            r = (0.1 + 0.15 * geo[2, 2]) * min(h, w)
+            regions["resin"] = (cy, cx, r)
+            damage.append("resin")
+        return SlotTruth(slot, True, tuple(damage), regions)
+
+    def _damaged_section(self, slot: int) -> np.ndarray:
+        truth = self.slot_truth[slot]
+        h, w = self.p.section_px
+        film = np.float32(self.p.film_transmission)
+        if not truth.tissue:
+            return np.full((h, w), film, np.float32)
+        img = self.specimen.section(slot)
+        if not truth.damage:
+            return img
+        img = img.copy()
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        noise = cv2.GaussianBlur(np.random.default_rng([self.p.seed, slot, 3]).normal(0, 1, (h, w))
+                                 .astype(np.float32), (0, 0), max(h, w) / 80) * (max(h, w) / 20)
+        if "resin" in truth.regions:
+            cy, cx, r = truth.regions["resin"]
+            d = np.hypot(yy - cy, xx - cx) + noise * 0.5 - r
+            a = np.clip(0.5 - d / 6, 0, 1)           # soft, ragged edge of the empty patch
+            img = img * (1 - a) + np.float32(0.9) * a  # embedding resin: a little less clear than film
+        if "fold" in truth.regions:
+            y0, x0, y1, x1, width = truth.regions["fold"]
+            # Signed distance to the fold line; the band on one side is tissue lying twice.
+            n = np.array([-(x1 - x0), y1 - y0]) / math.hypot(y1 - y0, x1 - x0)
+            d = (yy - y0) * n[1] + (xx - x0) * n[0]
+            band = (d > 0) & (d < width)
+            img = np.where(band, img * np.roll(img, int(width), axis=0), img)
+            img *= 1 - 0.5 * np.exp(-((d / 3) ** 2)).astype(np.float32)  # the crease itself
+        if "tear" in truth.regions:
+            _, x0, _, x1, width = truth.regions["tear"]
+            centre = x0 + (x1 - x0) * yy / h + noise
+            gap = np.abs(xx - centre) < width / 2
+            img = np.where(gap, film, img)
+        return img.astype(np.float32)
+
+    def section_image(self, slot: int) -> np.ndarray:
+        """The section's transmission at pixel_nm, damage included (float32, 0..1)."""
+        return self._levels(slot, 0)[0]
+
+    def _levels(self, slot: int, level: int) -> list[np.ndarray]:
+        """Pyramid of the section image (2x area means), cached for the two latest slots."""
+        if slot in self._sections:
+            self._sections.move_to_end(slot)
+        else:
+            self._sections[slot] = [self._damaged_section(slot)]
+            while len(self._sections) > 2:
+                self._sections.popitem(last=False)
+        pyr = self._sections[slot]
+        while len(pyr) <= level:
+            src = pyr[-1]
+            pyr.append(cv2.resize(src, (max(1, src.shape[1] // 2), max(1, src.shape[0] // 2)),
+                                  interpolation=cv2.INTER_AREA))
+        return pyr
 
     # -- camera physics ---------------------------------------------------------------
     def _make_gain(self, rng: np.random.Generator) -> np.ndarray:
@@ -73,56 +243,253 @@ class SimWorld:
             gain *= 1 - 0.15 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
         return (gain / gain.mean()).astype(np.float32)
 
-    def section_image(self, slot: int) -> np.ndarray:
-        if slot in self._sections:
-            self._sections.move_to_end(slot)
-            return self._sections[slot]
-        img = self.specimen.section(slot)
-        self._sections[slot] = img
-        while len(self._sections) > 2:
-            self._sections.popitem(last=False)
-        return img
+    def _sensor(self, binning: int, roi: tuple[int, int, int, int]) -> tuple[np.ndarray | None, np.ndarray]:
+        """For a binning and ROI (y, x, h, w): where each output pixel looks on the sensor
+        after lens distortion (x, y float32 map, None without distortion), and its gain."""
+        key = (binning, roi)
+        if key not in self._sensor_cache:
+            p = self.p
+            sh, sw = p.tile_px
+            y, x, h, w = roi
+            b = binning
+            gain = self.gain[y:y + h, x:x + w].reshape(h // b, b, w // b, b).mean(axis=(1, 3))
+            sensor_map = None
+            if p.lens_distortion_px:
+                rr = (y + b * np.arange(h // b) + (b - 1) / 2).astype(np.float32)
+                cc = (x + b * np.arange(w // b) + (b - 1) / 2).astype(np.float32)
+                yy, xx = np.meshgrid(rr - sh / 2, cc - sw / 2, indexing="ij")
+                corner2 = (sh / 2) ** 2 + (sw / 2) ** 2
+                # Barrel distortion: a pixel at radius r sees the specimen at r (1 + k r^2).
+                k = p.lens_distortion_px / math.sqrt(corner2) / corner2
+                f = 1 + k * (yy * yy + xx * xx)
+                sensor_map = np.dstack([xx * f + sw / 2, yy * f + sh / 2]).astype(np.float32)
+            self._sensor_cache[key] = (sensor_map, gain.astype(np.float32))
+        return self._sensor_cache[key]
 
-    def transmission_at(self, slot: int, centre_nm: np.ndarray) -> np.ndarray:
-        """What the beam sees for a tile centred at stage position centre_nm (y, x)."""
-        h, w = self.p.tile_px
-        sec = self.section_image(slot)
-        sh, sw = sec.shape
-        # Specimen pixel under the tile's top-left corner (sub-pixel).
-        c = (centre_nm - self.slot_offsets_nm[slot]) / self.p.pixel_nm + np.array([sh, sw]) / 2
-        y0, x0 = c[0] - h / 2, c[1] - w / 2
-        m = np.float32([[1, 0, -x0], [0, 1, -y0]])
-        # Outside the section is bare resin: nearly full transmission.
-        return cv2.warpAffine(sec, m, (w, h), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.97)
+    def pixel_nm_now(self) -> float:
+        """Pixel size at the specimen at the column's present magnification."""
+        return self.p.pixel_nm * self.p.imaging_mag / self.magnification
 
-    def expose(self, exposure_ms: float) -> np.ndarray:
-        """One uint16 frame at the stage's true position."""
+    def true_focus_nm(self, slot: int, t: float | None = None) -> float:
+        """Where the section of `slot` is in focus now (it drifts slowly with time)."""
         p = self.p
-        t = self.transmission_at(self.slot, self.stage_true)
-        electrons = p.electrons_per_ms * exposure_ms * t * self.gain
-        counts = self.rng.poisson(electrons).astype(np.float32) * p.counts_per_electron
-        counts += p.dark_offset + self.rng.normal(0, p.read_noise_counts, counts.shape)
+        t = time.monotonic() if t is None else t
+        drift = p.focus_drift_nm * math.sin(2 * math.pi * (t - self.t0) / p.focus_drift_period_s
+                                            + self._focus_phase)
+        return float(self.focus_offsets_nm[slot] + drift)
+
+    def transmission_at(self, slot: int, centre_nm: np.ndarray, *, binning: int = 1,
+                        roi: tuple[int, int, int, int] | None = None,
+                        pixel_nm: float | None = None) -> np.ndarray:
+        """What the beam sees for a frame with the stage at centre_nm (y, x)."""
+        p = self.p
+        sh, sw = p.tile_px
+        roi = roi or (0, 0, sh, sw)
+        b = binning
+        pix = self.pixel_nm_now() if pixel_nm is None else pixel_nm
+        out_h, out_w = roi[2] // b, roi[3] // b
+        sensor_map, _ = self._sensor(b, roi)
+        # Affine from sensor pixel (x, y) to stage nm (y, x): stage = centre + (sensor - half) * pix.
+        theta = math.radians(self.slot_rotation_deg[slot])
+        level = max(0, math.floor(math.log2(b * pix / p.pixel_nm) + 1e-9))
+        d = 2.0 ** level
+        pyr = self._levels(slot, level)
+        src = pyr[level]
+        c, s = math.cos(-theta), math.sin(-theta)
+        rot = np.array([[c, -s], [s, c]])           # acts on (y, x) slot-frame vectors
+        base = centre_nm - self.slot_offsets_nm[slot]
+        # specimen px (y, x) = rot @ (base + (sensor_yx - half) * pix) / pixel_nm + S/2
+        k = pix / p.pixel_nm
+        a_yx = rot * k                                # d specimen / d sensor (y, x)
+        b_yx = rot @ (base / p.pixel_nm - k * np.array([sh / 2, sw / 2])) + np.array(p.section_px) / 2
+        # level px = (specimen + 0.5) / d - 0.5; in OpenCV's (x, y) order.
+        m = np.array([
+            [a_yx[1, 1], a_yx[1, 0], b_yx[1]],
+            [a_yx[0, 1], a_yx[0, 0], b_yx[0]],
+        ]) / d
+        m[:, 2] += 0.5 / d - 0.5
+        film = p.film_transmission
+        if sensor_map is None:
+            # Output pixel -> sensor pixel is itself affine (binning, ROI offset).
+            o = np.array([[b, 0, roi[1] + (b - 1) / 2], [0, b, roi[0] + (b - 1) / 2], [0, 0, 1]])
+            t = cv2.warpAffine(src, (np.vstack([m, [0, 0, 1]]) @ o)[:2].astype(np.float32), (out_w, out_h),
+                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=film)
+        else:
+            src_map = cv2.transform(sensor_map, m.astype(np.float32))
+            t = cv2.remap(src, src_map, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=film)
+        return self._apply_aperture(slot, t, centre_nm, pix, b, roi)
+
+    def aperture_half_nm(self) -> np.ndarray:
+        """Half size (y, x) of a slot's aperture in nm."""
+        return np.array(self.p.section_px) * self.p.pixel_nm * self.p.aperture_scale / 2
+
+    def _apply_aperture(self, slot: int, t: np.ndarray, centre_nm: np.ndarray, pix: float, b: int,
+                        roi: tuple[int, int, int, int]) -> np.ndarray:
+        p = self.p
+        sh, sw = p.tile_px
+        half = self.aperture_half_nm()
+        radius = p.aperture_corner * 2 * half.min()
+        rel = centre_nm - self.aperture_offsets_nm[slot]
+        # Frame corners relative to the aperture centre (distortion adds a pixel or two).
+        span = (np.array([sh, sw]) / 2 + 4) * pix
+        if np.all(np.abs(rel) + span <= half - radius):
+            return t                                  # wholly inside: the common, fast case
+        y, x, h, w = roi
+        ys = (rel[0] + (y + b * np.arange(h // b) + (b - 1) / 2 - sh / 2) * pix).astype(np.float32)
+        xs = (rel[1] + (x + b * np.arange(w // b) + (b - 1) / 2 - sw / 2) * pix).astype(np.float32)
+        qy = np.abs(ys)[:, None] - (half[0] - radius)
+        qx = np.abs(xs)[None, :] - (half[1] - radius)
+        outside = np.hypot(np.maximum(qy, 0), np.maximum(qx, 0))
+        sdf = outside + np.minimum(np.maximum(qy, qx), 0) - radius
+        edge = max(pix, 50.0)                          # the tape's edge, about 50 nm soft
+        a = np.clip(0.5 - sdf / edge, 0, 1).astype(np.float32)
+        return t * a + np.float32(p.tape_transmission) * (1 - a)
+
+    def beam_on(self) -> bool:
+        return self.ht_state() == "ON" and not self.blanked
+
+    def expose(self, exposure_ms: float, *, binning: int = 1,
+               roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """One uint16 frame at the stage's true position, as the column lets the camera see it."""
+        p = self.p
+        roi = roi or (0, 0, *p.tile_px)
+        if self.faults.take("beam_trip") is not None:
+            self.column_trip()
+        _, gain = self._sensor(binning, roi)
         self.frame_id += 1
-        return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+        if self.beam_on():
+            pix = self.pixel_nm_now()
+            t = self.transmission_at(self.slot, self.stage_true, binning=binning, roi=roi, pixel_nm=pix)
+            blur_px = p.defocus_blur * abs(self.focus_nm - self.true_focus_nm(self.slot)) / (pix * binning)
+            if blur_px > 0.3:
+                t = cv2.GaussianBlur(t, (0, 0), blur_px)
+            electrons = (p.electrons_per_ms * exposure_ms * binning * binning) * t * gain
+        else:
+            electrons = np.zeros(gain.shape, np.float32)
+        # Shot noise (Gaussian limit of Poisson: >= tens of electrons per pixel) and read
+        # noise, summed in one draw: var = g^2 N + read^2 (digital binning sums the reads).
+        g = np.float32(p.counts_per_electron)
+        read2 = np.float32((p.read_noise_counts * binning) ** 2)
+        sigma = cv2.sqrt(electrons * (g * g) + read2)
+        # OpenCV's normal generator is ~4x NumPy's; seeding it from the world's generator
+        # keeps frames reproducible for a seed (its state is per thread).
+        cv2.setRNGSeed(int(self.rng.integers(2**31)))
+        counts = np.empty(electrons.shape, np.float32)
+        cv2.randn(counts, 0.0, 1.0)
+        counts *= sigma
+        counts += electrons * g
+        counts += np.float32(p.dark_offset)
+        np.clip(counts, 0, 65535, out=counts)
+        return np.rint(counts, out=counts).astype(np.uint16)
 
     # -- stage -------------------------------------------------------------------------
+    def _travel_s(self, dist_nm: float) -> float:
+        v, a = self.p.stage_speed_nm_s, self.p.stage_accel_nm_s2
+        if dist_nm <= v * v / a:                       # triangular profile: never at full speed
+            return 2 * math.sqrt(dist_nm / a)
+        return dist_nm / v + v / a
+
     def stage_move(self, target_nm: np.ndarray) -> None:
-        dist = float(np.max(np.abs(target_nm - self.stage_encoder)))
-        self.stage_encoder = target_nm.astype(float)
-        self.stage_true = target_nm + self.rng.normal(0, self.p.stage_error_sigma_nm, 2)
-        self.stage_busy_until = time.monotonic() + dist / self.p.stage_speed_nm_s + self.p.stage_settle_s
+        p = self.p
+        target = np.asarray(target_nm, dtype=float)
+        start = self.stage_readback()
+        stall = self.faults.take("stage_stall") is not None
+        limit = self.faults.take("stage_limit") is not None
+        lim = p.stage_limits_nm
+        end = np.clip(target, -lim, lim)
+        if stall or limit:
+            end = start + (end - start) / 2             # it stops halfway, where it stuck
+        delta = end - start
+        dist = float(np.max(np.abs(delta)))
+        self._move = _Move(start, end, time.monotonic(), self._travel_s(dist), p.stage_settle_s, stall)
+        # Backlash: an axis that reverses direction loses motion until the lead screw
+        # re-engages, so where the stage really stops depends on the approach.
+        direction = np.sign(delta)
+        moved = direction != 0
+        self._last_dir = np.where(moved, direction, self._last_dir)
+        self.stage_encoder = end.copy()
+        self.stage_true = end - self._last_dir * p.stage_backlash_nm / 2 \
+            + self.rng.normal(0, p.stage_error_sigma_nm, 2)
+
+    def stage_readback(self) -> np.ndarray:
+        """What the encoder reads now: on the way while moving, then where it stopped."""
+        mv = self._move
+        if mv is None:
+            return self.stage_encoder.copy()
+        if mv.travel_s <= 0:
+            return mv.end.copy()
+        f = min(1.0, (time.monotonic() - mv.t0) / mv.travel_s)
+        return mv.start + (mv.end - mv.start) * f
 
     def stage_busy(self) -> bool:
-        return time.monotonic() < self.stage_busy_until
+        mv = self._move
+        if mv is None:
+            return False
+        if mv.stall:
+            return True
+        return time.monotonic() < mv.t0 + mv.travel_s + mv.settle_s
 
     def stage_halt(self) -> None:
-        self.stage_busy_until = 0.0
+        mv = self._move
+        if mv is not None and self.stage_busy():
+            here = self.stage_readback()
+            self.stage_true = self.stage_true + (here - self.stage_encoder)
+            self.stage_encoder = here
+        self._move = None
 
     # -- tape --------------------------------------------------------------------------
     def tape_goto(self, slot: int) -> None:
+        jam = self.faults.take("tape_jam")
+        if jam is not None:
+            self.tape_jammed = True
+            self._jam_polls_left = int(jam["clears_after"])
+            self._jam_target = slot
+            return
         self.tape_busy_until = time.monotonic() + abs(slot - self.slot) * self.p.tape_s_per_slot
         self.slot = slot
 
     def tape_busy(self) -> bool:
         return time.monotonic() < self.tape_busy_until
+
+    def tape_state(self) -> str:
+        """IDLE, MOVING or JAMMED. A jam armed with clears_after=N clears after N polls."""
+        if self.tape_jammed:
+            if self._jam_polls_left > 0:
+                self._jam_polls_left -= 1
+                if self._jam_polls_left == 0:
+                    self.tape_jammed = False
+                    self.tape_goto(self._jam_target)   # the move goes on where it stuck
+            return "JAMMED" if self.tape_jammed else self.tape_state()
+        return "MOVING" if self.tape_busy() else "IDLE"
+
+    def tape_clear(self) -> None:
+        """Operator or transport clears a jam: the tape stays where it is, idle."""
+        self.tape_jammed = False
+        self._jam_polls_left = 0
+
+    def tape_tension_g(self) -> float:
+        return 0.0 if self.tape_jammed else self.p.tape_tension_g
+
+    # -- column ------------------------------------------------------------------------
+    def ht_state(self) -> str:
+        if self._ht == "RAMPING" and time.monotonic() >= self._ht_ready_at:
+            self._ht = "ON"
+        return self._ht
+
+    def ht_on(self) -> None:
+        if self.ht_state() in ("OFF",):
+            self._ht = "RAMPING"
+            self._ht_ready_at = time.monotonic() + self.p.ht_ramp_s
+
+    def ht_off(self) -> None:
+        if self._ht != "TRIPPED":
+            self._ht = "OFF"
+
+    def column_trip(self) -> None:
+        self._ht = "TRIPPED"
+
+    def column_reset(self) -> None:
+        if self._ht == "TRIPPED":
+            self._ht = "OFF"
