@@ -90,8 +90,11 @@ class LocalSession:
         return self.out_dir
 
     def abort(self) -> None:
+        """Abort at the next tile boundary (the engine's abort), or cancel an engine without one."""
         loop, task = self._loop, self._task
-        if loop is not None and task is not None:
+        if callable(getattr(self._engine, "abort", None)):
+            self.command("abort")
+        elif loop is not None and task is not None:
             loop.call_soon_threadsafe(task.cancel)
 
     def command(self, verb: str) -> None:

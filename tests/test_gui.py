@@ -1,0 +1,203 @@
+"""The operator GUI, offscreen, against the simulator over its real transports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+try:  # Qt needs system libraries (libGL, libEGL, fontconfig...) that a bare machine may lack
+    import pyqtgraph  # noqa: F401
+    from PySide6 import QtWidgets  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    pytest.skip(f"Qt cannot load here: {exc}", allow_module_level=True)
+
+from tapescope.acquisition.events import Alarm, EventBus, RunFinished, RunStarted, SectionStarted, TileAcquired
+from tapescope.config import CameraConfig, RunConfig, ScopeConfig, TapescopeConfig
+from tapescope.gui.app import LocalController, plan_of
+from tapescope.gui.latest import Frame, LatestFrame, bin_mean
+from tapescope.gui.model import RunModel, SlotState, TileState, allowed
+from tapescope.gui.section_map import COLOURS
+from tapescope.gui.session import LocalSession, SimFault
+from tapescope.gui.window import MainWindow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(slots: int = 3, grid: tuple[int, int] = (3, 3)) -> TapescopeConfig:
+    return TapescopeConfig(scope=ScopeConfig(camera=CameraConfig(width=128, height=128)),
+                           run=RunConfig(slots=list(range(slots)), grid=grid))
+
+
+# -- pure parts -----------------------------------------------------------------------------
+
+def test_latest_frame_keeps_only_the_newest() -> None:
+    buf = LatestFrame()
+    for k in range(3):
+        buf.put(Frame.of(np.full((8, 8), k, np.uint16), f"f{k}"))
+    got = buf.take()
+    assert got is not None and got.label == "f2" and buf.dropped == 2
+    assert buf.take() is None
+
+
+def test_display_copy_is_binned_and_cursor_reads_full_resolution() -> None:
+    data = np.arange(2048 * 2048, dtype=np.uint16).reshape(2048, 2048)
+    f = Frame.of(data, "big")
+    assert f.scale == 2 and f.display is not None and f.display.shape == (1024, 1024)
+    assert f.display[0, 0] == pytest.approx(bin_mean(data[:2, :2], 2)[0, 0])
+    assert f.data is data
+
+
+def test_model_follows_tiles_sections_and_run_end() -> None:
+    m = RunModel()
+    m.set_plan([(0, 0, 0.0, 0.0), (0, 1, 0.0, 100.0)], (100.0, 100.0))
+    m.apply(RunStarted("/tmp/x", (4, 5), 2))
+    m.apply(SectionStarted(4, "BC4"))
+    m.apply(TileAcquired(4, 0, 0, 0, 10.0))
+    tiles = m.tiles_of(4)
+    assert tiles[(0, 0)].state is TileState.ACQUIRED and tiles[(0, 1)].state is TileState.PLANNED
+    m.apply(TileAcquired(4, 0, 1, 1, 11.0, qc={"faults": ["focus"]}, attempt=3))
+    assert tiles[(0, 1)].state is TileState.QC_FAILED and m.tiles_done == 2
+    assert m.slots[4].state is SlotState.CURRENT and m.slots[5].state is SlotState.PENDING
+    m.apply(Alarm("camera", "no frame"))
+    m.apply(RunFinished("failed", 0, 2, 1.0))
+    assert m.slots[4].state is SlotState.FAILED and m.run_state == "failed"
+    assert any("camera" in line for line in m.log)
+
+
+def test_run_control_offers_only_what_the_state_allows() -> None:
+    assert allowed("start", "idle", running=False) and not allowed("pause", "idle", running=False)
+    assert allowed("pause", "acquiring", True) and not allowed("resume", "acquiring", True)
+    assert allowed("resume", "paused", True) and not allowed("pause", "paused", True)
+    assert not allowed("abort", "done", True) and not allowed("start", "acquiring", True)
+
+
+def test_sim_fault_parse_names_the_format() -> None:
+    assert SimFault.parse("camera@5") == SimFault("camera", 5)
+    with pytest.raises(ValueError, match="camera@N"):
+        SimFault.parse("stage@x")
+
+
+# -- the window over a local engine and the simulator ---------------------------------------
+
+@pytest.fixture
+def window(qtbot, tmp_path):  # type: ignore[no-untyped-def]
+    def make(cfg: TapescopeConfig, fault: SimFault | None = None) -> tuple[MainWindow, LocalSession]:
+        bus = EventBus()
+        session = LocalSession(cfg, tmp_path, bus, fault=fault)
+        model = RunModel()
+        model.set_plan(*plan_of(cfg))
+        win = MainWindow(bus, LocalController(session, model), model, confirm_abort=False)
+        qtbot.addWidget(win)
+        made.append((win, session))
+        return win, session
+
+    made: list[tuple[MainWindow, LocalSession]] = []
+    yield make
+    for win, session in made:
+        session.abort()
+        assert session.join(60), "the engine thread did not end"
+        win.shutdown()
+
+
+def map_states(win: MainWindow) -> list[TileState]:
+    return [t.state for t in win.map.outlines.tiles]
+
+
+def click(win: MainWindow, verb: str) -> None:
+    button = win.control.buttons[verb]
+    assert button.isEnabled(), f"{verb} is disabled in state {win.model.run_state}"
+    button.click()
+
+
+def test_start_pause_resume_to_done_and_map_follows(qtbot, window) -> None:  # type: ignore[no-untyped-def]
+    win, session = window(small_cfg())
+    win.refresh()
+    assert win.control.buttons["start"].isEnabled() and not win.control.buttons["pause"].isEnabled()
+    click(win, "start")
+    qtbot.waitUntil(lambda: win.model.tiles_done >= 2 and win.control.buttons["pause"].isEnabled(),
+                    timeout=30_000)
+    click(win, "pause")
+    qtbot.waitUntil(lambda: win.model.run_state == "paused", timeout=30_000)
+    win.refresh()
+    assert win.control.buttons["resume"].isEnabled() and not win.control.buttons["pause"].isEnabled()
+    # While paused, the map shows exactly the tiles stored so far as acquired, the rest planned.
+    states = map_states(win)
+    slot = win.map.slot
+    acquired = {(t.row, t.col) for t in win.map.outlines.tiles if t.state is TileState.ACQUIRED}
+    stored = {(r.row, r.col) for r in session_store_tiles(win, slot)}
+    assert acquired == stored and TileState.PLANNED in states
+    click(win, "resume")
+    qtbot.waitUntil(lambda: win.model.run_state == "done", timeout=60_000)
+    win.refresh()
+    assert win.model.tiles_done == 27
+    assert set(map_states(win)) == {TileState.ACQUIRED}
+    assert "27 / 27" in win.control.bar.text() or win.control.bar.value() == 27
+    # The thumbnails of the section on the map are drawn (no holes where tiles were acquired).
+    assert win.map.mosaic is not None and np.isfinite(win.map.mosaic).mean() > 0.9
+    # Live view drew frames; a tile click shows its QC numbers.
+    qtbot.waitUntil(lambda: win.live.drawn > 0, timeout=10_000)
+    t = win.map.outlines.tiles[0]
+    win.on_tile_clicked(win.map.slot, t.row, t.col)
+    assert f"r{t.row} c{t.col}" in win.tile_info.text() and "mean" in win.tile_info.text()
+    assert session.join(60)
+
+
+def session_store_tiles(win: MainWindow, slot: int | None) -> list:  # type: ignore[type-arg]
+    assert win._store is not None and slot is not None
+    return win._store.tiles(slot)
+
+
+def test_abort_stops_the_run_and_the_map_keeps_what_was_stored(qtbot, window) -> None:  # type: ignore[no-untyped-def]
+    win, session = window(small_cfg(slots=3, grid=(4, 4)))
+    click(win, "start")
+    qtbot.waitUntil(lambda: win.model.tiles_done >= 3, timeout=30_000)
+    click(win, "abort")
+    qtbot.waitUntil(lambda: win.model.run_state == "aborted", timeout=30_000)
+    assert session.join(60)
+    win.refresh()
+    assert win.model.tiles_done < 48
+    acquired = {(t.row, t.col) for t in win.map.outlines.tiles if t.state is not TileState.PLANNED}
+    assert acquired == {(r.row, r.col) for r in session_store_tiles(win, win.map.slot)}
+    assert win.control.buttons["start"].isEnabled() and not win.control.buttons["abort"].isEnabled()
+
+
+def test_a_device_fault_shows_the_banner(qtbot, window) -> None:  # type: ignore[no-untyped-def]
+    win, _ = window(small_cfg(), fault=SimFault("camera", 4))
+    click(win, "start")
+    qtbot.waitUntil(lambda: any(a.severity == "error" for a in win.model.alarms), timeout=60_000)
+    win.refresh()
+    # The banner names the fault and what the engine did about it (the run's state).
+    text = win.banner.label.text()
+    assert not win.banner.isHidden() and "camera" in text and "ERROR" in text and "[run " in text
+    win.banner.acknowledge()
+    assert win.banner.isHidden()
+
+
+def test_colours_differ_per_tile_state() -> None:
+    assert len(set(COLOURS.values())) == len(TileState)
+
+
+def test_cli_screenshot_of_an_idle_scope(tmp_path: Path) -> None:
+    png = tmp_path / "idle.png"
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    proc = subprocess.run([sys.executable, "-m", "tapescope.cli", "gui", "--sim", "--out", str(tmp_path),
+                           "--screenshot", str(png), "--after", "0.2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from PySide6 import QtGui
+
+    img = QtGui.QImage(str(png))
+    assert img.width() >= 1000 and img.height() >= 600
+
+
+def test_cli_refuses_sim_with_mqtt() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tapescope.cli", "gui", "--sim", "--mqtt", "mqtt://x"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "exclude" in proc.stderr
