@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import CPU, Backend
-from .register import register_pair
-from .solve import Pair, Solution, solve_positions
+from .stream import StitchResult, StreamingStitcher
 
-
-@dataclass
-class StitchResult:
-    solution: Solution
-    pairs: list[Pair]
+__all__ = ["StitchResult", "neighbour_pairs", "stitch_section"]
 
 
 def neighbour_pairs(grid: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -37,10 +31,9 @@ def stitch_section(
     if not (len(tiles) == len(stage_px) == len(grid)):
         raise ValueError("tiles, stage positions and grid indices must have the same length")
     stage_px = np.asarray(stage_px, dtype=float)
-    pairs = []
-    for i, j in neighbour_pairs(grid):
-        nominal = stage_px[j] - stage_px[i]
-        shift = register_pair(tiles[i], tiles[j], (float(nominal[0]), float(nominal[1])), backend=backend)
-        if shift is not None:
-            pairs.append(Pair(i, j, shift.dy, shift.dx, shift.confidence))
-    return StitchResult(solve_positions(stage_px, pairs), pairs)
+    if len(set(grid)) != len(grid):
+        raise ValueError("two tiles share one grid position")
+    stitcher = StreamingStitcher(backend=backend)   # tiles here are flat-fielded already
+    for tile, rc, pos in zip(tiles, grid, stage_px, strict=True):
+        stitcher.add(rc, tile, pos)
+    return stitcher.finish()

@@ -1,0 +1,118 @@
+"""Streaming registration: a pair is registered as soon as both of its tiles exist.
+
+    stitcher = StreamingStitcher(gain=gain, dark=dark, strip_px=200)
+    for tile in acquisition:                       # any order
+        stitcher.add((row, col), frame, (y_px, x_px))   # registers with neighbours present
+    result = stitcher.finish()                     # the global solve, at the section's end
+
+Only the four edge strips of each tile are kept (and flat-fielded), `strip_px` wide,
+which must cover the nominal overlap plus the stage error; without `strip_px` whole
+tiles are kept. Memory is then 4 * strip_px * side per tile instead of side^2, and the
+flat-field division touches only the pixels registration reads.
+Neighbours are the tiles one grid step right/left/down/up; the pair is always ordered
+(left, right) or (top, bottom), as `neighbour_pairs` orders it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import CPU, Backend
+from .flatfield import apply_flatfield
+from .register import register_pair
+from .solve import Pair, Solution, solve_positions
+
+Key = tuple[int, int]
+
+
+@dataclass
+class _Stored:
+    index: int
+    position: np.ndarray                      # nominal top-left (y, x), px
+    strips: dict[str, np.ndarray] = field(default_factory=dict)   # "top" | "bottom" | "left" | "right" | "all"
+
+
+@dataclass
+class StitchResult:
+    solution: Solution
+    pairs: list[Pair]
+
+
+class StreamingStitcher:
+    def __init__(
+        self, *, gain: np.ndarray | None = None, dark: float | np.ndarray = 0.0,
+        strip_px: int | None = None, backend: Backend = CPU,
+    ) -> None:
+        self.gain = gain
+        self.dark = dark
+        self.strip_px = strip_px
+        self.backend = backend
+        self.shape: tuple[int, int] | None = None
+        self._tiles: dict[Key, _Stored] = {}
+        self.keys: list[Key] = []
+        self.pairs: list[Pair] = []
+        self.pixels = 0          # raw pixels received (for rates)
+
+    def add(self, key: Key, tile: np.ndarray, nominal_yx: tuple[float, float] | np.ndarray) -> list[Pair]:
+        """Take one tile; register it with every neighbour already here. Returns the new pairs."""
+        if key in self._tiles:
+            raise ValueError(f"tile {key} was added twice")
+        if tile.ndim != 2:
+            raise ValueError(f"tile {key} must be 2-D, got shape {tile.shape}")
+        if self.shape is None:
+            self.shape = tile.shape
+            if self.strip_px is not None and not 8 <= self.strip_px <= min(tile.shape):
+                raise ValueError(f"strip_px {self.strip_px} must be between 8 and the tile side {min(tile.shape)}")
+        elif tile.shape != self.shape:
+            raise ValueError(f"tile {key} has shape {tile.shape}, the others {self.shape}")
+        stored = _Stored(len(self.keys), np.asarray(nominal_yx, float).reshape(2), self._cut(tile))
+        self._tiles[key] = stored
+        self.keys.append(key)
+        self.pixels += tile.size
+        r, c = key
+        new = []
+        for other, before in (((r, c - 1), True), ((r - 1, c), True), ((r, c + 1), False), ((r + 1, c), False)):
+            if other in self._tiles:
+                first, second = (self._tiles[other], stored) if before else (stored, self._tiles[other])
+                pair = self._register(first, second, horizontal=other[0] == r)
+                if pair is not None:
+                    self.pairs.append(pair)
+                    new.append(pair)
+        return new
+
+    def finish(self) -> StitchResult:
+        """The global solve over every pair registered so far."""
+        stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
+        return StitchResult(solve_positions(stage, self.pairs), list(self.pairs))
+
+    # -- internals ---------------------------------------------------------------------
+    def _cut(self, tile: np.ndarray) -> dict[str, np.ndarray]:
+        s = self.strip_px
+        views = {"all": (slice(None), slice(None))} if s is None else {
+            "top": (slice(0, s), slice(None)), "bottom": (slice(-s, None), slice(None)),
+            "left": (slice(None), slice(0, s)), "right": (slice(None), slice(-s, None)),
+        }
+        out = {}
+        for name, sl in views.items():
+            gain = None if self.gain is None else self.gain[sl]
+            dark = self.dark[sl] if isinstance(self.dark, np.ndarray) and self.dark.ndim == 2 else self.dark
+            out[name] = apply_flatfield(tile[sl], gain, dark)
+        return out
+
+    def _register(self, a: _Stored, b: _Stored, horizontal: bool) -> Pair | None:
+        nominal = b.position - a.position
+        if self.strip_px is None:
+            sa, sb, origin = a.strips["all"], b.strips["all"], np.zeros(2)
+        elif horizontal:
+            sa, sb = a.strips["right"], b.strips["left"]
+            origin = np.array([0.0, self.shape[1] - self.strip_px])   # strip of a starts here in a
+        else:
+            sa, sb = a.strips["bottom"], b.strips["top"]
+            origin = np.array([self.shape[0] - self.strip_px, 0.0])
+        local = nominal - origin
+        shift = register_pair(sa, sb, (float(local[0]), float(local[1])), backend=self.backend)
+        if shift is None:
+            return None
+        return Pair(a.index, b.index, shift.dy + origin[0], shift.dx + origin[1], shift.confidence)
