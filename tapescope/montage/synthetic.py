@@ -53,17 +53,24 @@ class SimStack:
     truth: list[TrueWarp]
     missing: list[int]                # sections that hold no tissue (blank)
 
-    def residual(self, z: int, transform: SectionTransform, step: int = 8) -> np.ndarray:
+    def residual(self, z: int, transform: SectionTransform, step: int = 8,
+                 chain: dict[int, SectionTransform] | None = None) -> np.ndarray:
         """Residual displacement (px) of an estimated transform of section z against the
-        truth, on a grid of output pixels whose source lies inside section z's image."""
+        truth, on a grid of output pixels whose source lies inside section z's image and,
+        with `chain` (the other sections' transforms), inside each of theirs: where a
+        section was aligned through a chain of neighbours, only the area the chain shares
+        is determined by the data."""
         h, w = self.images[0].shape
         y, x = np.mgrid[0:h:step, 0:w:step].astype(np.float64)
-        sx, sy = transform.apply(x, y)
-        inside = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
-        vz = self.valid[z][np.clip(np.rint(sy), 0, h - 1).astype(int), np.clip(np.rint(sx), 0, w - 1).astype(int)]
-        v0 = self.valid[0][y.astype(int), x.astype(int)]
-        ok = inside & vz & v0
-        gx, gy = self.truth[z].apply(sx[ok], sy[ok])
+        ok = self.valid[0][y.astype(int), x.astype(int)].copy()
+        for zz, t in {**(chain or {}), z: transform}.items():
+            sx, sy = t.apply(x, y)
+            inside = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+            iy = np.clip(np.rint(sy), 0, h - 1).astype(int)
+            ix = np.clip(np.rint(sx), 0, w - 1).astype(int)
+            ok &= inside & self.valid[zz][iy, ix]
+        sx, sy = transform.apply(x[ok], y[ok])
+        gx, gy = self.truth[z].apply(sx, sy)
         rx, ry = self.truth[0].apply(x[ok], y[ok])
         return np.hypot(gx - rx, gy - ry)
 
