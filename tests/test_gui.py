@@ -50,7 +50,7 @@ def test_display_copy_is_binned_and_cursor_reads_full_resolution() -> None:
     data = np.arange(2048 * 2048, dtype=np.uint16).reshape(2048, 2048)
     f = Frame.of(data, "big")
     assert f.scale == 2 and f.display is not None and f.display.shape == (1024, 1024)
-    assert f.display[0, 0] == pytest.approx(bin_mean(data[:2, :2], 2)[0, 0])
+    assert abs(float(f.display[0, 0]) - float(bin_mean(data[:2, :2], 2)[0, 0])) <= 1
     assert f.data is data
 
 

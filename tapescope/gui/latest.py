@@ -37,6 +37,8 @@ class Frame:
     def of(cls, data: np.ndarray, label: str, info: dict[str, Any] | None = None) -> Frame:
         scale = max(1, int(np.ceil(max(data.shape) / DISPLAY_MAX_PX)))
         display = data if scale == 1 else bin_mean(data, scale)
+        if scale > 1 and data.dtype.kind in "ui":   # integer LUT path in pyqtgraph: cheaper to draw
+            display = display.astype(data.dtype)
         return cls(data, label, dict(info or {}), np.ascontiguousarray(display), scale)
 
 

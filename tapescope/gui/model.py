@@ -153,7 +153,11 @@ class RunModel:
 
     def apply(self, ev: Event) -> set[str]:
         name = type(ev).__name__
-        handler = getattr(self, f"_on_{name}", None)
+        handler = None
+        for cls in type(ev).__mro__:   # a subclass of a known event is handled as that event
+            handler = getattr(self, f"_on_{cls.__name__}", None)
+            if handler is not None:
+                break
         if handler is None:
             self._log(f"{name}: {_fields(ev)}")
             return {"log"}

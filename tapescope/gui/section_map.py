@@ -97,7 +97,12 @@ class SectionMap(QtWidgets.QWidget):
         self.plot.setMenuEnabled(False)
         self.overview = pg.ImageItem(axisOrder="row-major")
         self.mosaic_item = pg.ImageItem(axisOrder="row-major")
-        self.roi = pg.PlotCurveItem(pen=pg.mkPen((80, 160, 255), width=2, style=QtCore.Qt.PenStyle.DashLine))
+        # A plain Qt path item: the ROI changes once per section, it needs no curve machinery.
+        self.roi = QtWidgets.QGraphicsPathItem()
+        roi_pen = pg.mkPen((80, 160, 255), width=2, style=QtCore.Qt.PenStyle.DashLine)
+        roi_pen.setCosmetic(True)
+        self.roi.setPen(roi_pen)
+        self._roi_shown: tuple | None = None
         self.outlines = TileOutlines()
         for item in (self.overview, self.mosaic_item, self.roi, self.outlines):
             self.plot.addItem(item)
@@ -135,12 +140,13 @@ class SectionMap(QtWidgets.QWidget):
         self.title.setText(f"Section map: slot {self.slot}{bc}  {done}/{len(tiles)} tiles"
                            + (f", {bad} failed QC" if bad else ""))
         roi = m.rois.get(self.slot)
-        if roi:
-            ys = [p[0] / 1000 for p in (*roi, roi[0])]
-            xs = [p[1] / 1000 for p in (*roi, roi[0])]
-            self.roi.setData(xs, ys)
-        else:
-            self.roi.setData([], [])
+        if roi != self._roi_shown:
+            self._roi_shown = roi
+            path = QtGui.QPainterPath()
+            if roi:
+                path.addPolygon(QtGui.QPolygonF([QtCore.QPointF(p[1] / 1000, p[0] / 1000) for p in roi]))
+                path.closeSubpath()
+            self.roi.setPath(path)
         ov = m.overviews.get(self.slot)
         if ov is not None and self.overview.image is None:
             img, (oy, ox), pnm = ov
