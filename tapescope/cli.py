@@ -15,11 +15,13 @@ from rich.table import Table
 
 from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed, TileAcquired
 from tapescope.config import ConfigError, TapescopeConfig, load_config
+from tapescope.stitching.command import stitch as stitch_command
 
 app = typer.Typer(help="tapescope: serial-section TEM on tape, from tape to zarr.",
                   no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Work with configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.command("stitch")(stitch_command)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -24,16 +24,35 @@ def _poly_basis(h: int, w: int, degree: int) -> np.ndarray:
     return np.stack([t.ravel() for t in terms], axis=1)
 
 
-def usable_for_flatfield(tile: np.ndarray, saturation: int = 65535) -> bool:
-    t = tile.astype(np.float32)
-    sat = float(np.mean(tile >= saturation))
-    mean = float(t.mean())
-    return mean > 0 and sat < 0.001
+BLANK_CONTRAST = 0.35   # detail contrast below this fraction of the set's median: a blank tile
+
+
+def saturation_level(dtype: np.dtype) -> float:
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else np.inf
+
+
+def usable_for_flatfield(tile: np.ndarray, saturation: float | None = None) -> bool:
+    """Not saturated (under 0.1 % of pixels at the top of the range) and not dark."""
+    sat = saturation_level(tile.dtype) if saturation is None else saturation
+    return float(tile.mean()) > 0 and float(np.mean(tile >= sat)) < 0.001
+
+
+def detail_contrast(tile: np.ndarray) -> float:
+    """Fine-structure contrast (band-pass std / mean) at a reduced size: specimen has it,
+    bare resin has only shot noise, which the reduction averages away."""
+    small = cv2.resize(tile.astype(np.float32), (FIT_GRID * 2, FIT_GRID * 2), interpolation=cv2.INTER_AREA)
+    band = cv2.GaussianBlur(small, (0, 0), 1.0) - cv2.GaussianBlur(small, (0, 0), 4.0)
+    return float(band.std() / max(float(small.mean()), 1e-6))
 
 
 def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0.0) -> np.ndarray:
-    """Gain field (float32, mean 1) of the camera, from at least three usable tiles."""
-    small = []
+    """Gain field (float32, mean 1) of the camera, from at least three usable tiles.
+
+    Saturated tiles and blank ones (bare resin: detail contrast far under the set's
+    median) are left out: a blank tile's flat field is its own, uniform brightness over
+    the gain, at a different level and often with a section edge across it.
+    """
+    small, contrast = [], []
     shape: tuple[int, ...] | None = None
     for tile in tiles:
         if shape is None:
@@ -43,7 +62,14 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
         if not usable_for_flatfield(tile):
             continue
         t = tile.astype(np.float32) - dark
-        small.append(cv2.resize(t / np.median(t), (FIT_GRID, FIT_GRID), interpolation=cv2.INTER_AREA))
+        med = float(np.median(t))
+        if med <= 0:
+            continue
+        small.append(cv2.resize(t / med, (FIT_GRID, FIT_GRID), interpolation=cv2.INTER_AREA))
+        contrast.append(detail_contrast(t))
+    if small:
+        keep = np.array(contrast) >= BLANK_CONTRAST * float(np.median(contrast))
+        small = [s for s, k in zip(small, keep, strict=True) if k]
     if shape is None or len(small) < 3:
         raise ValueError(f"need at least 3 usable tiles to estimate a flat-field, got {len(small)}")
     med = np.median(np.stack(small), axis=0)
@@ -51,6 +77,17 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
     coef, *_ = np.linalg.lstsq(basis, med.ravel(), rcond=None)
     full = (_poly_basis(shape[0], shape[1], FIT_DEGREE) @ coef).reshape(shape)
     return (full / full.mean()).astype(np.float32)
+
+
+def flatfield_from_references(bright: np.ndarray, dark: float | np.ndarray = 0.0) -> np.ndarray:
+    """Gain (mean 1) from a bright reference (a uniform exposure) and a dark one."""
+    b = bright.astype(np.float32) - np.asarray(dark, np.float32)
+    if not np.all(np.isfinite(b)) or float(b.mean()) <= 0:
+        raise ValueError("bright reference minus dark is not positive: not a bright exposure")
+    if float(np.mean(b <= 0)) > 0.001:
+        raise ValueError(f"{100 * float(np.mean(b <= 0)):.1f} % of the bright reference is at or below dark")
+    b = np.maximum(b, float(b.mean()) * 1e-3)
+    return (b / b.mean()).astype(np.float32)
 
 
 def apply_flatfield(tile: np.ndarray, gain: np.ndarray | None, dark: float | np.ndarray = 0.0) -> np.ndarray:

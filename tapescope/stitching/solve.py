@@ -17,6 +17,7 @@ from scipy.sparse.linalg import spsolve
 PRIOR_WEIGHT = 1e-3        # a stage prior is worth 1/1000 of a confident pair
 MIN_CONFIDENCE = 0.2       # pairs below this NCC are not used at all
 OUTLIER_PX = 2.0           # residual above which the worst pair is dropped and the rest re-solved
+SEAM_PX = 1.0              # a used pair still off by more than this after the solve is a flagged seam
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Solution:
     pair_used: np.ndarray          # (n_pairs,) bool
     tile_residual: np.ndarray      # (n,) px: worst residual of the tile's used pairs
     status: list[str]              # per tile: "ok" or "stage" (placed by the prior alone)
+
+    @property
+    def seams(self) -> np.ndarray:
+        """Indices of used pairs whose residual exceeds SEAM_PX: visible seams, for QC."""
+        return np.flatnonzero(self.pair_used & (np.nan_to_num(self.pair_residual) > SEAM_PX))
 
 
 def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | None = None) -> Solution:

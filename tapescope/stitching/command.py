@@ -1,0 +1,57 @@
+"""`tapescope stitch TILESET_DIR --out OUT_DIR`: the command's body (registered in tapescope/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from .backend import BackendUnavailable, get_backend
+from .solve import SEAM_PX
+from .tileset import TileSetError, run_stitch, tile_status
+
+
+def stitch(
+    tileset_dir: Path = typer.Argument(..., help="folder with tiles.csv (file,row,col,y,x) and the TIFF tiles"),
+    out: Path = typer.Option(..., "--out", help="output folder for positions.csv and pairs.csv"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | gpu (gpu needs tapescope[gpu] and a GPU)"),
+    flatfield: str = typer.Option("auto", "--flatfield",
+                                  help="auto (estimate from the tiles) | none | a bright-reference TIFF"),
+    dark: Path | None = typer.Option(None, "--dark", help="dark-reference TIFF, subtracted before the flat-field"),
+) -> None:
+    """Stitch a tile set from any scope: register every neighbouring pair and solve tile positions."""
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+
+    def fail(message: str) -> typer.Exit:
+        err.print(f"[bold red]error:[/] {message}", highlight=False)
+        return typer.Exit(2)
+
+    if device not in ("auto", "cpu", "gpu"):
+        raise fail(f"--device must be auto, cpu or gpu, not {device!r}")
+    try:
+        backend = get_backend(device)  # type: ignore[arg-type]
+    except BackendUnavailable as exc:
+        raise fail(f"--device gpu: {exc}") from None
+    try:
+        run = run_stitch(tileset_dir, out, backend, flatfield, dark,
+                         warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False))
+    except TileSetError as exc:
+        raise fail(str(exc)) from None
+    sol = run.result.solution
+    status = tile_status(run.result)
+    used = sol.pair_residual[sol.pair_used]
+    counts = {s: status.count(s) for s in ("ok", "stage", "failed")}
+    console.print(f"tiles {len(status)} (ok {counts['ok']}, stage {counts['stage']}, failed {counts['failed']}), "
+                  f"pairs {len(run.result.pairs)} (used {int(sol.pair_used.sum())})")
+    if used.size:
+        console.print(f"pair residual after the solve: median {np.median(used):.3f} px, max {used.max():.3f} px; "
+                      f"seams over {SEAM_PX:g} px: {len(sol.seams)}")
+    console.print(f"flat-field: {run.flatfield}; device: {backend.name}; "
+                  f"{run.seconds:.2f} s, {run.megapixels / max(run.seconds, 1e-9):.1f} Mpx/s")
+    console.print(f"wrote {out / 'positions.csv'} and {out / 'pairs.csv'}")
+    if counts["stage"] or counts["failed"]:
+        err.print(f"[yellow]warning:[/] {counts['stage']} tile(s) placed by the stage alone and "
+                  f"{counts['failed']} with disagreeing pairs: see positions.csv", highlight=False)

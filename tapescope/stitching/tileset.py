@@ -1,0 +1,219 @@
+"""Tile sets on disk (`tiles.csv` + TIFFs, from any scope) and the `tapescope stitch` command.
+
+Input: `TILESET_DIR/tiles.csv` with the header `file,row,col,y,x` (file relative to the
+CSV, row/col the grid index, y/x the nominal top-left in pixels) and one 2-D TIFF per row.
+Output: `OUT_DIR/positions.csv` (`file,y,x,residual_px,status`) and `OUT_DIR/pairs.csv`
+(one row per registered pair, with its residual after the solve and whether it is a
+flagged seam). Everything is read and checked before anything is written, and the output
+files are written under temporary names and renamed at the end: bad input, or a failure
+part-way, leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .backend import Backend
+from .flatfield import estimate_flatfield, flatfield_from_references
+from .solve import SEAM_PX
+from .stream import StitchResult, StreamingStitcher
+
+HEADER = ["file", "row", "col", "y", "x"]
+POSITIONS_HEADER = ["file", "y", "x", "residual_px", "status"]
+PAIRS_HEADER = ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam"]
+
+
+class TileSetError(ValueError):
+    """The tile set on disk is not usable; the message names the file and what is wrong."""
+
+
+@dataclass
+class DiskTileSet:
+    root: Path
+    files: list[str]
+    grid: list[tuple[int, int]]
+    nominal: np.ndarray            # (n, 2) y, x
+
+
+def read_tiles_csv(tileset_dir: Path) -> DiskTileSet:
+    csv_path = tileset_dir / "tiles.csv"
+    if not tileset_dir.is_dir():
+        raise TileSetError(f"{tileset_dir}: not a directory")
+    if not csv_path.is_file():
+        raise TileSetError(f"{csv_path}: missing (a tile set needs tiles.csv with header {','.join(HEADER)})")
+    try:
+        text = csv_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TileSetError(f"{csv_path}: cannot be read: {exc}") from None
+    rows = list(csv.reader(text.splitlines()))
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise TileSetError(f"{csv_path}: empty (expected the header {','.join(HEADER)} and one row per tile)")
+    header = [h.strip() for h in rows[0]]
+    if header != HEADER:
+        raise TileSetError(f"{csv_path}: header is {','.join(header)!r}, expected {','.join(HEADER)!r}")
+    if len(rows) == 1:
+        raise TileSetError(f"{csv_path}: has a header but no tiles")
+    files, grid, nominal = [], [], []
+    seen_files: dict[str, int] = {}
+    seen_cells: dict[tuple[int, int], int] = {}
+    for line, r in enumerate(rows[1:], start=2):
+        where = f"{csv_path} line {line}"
+        if len(r) != len(HEADER):
+            raise TileSetError(f"{where}: {len(r)} fields, expected {len(HEADER)} ({','.join(HEADER)})")
+        name = r[0].strip()
+        try:
+            row, col = int(r[1]), int(r[2])
+        except ValueError:
+            raise TileSetError(f"{where}: row and col must be integers, got {r[1]!r}, {r[2]!r}") from None
+        try:
+            y, x = float(r[3]), float(r[4])
+        except ValueError:
+            raise TileSetError(f"{where}: y and x must be numbers, got {r[3]!r}, {r[4]!r}") from None
+        if not (math.isfinite(y) and math.isfinite(x)):
+            raise TileSetError(f"{where}: y and x must be finite, got {r[3]!r}, {r[4]!r}")
+        if not name:
+            raise TileSetError(f"{where}: empty file name")
+        key = os.path.normpath(name)
+        if key in seen_files:
+            raise TileSetError(f"{where}: file {name} is already listed on line {seen_files[key]}")
+        if (row, col) in seen_cells:
+            raise TileSetError(f"{where}: grid cell ({row}, {col}) is already used on line {seen_cells[(row, col)]}")
+        seen_files[key] = line
+        seen_cells[(row, col)] = line
+        files.append(name)
+        grid.append((row, col))
+        nominal.append((y, x))
+    return DiskTileSet(tileset_dir, files, grid, np.array(nominal, float))
+
+
+def read_tiff(path: Path, what: str = "tile") -> np.ndarray:
+    if not path.is_file():
+        raise TileSetError(f"{path}: {what} file is missing")
+    try:
+        img = tifffile.imread(path)
+    except Exception as exc:   # tifffile raises many types for corrupt files
+        raise TileSetError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    img = np.squeeze(img)
+    if img.ndim != 2:
+        raise TileSetError(f"{path}: {what} must be a 2-D greyscale image, got shape {img.shape}")
+    if not np.issubdtype(img.dtype, np.number) or np.iscomplexobj(img):
+        raise TileSetError(f"{path}: {what} has unsupported pixel type {img.dtype}")
+    return img
+
+
+def load_tiles(ts: DiskTileSet) -> list[np.ndarray]:
+    tiles = []
+    for name in ts.files:
+        img = read_tiff(ts.root / name)
+        if tiles and img.shape != tiles[0].shape:
+            raise TileSetError(f"{ts.root / name}: shape {img.shape} differs from {ts.files[0]}'s {tiles[0].shape}"
+                               " (all tiles of a set must have one shape)")
+        tiles.append(img)
+    return tiles
+
+
+@dataclass
+class StitchRun:
+    tileset: DiskTileSet
+    result: StitchResult
+    flatfield: str                 # what was used, for the summary
+    seconds: float
+    megapixels: float
+
+
+def run_stitch(
+    tileset_dir: Path, out_dir: Path, backend: Backend, flatfield: str = "auto", dark: Path | None = None,
+    warn: Callable[[str], None] = lambda _m: None,
+) -> StitchRun:
+    """Read, check, stitch and write; raises TileSetError (and writes nothing) on bad input."""
+    t0 = time.perf_counter()
+    ts = read_tiles_csv(tileset_dir)
+    tiles = load_tiles(ts)
+    shape = tiles[0].shape
+    dark_img: np.ndarray | float = 0.0
+    if dark is not None:
+        dark_img = read_tiff(dark, "dark reference").astype(np.float32)
+        if dark_img.shape != shape:
+            raise TileSetError(f"{dark}: dark reference shape {dark_img.shape} differs from the tiles' {shape}")
+    gain: np.ndarray | None
+    if flatfield == "none":
+        gain, used = None, "none"
+    elif flatfield == "auto":
+        try:
+            gain = estimate_flatfield(tiles, dark=dark_img)
+            used = "estimated from the tiles"
+        except ValueError as exc:
+            gain, used = None, "none (could not estimate)"
+            warn(f"flat-field not applied: {exc}")
+    else:
+        bright = read_tiff(Path(flatfield), "flat-field reference")
+        if bright.shape != shape:
+            raise TileSetError(f"{flatfield}: flat-field shape {bright.shape} differs from the tiles' {shape}")
+        try:
+            gain = flatfield_from_references(bright, dark_img)
+        except ValueError as exc:
+            raise TileSetError(f"{flatfield}: {exc}") from None
+        used = f"reference {flatfield}"
+    stitcher = StreamingStitcher(gain=gain, dark=dark_img, backend=backend)
+    for name, rc, pos, tile in zip(ts.files, ts.grid, ts.nominal, tiles, strict=True):
+        del name
+        stitcher.add(rc, tile, pos)
+    result = stitcher.finish()
+    write_outputs(out_dir, ts, result)
+    return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6)
+
+
+def tile_status(result: StitchResult) -> list[str]:
+    """ok | stage (placed by the stage prior alone) | failed (its pairs disagree by more than a seam)."""
+    sol = result.solution
+    return ["failed" if s == "ok" and r > SEAM_PX else s for s, r in zip(sol.status, sol.tile_residual, strict=True)]
+
+
+def write_outputs(out_dir: Path, ts: DiskTileSet, result: StitchResult) -> None:
+    sol = result.solution
+    status = tile_status(result)
+    positions = [POSITIONS_HEADER] + [
+        [f, f"{p[0]:.4f}", f"{p[1]:.4f}", f"{r:.4f}", s]
+        for f, p, r, s in zip(ts.files, sol.positions, sol.tile_residual, status, strict=True)
+    ]
+    pairs = [PAIRS_HEADER] + [
+        [ts.files[p.i], ts.files[p.j], f"{p.dy:.4f}", f"{p.dx:.4f}", f"{p.confidence:.4f}", int(u),
+         "" if not u else f"{r:.4f}", int(bool(u) and r > SEAM_PX)]
+        for p, u, r in zip(result.pairs, sol.pair_used, sol.pair_residual, strict=True)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    try:
+        for name, rows in (("positions.csv", positions), ("pairs.csv", pairs)):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
+            staged.append((Path(tmp), out_dir / name))
+            with os.fdopen(fd, "w", newline="") as fh:
+                csv.writer(fh).writerows(rows)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def write_tileset(tileset_dir: Path, tiles: list[np.ndarray], grid: list[tuple[int, int]], nominal: np.ndarray) -> None:
+    """Write tiles as TIFFs plus tiles.csv in the format read_tiles_csv reads."""
+    tileset_dir.mkdir(parents=True, exist_ok=True)
+    rows = [HEADER]
+    for k, (tile, (r, c), (y, x)) in enumerate(zip(tiles, grid, nominal, strict=True)):
+        name = f"tile_{k:05d}_r{r:03d}_c{c:03d}.tif"
+        tifffile.imwrite(tileset_dir / name, tile)
+        rows.append([name, str(r), str(c), f"{y:.3f}", f"{x:.3f}"])
+    with open(tileset_dir / "tiles.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)

@@ -1,0 +1,133 @@
+"""`tapescope stitch`: the CSV formats, the summary, and bad input (exit 2, no output)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from tapescope.cli import app
+from tapescope.stitching.synthetic import SyntheticParams, make_tileset
+from tapescope.stitching.tileset import write_tileset
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory):
+    ts = make_tileset(SyntheticParams(tile=256, rows=2, cols=3, overlap=0.15, dose=300, seed=3, stage_error_px=4,
+                                      blank=((1, 2),)))
+    root = tmp_path_factory.mktemp("tileset")
+    write_tileset(root, ts.tiles, ts.grid, ts.stage_px)
+    return ts, root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_stitch_writes_positions_close_to_the_truth(synthetic, tmp_path: Path) -> None:
+    ts, root = synthetic
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "tiles 6 (ok 5, stage 1, failed 0)" in res.output
+    with open(out / "positions.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["file", "y", "x", "residual_px", "status"]
+    assert [r[0] for r in rows[1:]] == sorted(p.name for p in root.glob("*.tif"))
+    status = [r[4] for r in rows[1:]]
+    assert status == ["ok", "ok", "ok", "ok", "ok", "stage"]
+    pos = np.array([[float(r[1]), float(r[2])] for r in rows[1:]])
+    err = np.linalg.norm(ts.error(pos, among=~ts.blank), axis=1)
+    assert err[~ts.blank].max() < 0.15
+    with open(out / "pairs.csv") as fh:
+        pairs = list(csv.reader(fh))
+    assert pairs[0] == ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam"]
+    assert len(pairs) == 1 + 7
+
+
+def _corrupt_missing(d: Path) -> str:
+    next(d.glob("*.tif")).unlink()
+    return "file is missing"
+
+
+def _corrupt_unreadable(d: Path) -> str:
+    next(d.glob("*.tif")).write_bytes(b"not a tiff at all")
+    return "not a readable TIFF"
+
+
+def _corrupt_shape(d: Path) -> str:
+    f = sorted(d.glob("*.tif"))[-1]
+    tifffile.imwrite(f, np.zeros((256, 200), np.uint16))
+    return "differs from"
+
+
+def _corrupt_empty(d: Path) -> str:
+    (d / "tiles.csv").write_text("")
+    return "empty"
+
+
+def _corrupt_twice(d: Path) -> str:
+    lines = (d / "tiles.csv").read_text().splitlines()
+    first = lines[1].split(",")
+    lines.append(",".join([first[0], "9", "9", "0", "0"]))
+    (d / "tiles.csv").write_text("\n".join(lines) + "\n")
+    return "already listed on line 2"
+
+
+def _corrupt_header(d: Path) -> str:
+    text = (d / "tiles.csv").read_text()
+    (d / "tiles.csv").write_text(text.replace("file,row,col,y,x", "file,y,x"))
+    return "header"
+
+
+def _corrupt_number(d: Path) -> str:
+    lines = (d / "tiles.csv").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",abc"
+    (d / "tiles.csv").write_text("\n".join(lines) + "\n")
+    return "line 3"
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_missing, _corrupt_unreadable, _corrupt_shape, _corrupt_empty,
+                                     _corrupt_twice, _corrupt_header, _corrupt_number])
+def test_bad_input_exits_2_with_a_clear_error_and_no_output(synthetic, tmp_path: Path, corrupt) -> None:
+    _, root = synthetic
+    d = _copy(root, tmp_path / "set")
+    expected = corrupt(d)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["stitch", str(d), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert expected in res.output
+    assert not out.exists()
+
+
+def test_bad_flatfield_reference_and_device(synthetic, tmp_path: Path) -> None:
+    _, root = synthetic
+    out = tmp_path / "out"
+    ref = tmp_path / "bright.tif"
+    tifffile.imwrite(ref, np.ones((100, 100), np.uint16))
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(out), "--flatfield", str(ref)])
+    assert res.exit_code == 2 and "flat-field shape" in res.output
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(out), "--device", "tpu"])
+    assert res.exit_code == 2 and "--device" in res.output
+    assert not out.exists()
+
+
+def test_bright_and_dark_references_are_used(synthetic, tmp_path: Path) -> None:
+    ts, root = synthetic
+    bright = (ts.gain * 3000 + ts.params.dark).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "bright.tif", bright)
+    tifffile.imwrite(tmp_path / "dark.tif", np.full(bright.shape, ts.params.dark, np.uint16))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(out), "--device", "cpu",
+                              "--flatfield", str(tmp_path / "bright.tif"), "--dark", str(tmp_path / "dark.tif")])
+    assert res.exit_code == 0, res.output
+    assert "flat-field: reference" in res.output
