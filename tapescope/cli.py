@@ -21,6 +21,8 @@ app = typer.Typer(help="tapescope: serial-section TEM on tape, from tape to zarr
                   no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Work with configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+sim_app = typer.Typer(help="Run the hardware simulator.", no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
 app.command("stitch")(stitch_command)
 
 console = Console()
@@ -152,6 +154,57 @@ def gui(
     except ImportError as exc:
         raise _fail(f"the GUI needs Qt: pip install 'tapescope[gui]' ({exc})") from None
     raise typer.Exit(run_gui(cfg, out, start=start, fault=fault, screenshot=screenshot, after_s=after))
+
+
+@sim_app.command("serve")
+def sim_serve(
+    config: Path | None = typer.Option(None, "--config", help="TOML config: [run] sets seed, slots and "
+                                       "section size, [scope.camera] the sensor"),
+    fault: list[str] = typer.Option([], "--fault", help="arm a fault: NAME[:COUNT][,after=N][,key=value...]; "
+                                    "repeatable; names in docs/simulator.md"),
+    slots: int = typer.Option(16, "--slots", min=1, max=100_000, help="slots on the simulated tape (at least "
+                              "those the config's run images)"),
+    camera_port: int = typer.Option(0, "--camera-port", min=0, max=65535, help="camera TCP port (0: any free)"),
+) -> None:
+    """Serve the simulated stage, tape, column and camera; print their ports as config tables."""
+    import dataclasses
+
+    from tapescope.runner import sim_world_params
+    from tapescope.sim_hardware.faults import FaultBook, FaultError, parse_fault_spec
+    from tapescope.sim_hardware.serve import serve
+    from tapescope.sim_hardware.world import WorldParams
+
+    cfg = _load(config)
+    params: WorldParams = sim_world_params(cfg)
+    params = dataclasses.replace(params, n_slots=max(params.n_slots, slots))
+    try:
+        for spec in fault:   # validate every spec before anything starts
+            name, count, after, options = parse_fault_spec(spec)
+            FaultBook().inject(name, count, after=after, **options)
+        asyncio.run(serve(params, fault, camera_port=camera_port))
+    except FaultError as exc:
+        raise _fail(f"--fault: {exc}") from None
+    except OSError as exc:
+        raise _fail(f"cannot start the simulator: {exc}", 1) from None
+
+
+@app.command()
+def align(
+    stack_dir: Path = typer.Argument(..., help="folder with sections.csv (header 'file,z') and one TIFF per section"),
+    out: Path = typer.Option(..., "--out", help="output folder: volume.zarr, volume.transforms/, alignment.csv"),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="dask scheduler tcp://HOST:PORT "
+                                         "(default: a LocalCluster on this machine)"),
+    workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes"),
+    device: str = typer.Option("cpu", "--device", help="cpu, gpu (CuPy) or auto"),
+    pixel_nm: float = typer.Option(4.0, "--pixel-nm", help="pixel size, nm"),
+    thickness_nm: float = typer.Option(40.0, "--thickness-nm", help="section thickness, nm"),
+) -> None:
+    """Align a stack of section montages into an OME-Zarr volume (rigid, affine, elastic)."""
+    from tapescope.montage.align_cli import run_align
+
+    raise typer.Exit(run_align(stack_dir, out, scheduler=scheduler, workers=workers, device=device,
+                               pixel_nm=pixel_nm, thickness_nm=thickness_nm, console=console,
+                               err_console=err_console))
 
 
 def main() -> None:
