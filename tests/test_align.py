@@ -1,0 +1,93 @@
+"""Section alignment against stacks with known transforms (one specimen image, warped)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tapescope.montage.align import align_section, coarse_affine
+from tapescope.montage.flow import Flow, clean_flow, relax_mesh
+from tapescope.montage.synthetic import make_stack
+from tapescope.montage.transform import SectionTransform
+
+SHAPE = (384, 384)
+
+
+def rms(r: np.ndarray) -> float:
+    return float(np.sqrt((r ** 2).mean()))
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return make_stack(4, SHAPE, seed=5, max_rotation_deg=5, max_shift_px=60, elastic_px=2.0, missing=(2,),
+                      partial=(3,))
+
+
+def test_coarse_recovers_rotation_of_several_degrees() -> None:
+    st = make_stack(2, SHAPE, seed=1, max_rotation_deg=0.1, max_shift_px=40, elastic_px=0.0, missing=())
+    # Section 1 again, turned by a known 6 degrees about the centre (beyond the generator's 5).
+    import cv2
+    rot = cv2.getRotationMatrix2D(((SHAPE[1] - 1) / 2, (SHAPE[0] - 1) / 2), 6.0, 1.0)
+    turned = cv2.warpAffine(st.images[1], rot, SHAPE[::-1], borderValue=float(st.images[1].mean()))
+    _, conf, angle = coarse_affine(st.images[0], turned)
+    true_rel = -st.truth[1].angle_deg  # the generator turns raw -> base
+    assert conf > 0.5
+    assert angle == pytest.approx(true_rel - 6.0, abs=0.3)
+
+
+def test_elastic_alignment_is_sub_pixel(stack) -> None:
+    a = align_section(stack.images[0], stack.images[1])
+    coarse = align_section(stack.images[0], stack.images[1], elastic=False)
+    r_fine = stack.residual(1, a.transform)
+    r_coarse = stack.residual(1, coarse.transform)
+    assert r_fine.size > 1000
+    assert rms(r_fine) < 0.5
+    assert rms(r_fine) < rms(r_coarse)   # the elastic stage removes what an affine cannot
+    assert a.flow_nodes > 20 and a.transform.field is not None
+
+
+def test_partial_roi_overlap(stack) -> None:
+    # Section 3 was imaged over only its left 60 %: its valid mask says so.
+    a = align_section(stack.images[1], stack.images[3], stack.valid[1], stack.valid[3])
+    t1 = align_section(stack.images[0], stack.images[1]).transform
+    chained = t1.then(a.transform, SHAPE)
+    r = stack.residual(3, chained, chain={1: t1})
+    assert a.confidence > 0.5
+    assert r.size > 300
+    assert rms(r) < 0.6
+
+
+def test_blank_neighbour_does_not_register(stack) -> None:
+    a = align_section(stack.images[1], stack.images[2])
+    assert a.confidence < 0.3    # a blank section must not look aligned
+
+
+def test_mesh_fills_outliers_from_neighbours() -> None:
+    gy, gx = np.mgrid[0:9, 0:9].astype(np.float32)
+    vec = np.stack([0.1 * gx, -0.05 * gy], -1)   # a uniform stretch: costs the plate nothing
+    noisy = vec.copy()
+    noisy[4, 4] = (9.0, -7.0)                    # one wild vector
+    flow = Flow(noisy, np.ones((9, 9), np.float32), 32)
+    w = clean_flow(flow)
+    assert w[4, 4] == 0 and (w > 0).sum() == 80
+    u = relax_mesh(flow, w)
+    assert np.abs(u - vec).max() < 0.05
+
+
+def test_transform_compose_and_roundtrip(tmp_path) -> None:
+    gy, gx = np.mgrid[0:8, 0:8].astype(np.float32)
+
+    def smooth(ph: float) -> np.ndarray:   # a few px over hundreds of px, like real warps
+        return np.stack([2 * np.sin(gx / 2.5 + ph), 1.5 * np.cos(gy / 3 - ph)], -1).astype(np.float32)
+
+    a = SectionTransform(np.array([[0.99, -0.05, 3.0], [0.05, 0.99, -2.0]]), smooth(0.3), 32)
+    b = SectionTransform(np.array([[1.0, 0.02, -5.0], [-0.02, 1.0, 7.0]]), smooth(1.7), 32)
+    ab = a.then(b, (224, 224))
+    y, x = np.mgrid[0:224:16, 0:224:16].astype(float)
+    ix, iy = a.apply(x, y)
+    ex, ey = b.apply(ix, iy)
+    gx, gy = ab.apply(x, y)
+    assert np.hypot(gx - ex, gy - ey).max() < 0.1   # fields of +-2 px, sampled on a grid
+    a.save(tmp_path / "t.npz")
+    back = SectionTransform.load(tmp_path / "t.npz")
+    assert np.array_equal(back.matrix, a.matrix) and np.array_equal(back.field, a.field)

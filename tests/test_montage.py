@@ -1,0 +1,88 @@
+"""Block rendering: equal to the in-RAM render, bounded reads, sharded writes with the pyramid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tapescope.montage.blocks import render_section
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.render import render_block, render_montage
+from tapescope.montage.transform import SectionTransform
+
+
+class CountingTile:
+    """A tile that records the area of every read: rendering must never read it whole."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+        self.shape = data.shape
+        self.reads: list[int] = []
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        out = self.data[key]
+        self.reads.append(out.size)
+        return out
+
+
+def _tiles(n: int = 4, size: int = 300) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(0)
+    tiles = [rng.uniform(100, 1000, (size, size)).astype(np.float32) for _ in range(n)]
+    pos = np.array([[10.3, 5.2], [12.1, 275.7], [280.4, 7.9], [282.0, 277.3]])[:n]
+    return tiles, pos
+
+
+def _warp() -> SectionTransform:
+    gy, gx = np.mgrid[0:11, 0:11].astype(np.float32)
+    field = np.stack([1.5 * np.sin(gx / 2), np.cos(gy / 3)], -1).astype(np.float32)
+    c, s = np.cos(0.05), np.sin(0.05)
+    return SectionTransform(np.array([[c, -s, 3.0], [s, c, -2.0]]), field, 64)
+
+
+def test_blocks_equal_whole_render_at_every_level(tmp_path: Path) -> None:
+    tiles, pos = _tiles()
+    t = _warp()
+    vol = Volume.create(tmp_path / "v.zarr", (2, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    stats = render_section(vol, 1, tiles, pos, t, threads=2)
+    img, cover = render_montage(tiles, pos, np.zeros(2), (600, 600), transform=t)
+    assert stats.pixels == 600 * 600 and stats.covered == int((cover > 1e-6).sum())
+    assert np.array_equal(vol.levels[0][1], np.clip(np.rint(img), 0, 65535).astype(np.uint16))
+    ref = Volume.create(tmp_path / "w.zarr", (2, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    ref.write_section(1, img, {})
+    for k in range(3):
+        assert np.array_equal(vol.levels[k][1], ref.levels[k][1])
+    assert not vol.levels[0][0].any()     # the other section is untouched
+
+
+def test_render_reads_only_what_each_block_needs() -> None:
+    data = np.random.default_rng(1).uniform(0, 1, (2000, 2000)).astype(np.float32)
+    tile = CountingTile(data)
+    t = SectionTransform.translation(500.0, 700.0)
+    img, cover = render_block([tile], np.zeros((1, 2)), t, (0, 0, 256, 256))
+    assert max(tile.reads) <= 260 * 260          # a crop around the block, not the tile
+    assert np.allclose(img[5:-5, 5:-5], data[505:751, 705:951], atol=1e-4)
+    assert cover.min() > 0
+
+
+def test_feathered_seams_blend_without_steps() -> None:
+    # Two tiles of different brightness overlapping by 40 px: the blend ramps across the
+    # overlap instead of stepping at a tile edge.
+    a = np.full((100, 140), 100.0, np.float32)
+    b = np.full((100, 140), 200.0, np.float32)
+    img, _ = render_montage([a, b], np.array([[0.0, 0.0], [0.0, 100.0]]), np.zeros(2), (100, 240), ramp=20)
+    row = img[50]
+    assert row[:95].max() == 100.0 and row[145:].min() == 200.0
+    assert np.all(np.diff(row[95:145]) >= -1e-3) and np.abs(np.diff(row)).max() < 10
+
+
+def test_transforms_are_stored_beside_the_volume(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v.zarr", (3, 64, 64), pixel_nm=4, thickness_nm=40, levels=2, chunk=32)
+    t = _warp()
+    path = vol.save_transform(2, t)
+    assert path.parent == tmp_path / "v.transforms"
+    back = Volume.open(tmp_path / "v.zarr").load_transform(2)
+    assert np.array_equal(back.field, t.field)
+    import pytest
+    with pytest.raises(FileNotFoundError, match="z=1"):
+        vol.load_transform(1)
