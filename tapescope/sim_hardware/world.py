@@ -115,14 +115,16 @@ class SimWorld:
         self.slot_offsets_nm = rng.normal(0, p.slot_offset_sigma_nm, (p.n_slots, 2))
         self.barcodes = [f"TS{p.seed:03d}-{k:05d}" for k in range(p.n_slots)]
         self.gain = self._make_gain(rng)
-        # Drawn from their own generator so that adding them left the older draws unchanged.
-        trng = np.random.default_rng([p.seed, 7])
-        self.slot_rotation_deg = trng.normal(0, p.slot_rotation_sigma_deg, p.n_slots) \
-            if p.slot_rotation_sigma_deg > 0 else np.zeros(p.n_slots)
-        self.aperture_offsets_nm = trng.normal(0, p.tape_position_sigma_nm, (p.n_slots, 2))
-        self.focus_offsets_nm = trng.normal(0, p.focus_offset_sigma_nm, p.n_slots)
-        self._focus_phase = trng.uniform(0, 2 * math.pi)
-        self.slot_truth = [self._draw_truth(k, trng) for k in range(p.n_slots)]
+        # Each from its own generator: adding them left the older draws unchanged, and
+        # slot k's values do not depend on the number of slots or on the other params.
+        def draw(stream: int) -> np.random.Generator:
+            return np.random.default_rng([p.seed, stream])
+
+        self.slot_rotation_deg = p.slot_rotation_sigma_deg * draw(8).standard_normal(p.n_slots)
+        self.aperture_offsets_nm = p.tape_position_sigma_nm * draw(9).standard_normal((p.n_slots, 2))
+        self.focus_offsets_nm = p.focus_offset_sigma_nm * draw(10).standard_normal(p.n_slots)
+        self._focus_phase = float(draw(12).uniform(0, 2 * math.pi))
+        self.slot_truth = [self._draw_truth(k, np.random.default_rng([p.seed, 11, k])) for k in range(p.n_slots)]
         self.rng = np.random.default_rng(p.seed + 1000)
         self.faults = FaultBook()
         self.t0 = time.monotonic()
@@ -154,7 +156,7 @@ class SimWorld:
     # -- specimen on the tape -----------------------------------------------------------
     def _draw_truth(self, slot: int, rng: np.random.Generator) -> SlotTruth:
         p = self.p
-        u = rng.uniform(size=5)  # drawn for every slot, so one slot's truth never shifts another's
+        u = rng.uniform(size=5)
         h, w = p.section_px
         if slot < p.intact_slots:
             return SlotTruth(slot, True)
