@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,19 @@ from .device import array_module
 from .stack import AlignParams, StackError, align_stack, dask_map, neuroglancer_source, read_stack
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, naming the address, where the Client would retry until its timeout."""
+    from urllib.parse import urlparse
+
+    u = urlparse(address if "://" in address else f"tcp://{address}")
+    if u.scheme not in ("tcp", "tls") or not u.hostname or not u.port:
+        raise StackError(f"--scheduler {address}: expected tcp://HOST:PORT")
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=5).close()
+    except OSError as exc:
+        raise StackError(f"--scheduler {address}: cannot connect ({exc})") from None
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
     """A Client on the given scheduler, or on a LocalCluster of `workers` processes."""
@@ -31,6 +45,7 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
     for name in ("distributed", "distributed.batched", "distributed.comm"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if scheduler:
+        _check_reachable(scheduler)
         try:
             client = Client(scheduler, timeout="15s")
         except (OSError, TimeoutError, ValueError) as exc:

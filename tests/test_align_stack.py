@@ -1,0 +1,158 @@
+"""`tapescope align` over a stack: the chain across a missing section, bad input, and the
+same result from a real dask scheduler with two workers as from a local run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from tapescope.cli import app
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.stack import StackError, align_stack, dask_map, read_stack, write_stack
+from tapescope.montage.synthetic import make_stack
+
+from .test_omezarr import check_volume
+
+SHAPE = (320, 320)
+
+
+@pytest.fixture(scope="module")
+def sim_stack(tmp_path_factory: pytest.TempPathFactory):
+    st = make_stack(4, SHAPE, seed=2, max_shift_px=50, elastic_px=1.5, missing=(2,))
+    d = tmp_path_factory.mktemp("stack")
+    write_stack(d, [im * 30000 for im in st.images])
+    return st, d
+
+
+def test_stack_aligns_across_a_missing_section(sim_stack, tmp_path: Path) -> None:
+    st, d = sim_stack
+    res = align_stack(d, tmp_path)
+    status = {o.z: o.status for o in res.sections}
+    assert status == {0: "ok", 1: "ok", 2: "missing", 3: "ok"}
+    assert res.sections[3].reference_z == 1          # across the gap to the last good section
+    group = check_volume(res.volume)
+    assert group.attrs["tapescope"]["sections"]["2"]["status"] == "missing"
+    assert not group["0"][2].any()                   # the missing z keeps its index, empty
+    vol = Volume.open(res.volume)
+    chain = {}
+    for z in (1, 3):
+        t = vol.load_transform(z)
+        r = st.residual(z, t, chain=chain)
+        chain[z] = t
+        assert r.size > 200 and float(np.sqrt((r ** 2).mean())) < 0.5
+    # The aligned z=3 matches z=0 where both hold tissue.
+    a, b = group["0"][0].astype(float), group["0"][3].astype(float)
+    both = (a > 0) & (b > 0)
+    assert np.corrcoef(a[both], b[both])[0, 1] > 0.8
+    assert (tmp_path / "alignment.csv").read_text().count("\n") == 5
+
+
+def test_volume_opens_in_tensorstore(sim_stack, tmp_path: Path) -> None:
+    ts = pytest.importorskip("tensorstore")
+    _, d = sim_stack
+    res = align_stack(d, tmp_path)
+    arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(res.volume / "0")}}).result()
+    data = arr[1].read().result()
+    assert np.array_equal(data, zarr.open_group(str(res.volume), mode="r")["0"][1])
+    assert data.any()
+
+
+@pytest.mark.parametrize(("csv", "message"), [
+    (None, "sections.csv: missing"),
+    ("name,z\n", "header must be 'file,z'"),
+    ("file,z\nsection_00000.tif,x\n", "z must be a whole number"),
+    ("file,z\nsection_00000.tif,0\nsection_00001.tif,0\n", "z=0 already given on line 2"),
+    ("file,z\nnope.tif,0\n", "'nope.tif' not found"),
+])
+def test_bad_stack_is_refused_by_name(sim_stack, tmp_path: Path, csv: str | None, message: str) -> None:
+    _, d = sim_stack
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in d.glob("*.tif"):
+        (bad / f.name).write_bytes(f.read_bytes())
+    if csv is not None:
+        (bad / "sections.csv").write_text(csv)
+    with pytest.raises(StackError, match=message):
+        read_stack(bad)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["align", str(bad), "--out", str(out)])
+    assert result.exit_code == 2
+    assert message.split("'")[0].split(":")[-1].strip() in result.output
+    assert not (out / "volume.zarr").exists()        # bad input changes nothing
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not start in 60 s")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[str]:
+    """A real scheduler and two worker processes on 127.0.0.1, as on a cluster."""
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait_for(sched_file, procs[0], "dask scheduler")
+        for i in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sched_file),
+                 "--nthreads", "1", "--no-dashboard", "--name", f"w{i}", "--host", "127.0.0.1"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        import json
+        yield json.loads(sched_file.read_text())["address"]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_distributed_result_equals_local(sim_stack, tmp_path: Path, dask_cluster: str) -> None:
+    from distributed import Client
+
+    _, d = sim_stack
+    local = align_stack(d, tmp_path / "local")
+    with Client(dask_cluster, timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+        assert len(client.scheduler_info()["workers"]) == 2
+        remote = align_stack(d, tmp_path / "remote", map_fn=dask_map(client))
+        ran_on = client.run(lambda: os.getpid())
+    assert len(set(ran_on.values()) - {os.getpid()}) == 2     # the work left this process
+    a = zarr.open_group(str(local.volume), mode="r")
+    b = zarr.open_group(str(remote.volume), mode="r")
+    for k in ("0", "1"):
+        assert np.array_equal(a[k][:], b[k][:])
+    assert a.attrs["tapescope"] == b.attrs["tapescope"]
+    # The same through the command line, on the same cluster.
+    result = CliRunner().invoke(app, ["align", str(d), "--out", str(tmp_path / "cli"), "--scheduler", dask_cluster])
+    assert result.exit_code == 0, result.output
+    assert "zarr://" in result.output
+    c = zarr.open_group(str(tmp_path / "cli" / "volume.zarr"), mode="r")
+    assert np.array_equal(a["0"][:], c["0"][:])
+
+
+def test_unreachable_scheduler_is_bad_input(sim_stack, tmp_path: Path) -> None:
+    _, d = sim_stack
+    result = CliRunner().invoke(app, ["align", str(d), "--out", str(tmp_path), "--scheduler", "tcp://127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "cannot connect" in result.output
