@@ -17,9 +17,10 @@ import numpy as np
 from tapescope.stitching.flatfield import apply_flatfield
 from tapescope.stitching.section import stitch_section
 
-from .align import align_translation
+from .align import align_section
 from .omezarr import Volume
 from .render import render_montage
+from .transform import SectionTransform
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class SectionProcessor:
     """Processes sections in tape order into one Volume (one writer: this object)."""
 
     def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True,
-                 gain: np.ndarray | None = None, dark: float = 0.0) -> None:
+                 gain: np.ndarray | None = None, dark: float = 0.0, elastic: bool = True,
+                 device: str = "cpu") -> None:
         if volume.shape[1:] != canvas.shape:
             raise ValueError(f"volume {volume.shape[1:]} and canvas {canvas.shape} differ")
         self.volume = volume
@@ -63,6 +65,8 @@ class SectionProcessor:
         self.align = align
         self.gain = gain
         self.dark = dark
+        self.elastic = elastic
+        self.device = device
         self._reference: tuple[np.ndarray, np.ndarray] | None = None  # last good (image, coverage)
 
     def process(
@@ -81,31 +85,49 @@ class SectionProcessor:
         conf = 1.0
         status = "ok"
         message = ""
+        transform = SectionTransform.identity()
         if self.align and self._reference is not None:
             ref_img, ref_cov = self._reference
             if ((cover > 0.5) & (ref_cov > 0.5)).mean() < 0.05:
                 status, conf = "unaligned", 0.0
                 message = "too little overlap with the previous section"
             else:
-                s = align_translation(ref_img, image, ref_cov > 0.5, cover > 0.5)
-                conf = s.confidence
+                a = align_section(ref_img, image, ref_cov > 0.5, cover > 0.5, elastic=self.elastic,
+                                  device=self.device)
+                conf = a.confidence
                 if conf < MIN_ALIGN_CONFIDENCE:
                     status = "unaligned"
                     message = f"alignment confidence {conf:.2f} < {MIN_ALIGN_CONFIDENCE}"
                 else:
-                    shift = (s.dy, s.dx)
-                    # aligned(p) = moving(p + s): render again with the tiles moved by -s,
-                    # so the pixels are interpolated once, not twice.
-                    image, cover = render_montage(tiles, sol.positions - np.array(shift),
-                                                  self.canvas.origin, self.canvas.shape)
+                    transform = a.transform
+                    # Where the canvas centre's content came from: for a pure translation
+                    # this is the shift s with aligned(p) = moving(p + s).
+                    cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
+                    sx, sy = transform.apply(np.array(cx), np.array(cy))
+                    shift = (float(sy - cy), float(sx - cx))
+                    # Render again from the tiles through the transform, so the pixels are
+                    # interpolated once, not twice.
+                    image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape,
+                                                  transform=transform)
         if status == "ok":
             self._reference = (image, cover)
+        stored = self._save_transform(z, transform)
         self.volume.write_section(z, image, {
             **info, "status": status, "shift_px": list(shift), "alignment_confidence": conf,
             "max_residual_px": max_res, "flagged_seams": flagged, "message": message,
+            # A section that did not register is flagged for re-imaging while the tape is
+            # still loaded: acquisition reads this flag (and the alarm) and acts on it.
+            "needs_reimaging": status != "ok", "transform": transform.summary(), "transform_file": stored,
             "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
         })
         return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
+
+    def _save_transform(self, z: int, transform: SectionTransform) -> str | None:
+        try:
+            return str(self.volume.save_transform(z, transform))
+        except (ValueError, OSError) as exc:   # a volume not on a local disk: the summary stays
+            log.warning("transform of z=%d not stored beside the volume: %s", z, exc)
+            return None
 
     def record_missing(self, z: int, info: dict, reason: str) -> None:
         """A section that could not be processed keeps its z, recorded as missing."""
