@@ -58,7 +58,7 @@ def test_refinement_measures_a_known_subpixel_shift() -> None:
 def test_scipy_formulation_of_the_gpu_primitives_matches_opencv() -> None:
     # The GPU backend runs cupyx.scipy.ndimage; the same calls on scipy.ndimage must give
     # what the OpenCV path gives, or the two devices would disagree.
-    emulated = Backend("scipy", np, ndimage)
+    emulated = Backend("scipy", np, CPU.fft, ndimage)
     rng = np.random.default_rng(0)
     img = rng.normal(size=(64, 80)).astype(np.float32)
     for s in [(0.3, -0.7), (-1.25, 2.5)]:

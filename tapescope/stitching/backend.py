@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from scipy import fft as scipy_fft
 
 Device = Literal["auto", "cpu", "gpu"]
 SINC_TAPS = 4      # half-width of the windowed-sinc kernel used for sub-pixel shifts
@@ -39,6 +40,7 @@ def sinc_kernel(fraction: float) -> np.ndarray:
 class Backend:
     name: str
     xp: ModuleType
+    fft: ModuleType                     # rfft2 / irfft2 (scipy.fft: faster than numpy's on a CPU)
     ndimage: ModuleType | None = None   # None: OpenCV does the filtering (the CPU path)
 
     def asarray(self, a: Any) -> Any:
@@ -51,6 +53,13 @@ class Backend:
         if self.ndimage is None:
             return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
         return self.ndimage.gaussian_filter(img, sigma, mode="reflect", truncate=4.0)
+
+    def lowpass(self, img: Any, size: int) -> Any:
+        """Two passes of a size x size box filter (size odd): a cheap, wide, smooth low-pass."""
+        if self.ndimage is None:
+            once = cv2.blur(img, (size, size), borderType=cv2.BORDER_REFLECT)
+            return cv2.blur(once, (size, size), borderType=cv2.BORDER_REFLECT)
+        return self.ndimage.uniform_filter(self.ndimage.uniform_filter(img, size, mode="reflect"), size, mode="reflect")
 
     def sample_shifted(self, img: Any, shift: tuple[float, float]) -> Any:
         """img sampled at p + shift, same shape; the outer SINC_TAPS + |shift| px are not valid."""
@@ -69,7 +78,7 @@ class Backend:
         return self.xp.roll(out, (-iy, -ix), axis=(0, 1))
 
 
-CPU = Backend("cpu", np)
+CPU = Backend("cpu", np, scipy_fft)
 
 
 @cache
@@ -83,7 +92,7 @@ def _gpu() -> Backend:
             raise BackendUnavailable("CuPy is installed but sees no GPU")
     except cupy.cuda.runtime.CUDARuntimeError as exc:
         raise BackendUnavailable(f"CuPy is installed but CUDA fails: {exc}") from exc
-    return Backend("gpu", cupy, importlib.import_module("cupyx.scipy.ndimage"))
+    return Backend("gpu", cupy, cupy.fft, importlib.import_module("cupyx.scipy.ndimage"))
 
 
 def get_backend(device: Device = "cpu") -> Backend:

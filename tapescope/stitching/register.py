@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import fft as scipy_fft
 from scipy.signal.windows import tukey
 
 from .backend import CPU, SINC_TAPS, Backend
@@ -21,7 +22,8 @@ WHITEN = 0.5         # 1 = pure phase correlation; 0.5 keeps some weight on stro
 PRE_BLUR = 1.0       # px; suppresses shot noise, which whitening would amplify
 WINDOW_TAPER = 1.0   # Tukey taper fraction; 1 = Hann (the integer peak only: refine_shift does the rest)
 REFINE_BLUR = 1.0    # px; smoothing before the least-squares refinement (measured best at 1)
-REFINE_HIGHPASS = 10.0  # px; minus a blur this wide: flat-field residuals vary slowly (0 = off)
+HIGHPASS_BOX = 21    # px; the low-pass removed before refinement (two box passes, ~ a 9 px Gaussian)
+RECUT_PX = 3.0       # cut the overlap again only while the correlation still finds a shift over this
 MAX_REFINE_PX = 2.0  # a refinement that wanders further than this from the correlation peak failed
 
 
@@ -54,33 +56,43 @@ def phase_correlate(
     a: np.ndarray, b: np.ndarray, upsample: int = UPSAMPLE, max_shift: float | None = None,
     backend: Backend = CPU,
 ) -> tuple[float, float, float]:
-    """Shift (dy, dx) such that b(p) ~= a(p + shift), and the peak height (0..1).
+    """Shift (dy, dx) such that b(p) ~= a(p + shift), and the peak height.
 
     Inputs are equal-shaped float arrays; they are mean-subtracted and windowed here.
     `max_shift` confines the peak search to |dy|, |dx| <= max_shift (a refinement
-    around a known estimate must not jump to a noise peak elsewhere).
+    around a known estimate must not jump to a noise peak elsewhere). The height is
+    comparable between calls on equal shapes only.
     """
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     xp = backend.xp
     a = backend.asarray(a)
     b = backend.asarray(b)
-    if PRE_BLUR:
-        a = backend.blur(a, PRE_BLUR)
-        b = backend.blur(b, PRE_BLUR)
     win = xp.asarray(_window(a.shape))
-    fa = xp.fft.fft2((a - a.mean()) * win)
-    fb = xp.fft.fft2((b - b.mean()) * win)
-    cross = fa * xp.conj(fb)
+    a = (a - a.mean()) * win
+    b = (b - b.mean()) * win
+    if upsample > 1:
+        # The upsampled DFT needs the whole spectrum at the crop's own size.
+        h, w = a.shape
+        cross = xp.fft.fft2(a) * xp.conj(xp.fft.fft2(b))
+        fy, fx = xp.fft.fftfreq(h)[:, None], xp.fft.fftfreq(w)[None, :]
+    else:
+        # Integer peak only: real FFTs at a fast length, half the work of complex ones;
+        # the zero padding beyond the window changes nothing but the speed.
+        h, w = (scipy_fft.next_fast_len(n, real=True) for n in a.shape)
+        cross = backend.fft.rfft2(a, s=(h, w)) * xp.conj(backend.fft.rfft2(b, s=(h, w)))
+        fy, fx = xp.fft.fftfreq(h)[:, None], xp.fft.rfftfreq(w)[None, :]
     # Partial whitening: on narrow, noisy overlap strips pure phase correlation lets
     # high-frequency noise jitter the peak (measured in docs/stitching.md).
     cross /= xp.abs(cross) ** WHITEN + 1e-12
-    corr = xp.fft.ifft2(cross).real
-    h, w = corr.shape
+    if PRE_BLUR:
+        # A Gaussian blur of both inputs, applied where it is a product: on the spectrum.
+        cross *= xp.exp(-4 * np.pi**2 * PRE_BLUR**2 * (fy**2 + fx**2)).astype(cross.real.dtype)
+    corr = xp.fft.ifft2(cross).real if upsample > 1 else backend.fft.irfft2(cross, s=(h, w))
     if max_shift is not None:
-        fy = xp.abs(xp.fft.fftfreq(h) * h)[:, None]
-        fx = xp.abs(xp.fft.fftfreq(w) * w)[None, :]
-        corr = xp.where((fy <= max_shift) & (fx <= max_shift), corr, -xp.inf)
+        ay = xp.abs(xp.fft.fftfreq(h) * h)[:, None]
+        ax = xp.abs(xp.fft.fftfreq(w) * w)[None, :]
+        corr = xp.where((ay <= max_shift) & (ax <= max_shift), corr, -xp.inf)
     flat = int(xp.argmax(corr))
     peak = (flat // w, flat % w)
     shift = np.array([p if p <= n // 2 else p - n for p, n in zip(peak, (h, w), strict=True)], float)
@@ -116,19 +128,21 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
 
 def register_pair(
     a: np.ndarray, b: np.ndarray, nominal: tuple[float, float], iterations: int = 3,
-    backend: Backend = CPU,
+    backend: Backend = CPU, subpixel: bool = True,
 ) -> PairShift | None:
     """Offset of tile b relative to tile a, starting from the nominal (stage) offset.
 
     Two stages. (1) Phase correlation finds the integer offset: the overlap is cut at the
-    current estimate and correlated again until the integer part settles (windowing both
-    crops biases a large residual shift toward zero). (2) A least-squares (Gauss-Newton)
+    current estimate and correlated again while the shift found is large (windowing both
+    crops biases a large shift toward zero). (2) A least-squares (Gauss-Newton)
     refinement over the whole unwindowed overlap measures the remaining sub-pixel shift;
     on noisy strips it halves the error of the windowed correlation peak (docs/stitching.md).
-    Returns None where the tiles do not overlap at the nominal offset.
+    Returns None where the tiles do not overlap at the nominal offset. `subpixel=False`
+    stops after stage (1): the integer baseline that benchmarks compare against.
     """
     dy, dx = float(nominal[0]), float(nominal[1])
-    for _ in range(iterations):
+    conf = 0.0
+    for k in range(iterations):
         ndy, ndx = round(dy), round(dx)
         sl = overlap_slices(a.shape, ndy, ndx)
         if sl is None:
@@ -137,39 +151,51 @@ def register_pair(
         # b(p) ~= a(p + s) within the crops, so b sits s further from a than the cut.
         sy, sx, _ = phase_correlate(a[sa], b[sb], upsample=1, backend=backend)
         dy, dx = ndy + sy, ndx + sx
-        if round(dy) == ndy and round(dx) == ndx:
-            break
-    ndy, ndx = round(dy), round(dx)
-    sl = overlap_slices(a.shape, ndy, ndx)
-    if sl is None:
-        return None
-    ca, cb = backend.asarray(a[sl[0]]), backend.asarray(b[sl[1]])
-    fine = refine_shift(ca, cb, (dy - ndy, dx - ndx), backend=backend)
-    conf = ncc(backend.to_host(_detail(ca, backend)), backend.to_host(_detail(cb, backend)))
-    if fine is None:
-        return PairShift(dy, dx, conf)
-    return PairShift(ndy + fine[0], ndx + fine[1], conf)
+        # A small shift is not biased by a whole pixel: no need to cut again before refining.
+        if max(abs(sy), abs(sx)) > RECUT_PX and k < iterations - 1:
+            continue
+        ndy, ndx = round(dy), round(dx)
+        sl = overlap_slices(a.shape, ndy, ndx)
+        if sl is None:
+            return None
+        ca, cb = band_pass(a[sl[0]], backend), band_pass(b[sl[1]], backend)
+        conf = ncc(backend.to_host(ca), backend.to_host(cb))
+        if not subpixel:
+            return PairShift(ndy, ndx, conf)
+        fine = refine_shift(ca, cb, (dy - ndy, dx - ndx), backend=backend, prefiltered=True)
+        if fine is not None:
+            return PairShift(ndy + fine[0], ndx + fine[1], conf)
+        # The refinement did not converge near this peak: correlate again from here.
+    # No estimate was confirmed by the refinement: report it, with no weight in the solve.
+    return PairShift(dy, dx, 0.0)
+
+
+def band_pass(img: Any, backend: Backend = CPU) -> Any:
+    """Gaussian (REFINE_BLUR) minus a wide box low-pass: shot noise and flat-field residuals
+    (slow) both leave, structure stays. Used for the refinement and the confidence, which
+    should measure agreement of structure, not of a shared brightness gradient."""
+    f = backend.asarray(img)
+    return backend.blur(f, REFINE_BLUR) - backend.lowpass(f, HIGHPASS_BOX)
 
 
 def refine_shift(
-    a: Any, b: Any, start: tuple[float, float], sigma: float = REFINE_BLUR, iterations: int = 6,
-    backend: Backend = CPU,
+    a: Any, b: Any, start: tuple[float, float], sigma: float = REFINE_BLUR, iterations: int = 8,
+    backend: Backend = CPU, prefiltered: bool = False,
 ) -> tuple[float, float] | None:
     """Sub-pixel s with b(p) ~= a(p + s), by Gauss-Newton on sum (a(p + s/2) - b(p - s/2))^2.
 
     Both crops are resampled half-way (windowed sinc, exact fraction), so interpolation
     smooths them alike and its phase error cancels. Every pixel of the overlap counts
     equally: this is the least-squares estimate for white noise, where a windowed
-    correlation peak throws away the edges of a narrow strip. None if it does not converge
-    (no texture, or the start was off by more than the smoothing can bridge).
+    correlation peak throws away the edges of a narrow strip. Inputs are band-passed
+    here (Gaussian `sigma` minus a wide low-pass) unless `prefiltered`. None if it does
+    not converge (no texture, or a start off by more than the smoothing can bridge).
     """
     xp = backend.xp
     a, b = backend.asarray(a), backend.asarray(b)
-    if REFINE_HIGHPASS:
-        a = backend.blur(a, sigma) - backend.blur(a, REFINE_HIGHPASS)
-        b = backend.blur(b, sigma) - backend.blur(b, REFINE_HIGHPASS)
-    else:
-        a, b = backend.blur(a, sigma), backend.blur(b, sigma)
+    if not prefiltered:
+        a = backend.blur(a, sigma) - backend.lowpass(a, HIGHPASS_BOX)
+        b = backend.blur(b, sigma) - backend.lowpass(b, HIGHPASS_BOX)
     s = np.array(start, float)
     for _ in range(iterations):
         m = SINC_TAPS + 2 + int(np.ceil(np.abs(s).max() / 2))
@@ -191,13 +217,6 @@ def refine_shift(
         s = s + step
         if np.abs(s - np.asarray(start)).max() > MAX_REFINE_PX:
             return None
-        if np.abs(step).max() < 1e-4:
+        if np.abs(step).max() < 2e-3:
             break
     return float(s[0]), float(s[1])
-
-
-def _detail(img: Any, backend: Backend = CPU) -> Any:
-    """Band-pass (difference of Gaussians): the confidence should measure agreement of
-    structure, not of a shared brightness gradient, which matches at any shift."""
-    f = backend.asarray(img)
-    return backend.blur(f, 1.0) - backend.blur(f, 6.0)

@@ -1,0 +1,81 @@
+"""Runs a peer stitcher on a tile set written by bench_stitch.py; executed by the peers' own
+Python (a separate venv: ashlar and m2stitch pin versions that tapescope does not).
+
+usage: python stitch_peers.py PEER TILESET_DIR   -> one JSON line {"positions": [[y, x], ...], "seconds": t}
+Tiles are named tile_{series:05}_r{row:03}_c{col:03}.tif in raster order (tileset.write_tileset).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+# m2stitch's NCC divides by the norms of the images, not of their deviations from the mean,
+# so on camera counts (a large offset, small contrast) every pair scores near 0 and it
+# asserts "no good top pair". Tiles are handed to it mean-subtracted; its threshold stays.
+NCC_THRESHOLD = 0.5
+
+
+def _read(root: Path):
+    with open(root / "tiles.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    tiles = [tifffile.imread(root / r["file"]) for r in rows]
+    grid = np.array([[int(r["row"]), int(r["col"])] for r in rows])
+    nominal = np.array([[float(r["y"]), float(r["x"])] for r in rows])
+    return rows, tiles, grid, nominal
+
+
+def run_ashlar(root: Path) -> tuple[np.ndarray, float]:
+    from ashlar import reg
+    from ashlar.filepattern import FilePatternReader
+
+    rows, tiles, grid, nominal = _read(root)
+    # FilePatternReader places tiles on a regular grid: the step is the nominal one.
+    step = float(nominal[1, 1] - nominal[0, 1]) if grid[1, 1] == 1 else float(nominal[1, 0] - nominal[0, 0])
+    overlap = 1 - step / tiles[0].shape[1]
+    links = root / "ashlar"
+    links.mkdir(exist_ok=True)
+    for r, (gr, gc) in zip(rows, grid, strict=True):
+        dst = links / f"r{gr:03d}_c{gc:03d}.tif"
+        if not dst.exists():
+            dst.symlink_to(root / r["file"])
+    t0 = time.perf_counter()
+    reader = FilePatternReader(str(links), "r{row:03}_c{col:03}.tif", overlap, pixel_size=1.0)
+    aligner = reg.EdgeAligner(reader, channel=0, max_shift=40, verbose=False, do_make_thumbnail=False)
+    aligner.run()
+    seconds = time.perf_counter() - t0
+    # Ashlar's series order is raster over its own (row, col): map back to ours.
+    pos = np.zeros((len(rows), 2))
+    width = int(grid[:, 1].max()) + 1
+    for k, (gr, gc) in enumerate(grid):
+        pos[k] = aligner.positions[gr * width + gc]
+    return pos, seconds
+
+
+def run_m2stitch(root: Path) -> tuple[np.ndarray, float]:
+    import m2stitch
+
+    _, tiles, grid, nominal = _read(root)
+    t0 = time.perf_counter()   # the mean subtraction counts toward its time
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stack = np.array(tiles, dtype=np.float32)
+        stack -= stack.mean(axis=(1, 2), keepdims=True)
+        result, _ = m2stitch.stitch_images(stack, rows=list(grid[:, 0]), cols=list(grid[:, 1]),
+                                           position_initial_guess=nominal, row_col_transpose=False,
+                                           ncc_threshold=NCC_THRESHOLD)
+    seconds = time.perf_counter() - t0
+    return result[["y_pos", "x_pos"]].to_numpy(float), seconds
+
+
+if __name__ == "__main__":
+    peer, root = sys.argv[1], Path(sys.argv[2])
+    pos, seconds = {"ashlar": run_ashlar, "m2stitch": run_m2stitch}[peer](root)
+    print(json.dumps({"positions": pos.tolist(), "seconds": seconds}))
