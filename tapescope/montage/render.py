@@ -29,8 +29,13 @@ def montage_bounds(positions: np.ndarray, tile_shape: tuple[int, int]) -> tuple[
 
 def _ramp(s: np.ndarray, n: int, ramp: float) -> np.ndarray:
     """feather_weight's 1D profile at (fractional) tile coordinates s; 0 outside the tile."""
-    inside = (s >= 0) & (s <= n - 1)
-    return np.where(inside, np.clip((np.minimum(s, n - 1 - s) + 1.0) / ramp, 0, 1), 0).astype(np.float32)
+    r = np.minimum(s, np.float32(n - 1) - s)
+    inside = r >= 0
+    r += np.float32(1.0)
+    r *= np.float32(1.0 / ramp)
+    np.clip(r, 0, 1, out=r)
+    r *= inside
+    return r
 
 
 def render_block(
@@ -53,6 +58,9 @@ def render_block(
     lo_x, hi_x, lo_y, hi_y = float(mx.min()), float(mx.max()), float(my.min()), float(my.max())
     acc = np.zeros((h, w), np.float32)
     wsum = np.zeros((h, w), np.float32)
+    inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
+    fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
+    slack = fmax * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
     for tile, pos in zip(tiles, np.asarray(positions, float), strict=True):
         py, px = pos
         # Box of the tile that the block needs, one pixel of margin for interpolation.
@@ -60,16 +68,28 @@ def render_block(
         cy0, cy1 = max(int(np.floor(lo_y - py)) - 1, 0), min(int(np.ceil(hi_y - py)) + 2, th)
         if cx0 >= cx1 or cy0 >= cy1:
             continue
-        crop = np.asarray(tile[cy0:cy1, cx0:cx1], np.float32)
-        tx = mx - np.float32(px)
-        ty = my - np.float32(py)
-        wt = _ramp(ty, th, ramp) * _ramp(tx, tw, ramp)
-        if not wt.any():
+        # The part of the block the tile can land on: its corners through the inverse
+        # affine, widened by what the field can add. The per-pixel work below runs on that
+        # part only, so a block costs about its own size however many tiles reach into it.
+        corners = np.array([[px - 1, py - 1, 1], [px + tw, py - 1, 1], [px - 1, py + th, 1], [px + tw, py + th, 1]])
+        out_xy = corners @ inv[:2].T
+        bx0 = max(int(np.floor(out_xy[:, 0].min() - slack)) - x0, 0)
+        bx1 = min(int(np.ceil(out_xy[:, 0].max() + slack)) - x0 + 1, w)
+        by0 = max(int(np.floor(out_xy[:, 1].min() - slack)) - y0, 0)
+        by1 = min(int(np.ceil(out_xy[:, 1].max() + slack)) - y0 + 1, h)
+        if bx0 >= bx1 or by0 >= by1:
             continue
-        t = cv2.remap(crop, tx - np.float32(cx0), ty - np.float32(cy0), cv2.INTER_LINEAR,
-                      borderMode=cv2.BORDER_REPLICATE)
-        acc += t * wt
-        wsum += wt
+        tx = mx[by0:by1, bx0:bx1] - np.float32(px)
+        ty = my[by0:by1, bx0:bx1] - np.float32(py)
+        wt = _ramp(ty, th, ramp)
+        wt *= _ramp(tx, tw, ramp)
+        crop = np.asarray(tile[cy0:cy1, cx0:cx1], np.float32)
+        tx -= np.float32(cx0)
+        ty -= np.float32(cy0)
+        t = cv2.remap(crop, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        t *= wt
+        acc[by0:by1, bx0:bx1] += t
+        wsum[by0:by1, bx0:bx1] += wt
     out = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 1e-6)
     return out, wsum
 
