@@ -91,3 +91,52 @@ def test_transform_compose_and_roundtrip(tmp_path) -> None:
     a.save(tmp_path / "t.npz")
     back = SectionTransform.load(tmp_path / "t.npz")
     assert np.array_equal(back.matrix, a.matrix) and np.array_equal(back.field, a.field)
+
+
+def test_batched_flow_matches_the_tile_registration() -> None:
+    from tapescope.montage.flow import batched_phase_correlate
+    from tapescope.stitching.register import phase_correlate
+
+    st = make_stack(1, (256, 256), seed=3, missing=(), elastic_px=0.0, max_shift_px=0.0)
+    img = st.images[0]
+    import cv2
+    shifts = [(2.3, -1.6), (-4.75, 3.1), (0.4, 0.0)]
+    a, b = [], []
+    for dy, dx in shifts:
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        moved = cv2.warpAffine(img, m, (256, 256), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP)
+        a.append(moved[64:192, 64:192])   # moved(p) = img(p + s)
+        b.append(img[64:192, 64:192])
+    got, sharp = batched_phase_correlate(np.stack(a), np.stack(b), max_shift=16)
+    for (dy, dx), g, ai, bi in zip(shifts, got, a, b, strict=True):
+        # b(p) = a(p + s)  <=>  img(p) = img(p + shift + s): s = -shift
+        assert g == pytest.approx((-dy, -dx), abs=0.08)
+        ref = phase_correlate(ai, bi, max_shift=16)
+        assert g == pytest.approx(ref[:2], abs=0.1)
+    assert (sharp > 5).all()
+
+
+def test_device_choice() -> None:
+    from tapescope.montage.device import array_module, gpu_available
+
+    assert array_module("cpu") is np
+    with pytest.raises(ValueError, match="device must be one of"):
+        array_module("tpu")
+    if gpu_available():
+        assert array_module("gpu").__name__ == "cupy"
+    else:
+        assert array_module("auto") is np
+        with pytest.raises(RuntimeError, match="CuPy or a CUDA device is not available"):
+            array_module("gpu")
+
+
+def test_flow_on_gpu_equals_cpu(stack) -> None:
+    from tapescope.montage.device import array_module, gpu_available
+
+    if not gpu_available():
+        pytest.skip("no CuPy or no CUDA device here")
+    from tapescope.montage.flow import patch_flow
+    cpu = patch_flow(stack.images[0], stack.images[0], None, stride=64, patch=64, max_shift=8)
+    gpu = patch_flow(stack.images[0], stack.images[0], None, stride=64, patch=64, max_shift=8,
+                     xp=array_module("gpu"))
+    assert np.allclose(cpu.vectors, gpu.vectors, atol=0.05)

@@ -9,13 +9,14 @@ docs/alignment.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import cv2
 import numpy as np
 
 from tapescope.stitching.register import ncc, phase_correlate
 
-from .device import array_module
+from .device import array_module, to_numpy
 from .flow import clean_flow, patch_flow, relax_mesh
 from .transform import SectionTransform
 
@@ -185,9 +186,16 @@ def coarse_affine(
 
 
 def remap_image(img: np.ndarray, transform: SectionTransform, shape: tuple[int, int],
-                fill: float = 0.0) -> np.ndarray:
-    """out(p) = img(transform(p)) over an output of `shape`, bilinear, in RAM."""
+                fill: float = 0.0, xp: ModuleType = np) -> np.ndarray:
+    """out(p) = img(transform(p)) over an output of `shape`, bilinear, in RAM; on the GPU
+    (cupyx map_coordinates) when `xp` is CuPy."""
     mx, my = transform.block_maps(0, 0, shape[0], shape[1])
+    if xp is not np:
+        from cupyx.scipy import ndimage as cnd  # type: ignore[import-not-found]
+
+        coords = xp.stack([xp.asarray(my), xp.asarray(mx)])
+        return to_numpy(cnd.map_coordinates(xp.asarray(img, xp.float32), coords, order=1, mode="constant",
+                                            cval=fill))
     return cv2.remap(img.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                      borderValue=fill)
 
@@ -220,7 +228,7 @@ def align_section(
         field = np.zeros((*SectionTransform.grid_shape(shape, stride), 2), np.float32)
         for _ in range(passes):
             current = SectionTransform(transform.matrix, field, stride)
-            warped = remap_image(mf, current, shape, float(mf.mean()))
+            warped = remap_image(mf, current, shape, float(mf.mean()), xp)
             both = fv & (remap_image(mv, current, shape) > 0.99)
             flow = patch_flow(ff, warped, both, stride=stride, patch=patch, max_shift=patch / 8, xp=xp)
             weight = clean_flow(flow)
