@@ -24,6 +24,7 @@ PRE_BLUR = 1.0       # px; suppresses shot noise, which whitening would amplify
 WINDOW_TAPER = 1.0   # Tukey taper fraction; 1 = Hann (the integer peak only: refine_shift does the rest)
 REFINE_BLUR = 1.0    # px; smoothing before the least-squares refinement (measured best at 1)
 HIGHPASS_BOX = 21    # px; the low-pass removed before refinement (two box passes, ~ a 9 px Gaussian)
+COARSE_MIN_PX = 64   # overlaps at least this wide are correlated at half resolution first
 RECUT_PX = 3.0       # cut the overlap again only while the correlation still finds a shift over this
 MAX_REFINE_PX = 2.0  # a refinement that wanders further than this from the correlation peak failed
 
@@ -144,17 +145,25 @@ def register_pair(
     """
     dy, dx = float(nominal[0]), float(nominal[1])
     conf = 0.0
-    for k in range(iterations):
+    # Large overlaps are correlated at half resolution first (a quarter of the FFT work):
+    # the integer estimate is then good to about a pixel, which the refinement bridges;
+    # where it does not, the later rounds correlate at full resolution.
+    sl = overlap_slices(a.shape, round(dy), round(dx))
+    big = subpixel and sl is not None and min(a[sl[0]].shape) >= COARSE_MIN_PX
+    bins = [2] * max(1, iterations - 1) + [1] * iterations if big else [1] * iterations
+    for k, binning in enumerate(bins):
         ndy, ndx = round(dy), round(dx)
         sl = overlap_slices(a.shape, ndy, ndx)
         if sl is None:
             return None
         sa, sb = sl
         # b(p) ~= a(p + s) within the crops, so b sits s further from a than the cut.
-        sy, sx, _ = phase_correlate(a[sa], b[sb], upsample=1, backend=backend)
-        dy, dx = ndy + sy, ndx + sx
+        sy, sx, _ = phase_correlate(_bin(a[sa], binning, backend), _bin(b[sb], binning, backend),
+                                    upsample=1, backend=backend)
+        dy, dx = ndy + sy * binning, ndx + sx * binning
         # A small shift is not biased by a whole pixel: no need to cut again before refining.
-        if max(abs(sy), abs(sx)) > RECUT_PX and k < iterations - 1:
+        last_of_kind = k == len(bins) - 1 or bins[k + 1] != binning
+        if max(abs(sy), abs(sx)) * binning > RECUT_PX and not last_of_kind:
             continue
         ndy, ndx = round(dy), round(dx)
         sl = overlap_slices(a.shape, ndy, ndx)
@@ -170,6 +179,15 @@ def register_pair(
         # The refinement did not converge near this peak: correlate again from here.
     # No estimate was confirmed by the refinement: report it, with no weight in the solve.
     return PairShift(dy, dx, 0.0)
+
+
+def _bin(img: np.ndarray, factor: int, backend: Backend) -> Any:
+    """Mean of factor x factor blocks (edges that do not fill a block are dropped)."""
+    f = backend.asarray(img)
+    if factor == 1:
+        return f
+    h, w = (n // factor * factor for n in f.shape)
+    return f[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
 def band_pass(img: Any, backend: Backend = CPU) -> Any:
