@@ -156,3 +156,20 @@ def test_unreachable_scheduler_is_bad_input(sim_stack, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["align", str(d), "--out", str(tmp_path), "--scheduler", "tcp://127.0.0.1:1"])
     assert result.exit_code == 2
     assert "cannot connect" in result.output
+
+
+def test_wrong_tissue_is_unaligned_and_stepped_over(tmp_path: Path) -> None:
+    st = make_stack(4, SHAPE, seed=4, max_shift_px=40, elastic_px=1.0, missing=())
+    other = make_stack(1, SHAPE, seed=99, missing=())      # another specimen altogether
+    images = [st.images[0], st.images[1], other.images[0], st.images[3]]
+    d = write_stack(tmp_path / "stack", [im * 30000 for im in images])
+    res = align_stack(d, tmp_path / "out")
+    by_z = {o.z: o for o in res.sections}
+    assert by_z[2].status == "unaligned" and "did not register to z=1" in by_z[2].message
+    assert by_z[3].status == "ok" and by_z[3].reference_z == 1   # paired again, across the gap
+    vol = Volume.open(res.volume)
+    t1 = vol.load_transform(1)
+    r = st.residual(3, vol.load_transform(3), chain={1: t1})
+    assert float(np.sqrt((r ** 2).mean())) < 0.5
+    sections = zarr.open_group(str(res.volume), mode="r").attrs["tapescope"]["sections"]
+    assert sections["2"]["status"] == "unaligned"

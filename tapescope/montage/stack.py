@@ -252,8 +252,10 @@ def align_stack(
         say(f"aligning {len(todo)} section pairs")
         results = map_fn(align_pair, [f for f, _ in todo], [by_z[f].path for f, _ in todo],
                          [m for _, m in todo], [by_z[m].path for _, m in todo], [params] * len(todo))
-        failed = set()
-        for r in results:
+        failed: set[int] = set()
+        for r in sorted(results, key=lambda r: r.moving_z):
+            if r.fixed_z in failed:
+                continue   # its reference just dropped out: paired again in the next round
             if r.confidence < MIN_PAIR_CONFIDENCE:
                 o = outcome[r.moving_z]
                 o.status, o.confidence, o.reference_z = "unaligned", r.confidence, r.fixed_z
