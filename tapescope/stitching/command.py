@@ -20,6 +20,8 @@ def stitch(
     flatfield: str = typer.Option("auto", "--flatfield",
                                   help="auto (estimate from the tiles) | none | a bright-reference TIFF"),
     dark: Path | None = typer.Option(None, "--dark", help="dark-reference TIFF, subtracted before the flat-field"),
+    lens: str = typer.Option("estimate", "--lens",
+                             help="estimate (a radial lens model from the overlaps, applied if it fits) | none"),
 ) -> None:
     """Stitch a tile set from any scope: register every neighbouring pair and solve tile positions."""
     console = Console(soft_wrap=True)
@@ -29,6 +31,8 @@ def stitch(
         err.print(f"[bold red]error:[/] {message}", highlight=False)
         return typer.Exit(2)
 
+    if lens not in ("estimate", "none"):
+        raise fail(f"--lens must be estimate or none, not {lens!r}")
     if device not in ("auto", "cpu", "gpu"):
         raise fail(f"--device must be auto, cpu or gpu, not {device!r}")
     try:
@@ -37,7 +41,7 @@ def stitch(
         raise fail(f"--device gpu: {exc}") from None
     try:
         run = run_stitch(tileset_dir, out, backend, flatfield, dark,
-                         warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False))
+                         warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False), lens=lens)
     except TileSetError as exc:
         raise fail(str(exc)) from None
     sol = run.result.solution
@@ -49,6 +53,13 @@ def stitch(
     if used.size:
         console.print(f"pair residual after the solve: median {np.median(used):.3f} px, max {used.max():.3f} px; "
                       f"seams over {SEAM_PX:g} px: {len(sol.seams)}")
+    fit = run.result.lens
+    if fit is not None:
+        console.print(f"lens: k1 {fit.model.k1:.3e} from {fit.n_patches} patches, patch residual RMS "
+                      f"{fit.rms_before:.3f} px without, {fit.rms_after:.3f} px with: "
+                      f"{'applied' if fit.accepted else 'not applied (does not explain the residuals)'}")
+    elif lens == "estimate":
+        console.print("lens: too few overlap patches to estimate; not applied")
     console.print(f"flat-field: {run.flatfield}; device: {backend.name}; "
                   f"{run.seconds:.2f} s, {run.megapixels / max(run.seconds, 1e-9):.1f} Mpx/s")
     console.print(f"wrote {out / 'positions.csv'} and {out / 'pairs.csv'}")

@@ -12,9 +12,16 @@ so a tile's position is still the position of its centre pixel minus the centre 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from scipy.sparse import coo_matrix, hstack
+from scipy.sparse.linalg import lsqr
+
+from .backend import CPU
+from .register import band_pass, overlap_slices, refine_shift
 
 
 @dataclass(frozen=True)
@@ -50,3 +57,153 @@ def radial_basis(q: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     v = q - c
     rho2 = (v**2).sum(-1, keepdims=True) / r_norm**2
     return np.stack([rho2 * v, rho2**2 * v], -1)
+
+
+# -- estimation from the overlaps of a montage --------------------------------------------
+#
+# A patch of the overlap of tiles a and b, centred at pixel qb of b, is measured (by the
+# same least-squares refinement as whole pairs) to sit at qa = qb + m in a. The same
+# specimen point seen twice gives  pa + qa + D(qa) = pb + qb + D(qb),  so
+#
+#     m = (pb - pa) + k1 * (B1(qb) - B1(qa))
+#
+# which is linear in the tile positions and k1 together: one sparse least-squares solve
+# over all patches of all pairs gives both. The constant part of a pair's distortion is
+# indistinguishable from its offset; k1 is fixed by how the offset varies along the seam.
+
+LENS_PATCHES = 8          # patches along each overlap
+MIN_PATCHES = 24          # fewer than this: no estimate
+PATCH_OUTLIER_PX = 0.5   # a patch this far from the fit (and 3x the median) is dropped
+MIN_GAIN = 0.9            # keep a model only if it cuts the patch residual RMS by 10 % or more
+
+
+@dataclass(frozen=True)
+class PatchOffset:
+    i: int                 # tile a
+    j: int                 # tile b
+    qb: np.ndarray         # (2,) patch centre in b's pixels
+    m: np.ndarray          # (2,) measured: the patch sits at qb + m in a's pixels
+
+
+@dataclass(frozen=True)
+class LensFit:
+    model: RadialDistortion
+    rms_before: float      # patch residual RMS (px) of a translation-only fit
+    rms_after: float       # ... with the model
+    n_patches: int
+    accepted: bool         # the model is worth applying (cuts the residual by MIN_GAIN)
+
+
+def measure_patches(
+    a: np.ndarray, b: np.ndarray, i: int, j: int, offset: tuple[float, float], origin_a: np.ndarray,
+    origin_b: np.ndarray, n: int = LENS_PATCHES, backend: Any = None,
+) -> list[PatchOffset]:
+    """Patch offsets along the overlap of a and b (crops of the tiles starting at origin_a and
+    origin_b in tile pixels; `offset` is b's position relative to a in crop pixels)."""
+    backend = backend or CPU
+    nd = (round(offset[0]), round(offset[1]))
+    sl = overlap_slices(a.shape, *nd)
+    if sl is None:
+        return []
+    ca, cb = backend.to_host(band_pass(a[sl[0]], backend)), backend.to_host(band_pass(b[sl[1]], backend))
+    long_axis = int(np.argmax(ca.shape))
+    # Patches at least as long as the overlap is wide: shorter ones hold too little texture.
+    n = max(2, min(n, ca.shape[long_axis] // max(ca.shape[1 - long_axis], 1)))
+    edges = np.linspace(0, ca.shape[long_axis], n + 1).round().astype(int)
+    start = (offset[0] - nd[0], offset[1] - nd[1])
+    out = []
+    for lo, hi in itertools.pairwise(edges):
+        cut = (slice(lo, hi), slice(None)) if long_axis == 0 else (slice(None), slice(lo, hi))
+        fine = refine_shift(ca[cut], cb[cut], start, backend=backend, prefiltered=True)
+        if fine is None:
+            continue
+        centre = np.array([(lo + hi - 1) / 2, (ca.shape[1] - 1) / 2]) if long_axis == 0 else \
+            np.array([(ca.shape[0] - 1) / 2, (lo + hi - 1) / 2])
+        qb = centre + np.array([sl[1][0].start, sl[1][1].start]) + origin_b
+        m = np.array(nd, float) + np.array(fine) + origin_a - origin_b
+        out.append(PatchOffset(i, j, qb, m))
+    return out
+
+
+def fit_lens(
+    patches: list[PatchOffset], stage_px: np.ndarray, shape: tuple[int, int], prior_weight: float = 1e-3,
+) -> LensFit | None:
+    """Joint least squares of tile positions and k1 over patch offsets; None if too few.
+
+    Patches that disagree with the fit (residual over PATCH_OUTLIER_PX and over three
+    times the median) are dropped and the fit repeated: a patch of blank resin or a
+    refinement caught on a false minimum must not bend the lens of the whole camera.
+    """
+    keep = list(patches)
+    fit = None
+    for _ in range(4):
+        if len(keep) < MIN_PATCHES:
+            return fit
+        fit, res = _fit_once(keep, stage_px, shape, prior_weight)
+        bound = max(PATCH_OUTLIER_PX, 3 * float(np.median(res)))
+        if (res <= bound).all():
+            break
+        keep = [p for p, r in zip(keep, res, strict=True) if r <= bound]
+    return fit
+
+
+def _fit_once(
+    patches: list[PatchOffset], stage_px: np.ndarray, shape: tuple[int, int], prior_weight: float,
+) -> tuple[LensFit, np.ndarray]:
+    n = len(stage_px)
+    rows, cols, vals, rhs = [], [], [], []
+    kcol = []
+    for r, p in enumerate(patches):
+        qa = p.qb + p.m
+        d = radial_basis(p.qb, shape)[:, 0] - radial_basis(qa, shape)[:, 0]   # (2,) per unit k1
+        for axis in range(2):
+            row = 2 * r + axis
+            rows += [row, row]
+            cols += [2 * p.j + axis, 2 * p.i + axis]
+            vals += [1.0, -1.0]
+            rhs.append(p.m[axis])
+            kcol.append(d[axis])
+    n_meas = 2 * len(patches)
+    n_rows = n_meas
+    for t in range(n):
+        for axis in range(2):
+            rows.append(n_rows)
+            cols.append(2 * t + axis)
+            vals.append(prior_weight)
+            rhs.append(prior_weight * stage_px[t, axis])
+            kcol.append(0.0)
+            n_rows += 1
+    base = coo_matrix((vals, (rows, cols)), shape=(n_rows, 2 * n)).tocsr()
+    b = np.asarray(rhs)
+    k = np.asarray(kcol)
+
+    def residuals(x: np.ndarray, k1: float) -> np.ndarray:
+        res = (base @ x + k * k1 - b)[:n_meas].reshape(-1, 2)
+        return np.linalg.norm(res, axis=1)
+
+    x0 = lsqr(base, b, atol=1e-12, btol=1e-12)[0]
+    # Scale the k1 column to the others' size so the solver treats it evenly.
+    scale = float(np.abs(k).max()) or 1.0
+    full = hstack([base, coo_matrix(k[:, None] / scale)]).tocsr()
+    x1 = lsqr(full, b, atol=1e-12, btol=1e-12)[0]
+    k1 = float(x1[-1] / scale)
+    before = residuals(x0, 0.0)
+    after = residuals(x1[:-1], k1)
+    rms_b, rms_a = (float(np.sqrt((r**2).mean())) for r in (before, after))
+    return LensFit(RadialDistortion(k1), rms_b, rms_a, len(patches), rms_a < MIN_GAIN * rms_b), after
+
+
+def pair_correction(model: RadialDistortion, shape: tuple[int, int], offset: np.ndarray,
+                    samples: int = 16) -> np.ndarray:
+    """What the lens adds to the offset of a pair measured over its whole overlap: the mean of
+    D(qb) - D(qb + offset) over the overlap (in tile pixels). Subtract it from the offset."""
+    h, w = shape
+    dy, dx = float(offset[0]), float(offset[1])
+    # The overlap in b's pixels: where qb + offset is inside a.
+    y0, y1 = max(0.0, -dy), min(h, h - dy)
+    x0, x1 = max(0.0, -dx), min(w, w - dx)
+    if y1 <= y0 or x1 <= x0:
+        return np.zeros(2)
+    yy, xx = np.meshgrid(np.linspace(y0, y1 - 1, samples), np.linspace(x0, x1 - 1, samples), indexing="ij")
+    qb = np.stack([yy, xx], -1).reshape(-1, 2)
+    return (model.at(qb, shape) - model.at(qb + np.array([dy, dx]), shape)).mean(0)

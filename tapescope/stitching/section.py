@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .backend import CPU, Backend
+from .lens import RadialDistortion
 from .stream import StitchResult, StreamingStitcher
 
 __all__ = ["StitchResult", "neighbour_pairs", "stitch_section"]
@@ -25,9 +26,13 @@ def neighbour_pairs(grid: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def stitch_section(
     tiles: Sequence[np.ndarray], stage_px: np.ndarray, grid: Sequence[tuple[int, int]],
-    backend: Backend = CPU,
+    backend: Backend = CPU, lens: str | RadialDistortion = "none",
 ) -> StitchResult:
-    """Positions (top-left, pixels) of flat-fielded tiles of one section."""
+    """Positions (top-left, pixels) of flat-fielded tiles of one section.
+
+    lens: "none", "estimate" (fit a radial model to this montage's overlaps and correct
+    for it when it explains them) or a known RadialDistortion; see StreamingStitcher.finish.
+    """
     if not (len(tiles) == len(stage_px) == len(grid)):
         raise ValueError("tiles, stage positions and grid indices must have the same length")
     stage_px = np.asarray(stage_px, dtype=float)
@@ -36,4 +41,4 @@ def stitch_section(
     stitcher = StreamingStitcher(backend=backend)   # tiles here are flat-fielded already
     for tile, rc, pos in zip(tiles, grid, stage_px, strict=True):
         stitcher.add(rc, tile, pos)
-    return stitcher.finish()
+    return stitcher.finish(lens=lens)

@@ -21,8 +21,9 @@ import numpy as np
 
 from .backend import CPU, Backend
 from .flatfield import apply_flatfield
+from .lens import LensFit, PatchOffset, RadialDistortion, fit_lens, measure_patches, pair_correction
 from .register import register_pair
-from .solve import Pair, Solution, solve_positions
+from .solve import MIN_CONFIDENCE, Pair, Solution, solve_positions
 
 Key = tuple[int, int]
 
@@ -37,7 +38,9 @@ class _Stored:
 @dataclass
 class StitchResult:
     solution: Solution
-    pairs: list[Pair]
+    pairs: list[Pair]                  # as measured (before any lens correction)
+    lens: LensFit | None = None        # the lens model estimated from this montage, if asked
+    lens_applied: RadialDistortion | None = None   # the model the solve corrected for
 
 
 class StreamingStitcher:
@@ -82,10 +85,43 @@ class StreamingStitcher:
                     new.append(pair)
         return new
 
-    def finish(self) -> StitchResult:
-        """The global solve over every pair registered so far."""
+    def finish(self, lens: str | RadialDistortion = "none") -> StitchResult:
+        """The global solve over every pair registered so far.
+
+        lens: "none"; a known RadialDistortion (one per camera, e.g. from an earlier
+        montage) whose effect on each pair's offset is subtracted before the solve; or
+        "estimate": fit k1 to patch offsets along every confident overlap (lens.py) and
+        apply it if it explains the patch residuals (LensFit.accepted).
+        """
+        if not isinstance(lens, RadialDistortion) and lens not in ("none", "estimate"):
+            raise ValueError(f"lens must be 'none', 'estimate' or a RadialDistortion, not {lens!r}")
         stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
-        return StitchResult(solve_positions(stage, self.pairs), list(self.pairs))
+        if lens == "none" or self.shape is None:
+            return StitchResult(solve_positions(stage, self.pairs), list(self.pairs))
+        patches = self.patch_offsets()
+        fit = None
+        model = lens if isinstance(lens, RadialDistortion) else None
+        if lens == "estimate":
+            fit = fit_lens(patches, stage, self.shape)
+            model = fit.model if fit is not None and fit.accepted else None
+        pairs = self.pairs
+        if model is not None and not model.is_identity:
+            pairs = corrected_pairs(self.pairs, patches, model, self.shape)
+        return StitchResult(solve_positions(stage, pairs), list(self.pairs), fit, model)
+
+    def patch_offsets(self) -> list[PatchOffset]:
+        """Offsets of patches along every confident overlap (for the lens fit)."""
+        by_index = {st.index: st for st in self._tiles.values()}
+        out: list[PatchOffset] = []
+        for p in self.pairs:
+            if p.confidence < MIN_CONFIDENCE:
+                continue
+            a, b = by_index[p.i], by_index[p.j]
+            horizontal = self.keys[p.i][0] == self.keys[p.j][0]
+            sa, sb, origin = self._strips(a, b, horizontal)
+            local = (p.dy - origin[0], p.dx - origin[1])
+            out += measure_patches(sa, sb, p.i, p.j, local, origin, np.zeros(2), backend=self.backend)
+        return out
 
     # -- internals ---------------------------------------------------------------------
     def _cut(self, tile: np.ndarray) -> dict[str, np.ndarray]:
@@ -101,18 +137,38 @@ class StreamingStitcher:
             out[name] = apply_flatfield(tile[sl], gain, dark)
         return out
 
-    def _register(self, a: _Stored, b: _Stored, horizontal: bool) -> Pair | None:
-        nominal = b.position - a.position
+    def _strips(self, a: _Stored, b: _Stored, horizontal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The crops of a and b that hold their overlap, and where a's crop starts in a."""
         if self.strip_px is None:
-            sa, sb, origin = a.strips["all"], b.strips["all"], np.zeros(2)
-        elif horizontal:
-            sa, sb = a.strips["right"], b.strips["left"]
-            origin = np.array([0.0, self.shape[1] - self.strip_px])   # strip of a starts here in a
-        else:
-            sa, sb = a.strips["bottom"], b.strips["top"]
-            origin = np.array([self.shape[0] - self.strip_px, 0.0])
-        local = nominal - origin
+            return a.strips["all"], b.strips["all"], np.zeros(2)
+        if horizontal:
+            return a.strips["right"], b.strips["left"], np.array([0.0, self.shape[1] - self.strip_px])
+        return a.strips["bottom"], b.strips["top"], np.array([self.shape[0] - self.strip_px, 0.0])
+
+    def _register(self, a: _Stored, b: _Stored, horizontal: bool) -> Pair | None:
+        sa, sb, origin = self._strips(a, b, horizontal)
+        local = b.position - a.position - origin
         shift = register_pair(sa, sb, (float(local[0]), float(local[1])), backend=self.backend)
         if shift is None:
             return None
         return Pair(a.index, b.index, shift.dy + origin[0], shift.dx + origin[1], shift.confidence)
+
+
+def corrected_pairs(pairs: list[Pair], patches: list[PatchOffset], model: RadialDistortion,
+                    shape: tuple[int, int]) -> list[Pair]:
+    """Pair offsets with the lens taken out: the mean over the pair's patches of
+    m - (D(qb) - D(qb + m)), each patch corrected where it was measured (a whole-overlap
+    offset averages a distortion that varies along the seam with weights nobody knows)."""
+    by_pair: dict[tuple[int, int], list[np.ndarray]] = {}
+    for p in patches:
+        c = model.at(p.qb, shape) - model.at(p.qb + p.m, shape)
+        by_pair.setdefault((p.i, p.j), []).append(p.m - c)
+    out = []
+    for p in pairs:
+        est = by_pair.get((p.i, p.j))
+        if est:
+            d = np.mean(est, axis=0)
+        else:
+            d = np.array([p.dy, p.dx]) - pair_correction(model, shape, np.array([p.dy, p.dx]))
+        out.append(Pair(p.i, p.j, float(d[0]), float(d[1]), p.confidence))
+    return out

@@ -134,7 +134,7 @@ class StitchRun:
 
 def run_stitch(
     tileset_dir: Path, out_dir: Path, backend: Backend, flatfield: str = "auto", dark: Path | None = None,
-    warn: Callable[[str], None] = lambda _m: None,
+    warn: Callable[[str], None] = lambda _m: None, lens: str = "estimate",
 ) -> StitchRun:
     """Read, check, stitch and write; raises TileSetError (and writes nothing) on bad input."""
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def run_stitch(
     for name, rc, pos, tile in zip(ts.files, ts.grid, ts.nominal, tiles, strict=True):
         del name
         stitcher.add(rc, tile, pos)
-    result = stitcher.finish()
+    result = stitcher.finish(lens=lens)
     write_outputs(out_dir, ts, result)
     return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6)
 
