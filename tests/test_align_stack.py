@@ -113,13 +113,16 @@ def dask_cluster(tmp_path: Path) -> Iterator[str]:
         for i in range(2):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sched_file),
-                 "--nthreads", "1", "--no-dashboard", "--name", f"w{i}", "--host", "127.0.0.1"],
+                 "--nthreads", "1", "--no-dashboard", "--no-nanny", "--name", f"w{i}", "--host", "127.0.0.1"],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         import json
         yield json.loads(sched_file.read_text())["address"]
     finally:
-        for p in reversed(procs):
-            p.terminate()
+        # Workers run without a nanny, so each is one process and a kill leaves nothing
+        # behind; the scheduler gets a clean terminate.
+        for p in procs[1:]:
+            p.kill()
+        procs[0].terminate()
         for p in procs:
             try:
                 p.wait(20)
