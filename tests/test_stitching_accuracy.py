@@ -111,3 +111,29 @@ def test_no_lens_is_not_invented() -> None:
     fit = stitch_section(tiles, ts.stage_px, ts.grid, lens="estimate").lens
     assert fit is not None and not fit.accepted
     assert abs(fit.model.k1) * 2**1.5 * 384 < 0.1    # under 0.1 px at the corner
+
+
+def test_flatfield_leaves_blank_and_saturated_tiles_out() -> None:
+    ts = make_tileset(SyntheticParams(tile=256, rows=3, cols=4, overlap=0.1, dose=300, seed=12, dust=0))
+    dark = ts.params.dark
+    clean = estimate_flatfield(ts.tiles, dark=dark)
+    blank = make_tileset(SyntheticParams(tile=256, rows=1, cols=3, overlap=0.1, dose=300, seed=13, dust=0,
+                                         blank=((0, 0), (0, 1), (0, 2))))
+    saturated = ts.tiles[0].copy()
+    saturated[:128] = 65535
+    mixed = estimate_flatfield([*ts.tiles, *blank.tiles, saturated], dark=dark)
+    # Blank resin under a different vignetting would pull a plain median toward its own field.
+    assert np.abs(mixed / clean - 1).max() < 0.01
+    core = (slice(16, -16), slice(16, -16))
+    assert np.abs(mixed / ts.gain - 1)[core].max() < 0.05   # 12 small tiles: specimen left in the median
+
+
+def test_bright_and_dark_references_give_the_gain() -> None:
+    from tapescope.stitching.flatfield import flatfield_from_references
+
+    ts = make_tileset(SyntheticParams(tile=128, rows=1, cols=1, seed=1))
+    dark = np.full(ts.gain.shape, 100.0, np.float32)
+    gain = flatfield_from_references(ts.gain * 4000 + dark, dark)
+    assert np.allclose(gain, ts.gain, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a bright exposure"):
+        flatfield_from_references(dark, dark)

@@ -27,6 +27,18 @@ def _poly_basis(h: int, w: int, degree: int) -> np.ndarray:
 BLANK_CONTRAST = 0.35   # detail contrast below this fraction of the set's median: a blank tile
 
 
+def _poly_eval(coef: np.ndarray, h: int, w: int, degree: int) -> np.ndarray:
+    """The fitted polynomial on the full h x w grid, as Y @ C @ X^T: a dense basis of every
+    pixel times every term would cost h * w * terms memory (120 MB for a 1k tile)."""
+    y = np.linspace(-1, 1, h)[:, None] ** np.arange(degree + 1)
+    x = np.linspace(-1, 1, w)[:, None] ** np.arange(degree + 1)
+    c = np.zeros((degree + 1, degree + 1))
+    terms = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]   # as _poly_basis orders them
+    for (i, j), v in zip(terms, coef, strict=True):
+        c[j, i] = v                       # x**i * y**j
+    return (y @ c @ x.T).astype(np.float32)
+
+
 def saturation_level(dtype: np.dtype) -> float:
     return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else np.inf
 
@@ -62,10 +74,13 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
         if not usable_for_flatfield(tile):
             continue
         t = tile.astype(np.float32) - dark
-        med = float(np.median(t))
+        # Normalise by the median of the reduced tile: the median of a full tile costs more
+        # than all the rest of the estimate together, and the scale is all it sets.
+        reduced = cv2.resize(t, (FIT_GRID, FIT_GRID), interpolation=cv2.INTER_AREA)
+        med = float(np.median(reduced))
         if med <= 0:
             continue
-        small.append(cv2.resize(t / med, (FIT_GRID, FIT_GRID), interpolation=cv2.INTER_AREA))
+        small.append(reduced / med)
         contrast.append(detail_contrast(t))
     if small:
         keep = np.array(contrast) >= BLANK_CONTRAST * float(np.median(contrast))
@@ -75,7 +90,7 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
     med = np.median(np.stack(small), axis=0)
     basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
     coef, *_ = np.linalg.lstsq(basis, med.ravel(), rcond=None)
-    full = (_poly_basis(shape[0], shape[1], FIT_DEGREE) @ coef).reshape(shape)
+    full = _poly_eval(coef, shape[0], shape[1], FIT_DEGREE)
     return (full / full.mean()).astype(np.float32)
 
 
