@@ -9,15 +9,15 @@ docs/alignment.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import cv2
 import numpy as np
 
 from tapescope.stitching.register import ncc, phase_correlate
 
-from .device import array_module, to_numpy
-from .flow import clean_flow, patch_flow, relax_mesh
+from .device import array_module
+from .flow import clean_flow, flow_rows, relax_mesh
+from .render import render_block
 from .transform import SectionTransform
 
 COARSE_FACTOR = 4
@@ -108,12 +108,31 @@ def _scale_matrix(k: float) -> np.ndarray:
     return np.array([[k, 0, o], [0, k, o], [0, 0, 1.0]])
 
 
-def _coarse(img: np.ndarray, valid: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    f = _fill_invalid(img, valid)
-    size = (max(f.shape[1] // k, 1), max(f.shape[0] // k, 1))
-    small = cv2.resize(f, size, interpolation=cv2.INTER_AREA)
-    v = np.ones(f.shape, np.float32) if valid is None else valid.astype(np.float32)
-    vs = cv2.resize(v, size, interpolation=cv2.INTER_AREA) > 0.99
+def block_mean(img: np.ndarray, valid: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k x k block means of the image (invalid pixels filled with the valid mean) and of
+    its valid mask (> 0.99: wholly imaged), read in strips of rows so that a memory-mapped
+    section of any size is never loaded whole."""
+    h, w = (img.shape[0] // k) * k, (img.shape[1] // k) * k
+    step = k * max(1, 4096 // k)
+    total, count = 0.0, 0
+    for y in range(0, h, step):
+        strip = np.asarray(img[y:y + step, :w], np.float32)
+        v = None if valid is None else np.asarray(valid[y:y + step, :w], bool)
+        total += float(strip.sum() if v is None else strip[v].sum())
+        count += strip.size if v is None else int(v.sum())
+    fill = total / count if count else 0.0
+    small = np.empty((h // k, w // k), np.float32)
+    vs = np.ones((h // k, w // k), bool)
+    size = (w // k, None)
+    for y in range(0, h, step):
+        strip = np.asarray(img[y:y + step, :w], np.float32)
+        rows = strip.shape[0] // k
+        size = (w // k, rows)
+        if valid is not None:
+            v = np.asarray(valid[y:y + step, :w], np.float32)
+            strip = np.where(v > 0, strip, np.float32(fill))
+            vs[y // k:y // k + rows] = cv2.resize(v, size, interpolation=cv2.INTER_AREA) > 0.99
+        small[y // k:y // k + rows] = cv2.resize(strip, size, interpolation=cv2.INTER_AREA)
     return small, vs
 
 
@@ -122,6 +141,14 @@ def _warp(img: np.ndarray, m: np.ndarray, shape: tuple[int, int], fill: float = 
     return cv2.warpAffine(img.astype(np.float32), np.asarray(m[:2], np.float64), (shape[1], shape[0]),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=fill)
+
+
+@dataclass
+class _Coarse:
+    transform: SectionTransform
+    confidence: float
+    rotation_deg: float
+    overlap: float
 
 
 def coarse_affine(
@@ -135,9 +162,15 @@ def coarse_affine(
     ECC maximisation (OpenCV) refines it, masked to where the fixed section was imaged.
     The transform maps full-resolution fixed pixels to moving pixels.
     """
+    c = _coarse_affine(fixed, moving, fixed_valid, moving_valid, max_rotation_deg)
+    return c.transform, c.confidence, c.rotation_deg
+
+
+def _coarse_affine(fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None,
+                   moving_valid: np.ndarray | None, max_rotation_deg: float) -> _Coarse:
     k = max(1, int(np.ceil(max(fixed.shape) / COARSE_TARGET_PX)))
-    fs, fv = _coarse(fixed, fixed_valid, k)
-    ms, mv = _coarse(moving, moving_valid, k)
+    fs, fv = block_mean(fixed, fixed_valid, k)
+    ms, mv = block_mean(moving, moving_valid, k)
     h, w = fs.shape
     centre = ((w - 1) / 2, (h - 1) / 2)
     fill = float(ms.mean())
@@ -182,22 +215,9 @@ def coarse_affine(
     s = _scale_matrix(k)
     full = s @ tc @ np.linalg.inv(s)
     rot = float(np.degrees(np.arctan2(full[1, 0], full[0, 0])))
-    return SectionTransform(full[:2]), conf, rot if np.isfinite(rot) else angle
-
-
-def remap_image(img: np.ndarray, transform: SectionTransform, shape: tuple[int, int],
-                fill: float = 0.0, xp: ModuleType = np) -> np.ndarray:
-    """out(p) = img(transform(p)) over an output of `shape`, bilinear, in RAM; on the GPU
-    (cupyx map_coordinates) when `xp` is CuPy."""
-    mx, my = transform.block_maps(0, 0, shape[0], shape[1])
-    if xp is not np:
-        from cupyx.scipy import ndimage as cnd  # type: ignore[import-not-found]
-
-        coords = xp.stack([xp.asarray(my), xp.asarray(mx)])
-        return to_numpy(cnd.map_coordinates(xp.asarray(img, xp.float32), coords, order=1, mode="constant",
-                                            cval=fill))
-    return cv2.remap(img.astype(np.float32), mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                     borderValue=fill)
+    moved_valid = _warp(mv.astype(np.float32), tc, (h, w)) > 0.99
+    overlap = float(moved_valid[fv].mean()) if fv.any() else 0.0
+    return _Coarse(SectionTransform(full[:2]), conf, rot if np.isfinite(rot) else angle, overlap)
 
 
 def align_section(
@@ -215,22 +235,32 @@ def align_section(
     if fixed.shape != moving.shape:
         raise ValueError(f"shapes differ: {fixed.shape} vs {moving.shape}")
     xp = array_module(device)
-    transform, conf, rot = coarse_affine(fixed, moving, fixed_valid, moving_valid,
-                                         max_rotation_deg=max_rotation_deg)
-    fv = np.ones(fixed.shape, bool) if fixed_valid is None else fixed_valid.astype(bool)
-    mv = np.ones(moving.shape, np.float32) if moving_valid is None else moving_valid.astype(np.float32)
-    overlap = float((remap_image(mv, transform, fixed.shape) > 0.99)[fv].mean()) if fv.any() else 0.0
+    coarse = _coarse_affine(fixed, moving, fixed_valid, moving_valid, max_rotation_deg)
+    transform, conf, rot = coarse.transform, coarse.confidence, coarse.rotation_deg
     nodes, rms = 0, 0.0
     if elastic:
         shape = fixed.shape
-        ff = _fill_invalid(fixed, fixed_valid)
-        mf = _fill_invalid(moving, moving_valid)
+        mv = None if moving_valid is None else moving_valid.astype(np.float32)
         field = np.zeros((*SectionTransform.grid_shape(shape, stride), 2), np.float32)
+
+        def fixed_rows(y0: int, y1: int) -> tuple[np.ndarray, np.ndarray | None]:
+            return fixed[y0:y1], None if fixed_valid is None else np.asarray(fixed_valid[y0:y1], bool)
+
         for _ in range(passes):
             current = SectionTransform(transform.matrix, field, stride)
-            warped = remap_image(mf, current, shape, float(mf.mean()), xp)
-            both = fv & (remap_image(mv, current, shape) > 0.99)
-            flow = patch_flow(ff, warped, both, stride=stride, patch=patch, max_shift=patch / 8, xp=xp)
+
+            def moving_rows(y0: int, y1: int, t: SectionTransform = current) -> tuple[np.ndarray, np.ndarray]:
+                # The moving strip rendered through the current transform on demand: the
+                # warped section is never whole in memory (render_block reads what it needs).
+                block = (y0, 0, y1 - y0, shape[1])
+                img, cover = render_block([moving], np.zeros((1, 2)), t, block, ramp=1)
+                ok = cover > 0.99
+                if mv is not None:
+                    ok &= render_block([mv], np.zeros((1, 2)), t, block, ramp=1)[0] > 0.99
+                return img, ok
+
+            flow = flow_rows(fixed_rows, moving_rows, shape, stride=stride, patch=patch, max_shift=patch / 8,
+                             xp=xp)
             weight = clean_flow(flow)
             u = relax_mesh(flow, weight, stiffness=stiffness)
             keep = weight > 0
@@ -239,4 +269,5 @@ def align_section(
             # Flow u is in output pixels; the field is added in moving pixels.
             field = field + (u.reshape(-1, 2) @ current.linear.T).reshape(field.shape).astype(np.float32)
         transform = SectionTransform(transform.matrix, field, stride)
+    overlap = coarse.overlap
     return SectionAlignment(transform, conf, rot, nodes, rms, overlap)

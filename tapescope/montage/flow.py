@@ -16,6 +16,7 @@ CuPy where a GPU is present (`device.array_module`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -93,48 +94,82 @@ def batched_phase_correlate(
     return to_numpy(shift), to_numpy(sharp).astype(np.float32)
 
 
-def patch_flow(
-    fixed: np.ndarray, moving: np.ndarray, valid: np.ndarray | None, *, stride: int = 48,
-    patch: int = 128, max_shift: float = 16.0, min_valid: float = 0.6, xp: ModuleType = np,
+RowSource = Callable[[int, int], tuple[np.ndarray, np.ndarray | None]]
+
+
+def flow_rows(
+    fixed_rows: RowSource, moving_rows: RowSource, shape: tuple[int, int], *, stride: int = 32,
+    patch: int = 64, max_shift: float = 8.0, min_valid: float = 0.6, xp: ModuleType = np,
 ) -> Flow:
-    """Flow of `moving` against `fixed` (equal shapes), one vector per grid node whose
-    patch lies inside the image and is at least `min_valid` valid (`valid`: where both
-    images hold data). Invalid pixels are set to the patch's valid mean in both images:
-    the shared border this makes pulls toward zero shift, which is the current estimate
-    in the later passes, so it slows convergence at the edge of the overlap but does not
+    """Flow of the moving image against the fixed one over an output of `shape`, one
+    vector per grid node whose patch lies inside and is at least `min_valid` valid.
+
+    The images are asked for one strip of rows at a time (`*_rows(y0, y1)` -> full-width
+    strip and its valid mask or None), so a section of any size is measured with memory
+    for one strip: the moving strip is typically rendered through the current transform
+    on demand. Invalid pixels are set to the patch's valid mean in both images: the
+    shared border this makes pulls toward zero shift, which is the current estimate in
+    the later passes, so it slows convergence at the edge of the overlap but does not
     bias where it converges."""
-    h, w = fixed.shape
+    h, w = shape
     gh, gw = -(-h // stride) + 1, -(-w // stride) + 1
     half = patch // 2
     vec = np.zeros((gh, gw, 2), np.float32)
     qual = np.zeros((gh, gw), np.float32)
-    nodes = []
-    for i in range(gh):
-        for j in range(gw):
-            y, x = i * stride, j * stride
-            if y - half < 0 or x - half < 0 or y + half > h or x + half > w:
-                continue
-            if valid is not None and valid[y - half:y + half, x - half:x + half].mean() < min_valid:
-                continue
-            nodes.append((i, j))
-    for s in range(0, len(nodes), BATCH):
-        part = nodes[s:s + BATCH]
-        fa = np.stack([fixed[i * stride - half:i * stride + half, j * stride - half:j * stride + half]
-                       for i, j in part])
-        mb = np.stack([moving[i * stride - half:i * stride + half, j * stride - half:j * stride + half]
-                       for i, j in part])
-        if valid is not None:
-            vb = np.stack([valid[i * stride - half:i * stride + half, j * stride - half:j * stride + half]
-                           for i, j in part])
+    pending: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
+
+    def run() -> None:
+        if not pending:
+            return
+        fa = np.stack([p[2] for p in pending])
+        mb = np.stack([p[3] for p in pending])
+        if pending[0][4] is not None:
+            vb = np.stack([p[4] for p in pending])
             cnt = vb.sum(axis=(1, 2), keepdims=True)
             fa = np.where(vb, fa, (fa * vb).sum(axis=(1, 2), keepdims=True) / cnt)
             mb = np.where(vb, mb, (mb * vb).sum(axis=(1, 2), keepdims=True) / cnt)
         # fixed(p) ~= moving(p + s): correlate with moving as `a`.
         shifts, sharp = batched_phase_correlate(mb, fa, max_shift, xp=xp)
-        for (i, j), (dy, dx), q in zip(part, shifts, sharp, strict=True):
+        for (i, j, *_), (dy, dx), q in zip(pending, shifts, sharp, strict=True):
             vec[i, j] = (dx, dy)
             qual[i, j] = q
+        pending.clear()
+
+    for i in range(gh):
+        y = i * stride
+        if y - half < 0 or y + half > h:
+            continue
+        f_strip, f_valid = fixed_rows(y - half, y + half)
+        m_strip, m_valid = moving_rows(y - half, y + half)
+        valid = f_valid if m_valid is None else (m_valid if f_valid is None else f_valid & m_valid)
+        for j in range(gw):
+            x = j * stride
+            if x - half < 0 or x + half > w:
+                continue
+            v = None if valid is None else valid[:, x - half:x + half]
+            if v is not None and v.mean() < min_valid:
+                continue
+            pending.append((i, j, np.asarray(f_strip[:, x - half:x + half], np.float32),
+                            np.asarray(m_strip[:, x - half:x + half], np.float32), v))
+            if len(pending) >= BATCH:
+                run()
+    run()
     return Flow(vec, qual, stride)
+
+
+def patch_flow(
+    fixed: np.ndarray, moving: np.ndarray, valid: np.ndarray | None, *, stride: int = 32,
+    patch: int = 64, max_shift: float = 8.0, min_valid: float = 0.6, xp: ModuleType = np,
+) -> Flow:
+    """`flow_rows` over two equal-shaped images in RAM, `valid` where both hold data."""
+    def fixed_rows(y0: int, y1: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return fixed[y0:y1], None if valid is None else valid[y0:y1]
+
+    def moving_rows(y0: int, y1: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return moving[y0:y1], None
+
+    return flow_rows(fixed_rows, moving_rows, fixed.shape, stride=stride, patch=patch, max_shift=max_shift,
+                     min_valid=min_valid, xp=xp)
 
 
 def clean_flow(flow: Flow, *, min_quality_frac: float = 0.4, max_dev_px: float = 3.0) -> np.ndarray:

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from .align import align_section
+from .align import align_section, block_mean
 from .blocks import RenderStats, render_section
 from .omezarr import Volume
 from .transform import SectionTransform
@@ -152,15 +152,11 @@ def open_image(path: Path) -> np.ndarray:
         return tifffile.imread(path)
 
 
-def load_image(path: Path) -> np.ndarray:
-    return np.asarray(tifffile.imread(path), np.float32)
-
-
 def detail_level(img: np.ndarray) -> float:
     """Band-passed contrast relative to the mean at 1/4 resolution: tissue is well above
-    BLANK_DETAIL, bare resin with shot noise well below (noise averages away at 1/4)."""
-    f = np.asarray(img, np.float32)
-    small = cv2.resize(f, (max(f.shape[1] // 4, 1), max(f.shape[0] // 4, 1)), interpolation=cv2.INTER_AREA)
+    BLANK_DETAIL, bare resin with shot noise well below (noise averages away at 1/4).
+    Read in strips, so a memory-mapped montage is never loaded whole at full resolution."""
+    small, _ = block_mean(img, None, 4)
     band = cv2.GaussianBlur(small, (0, 0), 1.0) - cv2.GaussianBlur(small, (0, 0), 4.0)
     mean = float(abs(small.mean()))
     return float(band.std() / mean) if mean > 0 else 0.0
@@ -169,12 +165,13 @@ def detail_level(img: np.ndarray) -> float:
 # -- tasks (run on workers) ------------------------------------------------------------------
 
 def inspect_section(path: Path) -> float:
-    return detail_level(load_image(path))
+    return detail_level(open_image(path))
 
 
 def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path, params: AlignParams) -> PairResult:
-    fixed = load_image(fixed_path)
-    moving = load_image(moving_path)
+    # Memory-mapped where the TIFF allows: the alignment reads strips and patches.
+    fixed = open_image(fixed_path)
+    moving = open_image(moving_path)
     a = align_section(fixed, moving, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
                       device=params.device)
     return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px)
