@@ -140,3 +140,27 @@ def test_flow_on_gpu_equals_cpu(stack) -> None:
     gpu = patch_flow(stack.images[0], stack.images[0], None, stride=64, patch=64, max_shift=8,
                      xp=array_module("gpu"))
     assert np.allclose(cpu.vectors, gpu.vectors, atol=0.05)
+
+
+class _Counting:
+    """An image that records the size of every read (as a memory-mapped TIFF would serve)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.reads = data, data.shape, []
+
+    def __getitem__(self, key: tuple[slice, slice] | slice) -> np.ndarray:
+        out = self.data[key]
+        self.reads.append(out.size)
+        return out
+
+
+def test_alignment_reads_sections_in_strips(stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tapescope.montage.align as align_mod
+
+    monkeypatch.setattr(align_mod, "STRIP_ROWS", 64)
+    fixed, moving = _Counting(stack.images[0]), _Counting(stack.images[1])
+    a = align_section(fixed, moving)
+    whole = SHAPE[0] * SHAPE[1]
+    for img in (fixed, moving):
+        assert img.reads and max(img.reads) <= whole // 3      # never the whole section at once
+    assert rms(stack.residual(1, a.transform)) < 0.5            # and the same accuracy

@@ -89,6 +89,7 @@ def align_translation(
 COARSE_TARGET_PX = 512        # coarse stage works on images about this size
 ROTATION_STEP_DEG = 1.0
 AFFINE_MIN_GAIN = 0.02      # NCC an affine must add over rigid to be kept
+STRIP_ROWS = 4096           # rows read at a time by the low-resolution pass
 
 
 @dataclass
@@ -113,7 +114,7 @@ def block_mean(img: np.ndarray, valid: np.ndarray | None, k: int) -> tuple[np.nd
     its valid mask (> 0.99: wholly imaged), read in strips of rows so that a memory-mapped
     section of any size is never loaded whole."""
     h, w = (img.shape[0] // k) * k, (img.shape[1] // k) * k
-    step = k * max(1, 4096 // k)
+    step = k * max(1, STRIP_ROWS // k)
     total, count = 0.0, 0
     for y in range(0, h, step):
         strip = np.asarray(img[y:y + step, :w], np.float32)
