@@ -1,10 +1,11 @@
 """Render a section into the volume shard by shard: memory bounded by a shard, not a section.
 
-A 30,000 x 30,000 px section is 3.6 GB as float32; it is never held whole. Each level-0
-shard block is rendered from the tiles that reach into it (`render.render_block`) and
-written at once, then each coarser level is built shard by shard from the level below
-(`Volume.build_pyramid`). Every shard has exactly one writer, so blocks can be rendered
-by threads here or by Dask workers on other machines.
+A 30,000 x 30,000 px section is 3.6 GB as float32; it is never held whole. The unit of
+work is the area of one level-1 shard (2 x 2 level-0 shards): each of its level-0 shards
+is rendered from the tiles that reach into it (`render.render_block`), the unit is
+written with its level-1 shard downsampled in memory, then the coarser levels are built
+shard by shard from the level below (`Volume.build_pyramid`). Every shard has exactly
+one writer, so units can be rendered by threads here or by Dask workers elsewhere.
 """
 
 from __future__ import annotations
@@ -37,17 +38,28 @@ def render_section(
     that many shards at once; OpenCV and NumPy release the GIL in the heavy parts.
     """
     volume._check_z(z)
-    blocks = volume.shard_blocks(0)
+    units = volume.write_units()
+    shard = volume.shard_blocks(0)[0][2:]
 
-    def one(block: tuple[int, int, int, int]) -> tuple[int, int]:
-        img, cover = render_block(tiles, positions, transform, block, ramp)
-        volume.write_block(z, block, img)
-        return img.size, int((cover > 1e-6).sum())
+    def one(unit: tuple[int, int, int, int]) -> tuple[int, int]:
+        uy, ux, uh, uw = unit
+        img = np.empty((uh, uw), np.float32)
+        covered = 0
+        # Rendered one level-0 shard at a time (the unit of the tile crops), assembled into
+        # the unit, written with its level-1 shard from memory.
+        for y in range(uy, uy + uh, shard[0]):
+            for x in range(ux, ux + uw, shard[1]):
+                h, w = min(shard[0], uy + uh - y), min(shard[1], ux + uw - x)
+                part, cover = render_block(tiles, positions, transform, (y, x, h, w), ramp)
+                img[y - uy:y - uy + h, x - ux:x - ux + w] = part
+                covered += int((cover > 1e-6).sum())
+        volume.write_unit(z, unit, img)
+        return img.size, covered
 
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
-            counts = list(pool.map(one, blocks))
+            counts = list(pool.map(one, units))
     else:
-        counts = [one(b) for b in blocks]
-    volume.build_pyramid(z)
+        counts = [one(u) for u in units]
+    volume.build_pyramid(z, start=1 if units == volume.shard_blocks(0) else 2)
     return RenderStats(sum(c[0] for c in counts), sum(c[1] for c in counts))

@@ -111,26 +111,56 @@ class Volume:
             raise ValueError(f"block data {data.shape} does not match block {block}")
         self._store(0, z, block, data)
 
-    def build_pyramid(self, z: int, level: int | None = None) -> None:
-        """Levels 1.. of section z, each shard computed from the 2x2 shard area of the level
-        below, read back from the store: memory stays at a few shards whatever the section's
-        size, and each shard still has exactly one writer."""
-        for k in [level] if level is not None else range(1, len(self.levels)):
+    def build_pyramid(self, z: int, level: int | None = None, start: int = 1) -> None:
+        """Levels `start`.. of section z (or just `level`), each shard computed from the 2x2
+        shard area of the level below, read back from the store: memory stays at a few
+        shards whatever the section's size, and each shard still has exactly one writer."""
+        for k in [level] if level is not None else range(start, len(self.levels)):
             below = self.levels[k - 1]
             for block in self.shard_blocks(k):
                 y0, x0, h, w = block
                 src = below[z, 2 * y0:2 * (y0 + h), 2 * x0:2 * (x0 + w)].astype(np.float32)
                 self._store(k, z, block, downsample2(src)[:h, :w])
 
+    def write_units(self) -> list[tuple[int, int, int, int]]:
+        """Level-0 regions (y0, x0, h, w) that are written as one unit: the area of one
+        level-1 shard, made of whole level-0 shards, so the unit writes its level-0 shards
+        and its level-1 shard from memory and is the only writer of all of them. Without a
+        level 1 (or where the shard sizes do not nest), the level-0 shards themselves."""
+        if len(self.levels) < 2:
+            return self.shard_blocks(0)
+        s0 = self.levels[0].shards[1:] if self.levels[0].shards else self.levels[0].chunks[1:]
+        s1 = self.levels[1].shards[1:] if self.levels[1].shards else self.levels[1].chunks[1:]
+        if (2 * s1[0]) % s0[0] or (2 * s1[1]) % s0[1]:
+            return self.shard_blocks(0)
+        _, ny, nx = self.shape
+        return [(2 * y, 2 * x, min(2 * h, ny - 2 * y), min(2 * w, nx - 2 * x))
+                for y, x, h, w in self.shard_blocks(1)]
+
+    def write_unit(self, z: int, unit: tuple[int, int, int, int], data: np.ndarray) -> None:
+        """Write one write unit (see `write_units`): its level-0 shards, and its level-1
+        shard downsampled from `data` in memory (level 0 is not read back for level 1)."""
+        uy, ux, uh, uw = unit
+        if data.shape != (uh, uw):
+            raise ValueError(f"unit data {data.shape} does not match unit {unit}")
+        s0 = self.levels[0].shards[1:] if self.levels[0].shards else self.levels[0].chunks[1:]
+        for y in range(uy, uy + uh, s0[0]):
+            for x in range(ux, ux + uw, s0[1]):
+                h, w = min(s0[0], uy + uh - y), min(s0[1], ux + uw - x)
+                self.write_block(z, (y, x, h, w), data[y - uy:y - uy + h, x - ux:x - ux + w])
+        if len(self.levels) > 1 and self.write_units() != self.shard_blocks(0):
+            block = (uy // 2, ux // 2, -(-uh // 2), -(-uw // 2))
+            self._store(1, z, block, downsample2(np.asarray(data, np.float32)))
+
     def write_section(self, z: int, image: np.ndarray, info: dict[str, Any]) -> None:
         """Write one section's image into every pyramid level, then record it."""
         if image.shape != self.shape[1:]:
             raise ValueError(f"section image {image.shape} does not match volume {self.shape[1:]}")
         self._check_z(z)
-        for block in self.shard_blocks(0):
-            y0, x0, h, w = block
-            self.write_block(z, block, image[y0:y0 + h, x0:x0 + w])
-        self.build_pyramid(z)
+        units = self.write_units()
+        for y0, x0, h, w in units:
+            self.write_unit(z, (y0, x0, h, w), image[y0:y0 + h, x0:x0 + w])
+        self.build_pyramid(z, start=1 if units == self.shard_blocks(0) else 2)
         self.record(z, info)
 
     def _check_z(self, z: int) -> None:
