@@ -1,0 +1,1 @@
+"""MQTT bridge: run telemetry out, operator commands in (docs/mqtt.md)."""

@@ -1,0 +1,200 @@
+"""The MQTT bridge against a real Mosquitto on 127.0.0.1, started with the shipped config and ACL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from tapescope.acquisition.engine import RunState
+from tapescope.acquisition.events import StateChanged, TileAcquired
+from tapescope.hardware.scope import Scope
+from tapescope.mqtt import commands
+from tapescope.mqtt.bridge import BrokerSettings, MqttBridge
+from tapescope.mqtt.broker import MosquittoBroker, mosquitto_binary
+
+from .test_engine import make_engine, scope  # noqa: F401  (fixture)
+
+USERS = {"engine": "engine-pw", "operator": "op-pw", "viewer": "view-pw"}
+ROOT = "tapescope/sim-scope"
+
+needs_mosquitto = pytest.mark.skipif(
+    mosquitto_binary() is None, reason="no mosquitto binary here (Debian: apt-get install mosquitto)")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    with MosquittoBroker(tmp_path / "broker", USERS) as b:
+        yield b
+
+
+def client(b: MosquittoBroker, user: str | None, **kw: Any) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", b.port, username=user, password=USERS.get(user or ""), timeout=5,
+                          protocol=aiomqtt.ProtocolVersion.V5, **kw)
+
+
+class Watcher:
+    """Collects every message under ROOT; wait_for() returns the first that matches."""
+
+    def __init__(self, c: aiomqtt.Client) -> None:
+        self.c = c
+        self.seen: list[tuple[str, dict]] = []
+        self._new = asyncio.Event()
+
+    async def run(self) -> None:
+        async for m in self.c.messages:
+            try:
+                payload = json.loads(m.payload)
+            except ValueError:          # the malformed commands the tests send themselves
+                payload = {"raw": repr(m.payload)}
+            self.seen.append((str(m.topic), payload))
+            self._new.set()
+
+    async def wait_for(self, topic: str, pred=lambda p: True, within_s: float = 10) -> dict:
+        async def find() -> dict:
+            i = 0
+            while True:
+                while i < len(self.seen):
+                    t, p = self.seen[i]
+                    i += 1
+                    if t == topic and pred(p):
+                        return p
+                self._new.clear()
+                await self._new.wait()
+        return await asyncio.wait_for(find(), within_s)
+
+
+@contextlib.asynccontextmanager
+async def bridge_for(broker: MosquittoBroker, eng, **kw: Any) -> AsyncIterator[MqttBridge]:
+    bridge = MqttBridge(BrokerSettings("127.0.0.1", broker.port, "engine", USERS["engine"], **kw), eng.bus,
+                        "sim-scope", engine=eng, run_dir="run")
+    bridge.start()
+    try:
+        await asyncio.wait_for(bridge.connected.wait(), 10)
+        yield bridge
+    finally:
+        await bridge.stop()
+
+
+@pytest.fixture
+async def watcher(broker: MosquittoBroker) -> AsyncIterator[Watcher]:
+    async with client(broker, "operator") as c:
+        await c.subscribe(f"{ROOT}/#", qos=1)
+        w = Watcher(c)
+        task = asyncio.create_task(w.run())
+        yield w
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_parse_rejects_bad_commands_with_a_reason() -> None:
+    assert commands.parse(b'{"cmd": "pause", "id": 7}') == commands.Command("pause", "7", "")
+    for payload, words in [(b"not json", "not JSON"), (b"[1]", "JSON object"), (b'{"id": "1"}', "'cmd'"),
+                           (b'{"cmd": "explode", "id": "2"}', "unknown command 'explode'"),
+                           (b'{"cmd": "pause", "speed": 3}', "unknown field"), (b"\xff", "UTF-8")]:
+        with pytest.raises(commands.CommandError, match=words):
+            commands.parse(payload)
+
+
+@needs_mosquitto
+async def test_telemetry_and_commands_during_a_run(broker, watcher, scope: Scope, tmp_path: Path) -> None:  # noqa: F811
+    eng, _ = make_engine(scope, tmp_path, [0, 1, 2])
+    async with bridge_for(broker, eng):
+        await _telemetry_and_commands(broker, watcher, eng)
+    off = await watcher.wait_for(f"{ROOT}/online", lambda p: p["online"] is False)
+    assert off["reason"] == "exit"
+
+
+async def _telemetry_and_commands(broker: MosquittoBroker, watcher: Watcher, eng) -> None:
+    assert (await watcher.wait_for(f"{ROOT}/online"))["online"] is True
+    # Pause the run from MQTT as soon as its first tile is reported there.
+    first_tile = asyncio.Event()
+    eng.bus.subscribe(lambda ev: isinstance(ev, TileAcquired) and first_tile.set())
+    run = asyncio.create_task(eng.run())
+    await watcher.wait_for(f"{ROOT}/tile")
+    async with client(broker, "operator") as op:
+        await op.publish(f"{ROOT}/cmd", json.dumps({"cmd": "pause", "id": "p1", "reason": "look"}), qos=1)
+        reply = await watcher.wait_for(f"{ROOT}/reply", lambda p: p.get("id") == "p1")
+        assert reply["ok"] is True and reply["cmd"] == "pause"
+        await watcher.wait_for(f"{ROOT}/state", lambda p: p["state"] == "paused")
+        assert eng.state is RunState.PAUSED
+        # Malformed and unknown commands: an error reply, and nothing changes.
+        await op.publish(f"{ROOT}/cmd", b"{nope", qos=1)
+        bad = await watcher.wait_for(f"{ROOT}/reply", lambda p: p.get("ok") is False and "JSON" in p["error"])
+        assert bad["id"] is None
+        await op.publish(f"{ROOT}/cmd", json.dumps({"cmd": "explode", "id": "x"}), qos=1)
+        bad = await watcher.wait_for(f"{ROOT}/reply", lambda p: p.get("id") == "x")
+        assert bad["ok"] is False and "unknown command" in bad["error"]
+        await op.publish(f"{ROOT}/cmd", json.dumps({"cmd": "status", "id": "s"}), qos=1)
+        status = await watcher.wait_for(f"{ROOT}/reply", lambda p: p.get("id") == "s")
+        assert status["ok"] and status["state"] == "paused" and status["progress"]["tiles_done"] >= 1
+        await op.publish(f"{ROOT}/cmd", json.dumps({"cmd": "resume", "id": "r"}), qos=1)
+        assert (await watcher.wait_for(f"{ROOT}/reply", lambda p: p.get("id") == "r"))["ok"]
+    summary = await asyncio.wait_for(run, 30)
+    assert summary.state is RunState.DONE
+    await watcher.wait_for(f"{ROOT}/run", lambda p: p["state"] == "done")
+    tiles = [p for t, p in watcher.seen if t == f"{ROOT}/tile"]
+    assert len(tiles) == 12 and {(p["slot"], p["row"], p["col"]) for p in tiles} == {
+        (s, r, c) for s in (0, 1, 2) for r in (0, 1) for c in (0, 1)}
+    assert all(p["focus"] > 0 and p["faults"] == [] and "x_nm" in p for p in tiles)
+    assert any(t == f"{ROOT}/device/stage" for t, _ in watcher.seen)
+    # Progress is rate-limited, but the last value always arrives.
+    await watcher.wait_for(f"{ROOT}/progress", lambda p: p["tiles_done"] == 12 and p["sections_done"] == 3)
+
+
+@needs_mosquitto
+async def test_anonymous_cannot_connect_and_viewer_cannot_command(broker, watcher, scope: Scope,  # noqa: F811
+                                                                  tmp_path: Path) -> None:
+    with pytest.raises(aiomqtt.MqttError):
+        async with client(broker, None):
+            pass
+    eng, events = make_engine(scope, tmp_path, [0])
+    async with bridge_for(broker, eng):
+        await _viewer_cannot_command(broker, watcher, eng, events)
+
+
+async def _viewer_cannot_command(broker: MosquittoBroker, watcher: Watcher, eng, events: list) -> None:
+    async with client(broker, "viewer") as viewer:
+        await viewer.subscribe(f"{ROOT}/#")
+        # The broker has handled the viewer's publish (denied) once the QoS 1 handshake ends ...
+        await viewer.publish(f"{ROOT}/cmd", json.dumps({"cmd": "abort", "id": "v1"}), qos=1)
+    async with client(broker, "operator") as op:
+        # ... so the operator's later command reaches the engine after it, if it got through at all.
+        await op.publish(f"{ROOT}/cmd", json.dumps({"cmd": "status", "id": "after"}), qos=1)
+        await watcher.wait_for(f"{ROOT}/reply", lambda p: p.get("id") == "after")
+    assert not any(t == f"{ROOT}/reply" and p.get("id") == "v1" for t, p in watcher.seen)
+    assert eng.state is RunState.IDLE and not eng._abort_requested
+    assert not [e for e in events if isinstance(e, StateChanged)]
+
+
+@needs_mosquitto
+async def test_broker_restart_neither_stops_the_run_nor_loses_retained_state(
+        broker, scope: Scope, tmp_path: Path) -> None:  # noqa: F811
+    eng, _ = make_engine(scope, tmp_path, [0, 1])
+    async with bridge_for(broker, eng, buffer=5) as bridge:
+        await _restart(broker, eng, bridge)
+
+
+async def _restart(broker: MosquittoBroker, eng, bridge: MqttBridge) -> None:
+    broker.stop()
+    summary = await asyncio.wait_for(eng.run(), 30)        # the run does not notice the broker is gone
+    assert summary.state is RunState.DONE and summary.tiles == 8
+    assert bridge.dropped > 0                              # bounded: old telemetry went, counted
+    broker.start()
+    async with client(broker, "viewer") as v:
+        await v.subscribe(f"{ROOT}/#", qos=1)
+        w = Watcher(v)
+        task = asyncio.create_task(w.run())
+        state = await w.wait_for(f"{ROOT}/state", lambda p: p["state"] == "done", within_s=20)
+        assert state["old"] == "finishing"
+        assert (await w.wait_for(f"{ROOT}/online"))["online"] is True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
