@@ -22,6 +22,8 @@ from .errors import DeviceDisconnected, DeviceError, DeviceTimeout, ProtocolErro
 
 log = logging.getLogger(__name__)
 
+STREAM_LIMIT = 64 * 1024 * 1024
+
 
 @dataclass
 class Frame:
@@ -62,8 +64,10 @@ class Camera:
 
     async def _open(self) -> None:
         try:
+            # A large stream limit: with the default 64 KiB, reading a frame of megabytes
+            # pauses and resumes the transport every 128 KiB.
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout_s
+                asyncio.open_connection(self.host, self.port, limit=STREAM_LIMIT), self.timeout_s
             )
         except (OSError, TimeoutError) as exc:
             raise DeviceDisconnected(self.name, f"cannot connect to {self.host}:{self.port}: {exc}",

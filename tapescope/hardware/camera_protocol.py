@@ -40,8 +40,13 @@ class Header:
 
 
 def pack(kind: int, meta: dict[str, Any], payload: bytes = b"") -> bytes:
+    return pack_head(kind, meta, len(payload)) + payload
+
+
+def pack_head(kind: int, meta: dict[str, Any], payload_len: int) -> bytes:
+    """Header and meta of a message whose payload is sent separately (no copy of a frame)."""
     m = json.dumps(meta, separators=(",", ":")).encode()
-    return HEADER.pack(MAGIC, VERSION, kind, len(m), len(payload)) + m + payload
+    return HEADER.pack(MAGIC, VERSION, kind, len(m), payload_len) + m
 
 
 def unpack_header(raw: bytes) -> Header:

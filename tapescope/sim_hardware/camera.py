@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import time
 
+import numpy as np
+
 from tapescope.hardware import camera_protocol as cp
 
 from .world import SimWorld
@@ -66,7 +68,7 @@ class CameraEmulator:
                     writer.write(reply.data)
                     await writer.drain()
                     break
-                writer.write(reply)
+                writer.writelines(reply if isinstance(reply, list) else [reply])
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -81,7 +83,7 @@ class CameraEmulator:
         return {"exposure_ms": self.exposure_ms, "binning": self.binning, "roi": list(self.roi),
                 "frame_id": self.world.frame_id}
 
-    async def handle(self, line: str) -> bytes | _Truncated | None:
+    async def handle(self, line: str) -> bytes | list | _Truncated | None:
         words = line.split()
         h, w = self._sensor_shape()
         match [x.upper() for x in words]:
@@ -126,7 +128,7 @@ class CameraEmulator:
                 return await self._trigger()
         return cp.pack(cp.KIND_ERROR, {"code": 1, "text": f"unknown command {line!r}"})
 
-    async def _trigger(self) -> bytes | _Truncated | None:
+    async def _trigger(self) -> list | _Truncated | None:
         t0 = time.time()
         await asyncio.sleep(self.exposure_ms / 1e3)
         rx, ry, rw, rh = self.roi
@@ -141,10 +143,11 @@ class CameraEmulator:
             "dtype": "<u2", "exposure_ms": self.exposure_ms, "binning": self.binning,
             "roi": list(self.roi),
         }
-        msg = cp.pack(cp.KIND_FRAME, meta, img.astype("<u2").tobytes())
+        payload = memoryview(np.ascontiguousarray(img, dtype="<u2")).cast("B")
+        head = cp.pack_head(cp.KIND_FRAME, meta, len(payload))
         if faults.take("frame_truncated") is not None:
-            return _Truncated(msg[: len(msg) // 2])
-        return msg
+            return _Truncated(head + bytes(payload[: len(payload) // 2]))
+        return [head, payload]
 
 
 class _Truncated:

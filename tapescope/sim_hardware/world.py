@@ -341,13 +341,25 @@ class SimWorld:
         y, x, h, w = roi
         ys = (rel[0] + (y + b * np.arange(h // b) + (b - 1) / 2 - sh / 2) * pix).astype(np.float32)
         xs = (rel[1] + (x + b * np.arange(w // b) + (b - 1) / 2 - sw / 2) * pix).astype(np.float32)
-        qy = np.abs(ys)[:, None] - (half[0] - radius)
-        qx = np.abs(xs)[None, :] - (half[1] - radius)
-        outside = np.hypot(np.maximum(qy, 0), np.maximum(qx, 0))
-        sdf = outside + np.minimum(np.maximum(qy, qx), 0) - radius
+        qy = np.abs(ys) - (half[0] - radius)
+        qx = np.abs(xs) - (half[1] - radius)
         edge = max(pix, 50.0)                          # the tape's edge, about 50 nm soft
-        a = np.clip(0.5 - sdf / edge, 0, 1).astype(np.float32)
-        return t * a + np.float32(p.tape_transmission) * (1 - a)
+
+        def opening(sdf: np.ndarray) -> np.ndarray:
+            return np.clip(0.5 - sdf / edge, 0, 1).astype(np.float32)
+
+        # Signed distance to a rounded rectangle. Away from the corners it is separable
+        # (the distance to the nearer straight edge), so the full 2D formula runs only on
+        # the corner blocks: an overview frame costs a few row and column vectors.
+        a = np.minimum(opening(qy - radius)[:, None], opening(qx - radius)[None, :])
+        band = radius + edge                            # beyond it the separable form is exact (0)
+        rows, cols = np.flatnonzero((qy > 0) & (qy < band)), np.flatnonzero((qx > 0) & (qx < band))
+        if rows.size and cols.size:
+            a[np.ix_(rows, cols)] = opening(np.hypot(qy[rows][:, None], qx[cols][None, :]) - radius)
+        tape = np.float32(p.tape_transmission)
+        a *= t - tape                                   # t inside, the tape's own outside
+        a += tape
+        return a
 
     def beam_on(self) -> bool:
         return self.ht_state() == "ON" and not self.blanked
@@ -367,24 +379,25 @@ class SimWorld:
             blur_px = p.defocus_blur * abs(self.focus_nm - self.true_focus_nm(self.slot)) / (pix * binning)
             if blur_px > 0.3:
                 t = cv2.GaussianBlur(t, (0, 0), blur_px)
-            electrons = (p.electrons_per_ms * exposure_ms * binning * binning) * t * gain
+            electrons = cv2.multiply(t, gain, scale=p.electrons_per_ms * exposure_ms * binning * binning)
         else:
             electrons = np.zeros(gain.shape, np.float32)
         # Shot noise (Gaussian limit of Poisson: >= tens of electrons per pixel) and read
         # noise, summed in one draw: var = g^2 N + read^2 (digital binning sums the reads).
-        g = np.float32(p.counts_per_electron)
-        read2 = np.float32((p.read_noise_counts * binning) ** 2)
-        sigma = cv2.sqrt(electrons * (g * g) + read2)
+        # OpenCV's element-wise calls fuse what NumPy would do in several passes.
+        g = p.counts_per_electron
+        read2 = (p.read_noise_counts * binning) ** 2
+        sigma = cv2.sqrt(cv2.addWeighted(electrons, g * g, electrons, 0.0, read2))
         # OpenCV's normal generator is ~4x NumPy's; seeding it from the world's generator
         # keeps frames reproducible for a seed (its state is per thread).
         cv2.setRNGSeed(int(self.rng.integers(2**31)))
         counts = np.empty(electrons.shape, np.float32)
         cv2.randn(counts, 0.0, 1.0)
-        counts *= sigma
-        counts += electrons * g
-        counts += np.float32(p.dark_offset)
+        counts = cv2.multiply(counts, sigma)
+        # + 0.5: the truncating cast below then rounds (counts are >= 0 after the clip).
+        counts = cv2.addWeighted(counts, 1.0, electrons, g, p.dark_offset + 0.5)
         np.clip(counts, 0, 65535, out=counts)
-        return np.rint(counts, out=counts).astype(np.uint16)
+        return counts.astype(np.uint16)
 
     # -- stage -------------------------------------------------------------------------
     def _travel_s(self, dist_nm: float) -> float:
@@ -408,7 +421,8 @@ class SimWorld:
         self._move = _Move(start, end, time.monotonic(), self._travel_s(dist), p.stage_settle_s, stall)
         # Backlash: an axis that reverses direction loses motion until the lead screw
         # re-engages, so where the stage really stops depends on the approach.
-        direction = np.sign(delta)
+        # Direction from the last commanded end point: the true position already sits there.
+        direction = np.sign(end - self.stage_encoder)
         moved = direction != 0
         self._last_dir = np.where(moved, direction, self._last_dir)
         self.stage_encoder = end.copy()

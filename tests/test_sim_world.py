@@ -1,0 +1,141 @@
+"""The simulated world's physics, against the truth it exposes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+
+from tapescope.hardware.camera import Camera
+from tapescope.hardware.errors import DeviceError
+from tapescope.sim_hardware.scope import SimulatedScope
+from tapescope.sim_hardware.world import SimWorld, WorldParams
+
+from .conftest import SMALL_WORLD
+
+QUIET = dataclasses.replace(SMALL_WORLD, n_slots=40, lens_distortion_px=0.0, stage_error_sigma_nm=0.0)
+
+
+def kind(world: SimWorld, slot: int) -> str:
+    t = world.slot_truth[slot]
+    return "empty" if not t.tissue else ("+".join(t.damage) or "intact")
+
+
+def test_slot_truth_is_fixed_by_the_seed() -> None:
+    a = SimWorld(dataclasses.replace(QUIET, seed=1))
+    b = SimWorld(dataclasses.replace(QUIET, seed=1, n_slots=20))
+    kinds = [kind(a, k) for k in range(40)]
+    assert kinds[:3] == ["intact"] * 3                      # the demo's slots hold tissue
+    assert kinds[:20] == [kind(b, k) for k in range(20)]    # slot count changes nothing
+    # Seed 1 (docs/simulator.md): 5 torn, 6 folded, 9 and 10 resin, 18 empty.
+    assert [kinds[k] for k in (5, 6, 9, 10, 18)] == ["tear", "fold", "resin", "resin", "empty"]
+    assert {"empty", "fold", "tear", "resin"} <= {k for kk in kinds for k in kk.split("+")}
+
+
+def test_damage_shows_where_the_truth_says() -> None:
+    w = SimWorld(dataclasses.replace(QUIET, seed=1))
+    film = w.p.film_transmission
+    assert np.all(w.section_image(18) == np.float32(film))  # empty slot: film only
+    cy, cx, r = w.slot_truth[9].regions["resin"]
+    resin = w.section_image(9)
+    patch = resin[int(cy) - int(r / 3):int(cy) + int(r / 3), int(cx) - int(r / 3):int(cx) + int(r / 3)]
+    assert patch.std() < 0.02 and patch.mean() == pytest.approx(0.9, abs=0.02)  # no tissue there
+    intact = w.specimen.section(9)
+    assert intact[int(cy), int(cx)] != pytest.approx(resin[int(cy), int(cx)], abs=1e-3)
+    torn = w.section_image(5)
+    assert (torn == np.float32(film)).mean() > 0.005        # a gap of bare film runs across
+    assert (w.specimen.section(5) == np.float32(film)).mean() == 0
+
+
+def test_rotation_turns_the_section() -> None:
+    p = dataclasses.replace(QUIET, slot_offset_sigma_nm=0.0)
+    plain, turned = SimWorld(p), SimWorld(p)
+    turned.slot_rotation_deg[0] = 90.0
+    a = plain.transmission_at(0, np.zeros(2))
+    b = turned.transmission_at(0, np.zeros(2))
+
+    def match(x: np.ndarray, y: np.ndarray) -> float:   # best correlation within a pixel of shift
+        c = x[4:-4, 4:-4]
+        return max(float(np.corrcoef(c.ravel(), np.roll(y, (dy, dx), (0, 1))[4:-4, 4:-4].ravel())[0, 1])
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+    # Positive angles turn the section counter-clockwise as displayed (x right, y down).
+    assert match(b, np.rot90(a, 1)) > 0.95
+    assert match(b, np.rot90(a, -1)) < 0.5
+
+
+def test_lens_distortion_moves_the_corners_not_the_centre() -> None:
+    straight = SimWorld(QUIET)
+    bent = SimWorld(dataclasses.replace(QUIET, lens_distortion_px=4.0))
+    a, b = straight.transmission_at(0, np.zeros(2)), bent.transmission_at(0, np.zeros(2))
+    (dx, dy), _ = cv2.phaseCorrelate(a[48:80, 48:80].astype(np.float64), b[48:80, 48:80].astype(np.float64))
+    assert abs(dx) < 0.3 and abs(dy) < 0.3
+    (dx, dy), _ = cv2.phaseCorrelate(a[:40, :40].astype(np.float64), b[:40, :40].astype(np.float64))
+    # Barrel: 4 px at the very corner, growing as r^3; this patch's centre is at (20, 20).
+    expected = 4.0 * (np.hypot(44, 44) / np.hypot(64, 64)) ** 3
+    assert np.hypot(dx, dy) == pytest.approx(expected, abs=0.3)
+    assert dx > 0 and dy > 0            # content moves towards the centre
+
+
+def test_backlash_depends_on_the_approach() -> None:
+    w = SimWorld(dataclasses.replace(QUIET, stage_backlash_nm=40.0))
+    w.stage_move(np.array([-5000.0, -5000.0]))
+    w.stage_move(np.zeros(2))
+    from_below = w.stage_true.copy()
+    w.stage_move(np.array([5000.0, 5000.0]))
+    w.stage_move(np.zeros(2))
+    from_above = w.stage_true.copy()
+    assert np.allclose(from_above - from_below, 40.0)
+    assert np.allclose(w.stage_encoder, 0.0)               # the encoder reads the target either way
+
+
+def test_hardware_limits_clip_a_move() -> None:
+    w = SimWorld(dataclasses.replace(QUIET, stage_limits_nm=1e6))
+    w.stage_move(np.array([0.0, 5e6]))
+    assert w.stage_encoder[1] == 1e6
+
+
+def test_true_focus_drifts_within_its_amplitude() -> None:
+    w = SimWorld(QUIET)
+    t = w.t0 + np.linspace(0, w.p.focus_drift_period_s, 50)
+    focus = np.array([w.true_focus_nm(3, float(x)) for x in t])
+    drift = focus - w.focus_offsets_nm[3]
+    assert np.abs(drift).max() == pytest.approx(w.p.focus_drift_nm, rel=0.05)
+    assert np.ptp(focus) > w.p.focus_drift_nm                # it really moves
+
+
+async def test_binning_and_roi_over_tcp(sim: SimulatedScope) -> None:
+    cam = Camera("127.0.0.1", sim.camera.port)
+    await cam.connect()
+    try:
+        await cam.set_exposure(10)
+        full = (await cam.trigger()).data.astype(np.float32)
+        await cam.set_roi((32, 16, 64, 48))
+        roi = (await cam.trigger()).data.astype(np.float32)
+        assert roi.shape == (48, 64)
+        same = full[16:64, 32:96]
+        assert np.corrcoef(roi.ravel(), same.ravel())[0, 1] > 0.9   # the same place on the sensor
+        await cam.set_binning(2)
+        binned = await cam.trigger()
+        assert binned.data.shape == (24, 32) and binned.meta["binning"] == 2
+        dark = sim.world.p.dark_offset
+        ratio = (binned.data.mean() - dark) / (roi.mean() - dark)
+        assert ratio == pytest.approx(4.0, rel=0.05)         # 2x2 pixels' electrons summed
+        status = await cam.status()
+        assert status["binning"] == 2 and status["roi"] == [32, 16, 64, 48]
+        with pytest.raises(DeviceError, match="multiple"):
+            await cam.set_roi((0, 0, 63, 63))
+        await cam.set_binning(1)
+        await cam.set_roi(None)
+        assert (await cam.trigger()).data.shape == sim.world.p.tile_px
+    finally:
+        await cam.close()
+
+
+def test_world_params_defaults_render_the_demo_fast_path() -> None:
+    # At imaging magnification a tile well inside the aperture needs no aperture mask.
+    w = SimWorld(WorldParams(n_slots=1, tile_px=(64, 64), section_px=(256, 256)))
+    t = w.transmission_at(0, np.zeros(2))
+    assert t.min() > 0.01                                   # no tape in view
