@@ -207,6 +207,22 @@ def align(
                                err_console=err_console))
 
 
+@app.command()
+def acquire(
+    config: Path = typer.Argument(..., help="TOML run configuration"),
+    resume: Path | None = typer.Option(None, "--resume", help="continue the run in this directory"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="directory of a new run (default runs/SCOPE-TIME)"),
+) -> None:
+    """Run an acquisition headless (exit codes: 0 ok, 3 needs attention, 4 failed, 5 aborted, 2 bad input)."""
+    from tapescope.acquisition.headless import run_headless
+
+    cfg = _load(config)
+    if resume is not None and run_dir is not None:
+        raise _fail("give --resume RUN_DIR or --run-dir DIR, not both")
+    target = resume or run_dir or Path("runs") / f"{cfg.scope.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    raise typer.Exit(run_headless(cfg, target, resume=resume is not None, console=console))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

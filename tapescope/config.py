@@ -74,6 +74,21 @@ class RunConfig(_Model):
     overlap: Annotated[float, Field(ge=0.02, le=0.5)] = 0.10
     exposure_ms: Annotated[float, Field(gt=0, le=10_000)] = 20.0
     seed: int = 1
+    # -- acquisition (docs/acquisition.md) --
+    slot_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="first and last slot, inclusive; instead of 'slots'")
+    all_slots: bool = Field(False, description="image every slot on the tape; instead of 'slots'")
+    barcodes: dict[str, str] = Field(default_factory=dict, description="expected barcode per slot number")
+    roi: Literal["grid", "auto"] = Field(
+        "grid", description="'grid': the fixed grid on every slot; 'auto': overview -> tissue outline")
+    roi_polygons: dict[str, list[tuple[float, float]]] = Field(
+        default_factory=dict, description="operator ROI per slot ('*' = every slot): (y, x) stage nm")
+    max_retakes: Annotated[int, Field(ge=0, le=10)] = 2
+    on_device_failure: Literal["fail", "pause"] = "fail"
+    device_retries: Annotated[int, Field(ge=0, le=20)] = 3
+    watchdog_stall_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    min_free_gb: Annotated[float, Field(ge=0)] = 1.0
+    reimage_at_end: bool = True
 
     @field_validator("slots")
     @classmethod
@@ -84,8 +99,26 @@ class RunConfig(_Model):
             raise ValueError(f"slots must be unique, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _one_slot_selection(self) -> RunConfig:
+        chosen = [n for n, on in (("slots", "slots" in self.model_fields_set),
+                                  ("slot_range", self.slot_range is not None), ("all_slots", self.all_slots)) if on]
+        if len(chosen) > 1:
+            raise ValueError(f"choose the slots one way, got {' and '.join(chosen)}")
+        if self.slot_range is not None and self.slot_range[1] < self.slot_range[0]:
+            raise ValueError(f"slot_range {list(self.slot_range)} is empty (last < first)")
+        for key in (*self.barcodes, *self.roi_polygons):
+            if not (key.isdigit() or (key == "*" and key in self.roi_polygons)):
+                raise ValueError(f"slot key {key!r} must be a slot number" + (" or '*'" if key in self.roi_polygons
+                                                                            else ""))
+        for key, poly in self.roi_polygons.items():
+            if len(poly) < 3:
+                raise ValueError(f"roi_polygons[{key!r}] needs at least 3 (y, x) points, got {len(poly)}")
+        return self
+
 
 class ProcessingConfig(_Model):
+    enabled: bool = Field(True, description="stitch, align and write the volume during the run")
     flatfield: Literal["auto", "none"] = "auto"
     section_thickness_nm: Annotated[float, Field(gt=0)] = 40.0
     pyramid_levels: Annotated[int, Field(ge=2, le=12)] = 3
@@ -99,10 +132,23 @@ class ProcessingConfig(_Model):
         return self
 
 
+class MqttConfig(_Model):
+    """The MQTT bridge (docs/mqtt.md). The password never sits in the config file."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    username: str | None = "engine"
+    password_env: str = Field("TAPESCOPE_MQTT_PASSWORD", description="environment variable holding the password")
+    keepalive_s: Annotated[int, Field(ge=1, le=600)] = 10
+    buffer: Annotated[int, Field(ge=10, le=1_000_000)] = 10_000
+
+
 class TapescopeConfig(_Model):
     scope: ScopeConfig = ScopeConfig()
     run: RunConfig = RunConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    mqtt: MqttConfig = MqttConfig()
 
 
 def _describe(err: dict) -> str:

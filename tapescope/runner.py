@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tapescope.acquisition.engine import Engine, RunSummary
+from tapescope.acquisition.engine import Engine, EngineSettings, Planner, RunSummary
 from tapescope.acquisition.events import EventBus
+from tapescope.acquisition.journal import RunProgress
 from tapescope.acquisition.pipeline import ProcessingWorker
-from tapescope.acquisition.plan import TilePlan, tile_grid
-from tapescope.acquisition.store import RunStore
-from tapescope.config import ScopeConfig, TapescopeConfig
+from tapescope.acquisition.plan import TilePlan, select_slots, tile_grid
+from tapescope.acquisition.planner import RoiPlanner
+from tapescope.acquisition.qc import QCLimits
+from tapescope.acquisition.roi import validate_polygon
+from tapescope.acquisition.store import RunStore, TileRecord
+from tapescope.config import ConfigError, ScopeConfig, TapescopeConfig, parse_config
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.pipeline import Canvas, SectionProcessor
@@ -40,7 +47,7 @@ def sim_world_params(cfg: TapescopeConfig):  # -> WorldParams; imported lazily (
     ext_x = cam.width * (1 + (cols - 1) * (1 - run.overlap))
     pad = 2 * ALIGN_MARGIN_PX + 128
     return WorldParams(
-        seed=run.seed, n_slots=max(run.slots) + 1, tile_px=(cam.height, cam.width),
+        seed=run.seed, n_slots=max([*run.slots, *(run.slot_range or ())]) + 1, tile_px=(cam.height, cam.width),
         pixel_nm=cam.pixel_size_nm, section_px=(int(ext_y) + pad, int(ext_x) + pad),
         thickness_nm=cfg.processing.section_thickness_nm,
     )
@@ -118,3 +125,201 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
             processor.record_missing(z_of_slot[slot], {"slot": slot, "z": z_of_slot[slot]},
                                      f"not acquired (run {summary.state.value})")
     return RunResult(summary, run_dir, vol_path, worker)
+
+
+# -- headless acquisition runs (tapescope acquire) ---------------------------------------------
+
+RUN_DEFINING = ("run", "processing")     # config sections a resumed run must not change
+
+
+class ResumeError(Exception):
+    """A run directory that cannot be resumed; the message names why."""
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def config_differences(old: TapescopeConfig, new: TapescopeConfig) -> list[str]:
+    """Fields that decide what a run images and that differ between two configs."""
+    a = _flat({k: old.model_dump(mode="json")[k] for k in RUN_DEFINING})
+    b = _flat({k: new.model_dump(mode="json")[k] for k in RUN_DEFINING})
+    cam_a, cam_b = old.scope.camera, new.scope.camera
+    for f in ("width", "height", "pixel_size_nm"):
+        a[f"scope.camera.{f}"], b[f"scope.camera.{f}"] = getattr(cam_a, f), getattr(cam_b, f)
+    return [f"{k}: run has {a.get(k)!r}, config has {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, TapescopeConfig, dict[str, Any]]:
+    """Open a killed run: check it, cut a torn journal line, remove torn tile writes.
+
+    The run continues with the configuration it started with (its snapshot); a CONFIG that
+    differs in what decides the images is refused rather than silently mixed in."""
+    store = RunStore(run_dir)
+    if not store.journal_path.exists():
+        raise ResumeError(f"{run_dir}: no journal.jsonl here: not a tapescope run directory")
+    try:
+        snap = parse_config(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    except (OSError, ValueError, ConfigError) as exc:
+        raise ResumeError(f"{run_dir}: cannot read the run's config snapshot: {exc}") from None
+    diffs = config_differences(snap, cfg)
+    if diffs:
+        raise ResumeError(f"{run_dir}: the config differs from the one the run started with:\n  "
+                          + "\n  ".join(diffs))
+    torn = store.repair_journal()
+    stray = store.stray_files()
+    for p in stray:
+        p.unlink()
+    # Every journalled tile was fsync'd before its line; check the newest of each slot
+    # against its checksum all the same (a disk that lied about a flush).
+    invalid = []
+    latest: dict[int, TileRecord] = {}
+    for rec in store.tiles():
+        latest[rec.slot] = rec
+    for rec in latest.values():
+        try:
+            RunStore.read_tile(rec)
+        except (OSError, ValueError) as exc:
+            invalid.append(f"{rec.path.relative_to(run_dir)}: {exc}")
+            store.log_event("tile_invalid", slot=rec.slot, row=rec.row, col=rec.col, error=str(exc))
+    notes = {"torn_journal_bytes": torn, "torn_tile_files": [str(p.relative_to(run_dir)) for p in stray],
+             "invalid_tiles": invalid}
+    store.log_event("run_resumed", time=time.time(), **notes)
+    # Keep cfg's scope (ports may differ: a restarted simulator, a moved serial adapter).
+    return store, snap.model_copy(update={"scope": cfg.scope, "mqtt": cfg.mqtt}), notes
+
+
+def engine_settings(cfg: TapescopeConfig) -> EngineSettings:
+    r = cfg.run
+    return EngineSettings(
+        qc=QCLimits(max_retakes=r.max_retakes), device_retries=r.device_retries,
+        on_device_failure=r.on_device_failure, watchdog_stall_s=r.watchdog_stall_s,
+        min_free_bytes=int(r.min_free_gb * 1e9), reimage_at_end=r.reimage_at_end,
+        barcodes={int(k): v for k, v in r.barcodes.items()},
+    )
+
+
+def make_planner(cfg: TapescopeConfig) -> Planner:
+    cam, r = cfg.scope.camera, cfg.run
+    polygons = {k: validate_polygon(v, f"run.roi_polygons[{k!r}]") for k, v in r.roi_polygons.items()}
+    return RoiPlanner(mode=r.roi, grid=plan_grid(cfg), polygons=polygons, tile_px=(cam.height, cam.width),
+                      pixel_nm=cam.pixel_size_nm, overlap=r.overlap)
+
+
+@dataclass
+class AcquisitionResult:
+    summary: RunSummary
+    run_dir: Path
+    volume: Path | None
+    worker: ProcessingWorker | None
+    resume_notes: dict[str, Any]
+    slots: list[int]
+
+
+async def run_acquisition(
+    cfg: TapescopeConfig, run_dir: Path, bus: EventBus, *, resume: bool = False,
+    on_engine: Callable[[Engine], None] | None = None, password: str | None = None,
+) -> AcquisitionResult:
+    """One headless run into RUN_DIR (raw tiles, journal, report, volume.zarr), or its resumption."""
+    notes: dict[str, Any] = {}
+    if resume:
+        store, cfg, notes = open_for_resume(run_dir, cfg)
+    else:
+        store = RunStore.create(run_dir, cfg.model_dump_json(indent=2))
+    progress = RunProgress.replay(store)
+    cam, r = cfg.scope.camera, cfg.run
+    async with open_scope(cfg) as (scope, _):
+        if r.all_slots:
+            slots = select_slots(all_slots=True, tape_slots=await scope.tape.slot_count())
+        elif r.slot_range is not None:
+            slots = select_slots(slot_range=r.slot_range)
+        else:
+            slots = select_slots(slots=r.slots)
+        z_of_slot = {s: k for k, s in enumerate(slots)}
+        worker, vol_path, queue = None, None, None
+        if cfg.processing.enabled:
+            worker, vol_path = _processing(cfg, store, bus, slots, z_of_slot)
+            queue = asyncio.Queue(maxsize=PROCESS_QUEUE)
+        engine = Engine(scope, store, bus, slots=slots, exposure_ms=r.exposure_ms, section_queue=queue,
+                        planner=make_planner(cfg), settings=engine_settings(cfg), progress=progress,
+                        tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm)
+        if on_engine is not None:
+            on_engine(engine)
+        bridge = None
+        if cfg.mqtt.enabled:
+            from tapescope.mqtt.bridge import BrokerSettings, MqttBridge
+
+            m = cfg.mqtt
+            bridge = MqttBridge(BrokerSettings(m.host, m.port, m.username, password, m.keepalive_s, m.buffer),
+                                bus, cfg.scope.name, engine=engine, run_dir=str(run_dir))
+            bridge.start()
+        consumer = asyncio.create_task(worker.run(queue)) if worker is not None and queue is not None else None
+        try:
+            summary = await engine.run()
+        finally:
+            if consumer is not None:
+                await consumer      # processing finishes what was acquired, even after a failure
+            if bridge is not None:
+                await bridge.stop()
+    write_report(store, summary, progress, slots, worker, notes)
+    return AcquisitionResult(summary, run_dir, vol_path, worker, notes, slots)
+
+
+PROCESS_QUEUE = 4     # sections waiting for processing; beyond it, processing catches up from disk
+
+
+def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: list[int],
+                z_of_slot: dict[int, int]) -> tuple[ProcessingWorker, Path]:
+    cam, proc = cfg.scope.camera, cfg.processing
+    vol_path = store.dir / "volume.zarr"
+    extent = search_extent_nm(cfg)
+    half = np.array(extent) / 2 / cam.pixel_size_nm
+    corners = np.array([-half, half])
+    canvas = Canvas.around(corners - (cam.height / 2, cam.width / 2), (cam.height, cam.width), ALIGN_MARGIN_PX)
+    if (vol_path / "zarr.json").exists():
+        volume = Volume.open(vol_path)
+    else:
+        volume = Volume.create(vol_path, (len(slots), *canvas.shape), pixel_nm=cam.pixel_size_nm,
+                               thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels, chunk=proc.chunk)
+    processor = SectionProcessor(volume, canvas, align=proc.align)
+    return ProcessingWorker(store, processor, bus, z_of_slot=z_of_slot, pixel_nm=cam.pixel_size_nm,
+                            flatfield=proc.flatfield), vol_path
+
+
+def search_extent_nm(cfg: TapescopeConfig) -> tuple[float, float]:
+    """The area a section may occupy: the configured grid's footprint (what 'grid' images)."""
+    cam, r = cfg.scope.camera, cfg.run
+    rows, cols = r.grid
+    return (cam.height * (1 + (rows - 1) * (1 - r.overlap)) * cam.pixel_size_nm,
+            cam.width * (1 + (cols - 1) * (1 - r.overlap)) * cam.pixel_size_nm)
+
+
+def write_report(store: RunStore, summary: RunSummary, progress: RunProgress, slots: list[int],
+                 worker: ProcessingWorker | None, notes: dict[str, Any]) -> Path:
+    """RUN_DIR/report.json: what happened to each section, and how the run ended."""
+    final = RunProgress.replay(store)
+    sections = []
+    for s in slots:
+        p = final.slot(s)
+        entry: dict[str, Any] = {"slot": s, "status": p.status or "not reached", "message": p.message,
+                                 "tiles": len(p.tiles), "tiles_planned": len(p.plan.tiles) if p.plan else 0,
+                                 "tiles_failed_qc": sorted(map(list, p.failed_qc))}
+        if worker is not None:
+            if s in worker.reports:
+                rep = worker.reports[s]
+                entry["processing"] = {"status": rep.status, "max_residual_px": rep.max_residual_px,
+                                       "message": rep.message}
+            elif s in worker.failed:
+                entry["processing"] = {"status": "failed", "message": worker.failed[s]}
+        sections.append(entry)
+    report = {"state": summary.state.value, "reason": summary.reason, "seconds": summary.seconds,
+              "tiles": final.tiles_stored, "resumes": final.resumes, "resume_notes": notes, "sections": sections}
+    path = store.dir / "report.json"
+    store.write_durable(path, json.dumps(report, indent=2).encode())
+    return path

@@ -41,7 +41,26 @@ class ProcessingWorker:
         self.failed: dict[int, str] = {}
 
     async def run(self, queue: asyncio.Queue[int | None]) -> None:
+        """Process slots as they come; then whatever the journal says is acquired but was not
+        processed (a full queue, or a run resumed after a crash): catch up from disk."""
         while (slot := await queue.get()) is not None:
+            await asyncio.to_thread(self.process_slot, slot)
+            await self.catch_up()
+        await self.catch_up()
+
+    def unprocessed(self) -> list[int]:
+        done: dict[int, str] = {}
+        processed: set[int] = set()
+        for e in self.store.events():
+            if e["event"] == "section_done":
+                done[int(e["slot"])] = e["status"]
+            elif e["event"] == "section_processed":
+                processed.add(int(e["slot"]))
+        return sorted(s for s, st in done.items() if st in ("complete", "flagged") and s not in processed
+                      and s not in self.reports and s not in self.failed and s in self.z_of_slot)
+
+    async def catch_up(self) -> None:
+        for slot in await asyncio.to_thread(self.unprocessed):
             await asyncio.to_thread(self.process_slot, slot)
 
     def _ensure_flatfield(self) -> None:

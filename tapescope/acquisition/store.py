@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ class RunStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir)
         self.journal_path = self.dir / "journal.jsonl"
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, run_dir: str | Path, config_json: str) -> RunStore:
@@ -60,6 +62,10 @@ class RunStore:
         store.log_event("run_started", time=time.time())
         return store
 
+    def write_durable(self, path: Path, data: bytes) -> None:
+        """Write a whole file atomically and durably (temp file, fsync, rename, fsync dir)."""
+        self._write_durable(path, data)
+
     def _write_durable(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + ".part")
         with open(tmp, "wb") as f:
@@ -71,7 +77,9 @@ class RunStore:
 
     def log_event(self, event: str, **fields: Any) -> None:
         line = json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n"
-        with open(self.journal_path, "a", encoding="utf-8") as f:
+        # The engine (loop thread) and processing (worker thread) both append: one at a time,
+        # or a long line written in several syscalls could interleave with another.
+        with self._lock, open(self.journal_path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -1,0 +1,138 @@
+"""`tapescope acquire CONFIG [--resume RUN_DIR]`: a headless run with rich progress.
+
+Exit codes (also in docs/acquisition.md):
+    0  done, every section with tissue complete (empty slots are fine)
+    3  done, but some section needs a person: flagged for re-imaging, damaged, skipped,
+       wrong barcode, not processed
+    4  failed (a device fault that retries did not cure, with on_device_failure = "fail")
+    5  aborted (operator, MQTT, Ctrl-C, SIGTERM)
+    2  bad input: configuration, run directory, resume refused
+Logs: RUN_DIR/run.log (structured, one JSON object per line) besides the console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tapescope.config import TapescopeConfig
+
+from .engine import Engine, RunState
+from .events import Alarm, Event, EventBus, SectionFinished, StateChanged, TileAcquired
+from .events import Progress as ProgressEvent
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_ATTENTION, EXIT_FAILED, EXIT_ABORTED = 0, 2, 3, 4, 5
+NEEDS_ATTENTION = frozenset({"flagged", "damaged", "skipped", "wrong_barcode", "not reached"})
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"time": record.created, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d)
+
+
+def exit_code(state: RunState, sections: list[dict[str, Any]]) -> int:
+    if state is RunState.ABORTED:
+        return EXIT_ABORTED
+    if state is not RunState.DONE:
+        return EXIT_FAILED
+    bad = [s for s in sections if s["status"] in NEEDS_ATTENTION
+           or s.get("processing", {}).get("status") == "failed"]
+    return EXIT_ATTENTION if bad else EXIT_OK
+
+
+def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: Console) -> int:
+    from tapescope.runner import ResumeError, run_acquisition
+
+    if not resume and (run_dir / "journal.jsonl").exists():
+        console.print(f"[bold red]error:[/] {run_dir} already holds a run; continue it with --resume {run_dir}")
+        return EXIT_BAD_INPUT
+    password = os.environ.get(cfg.mqtt.password_env) if cfg.mqtt.enabled else None
+    if cfg.mqtt.enabled and cfg.mqtt.username and password is None:
+        console.print(f"[bold red]error:[/] mqtt.enabled: set the password in ${cfg.mqtt.password_env}")
+        return EXIT_BAD_INPUT
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for h in logging.getLogger().handlers:     # the console keeps warnings; run.log gets INFO too
+        if h.level == logging.NOTSET:
+            h.setLevel(logging.WARNING)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(JsonLogFormatter())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("tapescope").setLevel(logging.INFO)
+    bus = EventBus()
+    progress = Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, transient=False)
+    t_sec = progress.add_task("sections", total=None, info="")
+    t_tile = progress.add_task("tiles", total=None, info="")
+    log = logging.getLogger("tapescope.acquire")
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, ProgressEvent):
+            progress.update(t_sec, completed=ev.sections_done, total=ev.sections_total,
+                            info=f"slot {ev.slot}" if ev.slot >= 0 else "")
+            progress.update(t_tile, completed=ev.tiles_done, total=max(ev.tiles_total, ev.tiles_done),
+                            info=f"{ev.tiles_per_s:.1f} tiles/s")
+        elif isinstance(ev, Alarm):
+            progress.console.print(f"[yellow]{ev.severity}[/] {ev.source}: {ev.message}", highlight=False)
+        elif isinstance(ev, StateChanged):
+            log.info("state %s -> %s (%s)", ev.old, ev.new, ev.reason)
+            if ev.new in ("paused", "recovering"):
+                progress.console.print(f"[cyan]{ev.new}[/]: {ev.reason}", highlight=False)
+        elif isinstance(ev, SectionFinished):
+            log.info("slot %d: %s %s", ev.slot, ev.status, ev.message)
+        elif isinstance(ev, TileAcquired) and ev.qc.get("faults"):
+            log.warning("slot %d r%d c%d stored with QC faults %s", ev.slot, ev.row, ev.col, ev.qc["faults"])
+
+    bus.subscribe(on_event)
+    engines: list[Engine] = []
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        # Ctrl-C or SIGTERM: abort at the next tile boundary, so the tile in flight is kept.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda s=sig: engines and engines[0].abort(f"signal {signal.Signals(s).name}"))
+        return await run_acquisition(cfg, run_dir, bus, resume=resume, on_engine=engines.append, password=password)
+
+    t0 = time.monotonic()
+    try:
+        with progress:
+            result = asyncio.run(main())
+    except ResumeError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_BAD_INPUT
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    report = json.loads((run_dir / "report.json").read_text())
+    table = Table(title=f"run {run_dir}")
+    for col in ("slot", "status", "tiles", "QC failed", "processing", "note"):
+        table.add_column(col)
+    for s in report["sections"]:
+        table.add_row(str(s["slot"]), s["status"], f"{s['tiles']}/{s['tiles_planned']}",
+                      str(len(s["tiles_failed_qc"])), s.get("processing", {}).get("status", "-"),
+                      s["message"] or s.get("processing", {}).get("message", ""))
+    console.print(table)
+    summ = result.summary
+    code = exit_code(summ.state, report["sections"])
+    console.print(f"run {summ.state.value}{': ' + summ.reason if summ.reason else ''}; "
+                  f"{report['tiles']} tiles stored; {time.monotonic() - t0:.1f} s; exit code {code}", highlight=False)
+    if result.resume_notes:
+        n = result.resume_notes
+        console.print(f"resumed: torn journal bytes {n['torn_journal_bytes']}, torn tile files "
+                      f"{len(n['torn_tile_files'])}, invalid tiles {len(n['invalid_tiles'])}", highlight=False)
+    console.print(f"run directory: {run_dir} (report.json, journal.jsonl, run.log"
+                  + (", volume.zarr)" if result.volume else ")"), highlight=False)
+    return code

@@ -1,0 +1,95 @@
+"""Planning a section: overview -> tissue outline (or the operator's polygon) -> tile grid.
+
+`RoiPlanner` decides per slot, in this order: an operator polygon for the slot (or for
+'*') overrides everything; mode 'grid' images the configured grid; mode 'auto' takes an
+overview of the search area, finds the tissue outline, and covers it with tiles
+(roi.tiles_covering). Empty and damaged slots come back as SlotVerdicts: recorded and
+skipped, never fatal.
+
+The overview is a mosaic of frames on a coarse grid over the search area, each reduced
+to OVERVIEW_BIN x fewer pixels, then divided by its own vignetting (the median of the
+reduced frames). A scope whose column driver offers a low magnification can make the
+same overview in one frame; the mosaic works on any scope and is what runs today.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from .events import OverviewAvailable
+from .plan import SectionPlan, TilePlan
+from .roi import Overview, Polygon, TissueLimits, find_tissue, tiles_covering
+
+if TYPE_CHECKING:
+    from .engine import Engine, SlotVerdict
+
+OVERVIEW_BIN = 8
+
+
+@dataclass
+class RoiPlanner:
+    mode: str                                   # "grid" | "auto"
+    grid: list[TilePlan]
+    polygons: dict[str, Polygon] = field(default_factory=dict)
+    tile_px: tuple[int, int] = (512, 512)
+    pixel_nm: float = 4.0
+    overlap: float = 0.1
+    search_nm: tuple[float, float] | None = None     # (h, w) around (0, 0); None: the grid's footprint
+    limits: TissueLimits = field(default_factory=TissueLimits)
+
+    def search_box(self) -> tuple[float, float]:
+        if self.search_nm is not None:
+            return self.search_nm
+        ys = [t.y_nm for t in self.grid]
+        xs = [t.x_nm for t in self.grid]
+        th, tw = self.tile_px[0] * self.pixel_nm, self.tile_px[1] * self.pixel_nm
+        return (max(ys) - min(ys) + th, max(xs) - min(xs) + tw)
+
+    async def plan(self, engine: Engine, slot: int, barcode: str) -> SectionPlan | SlotVerdict:
+        from .engine import SlotVerdict
+
+        poly = self.polygons.get(str(slot), self.polygons.get("*"))
+        if poly is not None:
+            tiles = tiles_covering(poly, self.tile_px, self.pixel_nm, self.overlap)
+            return SectionPlan(slot, barcode, tuple(tiles), poly, "operator")
+        if self.mode == "grid":
+            return SectionPlan(slot, barcode, tuple(self.grid))
+        ov = await self.overview(engine, slot)
+        engine.store.log_event("overview", slot=slot, shape=list(ov.image.shape), origin_nm=list(ov.origin_nm),
+                               pixel_nm=ov.pixel_nm)
+        found = find_tissue(ov, self.limits, margin_nm=0.0)
+        if found.verdict != "tissue":
+            return SlotVerdict(found.verdict, found.message)
+        tiles = tiles_covering(found.outline_nm, self.tile_px, self.pixel_nm, self.overlap)
+        return SectionPlan(slot, barcode, tuple(tiles), found.outline_nm, "auto")
+
+    async def overview(self, engine: Engine, slot: int) -> Overview:
+        h_nm, w_nm = self.search_box()
+        th, tw = self.tile_px[0] * self.pixel_nm, self.tile_px[1] * self.pixel_nm
+        rows, cols = max(1, math.ceil(h_nm / th)), max(1, math.ceil(w_nm / tw))
+        y0 = -th * (rows - 1) / 2
+        x0 = -tw * (cols - 1) / 2
+        bh, bw = self.tile_px[0] // OVERVIEW_BIN, self.tile_px[1] // OVERVIEW_BIN
+        small: dict[tuple[int, int], np.ndarray] = {}
+        for r in range(rows):
+            order = range(cols) if r % 2 == 0 else range(cols - 1, -1, -1)
+            for c in order:
+                await engine._boundary()          # an overview can take a while: stay controllable
+                frame, _, _ = await engine._expose(TilePlan(r, c, y0 + r * th, x0 + c * tw))
+                small[(r, c)] = cv2.resize(frame.data.astype(np.float32), (bw, bh), interpolation=cv2.INTER_AREA)
+        # Vignetting is the same in every frame: the median of the mean-normalised frames.
+        stack = np.stack([s / max(float(np.median(s)), 1e-6) for s in small.values()])
+        gain = np.median(stack, axis=0) if len(stack) >= 3 else np.ones((bh, bw), np.float32)
+        gain /= max(float(gain.mean()), 1e-6)
+        image = np.zeros((rows * bh, cols * bw), np.float32)
+        for (r, c), s in small.items():
+            image[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = s / np.maximum(gain, 1e-3)
+        pix = self.pixel_nm * OVERVIEW_BIN
+        origin = (y0 - th / 2, x0 - tw / 2)
+        engine.bus.emit(OverviewAvailable(slot, image, origin, pix))
+        return Overview(image, origin, pix)
