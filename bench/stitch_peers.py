@@ -32,7 +32,7 @@ def _read(root: Path):
     return rows, tiles, grid, nominal
 
 
-def run_ashlar(root: Path) -> tuple[np.ndarray, float]:
+def run_ashlar(root: Path, filter_sigma: float = 0.0) -> tuple[np.ndarray, float]:
     from ashlar import reg
     from ashlar.filepattern import FilePatternReader
 
@@ -48,7 +48,9 @@ def run_ashlar(root: Path) -> tuple[np.ndarray, float]:
             dst.symlink_to(root / r["file"])
     t0 = time.perf_counter()
     reader = FilePatternReader(str(links), "r{row:03}_c{col:03}.tif", overlap, pixel_size=1.0)
-    aligner = reg.EdgeAligner(reader, channel=0, max_shift=40, verbose=False, do_make_thumbnail=False)
+    # filter_sigma is ashlar's documented remedy for noisy tiles (a Gaussian before correlation).
+    aligner = reg.EdgeAligner(reader, channel=0, max_shift=40, verbose=False, do_make_thumbnail=False,
+                              filter_sigma=filter_sigma)
     aligner.run()
     seconds = time.perf_counter() - t0
     # Ashlar's series order is raster over its own (row, col): map back to ours.
@@ -77,5 +79,6 @@ def run_m2stitch(root: Path) -> tuple[np.ndarray, float]:
 
 if __name__ == "__main__":
     peer, root = sys.argv[1], Path(sys.argv[2])
-    pos, seconds = {"ashlar": run_ashlar, "m2stitch": run_m2stitch}[peer](root)
+    runners = {"ashlar": run_ashlar, "ashlar-sigma2": lambda r: run_ashlar(r, 2.0), "m2stitch": run_m2stitch}
+    pos, seconds = runners[peer](root)
     print(json.dumps({"positions": pos.tolist(), "seconds": seconds}))
