@@ -128,3 +128,19 @@ async def test_defocus_blurs(sim: SimulatedScope) -> None:
     finally:
         await cam.close()
         await col.close()
+
+
+async def test_scope_from_ports_drives_the_column(sim: SimulatedScope) -> None:
+    from tapescope.hardware.scope import Scope
+
+    cfg = sim.scope_config()
+    assert cfg.column.url == sim.column.port
+    scope = Scope.from_ports(stage_url=cfg.stage.url, tape_url=cfg.tape.url, camera_host="127.0.0.1",
+                             camera_port=sim.camera.port, column_url=cfg.column.url, serial_timeout_s=1.0)
+    async with scope:
+        assert scope.column is not None and scope.column in scope.devices
+        assert (await scope.column.status()).beam_on
+    assert not scope.camera.connected
+    without = Scope.from_ports(stage_url=cfg.stage.url, tape_url=cfg.tape.url, camera_host="127.0.0.1",
+                               camera_port=sim.camera.port)
+    assert without.column is None and len(without.devices) == 3

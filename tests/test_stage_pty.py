@@ -81,3 +81,29 @@ async def test_silent_port_times_out() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+async def test_speed_setting_changes_travel_time(sim: SimulatedScope) -> None:
+    stage = Stage(sim.stage.port, timeout_s=1.0)
+    await stage.connect()
+    try:
+        await stage.set_speed(0.5)
+        assert await stage.speed() == pytest.approx(0.5)
+        slow = sim.world._travel_s(1e6)
+        await stage.set_speed(2.0)
+        assert sim.world._travel_s(1e6) < slow
+        with pytest.raises(DeviceError, match="outside"):
+            await stage.set_speed(50)
+    finally:
+        await stage.close()
+
+
+async def test_relative_move(sim: SimulatedScope) -> None:
+    stage = Stage(sim.stage.port, timeout_s=1.0)
+    await stage.connect()
+    try:
+        await stage.move_to(1000, 1000)
+        await stage.move_by(-300, 500)
+        assert await stage.position() == pytest.approx((700, 1500), abs=1)
+    finally:
+        await stage.close()

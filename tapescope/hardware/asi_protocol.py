@@ -10,12 +10,15 @@ Commands end with CR; replies end with CR LF.
     W X Y            where                    -> ":A <x> <y>"
     /                status                   -> "N" (idle) or "B" (busy)
     HALT             stop all axes            -> ":A"
+    S X=<f> Y=<f>    set speed, mm/s          -> ":A"
+    S X?             speed of X, mm/s         -> ":A X=<f>"
 Errors are ":N-<code>"; the codes are ASI's.
 """
 
 from __future__ import annotations
 
 NM_PER_UNIT = 100.0  # one ASI unit is 0.1 um
+NM_S_PER_MM_S = 1.0e6
 
 ERRORS: dict[int, str] = {
     1: "unknown command",

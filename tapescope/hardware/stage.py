@@ -118,6 +118,23 @@ class Stage:
         x, y = await self.position()
         await self.move_to(x + dx_nm, y + dy_nm, wait=wait)
 
+    async def set_speed(self, mm_s: float) -> None:
+        """Maximum speed of both axes, mm/s (ASI's S command)."""
+        if not 0 < mm_s <= 10.0:
+            raise DeviceError(self.name, f"speed {mm_s:g} mm/s is outside (0, 10]", 4)
+        await self._command(f"S X={mm_s:.4f} Y={mm_s:.4f}")
+
+    async def speed(self) -> float:
+        """Speed setting of the X axis, mm/s."""
+        body = await self._command("S X?")
+        key, _, value = body.partition("=")
+        try:
+            if key.strip().upper() != "X":
+                raise ValueError(body)
+            return float(value)
+        except ValueError:
+            raise ProtocolError(self.name, f"bad speed reply {body!r}") from None
+
     async def stop(self) -> None:
         await self._command("HALT")
 

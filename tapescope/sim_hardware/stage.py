@@ -56,6 +56,22 @@ class StageEmulator(PtyLineServer):
                 target[m.group(1)] = target[m.group(1)] + v if relative else v
             w.stage_move(np.array([target["Y"], target["X"]]))
             return ":A"
+        if verb in ("S", "SPEED"):
+            if len(args) == 1 and args[0].upper() in ("X?", "Y?"):
+                return f":A {args[0][0].upper()}={w.stage_speed_nm_s / asi.NM_S_PER_MM_S:.4f}"
+            speeds = []
+            for a in args:
+                m = _AXIS.match(a.upper())
+                if not m:
+                    return self._err(2)
+                speeds.append(float(m.group(2)))
+            if not speeds:
+                return self._err(3)
+            if not all(0 < v <= 10.0 for v in speeds):
+                return self._err(4)
+            # One speed for both axes in this model: the slower one governs a diagonal move.
+            w.stage_speed_nm_s = min(speeds) * asi.NM_S_PER_MM_S
+            return ":A"
         if verb == "HALT":
             w.stage_halt()
             return ":A"

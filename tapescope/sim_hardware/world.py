@@ -132,6 +132,7 @@ class SimWorld:
         self.stage_true = np.zeros(2)      # (y, x) nm
         self.stage_encoder = np.zeros(2)
         self._move: _Move | None = None
+        self.stage_speed_nm_s = p.stage_speed_nm_s    # the controller's speed setting (S command)
         self._last_dir = np.zeros(2)
         # Tape state.
         self.slot = 0
@@ -401,7 +402,7 @@ class SimWorld:
 
     # -- stage -------------------------------------------------------------------------
     def _travel_s(self, dist_nm: float) -> float:
-        v, a = self.p.stage_speed_nm_s, self.p.stage_accel_nm_s2
+        v, a = self.stage_speed_nm_s, self.p.stage_accel_nm_s2
         if dist_nm <= v * v / a:                       # triangular profile: never at full speed
             return 2 * math.sqrt(dist_nm / a)
         return dist_nm / v + v / a
