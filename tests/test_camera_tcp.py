@@ -15,9 +15,7 @@ from tapescope.sim_hardware.scope import SimulatedScope
 
 
 async def test_frame_over_tcp(sim: SimulatedScope) -> None:
-    cam = Camera("127.0.0.1", sim.camera.port, timeout_s=5.0)
-    await cam.connect()
-    try:
+    async with Camera("127.0.0.1", sim.camera.port, timeout_s=5.0) as cam:
         assert cam.shape == sim.world.p.tile_px
         await cam.set_exposure(10)
         await cam.arm()
@@ -34,19 +32,13 @@ async def test_frame_over_tcp(sim: SimulatedScope) -> None:
         dark = sim.world.p.dark_offset
         ratio = (f3.data.mean() - dark) / (f1.data.mean() - dark)
         assert ratio == pytest.approx(2.0, rel=0.05)   # signal scales with exposure
-    finally:
-        await cam.close()
 
 
 async def test_camera_error_reply(sim: SimulatedScope) -> None:
-    cam = Camera("127.0.0.1", sim.camera.port)
-    await cam.connect()
-    try:
+    async with Camera("127.0.0.1", sim.camera.port) as cam:
         with pytest.raises(DeviceError, match="exposure out of range") as info:
             await cam.set_exposure(-5)
         assert info.value.code == 2
-    finally:
-        await cam.close()
 
 
 @contextlib.asynccontextmanager

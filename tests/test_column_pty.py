@@ -15,9 +15,7 @@ from tapescope.sim_hardware.scope import SimulatedScope
 
 
 async def test_state_and_settings(sim: SimulatedScope) -> None:
-    col = Column(sim.column.port, timeout_s=1.0)
-    await col.connect()
-    try:
+    async with Column(sim.column.port, timeout_s=1.0) as col:
         assert col.magnifications == sim.world.p.magnifications
         st = await col.status()
         assert (st.high_tension, st.magnification, st.blanked) == ("ON", sim.world.p.imaging_mag, False)
@@ -33,8 +31,6 @@ async def test_state_and_settings(sim: SimulatedScope) -> None:
         assert info.value.code == proto.ERR_BAD_MAG
         with pytest.raises(DeviceError, match="outside"):
             await col.set_focus(5e6)
-    finally:
-        await col.close()
 
 
 async def test_bytes_on_the_wire(sim: SimulatedScope) -> None:
@@ -54,15 +50,11 @@ async def test_bytes_on_the_wire(sim: SimulatedScope) -> None:
 
 
 async def test_high_tension_ramps(sim: SimulatedScope) -> None:
-    col = Column(sim.column.port, timeout_s=1.0, ramp_timeout_s=2.0)
-    await col.connect()
-    try:
+    async with Column(sim.column.port, timeout_s=1.0, ramp_timeout_s=2.0) as col:
         st = await col.high_tension(False)
         assert st.high_tension == "OFF" and not st.beam_on
         assert (await col.high_tension(True, wait=False)).high_tension == "RAMPING"
         assert (await col.high_tension(True)).high_tension == "ON"
-    finally:
-        await col.close()
 
 
 async def _frame(cam: Camera) -> np.ndarray:
@@ -70,11 +62,7 @@ async def _frame(cam: Camera) -> np.ndarray:
 
 
 async def test_blanked_beam_gives_dark_frames(sim: SimulatedScope) -> None:
-    col = Column(sim.column.port, timeout_s=1.0)
-    cam = Camera("127.0.0.1", sim.camera.port)
-    await col.connect()
-    await cam.connect()
-    try:
+    async with Column(sim.column.port, timeout_s=1.0) as col, Camera("127.0.0.1", sim.camera.port) as cam:
         await cam.set_exposure(10)
         lit = await _frame(cam)
         await col.blank()
@@ -83,17 +71,10 @@ async def test_blanked_beam_gives_dark_frames(sim: SimulatedScope) -> None:
         assert lit.mean() > p.dark_offset + 1000
         assert dark.mean() == pytest.approx(p.dark_offset, abs=1.0)
         assert dark.std() == pytest.approx(p.read_noise_counts, rel=0.15)
-    finally:
-        await cam.close()
-        await col.close()
 
 
 async def test_overview_mag_shows_the_aperture_and_section(sim: SimulatedScope) -> None:
-    col = Column(sim.column.port, timeout_s=1.0)
-    cam = Camera("127.0.0.1", sim.camera.port)
-    await col.connect()
-    await cam.connect()
-    try:
+    async with Column(sim.column.port, timeout_s=1.0) as col, Camera("127.0.0.1", sim.camera.port) as cam:
         await cam.set_exposure(10)
         await col.set_magnification(sim.world.p.imaging_mag / 16)
         img = await _frame(cam)
@@ -106,17 +87,10 @@ async def test_overview_mag_shows_the_aperture_and_section(sim: SimulatedScope) 
         lit = (img > p.dark_offset + 500).sum()
         half = sim.world.aperture_half_nm() / sim.world.pixel_nm_now()
         assert lit == pytest.approx(4 * half[0] * half[1], rel=0.1)
-    finally:
-        await cam.close()
-        await col.close()
 
 
 async def test_defocus_blurs(sim: SimulatedScope) -> None:
-    col = Column(sim.column.port, timeout_s=1.0)
-    cam = Camera("127.0.0.1", sim.camera.port)
-    await col.connect()
-    await cam.connect()
-    try:
+    async with Column(sim.column.port, timeout_s=1.0) as col, Camera("127.0.0.1", sim.camera.port) as cam:
         await cam.set_exposure(50)
         focus = sim.world.true_focus_nm(sim.world.slot)
         sharpness = []
@@ -125,9 +99,6 @@ async def test_defocus_blurs(sim: SimulatedScope) -> None:
             img = await _frame(cam)
             sharpness.append(float(np.var(np.diff(img, axis=1))))
         assert sharpness[0] > sharpness[1] > sharpness[2]
-    finally:
-        await cam.close()
-        await col.close()
 
 
 async def test_scope_from_ports_drives_the_column(sim: SimulatedScope) -> None:

@@ -23,23 +23,17 @@ def moves(sim: SimulatedScope) -> list[str]:
 
 
 async def test_lost_move_reply_is_confirmed_not_resent(sim: SimulatedScope, caplog) -> None:
-    stage = Stage(sim.stage.port, timeout_s=0.2)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=0.2) as stage:
         sim.inject("stage_timeout", on="M")
         with caplog.at_level(logging.WARNING):
             await stage.move_to(3000, 4000)
         assert len(moves(sim)) == 1                 # sent once, never blindly again
         assert await stage.position() == pytest.approx((3000, 4000), abs=1)
         assert "took effect" in caplog.text
-    finally:
-        await stage.close()
 
 
 async def test_lost_move_command_raises_retryable_then_recovers(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=0.2)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=0.2) as stage:
         sim.inject("stage_timeout", on="M", executed=False)
         with pytest.raises(DeviceTimeout, match="did not take effect") as info:
             await stage.move_to(3000, 4000)
@@ -47,26 +41,18 @@ async def test_lost_move_command_raises_retryable_then_recovers(sim: SimulatedSc
         assert await stage.position() == pytest.approx((0, 0), abs=1)
         await stage.move_to(3000, 4000)             # the caller's retry
         assert await stage.position() == pytest.approx((3000, 4000), abs=1)
-    finally:
-        await stage.close()
 
 
 async def test_garbled_stage_reply(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=0.5)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=0.5) as stage:
         sim.inject("stage_garbled", on="W")
         with pytest.raises(ProtocolError, match="undecodable"):
             await stage.position()
         assert await stage.position() == pytest.approx((0, 0), abs=1)
-    finally:
-        await stage.close()
 
 
 async def test_stage_stall_halts_and_reports_where(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=0.5, settle_timeout_s=0.3)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=0.5, settle_timeout_s=0.3) as stage:
         sim.inject("stage_stall")
         with pytest.raises(DeviceTimeout, match="halted at") as info:
             await stage.move_to(100_000, 0)
@@ -77,60 +63,40 @@ async def test_stage_stall_halts_and_reports_where(sim: SimulatedScope) -> None:
         assert any(c == "HALT" for c in sim.stage.commands)
         await stage.move_to(100_000, 0)
         assert (await stage.position())[0] == pytest.approx(100_000, abs=1)
-    finally:
-        await stage.close()
 
 
 async def test_stage_limit_hit_is_an_error(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=0.5)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=0.5) as stage:
         sim.inject("stage_limit")
         with pytest.raises(DeviceError, match="short of the target") as info:
             await stage.move_to(200_000, 0)
         assert not info.value.retryable
-    finally:
-        await stage.close()
 
 
 async def test_lost_tape_reply_is_confirmed(sim: SimulatedScope) -> None:
-    tape = Tape(sim.tape.port, timeout_s=0.2)
-    await tape.connect()
-    try:
+    async with Tape(sim.tape.port, timeout_s=0.2) as tape:
         sim.inject("tape_timeout", on="GOTO")
         st = await tape.goto(3)
         assert (st.state, st.slot) == ("IDLE", 3)
         assert [c for c in sim.tape.commands if c.startswith("GOTO")] == ["GOTO 3"]
-    finally:
-        await tape.close()
 
 
 async def test_garbled_tape_reply(sim: SimulatedScope) -> None:
-    tape = Tape(sim.tape.port, timeout_s=0.5)
-    await tape.connect()
-    try:
+    async with Tape(sim.tape.port, timeout_s=0.5) as tape:
         sim.inject("tape_garbled", on="BARCODE?")
         with pytest.raises(ProtocolError):
             await tape.barcode()
         assert await tape.barcode() == (0, sim.world.barcodes[0])
-    finally:
-        await tape.close()
 
 
 async def test_tape_jam_that_clears_itself(sim: SimulatedScope) -> None:
-    tape = Tape(sim.tape.port, timeout_s=0.5, jam_grace_s=1.0)
-    await tape.connect()
-    try:
+    async with Tape(sim.tape.port, timeout_s=0.5, jam_grace_s=1.0) as tape:
         sim.inject("tape_jam", clears_after=3)
         assert (await tape.goto(2)).slot == 2
-    finally:
-        await tape.close()
 
 
 async def test_tape_jam_needs_clearing(sim: SimulatedScope) -> None:
-    tape = Tape(sim.tape.port, timeout_s=0.5, jam_grace_s=0.05)
-    await tape.connect()
-    try:
+    async with Tape(sim.tape.port, timeout_s=0.5, jam_grace_s=0.05) as tape:
         sim.inject("tape_jam")
         with pytest.raises(DeviceError, match="jammed") as info:
             await tape.goto(2)
@@ -142,14 +108,10 @@ async def test_tape_jam_needs_clearing(sim: SimulatedScope) -> None:
         assert (await tape.clear_jam()).state == "IDLE"
         assert (await tape.goto(2)).slot == 2
         assert await tape.tension() == sim.world.p.tape_tension_g
-    finally:
-        await tape.close()
 
 
 async def test_column_lost_and_garbled_replies(sim: SimulatedScope) -> None:
-    col = Column(sim.column.port, timeout_s=0.2)
-    await col.connect()
-    try:
+    async with Column(sim.column.port, timeout_s=0.2) as col:
         sim.inject("column_timeout", on="MAG")
         await col.set_magnification(600)            # confirmed by STATE?
         assert (await col.status()).magnification == 600
@@ -157,16 +119,11 @@ async def test_column_lost_and_garbled_replies(sim: SimulatedScope) -> None:
         with pytest.raises(ProtocolError):
             await col.status()
         assert (await col.status()).magnification == 600
-    finally:
-        await col.close()
 
 
 async def test_beam_trip_darkens_frames_until_recovered(sim: SimulatedScope) -> None:
-    col = Column(sim.column.port, timeout_s=0.5, ramp_timeout_s=2.0)
-    cam = Camera("127.0.0.1", sim.camera.port)
-    await col.connect()
-    await cam.connect()
-    try:
+    async with (Column(sim.column.port, timeout_s=0.5, ramp_timeout_s=2.0) as col,
+                Camera("127.0.0.1", sim.camera.port) as cam):
         await cam.set_exposure(10)
         dark = sim.world.p.dark_offset
         sim.inject("beam_trip")
@@ -178,15 +135,10 @@ async def test_beam_trip_darkens_frames_until_recovered(sim: SimulatedScope) -> 
             await col.unblank()
         assert (await col.ensure_beam()).beam_on
         assert (await cam.trigger()).data.mean() > dark + 1000
-    finally:
-        await cam.close()
-        await col.close()
 
 
 async def test_dropped_frame_times_out_then_recovers(sim: SimulatedScope, caplog) -> None:
-    cam = Camera("127.0.0.1", sim.camera.port, timeout_s=0.3)
-    await cam.connect()
-    try:
+    async with Camera("127.0.0.1", sim.camera.port, timeout_s=0.3) as cam:
         await cam.set_exposure(5)
         first = await cam.trigger()
         sim.inject("frame_drop")
@@ -199,14 +151,10 @@ async def test_dropped_frame_times_out_then_recovers(sim: SimulatedScope, caplog
         assert cam.frames_lost == 1 and cam.reconnects == 1
         assert "1 frame(s) lost" in caplog.text
         assert cam.exposure_ms == 5 and again.exposure_ms == 5
-    finally:
-        await cam.close()
 
 
 async def test_truncated_frame_then_reconnect(sim: SimulatedScope) -> None:
-    cam = Camera("127.0.0.1", sim.camera.port, timeout_s=2.0)
-    await cam.connect()
-    try:
+    async with Camera("127.0.0.1", sim.camera.port, timeout_s=2.0) as cam:
         sim.inject("frame_truncated")
         with pytest.raises(DeviceDisconnected, match="mid-message") as info:
             await cam.trigger()
@@ -214,14 +162,10 @@ async def test_truncated_frame_then_reconnect(sim: SimulatedScope) -> None:
         frame = await cam.trigger()
         assert frame.data.shape == sim.world.p.tile_px
         assert sim.camera.connections == 2
-    finally:
-        await cam.close()
 
 
 async def test_camera_disconnect_and_reconnect(sim: SimulatedScope) -> None:
-    cam = Camera("127.0.0.1", sim.camera.port, timeout_s=1.0, reconnect_timeout_s=3.0)
-    await cam.connect()
-    try:
+    async with Camera("127.0.0.1", sim.camera.port, timeout_s=1.0, reconnect_timeout_s=3.0) as cam:
         await cam.set_exposure(7)
         sim.inject("camera_disconnect", down_s=0.3)
         with pytest.raises(DeviceDisconnected):
@@ -229,8 +173,6 @@ async def test_camera_disconnect_and_reconnect(sim: SimulatedScope) -> None:
         frame = await cam.trigger()                # waits out the outage, restores settings
         assert frame.exposure_ms == 7 and cam.reconnects == 1
         assert sim.camera.exposure_ms == 7
-    finally:
-        await cam.close()
 
 
 async def test_closed_camera_does_not_reconnect(sim: SimulatedScope) -> None:
@@ -243,9 +185,7 @@ async def test_closed_camera_does_not_reconnect(sim: SimulatedScope) -> None:
 
 
 async def test_after_skips_opportunities(sim: SimulatedScope) -> None:
-    cam = Camera("127.0.0.1", sim.camera.port)
-    await cam.connect()
-    try:
+    async with Camera("127.0.0.1", sim.camera.port) as cam:
         await cam.set_exposure(5)
         sim.inject("beam_trip", after=2)
         means = [float(np.mean((await cam.trigger()).data)) for _ in range(3)]
@@ -253,8 +193,6 @@ async def test_after_skips_opportunities(sim: SimulatedScope) -> None:
         assert means[0] > dark + 500 and means[1] > dark + 500
         assert means[2] == pytest.approx(dark, abs=1.0)
         assert [name for _, name in sim.world.faults.fired] == ["beam_trip"]
-    finally:
-        await cam.close()
 
 
 def test_bad_fault_requests_are_refused() -> None:

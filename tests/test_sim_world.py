@@ -107,9 +107,7 @@ def test_true_focus_drifts_within_its_amplitude() -> None:
 
 
 async def test_binning_and_roi_over_tcp(sim: SimulatedScope) -> None:
-    cam = Camera("127.0.0.1", sim.camera.port)
-    await cam.connect()
-    try:
+    async with Camera("127.0.0.1", sim.camera.port) as cam:
         await cam.set_exposure(10)
         full = (await cam.trigger()).data.astype(np.float32)
         await cam.set_roi((32, 16, 64, 48))
@@ -130,8 +128,6 @@ async def test_binning_and_roi_over_tcp(sim: SimulatedScope) -> None:
         await cam.set_binning(1)
         await cam.set_roi(None)
         assert (await cam.trigger()).data.shape == sim.world.p.tile_px
-    finally:
-        await cam.close()
 
 
 def test_world_params_defaults_render_the_demo_fast_path() -> None:

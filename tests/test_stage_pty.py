@@ -14,9 +14,7 @@ from tapescope.sim_hardware.scope import SimulatedScope
 
 
 async def test_move_and_read_back(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=1.0)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=1.0) as stage:
         await stage.move_to(12_345.0, -6_789.0, wait=False)
         assert await stage.status() == "busy"      # the emulator models travel time
         await stage.wait_settled()
@@ -27,8 +25,6 @@ async def test_move_and_read_back(sim: SimulatedScope) -> None:
         true_y, true_x = sim.world.stage_true
         assert (true_x, true_y) != (x, y)
         assert abs(true_x - x) < 10 * sim.world.p.stage_error_sigma_nm
-    finally:
-        await stage.close()
 
 
 async def test_bytes_on_the_wire_are_asi(sim: SimulatedScope) -> None:
@@ -48,27 +44,19 @@ async def test_bytes_on_the_wire_are_asi(sim: SimulatedScope) -> None:
 
 
 async def test_device_error_carries_code(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=1.0)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=1.0) as stage:
         with pytest.raises(DeviceError) as info:
             await stage._command("XYZZY")
         assert info.value.code == 1
         assert "unknown command" in str(info.value)
-    finally:
-        await stage.close()
 
 
 async def test_soft_limits_refuse_before_the_wire(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=1.0, limits=StageLimits(x_nm=(-1000, 1000)))
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=1.0, limits=StageLimits(x_nm=(-1000, 1000))) as stage:
         before = sim.stage.commands_seen
         with pytest.raises(DeviceError, match="soft limits"):
             await stage.move_to(5000, 0)
         assert sim.stage.commands_seen == before
-    finally:
-        await stage.close()
 
 
 async def test_silent_port_times_out() -> None:
@@ -84,9 +72,7 @@ async def test_silent_port_times_out() -> None:
 
 
 async def test_speed_setting_changes_travel_time(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=1.0)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=1.0) as stage:
         await stage.set_speed(0.5)
         assert await stage.speed() == pytest.approx(0.5)
         slow = sim.world._travel_s(1e6)
@@ -94,16 +80,10 @@ async def test_speed_setting_changes_travel_time(sim: SimulatedScope) -> None:
         assert sim.world._travel_s(1e6) < slow
         with pytest.raises(DeviceError, match="outside"):
             await stage.set_speed(50)
-    finally:
-        await stage.close()
 
 
 async def test_relative_move(sim: SimulatedScope) -> None:
-    stage = Stage(sim.stage.port, timeout_s=1.0)
-    await stage.connect()
-    try:
+    async with Stage(sim.stage.port, timeout_s=1.0) as stage:
         await stage.move_to(1000, 1000)
         await stage.move_by(-300, 500)
         assert await stage.position() == pytest.approx((700, 1500), abs=1)
-    finally:
-        await stage.close()

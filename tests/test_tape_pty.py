@@ -10,9 +10,7 @@ from tapescope.sim_hardware.scope import SimulatedScope
 
 
 async def test_goto_and_barcode(sim: SimulatedScope) -> None:
-    tape = Tape(sim.tape.port, timeout_s=1.0)
-    await tape.connect()
-    try:
+    async with Tape(sim.tape.port, timeout_s=1.0) as tape:
         assert await tape.slot_count() == sim.world.p.n_slots
         st = await tape.goto(2)
         assert (st.state, st.slot) == ("IDLE", 2)
@@ -20,5 +18,3 @@ async def test_goto_and_barcode(sim: SimulatedScope) -> None:
         with pytest.raises(DeviceError) as info:
             await tape.goto(99)
         assert info.value.code == 2
-    finally:
-        await tape.close()

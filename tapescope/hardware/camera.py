@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import camera_protocol as cp
+from .device import Device
 from .errors import DeviceDisconnected, DeviceError, DeviceTimeout, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class Frame:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class Camera:
+class Camera(Device):
     name = "camera"
 
     def __init__(self, host: str, port: int, *, timeout_s: float = 5.0, reconnect_timeout_s: float = 10.0) -> None:

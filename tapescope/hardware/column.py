@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .device import Device
 from .errors import DeviceError, DeviceTimeout, ProtocolError
 from .serial_line import SerialLine, send_confirmed
 
@@ -57,7 +58,7 @@ def format_mag(mag: float) -> str:
     return f"{mag:g}"
 
 
-class Column:
+class Column(Device):
     name = "column"
 
     def __init__(

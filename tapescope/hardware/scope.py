@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from types import TracebackType
 
 from .camera import Camera
 from .column import Column
+from .device import Device
 from .stage import Stage
 from .tape import Tape
 
 
-class Scope:
+class Scope(Device):
     """Stage, tape, camera and (optionally: not every set-up drives its column) the column."""
 
     def __init__(self, stage: Stage, tape: Tape, camera: Camera, column: Column | None = None) -> None:
@@ -58,11 +58,3 @@ class Scope:
         for dev in reversed(self.devices):
             with contextlib.suppress(Exception):  # closing must reach every device
                 await dev.close()
-
-    async def __aenter__(self) -> Scope:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from . import asi_protocol as asi
+from .device import Device
 from .errors import DeviceError, DeviceTimeout, ProtocolError
 from .serial_line import SerialLine, send_confirmed
 
@@ -17,7 +18,7 @@ class StageLimits:
     y_nm: tuple[float, float] = (-5e6, 5e6)
 
 
-class Stage:
+class Stage(Device):
     """Async XY stage. Positions in nanometres."""
 
     name = "stage"

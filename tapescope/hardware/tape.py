@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .device import Device
 from .errors import DeviceError, DeviceTimeout, ProtocolError
 from .serial_line import SerialLine, send_confirmed
 
@@ -37,7 +38,7 @@ class TapeState:
     slot: int
 
 
-class Tape:
+class Tape(Device):
     name = "tape"
 
     def __init__(
