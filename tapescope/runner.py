@@ -156,6 +156,24 @@ def config_differences(old: TapescopeConfig, new: TapescopeConfig) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
+def snapshot_json(cfg: TapescopeConfig) -> str:
+    """The config as the run directory keeps it: every field, defaults included (a resume
+    must not pick up a default changed by an upgrade), and the slots said one way only."""
+    d = cfg.model_dump(mode="json")
+    if cfg.run.slot_range is not None or cfg.run.all_slots:
+        del d["run"]["slots"]
+    return json.dumps(d, indent=2)
+
+
+def never_started(run_dir: Path) -> bool:
+    """A run directory that a kill left before its journal: only start-up files, no tile."""
+    if not run_dir.is_dir():
+        return False
+    allowed = {"config.json", "config.json.part", "run.log", "tiles"}
+    return (all(p.name in allowed for p in run_dir.iterdir())
+            and not any(p.is_file() for p in (run_dir / "tiles").rglob("*")))
+
+
 def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, TapescopeConfig, dict[str, Any]]:
     """Open a killed run: check it, cut a torn journal line, remove torn tile writes.
 
@@ -228,10 +246,14 @@ async def run_acquisition(
 ) -> AcquisitionResult:
     """One headless run into RUN_DIR (raw tiles, journal, report, volume.zarr), or its resumption."""
     notes: dict[str, Any] = {}
+    if resume and not (run_dir / "journal.jsonl").exists() and never_started(run_dir):
+        resume = False     # killed before its journal existed: nothing was recorded, start it
+        notes = {"torn_journal_bytes": 0, "torn_tile_files": [], "invalid_tiles": [],
+                 "note": "the run had not started; started it"}
     if resume:
         store, cfg, notes = open_for_resume(run_dir, cfg)
     else:
-        store = RunStore.create(run_dir, cfg.model_dump_json(indent=2))
+        store = RunStore.create(run_dir, snapshot_json(cfg))
     progress = RunProgress.replay(store)
     cam, r = cfg.scope.camera, cfg.run
     async with open_scope(cfg) as (scope, _):
