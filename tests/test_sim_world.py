@@ -15,7 +15,8 @@ from tapescope.sim_hardware.world import SimWorld, WorldParams
 
 from .conftest import SMALL_WORLD
 
-QUIET = dataclasses.replace(SMALL_WORLD, n_slots=40, lens_distortion_px=0.0, stage_error_sigma_nm=0.0)
+QUIET = dataclasses.replace(SMALL_WORLD, n_slots=40, lens_distortion_px=0.0, stage_error_sigma_nm=0.0,
+                            slot_rotation_sigma_deg=0.0)
 
 
 def kind(world: SimWorld, slot: int) -> str:

@@ -45,7 +45,7 @@ class WorldParams:
     thickness_nm: float = 40.0
     # Tape: where each aperture lands (position error) and where its section lies.
     slot_offset_sigma_nm: float = 200.0        # section centre relative to the beam axis
-    slot_rotation_sigma_deg: float = 0.0       # section rotation; 0 until alignment solves rotation
+    slot_rotation_sigma_deg: float = 2.0       # section rotation on its slot, degrees
     tape_position_sigma_nm: float = 300.0      # aperture centre relative to the beam axis
     aperture_scale: float = 1.6                # aperture size / section size (GridTape: ~1.5-2)
     aperture_corner: float = 0.15              # corner radius / aperture short side
