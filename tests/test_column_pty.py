@@ -115,3 +115,14 @@ async def test_scope_from_ports_drives_the_column(sim: SimulatedScope) -> None:
     without = Scope.from_ports(stage_url=cfg.stage.url, tape_url=cfg.tape.url, camera_host="127.0.0.1",
                                camera_port=sim.camera.port)
     assert without.column is None and len(without.devices) == 3
+
+
+async def test_snap_files_the_frame_under_the_stage_position(sim: SimulatedScope) -> None:
+    from tapescope.hardware.scope import Scope
+
+    cfg = sim.scope_config()
+    async with Scope.from_ports(stage_url=cfg.stage.url, tape_url=cfg.tape.url, camera_host="127.0.0.1",
+                                camera_port=sim.camera.port, serial_timeout_s=1.0) as scope:
+        await scope.stage.move_to(2500, -1500)
+        frame = await scope.snap()
+        assert frame.stage_nm == pytest.approx((2500, -1500), abs=1)

@@ -136,3 +136,18 @@ def test_world_params_defaults_render_the_demo_fast_path() -> None:
     w = SimWorld(WorldParams(n_slots=1, tile_px=(64, 64), section_px=(256, 256)))
     t = w.transmission_at(0, np.zeros(2))
     assert t.min() > 0.01                                   # no tape in view
+
+
+def test_section_corners_are_where_the_camera_sees_the_section_edge() -> None:
+    # A wide aperture: near the section corners there is film, not the aperture's rounded corner.
+    w = SimWorld(dataclasses.replace(QUIET, slot_rotation_sigma_deg=3.0, tile_px=(64, 64), aperture_scale=3.0))
+    film = w.p.film_transmission
+    corners = w.section_corners_nm(4)
+    centre = corners.mean(axis=0)
+    assert np.allclose(centre, w.slot_offsets_nm[4])
+    for corner in corners:
+        # Just inside a corner: tissue in the frame's centre; just outside: bare film.
+        inside = w.transmission_at(4, corner + (centre - corner) * 0.05)[30:34, 30:34]
+        outside = w.transmission_at(4, corner + (corner - centre) * 0.05)[30:34, 30:34]
+        assert np.all(outside == pytest.approx(film, abs=1e-3))
+        assert not np.all(inside == pytest.approx(film, abs=1e-3))

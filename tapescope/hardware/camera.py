@@ -35,6 +35,7 @@ class Frame:
     timestamp: float
     exposure_ms: float
     meta: dict[str, Any] = field(default_factory=dict)
+    stage_nm: tuple[float, float] | None = None   # (x, y) encoder reading at exposure, when known
 
 
 class Camera(Device):

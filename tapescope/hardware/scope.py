@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from .camera import Camera
+from .camera import Camera, Frame
 from .column import Column
 from .device import Device
 from .stage import Stage
@@ -45,6 +45,17 @@ class Scope(Device):
             Camera(camera_host, camera_port, timeout_s=camera_timeout_s),
             column,
         )
+
+    async def snap(self) -> Frame:
+        """Read the stage encoder, expose, and return the frame with the position it was taken at.
+
+        The stage must be settled (the camera sees where the stage *is*; the encoder read
+        just before the exposure is what the frame is filed under).
+        """
+        x, y = await self.stage.position()
+        frame = await self.camera.trigger()
+        frame.stage_nm = (x, y)
+        return frame
 
     async def connect(self) -> None:
         try:

@@ -324,6 +324,15 @@ class SimWorld:
                           borderValue=film)
         return self._apply_aperture(slot, t, centre_nm, pix, b, roi)
 
+    def section_corners_nm(self, slot: int) -> np.ndarray:
+        """Stage coordinates (y, x) of the section's four corners (the truth for ROI finding)."""
+        h, w = np.array(self.p.section_px) * self.p.pixel_nm / 2
+        theta = math.radians(self.slot_rotation_deg[slot])
+        c, s = math.cos(theta), math.sin(theta)
+        rot = np.array([[c, -s], [s, c]])           # section frame -> slot frame, (y, x)
+        corners = np.array([[-h, -w], [-h, w], [h, w], [h, -w]])
+        return corners @ rot.T + self.slot_offsets_nm[slot]
+
     def aperture_half_nm(self) -> np.ndarray:
         """Half size (y, x) of a slot's aperture in nm."""
         return np.array(self.p.section_px) * self.p.pixel_nm * self.p.aperture_scale / 2
