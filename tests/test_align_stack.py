@@ -176,3 +176,17 @@ def test_wrong_tissue_is_unaligned_and_stepped_over(tmp_path: Path) -> None:
     assert float(np.sqrt((r ** 2).mean())) < 0.5
     sections = zarr.open_group(str(res.volume), mode="r").attrs["tapescope"]["sections"]
     assert sections["2"]["status"] == "unaligned"
+
+
+def test_a_section_renders_again_from_its_stored_transform(sim_stack, tmp_path: Path) -> None:
+    from tapescope.montage.stack import rerender_section
+
+    _, d = sim_stack
+    res = align_stack(d, tmp_path)
+    group = zarr.open_group(str(res.volume), mode="r+")
+    before = [group[k][3] for k in ("0", "1")]
+    for k in ("0", "1"):
+        group[k][3] = 0                                  # the section's pixels are lost
+    rerender_section(res.volume, 3, d / "section_00003.tif")
+    after = [group[k][3] for k in ("0", "1")]
+    assert all(np.array_equal(a, b) and a.any() for a, b in zip(before, after, strict=True))

@@ -309,6 +309,13 @@ def align_stack(
     return StackResult(vol_path, [outcome[z] for z in sorted(outcome)], summary)
 
 
+def rerender_section(volume_path: Path, z: int, montage: Path) -> RenderStats:
+    """Render section z of an aligned volume again from its montage and the transform
+    stored beside the volume (e.g. after the montage was re-stitched or the volume lost)."""
+    volume = Volume.open(volume_path)
+    return render_into_volume(volume_path, z, montage, volume.load_transform(z))
+
+
 def neuroglancer_source(volume: Path, base_url: str = "http://localhost:8000") -> str:
     """Layer source for Neuroglancer once the volume's folder is served over HTTP with
     CORS at `base_url` (Neuroglancer reads zarr v3 + OME-Zarr 0.5 through `zarr://`)."""
