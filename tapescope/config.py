@@ -81,6 +81,8 @@ class RunConfig(_Model):
     barcodes: dict[str, str] = Field(default_factory=dict, description="expected barcode per slot number")
     roi: Literal["grid", "auto"] = Field(
         "grid", description="'grid': the fixed grid on every slot; 'auto': overview -> tissue outline")
+    aperture_um: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="slot aperture (height, width) in um: the area the overview searches (roi = 'auto')")
     roi_polygons: dict[str, list[tuple[float, float]]] = Field(
         default_factory=dict, description="operator ROI per slot ('*' = every slot): (y, x) stage nm")
     max_retakes: Annotated[int, Field(ge=0, le=10)] = 2

@@ -54,8 +54,10 @@ def sim_world_params(cfg: TapescopeConfig):  # -> WorldParams; imported lazily (
 
 
 @contextlib.asynccontextmanager
-async def open_scope(cfg: TapescopeConfig) -> AsyncIterator[tuple[Scope, ScopeConfig]]:
-    """Connect to the configured scope; start the simulator for ports left unset."""
+async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None = None,
+                     ) -> AsyncIterator[tuple[Scope, ScopeConfig]]:
+    """Connect to the configured scope; start the simulator for ports left unset.
+    ``on_sim`` receives the SimulatedScope when one is started (tests arm faults through it)."""
     sim = None
     scope_cfg = cfg.scope
     if scope_cfg.simulated:
@@ -63,6 +65,8 @@ async def open_scope(cfg: TapescopeConfig) -> AsyncIterator[tuple[Scope, ScopeCo
 
         sim = SimulatedScope(sim_world_params(cfg))
         await sim.start()
+        if on_sim is not None:
+            on_sim(sim)
         scope_cfg = sim.scope_config(scope_cfg)
     s, t, c = scope_cfg.stage, scope_cfg.tape, scope_cfg.camera
     assert s.url and t.url and c.port is not None
@@ -226,8 +230,9 @@ def engine_settings(cfg: TapescopeConfig) -> EngineSettings:
 def make_planner(cfg: TapescopeConfig) -> Planner:
     cam, r = cfg.scope.camera, cfg.run
     polygons = {k: validate_polygon(v, f"run.roi_polygons[{k!r}]") for k, v in r.roi_polygons.items()}
+    search = (r.aperture_um[0] * 1e3, r.aperture_um[1] * 1e3) if r.aperture_um else None
     return RoiPlanner(mode=r.roi, grid=plan_grid(cfg), polygons=polygons, tile_px=(cam.height, cam.width),
-                      pixel_nm=cam.pixel_size_nm, overlap=r.overlap)
+                      pixel_nm=cam.pixel_size_nm, overlap=r.overlap, search_nm=search)
 
 
 @dataclass
@@ -243,6 +248,7 @@ class AcquisitionResult:
 async def run_acquisition(
     cfg: TapescopeConfig, run_dir: Path, bus: EventBus, *, resume: bool = False,
     on_engine: Callable[[Engine], None] | None = None, password: str | None = None,
+    on_sim: Callable[[Any], None] | None = None,
 ) -> AcquisitionResult:
     """One headless run into RUN_DIR (raw tiles, journal, report, volume.zarr), or its resumption."""
     notes: dict[str, Any] = {}
@@ -256,7 +262,7 @@ async def run_acquisition(
         store = RunStore.create(run_dir, snapshot_json(cfg))
     progress = RunProgress.replay(store)
     cam, r = cfg.scope.camera, cfg.run
-    async with open_scope(cfg) as (scope, _):
+    async with open_scope(cfg, on_sim) as (scope, _):
         if r.all_slots:
             slots = select_slots(all_slots=True, tape_slots=await scope.tape.slot_count())
         elif r.slot_range is not None:
@@ -315,8 +321,10 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
 
 
 def search_extent_nm(cfg: TapescopeConfig) -> tuple[float, float]:
-    """The area a section may occupy: the configured grid's footprint (what 'grid' images)."""
+    """The area a section may occupy: the aperture (auto ROI) or the configured grid's footprint."""
     cam, r = cfg.scope.camera, cfg.run
+    if r.roi == "auto" and r.aperture_um is not None:
+        return (r.aperture_um[0] * 1e3, r.aperture_um[1] * 1e3)
     rows, cols = r.grid
     return (cam.height * (1 + (rows - 1) * (1 - r.overlap)) * cam.pixel_size_nm,
             cam.width * (1 + (cols - 1) * (1 - r.overlap)) * cam.pixel_size_nm)

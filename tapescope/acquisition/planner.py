@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -69,6 +69,32 @@ class RoiPlanner:
         return SectionPlan(slot, barcode, tuple(tiles), found.outline_nm, "auto")
 
     async def overview(self, engine: Engine, slot: int) -> Overview:
+        column = getattr(engine.scope, "column", None)
+        if column is not None and getattr(column, "magnifications", None):
+            ov = await self._overview_low_mag(engine, column)
+        else:
+            ov = await self._overview_mosaic(engine)
+        engine.bus.emit(OverviewAvailable(slot, ov.image, ov.origin_nm, ov.pixel_nm))
+        return ov
+
+    async def _overview_low_mag(self, engine: Engine, column: Any) -> Overview:
+        """One frame at the highest magnification whose field holds the whole search area."""
+        imaging = (await engine._device("column status", column.status, "column")).magnification
+        h_nm, w_nm = self.search_box()
+        fov = np.array(self.tile_px, float) * self.pixel_nm * imaging
+        fits = [m for m in column.magnifications if np.all(fov / m >= (h_nm, w_nm))]
+        mag = max(fits) if fits else min(column.magnifications)
+        try:
+            await engine._device(f"magnification {mag:g}", lambda: column.set_magnification(mag), "column")
+            frame, _, _ = await engine._expose(TilePlan(0, 0, 0.0, 0.0))
+        finally:
+            await engine._device(f"magnification {imaging:g}", lambda: column.set_magnification(imaging), "column")
+        pix = self.pixel_nm * imaging / mag
+        img = frame.data.astype(np.float32)
+        h, w = img.shape
+        return Overview(img, (-h * pix / 2, -w * pix / 2), pix)
+
+    async def _overview_mosaic(self, engine: Engine) -> Overview:
         h_nm, w_nm = self.search_box()
         th, tw = self.tile_px[0] * self.pixel_nm, self.tile_px[1] * self.pixel_nm
         rows, cols = max(1, math.ceil(h_nm / th)), max(1, math.ceil(w_nm / tw))
@@ -89,7 +115,4 @@ class RoiPlanner:
         image = np.zeros((rows * bh, cols * bw), np.float32)
         for (r, c), s in small.items():
             image[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = s / np.maximum(gain, 1e-3)
-        pix = self.pixel_nm * OVERVIEW_BIN
-        origin = (y0 - th / 2, x0 - tw / 2)
-        engine.bus.emit(OverviewAvailable(slot, image, origin, pix))
-        return Overview(image, origin, pix)
+        return Overview(image, (y0 - th / 2, x0 - tw / 2), self.pixel_nm * OVERVIEW_BIN)

@@ -47,26 +47,42 @@ class TissueFinding:
 
 @dataclass(frozen=True)
 class TissueLimits:
-    min_contrast: float = 0.06        # tissue at least 6 % darker than resin
+    min_contrast: float = 0.10        # tissue ~20 % darker than film; an empty film with dust ~5 %
     min_area_fraction: float = 0.02   # of the search area
     min_main_fraction: float = 0.7    # largest piece / all tissue; below: torn section
     min_solidity: float = 0.6         # area / convex hull area; below: folded or torn
+    max_hole_fraction: float = 0.04   # resin holes inside the outline
+    max_fold_fraction: float = 0.04   # tissue much darker than the section's own: lying twice
+
+
+OPAQUE_BELOW = 0.35                   # of the film level: the tape around the aperture
+FOLD_DARKER = 0.3                     # doubled tissue transmits ~ t^2: 30 % darker at t ~ 0.7
 
 
 def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: float = 0.0) -> TissueFinding:
-    """Find the section on an overview. margin_nm grows the outline (so edge tiles are kept)."""
+    """Find the section on an overview. margin_nm grows the outline (so edge tiles are kept).
+
+    Three classes of pixel: the opaque tape (dark, outside the aperture), bare film or resin
+    (bright, flat) and tissue (in between, textured). The aperture is what is not opaque;
+    tissue is the darker class inside it (Otsu), judged by its contrast to the film."""
     lim = limits or TissueLimits()
-    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 1.5)
-    resin = float(np.percentile(img, 98))
-    if resin <= 0:
+    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 1.0)
+    film = float(np.percentile(img, 99))
+    if film <= 0:
         return TissueFinding("empty", (), 0.0, 0.0, "overview is dark: no beam?")
-    norm = img / resin
-    # Otsu on the normalised image separates dark tissue from bright resin when both exist.
+    norm = img / film
+    aperture = (norm > OPAQUE_BELOW).astype(np.uint8)
+    # Keep clear of the aperture's rim, where the blur mixes tape into film.
+    aperture = cv2.erode(aperture, np.ones((5, 5), np.uint8))
+    inside = norm[aperture > 0]
+    if inside.size < 16:
+        return TissueFinding("empty", (), 0.0, 0.0, "no aperture in the overview (all opaque)")
     u8 = np.clip(norm * 200, 0, 255).astype(np.uint8)
-    thr, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = (u8 < thr).astype(np.uint8)
-    tissue_level = float(np.median(norm[mask > 0])) if mask.any() else 1.0
-    contrast = 1.0 - tissue_level
+    thr, _ = cv2.threshold(u8[aperture > 0].reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = ((u8 < thr) & (aperture > 0)).astype(np.uint8)
+    film_level = float(np.median(norm[(aperture > 0) & (mask == 0)])) if (mask == 0).any() else 1.0
+    tissue_level = float(np.median(norm[mask > 0])) if mask.any() else film_level
+    contrast = 1.0 - tissue_level / max(film_level, 1e-6)
     if contrast < lim.min_contrast or not mask.any():
         return TissueFinding("empty", (), 0.0, contrast, f"no tissue: contrast {contrast:.3f} < {lim.min_contrast}")
     k = np.ones((3, 3), np.uint8)
@@ -78,30 +94,43 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     areas = stats[1:, cv2.CC_STAT_AREA]
     main = 1 + int(np.argmax(areas))
     total = float(areas.sum())
-    frac = total / mask.size
+    frac = total / max(float(aperture.sum()), 1.0)
     if frac < lim.min_area_fraction:
         return TissueFinding("empty", (), frac, contrast, f"tissue covers {frac:.1%} of the aperture only")
     part = (labels == main).astype(np.uint8)
     contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     contour = max(contours, key=cv2.contourArea)
+    filled = np.zeros_like(part)
+    cv2.drawContours(filled, [contour], -1, 1, -1)
+    holes = float(((filled > 0) & (part == 0)).sum()) / max(float(filled.sum()), 1.0)
     hull_area = float(cv2.contourArea(cv2.convexHull(contour))) or 1.0
     solidity = float(areas[main - 1]) / hull_area
     main_frac = float(areas[main - 1]) / total
+    # A fold lays tissue on tissue: a band far darker than the section's own tissue.
+    t = norm[part > 0]
+    doubled = float(np.mean(t < tissue_level * (1 - FOLD_DARKER)))
     if margin_nm > 0:
         r = max(1, round(margin_nm / ov.pixel_nm))
-        part = cv2.dilate(part, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        grown = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        contours, _ = cv2.findContours(grown, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         contour = max(contours, key=cv2.contourArea)
     approx = cv2.approxPolyDP(contour, 1.0, True)[:, 0, :]        # (x, y) pixels
     # Contour points are pixel centres on the boundary; +0.5 puts them on pixel corners.
     outline = ov.to_nm(approx[:, ::-1].astype(float) + 0.5)
     poly: Polygon = tuple((float(y), float(x)) for y, x in outline)
-    if main_frac < lim.min_main_fraction or solidity < lim.min_solidity:
-        return TissueFinding("damaged", poly, frac, contrast,
-                             f"section in pieces: largest piece {main_frac:.0%} of the tissue, "
-                             f"solidity {solidity:.2f}")
-    return TissueFinding("tissue", poly, frac, contrast,
-                         f"tissue {frac:.1%} of the aperture, contrast {contrast:.2f}")
+    problems = []
+    if main_frac < lim.min_main_fraction:
+        problems.append(f"in pieces (largest piece {main_frac:.0%} of the tissue)")
+    if solidity < lim.min_solidity:
+        problems.append(f"ragged outline (solidity {solidity:.2f})")
+    if holes > lim.max_hole_fraction:
+        problems.append(f"holes {holes:.0%} of its area")
+    if doubled > lim.max_fold_fraction:
+        problems.append(f"folded ({doubled:.0%} of it doubled)")
+    stats_txt = f"tissue {frac:.0%} of the aperture, contrast {contrast:.2f}, holes {holes:.1%}, doubled {doubled:.1%}"
+    if problems:
+        return TissueFinding("damaged", poly, frac, contrast, "; ".join(problems) + f" ({stats_txt})")
+    return TissueFinding("tissue", poly, frac, contrast, stats_txt)
 
 
 def validate_polygon(points: Sequence[Sequence[float]], what: str = "ROI polygon") -> Polygon:
