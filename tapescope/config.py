@@ -91,6 +91,8 @@ class RunConfig(_Model):
     watchdog_stall_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     min_free_gb: Annotated[float, Field(ge=0)] = 1.0
     reimage_at_end: bool = True
+    calibrate: list[Literal["darkfield", "brightfield", "auto_exposure", "autofocus"]] = Field(
+        default_factory=list, description="calibration routines to run (docs/acquisition.md)")
 
     @field_validator("slots")
     @classmethod

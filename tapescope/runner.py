@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tapescope.acquisition.calibration import CalibrationSuite
 from tapescope.acquisition.engine import Engine, EngineSettings, Planner, RunSummary
 from tapescope.acquisition.events import EventBus
 from tapescope.acquisition.journal import RunProgress
@@ -274,9 +275,12 @@ async def run_acquisition(
         if cfg.processing.enabled:
             worker, vol_path = _processing(cfg, store, bus, slots, z_of_slot)
             queue = asyncio.Queue(maxsize=PROCESS_QUEUE)
-        engine = Engine(scope, store, bus, slots=slots, exposure_ms=r.exposure_ms, section_queue=queue,
+        # A resumed run keeps the exposure its auto-exposure chose.
+        exposure = progress.calibrations.get("auto_exposure", {}).get("exposure_ms", r.exposure_ms)
+        engine = Engine(scope, store, bus, slots=slots, exposure_ms=exposure, section_queue=queue,
                         planner=make_planner(cfg), settings=engine_settings(cfg), progress=progress,
-                        tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm)
+                        tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm,
+                        calibration=CalibrationSuite(tuple(r.calibrate)) if r.calibrate else None)
         if on_engine is not None:
             on_engine(engine)
         bridge = None

@@ -26,6 +26,7 @@ import numpy as np
 from tapescope.hardware.errors import DeviceError, DeviceTimeout
 from tapescope.hardware.scope import Scope
 
+from .calibration import CalibrationSuite
 from .events import (
     Alarm,
     DeviceStatus,
@@ -118,7 +119,7 @@ class Engine:
         section_queue: asyncio.Queue[int | None] | None = None,
         planner: Planner | None = None, settings: EngineSettings | None = None,
         progress: RunProgress | None = None, tile_shape: tuple[int, int] | None = None,
-        pixel_nm: float = 0.0,
+        pixel_nm: float = 0.0, calibration: CalibrationSuite | None = None,
     ) -> None:
         if planner is None:
             if grid is None:
@@ -136,6 +137,7 @@ class Engine:
         self.progress = progress or RunProgress()
         self.tile_shape = tile_shape
         self.pixel_nm = pixel_nm
+        self.calibration = calibration
         self._resume_reason = "resumed"
         self._recover_from = RunState.ACQUIRING
         self._state = RunState.IDLE
@@ -351,6 +353,8 @@ class Engine:
         cam = self.scope.camera
         await self._device("set exposure", lambda: cam.set_exposure(self.exposure_ms), "camera")
         await self._device("arm camera", cam.arm, "camera")
+        if self.calibration is not None:
+            await self.calibration.prepare(self)
 
     def _check_disk(self, n_tiles: int) -> str | None:
         h, w = self.tile_shape or getattr(self.scope.camera, "shape", (0, 0)) or (0, 0)
@@ -407,6 +411,9 @@ class Engine:
         self.bus.emit(SectionPlanned(slot, barcode, plan.roi_nm,
                                      tuple((t.row, t.col, t.y_nm, t.x_nm) for t in plan.tiles),
                                      (h * px, w * px), plan.roi_source))
+        if self.calibration is not None and todo:
+            film = getattr(self.planner, "film_points", {}).get(slot, [])
+            await self.calibration.before_section(self, plan, film)
         while (why := self._check_disk(len(todo))) is not None:
             await self._pause_with_alarm("disk", why)
         index_of = {(t.row, t.col): i for i, t in enumerate(plan.tiles)}
@@ -487,8 +494,11 @@ class Engine:
             self.store.log_event("tile_rejected", slot=slot, row=tile.row, col=tile.col, attempt=attempt,
                                  qc=qc.as_dict(), time=time.time())
             self.bus.emit(TileRejected(slot, tile.row, tile.col, attempt, qc.faults, "retake"))
-            if "focus" in qc.faults and self.settings.refocus is not None:
-                await self.settings.refocus()
+            if "focus" in qc.faults:
+                if self.calibration is not None:
+                    await self.calibration.refocus(self)
+                elif self.settings.refocus is not None:
+                    await self.settings.refocus()
         focus_ref.add(qc)
         decision = qc.decision()
         if not qc.ok:

@@ -67,7 +67,7 @@ class RunProgress:
                 p.status, p.message = e["status"], e.get("message", "")
             elif kind == "section_processed":
                 prog.slot(int(e["slot"])).processed = True
-            elif kind == "calibration":
+            elif kind == "calibration" and e.get("ok"):
                 prog.calibrations[e["name"]] = e
             elif kind == "run_resumed":
                 prog.resumes += 1

@@ -66,6 +66,14 @@ class ProcessingWorker:
     def _ensure_flatfield(self) -> None:
         if self.flatfield != "auto" or self.processor.gain is not None:
             return
+        # Calibrated references (calibration.py) beat an estimate from the tiles.
+        cal = self.store.dir / "calibration"
+        if (cal / "dark.tif").exists() and not np.any(self.processor.dark):
+            self.processor.dark = tifffile.imread(cal / "dark.tif").astype(np.float32)
+        if (cal / "gain.tif").exists():
+            self.processor.gain = tifffile.imread(cal / "gain.tif").astype(np.float32)
+            self.store.log_event("flatfield", file="calibration/gain.tif", source="brightfield")
+            return
         records = self.store.tiles()
         if len(records) < MIN_FLATFIELD_TILES:
             self.bus.emit(Alarm("flatfield", f"only {len(records)} tiles so far: this section is "

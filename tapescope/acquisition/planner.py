@@ -23,7 +23,7 @@ import numpy as np
 
 from .events import OverviewAvailable
 from .plan import SectionPlan, TilePlan
-from .roi import Overview, Polygon, TissueLimits, find_tissue, tiles_covering
+from .roi import Overview, Polygon, TissueLimits, film_points, find_tissue, tiles_covering
 
 if TYPE_CHECKING:
     from .engine import Engine, SlotVerdict
@@ -41,6 +41,7 @@ class RoiPlanner:
     overlap: float = 0.1
     search_nm: tuple[float, float] | None = None     # (h, w) around (0, 0); None: the grid's footprint
     limits: TissueLimits = field(default_factory=TissueLimits)
+    film_points: dict[int, list[tuple[float, float]]] = field(default_factory=dict)   # for brightfield
 
     def search_box(self) -> tuple[float, float]:
         if self.search_nm is not None:
@@ -65,6 +66,7 @@ class RoiPlanner:
         found = find_tissue(ov, self.limits, margin_nm=0.0)
         if found.verdict != "tissue":
             return SlotVerdict(found.verdict, found.message)
+        self.film_points[slot] = film_points(ov, found.outline_nm, self.tile_px, self.pixel_nm)
         tiles = tiles_covering(found.outline_nm, self.tile_px, self.pixel_nm, self.overlap)
         return SectionPlan(slot, barcode, tuple(tiles), found.outline_nm, "auto")
 

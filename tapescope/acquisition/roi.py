@@ -133,6 +133,33 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     return TissueFinding("tissue", poly, frac, contrast, stats_txt)
 
 
+def film_points(ov: Overview, outline_nm: Polygon, tile_px: tuple[int, int], pixel_nm: float,
+                n: int = 7) -> list[tuple[float, float]]:
+    """Stage positions (y, x) where a whole tile sees bare film: inside the aperture, a tile
+    clear of the tissue outline. Spread out (farthest-point order) so that dust and film
+    texture average away in a brightfield."""
+    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 1.0)
+    film = float(np.percentile(img, 99)) or 1.0
+    ok = (img / film > 0.8).astype(np.uint8)
+    tissue = np.zeros_like(ok)
+    if outline_nm:
+        pts = np.round(ov.to_px(np.array(outline_nm)))[:, ::-1].astype(np.int32)
+        cv2.fillPoly(tissue, [pts], 1)
+    half = np.array(tile_px) * pixel_nm / 2 / ov.pixel_nm
+    k = (2 * int(np.ceil(half.max())) + 3) | 1
+    ok = cv2.erode(ok, np.ones((k, k), np.uint8)) & (cv2.dilate(tissue, np.ones((k, k), np.uint8)) == 0)
+    ys, xs = np.nonzero(ok)
+    if ys.size == 0:
+        return []
+    cand = np.column_stack([ys, xs]).astype(float)
+    chosen = [len(cand) // 2]
+    d = np.linalg.norm(cand - cand[chosen[0]], axis=1)
+    while len(chosen) < min(n, len(cand)):
+        chosen.append(int(np.argmax(d)))
+        d = np.minimum(d, np.linalg.norm(cand - cand[chosen[-1]], axis=1))
+    return [tuple(map(float, ov.to_nm(cand[i] + 0.5))) for i in chosen]
+
+
 def validate_polygon(points: Sequence[Sequence[float]], what: str = "ROI polygon") -> Polygon:
     """An operator polygon: at least 3 finite (y, x) points with a non-zero area."""
     pts = [tuple(map(float, p)) for p in points]
