@@ -154,7 +154,7 @@ class _Coarse:
 
 def coarse_affine(
     fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None = None,
-    moving_valid: np.ndarray | None = None, *, max_rotation_deg: float = 8.0,
+    moving_valid: np.ndarray | None = None, *, max_rotation_deg: float = 10.0,
 ) -> tuple[SectionTransform, float, float]:
     """Rigid then affine alignment at low resolution: (transform, confidence, rotation).
 
@@ -223,15 +223,16 @@ def _coarse_affine(fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarra
 
 def align_section(
     fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None = None,
-    moving_valid: np.ndarray | None = None, *, elastic: bool = True, max_rotation_deg: float = 8.0,
+    moving_valid: np.ndarray | None = None, *, elastic: bool = True, max_rotation_deg: float = 10.0,
     stride: int = 32, patch: int = 64, passes: int = 3, stiffness: float = 0.3, device: str = "cpu",
 ) -> SectionAlignment:
     """Align `moving` to `fixed` (same canvas): coarse rigid + affine, then elastic.
 
     The elastic stage measures a patch flow between the fixed image and the moving image
     warped by the current transform, cleans it, relaxes it on a spring mesh and adds the
-    result (rotated into the moving frame) to the transform's field; a second pass
-    measures what the first left, where the patches' window no longer biases the peak.
+    result (rotated into the moving frame) to the transform's field; each further pass
+    measures what the last left, where the patches' window no longer biases the peak.
+    Inputs may be memory-mapped: they are read in strips and patches, never whole.
     """
     if fixed.shape != moving.shape:
         raise ValueError(f"shapes differ: {fixed.shape} vs {moving.shape}")
