@@ -1,0 +1,47 @@
+"""The live section processor: align to the last good section, step over a bad one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zarr
+
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.pipeline import Canvas, SectionProcessor
+from tapescope.montage.synthetic import make_stack
+
+TILE, STEP = 224, 200   # 2 x 2 tiles, 24 px overlap
+
+
+def tiles_of(img: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, list[tuple[int, int]]]:
+    grid = [(r, c) for r in range(2) for c in range(2)]
+    pos = np.array([(r * STEP, c * STEP) for r, c in grid], float)
+    tiles = [(img[r * STEP:r * STEP + TILE, c * STEP:c * STEP + TILE] * 20000).astype(np.float32) for r, c in grid]
+    return tiles, pos, grid
+
+
+def test_live_alignment_steps_over_the_wrong_tissue(tmp_path: Path) -> None:
+    shape = (STEP + TILE, STEP + TILE)
+    st = make_stack(4, shape, seed=8, max_rotation_deg=3, max_shift_px=30, elastic_px=1.0, missing=())
+    wrong = make_stack(1, shape, seed=77, missing=()).images[0]
+    images = [st.images[0], st.images[1], wrong, st.images[3]]
+    _, pos, _ = tiles_of(images[0])
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    vol = Volume.create(tmp_path / "v.zarr", (4, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    proc = SectionProcessor(vol, canvas)
+    reports = []
+    for z, img in enumerate(images):
+        tiles, pos, grid = tiles_of(img)
+        reports.append(proc.process(z, tiles, pos, grid, {"slot": z}))
+    assert [r.status for r in reports] == ["ok", "ok", "unaligned", "ok"]
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert sections["2"]["needs_reimaging"] is True and sections["3"]["needs_reimaging"] is False
+    # z=3 was aligned to z=1 (the last good one), so it matches z=0 after alignment.
+    a, b = vol.levels[0][0].astype(float), vol.levels[0][3].astype(float)
+    core = (slice(40, -40), slice(40, -40))
+    both = (a[core] > 0) & (b[core] > 0)
+    assert np.corrcoef(a[core][both], b[core][both])[0, 1] > 0.9
+    assert np.corrcoef(a[core][both], cv2.resize(images[3], a.shape[::-1])[core][both])[0, 1] < 0.9
+    assert vol.load_transform(3).field is not None          # stored beside the volume
