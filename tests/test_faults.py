@@ -23,7 +23,7 @@ def moves(sim: SimulatedScope) -> list[str]:
 
 
 async def test_lost_move_reply_is_confirmed_not_resent(sim: SimulatedScope, caplog) -> None:
-    async with Stage(sim.stage.port, timeout_s=0.2) as stage:
+    async with Stage(sim.stage.port, timeout_s=0.5) as stage:
         sim.inject("stage_timeout", on="M")
         with caplog.at_level(logging.WARNING):
             await stage.move_to(3000, 4000)
@@ -33,7 +33,7 @@ async def test_lost_move_reply_is_confirmed_not_resent(sim: SimulatedScope, capl
 
 
 async def test_lost_move_command_raises_retryable_then_recovers(sim: SimulatedScope) -> None:
-    async with Stage(sim.stage.port, timeout_s=0.2) as stage:
+    async with Stage(sim.stage.port, timeout_s=0.5) as stage:
         sim.inject("stage_timeout", on="M", executed=False)
         with pytest.raises(DeviceTimeout, match="did not take effect") as info:
             await stage.move_to(3000, 4000)
@@ -74,7 +74,7 @@ async def test_stage_limit_hit_is_an_error(sim: SimulatedScope) -> None:
 
 
 async def test_lost_tape_reply_is_confirmed(sim: SimulatedScope) -> None:
-    async with Tape(sim.tape.port, timeout_s=0.2) as tape:
+    async with Tape(sim.tape.port, timeout_s=0.5) as tape:
         sim.inject("tape_timeout", on="GOTO")
         st = await tape.goto(3)
         assert (st.state, st.slot) == ("IDLE", 3)
@@ -111,7 +111,7 @@ async def test_tape_jam_needs_clearing(sim: SimulatedScope) -> None:
 
 
 async def test_column_lost_and_garbled_replies(sim: SimulatedScope) -> None:
-    async with Column(sim.column.port, timeout_s=0.2) as col:
+    async with Column(sim.column.port, timeout_s=0.5) as col:
         sim.inject("column_timeout", on="MAG")
         await col.set_magnification(600)            # confirmed by STATE?
         assert (await col.status()).magnification == 600
@@ -138,7 +138,7 @@ async def test_beam_trip_darkens_frames_until_recovered(sim: SimulatedScope) -> 
 
 
 async def test_dropped_frame_times_out_then_recovers(sim: SimulatedScope, caplog) -> None:
-    async with Camera("127.0.0.1", sim.camera.port, timeout_s=0.3) as cam:
+    async with Camera("127.0.0.1", sim.camera.port, timeout_s=1.0) as cam:
         await cam.set_exposure(5)
         first = await cam.trigger()
         sim.inject("frame_drop")
