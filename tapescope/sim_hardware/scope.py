@@ -34,6 +34,7 @@ class SimulatedScope:
         await self.column.stop()
         await self.tape.stop()
         await self.stage.stop()
+        self.world.close()
 
     def inject(self, name: str, count: int = 1, *, after: int = 0, **options: object) -> None:
         """Arm a fault, e.g. ``sim.inject("stage_timeout", count=1)`` (docs/simulator.md)."""

@@ -95,22 +95,21 @@ class Specimen:
         tone = cv2.resize(self.cell_tone[label].astype(np.float32), size, interpolation=cv2.INTER_NEAREST)
         tone = cv2.GaussianBlur(tone, (0, 0), 3)
 
-        img = tone.copy()
+        img = tone
         membrane_nm = 7.0
         img *= 1 - 0.75 * np.exp(-((gap / membrane_nm) ** 2))
         # Extracellular space: a thin lighter band beside each membrane pair.
         img += 0.05 * np.exp(-(((gap - 14) / 5) ** 2))
 
-        yx = np.stack(np.meshgrid(np.arange(p.height_px), np.arange(p.width_px), indexing="ij"), -1)
-        self._draw_mitochondria(img, z, yx)
+        self._draw_mitochondria(img, z)
         self._draw_vesicles(img, z)
         # Fine granular texture of stained cytoplasm.
         trng = np.random.default_rng(self._texture_seed + index)
         grain = cv2.GaussianBlur(trng.normal(0, 1, img.shape).astype(np.float32), (0, 0), 1.5)
         img *= 1 + 0.06 * grain
-        return np.clip(img, 0.02, 1.0).astype(np.float32)
+        return np.clip(img, 0.02, 1.0, out=img)
 
-    def _draw_mitochondria(self, img: np.ndarray, z: float, yx: np.ndarray) -> None:
+    def _draw_mitochondria(self, img: np.ndarray, z: float) -> None:
         p = self.p
         for a, b, r in zip(self.mito_a, self.mito_b, self.mito_r, strict=True):
             # Cross-section of the capsule with the plane z: points whose distance to the
@@ -123,7 +122,8 @@ class Specimen:
             y1, x1 = np.minimum(np.ceil(hi).astype(int), [p.height_px, p.width_px])
             if y0 >= y1 or x0 >= x1:
                 continue
-            q = np.concatenate([yx[y0:y1, x0:x1] * p.pixel_nm, np.full((y1 - y0, x1 - x0, 1), z)], -1)
+            yx = np.stack(np.mgrid[y0:y1, x0:x1], -1)   # only the capsule's box, not the whole section
+            q = np.concatenate([yx * p.pixel_nm, np.full((y1 - y0, x1 - x0, 1), z)], -1)
             ab = b - a
             t = np.clip(((q - a) @ ab) / (ab @ ab), 0, 1)
             dist = np.linalg.norm(q - (a + t[..., None] * ab), axis=-1)

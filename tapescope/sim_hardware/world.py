@@ -22,8 +22,10 @@ or frames are dark; the magnification sets the pixel size (``imaging_mag`` gives
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -33,6 +35,7 @@ from .faults import FaultBook
 from .specimen import Specimen, SpecimenParams
 
 HT_STATES = ("OFF", "RAMPING", "ON", "TRIPPED")
+SECTION_CACHE = 3   # rendered sections kept: the one under the beam, the one before, the next
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,9 @@ class SimWorld:
         self._ht = "ON"
         self._ht_ready_at = 0.0
         self.frame_id = 0
-        self._sections: OrderedDict[int, list[np.ndarray]] = OrderedDict()
+        self._sections: OrderedDict[int, Future[list[np.ndarray]]] = OrderedDict()
+        self._render_lock = threading.Lock()   # the camera's thread and the prefetcher share the cache
+        self._prefetcher: ThreadPoolExecutor | None = None
         self._sensor_cache: dict[tuple, tuple[np.ndarray | None, np.ndarray]] = {}
 
     def inject(self, name: str, count: int = 1, *, after: int = 0, **options: object) -> None:
@@ -220,19 +225,52 @@ class SimWorld:
         return self._levels(slot, 0)[0]
 
     def _levels(self, slot: int, level: int) -> list[np.ndarray]:
-        """Pyramid of the section image (2x area means), cached for the two latest slots."""
-        if slot in self._sections:
-            self._sections.move_to_end(slot)
-        else:
-            self._sections[slot] = [self._damaged_section(slot)]
-            while len(self._sections) > 2:
-                self._sections.popitem(last=False)
-        pyr = self._sections[slot]
-        while len(pyr) <= level:
-            src = pyr[-1]
-            pyr.append(cv2.resize(src, (max(1, src.shape[1] // 2), max(1, src.shape[0] // 2)),
-                                  interpolation=cv2.INTER_AREA))
+        """Pyramid of the section image (2x area means), cached for the latest slots."""
+        pyr = self._section_future(slot).result()
+        with self._render_lock:
+            while len(pyr) <= level:
+                src = pyr[-1]
+                pyr.append(cv2.resize(src, (max(1, src.shape[1] // 2), max(1, src.shape[0] // 2)),
+                                      interpolation=cv2.INTER_AREA))
         return pyr
+
+    def _section_future(self, slot: int, *, background: bool = False) -> Future[list[np.ndarray]]:
+        """The cached render of a slot's section; started now, in this thread or the prefetcher."""
+        with self._render_lock:
+            fut = self._sections.get(slot)
+            if fut is not None:
+                self._sections.move_to_end(slot)
+                return fut
+            if background:
+                if self._prefetcher is None:
+                    self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="sim-section")
+                fut = self._prefetcher.submit(lambda: [self._damaged_section(slot)])
+            else:
+                fut = Future()
+            self._sections[slot] = fut
+            while len(self._sections) > SECTION_CACHE:
+                self._sections.popitem(last=False)
+        if not background:
+            try:
+                fut.set_result([self._damaged_section(slot)])
+            except BaseException as exc:
+                fut.set_exception(exc)
+                with self._render_lock:
+                    self._sections.pop(slot, None)
+                raise
+        return fut
+
+    def prefetch(self, slot: int) -> None:
+        """Render a slot's section in the background (the tape calls this on a move), so
+        that the first frame of a section does not wait seconds for it."""
+        if 0 <= slot < self.p.n_slots:
+            self._section_future(slot, background=True)
+
+    def close(self) -> None:
+        """Stop the background renderer (pending renders are dropped)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+            self._prefetcher = None
 
     # -- camera physics ---------------------------------------------------------------
     def _make_gain(self, rng: np.random.Generator) -> np.ndarray:
@@ -475,6 +513,8 @@ class SimWorld:
             return
         self.tape_busy_until = time.monotonic() + abs(slot - self.slot) * self.p.tape_s_per_slot
         self.slot = slot
+        self.prefetch(slot)
+        self.prefetch(slot + 1)       # tapes are imaged in order: the next one is likely wanted
 
     def tape_busy(self) -> bool:
         return time.monotonic() < self.tape_busy_until
