@@ -151,3 +151,15 @@ def test_section_corners_are_where_the_camera_sees_the_section_edge() -> None:
         outside = w.transmission_at(4, corner + (corner - centre) * 0.05)[30:34, 30:34]
         assert np.all(outside == pytest.approx(film, abs=1e-3))
         assert not np.all(inside == pytest.approx(film, abs=1e-3))
+
+
+def test_tape_move_renders_sections_ahead() -> None:
+    w = SimWorld(QUIET)
+    try:
+        w.tape_goto(2)
+        ahead = w._sections.get(3)
+        assert ahead is not None and w._sections.get(2) is not None
+        # The background render is the same picture as one rendered on demand.
+        assert np.array_equal(ahead.result(timeout=60)[0], SimWorld(QUIET).section_image(3))
+    finally:
+        w.close()
