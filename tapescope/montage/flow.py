@@ -61,18 +61,20 @@ def batched_phase_correlate(
     cross = fa * xp.conj(fb)
     if PRE_BLUR:
         g = xp.exp(-2 * (np.pi * PRE_BLUR) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
-        cross = cross * (g * g)   # both images blurred: the transfer function twice
-    cross = cross / (xp.abs(cross) ** WHITEN + 1e-12)
+        cross *= (g * g).astype(xp.float32)   # both images blurred: the transfer function twice
+    mag = xp.abs(cross)
+    cross /= (xp.sqrt(mag) if WHITEN == 0.5 else mag ** WHITEN) + 1e-12
     corr = xp.fft.ifft2(cross).real
     fi = xp.abs(f * size)
-    inside = (fi[:, None] <= max_shift) & (fi[None, :] <= max_shift)
-    corr = xp.where(inside[None], corr, -xp.inf)
-    flat = corr.reshape(n, -1)
-    idx = xp.argmax(flat, axis=1)
-    peak = flat[xp.arange(n), idx]
-    vals = xp.where(xp.isfinite(flat), flat, xp.nan)
-    # Sharpness: how far the peak stands above the rest of the searched surface.
-    sharp = (peak - xp.nanmean(vals, axis=1)) / (xp.nanstd(vals, axis=1) + 1e-12)
+    inside = ((fi[:, None] <= max_shift) & (fi[None, :] <= max_shift)).ravel()
+    where = xp.nonzero(inside)[0]
+    # Only the searched part of each surface: peak, and its sharpness (how far the peak
+    # stands above the rest of the searched surface).
+    vals = corr.reshape(n, -1)[:, where]
+    best = xp.argmax(vals, axis=1)
+    peak = vals[xp.arange(n), best]
+    sharp = (peak - vals.mean(axis=1)) / (vals.std(axis=1) + 1e-12)
+    idx = where[best]
     py, px = idx // size, idx % size
     shift = xp.stack([xp.where(py > size // 2, py - size, py), xp.where(px > size // 2, px - size, px)], 1)
     shift = shift.astype(xp.float64)
@@ -87,7 +89,8 @@ def batched_phase_correlate(
     c = -2j * np.pi / (size * upsample)
     ey = xp.exp(c * ry[:, :, None] * k[None, None, :])       # (n, R, P)
     ex = xp.exp(c * k[None, :, None] * rx[:, None, :])       # (n, P, R)
-    up = xp.abs(xp.matmul(xp.matmul(ey, xp.conj(cross).astype(xp.complex128)), ex))
+    # complex64 is ample here: the peak is located to 1/upsample px, not to 1e-7.
+    up = xp.abs(xp.matmul(xp.matmul(ey.astype(xp.complex64), xp.conj(cross)), ex.astype(xp.complex64)))
     fine = xp.argmax(up.reshape(n, -1), axis=1)
     shift = shift + xp.stack([fine // region, fine % region], 1).astype(xp.float64) * (1.0 / upsample) \
         - centre / upsample
