@@ -484,7 +484,10 @@ class Engine:
         while True:
             attempt += 1
             frame, x_nm, y_nm = await self._expose(tile)
-            qc = evaluate(frame.data, limits, reference_focus=focus_ref.value, expected_shape=self.tile_shape)
+            # QC in a worker thread (OpenCV and NumPy release the GIL): the loop stays free for
+            # the devices' I/O and the previous tile's write.
+            qc = await asyncio.to_thread(evaluate, frame.data, limits, reference_focus=focus_ref.value,
+                                         expected_shape=self.tile_shape)
             if frame.frame_id <= self._last_frame_id and "integrity" not in qc.faults:
                 qc = TileQC(qc.mean, qc.std, qc.saturation, qc.focus, qc.resin, (*qc.faults, "integrity"),
                             (*qc.messages, f"frame id {frame.frame_id} repeats (last {self._last_frame_id})"))
