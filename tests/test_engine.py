@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tapescope.acquisition.engine import Engine, EngineSettings, RunState
-from tapescope.acquisition.events import Event, EventBus, SectionFinished, StateChanged, TileAcquired
+from tapescope.acquisition.events import Alarm, Event, EventBus, SectionFinished, StateChanged, TileAcquired
 from tapescope.acquisition.plan import tile_grid
 from tapescope.acquisition.state import TRANSITIONS, IllegalTransition, check_transition
 from tapescope.acquisition.store import RunStore
@@ -126,3 +126,73 @@ def test_transition_table_is_closed_and_terminal_states_are_final() -> None:
     assert all(RunState.ABORTED in TRANSITIONS[s] for s in RunState if not s.terminal)
     with pytest.raises(IllegalTransition, match="done -> acquiring"):
         check_transition(RunState.DONE, RunState.ACQUIRING)
+
+
+@pytest.fixture
+async def scope_with_column(sim: SimulatedScope) -> AsyncIterator[Scope]:
+    c = sim.scope_config()
+    async with Scope.from_ports(stage_url=c.stage.url, tape_url=c.tape.url, camera_host="127.0.0.1",
+                                camera_port=c.camera.port, column_url=c.column.url,
+                                camera_timeout_s=0.5) as s:
+        yield s
+
+
+async def test_beam_trip_is_recovered_and_the_dark_tile_retaken(sim: SimulatedScope, scope_with_column: Scope,
+                                                                tmp_path: Path) -> None:
+    sim.world.inject("beam_trip", after=2)
+    eng, _ = make_engine(scope_with_column, tmp_path, [0])
+    summary = await eng.run()
+    assert summary.state is RunState.DONE and summary.section_status == {0: "complete"}
+    assert any(name == "beam_trip" for _, name in sim.world.faults.fired)
+    rejected = [e for e in eng.store.events() if e["event"] == "tile_rejected"]
+    assert rejected and rejected[0]["qc"]["faults"] == ["dark"]
+    assert all(not r.meta["qc_failed"] and r.meta["qc"]["mean"] > 500 for r in eng.store.tiles())
+
+
+async def test_device_that_keeps_failing_pauses_with_an_alarm_then_resumes(
+        sim: SimulatedScope, scope_with_column: Scope, tmp_path: Path) -> None:
+    sim.world.inject("frame_drop", count=3, after=1)          # more than the retries
+    eng, events = make_engine(scope_with_column, tmp_path, [0], device_retries=1, on_device_failure="pause",
+                              retry_backoff_s=0.01)
+    paused = asyncio.Event()
+    eng.bus.subscribe(lambda ev: isinstance(ev, StateChanged) and ev.new == "paused" and paused.set())
+    task = asyncio.create_task(eng.run())
+    await asyncio.wait_for(paused.wait(), 20)
+    assert "recovering" in states(events)
+    assert any(isinstance(e, Alarm) and e.source == "camera" and "failed after 1 retries" in e.message for e in events)
+    assert eng.resume()
+    summary = await asyncio.wait_for(task, 30)
+    assert summary.state is RunState.DONE and summary.tiles == 4
+
+
+async def test_device_failure_fails_the_run_when_so_configured(sim: SimulatedScope, scope_with_column: Scope,
+                                                               tmp_path: Path) -> None:
+    sim.world.inject("frame_drop", count=5)
+    eng, _ = make_engine(scope_with_column, tmp_path, [0], device_retries=1, retry_backoff_s=0.01)
+    summary = await asyncio.wait_for(eng.run(), 30)
+    assert summary.state is RunState.FAILED and "camera trigger failed" in summary.reason
+
+
+async def test_low_disk_pauses_before_the_section_and_abort_ends_it(scope: Scope, tmp_path: Path) -> None:
+    eng, events = make_engine(scope, tmp_path, [0], min_free_bytes=1 << 62)      # more than any disk
+    paused = asyncio.Event()
+    eng.bus.subscribe(lambda ev: isinstance(ev, StateChanged) and ev.new == "paused" and paused.set())
+    task = asyncio.create_task(eng.run())
+    await asyncio.wait_for(paused.wait(), 20)
+    assert any(isinstance(e, Alarm) and e.source == "disk" for e in events)
+    assert eng.store.tiles() == []                        # nothing written once the disk was judged too full
+    assert eng.abort()
+    assert (await asyncio.wait_for(task, 10)).state is RunState.ABORTED
+
+
+async def test_watchdog_pauses_a_stalled_run(sim: SimulatedScope, scope_with_column: Scope, tmp_path: Path) -> None:
+    sim.world.inject("stage_stall", after=1)      # the second move never settles (until HALT at the timeout)
+    scope_with_column.stage.settle_timeout_s = 3.0
+    eng, events = make_engine(scope_with_column, tmp_path, [0], watchdog_stall_s=0.5)
+    paused = asyncio.Event()
+    eng.bus.subscribe(lambda ev: isinstance(ev, StateChanged) and ev.new == "paused" and paused.set())
+    task = asyncio.create_task(eng.run())
+    await asyncio.wait_for(paused.wait(), 30)
+    assert any(isinstance(e, Alarm) and e.source == "watchdog" for e in events)
+    assert eng.abort()
+    assert (await asyncio.wait_for(task, 10)).state is RunState.ABORTED

@@ -497,6 +497,12 @@ class Engine:
             self.store.log_event("tile_rejected", slot=slot, row=tile.row, col=tile.col, attempt=attempt,
                                  qc=qc.as_dict(), time=time.time())
             self.bus.emit(TileRejected(slot, tile.row, tile.col, attempt, qc.faults, "retake"))
+            column = getattr(self.scope, "column", None)
+            if "dark" in qc.faults and column is not None:
+                # No electrons: a tripped high tension or a blanked beam. Bring it back, retake.
+                self.bus.emit(Alarm("column", f"dark frame at slot {slot} r{tile.row} c{tile.col}: "
+                                    "restoring the beam (reset, high tension, unblank)", "warning"))
+                await self._device("restore beam", column.ensure_beam, "column")
             if "focus" in qc.faults:
                 if self.calibration is not None:
                     await self.calibration.refocus(self)
