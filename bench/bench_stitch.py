@@ -122,16 +122,17 @@ def accuracy(ts: TileSet, pos: np.ndarray, status: list[str] | None) -> tuple[fl
     return rms, float(err[placed].max()), note
 
 
-def stream_rate(ts: TileSet, device: str, repeats: int = 3) -> tuple[float, float]:
+def stream_rate(ts: TileSet, device: str, repeats: int = 3, workers: int = 1) -> tuple[float, float]:
     backend = get_backend(device)   # type: ignore[arg-type]
     gain = ts.gain
     overlap = ts.params.tile - round(ts.params.tile * (1 - ts.params.overlap))
     strip = overlap + int(4 * ts.params.stage_error_px)
 
     def run() -> int:
-        s = StreamingStitcher(gain=gain, dark=ts.params.dark, strip_px=strip, backend=backend)
+        s = StreamingStitcher(gain=gain, dark=ts.params.dark, strip_px=strip, backend=backend, workers=workers)
         for k, rc in enumerate(ts.grid):
             s.add(rc, ts.tiles[k], ts.stage_px[k])
+        s.close()
         return s.pixels
 
     run()   # warm-up (FFT plans, GPU kernels)
@@ -179,18 +180,20 @@ def main() -> int:
         if params.tile in (1024, 2048) and not params.blank and params.dose >= 100:
             streaming.append((name, ts))
         print()
-    print("streaming: flat-field + pairwise registration as tiles arrive (edge strips only), median of 3")
+    print("streaming: flat-field + pairwise registration as tiles arrive (edge strips only), median of 3;")
+    print("  x1 / x2: registration threads. The NumPy line is the same run's measure of how loaded the machine is.")
     for name, ts in streaming:
         arr = np.stack(ts.tiles)
         _, t_np = timed(lambda arr=arr: arr.astype(np.float32), 3)
         print(f"  {name:<26} numpy astype(float32) of the same tiles: {arr.size / t_np / 1e6:8.0f} Mpx/s (baseline)")
-        for device in ("cpu", "gpu"):
+        for device, workers in (("cpu", 1), ("cpu", 2), ("gpu", 1)):
+            label = f"{device} x{workers}"
             try:
-                tiles_s, mpx_s = stream_rate(ts, device)
+                tiles_s, mpx_s = stream_rate(ts, device, workers=workers)
             except BackendUnavailable as exc:
-                print(f"  {name:<26} {device}: unavailable ({exc})")
+                print(f"  {name:<26} {label}: unavailable ({exc})")
                 continue
-            print(f"  {name:<26} {device}: {tiles_s:7.1f} tiles/s {mpx_s:8.1f} Mpx/s = "
+            print(f"  {name:<26} {label}: {tiles_s:7.1f} tiles/s {mpx_s:8.1f} Mpx/s = "
                   f"{mpx_s / TARGET_MPX_S:5.2f}x the {TARGET_MPX_S:.0f} Mpx/s target")
     print("\nverdict (tapescope vs targets):")
     for name, ok, ratio in verdicts:

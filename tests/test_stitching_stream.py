@@ -48,3 +48,17 @@ def test_bad_tiles_are_refused_and_change_nothing() -> None:
     with pytest.raises(ValueError, match="shape"):
         s.add((0, 1), np.ones((100, 90), np.uint16), (0, 90))
     assert s.keys == [(0, 0)] and s.pairs == []
+
+
+def test_a_thread_pool_gives_the_same_pairs_as_one_thread() -> None:
+    ts = make_tileset(SyntheticParams(tile=256, rows=3, cols=3, overlap=0.15, stage_error_px=4, seed=10))
+    results = []
+    for workers in (1, 2):
+        s = StreamingStitcher(gain=ts.gain, dark=ts.params.dark, strip_px=60, workers=workers)
+        for k, rc in enumerate(ts.grid):
+            s.add(rc, ts.tiles[k], ts.stage_px[k])
+        results.append(s.finish())
+    one, two = results
+    assert [(p.i, p.j) for p in one.pairs] == [(p.i, p.j) for p in two.pairs]
+    assert len(one.pairs) == 12
+    assert np.array_equal(one.solution.positions, two.solution.positions)

@@ -15,6 +15,7 @@ Neighbours are the tiles one grid step right/left/down/up; the pair is always or
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +47,10 @@ class StitchResult:
 class StreamingStitcher:
     def __init__(
         self, *, gain: np.ndarray | None = None, dark: float | np.ndarray = 0.0,
-        strip_px: int | None = None, backend: Backend = CPU,
+        strip_px: int | None = None, backend: Backend = CPU, workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.gain = gain
         self.dark = dark
         self.strip_px = strip_px
@@ -57,9 +60,14 @@ class StreamingStitcher:
         self.keys: list[Key] = []
         self.pairs: list[Pair] = []
         self.pixels = 0          # raw pixels received (for rates)
+        # workers > 1: pairs are registered on a thread pool (FFTs, OpenCV filters and NumPy
+        # reductions release the GIL), add() returns at once and finish() collects them.
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="stitch") if workers > 1 else None
+        self._pending: list[Future[Pair | None]] = []
 
     def add(self, key: Key, tile: np.ndarray, nominal_yx: tuple[float, float] | np.ndarray) -> list[Pair]:
-        """Take one tile; register it with every neighbour already here. Returns the new pairs."""
+        """Take one tile; register it with every neighbour already here. Returns the new pairs
+        (with workers > 1: none; they are registered in the background and finish() has them)."""
         if key in self._tiles:
             raise ValueError(f"tile {key} was added twice")
         if tile.ndim != 2:
@@ -79,11 +87,29 @@ class StreamingStitcher:
         for other, before in (((r, c - 1), True), ((r - 1, c), True), ((r, c + 1), False), ((r + 1, c), False)):
             if other in self._tiles:
                 first, second = (self._tiles[other], stored) if before else (stored, self._tiles[other])
+                if self._pool is not None:
+                    self._pending.append(self._pool.submit(self._register, first, second, other[0] == r))
+                    continue
                 pair = self._register(first, second, horizontal=other[0] == r)
                 if pair is not None:
                     self.pairs.append(pair)
                     new.append(pair)
         return new
+
+    def wait(self) -> None:
+        """Collect every background registration (in the order they were asked for)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            pair = future.result()
+            if pair is not None:
+                self.pairs.append(pair)
+
+    def close(self) -> None:
+        """Finish background work and stop the pool (finish() does this too)."""
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def finish(self, lens: str | RadialDistortion = "none") -> StitchResult:
         """The global solve over every pair registered so far.
@@ -95,6 +121,7 @@ class StreamingStitcher:
         """
         if not isinstance(lens, RadialDistortion) and lens not in ("none", "estimate"):
             raise ValueError(f"lens must be 'none', 'estimate' or a RadialDistortion, not {lens!r}")
+        self.close()
         stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
         if lens == "none" or self.shape is None:
             return StitchResult(solve_positions(stage, self.pairs), list(self.pairs))
