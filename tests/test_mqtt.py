@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -198,3 +200,38 @@ async def _restart(broker: MosquittoBroker, eng, bridge: MqttBridge) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@needs_mosquitto
+async def test_killed_engine_is_marked_dead_by_its_last_will(broker, watcher, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+[scope.camera]
+width = 128
+height = 128
+[run]
+slot_range = [0, 2]
+grid = [4, 4]
+exposure_ms = 3.0
+[processing]
+enabled = false
+[mqtt]
+enabled = true
+port = {broker.port}
+username = "engine"
+""")
+    env = {**os.environ, "TAPESCOPE_MQTT_PASSWORD": USERS["engine"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tapescope.cli", "acquire", str(cfg), "--run-dir", str(tmp_path / "run"),
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await watcher.wait_for(f"{ROOT}/tile", within_s=60)          # the headless run reports over MQTT
+        assert (await watcher.wait_for(f"{ROOT}/online", lambda p: p["online"]))["run_dir"].endswith("run")
+        proc.kill()                                                  # SIGKILL: no goodbye from the engine
+        await proc.wait()
+        dead = await watcher.wait_for(f"{ROOT}/online", lambda p: p["online"] is False, within_s=20)
+        assert dead["reason"] == "connection lost"                   # the broker sent the will
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
