@@ -55,6 +55,7 @@ class TissueLimits:
     max_fold_fraction: float = 0.04   # tissue much darker than the section's own: lying twice
 
 
+SMOOTH_NM = 100.0                     # blur sigma for the tissue mask (x 2.5: ~ a cell)
 OPAQUE_BELOW = 0.35                   # of the film level: the tape around the aperture
 FOLD_DARKER = 0.3                     # doubled tissue transmits ~ t^2: 30 % darker at t ~ 0.7
 
@@ -66,14 +67,18 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     (bright, flat) and tissue (in between, textured). The aperture is what is not opaque;
     tissue is the darker class inside it (Otsu), judged by its contrast to the film."""
     lim = limits or TissueLimits()
-    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 1.0)
+    # Smooth over a few cells (~0.4 um): tissue is then a darker *area*, not membranes
+    # against cytoplasm, whatever the overview's pixel size.
+    sigma = max(1.0, SMOOTH_NM / ov.pixel_nm)
+    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), sigma)
     film = float(np.percentile(img, 99))
     if film <= 0:
         return TissueFinding("empty", (), 0.0, 0.0, "overview is dark: no beam?")
     norm = img / film
     aperture = (norm > OPAQUE_BELOW).astype(np.uint8)
-    # Keep clear of the aperture's rim, where the blur mixes tape into film.
-    aperture = cv2.erode(aperture, np.ones((5, 5), np.uint8))
+    # Keep clear of the aperture's rim, where the blur mixes tape into film (3 sigma).
+    k = 2 * int(np.ceil(3 * sigma)) + 1
+    aperture = cv2.erode(aperture, np.ones((k, k), np.uint8))
     inside = norm[aperture > 0]
     if inside.size < 16:
         return TissueFinding("empty", (), 0.0, 0.0, "no aperture in the overview (all opaque)")
@@ -85,9 +90,9 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     contrast = 1.0 - tissue_level / max(film_level, 1e-6)
     if contrast < lim.min_contrast or not mask.any():
         return TissueFinding("empty", (), 0.0, contrast, f"no tissue: contrast {contrast:.3f} < {lim.min_contrast}")
-    k = np.ones((3, 3), np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k, iterations=2)
+    k3 = np.ones((3, 3), np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k3)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k3, iterations=2)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
         return TissueFinding("empty", (), 0.0, contrast, "no tissue region after cleaning the mask")
