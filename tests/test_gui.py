@@ -140,7 +140,13 @@ def test_start_pause_resume_to_done_and_map_follows(qtbot, window) -> None:  # t
     assert set(map_states(win)) == {TileState.ACQUIRED}
     assert "27 / 27" in win.control.bar.text() or win.control.bar.value() == 27
     # The thumbnails of the section on the map are drawn (no holes where tiles were acquired).
-    assert win.map.mosaic is not None and np.isfinite(win.map.mosaic).mean() > 0.9
+    # They come through the loader thread and the 10 Hz paint timer, so they may still be
+    # arriving when the engine says done: wait for the condition, bounded.
+    def mosaic_filled() -> bool:
+        win.refresh()
+        return win.map.mosaic is not None and bool(np.isfinite(win.map.mosaic).mean() > 0.9)
+
+    qtbot.waitUntil(mosaic_filled, timeout=30_000)
     # Live view drew frames; a tile click shows its QC numbers.
     qtbot.waitUntil(lambda: win.live.drawn > 0, timeout=10_000)
     t = win.map.outlines.tiles[0]

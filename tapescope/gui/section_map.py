@@ -107,6 +107,9 @@ class SectionMap(QtWidgets.QWidget):
         for item in (self.overview, self.mosaic_item, self.roi, self.outlines):
             self.plot.addItem(item)
         self.mosaic: np.ndarray | None = None
+        # Thumbnails may arrive before the map has switched to their slot or before the
+        # slot's plan is known: they wait here and are pasted once they can be placed.
+        self._pending: dict[int, dict[tuple[int, int], np.ndarray]] = {}
         self._mosaic_geom: tuple[float, float, float] = (0.0, 0.0, 1.0)   # y0_um, x0_um, um per px
         self._levels: tuple[float, float] | None = None
         lay = QtWidgets.QVBoxLayout(self)
@@ -119,6 +122,8 @@ class SectionMap(QtWidgets.QWidget):
     # -- drawing --------------------------------------------------------------------------
     def show_slot(self, slot: int | None) -> None:
         if slot != self.slot:
+            if self.slot is not None:
+                self._pending.pop(self.slot, None)
             self.slot = slot
             self.current_tile = None
             self.mosaic = None
@@ -154,20 +159,33 @@ class SectionMap(QtWidgets.QWidget):
             self.overview.setRect(QtCore.QRectF(ox / 1000, oy / 1000, img.shape[1] * pnm / 1000,
                                                 img.shape[0] * pnm / 1000))
             self.overview.setOpacity(0.6)
+        self._paste_pending()
         if autorange:
             self.plot.autoRange(padding=0.05)
 
     def add_thumbnail(self, slot: int, row: int, col: int, thumb: np.ndarray) -> None:
-        """Paste an acquired tile's thumbnail at its planned place in the section's mosaic."""
-        if slot != self.slot:
+        """Keep an acquired tile's thumbnail; paste it as soon as its slot is shown and planned."""
+        self._pending.setdefault(slot, {})[(row, col)] = thumb
+        if slot == self.slot:
+            self._paste_pending()
+
+    def _paste_pending(self) -> None:
+        waiting = self._pending.get(self.slot) if self.slot is not None else None
+        if not waiting:
             return
-        tile = self.model.tiles_of(slot).get((row, col))
+        for (row, col), thumb in list(waiting.items()):
+            if self._paste(row, col, thumb):
+                del waiting[(row, col)]
+
+    def _paste(self, row: int, col: int, thumb: np.ndarray) -> bool:
+        """Paste a thumbnail at its planned place; False if it cannot be placed yet."""
+        tile = self.model.tiles_of(self.slot).get((row, col))
         if tile is None or math.isnan(tile.x_nm):
-            return
+            return False
         if self.mosaic is None:
             self._new_mosaic(thumb)
         if self.mosaic is None:
-            return
+            return False
         y0, x0, um_px = self._mosaic_geom
         th, tw = self.model.tile_nm[0] / 1000, self.model.tile_nm[1] / 1000
         r0 = round((tile.y_nm / 1000 - th / 2 - y0) / um_px)
@@ -178,13 +196,14 @@ class SectionMap(QtWidgets.QWidget):
         rs, cs = max(r0, 0), max(c0, 0)
         re, ce = min(r0 + h, H), min(c0 + w, W)
         if re <= rs or ce <= cs:
-            return
+            return True   # planned outside the mosaic: nothing to draw, nothing to wait for
         self.mosaic[rs:re, cs:ce] = small[rs - r0:re - r0, cs - c0:ce - c0]
         if self._levels is None:
             lo, hi = np.percentile(small, (1, 99))
             self._levels = (float(lo), float(max(hi, lo + 1)))
         self.mosaic_item.setImage(self.mosaic, autoLevels=False, levels=self._levels)
         self.mosaic_item.setRect(QtCore.QRectF(x0, y0, W * um_px, H * um_px))
+        return True
 
     def _new_mosaic(self, thumb: np.ndarray) -> None:
         tiles = [t for t in self.model.tiles_of(self.slot).values() if not math.isnan(t.x_nm)]
