@@ -57,7 +57,9 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="output folder"),
     sections: int = typer.Option(3, "--sections", min=1, max=64, help="sections (tape slots) to image"),
     grid: tuple[int, int] = typer.Option((3, 3), "--grid", help="tile grid per section: ROWS COLS"),
-    config: Path | None = typer.Option(None, "--config", help="TOML config (defaults: embedded)"),
+    config: Path | None = typer.Option(None, "--config", "--scope",
+                                       help="TOML config, e.g. the ports `tapescope sim serve` printed "
+                                       "(defaults: embedded, simulator in-process)"),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="replace OUT/run and OUT/volume.zarr of an earlier demo"),
 ) -> None:

@@ -39,6 +39,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     tiles = [e for e in events if e["event"] == "tile"]
     assert len(tiles) == 12
     assert all((out / "run" / e["file"]).exists() for e in tiles)
+    # Each section is processed exactly once, however the queue and the journal catch-up race.
+    processed = sorted(e["slot"] for e in events if e["event"] == "section_processed")
+    assert processed == [0, 1, 2]
+    assert "3/3" in r.stdout and "4/3" not in r.stdout
     # Alignment recovers the tape's slot placement error (truth from the simulator's
     # world, which the run's seed reproduces) to within the specimen's own section-to-
     # section change, a few pixels (see docs/alignment.md).

@@ -44,7 +44,10 @@ class ProcessingWorker:
         """Process slots as they come; then whatever the journal says is acquired but was not
         processed (a full queue, or a run resumed after a crash): catch up from disk."""
         while (slot := await queue.get()) is not None:
-            await asyncio.to_thread(self.process_slot, slot)
+            # catch_up may already have taken this slot from the journal (its section_done
+            # can be journalled before the queue hands it over): process each slot once.
+            if slot not in self.reports and slot not in self.failed:
+                await asyncio.to_thread(self.process_slot, slot)
             await self.catch_up()
         await self.catch_up()
 
