@@ -76,6 +76,9 @@ class EngineSettings:
     reimage_at_end: bool = True
     barcodes: dict[int, str] = field(default_factory=dict)   # expected barcode per slot, if known
     refocus: Callable[[], Awaitable[Any]] | None = None       # autofocus routine for focus retakes
+    # Read tile n out while the stage moves to n+1 (camera expose()/read()); False: one
+    # trigger per tile, the stage still while the frame comes (the bench's "before").
+    overlap_readout: bool = True
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class Engine:
         self._current_slot = -1
         self._last_frame_id = -1
         self._pending: asyncio.Task[None] | None = None   # the tile being written
+        self._premove: tuple[TilePlan, asyncio.Task[None]] | None = None   # the move to the next tile
 
     async def _flush(self) -> None:
         pending, self._pending = self._pending, None
@@ -210,8 +214,10 @@ class Engine:
     async def _boundary(self) -> None:
         """A tile boundary: where abort, skip and pause take effect. Before any of them, the
         tile being written is made durable: a paused or aborted run has stored all it took."""
-        if self._pending is not None and (self._abort_requested or self._pause_requested or self._skip_requested):
-            await self._flush()
+        if self._abort_requested or self._pause_requested or self._skip_requested:
+            await self._drain_premove()       # nothing moves while PAUSED; no move outlives the section
+            if self._pending is not None:
+                await self._flush()
         if self._abort_requested is not None:
             raise _Abort(self._abort_requested)
         if self._pause_requested is not None:
@@ -299,6 +305,7 @@ class Engine:
         self.bus.emit(RunStarted(str(self.store.dir), tuple(self.slots),
                                  len(self.grid) if self.grid is not None else 0))
         watchdog = asyncio.create_task(self._watchdog(), name="engine-watchdog")
+        self._hook_devices(True)
         try:
             if self._abort_requested is not None:
                 raise _Abort(self._abort_requested)
@@ -331,10 +338,30 @@ class Engine:
             final, reason = RunState.FAILED, str(exc)
             self.bus.emit(Alarm(exc.device, str(exc)))
         finally:
+            await self._drain_premove()
+            self._hook_devices(False)
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
         return self._finish(final, reason, n_sections)
+
+    def _hook_devices(self, on: bool) -> None:
+        """Faults the drivers cure themselves become warning alarms; the stage's and tape's
+        readouts during a move become DeviceStatus events (telemetry at >= 20 Hz)."""
+        for dev in self.scope.devices:
+            dev.on_notice = self._device_notice if on else None
+        for name in ("stage", "tape"):
+            dev = getattr(self.scope, name)
+            if hasattr(dev, "on_readout"):
+                dev.on_readout = self._readout_to_bus(name) if on else None
+
+    def _readout_to_bus(self, device: str) -> Callable[[dict[str, Any], bool], None]:
+        return lambda status, moving: self.bus.emit(DeviceStatus(device, status, moving))
+
+    def _device_notice(self, device: str, message: str) -> None:
+        text = f"{message} (cured by the driver; the run goes on)"
+        self.bus.emit(Alarm(device, text, "warning"))
+        self.store.log_event("alarm", source=device, message=text, severity="warning", time=time.time())
 
     def _finish(self, final: RunState, reason: str, n_sections: int) -> RunSummary:
         if not self._state.terminal:
@@ -420,10 +447,11 @@ class Engine:
         focus_ref = FocusReference()
         flagged = False
         try:
-            for tile in todo:
+            for i, tile in enumerate(todo):
                 await self._boundary()
+                nxt = todo[i + 1] if i + 1 < len(todo) else None
                 decision = await self._tile(slot, barcode, tile, index_of[(tile.row, tile.col)],
-                                            len(plan.tiles), focus_ref)
+                                            len(plan.tiles), focus_ref, nxt)
                 if decision is Decision.STOP_AT_END:
                     flagged = True
                 elif decision is Decision.STOP_NOW:
@@ -465,25 +493,84 @@ class Engine:
             # Never wait on processing: the worker catches up from the journal.
             log.info("processing queue full; slot %d will be picked up from the journal", slot)
 
-    async def _expose(self, tile: TilePlan) -> tuple[Any, float, float]:
-        stage, cam = self.scope.stage, self.scope.camera
+    def _start_premove(self, tile: TilePlan) -> None:
         self.bus.emit(DeviceStatus("stage", {"target_y_nm": tile.y_nm, "target_x_nm": tile.x_nm}, moving=True))
-        await self._device(f"stage to ({tile.x_nm:.0f}, {tile.y_nm:.0f}) nm",
-                           lambda: stage.move_to(tile.x_nm, tile.y_nm), "stage")
+        self._premove = (tile, asyncio.create_task(self.scope.stage.move_to(tile.x_nm, tile.y_nm),
+                                                   name="engine-premove"))
+
+    async def _drain_premove(self) -> None:
+        """Let a move started ahead end (a serial exchange is never cut mid-way). Its failure
+        is reported here; the tile it was for will be moved to again."""
+        pre, self._premove = self._premove, None
+        if pre is None:
+            return
+        try:
+            await asyncio.wait_for(pre[1], self.settings.step_timeout_s)
+        except (DeviceError, TimeoutError) as exc:
+            self.bus.emit(Alarm("stage", f"move ahead to ({pre[0].x_nm:.0f}, {pre[0].y_nm:.0f}) nm failed: {exc}",
+                                "warning"))
+
+    async def _move(self, tile: TilePlan) -> None:
+        """Stage to the tile: the move started ahead when it was for this tile, else a new one."""
+        ahead: asyncio.Task[None] | None = None
+        if self._premove is not None and self._premove[0] is tile:
+            ahead, self._premove = self._premove[1], None
+        else:
+            await self._drain_premove()       # a retake: the stage went on to the next tile
+            self.bus.emit(DeviceStatus("stage", {"target_y_nm": tile.y_nm, "target_x_nm": tile.x_nm}, moving=True))
+        stage = self.scope.stage
+
+        async def go() -> None:
+            nonlocal ahead
+            if ahead is not None:            # the first attempt is the move under way
+                task, ahead = ahead, None
+                return await task
+            return await stage.move_to(tile.x_nm, tile.y_nm)
+
+        await self._device(f"stage to ({tile.x_nm:.0f}, {tile.y_nm:.0f}) nm", go, "stage")
+
+    async def _expose(self, tile: TilePlan, nxt: TilePlan | None = None) -> tuple[Any, float, float]:
+        stage, cam = self.scope.stage, self.scope.camera
+        await self._move(tile)
         x_nm, y_nm = await self._device("stage position", stage.position, "stage")
         self.bus.emit(DeviceStatus("stage", {"x_nm": x_nm, "y_nm": y_nm}, moving=False))
-        frame = await self._device("camera trigger", cam.trigger, "camera")
-        return frame, x_nm, y_nm
+        if not self.settings.overlap_readout or not hasattr(cam, "expose"):
+            frame = await self._device("camera trigger", cam.trigger, "camera")
+            return frame, x_nm, y_nm
+        await self._device("camera expose", cam.expose, "camera")
+        # The exposure is over: the stage may leave while the sensor reads out.
+        if nxt is not None:
+            self._start_premove(nxt)
+        where = (x_nm, y_nm)
+        first = True
+
+        async def read() -> Any:
+            nonlocal first, where
+            if first:
+                first = False
+                return await cam.read()
+            # The frame went with the connection (the camera is reconnected by now): expose
+            # again at this tile, the stage brought back from where it went ahead.
+            await self._drain_premove()
+            await stage.move_to(tile.x_nm, tile.y_nm)
+            where = await stage.position()
+            return await cam.trigger()
+
+        # Named as the one-exchange trigger is: the journal and the alarms say "camera trigger"
+        # for a lost frame either way (the run report and its readers need not know the split).
+        frame = await self._device("camera trigger", read, "camera")
+        return frame, where[0], where[1]
 
     async def _tile(
         self, slot: int, barcode: str, tile: TilePlan, index: int, n_tiles: int, focus_ref: FocusReference,
+        nxt: TilePlan | None = None,
     ) -> Decision:
         limits = self.settings.qc
         prog = self.progress.slot(slot)
         attempt = 0
         while True:
             attempt += 1
-            frame, x_nm, y_nm = await self._expose(tile)
+            frame, x_nm, y_nm = await self._expose(tile, nxt)
             # QC in a worker thread (OpenCV and NumPy release the GIL): the loop stays free for
             # the devices' I/O and the previous tile's write.
             qc = await asyncio.to_thread(evaluate, frame.data, limits, reference_focus=focus_ref.value,

@@ -97,7 +97,7 @@ class Camera(Device):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         self.reconnects += 1
-        log.warning("camera: reconnected to %s:%d (reconnect %d)", self.host, self.port, self.reconnects)
+        self.notice(f"reconnected to {self.host}:{self.port} (reconnect {self.reconnects})")
         if self.exposure_ms:
             await self._exchange(f"SET EXPOSURE {self.exposure_ms:g}", cp.KIND_OK)
         if self.binning != 1:
@@ -145,13 +145,39 @@ class Camera(Device):
         await self._request("ARM", cp.KIND_OK)
 
     async def trigger(self) -> Frame:
-        """Expose once and return the frame (the read is part of the same exchange)."""
+        """Expose once and return the frame (exposure and readout in one exchange)."""
         frame: Frame = await self._request("TRIGGER", cp.KIND_FRAME,
                                            timeout_s=self.timeout_s + self.exposure_ms / 1e3)
+        return self._count(frame)
+
+    async def expose(self) -> float:
+        """Expose once; return (the camera's start time) as soon as the exposure has ended.
+
+        The sensor reads out in the background: the stage may move on at once, and read()
+        delivers the pixels, those of where the stage was during the exposure. A connection
+        lost between expose() and read() loses the frame: read() raises, retake it."""
+        reply = await self._request("EXPOSE", cp.KIND_OK, timeout_s=self.timeout_s + self.exposure_ms / 1e3)
+        try:
+            return float(reply.meta["timestamp"])
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError(self.name, f"bad EXPOSE reply {reply.meta!r}") from None
+
+    async def read(self) -> Frame:
+        """The frame of the last expose(), once read out."""
+        async with self._lock:
+            if self._writer is None:
+                # The stream that carried the exposure broke (out of step, or closed): its frame
+                # cannot be trusted to be the one asked for. The caller retakes it.
+                raise DeviceDisconnected(self.name, "connection lost since the exposure; its frame is gone",
+                                         retryable=True)
+            frame: Frame = await self._exchange("READ", cp.KIND_FRAME)
+        return self._count(frame)
+
+    def _count(self, frame: Frame) -> Frame:
         if self._last_frame_id is not None and frame.frame_id > self._last_frame_id + 1:
             lost = frame.frame_id - self._last_frame_id - 1
             self.frames_lost += lost
-            log.warning("camera: %d frame(s) lost before frame %d", lost, frame.frame_id)
+            self.notice(f"{lost} frame(s) lost before frame {frame.frame_id}")
         self._last_frame_id = frame.frame_id
         return frame
 

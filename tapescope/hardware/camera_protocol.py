@@ -15,6 +15,10 @@ Requests:
     SET EXPOSURE <ms>    -> OK {"exposure_ms"}
     ARM                  -> OK {}           (the next TRIGGER may start at once)
     TRIGGER              -> FRAME           (exposes for exposure_ms, then sends)
+    EXPOSE               -> OK {"timestamp", "exposure_ms"} as soon as the exposure ends;
+                            the sensor then reads out in the background
+    READ                 -> FRAME           (the last EXPOSE's pixels, once read out;
+                            ERROR 4 when no exposure waits to be read)
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ MAGIC = b"TSCF"
 VERSION = 1
 HEADER = struct.Struct("<4sHHIQ")
 KIND_OK, KIND_FRAME, KIND_ERROR = 0, 1, 2
+ERR_NOTHING_TO_READ = 4
 MAX_META = 1 << 20
 MAX_PAYLOAD = 1 << 31
 

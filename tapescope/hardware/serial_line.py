@@ -89,7 +89,8 @@ class SerialLine:
 
 
 async def send_confirmed(device: str, send: Callable[[], Awaitable[Any]],
-                         confirm: Callable[[], Awaitable[bool]]) -> None:
+                         confirm: Callable[[], Awaitable[bool]],
+                         notice: Callable[[str], None] | None = None) -> None:
     """Send a command whose reply may be lost or garbled, and never send it twice.
 
     When the reply times out or cannot be parsed, the command may or may not have run.
@@ -108,7 +109,10 @@ async def send_confirmed(device: str, send: Callable[[], Awaitable[Any]],
     except DeviceError as exc:
         raise type(first)(device, f"{first.text}; re-query failed too: {exc.text}", first.code) from first
     if took_effect:
-        log.warning("%s: %s; the re-query shows the command took effect", device, first.text)
+        if notice is not None:      # the device's own notice logs it and tells the engine
+            notice(f"{first.text}; the re-query shows the command took effect")
+        else:
+            log.warning("%s: %s; the re-query shows the command took effect", device, first.text)
         return
     raise type(first)(device, f"{first.text}; the re-query shows it did not take effect (safe to retry)",
                       first.code, retryable=True) from first

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import asi_protocol as asi
 from .device import Device
@@ -41,6 +43,11 @@ class Stage(Device):
         # How far the settled encoder may be from the target before the move counts as
         # stopped short (a limit switch, an obstruction): far above the encoder's 1 nm.
         self.tolerance_nm = tolerance_nm
+        # Telemetry while moving: the encoder, read every readout_period_s (25 Hz) of a settle
+        # wait, goes to on_readout(status, moving). None: no extra reads on the line.
+        self.on_readout: Callable[[dict[str, Any], bool], None] | None = None
+        self.readout_period_s = 0.04
+        self._target: tuple[float, float] | None = None
 
     async def connect(self) -> None:
         await self._line.open()
@@ -97,6 +104,7 @@ class Stage(Device):
         """
         self._check_limits(x_nm, y_nm)
         cmd = f"M X={asi.nm_to_units(x_nm)} Y={asi.nm_to_units(y_nm)}"
+        self._target = (x_nm, y_nm)
 
         async def moved() -> bool:
             if await self.status() == "busy":
@@ -104,10 +112,11 @@ class Stage(Device):
             x, y = await self.position()
             return abs(x - x_nm) <= self.tolerance_nm and abs(y - y_nm) <= self.tolerance_nm
 
-        await send_confirmed(self.name, lambda: self._command(cmd), moved)
+        await send_confirmed(self.name, lambda: self._command(cmd), moved, self.notice)
         if wait:
             await self.wait_settled()
             x, y = await self.position()
+            self._readout(x, y, False)
             if abs(x - x_nm) > self.tolerance_nm or abs(y - y_nm) > self.tolerance_nm:
                 raise DeviceError(
                     self.name, f"stopped at ({x:.0f}, {y:.0f}) nm, short of the target ({x_nm:.0f}, "
@@ -136,13 +145,26 @@ class Stage(Device):
         except ValueError:
             raise ProtocolError(self.name, f"bad speed reply {body!r}") from None
 
+    def _readout(self, x_nm: float, y_nm: float, moving: bool) -> None:
+        if self.on_readout is None:
+            return
+        status: dict[str, Any] = {"x_nm": x_nm, "y_nm": y_nm}
+        if self._target is not None:
+            status.update(target_x_nm=self._target[0], target_y_nm=self._target[1])
+        self.on_readout(status, moving)
+
     async def stop(self) -> None:
         await self._command("HALT")
 
     async def wait_settled(self) -> None:
         """Poll status until idle. On timeout, stop the stage and report where it is."""
         deadline = time.monotonic() + self.settle_timeout_s
+        next_readout = 0.0
         while await self.status() == "busy":
+            if self.on_readout is not None and time.monotonic() >= next_readout:
+                next_readout = time.monotonic() + self.readout_period_s
+                x, y = await self.position()     # the encoder on its way
+                self._readout(x, y, True)
             if time.monotonic() > deadline:
                 await self.stop()
                 x, y = await self.position()

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .device import Device
 from .errors import DeviceError, DeviceTimeout, ProtocolError
@@ -52,6 +54,10 @@ class Tape(Device):
         # A transport's tension control clears many jams by itself within a moment: wait
         # this long before calling a jam a fault.
         self.jam_grace_s = jam_grace_s
+        # Telemetry while moving: each STATE? of a move wait (at most every readout_period_s)
+        # goes to on_readout(status, moving); the poll is there anyway, so it costs no traffic.
+        self.on_readout: Callable[[dict[str, Any], bool], None] | None = None
+        self.readout_period_s = 0.04
 
     async def connect(self) -> None:
         await self._line.open()
@@ -113,7 +119,7 @@ class Tape(Device):
             st = await self.state()
             return st.state != "IDLE" or st.slot == slot or st.slot != before.slot
 
-        await send_confirmed(self.name, lambda: self._command(f"GOTO {slot}", "OK"), started)
+        await send_confirmed(self.name, lambda: self._command(f"GOTO {slot}", "OK"), started, self.notice)
         return await self._wait(slot)
 
     async def feed(self, n: int = 1) -> TapeState:
@@ -130,9 +136,13 @@ class Tape(Device):
     async def _wait(self, slot: int) -> TapeState:
         deadline = time.monotonic() + self.move_timeout_s
         jammed_since: float | None = None
+        next_readout = 0.0
         while True:
             st = await self.state()
             now = time.monotonic()
+            if self.on_readout is not None and (now >= next_readout or st.state == "IDLE"):
+                next_readout = now + self.readout_period_s
+                self.on_readout({"slot": st.slot, "state": st.state, "target_slot": slot}, st.state != "IDLE")
             if st.state == "JAMMED":
                 jammed_since = jammed_since or now
                 if now - jammed_since >= self.jam_grace_s:
@@ -140,7 +150,7 @@ class Tape(Device):
                                       f"(for {now - jammed_since:.1f} s); clear the jam, then retry",
                                       ERR_JAMMED)
             elif jammed_since is not None:
-                log.warning("tape: a jam cleared by itself after %.2f s", now - jammed_since)
+                self.notice(f"a jam at slot {st.slot} cleared by itself after {now - jammed_since:.2f} s")
                 jammed_since = None
             if st.state == "IDLE":
                 if st.slot != slot:

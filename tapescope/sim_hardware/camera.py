@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 
 import numpy as np
 
@@ -28,6 +29,9 @@ class CameraEmulator:
         self.roi = (0, 0, w, h)             # x, y, width, height in sensor pixels
         self.connections = 0                # accepted and served, for tests and people
         self._refuse_until = 0.0
+        # The last EXPOSE's readout (rendered in a thread) and the time its exposure began.
+        self._readout: asyncio.Task[np.ndarray] | None = None
+        self._readout_t0 = 0.0
         self._server: asyncio.base_events.Server | None = None
         self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
@@ -46,6 +50,14 @@ class CameraEmulator:
                     await t
             await self._server.wait_closed()
             self._server = None
+        await self._discard_readout()
+
+    async def _discard_readout(self) -> None:
+        task, self._readout = self._readout, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -126,15 +138,44 @@ class CameraEmulator:
                 return cp.pack(cp.KIND_OK, {})
             case ["TRIGGER"]:
                 return await self._trigger()
+            case ["EXPOSE"]:
+                return await self._expose()
+            case ["READ"]:
+                return await self._read()
         return cp.pack(cp.KIND_ERROR, {"code": 1, "text": f"unknown command {line!r}"})
+
+    def _render(self, stage_nm: np.ndarray | None = None) -> Awaitable[np.ndarray]:
+        rx, ry, rw, rh = self.roi
+        # Rendering takes milliseconds to a second: keep the loop (and the pty peers) live.
+        return asyncio.to_thread(self.world.expose, self.exposure_ms, binning=self.binning,
+                                 roi=(ry, rx, rh, rw), stage_nm=stage_nm)
 
     async def _trigger(self) -> list | _Truncated | None:
         t0 = time.time()
         await asyncio.sleep(self.exposure_ms / 1e3)
-        rx, ry, rw, rh = self.roi
-        # Rendering takes milliseconds to a second: keep the loop (and the pty peers) live.
-        img = await asyncio.to_thread(self.world.expose, self.exposure_ms, binning=self.binning,
-                                      roi=(ry, rx, rh, rw))
+        return self._frame_reply(await self._render(), t0)
+
+    async def _expose(self) -> bytes:
+        """Expose, reply as soon as the exposure ends; read out in the background. The pixels
+        are those of where the stage was during the exposure, wherever it goes next."""
+        t0 = time.time()
+        await asyncio.sleep(self.exposure_ms / 1e3)
+        # An unread frame is overwritten, as a camera's single frame buffer does; its frame id
+        # is then a gap that the driver counts as lost.
+        await self._discard_readout()
+        self._readout = asyncio.create_task(self._render(self.world.stage_true.copy()))
+        self._readout_t0 = t0
+        return cp.pack(cp.KIND_OK, {"timestamp": t0, "exposure_ms": self.exposure_ms})
+
+    async def _read(self) -> list | bytes | _Truncated | None:
+        task = self._readout
+        if task is None:
+            return cp.pack(cp.KIND_ERROR, {"code": cp.ERR_NOTHING_TO_READ, "text": "no exposure to read"})
+        img = await asyncio.shield(task)   # a dropped connection leaves the readout to stop()
+        self._readout = None
+        return self._frame_reply(img, self._readout_t0)
+
+    def _frame_reply(self, img: np.ndarray, t0: float) -> list | _Truncated | None:
         faults = self.world.faults
         if faults.take("frame_drop") is not None:
             return None          # exposed (the frame id moved on) but never sent

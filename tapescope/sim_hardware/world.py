@@ -413,8 +413,11 @@ class SimWorld:
         return self.ht_state() == "ON" and not self.blanked
 
     def expose(self, exposure_ms: float, *, binning: int = 1,
-               roi: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """One uint16 frame at the stage's true position, as the column lets the camera see it."""
+               roi: tuple[int, int, int, int] | None = None, stage_nm: np.ndarray | None = None) -> np.ndarray:
+        """One uint16 frame at the stage's true position, as the column lets the camera see it.
+
+        stage_nm: the true (y, x) position at the exposure, when the pixels are rendered later
+        (a camera reads out while the stage already moves on)."""
         p = self.p
         roi = roi or (0, 0, *p.tile_px)
         if self.faults.take("beam_trip") is not None:
@@ -423,7 +426,8 @@ class SimWorld:
         self.frame_id += 1
         if self.beam_on():
             pix = self.pixel_nm_now()
-            t = self.transmission_at(self.slot, self.stage_true, binning=binning, roi=roi, pixel_nm=pix)
+            at = self.stage_true if stage_nm is None else stage_nm
+            t = self.transmission_at(self.slot, at, binning=binning, roi=roi, pixel_nm=pix)
             blur_px = p.defocus_blur * abs(self.focus_nm - self.true_focus_nm(self.slot)) / (pix * binning)
             if blur_px > 0.3:
                 t = cv2.GaussianBlur(t, (0, 0), blur_px)
