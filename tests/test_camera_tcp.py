@@ -11,6 +11,7 @@ import pytest
 from tapescope.hardware import camera_protocol as cp
 from tapescope.hardware.camera import Camera
 from tapescope.hardware.errors import DeviceDisconnected, DeviceError, ProtocolError
+from tapescope.hardware.stage import Stage
 from tapescope.sim_hardware.scope import SimulatedScope
 
 
@@ -78,3 +79,26 @@ async def test_garbled_header_is_a_protocol_error() -> None:
         with pytest.raises(ProtocolError, match="bad magic"):
             await cam.trigger()
         await cam.close()
+
+
+async def test_expose_then_read_while_the_stage_moves(sim: SimulatedScope) -> None:
+    """The split a real camera has: EXPOSE returns when the exposure ends, READ brings the pixels,
+    which are those of where the stage was during the exposure, however far it went since."""
+    async with Camera("127.0.0.1", sim.camera.port) as cam, Stage(sim.stage.port) as stage:
+        await cam.set_exposure(5)
+        with pytest.raises(DeviceError, match="no exposure to read") as info:
+            await cam.read()
+        assert info.value.code == cp.ERR_NOTHING_TO_READ
+        still = await cam.trigger()                  # the reference: taken at (0, 0), the stage at rest
+        t = await cam.expose()
+        assert t >= still.timestamp
+        await stage.move_to(20_000, 20_000)          # far away: a different field of view
+        frame = await cam.read()
+        assert frame.frame_id == still.frame_id + 1 and frame.timestamp == t
+        elsewhere = await cam.trigger()
+        # Same field as the reference (only shot noise apart), unlike a frame taken where the stage went.
+        near = np.abs(frame.data.astype(float) - still.data).mean()
+        far = np.abs(elsewhere.data.astype(float) - still.data).mean()
+        assert near < 0.6 * far, (near, far)
+        with pytest.raises(DeviceError, match="no exposure to read"):
+            await cam.read()                         # read once: the buffer is empty again

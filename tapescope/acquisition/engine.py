@@ -294,6 +294,7 @@ class Engine:
             if device == "camera":
                 await self.scope.camera.set_exposure(self.exposure_ms)
                 await self.scope.camera.arm()
+            self._device_notice(device, "reconnected")
         except (DeviceError, OSError, TimeoutError) as exc:
             log.warning("reconnecting %s failed: %s", device, exc)
 

@@ -205,13 +205,15 @@ class MqttBridge:
 
     async def _heartbeat(self) -> None:
         """Device status: IDLE_HZ always, MOVING_HZ while a device reports that it moves."""
+        # Ticks at 1.25 x MOVING_HZ, so that a loop late by a few ms still keeps >= MOVING_HZ.
+        tick = 1 / (1.25 * MOVING_HZ)
         while True:
             moving = any(mv for _, mv, _ in self._devices.values())
             now = time.time()
             for name in list(self._devices):
-                if now - self._device_sent.get(name, 0.0) >= 0.9 / (MOVING_HZ if moving else IDLE_HZ):
+                if now - self._device_sent.get(name, 0.0) >= (tick if moving else 1 / IDLE_HZ) - 0.005:
                     self._publish_device(name, now)
-            await asyncio.sleep(1 / MOVING_HZ)
+            await asyncio.sleep(tick)
 
     async def _receiver(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
