@@ -5,7 +5,9 @@ and end-to-end tiles/s with processing attached. Baselines measured in the same 
   simulator's real transports: stage move + settle, encoder read, camera trigger + frame,
   and the durable write (TIFF + fsync + journal line). No QC, no events, no state machine.
 - engine: the same tiles through Engine.run (state machine, per-tile QC, events, progress,
-  journal, the write overlapped with the next move).
+  journal, the write overlapped with the next move, tile n read out while the stage moves
+  to n+1); and "engine, no readout overlap" (overlap_readout=False: one TRIGGER per tile,
+  the stage still until the frame is in), the engine before the camera's EXPOSE/READ split.
   overhead per tile = engine - hardware loop (negative: the engine's overlap wins more than
   its work costs); and the engine's own CPU work per tile, timed directly (QC + events).
 - end to end: `run_acquisition` with processing on (stitch, align, write the volume) and
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tapescope.acquisition.engine import Engine
+from tapescope.acquisition.engine import Engine, EngineSettings
 from tapescope.acquisition.events import EventBus, TileAcquired
 from tapescope.acquisition.plan import tile_grid
 from tapescope.acquisition.qc import FocusReference, QCLimits, evaluate
@@ -56,14 +58,14 @@ async def hardware_loop(scope: Scope, store: RunStore, grid, slot: int) -> float
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-async def engine_run(scope: Scope, store: RunStore, grid, slot: int) -> float:
+async def engine_run(scope: Scope, store: RunStore, grid, slot: int, overlap: bool = True) -> float:
     """Seconds per tile, first stored tile to last: the steady tile cycle (set-up, tape move
     and planning are per section, not per tile)."""
     bus = EventBus()
     stamps: list[float] = []
     bus.subscribe(lambda e: isinstance(e, TileAcquired) and stamps.append(time.perf_counter()))
     eng = Engine(scope, store, bus, slots=[slot], grid=grid, exposure_ms=EXPOSURE_MS, tile_shape=(TILE, TILE),
-                 pixel_nm=4.0)
+                 pixel_nm=4.0, settings=EngineSettings(overlap_readout=overlap))
     summary = await eng.run()
     rejected = sum(1 for e in store.events() if e["event"] == "tile_rejected")
     assert summary.state.value == "done" and len(stamps) == len(grid) and not rejected, (summary, rejected)
@@ -88,11 +90,11 @@ async def main() -> None:
     print(f"== engine overhead: {GRID[0]}x{GRID[1]} tiles of {TILE}x{TILE}, exposure {EXPOSURE_MS:g} ms, "
           f"simulator over pty + TCP")
     # Intact sections only: a damaged one would add QC retakes, which are not overhead.
-    params = WorldParams(seed=2, n_slots=2 * REPEATS + 1, tile_px=(TILE, TILE), section_px=(3000, 3000),
+    params = WorldParams(seed=2, n_slots=3 * REPEATS + 1, tile_px=(TILE, TILE), section_px=(3000, 3000),
                          p_empty=0.0, p_fold=0.0, p_tear=0.0, p_resin=0.0)
     grid = tile_grid(*GRID, (TILE, TILE), 4.0, 0.1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_engine_"))
-    hw, en = [], []
+    hw, en, seq = [], [], []
     try:
         async with SimulatedScope(params) as sim:
             c = sim.scope_config()
@@ -103,15 +105,20 @@ async def main() -> None:
                 frames = [(await scope.camera.trigger()).data for _ in range(16)]
                 for k in range(REPEATS):    # interleaved, so drift in the machine's load hits both
                     store_h = RunStore.create(tmp / f"hw{k}", "{}")
-                    await scope.tape.goto(2 * k)
-                    hw.append(await hardware_loop(scope, store_h, grid, 2 * k))
+                    await scope.tape.goto(3 * k)
+                    hw.append(await hardware_loop(scope, store_h, grid, 3 * k))
                     store_e = RunStore.create(tmp / f"en{k}", "{}")
-                    await scope.tape.goto(2 * k + 1)
-                    en.append(await engine_run(scope, store_e, grid, 2 * k + 1))
+                    await scope.tape.goto(3 * k + 1)
+                    en.append(await engine_run(scope, store_e, grid, 3 * k + 1))
+                    store_s = RunStore.create(tmp / f"seq{k}", "{}")
+                    await scope.tape.goto(3 * k + 2)
+                    seq.append(await engine_run(scope, store_s, grid, 3 * k + 2, overlap=False))
         cpu = engine_cpu_per_tile(frames)
-        h, e = statistics.median(hw), statistics.median(en)
+        h, e, q = statistics.median(hw), statistics.median(en), statistics.median(seq)
         print(f"hardware loop (baseline)  {h * 1e3:8.2f} ms/tile  {1 / h:6.2f} tiles/s")
+        print(f"engine, no readout overlap{q * 1e3:8.2f} ms/tile  {1 / q:6.2f} tiles/s   ratio {q / h:.3f}")
         print(f"engine                    {e * 1e3:8.2f} ms/tile  {1 / e:6.2f} tiles/s   ratio {e / h:.3f}")
+        print(f"readout overlap gain      {1 / e / (1 / q):8.3f} x tiles/s (engine vs engine without the overlap)")
         print(f"overhead per tile         {(e - h) * 1e3:+8.2f} ms   = {(e - h) / h:+.1%} of the hardware cycle "
               "(target < 2 %)")
         print(f"engine CPU per tile       {cpu * 1e3:8.2f} ms   = {cpu / h:.1%} of the hardware cycle "
