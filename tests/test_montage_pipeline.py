@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import zarr
 
 from tapescope.montage.omezarr import Volume
@@ -45,3 +47,42 @@ def test_live_alignment_steps_over_the_wrong_tissue(tmp_path: Path) -> None:
     assert np.corrcoef(a[core][both], b[core][both])[0, 1] > 0.9
     assert np.corrcoef(a[core][both], cv2.resize(images[3], a.shape[::-1])[core][both])[0, 1] < 0.9
     assert vol.load_transform(3).field is not None          # stored beside the volume
+
+
+def test_resume_primes_the_reference_from_the_volume(tmp_path: Path) -> None:
+    shape = (STEP + TILE, STEP + TILE)
+    st = make_stack(3, shape, seed=5, max_rotation_deg=2, max_shift_px=20, elastic_px=0.5, missing=())
+    _, pos, _ = tiles_of(st.images[0])
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    path = tmp_path / "v.zarr"
+    vol = Volume.create(path, (3, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    first = SectionProcessor(vol, canvas, elastic=False)
+    for z in range(2):
+        assert first.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
+    # The same section 2 after a resume: a fresh processor without (on a copy) and with the primed reference.
+    shutil.copytree(path, tmp_path / "copy.zarr")
+    fresh = SectionProcessor(Volume.open(tmp_path / "copy.zarr"), canvas, elastic=False)
+    unprimed = fresh.process(2, *tiles_of(st.images[2]), {"slot": 2})
+    assert unprimed.shift_px == (0.0, 0.0)                   # nothing to align to: a new chain
+    resumed = SectionProcessor(Volume.open(path), canvas, elastic=False)
+    assert resumed.prime_from_volume() == 1                  # the last good section
+    report = resumed.process(2, *tiles_of(st.images[2]), {"slot": 2})
+    assert report.status == "ok" and report.alignment_confidence > 0.5
+    assert max(abs(s) for s in report.shift_px) > 1.0
+    a, b = (Volume.open(path).levels[0][z].astype(float) for z in (1, 2))
+    core = (slice(40, -40), slice(40, -40))
+    both = (a[core] > 0) & (b[core] > 0)
+    assert np.corrcoef(a[core][both], b[core][both])[0, 1] > 0.9   # z=2 now lies on z=1
+
+
+def test_prime_from_volume_refuses_a_section_that_is_not_good(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v.zarr", (2, 128, 128), pixel_nm=4, thickness_nm=40, levels=1, chunk=64)
+    proc = SectionProcessor(vol, Canvas(np.zeros(2, int), (128, 128)))
+    assert proc.prime_from_volume() is None                  # empty volume: nothing to prime
+    proc.record_missing(0, {"slot": 0}, "no tissue")
+    with pytest.raises(ValueError, match="z=0 is failed"):
+        proc.prime_from_volume(0)
+    with pytest.raises(ValueError, match="z=1 is not written"):
+        proc.prime_from_volume(1)
+    with pytest.raises(ValueError, match="outside volume depth"):
+        proc.prime_from_volume(5)

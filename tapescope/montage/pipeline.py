@@ -57,7 +57,14 @@ class SectionReport:
 
 
 class SectionProcessor:
-    """Processes sections in tape order into one Volume (one writer: this object)."""
+    """Processes sections in tape order into one Volume (one writer: this object).
+
+    `align=False` writes sections where the stage put them; `elastic=False` keeps live
+    alignment to the rigid/affine pass (no patch flow: a fraction of the time per section,
+    for when the scope outruns the CPU); the default is the full elastic alignment. After a
+    resume, `prime_from_volume()` reads the last good section back as the reference, so
+    the first new section is aligned to it instead of starting a new chain.
+    """
 
     def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True,
                  gain: np.ndarray | None = None, dark: float = 0.0, elastic: bool = True,
@@ -125,6 +132,32 @@ class SectionProcessor:
             "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
         })
         return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
+
+    def prime_from_volume(self, z: int | None = None) -> int | None:
+        """Take section z of the volume (default: the highest z recorded "ok") as the
+        reference the next section is aligned to; returns that z, or None when the volume
+        holds no good section (the next section then starts the chain, as on a fresh run).
+
+        The reference is read back at level 0, the resolution `process` aligns at (the
+        aligner makes its own low-resolution pass from it). Coverage is where the stored
+        section is non-zero: the volume's fill value 0 marks where no tile landed.
+        """
+        sections = self.volume.group.attrs["tapescope"].get("sections", {})
+        if z is None:
+            good = [int(k) for k, v in sections.items() if v.get("status") == "ok"]
+            if not good:
+                log.info("no good section in the volume: the next section starts the alignment chain")
+                self._reference = None
+                return None
+            z = max(good)
+        self.volume._check_z(z)
+        status = sections.get(str(z), {}).get("status")
+        if status != "ok":
+            raise ValueError(f"section z={z} is {status or 'not written'} in the volume: not a reference to align to")
+        image = np.asarray(self.volume.levels[0][z], np.float32)
+        self._reference = (image, (image > 0).astype(np.float32))
+        log.info("alignment reference primed from z=%d of the volume", z)
+        return z
 
     def _save_transform(self, z: int, transform: SectionTransform) -> str | None:
         try:
