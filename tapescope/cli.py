@@ -121,7 +121,9 @@ def demo(
 @app.command()
 def gui(
     sim: bool = typer.Option(False, "--sim", help="drive a local engine against the built-in simulator"),
-    mqtt: str | None = typer.Option(None, "--mqtt", help="attach to a headless run over MQTT (mqtt://host:port)"),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="attach to a headless run: "
+                                    "mqtt://[user[:password]@]HOST[:PORT]/SCOPE (password also from "
+                                    "$TAPESCOPE_MQTT_PASSWORD)"),
     config: Path | None = typer.Option(None, "--config", help="TOML config (defaults: embedded)"),
     out: Path = typer.Option(Path("gui-out"), "--out", help="folder for the runs started from the GUI"),
     start: bool = typer.Option(False, "--start", help="start a run as soon as the window opens"),
@@ -136,8 +138,17 @@ def gui(
     if mqtt is not None and sim:
         raise _fail("--sim and --mqtt exclude each other: drive a local engine, or attach to a run")
     if mqtt is not None:
-        raise _fail("--mqtt: attaching to a headless run is not available yet (the engine's MQTT "
-                    "topic tree has not landed); use --sim")
+        from tapescope.gui.remote import MqttTarget
+
+        try:
+            target = MqttTarget.parse(mqtt)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        if screenshot is not None:
+            ensure_display()
+        from tapescope.gui.remote import run_remote_gui
+
+        raise typer.Exit(run_remote_gui(target, screenshot=screenshot, after_s=after))
     cfg = _load(config)
     if sim and not cfg.scope.simulated:
         raise _fail("--sim with a config whose [scope] ports are all set: leave a port unset to simulate")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from tapescope.acquisition.events import EventBus
 from tapescope.config import TapescopeConfig
@@ -58,6 +59,17 @@ def run_gui(cfg: TapescopeConfig, out_root: Path, *, start: bool = False, fault:
     win.show()
     if start:
         QtCore.QTimer.singleShot(0, lambda: win._command("start"))
+    code = exec_window(app, win, screenshot, after_s)
+    session.abort()
+    session.join(30)
+    win.shutdown()
+    return code
+
+
+def exec_window(app: Any, win: Any, screenshot: Path | None, after_s: float) -> int:
+    """Run Qt's loop until the window closes, or until SCREENSHOT is saved AFTER_S seconds in; the exit code."""
+    from PySide6 import QtCore
+
     code = 0
     if screenshot is not None:
         def shoot() -> None:
@@ -71,9 +83,6 @@ def run_gui(cfg: TapescopeConfig, out_root: Path, *, start: bool = False, fault:
 
         QtCore.QTimer.singleShot(int(after_s * 1000), shoot)
     app.exec()
-    session.abort()
-    session.join(30)
-    win.shutdown()
     return code
 
 

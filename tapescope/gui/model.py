@@ -9,6 +9,7 @@ engine (QC numbers, stage position, tile grid) are shown as soon as they carry t
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class RunModel:
         self.readouts_time: dict[str, float] = {}
         self.t_start: float | None = None
         self.t_end: float | None = None
+        self.link = ""                       # attached over MQTT: the broker connection, as words
+        self.link_up = True
+        self.engine_online: bool | None = None   # attached over MQTT: the engine's retained online flag
         self._tile_times: deque[float] = deque(maxlen=64)
 
     # -- set-up that does not come from events -------------------------------------------
@@ -110,6 +114,11 @@ class RunModel:
         self.plan = list(plan)
         self.tile_nm = tile_nm
         self.tiles_per_section = len(self.plan)
+        # Attached over MQTT, sections may be known before the plan is: fill in their planned tiles.
+        for tiles in self.section_tiles.values():
+            for r, c, y, x in self.plan:
+                tile = tiles.setdefault((r, c), TileInfo(r, c, y, x))
+                tile.y_nm, tile.x_nm = y, x
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -190,15 +199,31 @@ class RunModel:
         self._log(f"section: slot {ev.slot}, barcode {ev.barcode}")
         return {"tape", "map", "readouts"}
 
-    def _tile(self, slot: int, row: int, col: int) -> TileInfo:
+    def _tile(self, slot: int, row: int, col: int, y_nm: float = float("nan"), x_nm: float = float("nan")) -> TileInfo:
         tiles = self.tiles_of(slot)
         tile = tiles.get((row, col))
-        if tile is None:   # a tile no plan showed (e.g. attached over MQTT after the plan was sent)
-            tile = tiles[(row, col)] = TileInfo(row, col, float("nan"), float("nan"))
+        if tile is None:   # a tile no plan showed (attached over MQTT): placed where the stage read back
+            tile = tiles[(row, col)] = TileInfo(row, col, y_nm, x_nm)
+            if self.tile_nm == (0.0, 0.0):
+                self._infer_footprint(tiles, tile)
         return tile
 
+    def _infer_footprint(self, tiles: dict[tuple[int, int], TileInfo], new: TileInfo) -> None:
+        """Without a plan (MQTT carries no tile size), the grid pitch between neighbours stands in
+        for the tile footprint: the map then draws tiles edge to edge, without their overlap."""
+        h, w = self.tile_nm
+        for (r, c), t in tiles.items():
+            if t is new or math.isnan(t.x_nm) or math.isnan(new.x_nm):
+                continue
+            if r == new.row and abs(c - new.col) == 1 and not w:
+                w = abs(t.x_nm - new.x_nm)
+            if c == new.col and abs(r - new.row) == 1 and not h:
+                h = abs(t.y_nm - new.y_nm)
+        if h or w:
+            self.tile_nm = (h or w, w or h)
+
     def _on_TileAcquired(self, ev: TileAcquired) -> set[str]:
-        tile = self._tile(ev.slot, ev.row, ev.col)
+        tile = self._tile(ev.slot, ev.row, ev.col, getattr(ev, "y_nm", float("nan")), getattr(ev, "x_nm", float("nan")))
         attempt = int(getattr(ev, "attempt", tile.attempts + 1))
         tile.attempts = max(tile.attempts + 1, attempt)
         qc: dict[str, Any] = {"mean": ev.mean}
@@ -298,6 +323,39 @@ class RunModel:
         self.run_state = str(ev.new).lower()
         self._log(f"state: {ev.old} -> {ev.new}" + (f" ({ev.reason})" if ev.reason else ""))
         return {"run", "progress"}
+
+
+    # -- attached over MQTT (tapescope.gui.remote) ----------------------------------------
+    def _on_LinkChanged(self, ev: Any) -> set[str]:
+        self.link, self.link_up = ev.detail, bool(ev.up)
+        self._log(f"MQTT: {ev.detail}")
+        return {"run"}
+
+    def _on_RoleChanged(self, ev: Any) -> set[str]:
+        self._log(f"MQTT role {ev.role}: {ev.detail}")
+        return {"run"}
+
+    def _on_EngineOnline(self, ev: Any) -> set[str]:
+        self.engine_online = bool(ev.online)
+        if ev.run_dir:
+            self.run_dir = ev.run_dir
+        self._log(f"engine {'online' if ev.online else 'OFFLINE'}" + (f", run {ev.run_dir}" if ev.run_dir else "")
+                  + (f" ({ev.reason})" if ev.reason else ""))
+        if not ev.online and ev.reason != "exit" and self.run_state not in TERMINAL:
+            self.alarms.append(AlarmLine(time.time(), "mqtt", f"the engine went offline: {ev.reason or 'no reason'}",
+                                         "error"))
+            return {"run", "alarm"}
+        return {"run"}
+
+    def _on_CommandReply(self, ev: Any) -> set[str]:
+        who = "" if ev.mine else " (another client's)"
+        verdict = "ok" if ev.ok else "REFUSED"
+        self._log(f"reply to{who} {ev.cmd} (id {ev.id}): {verdict}" + (f", {ev.text}" if ev.text else ""))
+        if ev.mine and not ev.ok:
+            self.alarms.append(AlarmLine(time.time(), "control", f"{ev.cmd.replace('_', ' ')} refused by the engine: "
+                                         f"{ev.text}", "warning"))
+            return {"run", "alarm"}
+        return {"run"}
 
 
 ACTIVE = ("preparing", "acquiring", "recovering")

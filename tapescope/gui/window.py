@@ -144,6 +144,8 @@ class MainWindow(QtWidgets.QMainWindow):
         name = type(ev).__name__
         if name == "RunStarted":
             self._store = RunStore(ev.run_dir)  # type: ignore[attr-defined]
+        elif name == "EngineOnline" and ev.run_dir:  # type: ignore[attr-defined]
+            self._attach_run_dir(ev.run_dir)  # type: ignore[attr-defined]
         elif name == "TileAcquired":
             self.map.current_tile = (ev.row, ev.col)  # type: ignore[attr-defined]
             self._feed_tile(ev)
@@ -154,6 +156,21 @@ class MainWindow(QtWidgets.QMainWindow):
                 volume = self._store.dir.parent / "volume.zarr"
                 fut = self._executor.submit(read_montage, volume, ev.z)
                 fut.add_done_callback(lambda f, z=ev.z: self._montage_done(z, f))
+
+    def _attach_run_dir(self, run_dir: str) -> None:
+        """Attached over MQTT to a run whose directory this machine can read (the same host, a
+        shared disk): tiles are shown from it and the map gets the configured grid."""
+        from .remote import plan_from_run_dir
+
+        if not (Path(run_dir) / "journal.jsonl").is_file():
+            self.on_event(Alarm("gui", f"run directory {run_dir} is not readable here: no tile images, "
+                                "the map places tiles where the stage read back", "warning"))
+            return
+        self._store = RunStore(run_dir)
+        plan = plan_from_run_dir(run_dir)
+        if plan is not None and not self.model.plan:
+            self.model.set_plan(*plan)
+            self._dirty.add("map")
 
     def _feed_tile(self, ev: Event) -> None:
         data = getattr(ev, "frame", None)
@@ -215,6 +232,10 @@ class MainWindow(QtWidgets.QMainWindow):
             self.logpanel.refresh()
         # Buttons and ETA follow the clock and the session, not only events.
         self.control.refresh()
+        mode = self.controller.mode
+        if mode != self.control.mode.text():       # over MQTT: role and broker link change
+            self.control.mode.setText(mode)
+            self.setWindowTitle(f"tapescope: {mode}")
 
     def closeEvent(self, event: object) -> None:
         self.shutdown()
