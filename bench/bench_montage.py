@@ -136,6 +136,29 @@ def throughput(tile: int, grid: int, repeats: int) -> None:
                   f"ratio {r / dk:6.1%}  (median of {repeats}; target >= 50 %)")
 
 
+def zstd_tradeoff(size: int, repeats: int) -> None:
+    """Level 0's zstd level: bytes on disk against write speed, the same section both ways."""
+    img = make_stack(1, (size, size), missing=(), max_shift_px=0, max_rotation_deg=0, elastic_px=0).images[0] * 20000
+    mpx = size * size / 1e6
+    print(f"== zstd level of level 0: one {size}x{size} px simulated section ({mpx:.0f} Mpx), write_section + fsync")
+    with tempfile.TemporaryDirectory(dir=".") as d:
+        res: dict[int, list[tuple[float, int]]] = {1: [], 3: []}
+        for i in range(repeats):
+            for level in (1, 3):
+                path = Path(d) / f"z{level}_{i}.zarr"
+                vol = Volume.create(path, (1, size, size), pixel_nm=4, thickness_nm=40, levels=4, zstd_level0=level)
+                t0 = time.perf_counter()
+                vol.write_section(0, img, {})
+                fsync_tree(path)
+                dt = time.perf_counter() - t0
+                nbytes = sum(f.stat().st_size for f in (path / "0").rglob("*") if f.is_file())
+                res[level].append((mpx / dt, nbytes))
+        for level, rows in res.items():
+            speed = np.median([r[0] for r in rows])
+            print(f"  zstd {level}: write {speed:6.1f} Mpx/s   level 0 {rows[0][1] / 2**20:6.1f} MiB "
+                  f"({rows[0][1] / (size * size * 2):.1%} of raw uint16)")
+
+
 MEMORY_CHILD = r"""
 import sys, numpy as np, tempfile, time
 from pathlib import Path
@@ -192,10 +215,12 @@ def main() -> None:
     if a.quick:
         accuracy(6, 640, [0])
         throughput(1024, 3, 2)
+        zstd_tradeoff(2048, 2)
         memory(4096, 1024)
     else:
         accuracy(6, 1024, [0, 1])
         throughput(2048, 4, 3)
+        zstd_tradeoff(4096, 3)
         memory(a.big_px, 4096)
 
 
