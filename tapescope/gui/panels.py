@@ -250,6 +250,9 @@ class RunControl(QtWidgets.QWidget):
         self.bar.setRange(0, total)
         self.bar.setValue(min(m.tiles_done, total))
         sec_done = sum(s.state not in (SlotState.PENDING, SlotState.CURRENT) for s in m.slots.values())
-        self.detail.setText(f"sections {sec_done}/{len(m.slots)} · {m.tiles_per_second():.1f} tiles/s · "
+        sec_total = len(m.slots)
+        if m.engine_progress is not None:   # attached over MQTT, the slots seen are not all the run's
+            sec_done, sec_total = int(m.engine_progress.sections_done), int(m.engine_progress.sections_total)
+        self.detail.setText(f"sections {sec_done}/{sec_total} · {m.tiles_per_second():.1f} tiles/s · "
                             f"elapsed {fmt_duration(m.elapsed_s() if m.t_start else None)} · "
                             f"ETA {fmt_duration(m.eta_s())}")

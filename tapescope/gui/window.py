@@ -235,6 +235,8 @@ class MainWindow(QtWidgets.QMainWindow):
         mode = self.controller.mode
         if mode != self.control.mode.text():       # over MQTT: role and broker link change
             self.control.mode.setText(mode)
+            self.control.mode.setStyleSheet("color: #e65100; font-weight: bold;" if "read-only" in mode
+                                            or "unreachable" in mode else "")
             self.setWindowTitle(f"tapescope: {mode}")
 
     def closeEvent(self, event: object) -> None:
