@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume
@@ -86,3 +87,20 @@ def test_transforms_are_stored_beside_the_volume(tmp_path: Path) -> None:
     import pytest
     with pytest.raises(FileNotFoundError, match="z=1"):
         vol.load_transform(1)
+
+
+def test_tensorstore_and_zarr_python_write_the_same_volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tapescope.montage.omezarr as omezarr
+
+    tiles, pos = _tiles()
+    t = _warp()
+    fast = Volume.create(tmp_path / "ts.zarr", (1, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    render_section(fast, 0, tiles, pos, t)
+    assert fast._tensorstore(0) is not None               # the fast path did the I/O
+    monkeypatch.setattr(omezarr, "tensorstore", None)
+    plain = Volume.create(tmp_path / "zp.zarr", (1, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    render_section(plain, 0, tiles, pos, t)
+    assert plain._tensorstore(0) is None
+    for k in range(3):
+        a, b = Volume.open(tmp_path / "ts.zarr").levels[k][0], plain.levels[k][0]
+        assert a.any() and np.array_equal(a, b)

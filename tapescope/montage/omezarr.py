@@ -18,6 +18,11 @@ from zarr.codecs import ZstdCodec
 
 from .transform import SectionTransform
 
+try:  # the fast path for shard I/O; zarr-python does all of it where tensorstore is absent
+    import tensorstore
+except ImportError:  # pragma: no cover - tensorstore is a dependency; kept optional on purpose
+    tensorstore = None
+
 OME_VERSION = "0.5"
 SHARD_FACTOR = 4   # a shard is SHARD_FACTOR x SHARD_FACTOR chunks in y and x
 # zstd level of level 0 and of the coarser levels. Level 0 is three quarters of the bytes
@@ -64,6 +69,24 @@ class Volume:
     def __init__(self, group: zarr.Group) -> None:
         self.group = group
         self.levels = [group[str(k)] for k in range(len(group.attrs["ome"]["multiscales"][0]["datasets"]))]
+        self._ts: dict[int, Any] = {}
+
+    def _tensorstore(self, level: int) -> Any | None:
+        """The same array opened in tensorstore, for pixel I/O, or None (no tensorstore, or
+        a store not on a local disk). zarr-python's per-chunk Python overhead made writing
+        a shard ~4x slower than compressing it; tensorstore encodes and writes the chunks
+        of a shard in C++ threads (2-2.5x faster per write unit, measured). Metadata and
+        attributes stay with zarr-python; every shard still has exactly one writer, and a
+        write is on disk when `.result()` returns, so reads through either see it."""
+        if tensorstore is None or not hasattr(self.group.store, "root"):
+            return None
+        if level not in self._ts:
+            path = Path(str(self.group.store.root)).resolve() / self.group.path / str(level)
+            self._ts[level] = tensorstore.open({
+                "driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+                "open": True, "recheck_cached_data": False,
+            }).result()
+        return self._ts[level]
 
     @classmethod
     def create(
@@ -112,7 +135,12 @@ class Volume:
             data = np.clip(data, lim.min, lim.max)
             np.rint(data, out=data)
         y0, x0, h, w = block
-        arr[z, y0:y0 + h, x0:x0 + w] = data.astype(dt, copy=False)
+        data = data.astype(dt, copy=False)
+        ts_arr = self._tensorstore(level)
+        if ts_arr is None:
+            arr[z, y0:y0 + h, x0:x0 + w] = data
+        else:
+            ts_arr[z, y0:y0 + h, x0:x0 + w].write(data).result()
 
     def write_block(self, z: int, block: tuple[int, int, int, int], data: np.ndarray) -> None:
         """Write one level-0 shard block of section z (whole shards: no read-modify-write)."""
@@ -129,7 +157,9 @@ class Volume:
             for block in self.shard_blocks(k):
                 y0, x0, h, w = block
                 # In the stored dtype: INTER_AREA on uint16 rounds like _store, at 2.5x the speed of float.
-                src = below[z, 2 * y0:2 * (y0 + h), 2 * x0:2 * (x0 + w)]
+                ts_below = self._tensorstore(k - 1)
+                region = (z, slice(2 * y0, 2 * (y0 + h)), slice(2 * x0, 2 * (x0 + w)))
+                src = below[region] if ts_below is None else ts_below[region].read().result()
                 self._store(k, z, block, downsample2(src)[:h, :w])
 
     def write_units(self) -> list[tuple[int, int, int, int]]:
