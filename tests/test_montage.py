@@ -94,11 +94,11 @@ def test_tensorstore_and_zarr_python_write_the_same_volume(tmp_path: Path, monke
 
     tiles, pos = _tiles()
     t = _warp()
-    fast = Volume.create(tmp_path / "ts.zarr", (1, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    fast = Volume.create(tmp_path / "ts.zarr", (1, 601, 587), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
     render_section(fast, 0, tiles, pos, t)
     assert fast._tensorstore(0) is not None               # the fast path did the I/O
     monkeypatch.setattr(omezarr, "tensorstore", None)
-    plain = Volume.create(tmp_path / "zp.zarr", (1, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    plain = Volume.create(tmp_path / "zp.zarr", (1, 601, 587), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
     render_section(plain, 0, tiles, pos, t)
     assert plain._tensorstore(0) is None
     for k in range(3):

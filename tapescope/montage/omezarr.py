@@ -158,7 +158,9 @@ class Volume:
                 y0, x0, h, w = block
                 # In the stored dtype: INTER_AREA on uint16 rounds like _store, at 2.5x the speed of float.
                 ts_below = self._tensorstore(k - 1)
-                region = (z, slice(2 * y0, 2 * (y0 + h)), slice(2 * x0, 2 * (x0 + w)))
+                # Clipped to the level below (odd sizes): tensorstore does not clip slices as zarr does.
+                _, by, bx = below.shape
+                region = (z, slice(2 * y0, min(2 * (y0 + h), by)), slice(2 * x0, min(2 * (x0 + w), bx)))
                 src = below[region] if ts_below is None else ts_below[region].read().result()
                 self._store(k, z, block, downsample2(src)[:h, :w])
 
