@@ -128,6 +128,8 @@ class ProcessingConfig(_Model):
     pyramid_levels: Annotated[int, Field(ge=2, le=12)] = 3
     chunk: Annotated[int, Field(ge=32, le=4096)] = 256
     align: bool = True
+    elastic: bool = Field(True, description="fine elastic alignment of each section during the run "
+                          "(costs seconds per section on a CPU; off leaves rigid/affine)")
 
     @model_validator(mode="after")
     def _chunk_power_of_two(self) -> ProcessingConfig:

@@ -110,7 +110,7 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     volume = Volume.create(vol_path, (len(slots), *canvas.shape), pixel_nm=cam.pixel_size_nm,
                            thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels,
                            chunk=proc.chunk)
-    processor = SectionProcessor(volume, canvas, align=proc.align)
+    processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic)
     worker = ProcessingWorker(store, processor, bus, z_of_slot=z_of_slot, pixel_nm=cam.pixel_size_nm,
                               flatfield=proc.flatfield)
     queue: asyncio.Queue[int | None] = asyncio.Queue()
@@ -314,12 +314,17 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
     half = np.array(extent) / 2 / cam.pixel_size_nm
     corners = np.array([-half, half])
     canvas = Canvas.around(corners - (cam.height / 2, cam.width / 2), (cam.height, cam.width), ALIGN_MARGIN_PX)
-    if (vol_path / "zarr.json").exists():
+    resumed = (vol_path / "zarr.json").exists()
+    if resumed:
         volume = Volume.open(vol_path)
     else:
         volume = Volume.create(vol_path, (len(slots), *canvas.shape), pixel_nm=cam.pixel_size_nm,
                                thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels, chunk=proc.chunk)
-    processor = SectionProcessor(volume, canvas, align=proc.align)
+    processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic)
+    if resumed:
+        # The next section aligns to the last good one written before the crash, not to nothing.
+        primed = processor.prime_from_volume()
+        store.log_event("alignment_primed", z=primed)
     return ProcessingWorker(store, processor, bus, z_of_slot=z_of_slot, pixel_nm=cam.pixel_size_nm,
                             flatfield=proc.flatfield), vol_path
 
