@@ -135,6 +135,7 @@ class Engine:
         self.grid = grid
         self.exposure_ms = exposure_ms
         self.section_queue = section_queue
+        self._end_marker: asyncio.Task[None] | None = None
         self.planner = planner
         self.settings = settings or EngineSettings()
         self.progress = progress or RunProgress()
@@ -368,8 +369,12 @@ class Engine:
         if not self._state.terminal:
             self._set_state(final, reason)
         if self.section_queue is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                self.section_queue.put_nowait(None)   # no more will come (a full queue: the worker re-reads)
+            try:
+                self.section_queue.put_nowait(None)   # no more will come
+            except asyncio.QueueFull:
+                # Processing is behind. The end marker must still arrive, or the worker waits on
+                # the queue forever and the run never exits: hand it over as soon as there is room.
+                self._end_marker = asyncio.get_running_loop().create_task(self.section_queue.put(None))
         seconds = time.monotonic() - self._t0
         tiles = self.progress.tiles_stored
         self.bus.emit(RunFinished(self._state.value, n_sections, tiles, seconds))
