@@ -87,6 +87,21 @@ class SerialLine:
         async with self._lock:
             return await asyncio.to_thread(self._transact, line)
 
+    async def query_words(self, line: str, expect: str) -> list[str]:
+        """Query a device that answers ``EXPECT args...`` or ``ERR <code> <text>``; return args.
+
+        The line protocols of the tape and the column share this reply grammar.
+        """
+        reply = await self.query(line)
+        words = reply.split()
+        if words[:1] == ["ERR"]:
+            code = words[1] if len(words) > 1 else "?"
+            raise DeviceError(self.device, f"{' '.join(words[2:]) or 'error'} ({line!r})",
+                              int(code) if code.isdigit() else code)
+        if words[:1] != [expect]:
+            raise ProtocolError(self.device, f"unexpected reply {reply!r} to {line!r}")
+        return words[1:]
+
 
 async def send_confirmed(device: str, send: Callable[[], Awaitable[Any]],
                          confirm: Callable[[], Awaitable[bool]],

@@ -67,14 +67,7 @@ class Tape(Device):
         await self._line.close()
 
     async def _command(self, line: str, expect: str) -> list[str]:
-        reply = await self._line.query(line)
-        words = reply.split()
-        if words[:1] == ["ERR"]:
-            code = words[1] if len(words) > 1 else "?"
-            raise DeviceError(self.name, " ".join(words[2:]) or "error", int(code) if code.isdigit() else code)
-        if words[:1] != [expect]:
-            raise ProtocolError(self.name, f"unexpected reply {reply!r} to {line!r}")
-        return words[1:]
+        return await self._line.query_words(line, expect)
 
     async def slot_count(self) -> int:
         words = await self._command("SLOTS?", "SLOTS")
