@@ -106,13 +106,8 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     centres = np.array([[t.y_nm, t.x_nm] for t in grid]) / cam.pixel_size_nm
     canvas = Canvas.around(centres - (cam.height / 2, cam.width / 2), (cam.height, cam.width),
                            ALIGN_MARGIN_PX)
-    proc = cfg.processing
-    volume = Volume.create(vol_path, (len(slots), *canvas.shape), pixel_nm=cam.pixel_size_nm,
-                           thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels,
-                           chunk=proc.chunk)
-    processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic)
-    worker = ProcessingWorker(store, processor, bus, z_of_slot=z_of_slot, pixel_nm=cam.pixel_size_nm,
-                              flatfield=proc.flatfield)
+    worker = _processing(cfg, store, bus, slots, z_of_slot, vol_path, canvas)
+    processor = worker.processor
     queue: asyncio.Queue[int | None] = asyncio.Queue()
     async with open_scope(cfg) as (scope, _):
         engine = Engine(scope, store, bus, slots=slots, grid=grid, exposure_ms=cfg.run.exposure_ms,
@@ -273,7 +268,8 @@ async def run_acquisition(
         z_of_slot = {s: k for k, s in enumerate(slots)}
         worker, vol_path, queue = None, None, None
         if cfg.processing.enabled:
-            worker, vol_path = _processing(cfg, store, bus, slots, z_of_slot)
+            vol_path = store.dir / "volume.zarr"
+            worker = _processing(cfg, store, bus, slots, z_of_slot, vol_path, search_canvas(cfg))
             queue = asyncio.Queue(maxsize=PROCESS_QUEUE)
         # A resumed run keeps the exposure its auto-exposure chose.
         exposure = progress.calibrations.get("auto_exposure", {}).get("exposure_ms", r.exposure_ms)
@@ -306,14 +302,19 @@ async def run_acquisition(
 PROCESS_QUEUE = 4     # sections waiting for processing; beyond it, processing catches up from disk
 
 
-def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: list[int],
-                z_of_slot: dict[int, int]) -> tuple[ProcessingWorker, Path]:
-    cam, proc = cfg.scope.camera, cfg.processing
-    vol_path = store.dir / "volume.zarr"
-    extent = search_extent_nm(cfg)
-    half = np.array(extent) / 2 / cam.pixel_size_nm
+def search_canvas(cfg: TapescopeConfig) -> Canvas:
+    """The volume's canvas for a run whose sections may lie anywhere in the search extent."""
+    cam = cfg.scope.camera
+    half = np.array(search_extent_nm(cfg)) / 2 / cam.pixel_size_nm
     corners = np.array([-half, half])
-    canvas = Canvas.around(corners - (cam.height / 2, cam.width / 2), (cam.height, cam.width), ALIGN_MARGIN_PX)
+    return Canvas.around(corners - (cam.height / 2, cam.width / 2), (cam.height, cam.width), ALIGN_MARGIN_PX)
+
+
+def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: list[int],
+                z_of_slot: dict[int, int], vol_path: Path, canvas: Canvas) -> ProcessingWorker:
+    """Volume, section processor and worker of a run; a volume already on disk (a resumed
+    run) is opened and the live alignment primed from its last good section."""
+    cam, proc = cfg.scope.camera, cfg.processing
     resumed = (vol_path / "zarr.json").exists()
     if resumed:
         volume = Volume.open(vol_path)
@@ -326,7 +327,7 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
         primed = processor.prime_from_volume()
         store.log_event("alignment_primed", z=primed)
     return ProcessingWorker(store, processor, bus, z_of_slot=z_of_slot, pixel_nm=cam.pixel_size_nm,
-                            flatfield=proc.flatfield), vol_path
+                            flatfield=proc.flatfield)
 
 
 def search_extent_nm(cfg: TapescopeConfig) -> tuple[float, float]:
