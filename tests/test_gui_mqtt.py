@@ -26,7 +26,7 @@ from tapescope.gui.window import MainWindow
 from tapescope.mqtt.broker import MosquittoBroker
 
 from .test_gui import click
-from .test_mqtt import USERS, broker, needs_mosquitto  # noqa: F401  (broker: fixture)
+from .test_mqtt import USERS, broker, headless_config, needs_mosquitto  # noqa: F401  (broker: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,21 +79,7 @@ def test_tiles_without_a_plan_are_placed_at_the_stage_readback() -> None:
 def headless(broker: MosquittoBroker, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:  # noqa: F811
     """`tapescope acquire` with the MQTT bridge on: long enough to be paused and resumed, then aborted."""
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f"""
-[scope.camera]
-width = 128
-height = 128
-[run]
-slot_range = [0, 29]
-grid = [4, 4]
-exposure_ms = 20.0
-[processing]
-enabled = false
-[mqtt]
-enabled = true
-port = {broker.port}
-username = "engine"
-""")
+    cfg.write_text(headless_config(broker.port, last_slot=29, exposure_ms=20.0))
     env = {**os.environ, "TAPESCOPE_MQTT_PASSWORD": USERS["engine"]}
     proc = subprocess.Popen([sys.executable, "-m", "tapescope.cli", "acquire", str(cfg), "--run-dir",
                              str(tmp_path / "run")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -24,6 +24,26 @@ from tapescope.mqtt.broker import MosquittoBroker, mosquitto_binary
 from .test_engine import make_engine, scope  # noqa: F401  (fixture)
 
 USERS = {"engine": "engine-pw", "operator": "op-pw", "viewer": "view-pw"}
+
+
+def headless_config(port: int, *, last_slot: int, exposure_ms: float) -> str:
+    """A `tapescope acquire` config on the simulator, bridged to the broker as the engine
+    user (password from $TAPESCOPE_MQTT_PASSWORD); small tiles, processing off."""
+    return f"""
+[scope.camera]
+width = 128
+height = 128
+[run]
+slot_range = [0, {last_slot}]
+grid = [4, 4]
+exposure_ms = {exposure_ms}
+[processing]
+enabled = false
+[mqtt]
+enabled = true
+port = {port}
+username = "engine"
+"""
 ROOT = "tapescope/sim-scope"
 
 needs_mosquitto = pytest.mark.skipif(
@@ -205,21 +225,7 @@ async def _restart(broker: MosquittoBroker, eng, bridge: MqttBridge) -> None:
 @needs_mosquitto
 async def test_killed_engine_is_marked_dead_by_its_last_will(broker, watcher, tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f"""
-[scope.camera]
-width = 128
-height = 128
-[run]
-slot_range = [0, 2]
-grid = [4, 4]
-exposure_ms = 3.0
-[processing]
-enabled = false
-[mqtt]
-enabled = true
-port = {broker.port}
-username = "engine"
-""")
+    cfg.write_text(headless_config(broker.port, last_slot=2, exposure_ms=3.0))
     env = {**os.environ, "TAPESCOPE_MQTT_PASSWORD": USERS["engine"]}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tapescope.cli", "acquire", str(cfg), "--run-dir", str(tmp_path / "run"),
