@@ -5,7 +5,7 @@ each frame, TIFF encoding before the fsync goes to a thread), and processing run
 another thread. With the engine on its own loop, nothing the engine does can stall the
 Qt event loop, and nothing the GUI draws can delay a tile. Commands cross into the engine
 loop with ``call_soon_threadsafe``; events come back through the bus, which the GUI
-marshals onto the Qt thread (``bridge.py``).
+hands to the Qt thread through the window's ``Inbox`` (``window.py``).
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """The operator's main window: every panel, fed from one event bus, never blocking.
 
-Events may arrive on any thread (engine loop, processing worker). ``EventBridge`` re-emits
-them as a Qt signal, which Qt queues onto the GUI thread; the model is only touched there.
-Panels are redrawn by a 10 Hz timer from dirty flags, so a burst of events costs one redraw.
+Events may arrive on any thread (engine loop, MQTT link, processing worker). ``Inbox`` takes
+them in a plain thread-safe deque and a 50 Hz timer on the GUI thread drains it; the model is
+only touched there. No Qt call is ever made off the GUI thread: emitting a PySide6 signal from a
+Python thread has crashed and deadlocked (PYSIDE-3124; a CI run hung for 90 min in C with the
+GIL taken), and a deque needs neither Qt's locks nor the GIL dance. Panels are redrawn by a
+10 Hz timer from dirty flags, so a burst of events costs one redraw (docs/gui.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +31,7 @@ from .section_map import SectionMap
 log = logging.getLogger(__name__)
 
 REFRESH_HZ = 10
+DRAIN_MS = 20               # how often the GUI thread takes what other threads handed it
 PREVIEW_MAX_PX = 1024
 
 
@@ -40,12 +45,21 @@ class Controller(Protocol):
     def do(self, verb: str) -> None: ...
 
 
-class EventBridge(QtCore.QObject):
-    event = QtCore.Signal(object)
-    message = QtCore.Signal(str, str)      # severity, text: faults of the display itself
+class Inbox:
+    """What other threads hand the GUI thread: events, the display's own faults, montage images.
 
-    def handler(self, ev: Event) -> None:
-        self.event.emit(ev)               # from any thread; delivered queued on the GUI thread
+    ``deque.append`` and ``popleft`` are atomic, so producers never wait and never touch Qt.
+    """
+
+    def __init__(self) -> None:
+        self.events: deque[Event] = deque()
+        self.montages: deque[tuple[int, np.ndarray]] = deque()
+
+    def handler(self, ev: Event) -> None:          # any thread
+        self.events.append(ev)
+
+    def message(self, severity: str, text: str) -> None:   # any thread: a fault of the display itself
+        self.events.append(Alarm("gui", text, severity))
 
 
 def read_montage(volume: Path, z: int, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
@@ -64,8 +78,6 @@ def read_montage(volume: Path, z: int, max_px: int = PREVIEW_MAX_PX) -> np.ndarr
 
 
 class MainWindow(QtWidgets.QMainWindow):
-    montageReady = QtCore.Signal(int, object)   # z, image
-
     def __init__(self, bus: EventBus, controller: Controller, model: RunModel | None = None,
                  *, confirm_abort: bool = True) -> None:
         super().__init__()
@@ -74,8 +86,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.controller = controller
         self.model = model or RunModel()
         self.latest = LatestFrame()
-        self.bridge = EventBridge()
-        self.loader = FrameLoader(self.latest, on_error=lambda m: self.bridge.message.emit("warning", m))
+        self.inbox = Inbox()
+        self.loader = FrameLoader(self.latest, on_error=lambda m: self.inbox.message("warning", m))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tapescope-preview")
         self._dirty: set[str] = set()
         self._store: RunStore | None = None
@@ -125,11 +137,12 @@ class MainWindow(QtWidgets.QMainWindow):
         self.setCentralWidget(central)
         self.resize(1500, 950)
 
-        self.bridge.event.connect(self.on_event)
-        self.bridge.message.connect(self._on_message)
-        self.montageReady.connect(self._on_montage)
         self.map.tileClicked.connect(self.on_tile_clicked)
-        self._unsubscribe = bus.subscribe(self.bridge.handler)
+        self._unsubscribe = bus.subscribe(self.inbox.handler)
+        self.drain_timer = QtCore.QTimer(self)
+        self.drain_timer.setInterval(DRAIN_MS)
+        self.drain_timer.timeout.connect(self.drain)
+        self.drain_timer.start()
         self.timer = QtCore.QTimer(self)
         self.timer.setInterval(1000 // REFRESH_HZ)
         self.timer.timeout.connect(self.refresh)
@@ -138,6 +151,14 @@ class MainWindow(QtWidgets.QMainWindow):
         self.refresh()
 
     # -- events (GUI thread) --------------------------------------------------------------
+    def drain(self) -> None:
+        """Apply everything other threads handed over since the last tick, in order."""
+        events, montages = self.inbox.events, self.inbox.montages
+        while events:
+            self.on_event(events.popleft())
+        while montages:
+            self.preview.show_image(montages.popleft()[1])
+
     def on_event(self, ev: Event) -> None:
         self.events_seen += 1
         self._dirty |= self.model.apply(ev)
@@ -184,15 +205,9 @@ class MainWindow(QtWidgets.QMainWindow):
         try:
             img = fut.result()  # type: ignore[attr-defined]
         except Exception as exc:
-            self.bridge.message.emit("warning", f"montage preview of z={z} could not be read: {exc}")
+            self.inbox.message("warning", f"montage preview of z={z} could not be read: {exc}")
             return
-        self.montageReady.emit(z, img)
-
-    def _on_montage(self, z: int, img: np.ndarray) -> None:
-        self.preview.show_image(img)
-
-    def _on_message(self, severity: str, text: str) -> None:
-        self.on_event(Alarm("gui", text, severity))
+        self.inbox.montages.append((z, img))
 
     def on_tile_clicked(self, slot: int, row: int, col: int) -> None:
         tile = self.model.tiles_of(slot).get((row, col))
@@ -248,6 +263,7 @@ class MainWindow(QtWidgets.QMainWindow):
             return
         self._closed = True
         self.timer.stop()
+        self.drain_timer.stop()
         self.live.timer.stop()
         self._unsubscribe()
         self.loader.close()
