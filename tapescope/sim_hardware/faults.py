@@ -31,6 +31,9 @@ FAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "column_timeout": ("the column sends no reply to a command (which still runs unless executed=false)",
                        {"executed": True, "on": ""}),
     "column_garbled": ("the column's reply to a command arrives garbled (the command still runs)", {"on": ""}),
+    "tape_slip": ("a GOTO ends with the tape slipped: the reader still reports the slot asked for, but the "
+                  "section under the beam is `slots` further on, until the next GOTO (at_slot: only a GOTO "
+                  "to that slot counts)", {"slots": 1, "at_slot": -1}),
     "beam_trip": ("high tension trips at an exposure: beam off, dark frames, until RESET and HT ON", {}),
     "frame_drop": ("the camera exposes but never sends the frame", {}),
     "frame_truncated": ("the camera sends part of a frame and closes the connection", {}),
@@ -81,17 +84,21 @@ class FaultBook:
         self._armed[name] = Fault(name, count, after, merged)
         log.info("fault armed: %s count=%d after=%d %s", name, count, after, merged)
 
-    def take(self, name: str, command: str = "") -> dict[str, Any] | None:
+    def take(self, name: str, command: str = "", *, slot: int | None = None) -> dict[str, Any] | None:
         """At an opportunity for fault `name`: its options if it fires now, else None.
 
         A fault with option ``on`` (a command verb, e.g. "M" or "GOTO") only counts
-        commands with that verb as opportunities.
+        commands with that verb as opportunities; one with ``at_slot`` >= 0 only counts
+        opportunities at that tape `slot`.
         """
         fault = self._armed.get(name)
         if fault is None:
             return None
         verb = fault.options.get("on", "")
         if verb and (command.split() or [""])[0].upper() != verb.upper():
+            return None
+        at_slot = fault.options.get("at_slot", -1)
+        if at_slot >= 0 and slot != at_slot:
             return None
         if fault.after > 0:
             fault.after -= 1

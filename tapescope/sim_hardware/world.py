@@ -139,6 +139,7 @@ class SimWorld:
         self._last_dir = np.zeros(2)
         # Tape state.
         self.slot = 0
+        self.slip = 0                      # slots between the reader's slot and the one under the beam
         self.tape_busy_until = 0.0
         self.tape_jammed = False
         self._jam_polls_left = 0
@@ -427,8 +428,8 @@ class SimWorld:
         if self.beam_on():
             pix = self.pixel_nm_now()
             at = self.stage_true if stage_nm is None else stage_nm
-            t = self.transmission_at(self.slot, at, binning=binning, roi=roi, pixel_nm=pix)
-            blur_px = p.defocus_blur * abs(self.focus_nm - self.true_focus_nm(self.slot)) / (pix * binning)
+            t = self.transmission_at(self.beam_slot, at, binning=binning, roi=roi, pixel_nm=pix)
+            blur_px = p.defocus_blur * abs(self.focus_nm - self.true_focus_nm(self.beam_slot)) / (pix * binning)
             if blur_px > 0.3:
                 t = cv2.GaussianBlur(t, (0, 0), blur_px)
             electrons = cv2.multiply(t, gain, scale=p.electrons_per_ms * exposure_ms * binning * binning)
@@ -517,8 +518,17 @@ class SimWorld:
             return
         self.tape_busy_until = time.monotonic() + abs(slot - self.slot) * self.p.tape_s_per_slot
         self.slot = slot
+        slip = self.faults.take("tape_slip", slot=slot)
+        self.slip = 0 if slip is None else min(int(slip["slots"]), self.p.n_slots - 1 - slot)
+        if self.slip:
+            self.prefetch(self.beam_slot)
         self.prefetch(slot)
         self.prefetch(slot + 1)       # tapes are imaged in order: the next one is likely wanted
+
+    @property
+    def beam_slot(self) -> int:
+        """The slot whose section the beam sees: the reader's slot unless the tape slipped."""
+        return self.slot + self.slip
 
     def tape_busy(self) -> bool:
         return time.monotonic() < self.tape_busy_until
