@@ -91,6 +91,9 @@ class RunConfig(_Model):
     watchdog_stall_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     min_free_gb: Annotated[float, Field(ge=0)] = 1.0
     reimage_at_end: bool = True
+    processing_wait_s: Annotated[float, Field(ge=0, le=86_400, description=(
+        "before re-imaging at the end, wait up to this long for processing to judge the sections "
+        "taken, so one that does not register is re-imaged while the tape is loaded"))] = 900.0
     calibrate: list[Literal["darkfield", "brightfield", "auto_exposure", "autofocus"]] = Field(
         default_factory=list, description="calibration routines to run (docs/acquisition.md)")
 

@@ -112,6 +112,7 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     async with open_scope(cfg) as (scope, _):
         engine = Engine(scope, store, bus, slots=slots, grid=grid, exposure_ms=cfg.run.exposure_ms,
                         section_queue=queue, tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm)
+        worker.on_unregistered = engine.request_reimage
         if on_engine is not None:
             on_engine(engine)
         consumer = asyncio.create_task(worker.run(queue))
@@ -219,6 +220,7 @@ def engine_settings(cfg: TapescopeConfig) -> EngineSettings:
         qc=QCLimits(max_retakes=r.max_retakes), device_retries=r.device_retries,
         on_device_failure=r.on_device_failure, watchdog_stall_s=r.watchdog_stall_s,
         min_free_bytes=int(r.min_free_gb * 1e9), reimage_at_end=r.reimage_at_end,
+        processing_wait_s=r.processing_wait_s,
         barcodes={int(k): v for k, v in r.barcodes.items()},
     )
 
@@ -277,6 +279,8 @@ async def run_acquisition(
                         planner=make_planner(cfg), settings=engine_settings(cfg), progress=progress,
                         tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm,
                         calibration=CalibrationSuite(tuple(r.calibrate)) if r.calibrate else None)
+        if worker is not None:
+            worker.on_unregistered = engine.request_reimage   # re-imaged while the tape is loaded
         if on_engine is not None:
             on_engine(engine)
         bridge = None

@@ -86,3 +86,30 @@ def test_prime_from_volume_refuses_a_section_that_is_not_good(tmp_path: Path) ->
         proc.prime_from_volume(1)
     with pytest.raises(ValueError, match="outside volume depth"):
         proc.prime_from_volume(5)
+
+
+def test_a_retake_is_aligned_to_the_good_section_below_it(tmp_path: Path) -> None:
+    """Section 2 first came back as the wrong tissue; after 3 was processed it is re-imaged.
+    The retake is aligned to z=1 (read back from the volume), not to z=3, and z=3 stays the
+    reference for what comes next."""
+    shape = (STEP + TILE, STEP + TILE)
+    st = make_stack(4, shape, seed=8, max_rotation_deg=3, max_shift_px=30, elastic_px=1.0, missing=())
+    wrong = make_stack(1, shape, seed=77, missing=()).images[0]
+    _, pos, _ = tiles_of(st.images[0])
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    vol = Volume.create(tmp_path / "v.zarr", (4, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    proc = SectionProcessor(vol, canvas, elastic=False)
+    statuses = [proc.process(z, *tiles_of(img), {"slot": z}).status
+                for z, img in enumerate([st.images[0], st.images[1], wrong, st.images[3]])]
+    assert statuses == ["ok", "ok", "unaligned", "ok"]
+    reference_before = proc._reference
+    retake = proc.process(2, *tiles_of(st.images[2]), {"slot": 2})
+    assert retake.status == "ok" and retake.alignment_confidence > 0.5
+    assert proc._reference is reference_before and proc._reference_z == 3
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert sections["2"]["status"] == "ok" and sections["2"]["needs_reimaging"] is False
+    # In register with its neighbours: the retake matches z=1 where both were imaged.
+    a, b = vol.levels[0][1].astype(float), vol.levels[0][2].astype(float)
+    core = (slice(40, -40), slice(40, -40))
+    both = (a[core] > 0) & (b[core] > 0)
+    assert np.corrcoef(a[core][both], b[core][both])[0, 1] > 0.8

@@ -74,6 +74,9 @@ class EngineSettings:
     watchdog_stall_s: float = 60.0          # no tile for this long while acquiring: alarm + pause
     min_free_bytes: int = 1 << 30           # besides the next section's tiles
     reimage_at_end: bool = True
+    # Before the re-image pass, wait this long for processing to judge the sections already
+    # taken, so one that fails to register is re-imaged while the tape is loaded.
+    processing_wait_s: float = 900.0
     barcodes: dict[int, str] = field(default_factory=dict)   # expected barcode per slot, if known
     refocus: Callable[[], Awaitable[Any]] | None = None       # autofocus routine for focus retakes
     # Read tile n out while the stage moves to n+1 (camera expose()/read()); False: one
@@ -159,6 +162,7 @@ class Engine:
         self._last_frame_id = -1
         self._pending: asyncio.Task[None] | None = None   # the tile being written
         self._premove: tuple[TilePlan, asyncio.Task[None]] | None = None   # the move to the next tile
+        self._waiting_for_processing = False     # the watchdog expects no tiles meanwhile
 
     async def _flush(self) -> None:
         pending, self._pending = self._pending, None
@@ -323,6 +327,7 @@ class Engine:
                 await self._section(slot)
                 n_sections += 1
             if self.settings.reimage_at_end and not self._stop_at_end:
+                await self._await_processing()
                 for slot in self.progress.reimage_queue():
                     await self._section(slot, reimage=True)
             self._set_state(RunState.FINISHING, "all slots visited")
@@ -437,7 +442,7 @@ class Engine:
             self.store.log_event("section_planned", plan=plan.to_json(), time=time.time())
             prog.plan = plan
         todo = [t for t in plan.tiles if (t.row, t.col) not in prog.tiles
-                or (reimage and (t.row, t.col) in prog.failed_qc)]
+                or (reimage and (prog.retake_all or (t.row, t.col) in prog.failed_qc))]
         self._tiles_planned_total = sum(len(p.plan.tiles) for p in self.progress.slots.values() if p.plan)
         h, w = self.tile_shape or (0, 0)
         px = self.pixel_nm
@@ -474,6 +479,8 @@ class Engine:
         status = "flagged" if flagged else "complete"
         n_failed = len(prog.failed_qc)
         msg = f"{n_failed} tile(s) failed QC; montage queued for re-imaging" if flagged else ""
+        if reimage and prog.retake_all and not flagged:
+            msg = f"re-imaged whole after it failed to register ({prog.message})"
         self.bus.emit(SectionAcquired(slot, len(prog.tiles)))
         self._section_done(slot, status, len(prog.tiles), msg, reimage=reimage)
         if flagged and not reimage:
@@ -489,6 +496,60 @@ class Engine:
                              n_failed_qc=len(prog.failed_qc), message=message, reimage=reimage, time=time.time())
         self.bus.emit(SectionFinished(slot, status, n_tiles, len(prog.failed_qc), message))
         self._emit_progress()
+
+    def request_reimage(self, slot: int, reason: str) -> bool:
+        """Processing's verdict that `slot` did not register against its neighbour (a fold,
+        the wrong tissue, too little agreement): re-image the whole section before the run
+        ends, while the tape is loaded. Journalled, so a resumed run still owes it. A section
+        already re-imaged once is not queued again: it needs a person. Call on the engine's
+        loop. Returns whether the section was queued."""
+        prog = self.progress.slot(slot)
+        if prog.reimaged or (prog.status == "flagged" and prog.retake_all):
+            msg = f"slot {slot} still does not register after re-imaging ({reason}): needs a person"
+            self.bus.emit(Alarm("alignment", msg))
+            self.store.log_event("alarm", source="alignment", message=msg, time=time.time())
+            return False
+        if prog.status not in ("complete", "flagged"):
+            return False
+        prog.status, prog.retake_all, prog.message = "flagged", True, reason
+        self.store.log_event("reimage_queued", slot=slot, tiles="all", reason="alignment", message=reason,
+                             time=time.time())
+        late = self._state.terminal or not self.settings.reimage_at_end
+        self.bus.emit(Alarm("alignment", f"slot {slot} does not register ({reason}): "
+                            + ("queued for re-imaging; resume the run to re-image it" if late
+                               else "queued for re-imaging before the run ends"), "warning"))
+        self.bus.emit(SectionFinished(slot, "flagged", len(prog.tiles), len(prog.failed_qc),
+                                      f"does not register: {reason}; queued for re-imaging"))
+        return True
+
+    async def _await_processing(self) -> None:
+        """Let processing judge every section taken so far, so that the re-image pass sees the
+        ones that fail to register. Pause and abort act meanwhile; after processing_wait_s the
+        run goes on and says so (a later verdict is journalled; resuming re-images it)."""
+        queue = self.section_queue
+        if queue is None:
+            return
+        joined = asyncio.ensure_future(queue.join())
+        deadline = time.monotonic() + self.settings.processing_wait_s
+        self._waiting_for_processing = True
+        try:
+            while not joined.done():
+                if self._abort_requested is not None:
+                    raise _Abort(self._abort_requested)
+                if self._pause_requested is not None:
+                    await self._paused(self._pause_requested)
+                self._skip_requested = None          # no section to skip while waiting
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    msg = (f"processing is still behind after {self.settings.processing_wait_s:g} s: the run ends "
+                           "without waiting; a section it flags later is queued in the journal (resume to re-image)")
+                    self.bus.emit(Alarm("processing", msg, "warning"))
+                    self.store.log_event("alarm", source="processing", message=msg, time=time.time())
+                    return
+                await asyncio.wait({joined}, timeout=min(left, 0.25))
+        finally:
+            self._waiting_for_processing = False
+            joined.cancel()
 
     def _offer_processing(self, slot: int) -> None:
         if self.section_queue is None:
@@ -650,7 +711,7 @@ class Engine:
         period = min(1.0, stall / 4)
         while True:
             await asyncio.sleep(period)
-            busy = self._state in (RunState.ACQUIRING, RunState.RECOVERING)
+            busy = self._state in (RunState.ACQUIRING, RunState.RECOVERING) and not self._waiting_for_processing
             idle_for = time.monotonic() - self._last_tile_t
             if busy and idle_for > stall and self._pause_requested is None:
                 msg = f"no tile for {idle_for:.0f} s (limit {stall:g} s) in state {self._state.value}"

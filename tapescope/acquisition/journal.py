@@ -24,6 +24,7 @@ class SlotProgress:
     status: str | None = None           # last section_done status
     message: str = ""
     reimaged: bool = False
+    retake_all: bool = False            # the re-image retakes every tile (it failed to register)
     processed: bool = False
 
 
@@ -65,6 +66,10 @@ class RunProgress:
                 if p.status == "flagged" and e.get("reimage"):
                     p.reimaged = True
                 p.status, p.message = e["status"], e.get("message", "")
+            elif kind == "reimage_queued" and e.get("tiles") == "all":
+                p = prog.slot(int(e["slot"]))
+                if not p.reimaged:      # queued by processing after the section was done
+                    p.status, p.retake_all, p.message = "flagged", True, e.get("message", "")
             elif kind == "section_processed":
                 prog.slot(int(e["slot"])).processed = True
             elif kind == "calibration" and e.get("ok"):

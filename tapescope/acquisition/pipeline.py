@@ -3,13 +3,16 @@
 Sections arrive as slot numbers on a queue; tiles are read back from the run store (so
 processing that falls behind catches up from disk), and each section is processed in a
 worker thread. A section that fails is recorded as missing, with an alarm: never skipped
-silently, never fatal to the run.
+silently, never fatal to the run. A section that does not register against its neighbour
+is handed to ``on_unregistered`` (the engine's ``request_reimage``): re-imaged while the tape
+is loaded, it comes back through the queue and is processed again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import tifffile
@@ -30,6 +33,7 @@ class ProcessingWorker:
     def __init__(
         self, store: RunStore, processor: SectionProcessor, bus: EventBus, *,
         z_of_slot: dict[int, int], pixel_nm: float, flatfield: str = "auto",
+        on_unregistered: Callable[[int, str], object] | None = None,
     ) -> None:
         self.store = store
         self.processor = processor
@@ -37,34 +41,44 @@ class ProcessingWorker:
         self.z_of_slot = z_of_slot
         self.pixel_nm = pixel_nm
         self.flatfield = flatfield
-        self.reports: dict[int, SectionReport] = {}
+        self.on_unregistered = on_unregistered      # called on the loop: (slot, why)
+        self.reports: dict[int, SectionReport] = {}  # the latest verdict per slot
         self.failed: dict[int, str] = {}
+        self._tried: dict[int, int] = {}             # slot -> journal line of the section_done last taken
 
     async def run(self, queue: asyncio.Queue[int | None]) -> None:
-        """Process slots as they come; then whatever the journal says is acquired but was not
-        processed (a full queue, or a run resumed after a crash): catch up from disk."""
-        while (slot := await queue.get()) is not None:
-            # catch_up may already have taken this slot from the journal (its section_done
-            # can be journalled before the queue hands it over): process each slot once.
-            if slot not in self.reports and slot not in self.failed:
-                await asyncio.to_thread(self.process_slot, slot)
-            await self.catch_up()
-        await self.catch_up()
+        """Process what the journal says is acquired and not yet processed, each time a slot
+        comes; the queue is the wake-up, the journal the truth (a full queue, a run resumed
+        after a crash and a re-imaged section all catch up from disk). ``task_done`` follows
+        the processing, so ``queue.join()`` waits for the verdicts."""
+        while True:
+            slot = await queue.get()
+            try:
+                await self.catch_up()
+            finally:
+                queue.task_done()
+            if slot is None:
+                return
 
-    def unprocessed(self) -> list[int]:
-        done: dict[int, str] = {}
-        processed: set[int] = set()
-        for e in self.store.events():
+    def unprocessed(self) -> list[tuple[int, int]]:
+        """(slot, journal line of its last section_done) for the sections acquired since they
+        were last processed or tried: a retake after processing makes a slot due again."""
+        done: dict[int, tuple[int, str]] = {}
+        processed: dict[int, int] = {}
+        for i, e in enumerate(self.store.events()):
             if e["event"] == "section_done":
-                done[int(e["slot"])] = e["status"]
+                done[int(e["slot"])] = (i, e["status"])
             elif e["event"] == "section_processed":
-                processed.add(int(e["slot"]))
-        return sorted(s for s, st in done.items() if st in ("complete", "flagged") and s not in processed
-                      and s not in self.reports and s not in self.failed and s in self.z_of_slot)
+                processed[int(e["slot"])] = i
+        return sorted((s, i) for s, (i, st) in done.items() if st in ("complete", "flagged")
+                      and processed.get(s, -1) < i and self._tried.get(s, -1) < i and s in self.z_of_slot)
 
     async def catch_up(self) -> None:
-        for slot in await asyncio.to_thread(self.unprocessed):
-            await asyncio.to_thread(self.process_slot, slot)
+        for slot, line in await asyncio.to_thread(self.unprocessed):
+            self._tried[slot] = line
+            report = await asyncio.to_thread(self.process_slot, slot)
+            if report is not None and report.status == "unaligned" and self.on_unregistered is not None:
+                self.on_unregistered(slot, report.message)
 
     def _ensure_flatfield(self) -> None:
         if self.flatfield != "auto" or self.processor.gain is not None:
@@ -106,11 +120,13 @@ class ProcessingWorker:
             log.exception("processing slot %d failed", slot)
             reason = f"{type(exc).__name__}: {exc}"
             self.failed[slot] = reason
+            self.reports.pop(slot, None)
             self.processor.record_missing(z, info, reason)
             self.bus.emit(Alarm("processing", f"slot {slot} (z={z}) not processed: {reason}"))
             self.bus.emit(SectionProcessed(slot, z, "failed", float("nan"), (0.0, 0.0), 0.0, reason))
             return None
         self.reports[slot] = report
+        self.failed.pop(slot, None)
         self.store.log_event("section_processed", slot=slot, z=z, status=report.status,
                              max_residual_px=report.max_residual_px, shift_px=list(report.shift_px))
         if report.status != "ok":

@@ -100,6 +100,7 @@ class SectionAlignment:
     flow_nodes: int               # patch vectors kept after cleaning
     flow_rms_px: float            # scatter of the kept vectors about the relaxed mesh
     overlap: float                # fraction of the fixed image's valid area that overlaps
+    chance: float = 0.0           # confidence the same search reaches on a pair known to be wrong
 
 
 def _scale_matrix(k: float) -> np.ndarray:
@@ -239,6 +240,7 @@ def align_section(
     xp = array_module(device)
     coarse = _coarse_affine(fixed, moving, fixed_valid, moving_valid, max_rotation_deg)
     transform, conf, rot = coarse.transform, coarse.confidence, coarse.rotation_deg
+    chance = chance_confidence(fixed, moving, fixed_valid, moving_valid, max_rotation_deg)
     nodes, rms = 0, 0.0
     if elastic:
         shape = fixed.shape
@@ -272,4 +274,15 @@ def align_section(
             field = field + (u.reshape(-1, 2) @ current.linear.T).reshape(field.shape).astype(np.float32)
         transform = SectionTransform(transform.matrix, field, stride)
     overlap = coarse.overlap
-    return SectionAlignment(transform, conf, rot, nodes, rms, overlap)
+    return SectionAlignment(transform, conf, rot, nodes, rms, overlap, chance)
+
+
+def chance_confidence(fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None = None,
+                      moving_valid: np.ndarray | None = None, max_rotation_deg: float = 10.0) -> float:
+    """The confidence the coarse search reaches on a pair that cannot match: `moving` turned
+    upside down (a mirror image is never a rotation of +-10 deg), same content, noise and
+    coverage. A search over angle, shift and affine fits some of any content; a section
+    registers only when it agrees clearly better than that (pipeline.py)."""
+    flip = np.ascontiguousarray(np.asarray(moving)[::-1])
+    fv = None if moving_valid is None else np.ascontiguousarray(np.asarray(moving_valid)[::-1])
+    return _coarse_affine(fixed, flip, fixed_valid, fv, max_rotation_deg).confidence

@@ -25,6 +25,11 @@ from .transform import SectionTransform
 log = logging.getLogger(__name__)
 
 MIN_ALIGN_CONFIDENCE = 0.15   # NCC below this: the section did not register to its neighbour
+# ...nor when it agrees less than this many times what the same search finds on a mirrored
+# section (align.chance_confidence). On the simulator's live montages: neighbours 1.6-4.2x,
+# the wrong tissue (the tape slipped 11-12 slots) 0.6-1.3x; an absolute NCC threshold alone let
+# wrong tissue through on smaller montages, where the search fits noise up to 0.23 (docs/alignment.md).
+CHANCE_FACTOR = 1.5
 SEAM_FLAG_PX = 1.0            # a stitched pair whose residual exceeds this is a flagged seam
 # Live, the section must be done before the scope finishes the next one: a coarser flow
 # grid and two passes cost a sixth of the stack defaults (measured 0.18 vs 0.13 px RMS on
@@ -79,6 +84,7 @@ class SectionProcessor:
         self.elastic = elastic
         self.device = device
         self._reference: tuple[np.ndarray, np.ndarray] | None = None  # last good (image, coverage)
+        self._reference_z: int | None = None
 
     def process(
         self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
@@ -97,8 +103,12 @@ class SectionProcessor:
         status = "ok"
         message = ""
         transform = SectionTransform.identity()
-        if self.align and self._reference is not None:
-            ref_img, ref_cov = self._reference
+        # A retake (a section re-imaged after later ones were processed) is aligned to the
+        # good section below it, read back from the volume, and does not become the reference.
+        retake = self._reference_z is not None and z <= self._reference_z
+        reference = self._good_below(z) if retake and self.align else self._reference
+        if self.align and reference is not None:
+            ref_img, ref_cov = reference
             if ((cover > 0.5) & (ref_cov > 0.5)).mean() < 0.05:
                 status, conf = "unaligned", 0.0
                 message = "too little overlap with the previous section"
@@ -109,6 +119,10 @@ class SectionProcessor:
                 if conf < MIN_ALIGN_CONFIDENCE:
                     status = "unaligned"
                     message = f"alignment confidence {conf:.2f} < {MIN_ALIGN_CONFIDENCE}"
+                elif conf < CHANCE_FACTOR * a.chance:
+                    status = "unaligned"
+                    message = (f"alignment confidence {conf:.2f} is not clearly above chance ({a.chance:.2f}, "
+                               "the same search on the section mirrored): the wrong tissue?")
                 else:
                     transform = a.transform
                     # Where the canvas centre's content came from: for a pure translation
@@ -120,8 +134,8 @@ class SectionProcessor:
                     # interpolated once, not twice.
                     image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape,
                                                   transform=transform)
-        if status == "ok":
-            self._reference = (image, cover)
+        if status == "ok" and (self._reference_z is None or z >= self._reference_z):
+            self._reference, self._reference_z = (image, cover), z
         stored = self._save_transform(z, transform)
         self.volume.write_section(z, image, {
             **info, "status": status, "shift_px": list(shift), "alignment_confidence": conf,
@@ -142,22 +156,35 @@ class SectionProcessor:
         aligner makes its own low-resolution pass from it). Coverage is where the stored
         section is non-zero: the volume's fill value 0 marks where no tile landed.
         """
-        sections = self.volume.group.attrs["tapescope"].get("sections", {})
         if z is None:
-            good = [int(k) for k, v in sections.items() if v.get("status") == "ok"]
+            good = self._good_sections()
             if not good:
                 log.info("no good section in the volume: the next section starts the alignment chain")
-                self._reference = None
+                self._reference = self._reference_z = None
                 return None
             z = max(good)
+        self._reference, self._reference_z = self._read_reference(z), z
+        log.info("alignment reference primed from z=%d of the volume", z)
+        return z
+
+    def _good_sections(self) -> list[int]:
+        sections = self.volume.group.attrs["tapescope"].get("sections", {})
+        return [int(k) for k, v in sections.items() if v.get("status") == "ok"]
+
+    def _good_below(self, z: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The highest good section below z, read back from the volume (None: z starts a chain)."""
+        below = [k for k in self._good_sections() if k < z]
+        return self._read_reference(max(below)) if below else None
+
+    def _read_reference(self, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Section z at level 0, the resolution `process` aligns at, with its coverage: where
+        it is non-zero (the volume's fill value 0 marks where no tile landed)."""
         self.volume._check_z(z)
-        status = sections.get(str(z), {}).get("status")
+        status = self.volume.group.attrs["tapescope"].get("sections", {}).get(str(z), {}).get("status")
         if status != "ok":
             raise ValueError(f"section z={z} is {status or 'not written'} in the volume: not a reference to align to")
         image = np.asarray(self.volume.levels[0][z], np.float32)
-        self._reference = (image, (image > 0).astype(np.float32))
-        log.info("alignment reference primed from z=%d of the volume", z)
-        return z
+        return image, (image > 0).astype(np.float32)
 
     def _save_transform(self, z: int, transform: SectionTransform) -> str | None:
         try:
