@@ -151,6 +151,7 @@ class _Coarse:
     confidence: float
     rotation_deg: float
     overlap: float
+    chance: float = 0.0
 
 
 def coarse_affine(
@@ -169,10 +170,24 @@ def coarse_affine(
 
 
 def _coarse_affine(fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None,
-                   moving_valid: np.ndarray | None, max_rotation_deg: float) -> _Coarse:
+                   moving_valid: np.ndarray | None, max_rotation_deg: float, chance: bool = False) -> _Coarse:
+    """The coarse search; with `chance`, also the confidence the same search reaches on a
+    pair that cannot match: the moving section turned upside down (a mirror image is never
+    a rotation of +-10 deg), with the same content, noise and coverage. The search fits
+    something to any content; pipeline.py asks for clearly more than that."""
     k = max(1, int(np.ceil(max(fixed.shape) / COARSE_TARGET_PX)))
     fs, fv = block_mean(fixed, fixed_valid, k)
     ms, mv = block_mean(moving, moving_valid, k)
+    c = _coarse_small(fs, fv, ms, mv, k, max_rotation_deg)
+    if chance:
+        c.chance = _coarse_small(fs, fv, np.ascontiguousarray(ms[::-1]), np.ascontiguousarray(mv[::-1]), k,
+                                 max_rotation_deg).confidence
+    return c
+
+
+def _coarse_small(fs: np.ndarray, fv: np.ndarray, ms: np.ndarray, mv: np.ndarray, k: int,
+                  max_rotation_deg: float) -> _Coarse:
+    """Rigid then affine on the k-times reduced images (valid masks fv, mv)."""
     h, w = fs.shape
     centre = ((w - 1) / 2, (h - 1) / 2)
     fill = float(ms.mean())
@@ -238,9 +253,8 @@ def align_section(
     if fixed.shape != moving.shape:
         raise ValueError(f"shapes differ: {fixed.shape} vs {moving.shape}")
     xp = array_module(device)
-    coarse = _coarse_affine(fixed, moving, fixed_valid, moving_valid, max_rotation_deg)
+    coarse = _coarse_affine(fixed, moving, fixed_valid, moving_valid, max_rotation_deg, chance=True)
     transform, conf, rot = coarse.transform, coarse.confidence, coarse.rotation_deg
-    chance = chance_confidence(fixed, moving, fixed_valid, moving_valid, max_rotation_deg)
     nodes, rms = 0, 0.0
     if elastic:
         shape = fixed.shape
@@ -274,15 +288,4 @@ def align_section(
             field = field + (u.reshape(-1, 2) @ current.linear.T).reshape(field.shape).astype(np.float32)
         transform = SectionTransform(transform.matrix, field, stride)
     overlap = coarse.overlap
-    return SectionAlignment(transform, conf, rot, nodes, rms, overlap, chance)
-
-
-def chance_confidence(fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None = None,
-                      moving_valid: np.ndarray | None = None, max_rotation_deg: float = 10.0) -> float:
-    """The confidence the coarse search reaches on a pair that cannot match: `moving` turned
-    upside down (a mirror image is never a rotation of +-10 deg), same content, noise and
-    coverage. A search over angle, shift and affine fits some of any content; a section
-    registers only when it agrees clearly better than that (pipeline.py)."""
-    flip = np.ascontiguousarray(np.asarray(moving)[::-1])
-    fv = None if moving_valid is None else np.ascontiguousarray(np.asarray(moving_valid)[::-1])
-    return _coarse_affine(fixed, flip, fixed_valid, fv, max_rotation_deg).confidence
+    return SectionAlignment(transform, conf, rot, nodes, rms, overlap, coarse.chance)
