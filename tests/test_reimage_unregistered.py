@@ -13,7 +13,14 @@ from pathlib import Path
 
 import zarr
 
-from tapescope.acquisition.events import Alarm, Event, EventBus, SectionFinished, SectionProcessed
+from tapescope.acquisition.events import (
+    Alarm,
+    AwaitingProcessing,
+    Event,
+    EventBus,
+    SectionFinished,
+    SectionProcessed,
+)
 from tapescope.acquisition.journal import RunProgress
 from tapescope.acquisition.store import RunStore
 from tapescope.config import parse_config
@@ -59,6 +66,8 @@ async def test_a_section_that_does_not_register_is_reimaged_before_the_run_ends(
     assert sections["2"]["status"] == "ok" and sections["2"]["needs_reimaging"] is False
     assert sections["4"]["status"] == "unaligned" and sections["4"]["needs_reimaging"] is True
 
+    # The engine said it waited for processing before the re-image pass, and only once.
+    assert len([e for e in events if isinstance(e, AwaitingProcessing)]) == 1
     # Every verdict reached a person: a warning when queued, an error when a retake does not help.
     texts = [a.message for a in events if isinstance(a, Alarm) and a.source == "alignment"]
     assert any("slot 2 does not register" in t and "re-imaging before the run ends" in t for t in texts)

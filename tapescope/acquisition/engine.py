@@ -29,6 +29,7 @@ from tapescope.hardware.scope import Scope
 from .calibration import CalibrationSuite
 from .events import (
     Alarm,
+    AwaitingProcessing,
     DeviceStatus,
     EventBus,
     Progress,
@@ -533,6 +534,10 @@ class Engine:
         deadline = time.monotonic() + self.settings.processing_wait_s
         self._waiting_for_processing = True
         try:
+            await asyncio.sleep(0)
+            if not joined.done():
+                log.info("waiting up to %g s for processing before the re-image pass", self.settings.processing_wait_s)
+                self.bus.emit(AwaitingProcessing(self.settings.processing_wait_s))
             while not joined.done():
                 if self._abort_requested is not None:
                     raise _Abort(self._abort_requested)

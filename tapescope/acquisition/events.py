@@ -152,6 +152,14 @@ class Progress(Event):
 
 
 @dataclass(frozen=True)
+class AwaitingProcessing(Event):
+    """Acquisition is done but for re-imaging: the engine waits for processing's verdicts
+    (at most limit_s) so that a section that does not register is re-imaged now."""
+
+    limit_s: float
+
+
+@dataclass(frozen=True)
 class CalibrationDone(Event):
     name: str                       # "darkfield" | "brightfield" | "auto_exposure" | "autofocus" | "find_aperture"
     ok: bool

@@ -264,6 +264,11 @@ class RunModel:
         self.overviews[ev.slot] = (ev.image, tuple(ev.origin_nm), float(ev.pixel_nm))
         return {"map"}
 
+    def _on_AwaitingProcessing(self, ev: Any) -> set[str]:
+        self._log(f"all slots visited; waiting up to {ev.limit_s:g} s for processing to judge them, "
+                  "so that a section that does not register is re-imaged before the run ends")
+        return set()
+
     def _on_SectionFinished(self, ev: Any) -> set[str]:
         info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
         state = {"complete": SlotState.ACQUIRED, "flagged": SlotState.FLAGGED, "skipped": SlotState.SKIPPED,
