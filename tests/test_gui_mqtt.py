@@ -189,3 +189,34 @@ def test_viewer_follows_but_cannot_command_and_operator_pauses_and_resumes(  # t
     click_now(operator, "abort")
     qtbot.waitUntil(lambda: viewer.model.run_state == "aborted", timeout=30_000)
     assert headless.wait(60) is not None
+
+
+def test_plans_and_verdicts_cross_the_wire_whole() -> None:
+    """What a window attached from elsewhere needs for the map and the montage panel: the
+    section's planned tiles and processing's verdict, through JSON and back."""
+    import json
+
+    from tapescope.acquisition.events import SectionPlanned, SectionProcessed, SectionStarted
+    from tapescope.mqtt.topics import messages_for
+
+    plan = SectionPlanned(7, "TS-7", ((0.0, 0.0), (0.0, 900.5), (800.0, 900.5)),
+                          ((0, 0, 100.0, 200.0), (0, 1, 100.0, 1100.25)), (1024.0, 1024.0), "auto")
+    verdict = SectionProcessed(7, 3, "unaligned", float("nan"), (1.5, -2.0), 0.08, "the wrong tissue?")
+    back = []
+    for ev in (plan, verdict):
+        [msg] = messages_for(ev, "s")
+        assert msg.retain and msg.qos == 1
+        back += events_of(msg.topic.removeprefix("tapescope/s/"), json.loads(json.dumps(msg.payload)))
+    started, planned, processed = back
+    assert started == SectionStarted(7, "TS-7")
+    # Tile centres travel to 0.1 nm (a tile is ~1000 nm; the map needs no more); the rest exactly.
+    assert planned.tiles == ((0, 0, 100.0, 200.0), (0, 1, 100.0, 1100.2))
+    assert (planned.roi_nm, planned.tile_nm, planned.roi_source) == (plan.roi_nm, plan.tile_nm, plan.roi_source)
+    assert (processed.slot, processed.z, processed.status, processed.shift_px, processed.message) == (
+        7, 3, "unaligned", (1.5, -2.0), "the wrong tissue?")
+    assert math.isnan(processed.max_residual_px)        # NaN travels as null and comes back as NaN
+    m = RunModel()
+    for ev in back:
+        m.apply(ev)
+    assert set(m.tiles_of(7)) == {(0, 0), (0, 1)} and m.tile_nm == (1024.0, 1024.0)
+    assert m.sections_processed[7].status == "unaligned"

@@ -38,6 +38,8 @@ from tapescope.acquisition.events import (
     Progress,
     RunFinished,
     SectionFinished,
+    SectionPlanned,
+    SectionProcessed,
     SectionStarted,
     StateChanged,
     TileAcquired,
@@ -147,7 +149,18 @@ def events_of(suffix: str, p: dict[str, Any], retained: bool = False) -> list[Ev
                              int(p["tiles_total"]), _f(p.get("tiles_per_s")), _f(p.get("eta_s")),
                              int(p.get("slot", -1)))]
         case ["section"]:
-            return [SectionStarted(int(p["slot"]), str(p.get("barcode") or ""))]
+            started = SectionStarted(int(p["slot"]), str(p.get("barcode") or ""))
+            if "tiles" not in p:        # an engine from before the plan was published
+                return [started]
+            tiles = tuple((int(r), int(c), float(y), float(x)) for r, c, y, x in p["tiles"])
+            tile_nm = (float(p["tile_nm"][0]), float(p["tile_nm"][1]))
+            roi = tuple((float(y), float(x)) for y, x in p.get("roi_nm") or ())
+            return [started, SectionPlanned(started.slot, started.barcode, roi, tiles, tile_nm,
+                                            str(p.get("roi_source") or "grid"))]
+        case ["section", "processed"]:
+            sy, sx = p.get("shift_px") or (None, None)
+            return [SectionProcessed(int(p["slot"]), int(p["z"]), str(p["status"]), _f(p.get("max_residual_px")),
+                                     (_f(sy), _f(sx)), _f(p.get("alignment_confidence")), str(p.get("message") or ""))]
         case ["section", "finished"]:
             return [SectionFinished(int(p["slot"]), str(p["status"]), int(p["n_tiles"]), int(p.get("n_failed_qc", 0)),
                                     str(p.get("message") or ""))]

@@ -15,6 +15,7 @@ from tapescope.acquisition.events import (
     RunFinished,
     SectionFinished,
     SectionPlanned,
+    SectionProcessed,
     StateChanged,
     TileAcquired,
 )
@@ -54,9 +55,18 @@ def messages_for(event: Event, scope: str) -> list[Message]:
                  "time": now}
             return [Message(f"{r}/progress", p, 0, True)]
         case SectionPlanned():
+            # The tiles go with the plan (about 30 bytes a tile: 150 kB for a 5000-tile section,
+            # once per section), so that a window attached from elsewhere can draw the map.
             p = {"slot": event.slot, "barcode": event.barcode, "n_tiles": len(event.tiles),
-                 "roi_source": event.roi_source, "roi_nm": [list(v) for v in event.roi_nm], "time": now}
+                 "roi_source": event.roi_source, "roi_nm": [list(v) for v in event.roi_nm],
+                 "tiles": [[r_, c, round(y, 1), round(x, 1)] for r_, c, y, x in event.tiles],
+                 "tile_nm": list(event.tile_nm), "time": now}
             return [Message(f"{r}/section", p, 1, True)]
+        case SectionProcessed():
+            p = {"slot": event.slot, "z": event.z, "status": event.status,
+                 "max_residual_px": _num(event.max_residual_px), "shift_px": [_num(v) for v in event.shift_px],
+                 "alignment_confidence": _num(event.alignment_confidence), "message": event.message, "time": now}
+            return [Message(f"{r}/section/processed", p, 1, True, event.status != "ok")]
         case SectionFinished():
             p = {"slot": event.slot, "status": event.status, "n_tiles": event.n_tiles,
                  "n_failed_qc": event.n_failed_qc, "message": event.message, "time": now}
