@@ -133,6 +133,9 @@ class ProcessingConfig(_Model):
     align: bool = True
     elastic: bool = Field(True, description="fine elastic alignment of each section during the run "
                           "(costs seconds per section on a CPU; off leaves rigid/affine)")
+    lens: Literal["estimate", "none"] = Field(
+        "estimate", description="estimate the camera's radial distortion from the first sections' overlaps "
+        "and take it out of every tile when stitching and rendering; 'none' renders tiles as taken")
 
     @model_validator(mode="after")
     def _chunk_power_of_two(self) -> ProcessingConfig:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tapescope.stitching.flatfield import apply_flatfield
+from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import stitch_section
 
 from .align import align_section
@@ -74,7 +75,7 @@ class SectionProcessor:
 
     def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True,
                  gain: np.ndarray | None = None, dark: float = 0.0, elastic: bool = True,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", lens: str = "estimate") -> None:
         if volume.shape[1:] != canvas.shape:
             raise ValueError(f"volume {volume.shape[1:]} and canvas {canvas.shape} differ")
         self.volume = volume
@@ -84,6 +85,12 @@ class SectionProcessor:
         self.dark = dark
         self.elastic = elastic
         self.device = device
+        if lens not in ("estimate", "none"):
+            raise ValueError(f"lens must be 'estimate' or 'none', not {lens!r}")
+        # The camera's distortion: estimated from the first section whose overlaps show it
+        # clearly (stitching/lens.py), then kept: one lens per camera, not per section.
+        self.lens_mode = lens
+        self.lens: RadialDistortion | None = None
         self._reference: tuple[np.ndarray, np.ndarray] | None = None  # last good (image, coverage)
         self._reference_z: int | None = None
 
@@ -92,13 +99,19 @@ class SectionProcessor:
         grid: Sequence[tuple[int, int]], info: dict,
     ) -> SectionReport:
         tiles = [apply_flatfield(t, self.gain, self.dark) for t in raw_tiles]
-        stitched = stitch_section(tiles, stage_px, grid)
+        want: str | RadialDistortion = self.lens if self.lens is not None else self.lens_mode
+        stitched = stitch_section(tiles, stage_px, grid, lens=want)
+        lens = stitched.lens_applied
+        if self.lens is None and lens is not None:
+            self.lens = lens
+            log.info("lens distortion estimated on z=%d: k1 %.3g, k2 %.3g (kept for the sections after it)",
+                     z, lens.k1, lens.k2)
         sol = stitched.solution
         used = sol.pair_residual[sol.pair_used]
         max_res = float(used.max()) if used.size else 0.0
         flagged = int((used > SEAM_FLAG_PX).sum())
 
-        image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape)
+        image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape, lens=lens)
         shift = (0.0, 0.0)
         conf = 1.0
         status = "ok"
@@ -134,7 +147,7 @@ class SectionProcessor:
                     # Render again from the tiles through the transform, so the pixels are
                     # interpolated once, not twice.
                     image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape,
-                                                  transform=transform)
+                                                  transform=transform, lens=lens)
         if status == "ok" and (self._reference_z is None or z >= self._reference_z):
             self._reference, self._reference_z = (image, cover), z
         stored = self._save_transform(z, transform)
@@ -145,6 +158,7 @@ class SectionProcessor:
             # still loaded: acquisition reads this flag (and the alarm) and acts on it.
             "needs_reimaging": status != "ok", "transform": transform.summary(), "transform_file": stored,
             "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
+            "lens": None if lens is None else {"k1": lens.k1, "k2": lens.k2},
         })
         return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
 

@@ -7,7 +7,11 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from tapescope.stitching.lens import RadialDistortion
+
 from .transform import SectionTransform
+
+LENS_STEPS = 2      # fixed-point steps inverting the lens: D changes ~2/R px per px, so 2 reach 1e-5 px
 
 
 def feather_weight(shape: tuple[int, int], ramp: int) -> np.ndarray:
@@ -38,16 +42,35 @@ def _ramp(s: np.ndarray, n: int, ramp: float) -> np.ndarray:
     return r
 
 
+def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
+                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The camera pixel q that sees tile-frame point t (lens.py: q + D(q) = t), in place of t.
+
+    Rendering through this un-distorts the tiles: each output pixel samples the camera
+    pixel that saw its point of the specimen, so overlapping tiles agree at the seams."""
+    cy, cx = np.float32((shape[0] - 1) / 2), np.float32((shape[1] - 1) / 2)
+    inv_r2 = np.float32(1.0 / (max(shape) / 2) ** 2)
+    k1, k2 = np.float32(lens.k1), np.float32(lens.k2)
+    qy, qx = ty, tx
+    for _ in range(LENS_STEPS):
+        vy, vx = qy - cy, qx - cx
+        f = (vy * vy + vx * vx) * inv_r2
+        f = f * (k1 + k2 * f) if k2 else f * k1
+        qy, qx = ty - f * vy, tx - f * vx
+    return qy, qx
+
+
 def render_block(
     tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
-    block: tuple[int, int, int, int], ramp: int | None = None,
+    block: tuple[int, int, int, int], ramp: int | None = None, lens: RadialDistortion | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render the output block (y0, x0, h, w) of a section, feathered: (image, coverage).
 
     Output pixel p shows the section at `transform.apply(p)`, in the coordinates the tile
     `positions` (top-left, (y, x)) are given in. Only the tiles that reach into the block
     are touched, and only the part of each that is needed is read (a memory-mapped tile is
-    never loaded whole), so memory is bounded by the block, not by the section.
+    never loaded whole), so memory is bounded by the block, not by the section. `lens`,
+    the camera's distortion, is taken out of every tile on the way (none: tiles as taken).
     """
     if not len(tiles):
         raise ValueError("no tiles to render")
@@ -61,11 +84,16 @@ def render_block(
     inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
     fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
     slack = fmax * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
+    if lens is not None and lens.is_identity:
+        lens = None
+    # How far the lens moves a pixel at most (at the sensor's corner): crops and parts widen by it.
+    bend = 0 if lens is None else int(np.ceil(np.abs(lens.at(np.zeros(2), (th, tw))).max())) + 1
+    slack += bend
     for tile, pos in zip(tiles, np.asarray(positions, float), strict=True):
         py, px = pos
         # Box of the tile that the block needs, one pixel of margin for interpolation.
-        cx0, cx1 = max(int(np.floor(lo_x - px)) - 1, 0), min(int(np.ceil(hi_x - px)) + 2, tw)
-        cy0, cy1 = max(int(np.floor(lo_y - py)) - 1, 0), min(int(np.ceil(hi_y - py)) + 2, th)
+        cx0, cx1 = max(int(np.floor(lo_x - px)) - 1 - bend, 0), min(int(np.ceil(hi_x - px)) + 2 + bend, tw)
+        cy0, cy1 = max(int(np.floor(lo_y - py)) - 1 - bend, 0), min(int(np.ceil(hi_y - py)) + 2 + bend, th)
         if cx0 >= cx1 or cy0 >= cy1:
             continue
         # The part of the block the tile can land on: its corners through the inverse
@@ -91,6 +119,8 @@ def render_block(
         # point whichever block it is rendered in (blocks equal the whole render, bit for bit).
         tx = mx[by0:by1, bx0:bx1] - np.float32(px)
         ty = my[by0:by1, bx0:bx1] - np.float32(py)
+        if lens is not None:
+            ty, tx = camera_pixels(lens, ty, tx, (th, tw))
         tx -= np.float32(cx0)
         ty -= np.float32(cy0)
         acc[by0:by1, bx0:bx1] += cv2.remap(crop, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
@@ -102,6 +132,7 @@ def render_block(
 def render_montage(
     tiles: Sequence[np.ndarray], positions: np.ndarray, origin: np.ndarray,
     shape: tuple[int, int], ramp: int | None = None, transform: SectionTransform | None = None,
+    lens: RadialDistortion | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blend tiles into a float32 canvas of `shape` whose (0, 0) is at `origin`, in RAM.
 
@@ -115,4 +146,4 @@ def render_montage(
     t = transform or SectionTransform.identity()
     # Canvas pixel -> stage pixel: shift by the canvas origin after the transform.
     t = t.shifted(oy, ox)
-    return render_block(tiles, positions, t, (0, 0, shape[0], shape[1]), ramp)
+    return render_block(tiles, positions, t, (0, 0, shape[0], shape[1]), ramp, lens)
