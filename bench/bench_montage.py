@@ -13,7 +13,8 @@ against the disk's own write speed, and peak memory of a large section rendered 
    with NumPy and fsync in the same run. Target: >= 50 % of the disk.
 3. Memory: a big section (default 16384^2 px) from tiles made on demand (as a TIFF
    reader would serve them), in a child process: its peak RSS against the size of the
-   section as float32.
+   section as float32. Then the live processor on two 8192^2 sections (tiles in memory, as
+   the run store hands them over): what it needs beyond the tiles, against the section.
 """
 
 from __future__ import annotations
@@ -207,6 +208,71 @@ def memory(size: int, tile: int) -> None:
           f"would be {whole:.0f} MiB: peak/whole {peak / whole:.1%}")
 
 
+LIVE_MEMORY_CHILD = r"""
+import sys, numpy as np, tempfile, threading, time, cv2
+from pathlib import Path
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.pipeline import Canvas, SectionProcessor
+
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+def hwm():
+    return status('VmHWM')
+# Anonymous memory is what the process really holds; file-backed pages (the memory-mapped
+# scratch files) count in RSS but the kernel drops them under pressure: sampled apart.
+peak_anon = [0.0]
+def sample():
+    while True:
+        peak_anon[0] = max(peak_anon[0], status('RssAnon'))
+        time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+size, tile = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+step = int(tile * 0.9)
+n = -(-(size - tile) // step) + 1
+before = hwm()
+# Texture with a 6 px grain, made a tile at a time (never the whole section): tiles as the
+# store hands them to processing, uint16.
+def tile_at(y, x, seed):
+    r = np.random.default_rng([seed, y, x]).normal(0, 1, (tile + 64, tile + 64)).astype(np.float32)
+    return np.clip(20000 + 4000 * cv2.GaussianBlur(r, (0, 0), 6)[32:-32, 32:-32] * 6, 0, 65535).astype(np.uint16)
+grid = [(r, c) for r in range(n) for c in range(n)]
+pos = np.array([(r * step, c * step) for r, c in grid], float)
+tiles = [tile_at(int(y), int(x), 1) for y, x in pos]
+with_tiles = hwm()
+anon_tiles = status('RssAnon')
+with tempfile.TemporaryDirectory(dir='.') as d:
+    canvas = Canvas.around(pos, (tile, tile), 64)
+    vol = Volume.create(Path(d) / 'live.zarr', (2, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=4)
+    proc = SectionProcessor(vol, canvas, elastic=False, lens='none')
+    t0 = time.perf_counter()
+    proc.process(0, tiles, pos, grid, {})
+    proc.process(1, tiles, pos + 2.5, grid, {})
+    dt = time.perf_counter() - t0
+time.sleep(0.05)
+print(f'{len(tiles)} {canvas.shape[0]} {canvas.shape[1]} {before:.0f} {with_tiles:.0f} {hwm():.0f} {dt:.1f} '
+      f'{anon_tiles:.0f} {peak_anon[0]:.0f}')
+"""
+
+
+def live_memory(size: int, tile: int) -> None:
+    """The live processor (stitch, align to the previous section, write) on two sections:
+    its peak RSS beyond the tiles it is handed, against the section as float32."""
+    out = subprocess.run([sys.executable, "-c", LIVE_MEMORY_CHILD, str(size), str(tile)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    n, h, w = int(out[0]), int(out[1]), int(out[2])
+    before, with_tiles, peak, dt, anon_tiles, anon_peak = (float(v) for v in out[3:])
+    whole = h * w * 4 / 2**20
+    print(f"== live memory: two {h}x{w} px sections from {n} tiles of {tile} px each, processed "
+          f"(stitch, rigid/affine alignment, volume write) in {dt:.0f} s")
+    print(f"  peak RSS {peak:.0f} MiB (imports {before:.0f}, + tiles handed in {with_tiles - before:.0f}); "
+          f"anonymous memory beyond the tiles at its peak {anon_peak - anon_tiles:.0f} MiB; the section as "
+          f"float32 {whole:.0f} MiB: anonymous/section {(anon_peak - anon_tiles) / whole:.0%} "
+          "(the rest of RSS is memory-mapped scratch the kernel can drop)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, one stack")
@@ -217,11 +283,13 @@ def main() -> None:
         throughput(1024, 3, 2)
         zstd_tradeoff(2048, 2)
         memory(4096, 1024)
+        live_memory(3072, 512)
     else:
         accuracy(6, 1024, [0, 1])
         throughput(2048, 4, 3)
         zstd_tradeoff(4096, 3)
         memory(a.big_px, 4096)
+        live_memory(8192, 1024)
 
 
 if __name__ == "__main__":

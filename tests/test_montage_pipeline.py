@@ -113,3 +113,22 @@ def test_a_retake_is_aligned_to_the_good_section_below_it(tmp_path: Path) -> Non
     core = (slice(40, -40), slice(40, -40))
     both = (a[core] > 0) & (b[core] > 0)
     assert np.corrcoef(a[core][both], b[core][both])[0, 1] > 0.8
+
+
+def test_scratch_files_go_with_the_section_and_a_killed_run_leaves_none(tmp_path: Path) -> None:
+    """The unaligned montage and the reference live in memory-mapped scratch beside the volume
+    while a section is processed; they go when it is done, and a processor started after a
+    kill removes what the killed one left."""
+    shape = (STEP + TILE, STEP + TILE)
+    st = make_stack(2, shape, seed=5, max_rotation_deg=2, max_shift_px=20, elastic_px=0.5, missing=())
+    _, pos, _ = tiles_of(st.images[0])
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    left = tmp_path / "tapescope-section-killed"
+    left.mkdir()
+    (left / "image.npy").write_bytes(b"partial")
+    vol = Volume.create(tmp_path / "v.zarr", (2, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    proc = SectionProcessor(vol, canvas, elastic=False)
+    assert not left.exists()
+    for z in range(2):
+        assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.transforms", "v.zarr"]

@@ -103,6 +103,18 @@ class SectionAlignment:
     chance: float = 0.0           # confidence the same search reaches on a pair known to be wrong
 
 
+class AsFloat32:
+    """`a` as float32, converted a slice at a time: a memory-mapped mask stays on disk."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+        self.shape = a.shape
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        return np.asarray(self.a[key], np.float32)  # type: ignore[index]
+
+
 def _scale_matrix(k: float) -> np.ndarray:
     """Coarse pixel c -> full pixel k*c + (k-1)/2 (INTER_AREA puts a coarse pixel's centre
     in the middle of the k x k block it averages), as a 3x3 over (x, y, 1)."""
@@ -258,7 +270,7 @@ def align_section(
     nodes, rms = 0, 0.0
     if elastic:
         shape = fixed.shape
-        mv = None if moving_valid is None else moving_valid.astype(np.float32)
+        mv = None if moving_valid is None else AsFloat32(moving_valid)
         field = np.zeros((*SectionTransform.grid_shape(shape, stride), 2), np.float32)
 
         def fixed_rows(y0: int, y1: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tapescope.stitching.lens import RadialDistortion
+
 from .omezarr import Volume
 from .render import render_block
 from .transform import SectionTransform
+
+BLOCK_PX = 2048     # render_to's block: ~100 MB of maps and accumulators at most
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class RenderStats:
 def render_section(
     volume: Volume, z: int, tiles: Sequence[np.ndarray], positions: np.ndarray,
     transform: SectionTransform, *, ramp: int | None = None, threads: int = 1,
+    lens: RadialDistortion | None = None,
 ) -> RenderStats:
     """Render section z into every level of `volume`, one level-0 shard at a time.
 
@@ -50,7 +55,7 @@ def render_section(
         for y in range(uy, uy + uh, shard[0]):
             for x in range(ux, ux + uw, shard[1]):
                 h, w = min(shard[0], uy + uh - y), min(shard[1], ux + uw - x)
-                part, cover = render_block(tiles, positions, transform, (y, x, h, w), ramp)
+                part, cover = render_block(tiles, positions, transform, (y, x, h, w), ramp, lens)
                 img[y - uy:y - uy + h, x - ux:x - ux + w] = part
                 covered += int((cover > 1e-6).sum())
         volume.write_unit(z, unit, img)
@@ -63,3 +68,19 @@ def render_section(
         counts = [one(u) for u in units]
     volume.build_pyramid(z, start=1 if units == volume.shard_blocks(0) else 2)
     return RenderStats(sum(c[0] for c in counts), sum(c[1] for c in counts))
+
+
+def render_to(
+    image: np.ndarray, cover: np.ndarray, tiles: Sequence[np.ndarray], positions: np.ndarray,
+    transform: SectionTransform, *, ramp: int | None = None, lens: RadialDistortion | None = None,
+    block: int = BLOCK_PX,
+) -> None:
+    """Render a section into `image` and its coverage into `cover` (arrays of the output's
+    shape, e.g. memory-mapped files), block by block: memory bounded by a block."""
+    h, w = image.shape
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            bh, bw = min(block, h - y), min(block, w - x)
+            part, cov = render_block(tiles, positions, transform, (y, x, bh, bw), ramp, lens)
+            image[y:y + bh, x:x + bw] = part
+            cover[y:y + bh, x:x + bw] = cov

@@ -9,8 +9,11 @@ stage got wrong.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -19,9 +22,12 @@ from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import stitch_section
 
 from .align import align_section
+from .blocks import render_section, render_to
 from .omezarr import Volume
-from .render import render_montage
 from .transform import SectionTransform
+
+STRIP_ROWS = 2048   # rows at a time for whole-canvas checks on memory-mapped planes
+SCRATCH_PREFIX = "tapescope-section-"
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,29 @@ class Canvas:
         return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
 
 
+class Plane:
+    """Plane z of a volume level, read a slice at a time (as float32; with `nonzero`, where
+    a tile landed: the volume's fill value 0 marks where none did). A reference section
+    stays in the volume instead of in memory."""
+
+    def __init__(self, level: object, z: int, nonzero: bool = False) -> None:
+        self.level, self.z, self.nonzero = level, z, nonzero
+        self.shape: tuple[int, int] = tuple(level.shape[1:])  # type: ignore[attr-defined]
+        self.dtype = np.dtype(bool if nonzero else np.float32)
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        data = np.asarray(self.level[(self.z, *key)])  # type: ignore[index]
+        return data > 0 if self.nonzero else data.astype(np.float32)
+
+
+def _overlap_fraction(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of the canvas where both valid masks are set, read in strips."""
+    both = sum(int((np.asarray(a[y:y + STRIP_ROWS]) & np.asarray(b[y:y + STRIP_ROWS])).sum())
+               for y in range(0, a.shape[0], STRIP_ROWS))
+    return both / float(a.shape[0] * a.shape[1])
+
+
 @dataclass
 class SectionReport:
     z: int
@@ -71,11 +100,16 @@ class SectionProcessor:
     for when the scope outruns the CPU); the default is the full elastic alignment. After a
     resume, `prime_from_volume()` reads the last good section back as the reference, so
     the first new section is aligned to it instead of starting a new chain.
+
+    Memory is bounded by a render block, not by the section: the unaligned montage goes to
+    memory-mapped files in `scratch` (default: beside the volume) for the aligner, which
+    reads in strips; the reference is the previous section in the volume, read as needed;
+    the aligned section is rendered from the tiles into the volume shard by shard.
     """
 
     def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True,
                  gain: np.ndarray | None = None, dark: float = 0.0, elastic: bool = True,
-                 device: str = "cpu", lens: str = "estimate") -> None:
+                 device: str = "cpu", lens: str = "estimate", scratch: Path | None = None) -> None:
         if volume.shape[1:] != canvas.shape:
             raise ValueError(f"volume {volume.shape[1:]} and canvas {canvas.shape} differ")
         self.volume = volume
@@ -91,8 +125,14 @@ class SectionProcessor:
         # clearly (stitching/lens.py), then kept: one lens per camera, not per section.
         self.lens_mode = lens
         self.lens: RadialDistortion | None = None
-        self._reference: tuple[np.ndarray, np.ndarray] | None = None  # last good (image, coverage)
+        self._reference: tuple[Plane, Plane] | None = None  # last good (image, where imaged)
         self._reference_z: int | None = None
+        root = getattr(volume.group.store, "root", None)
+        self.scratch = scratch if scratch is not None else (Path(str(root)).parent if root is not None else None)
+        if self.scratch is not None:
+            # Left by a process that was killed mid-section (one processor writes a volume).
+            for stale in self.scratch.glob(f"{SCRATCH_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def process(
         self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
@@ -111,47 +151,18 @@ class SectionProcessor:
         max_res = float(used.max()) if used.size else 0.0
         flagged = int((used > SEAM_FLAG_PX).sum())
 
-        image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape, lens=lens)
-        shift = (0.0, 0.0)
-        conf = 1.0
-        status = "ok"
-        message = ""
-        transform = SectionTransform.identity()
-        # A retake (a section re-imaged after later ones were processed) is aligned to the
-        # good section below it, read back from the volume, and does not become the reference.
-        retake = self._reference_z is not None and z <= self._reference_z
-        reference = self._good_below(z) if retake and self.align else self._reference
-        if self.align and reference is not None:
-            ref_img, ref_cov = reference
-            if ((cover > 0.5) & (ref_cov > 0.5)).mean() < 0.05:
-                status, conf = "unaligned", 0.0
-                message = "too little overlap with the previous section"
-            else:
-                a = align_section(ref_img, image, ref_cov > 0.5, cover > 0.5, elastic=self.elastic,
-                                  device=self.device, **LIVE_ELASTIC)
-                conf = a.confidence
-                if conf < MIN_ALIGN_CONFIDENCE:
-                    status = "unaligned"
-                    message = f"alignment confidence {conf:.2f} < {MIN_ALIGN_CONFIDENCE}"
-                elif a.chance <= CHANCE_MAX and conf < CHANCE_FACTOR * a.chance:
-                    status = "unaligned"
-                    message = (f"alignment confidence {conf:.2f} is not clearly above chance ({a.chance:.2f}, "
-                               "the same search on the section mirrored): the wrong tissue?")
-                else:
-                    transform = a.transform
-                    # Where the canvas centre's content came from: for a pure translation
-                    # this is the shift s with aligned(p) = moving(p + s).
-                    cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
-                    sx, sy = transform.apply(np.array(cx), np.array(cy))
-                    shift = (float(sy - cy), float(sx - cx))
-                    # Render again from the tiles through the transform, so the pixels are
-                    # interpolated once, not twice.
-                    image, cover = render_montage(tiles, sol.positions, self.canvas.origin, self.canvas.shape,
-                                                  transform=transform, lens=lens)
-        if status == "ok" and (self._reference_z is None or z >= self._reference_z):
-            self._reference, self._reference_z = (image, cover), z
+        oy, ox = np.asarray(self.canvas.origin, float)
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.scratch) as tmp:
+            shape = self.canvas.shape
+            image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
+            cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
+            render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens)
+            status, conf, message, transform, shift = self._align(z, image, cover, Path(tmp))
+            del image, cover     # the maps go before their files
+        # Rendered once, from the tiles through the transform: pixels are interpolated once.
+        render_section(self.volume, z, tiles, sol.positions, transform.shifted(oy, ox), lens=lens)
         stored = self._save_transform(z, transform)
-        self.volume.write_section(z, image, {
+        self.volume.record(z, {
             **info, "status": status, "shift_px": list(shift), "alignment_confidence": conf,
             "max_residual_px": max_res, "flagged_seams": flagged, "message": message,
             # A section that did not register is flagged for re-imaging while the tape is
@@ -160,7 +171,47 @@ class SectionProcessor:
             "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
             "lens": None if lens is None else {"k1": lens.k1, "k2": lens.k2},
         })
+        if status == "ok" and (self._reference_z is None or z >= self._reference_z):
+            self._reference, self._reference_z = self._read_reference(z), z
         return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
+
+    def _align(self, z: int, image: np.ndarray, cover: np.ndarray, tmp: Path,
+               ) -> tuple[str, float, str, SectionTransform, tuple[float, float]]:
+        """(status, confidence, message, transform, shift) of section z against its reference."""
+        identity = SectionTransform.identity()
+        # A retake (a section re-imaged after later ones were processed) is aligned to the
+        # good section below it, read back from the volume, and does not become the reference.
+        retake = self._reference_z is not None and z <= self._reference_z
+        reference = self._good_below(z) if retake and self.align else self._reference
+        if not self.align or reference is None:
+            return "ok", 1.0, "", identity, (0.0, 0.0)
+        # The reference is copied from the volume into scratch files once, in strips: the
+        # aligner reads it piecewise ~1000 times, each a chunk decode from the volume (+2.4 s
+        # on the demo's three sections before this copy).
+        ref_img = np.lib.format.open_memmap(tmp / "reference.npy", "w+", np.float32, image.shape)
+        ref_valid = np.lib.format.open_memmap(tmp / "reference_valid.npy", "w+", bool, image.shape)
+        valid = np.lib.format.open_memmap(tmp / "valid.npy", "w+", bool, image.shape)
+        for y in range(0, image.shape[0], STRIP_ROWS):
+            rows = slice(y, y + STRIP_ROWS)
+            ref_img[rows] = reference[0][rows]
+            ref_valid[rows] = ref_img[rows] > 0
+            valid[rows] = cover[rows] > 0.5
+        if _overlap_fraction(valid, ref_valid) < 0.05:
+            return "unaligned", 0.0, "too little overlap with the previous section", identity, (0.0, 0.0)
+        a = align_section(ref_img, image, ref_valid, valid, elastic=self.elastic, device=self.device,
+                          **LIVE_ELASTIC)
+        conf = a.confidence
+        if conf < MIN_ALIGN_CONFIDENCE:
+            return "unaligned", conf, f"alignment confidence {conf:.2f} < {MIN_ALIGN_CONFIDENCE}", identity, (0.0, 0.0)
+        if a.chance <= CHANCE_MAX and conf < CHANCE_FACTOR * a.chance:
+            return "unaligned", conf, (f"alignment confidence {conf:.2f} is not clearly above chance "
+                                       f"({a.chance:.2f}, the same search on the section mirrored): the wrong "
+                                       "tissue?"), identity, (0.0, 0.0)
+        # Where the canvas centre's content came from: for a pure translation this is the
+        # shift s with aligned(p) = moving(p + s).
+        cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
+        sx, sy = a.transform.apply(np.array(cx), np.array(cy))
+        return "ok", conf, "", a.transform, (float(sy - cy), float(sx - cx))
 
     def prime_from_volume(self, z: int | None = None) -> int | None:
         """Take section z of the volume (default: the highest z recorded "ok") as the
@@ -186,20 +237,20 @@ class SectionProcessor:
         sections = self.volume.group.attrs["tapescope"].get("sections", {})
         return [int(k) for k, v in sections.items() if v.get("status") == "ok"]
 
-    def _good_below(self, z: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _good_below(self, z: int) -> tuple[Plane, Plane] | None:
         """The highest good section below z, read back from the volume (None: z starts a chain)."""
         below = [k for k in self._good_sections() if k < z]
         return self._read_reference(max(below)) if below else None
 
-    def _read_reference(self, z: int) -> tuple[np.ndarray, np.ndarray]:
-        """Section z at level 0, the resolution `process` aligns at, with its coverage: where
-        it is non-zero (the volume's fill value 0 marks where no tile landed)."""
+    def _read_reference(self, z: int) -> tuple[Plane, Plane]:
+        """Section z at level 0, the resolution `process` aligns at, and where it was imaged,
+        both read from the volume as the aligner asks for them."""
         self.volume._check_z(z)
         status = self.volume.group.attrs["tapescope"].get("sections", {}).get(str(z), {}).get("status")
         if status != "ok":
             raise ValueError(f"section z={z} is {status or 'not written'} in the volume: not a reference to align to")
-        image = np.asarray(self.volume.levels[0][z], np.float32)
-        return image, (image > 0).astype(np.float32)
+        level = self.volume.levels[0]
+        return Plane(level, z), Plane(level, z, nonzero=True)
 
     def _save_transform(self, z: int, transform: SectionTransform) -> str | None:
         try:
