@@ -7,7 +7,7 @@ import pytest
 
 from tapescope.acquisition.plan import tile_grid
 from tapescope.sim_hardware.world import SimWorld, WorldParams
-from tapescope.stitching.flatfield import apply_flatfield, estimate_flatfield
+from tapescope.stitching.flatfield import FlatFielded, apply_flatfield, estimate_flatfield
 from tapescope.stitching.register import phase_correlate
 from tapescope.stitching.section import stitch_section
 from tapescope.stitching.solve import Pair, solve_positions
@@ -108,3 +108,16 @@ def test_flatfield_corrects_vignetting() -> None:
 def test_flatfield_needs_enough_tiles() -> None:
     with pytest.raises(ValueError, match="at least 3 usable tiles"):
         estimate_flatfield([np.ones((8, 8), np.uint16)] * 2)
+
+
+def test_a_tile_flat_fielded_as_it_is_read_equals_the_whole_correction() -> None:
+    rng = np.random.default_rng(0)
+    raw = rng.integers(100, 60000, (64, 80)).astype(np.uint16)
+    gain = rng.uniform(0.8, 1.2, (64, 80)).astype(np.float32)
+    dark = rng.uniform(90, 110, (64, 80)).astype(np.float32)
+    for d in (dark, 100.0):
+        lazy, whole = FlatFielded(raw, gain, d), apply_flatfield(raw, gain, d)
+        assert np.array_equal(lazy[5:40, 7:70], whole[5:40, 7:70]) and lazy.shape == whole.shape
+        assert np.array_equal(np.asarray(lazy), whole)
+    with pytest.raises(ValueError, match="flat-field shape"):
+        FlatFielded(raw, gain[:10], 0.0)

@@ -110,7 +110,7 @@ class ProcessingWorker:
             if not records:
                 raise ValueError("no tiles stored for this section")
             self._ensure_flatfield()
-            tiles = [RunStore.read_tile(r) for r in records]
+            tiles = [RunStore.open_tile(r) for r in records]
             h, w = tiles[0].shape
             # Stage encoder gives the tile centre; positions are top-left, in pixels.
             stage_px = np.array([[r.y_nm, r.x_nm] for r in records]) / self.pixel_nm - (h / 2, w / 2)

@@ -158,3 +158,14 @@ class RunStore:
         if zlib.crc32(np.ascontiguousarray(data).tobytes()) != rec.crc32:
             raise OSError(f"{rec.path}: pixel checksum does not match the journal")
         return data
+
+    @staticmethod
+    def open_tile(rec: TileRecord) -> np.ndarray:
+        """The tile checked against its checksum, then mapped from its file rather than held:
+        a section's tiles do not all sit in memory while it is processed. (A tile file that
+        cannot be mapped, e.g. compressed, is returned as read.)"""
+        data = RunStore.read_tile(rec)
+        try:
+            return tifffile.memmap(rec.path, mode="r")
+        except ValueError:
+            return data

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tapescope.stitching.flatfield import apply_flatfield
+from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
-from tapescope.stitching.section import stitch_section
+from tapescope.stitching.stream import StreamingStitcher
 
 from .align import align_section
 from .blocks import render_section, render_to
@@ -55,6 +55,24 @@ class Canvas:
         lo = np.floor(positions.min(axis=0)).astype(int) - margin
         hi = np.ceil(positions.max(axis=0) + np.array(tile_shape)).astype(int) + margin
         return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
+
+
+def strip_width(shape: tuple[int, int], stage_px: np.ndarray, grid: Sequence[tuple[int, int]]) -> int | None:
+    """Edge strips wide enough for every overlap: the widest nominal overlap between grid
+    neighbours plus as much again for the stage's error (at least 64 px); None (whole
+    tiles) when the tiles have no neighbours or the strips would be most of a tile."""
+    where = {rc: k for k, rc in enumerate(grid)}
+    overlaps = []
+    for (r, c), k in where.items():
+        for (dr, dc), axis in (((0, 1), 1), ((1, 0), 0)):
+            j = where.get((r + dr, c + dc))
+            if j is not None:
+                overlaps.append(shape[axis] - abs(stage_px[j, axis] - stage_px[k, axis]))
+    if not overlaps:
+        return None
+    widest = max(overlaps)
+    strip = int(np.ceil(widest + max(64.0, widest)))
+    return None if strip * 2 >= min(shape) else max(strip, 8)
 
 
 class Plane:
@@ -138,9 +156,18 @@ class SectionProcessor:
         self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
         grid: Sequence[tuple[int, int]], info: dict,
     ) -> SectionReport:
-        tiles = [apply_flatfield(t, self.gain, self.dark) for t in raw_tiles]
+        if not (len(raw_tiles) == len(stage_px) == len(grid)):
+            raise ValueError("tiles, stage positions and grid indices must have the same length")
+        # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
+        # each crop as it reads it: no float32 copy of the section's tiles is ever whole.
+        stage_px = np.asarray(stage_px, float)
+        stitcher = StreamingStitcher(gain=self.gain, dark=self.dark,
+                                     strip_px=strip_width(raw_tiles[0].shape, stage_px, grid))
+        for tile, rc, pos in zip(raw_tiles, grid, stage_px, strict=True):
+            stitcher.add(rc, tile, pos)
         want: str | RadialDistortion = self.lens if self.lens is not None else self.lens_mode
-        stitched = stitch_section(tiles, stage_px, grid, lens=want)
+        stitched = stitcher.finish(lens=want)
+        tiles = [FlatFielded(t, self.gain, self.dark) for t in raw_tiles]
         lens = stitched.lens_applied
         if self.lens is None and lens is not None:
             self.lens = lens

@@ -113,3 +113,24 @@ def apply_flatfield(tile: np.ndarray, gain: np.ndarray | None, dark: float | np.
     if gain.shape != tile.shape:
         raise ValueError(f"flat-field shape {gain.shape} does not match tile shape {tile.shape}")
     return t / gain
+
+
+class FlatFielded:
+    """A tile flat-fielded a slice at a time, as it is read: ``FlatFielded(raw, gain, dark)[ys, xs]``
+    equals ``apply_flatfield(raw, gain, dark)[ys, xs]`` without the whole float32 copy."""
+
+    def __init__(self, raw: np.ndarray, gain: np.ndarray | None, dark: float | np.ndarray = 0.0) -> None:
+        if gain is not None and gain.shape != raw.shape:
+            raise ValueError(f"flat-field shape {gain.shape} does not match tile shape {raw.shape}")
+        self.raw, self.gain, self.dark = raw, gain, dark
+        self.shape = raw.shape
+        self.ndim = raw.ndim
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        dark = self.dark[key] if isinstance(self.dark, np.ndarray) and self.dark.ndim == 2 else self.dark
+        return apply_flatfield(self.raw[key], None if self.gain is None else self.gain[key], dark)
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        whole = apply_flatfield(self.raw, self.gain, self.dark)
+        return whole if dtype is None else whole.astype(dtype)
