@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 
 from tapescope.acquisition.calibration import CalibrationSuite
 from tapescope.acquisition.engine import Engine, EngineSettings, Planner, RunSummary
-from tapescope.acquisition.events import EventBus
+from tapescope.acquisition.events import Alarm, EventBus
 from tapescope.acquisition.journal import RunProgress
 from tapescope.acquisition.pipeline import ProcessingWorker
 from tapescope.acquisition.plan import TilePlan, select_slots, tile_grid
@@ -120,7 +121,7 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
             summary = await engine.run()
         finally:
             # Processing finishes what was acquired even if acquisition failed.
-            await consumer
+            await _finish_processing(consumer, bus)
     for slot in slots:
         if slot not in worker.reports and slot not in worker.failed:
             processor.record_missing(z_of_slot[slot], {"slot": slot, "z": z_of_slot[slot]},
@@ -296,7 +297,7 @@ async def run_acquisition(
             summary = await engine.run()
         finally:
             if consumer is not None:
-                await consumer      # processing finishes what was acquired, even after a failure
+                await _finish_processing(consumer, bus)   # what was acquired, even after a failure
             if bridge is not None:
                 await bridge.stop()
     write_report(store, summary, progress, slots, worker, notes)
@@ -312,6 +313,16 @@ def search_canvas(cfg: TapescopeConfig) -> Canvas:
     half = np.array(search_extent_nm(cfg)) / 2 / cam.pixel_size_nm
     corners = np.array([-half, half])
     return Canvas.around(corners - (cam.height / 2, cam.width / 2), (cam.height, cam.width), ALIGN_MARGIN_PX)
+
+
+async def _finish_processing(consumer: asyncio.Task[None], bus: EventBus) -> None:
+    """Wait for the processing worker; a worker that died is an alarm, and the run's report
+    and the MQTT goodbye still follow."""
+    try:
+        await consumer
+    except Exception as exc:
+        logging.getLogger(__name__).exception("processing worker failed")
+        bus.emit(Alarm("processing", f"processing stopped: {type(exc).__name__}: {exc}"))
 
 
 def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: list[int],

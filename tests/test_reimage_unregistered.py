@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import zarr
 
+from tapescope.acquisition.engine import Engine
 from tapescope.acquisition.events import (
     Alarm,
     AwaitingProcessing,
@@ -22,6 +24,7 @@ from tapescope.acquisition.events import (
     SectionProcessed,
 )
 from tapescope.acquisition.journal import RunProgress
+from tapescope.acquisition.pipeline import ProcessingWorker
 from tapescope.acquisition.store import RunStore
 from tapescope.config import parse_config
 from tapescope.runner import run_acquisition
@@ -77,3 +80,48 @@ async def test_a_section_that_does_not_register_is_reimaged_before_the_run_ends(
 
     # The journal alone tells a resumed run that nothing is owed.
     assert RunProgress.replay(store).reimage_queue() == []
+
+
+async def test_a_resumed_run_takes_up_the_verdicts_its_first_life_never_saw(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first life acquires every slot and is killed before processing catches up (here:
+    its worker never runs). The second life has nothing to acquire, yet waits for processing,
+    and re-images the slot that does not register before it ends."""
+    real_catch_up = ProcessingWorker.catch_up
+
+    async def killed_first(self: ProcessingWorker) -> None:
+        return None
+
+    monkeypatch.setattr(ProcessingWorker, "catch_up", killed_first)
+    first = await run_acquisition(parse_config(RUN), tmp_path / "run", EventBus(),
+                                  on_sim=lambda sim: sim.world.inject("tape_slip", slots=12, at_slot=2))
+    assert first.summary.state.value == "done"
+    monkeypatch.setattr(ProcessingWorker, "catch_up", real_catch_up)
+    bus, events = EventBus(), list[Event]()
+    bus.subscribe(events.append)
+    second = await run_acquisition(parse_config(RUN), tmp_path / "run", bus, resume=True)
+    assert second.summary.state.value == "done", second.summary.reason
+    assert any(isinstance(e, AwaitingProcessing) for e in events)
+    journal = list(RunStore(tmp_path / "run").events())
+    assert 2 in [e["slot"] for e in journal if e["event"] == "section_done" and e.get("reimage")]
+    assert RunProgress.replay(RunStore(tmp_path / "run")).reimage_queue() == []
+
+
+async def test_processing_goes_on_when_a_section_cannot_be_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queueing a re-image fails (the journal's disk is full): an alarm says so, every other
+    section is still processed, and the run ends with its report."""
+    def disk_full(self: Engine, slot: int, reason: str) -> bool:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Engine, "request_reimage", disk_full)
+    bus, events = EventBus(), list[Event]()
+    bus.subscribe(events.append)
+    result = await run_acquisition(parse_config(RUN), tmp_path / "run", bus,
+                                   on_sim=lambda sim: sim.world.inject("tape_slip", slots=12, at_slot=2))
+    assert result.summary.state.value == "done"
+    texts = [a.message for a in events if isinstance(a, Alarm) and a.source == "processing"]
+    assert any("could not be queued for re-imaging" in t and "No space left" in t for t in texts)
+    processed = {e.slot for e in events if isinstance(e, SectionProcessed)}
+    assert processed == {0, 1, 2, 3, 14}
+    assert (tmp_path / "run" / "report.json").is_file()

@@ -329,8 +329,13 @@ class Engine:
                 n_sections += 1
             if self.settings.reimage_at_end and not self._stop_at_end:
                 await self._await_processing()
-                for slot in self.progress.reimage_queue():
-                    await self._section(slot, reimage=True)
+                taken: set[tuple[int, bool]] = set()
+                # A verdict may still come during the pass (the wait timed out): taken up too,
+                # and a slot queued whole while its QC retake ran is taken again, whole.
+                while todo := [s for s in self.progress.reimage_queue()
+                               if (s, self.progress.slot(s).retake_all) not in taken]:
+                    taken.add((todo[0], self.progress.slot(todo[0]).retake_all))
+                    await self._section(todo[0], reimage=True)
             self._set_state(RunState.FINISHING, "all slots visited")
             final = RunState.DONE
         except _Abort as exc:
@@ -442,8 +447,9 @@ class Engine:
             plan = got
             self.store.log_event("section_planned", plan=plan.to_json(), time=time.time())
             prog.plan = plan
+        whole = reimage and prog.retake_all      # what this take covers; a verdict during it does not
         todo = [t for t in plan.tiles if (t.row, t.col) not in prog.tiles
-                or (reimage and (prog.retake_all or (t.row, t.col) in prog.failed_qc))]
+                or (reimage and (whole or (t.row, t.col) in prog.failed_qc))]
         self._tiles_planned_total = sum(len(p.plan.tiles) for p in self.progress.slots.values() if p.plan)
         h, w = self.tile_shape or (0, 0)
         px = self.pixel_nm
@@ -480,8 +486,13 @@ class Engine:
         status = "flagged" if flagged else "complete"
         n_failed = len(prog.failed_qc)
         msg = f"{n_failed} tile(s) failed QC; montage queued for re-imaging" if flagged else ""
-        if reimage and prog.retake_all and not flagged:
+        if whole and not flagged:
             msg = f"re-imaged whole after it failed to register ({prog.message})"
+        elif reimage and prog.retake_all and not whole:
+            # Queued whole while this QC retake was under way: still owed, not done.
+            self._section_done(slot, "flagged", len(prog.tiles), f"does not register: {prog.message}; "
+                               "queued for re-imaging")
+            return
         self.bus.emit(SectionAcquired(slot, len(prog.tiles)))
         self._section_done(slot, status, len(prog.tiles), msg, reimage=reimage)
         if flagged and not reimage:
@@ -505,7 +516,9 @@ class Engine:
         already re-imaged once is not queued again: it needs a person. Call on the engine's
         loop. Returns whether the section was queued."""
         prog = self.progress.slot(slot)
-        if prog.reimaged or (prog.status == "flagged" and prog.retake_all):
+        if prog.status == "flagged" and prog.retake_all and not prog.reimaged:
+            return True                      # already queued whole (a verdict on a partial take)
+        if prog.reimaged:
             msg = f"slot {slot} still does not register after re-imaging ({reason}): needs a person"
             self.bus.emit(Alarm("alignment", msg))
             self.store.log_event("alarm", source="alignment", message=msg, time=time.time())
@@ -515,7 +528,7 @@ class Engine:
         prog.status, prog.retake_all, prog.message = "flagged", True, reason
         self.store.log_event("reimage_queued", slot=slot, tiles="all", reason="alignment", message=reason,
                              time=time.time())
-        late = self._state.terminal or not self.settings.reimage_at_end
+        late = self._state.terminal or not self.settings.reimage_at_end or self._state is RunState.FINISHING
         self.bus.emit(Alarm("alignment", f"slot {slot} does not register ({reason}): "
                             + ("queued for re-imaging; resume the run to re-image it" if late
                                else "queued for re-imaging before the run ends"), "warning"))
@@ -530,6 +543,10 @@ class Engine:
         queue = self.section_queue
         if queue is None:
             return
+        # A wake-up: with nothing new acquired (a resumed run), the worker still catches up
+        # from the journal and its verdicts come before the pass. Full: the queue wakes it anyway.
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(-1)
         joined = asyncio.ensure_future(queue.join())
         deadline = time.monotonic() + self.settings.processing_wait_s
         self._waiting_for_processing = True
@@ -554,6 +571,7 @@ class Engine:
                 await asyncio.wait({joined}, timeout=min(left, 0.25))
         finally:
             self._waiting_for_processing = False
+            self._last_tile_t = time.monotonic()      # the watchdog counts from here, not from the last tile
             joined.cancel()
 
     def _offer_processing(self, slot: int) -> None:

@@ -47,14 +47,19 @@ class ProcessingWorker:
         self._tried: dict[int, int] = {}             # slot -> journal line of the section_done last taken
 
     async def run(self, queue: asyncio.Queue[int | None]) -> None:
-        """Process what the journal says is acquired and not yet processed, each time a slot
-        comes; the queue is the wake-up, the journal the truth (a full queue, a run resumed
-        after a crash and a re-imaged section all catch up from disk). ``task_done`` follows
-        the processing, so ``queue.join()`` waits for the verdicts."""
+        """Process what the journal says is acquired and not yet processed, each time an item
+        comes (a slot, or any wake-up); the queue is the wake-up, the journal the truth (a full
+        queue, a run resumed after a crash and a re-imaged section all catch up from disk).
+        ``task_done`` follows the processing, so ``queue.join()`` waits for the verdicts.
+        A fault here is an alarm, never the end of processing: the next item tries again."""
         while True:
             slot = await queue.get()
             try:
                 await self.catch_up()
+            except Exception as exc:
+                log.exception("processing worker: catching up failed")
+                self.bus.emit(Alarm("processing", f"processing could not catch up: {type(exc).__name__}: {exc}; "
+                                    "it tries again with the next section"))
             finally:
                 queue.task_done()
             if slot is None:
@@ -78,7 +83,12 @@ class ProcessingWorker:
             self._tried[slot] = line
             report = await asyncio.to_thread(self.process_slot, slot)
             if report is not None and report.status == "unaligned" and self.on_unregistered is not None:
-                self.on_unregistered(slot, report.message)
+                try:
+                    self.on_unregistered(slot, report.message)
+                except Exception as exc:     # e.g. the journal's disk is full: said, and processing goes on
+                    log.exception("queueing slot %d for re-imaging failed", slot)
+                    self.bus.emit(Alarm("processing", f"slot {slot} does not register ({report.message}) but "
+                                        f"could not be queued for re-imaging: {type(exc).__name__}: {exc}"))
 
     def _ensure_flatfield(self) -> None:
         if self.flatfield != "auto" or self.processor.gain is not None:
