@@ -117,6 +117,12 @@ def test_camera_pixels_invert_the_lens() -> None:
     qy, qx = camera_pixels(lens, t[:, 0].astype(np.float32), t[:, 1].astype(np.float32), shape)
     assert np.abs(np.stack([qy, qx], -1) - q).max() < 2e-3
     assert np.abs(t - q).max() > 2.5                # the lens really moves the corners
+    # A strong lens on a small sensor (30 px at the corners of 256 px) takes more steps, not more error.
+    strong, small = RadialDistortion(k1=30.0 / (2**1.5 * 128)), (256, 256)
+    q = np.random.default_rng(1).uniform(0, 255, (1000, 2))
+    t = q + strong.at(q, small)
+    qy, qx = camera_pixels(strong, t[:, 0].astype(np.float32), t[:, 1].astype(np.float32), small)
+    assert np.abs(np.stack([qy, qx], -1) - q).max() < 2e-3
 
 
 def test_rendering_through_the_lens_makes_overlapping_tiles_agree() -> None:

@@ -123,12 +123,32 @@ def test_scratch_files_go_with_the_section_and_a_killed_run_leaves_none(tmp_path
     st = make_stack(2, shape, seed=5, max_rotation_deg=2, max_shift_px=20, elastic_px=0.5, missing=())
     _, pos, _ = tiles_of(st.images[0])
     canvas = Canvas.around(pos, (TILE, TILE), 0)
-    left = tmp_path / "tapescope-section-killed"
-    left.mkdir()
-    (left / "image.npy").write_bytes(b"partial")
+    left = tmp_path / "tapescope-section-v.zarr-killed"
+    other = tmp_path / "tapescope-section-w.zarr-running"     # another volume's processor: not ours
+    for d in (left, other):
+        d.mkdir()
+        (d / "image.npy").write_bytes(b"partial")
     vol = Volume.create(tmp_path / "v.zarr", (2, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
     proc = SectionProcessor(vol, canvas, elastic=False)
-    assert not left.exists()
+    assert not left.exists() and other.exists()
     for z in range(2):
         assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.transforms", "v.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "v.transforms", "v.zarr"]
+
+
+def test_a_reference_overwritten_by_a_bad_retake_is_not_aligned_to(tmp_path: Path) -> None:
+    """z=1 is the reference; its retake comes back as the wrong tissue and overwrites it in the
+    volume. The next section must be aligned to z=0, the last good one left, not to those pixels."""
+    shape = (STEP + TILE, STEP + TILE)
+    st = make_stack(3, shape, seed=8, max_rotation_deg=3, max_shift_px=30, elastic_px=1.0, missing=())
+    wrong = make_stack(1, shape, seed=77, missing=()).images[0]
+    _, pos, _ = tiles_of(st.images[0])
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    vol = Volume.create(tmp_path / "v.zarr", (3, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    proc = SectionProcessor(vol, canvas, elastic=False)
+    for z in range(2):
+        assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
+    assert proc._reference_z == 1
+    assert proc.process(1, *tiles_of(wrong), {"slot": 1}).status == "unaligned"
+    assert proc._reference_z == 0
+    assert proc.process(2, *tiles_of(st.images[2]), {"slot": 2}).status == "ok"

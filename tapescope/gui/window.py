@@ -174,7 +174,9 @@ class MainWindow(QtWidgets.QMainWindow):
             self.preview.show_report(ev.slot, ev.z, ev.status, ev.max_residual_px, ev.shift_px,
                                      ev.alignment_confidence, ev.message)
             if ev.status != "failed" and self._store is not None:
-                volume = self._store.dir.parent / "volume.zarr"
+                # A headless run keeps its volume in the run directory; a demo or GUI run beside it.
+                inside = self._store.dir / "volume.zarr"
+                volume = inside if inside.exists() else self._store.dir.parent / "volume.zarr"
                 fut = self._executor.submit(read_montage, volume, ev.z)
                 fut.add_done_callback(lambda f, z=ev.z: self._montage_done(z, f))
 

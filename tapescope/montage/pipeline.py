@@ -28,6 +28,7 @@ from .transform import SectionTransform
 
 STRIP_ROWS = 2048   # rows at a time for whole-canvas checks on memory-mapped planes
 SCRATCH_PREFIX = "tapescope-section-"
+SCRATCH_RESERVE_BYTES = 2 << 30     # left free for tiles (the engine keeps 1 GB + a section's tiles)
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,14 @@ class SectionProcessor:
         self._reference_z: int | None = None
         root = getattr(volume.group.store, "root", None)
         self.scratch = scratch if scratch is not None else (Path(str(root)).parent if root is not None else None)
-        if self.scratch is not None:
-            # Left by a process that was killed mid-section (one processor writes a volume).
-            for stale in self.scratch.glob(f"{SCRATCH_PREFIX}*"):
+        # Scratch is named after the volume: a processor sweeps only what its own volume's
+        # killed processor left (one processor writes a volume), never another's.
+        name = Path(str(root)).name if root is not None else "volume"
+        self._scratch_prefix = f"{SCRATCH_PREFIX}{name}-"
+        if self.scratch is None:
+            log.info("volume not on a local disk: section scratch goes to the system's temporary folder")
+        else:
+            for stale in self.scratch.glob(f"{self._scratch_prefix}*"):
                 shutil.rmtree(stale, ignore_errors=True)
 
     def process(
@@ -179,7 +185,8 @@ class SectionProcessor:
         flagged = int((used > SEAM_FLAG_PX).sum())
 
         oy, ox = np.asarray(self.canvas.origin, float)
-        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=self.scratch) as tmp:
+        self._check_scratch_space()
+        with tempfile.TemporaryDirectory(prefix=self._scratch_prefix, dir=self.scratch) as tmp:
             shape = self.canvas.shape
             image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
             cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
@@ -200,6 +207,8 @@ class SectionProcessor:
         })
         if status == "ok" and (self._reference_z is None or z >= self._reference_z):
             self._reference, self._reference_z = self._read_reference(z), z
+        elif z == self._reference_z:
+            self._reference_lost(z)
         return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
 
     def _align(self, z: int, image: np.ndarray, cover: np.ndarray, tmp: Path,
@@ -289,3 +298,22 @@ class SectionProcessor:
     def record_missing(self, z: int, info: dict, reason: str) -> None:
         """A section that could not be processed keeps its z, recorded as missing."""
         self.volume.record(z, {**info, "status": "failed", "message": reason})
+        if z == self._reference_z:
+            self._reference_lost(z)
+
+    def _reference_lost(self, z: int) -> None:
+        """The reference section was overwritten by a take that is not good (a retake of it
+        failed): the reference is the last good section left in the volume, not those pixels."""
+        log.warning("reference z=%d was overwritten by a take that is not good; re-primed from the volume", z)
+        self.prime_from_volume()
+
+    def _check_scratch_space(self) -> None:
+        """A section's scratch (image, coverage, reference, two masks: 14 bytes a canvas pixel)
+        must leave the disk's reserve for the tiles still to come: else the section fails here,
+        with an alarm, instead of a tile write failing later."""
+        need = 14 * self.canvas.shape[0] * self.canvas.shape[1]
+        where = self.scratch or Path(tempfile.gettempdir())
+        free = shutil.disk_usage(where).free
+        if free - need < SCRATCH_RESERVE_BYTES:
+            raise OSError(f"{free / 1e9:.2f} GB free in {where}; processing a section needs {need / 1e9:.2f} GB "
+                          f"of scratch and leaves {SCRATCH_RESERVE_BYTES / 1e9:.0f} GB for the tiles")

@@ -11,7 +11,8 @@ from tapescope.stitching.lens import RadialDistortion
 
 from .transform import SectionTransform
 
-LENS_STEPS = 2      # fixed-point steps inverting the lens: D changes ~2/R px per px, so 2 reach 1e-5 px
+LENS_TOL_PX = 1e-4  # the lens is inverted by fixed-point steps until they move a pixel less than this
+LENS_MAX_STEPS = 30
 
 
 def feather_weight(shape: tuple[int, int], ramp: int) -> np.ndarray:
@@ -52,11 +53,15 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
     inv_r2 = np.float32(1.0 / (max(shape) / 2) ** 2)
     k1, k2 = np.float32(lens.k1), np.float32(lens.k2)
     qy, qx = ty, tx
-    for _ in range(LENS_STEPS):
+    for _ in range(LENS_MAX_STEPS):
         vy, vx = qy - cy, qx - cx
         f = (vy * vy + vx * vx) * inv_r2
         f = f * (k1 + k2 * f) if k2 else f * k1
-        qy, qx = ty - f * vy, tx - f * vx
+        ny, nx = ty - f * vy, tx - f * vx
+        step = max(float(np.abs(ny - qy).max(initial=0)), float(np.abs(nx - qx).max(initial=0)))
+        qy, qx = ny, nx
+        if step < LENS_TOL_PX:
+            break
     return qy, qx
 
 
@@ -83,12 +88,12 @@ def render_block(
     wsum = np.zeros((h, w), np.float32)
     inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
     fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
-    slack = fmax * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
     if lens is not None and lens.is_identity:
         lens = None
-    # How far the lens moves a pixel at most (at the sensor's corner): crops and parts widen by it.
+    # How far the lens moves a pixel at most (at the sensor's corner): crops and parts widen by it,
+    # like the field, through the inverse affine into output pixels.
     bend = 0 if lens is None else int(np.ceil(np.abs(lens.at(np.zeros(2), (th, tw))).max())) + 1
-    slack += bend
+    slack = (fmax + bend) * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
     for tile, pos in zip(tiles, np.asarray(positions, float), strict=True):
         py, px = pos
         # Box of the tile that the block needs, one pixel of margin for interpolation.
