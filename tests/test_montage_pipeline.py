@@ -88,17 +88,22 @@ def test_prime_from_volume_refuses_a_section_that_is_not_good(tmp_path: Path) ->
         proc.prime_from_volume(5)
 
 
+def neighbours_and_wrong_tissue(tmp_path: Path, n: int):  # type: ignore[no-untyped-def]
+    """n neighbouring sections, one of another specimen, a volume for n and its processor."""
+    shape = (STEP + TILE, STEP + TILE)
+    st = make_stack(n, shape, seed=8, max_rotation_deg=3, max_shift_px=30, elastic_px=1.0, missing=())
+    wrong = make_stack(1, shape, seed=77, missing=()).images[0]
+    _, pos, _ = tiles_of(st.images[0])
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    vol = Volume.create(tmp_path / "v.zarr", (n, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    return st, wrong, vol, SectionProcessor(vol, canvas, elastic=False)
+
+
 def test_a_retake_is_aligned_to_the_good_section_below_it(tmp_path: Path) -> None:
     """Section 2 first came back as the wrong tissue; after 3 was processed it is re-imaged.
     The retake is aligned to z=1 (read back from the volume), not to z=3, and z=3 stays the
     reference for what comes next."""
-    shape = (STEP + TILE, STEP + TILE)
-    st = make_stack(4, shape, seed=8, max_rotation_deg=3, max_shift_px=30, elastic_px=1.0, missing=())
-    wrong = make_stack(1, shape, seed=77, missing=()).images[0]
-    _, pos, _ = tiles_of(st.images[0])
-    canvas = Canvas.around(pos, (TILE, TILE), 0)
-    vol = Volume.create(tmp_path / "v.zarr", (4, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
-    proc = SectionProcessor(vol, canvas, elastic=False)
+    st, wrong, vol, proc = neighbours_and_wrong_tissue(tmp_path, 4)
     statuses = [proc.process(z, *tiles_of(img), {"slot": z}).status
                 for z, img in enumerate([st.images[0], st.images[1], wrong, st.images[3]])]
     assert statuses == ["ok", "ok", "unaligned", "ok"]
@@ -139,13 +144,7 @@ def test_scratch_files_go_with_the_section_and_a_killed_run_leaves_none(tmp_path
 def test_a_reference_overwritten_by_a_bad_retake_is_not_aligned_to(tmp_path: Path) -> None:
     """z=1 is the reference; its retake comes back as the wrong tissue and overwrites it in the
     volume. The next section must be aligned to z=0, the last good one left, not to those pixels."""
-    shape = (STEP + TILE, STEP + TILE)
-    st = make_stack(3, shape, seed=8, max_rotation_deg=3, max_shift_px=30, elastic_px=1.0, missing=())
-    wrong = make_stack(1, shape, seed=77, missing=()).images[0]
-    _, pos, _ = tiles_of(st.images[0])
-    canvas = Canvas.around(pos, (TILE, TILE), 0)
-    vol = Volume.create(tmp_path / "v.zarr", (3, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
-    proc = SectionProcessor(vol, canvas, elastic=False)
+    st, wrong, _, proc = neighbours_and_wrong_tissue(tmp_path, 3)
     for z in range(2):
         assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
     assert proc._reference_z == 1
