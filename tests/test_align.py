@@ -169,7 +169,7 @@ def test_alignment_reads_sections_in_strips(stack, monkeypatch: pytest.MonkeyPat
 def test_chance_confidence_separates_a_neighbour_from_the_wrong_tissue() -> None:
     """The same search on a mirrored section is what agreement by chance looks like: a
     neighbour agrees clearly better than that, another specimen does not."""
-    from tapescope.montage.pipeline import CHANCE_FACTOR, CHANCE_MAX
+    from tapescope.montage.align import CHANCE_FACTOR, CHANCE_MAX
 
     st = make_stack(2, (384, 384), seed=8, max_rotation_deg=3, max_shift_px=20, elastic_px=0.5, missing=())
     wrong = make_stack(1, (384, 384), seed=77, missing=()).images[0]

@@ -103,6 +103,25 @@ class SectionAlignment:
     chance: float = 0.0           # confidence the same search reaches on a pair known to be wrong
 
 
+# A pair registers only when it agrees CHANCE_FACTOR times better than the same search finds on
+# the moving section mirrored (`_coarse_affine(..., chance=True)`), where chance is low enough to
+# tell: on a small montage the search fits anything (chance 0.3-0.4 on 2x2 tiles) and the test
+# says nothing. Measured on the simulator: neighbours 1.4-4.2x chance, the wrong tissue
+# 0.6-1.3x (docs/alignment.md).
+CHANCE_FACTOR = 1.25
+CHANCE_MAX = 0.25
+
+
+def unregistered_reason(confidence: float, chance: float, min_confidence: float) -> str:
+    """Why a pair with this coarse `confidence` and `chance` did not register ("" if it did)."""
+    if confidence < min_confidence:
+        return f"alignment confidence {confidence:.2f} < {min_confidence}"
+    if chance <= CHANCE_MAX and confidence < CHANCE_FACTOR * chance:
+        return (f"alignment confidence {confidence:.2f} is not clearly above chance ({chance:.2f}, the same "
+                "search on the section mirrored): the wrong tissue?")
+    return ""
+
+
 class AsFloat32:
     """`a` as float32, converted a slice at a time: a memory-mapped mask stays on disk."""
 

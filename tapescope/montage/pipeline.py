@@ -21,7 +21,7 @@ from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.stream import StreamingStitcher
 
-from .align import align_section
+from .align import align_section, unregistered_reason
 from .blocks import render_section, render_to
 from .omezarr import Volume
 from .transform import SectionTransform
@@ -33,12 +33,7 @@ SCRATCH_RESERVE_BYTES = 2 << 30     # left free for tiles (the engine keeps 1 GB
 log = logging.getLogger(__name__)
 
 MIN_ALIGN_CONFIDENCE = 0.15   # NCC below this: the section did not register to its neighbour
-# ...nor when it agrees less than CHANCE_FACTOR times what the same search finds on the section
-# mirrored (align._coarse_affine, chance=True), where chance is low enough to tell: on a small
-# montage the search fits anything (chance 0.3-0.4 on 2x2 tiles) and the test says nothing.
-# Measured on the simulator: neighbours 1.4-4.2x chance, the wrong tissue 0.6-1.3x (docs/alignment.md).
-CHANCE_FACTOR = 1.25
-CHANCE_MAX = 0.25
+# ...nor when it is not clearly above chance (align.unregistered_reason).
 SEAM_FLAG_PX = 1.0            # a stitched pair whose residual exceeds this is a flagged seam
 # Live, the section must be done before the scope finishes the next one: a coarser flow
 # grid and two passes cost a sixth of the stack defaults (measured 0.18 vs 0.13 px RMS on
@@ -237,12 +232,8 @@ class SectionProcessor:
         a = align_section(ref_img, image, ref_valid, valid, elastic=self.elastic, device=self.device,
                           **LIVE_ELASTIC)
         conf = a.confidence
-        if conf < MIN_ALIGN_CONFIDENCE:
-            return "unaligned", conf, f"alignment confidence {conf:.2f} < {MIN_ALIGN_CONFIDENCE}", identity, (0.0, 0.0)
-        if a.chance <= CHANCE_MAX and conf < CHANCE_FACTOR * a.chance:
-            return "unaligned", conf, (f"alignment confidence {conf:.2f} is not clearly above chance "
-                                       f"({a.chance:.2f}, the same search on the section mirrored): the wrong "
-                                       "tissue?"), identity, (0.0, 0.0)
+        if why := unregistered_reason(conf, a.chance, MIN_ALIGN_CONFIDENCE):
+            return "unaligned", conf, why, identity, (0.0, 0.0)
         # Where the canvas centre's content came from: for a pure translation this is the
         # shift s with aligned(p) = moving(p + s).
         cy, cx = (np.array(self.canvas.shape, float) - 1) / 2

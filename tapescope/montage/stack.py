@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from .align import align_section, block_mean
+from .align import align_section, block_mean, unregistered_reason
 from .blocks import RenderStats, render_section
 from .omezarr import Volume
 from .transform import SectionTransform
@@ -66,6 +66,7 @@ class PairResult:
     rotation_deg: float
     flow_nodes: int
     flow_rms_px: float
+    chance: float = 0.0          # what the same search finds on the moving section mirrored
 
 
 @dataclass
@@ -174,7 +175,8 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
     moving = open_image(moving_path)
     a = align_section(fixed, moving, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
                       device=params.device)
-    return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px)
+    return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px,
+                      a.chance)
 
 
 def render_into_volume(volume_path: Path, z: int, path: Path, transform: SectionTransform) -> RenderStats:
@@ -253,10 +255,10 @@ def align_stack(
         for r in sorted(results, key=lambda r: r.moving_z):
             if r.fixed_z in failed:
                 continue   # its reference just dropped out: paired again in the next round
-            if r.confidence < MIN_PAIR_CONFIDENCE:
+            if why := unregistered_reason(r.confidence, r.chance, MIN_PAIR_CONFIDENCE):
                 o = outcome[r.moving_z]
                 o.status, o.confidence, o.reference_z = "unaligned", r.confidence, r.fixed_z
-                o.message = f"did not register to z={r.fixed_z}: confidence {r.confidence:.2f} < {MIN_PAIR_CONFIDENCE}"
+                o.message = f"did not register to z={r.fixed_z}: {why}"
                 failed.add(r.moving_z)
             else:
                 pairs[r.moving_z] = r
