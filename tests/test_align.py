@@ -177,3 +177,23 @@ def test_chance_confidence_separates_a_neighbour_from_the_wrong_tissue() -> None
     bad = align_section(st.images[0], wrong, elastic=False)
     assert good.confidence >= CHANCE_FACTOR * good.chance > 0
     assert bad.chance <= CHANCE_MAX and bad.confidence < CHANCE_FACTOR * bad.chance
+
+
+def test_an_affine_is_kept_only_within_what_neighbouring_sections_can_differ_by() -> None:
+    """3 % more compression: the affine explains it and is kept. 12 %: no neighbour differs so
+    much (an affine that large on real data fits noise), and the rigid fit stays."""
+    import cv2
+
+    img = make_stack(1, (512, 512), seed=3, missing=()).images[0]
+    c = (255.5, 255.5)
+
+    def stretched(k: float) -> np.ndarray:
+        m = np.array([[k, 0, (1 - k) * c[0]], [0, 1.0, 0]])          # along x only, about the centre
+        return cv2.warpAffine(img, m, (512, 512), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+    def strain(k: float) -> float:
+        t, _, _ = coarse_affine(img, stretched(k))
+        return float(np.abs(np.linalg.svd(np.asarray(t.matrix)[:2, :2], compute_uv=False) - 1).max())
+
+    assert 0.02 < strain(1.03) < 0.04
+    assert strain(1.12) < 0.01
