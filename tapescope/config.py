@@ -136,6 +136,9 @@ class ProcessingConfig(_Model):
     lens: Literal["estimate", "none"] = Field(
         "estimate", description="estimate the camera's radial distortion from the first sections' overlaps "
         "and take it out of every tile when stitching and rendering; 'none' renders tiles as taken")
+    scratch: Path | None = Field(
+        None, description="folder for each section's scratch files while it is aligned (14 bytes a canvas "
+        "pixel; a fast local disk); default: beside the volume")
 
     @model_validator(mode="after")
     def _chunk_power_of_two(self) -> ProcessingConfig:

@@ -151,3 +151,9 @@ def test_a_reference_overwritten_by_a_bad_retake_is_not_aligned_to(tmp_path: Pat
     assert proc.process(1, *tiles_of(wrong), {"slot": 1}).status == "unaligned"
     assert proc._reference_z == 0
     assert proc.process(2, *tiles_of(st.images[2]), {"slot": 2}).status == "ok"
+
+
+def test_a_scratch_folder_that_is_not_there_is_refused_at_once(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "v.zarr", (1, 64, 64), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    with pytest.raises(ValueError, match=r"processing\.scratch: .*nowhere is not a folder"):
+        SectionProcessor(vol, Canvas(np.zeros(2, int), (64, 64)), scratch=tmp_path / "nowhere")

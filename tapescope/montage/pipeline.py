@@ -142,6 +142,8 @@ class SectionProcessor:
         self._reference: tuple[Plane, Plane] | None = None  # last good (image, where imaged)
         self._reference_z: int | None = None
         root = getattr(volume.group.store, "root", None)
+        if scratch is not None and not Path(scratch).is_dir():
+            raise ValueError(f"processing.scratch: {scratch} is not a folder (it must exist before the run)")
         self.scratch = scratch if scratch is not None else (Path(str(root)).parent if root is not None else None)
         # Scratch is named after the volume: a processor sweeps only what its own volume's
         # killed processor left (one processor writes a volume), never another's.
