@@ -96,6 +96,8 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     """Image every planned slot and write the aligned volume to OUT/volume.zarr.
 
     ``on_engine`` receives the engine before it starts (the GUI uses it for run control)."""
+    if (problem := scratch_problem(cfg)) is not None:
+        raise ValueError(problem)
     # Set-up I/O happens once, before any device moves; blocking here is harmless.
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     run_dir, vol_path = out_dir / "run", out_dir / "volume.zarr"
@@ -151,6 +153,9 @@ def config_differences(old: TapescopeConfig, new: TapescopeConfig) -> list[str]:
     """Fields that decide what a run images and that differ between two configs."""
     a = _flat({k: old.model_dump(mode="json")[k] for k in RUN_DEFINING})
     b = _flat({k: new.model_dump(mode="json")[k] for k in RUN_DEFINING})
+    for machine_local in ("processing.scratch",):      # where this host keeps scratch, not what is imaged
+        a.pop(machine_local, None)
+        b.pop(machine_local, None)
     cam_a, cam_b = old.scope.camera, new.scope.camera
     for f in ("width", "height", "pixel_size_nm"):
         a[f"scope.camera.{f}"], b[f"scope.camera.{f}"] = getattr(cam_a, f), getattr(cam_b, f)
@@ -211,8 +216,18 @@ def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, Tape
     notes = {"torn_journal_bytes": torn, "torn_tile_files": [str(p.relative_to(run_dir)) for p in stray],
              "invalid_tiles": invalid}
     store.log_event("run_resumed", time=time.time(), **notes)
-    # Keep cfg's scope (ports may differ: a restarted simulator, a moved serial adapter).
-    return store, snap.model_copy(update={"scope": cfg.scope, "mqtt": cfg.mqtt}), notes
+    # Keep cfg's scope (ports may differ: a restarted simulator, a moved serial adapter), and
+    # its scratch folder (the disk may be mounted elsewhere on this host).
+    processing = snap.processing.model_copy(update={"scratch": cfg.processing.scratch})
+    return store, snap.model_copy(update={"scope": cfg.scope, "mqtt": cfg.mqtt, "processing": processing}), notes
+
+
+def scratch_problem(cfg: TapescopeConfig) -> str | None:
+    """Why the configured scratch folder cannot be used, checked before a run creates anything."""
+    s = cfg.processing.scratch
+    if cfg.processing.enabled and s is not None and not Path(s).is_dir():
+        return f"processing.scratch: {s} is not a folder (it must exist before the run)"
+    return None
 
 
 def engine_settings(cfg: TapescopeConfig) -> EngineSettings:
@@ -250,6 +265,8 @@ async def run_acquisition(
     on_sim: Callable[[Any], None] | None = None,
 ) -> AcquisitionResult:
     """One headless run into RUN_DIR (raw tiles, journal, report, volume.zarr), or its resumption."""
+    if (problem := scratch_problem(cfg)) is not None:
+        raise ValueError(problem)
     notes: dict[str, Any] = {}
     if resume and not (run_dir / "journal.jsonl").exists() and never_started(run_dir):
         resume = False     # killed before its journal existed: nothing was recorded, start it

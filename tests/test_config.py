@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tapescope.config import ConfigError, TapescopeConfig, load_config
+from tapescope.config import ConfigError, TapescopeConfig, load_config, parse_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -85,3 +85,14 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "bad.toml" in r.stderr and "run.grid.0" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_resumed_run_may_keep_its_scratch_elsewhere(tmp_path: Path) -> None:
+    """Where this host keeps scratch is not what the run images: no refusal, the new folder used."""
+    from tapescope.runner import config_differences, scratch_problem
+
+    a = parse_config({"processing": {"scratch": str(tmp_path)}})
+    b = parse_config({"processing": {"scratch": str(tmp_path / "moved")}})
+    assert config_differences(a, b) == []
+    assert scratch_problem(a) is None
+    assert "moved is not a folder" in (scratch_problem(b) or "")

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import Canvas, SectionProcessor
+from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_prefix
 from tapescope.montage.synthetic import make_stack
 
 TILE, STEP = 224, 200   # 2 x 2 tiles, 24 px overlap
@@ -128,8 +128,9 @@ def test_scratch_files_go_with_the_section_and_a_killed_run_leaves_none(tmp_path
     st = make_stack(2, shape, seed=5, max_rotation_deg=2, max_shift_px=20, elastic_px=0.5, missing=())
     _, pos, _ = tiles_of(st.images[0])
     canvas = Canvas.around(pos, (TILE, TILE), 0)
-    left = tmp_path / "tapescope-section-v.zarr-killed"
-    other = tmp_path / "tapescope-section-w.zarr-running"     # another volume's processor: not ours
+    left = tmp_path / f"{scratch_prefix(tmp_path / 'v.zarr')}killed"
+    # Another run's processor, whose volume has the same name in another folder: not ours.
+    other = tmp_path / f"{scratch_prefix(tmp_path / 'elsewhere' / 'v.zarr')}running"
     for d in (left, other):
         d.mkdir()
         (d / "image.npy").write_bytes(b"partial")
@@ -157,3 +158,15 @@ def test_a_scratch_folder_that_is_not_there_is_refused_at_once(tmp_path: Path) -
     vol = Volume.create(tmp_path / "v.zarr", (1, 64, 64), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
     with pytest.raises(ValueError, match=r"processing\.scratch: .*nowhere is not a folder"):
         SectionProcessor(vol, Canvas(np.zeros(2, int), (64, 64)), scratch=tmp_path / "nowhere")
+
+
+def test_a_retake_that_fails_before_rendering_leaves_the_good_take(tmp_path: Path) -> None:
+    st, _, _, proc = neighbours_and_wrong_tissue(tmp_path, 2)
+    for z in range(2):
+        assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
+    tiles, pos, grid = tiles_of(st.images[1])
+    with pytest.raises(ValueError, match="same length"):
+        proc.process(1, tiles[:-1], pos, grid, {"slot": 1})       # fails before a pixel is written
+    proc.record_missing(1, {"slot": 1}, "ValueError: ...")
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert sections["1"]["status"] == "ok" and proc._reference_z == 1

@@ -44,3 +44,13 @@ def test_corrupted_tile_is_detected(tmp_path: Path) -> None:
     rec.path.write_bytes(bytes(raw))
     with pytest.raises(OSError, match="checksum"):
         RunStore.read_tile(rec)
+    with pytest.raises(OSError, match="checksum"):      # the mapped tile is checked as mapped
+        RunStore.open_tile(rec)
+
+
+def test_a_tile_for_processing_is_mapped_not_held(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path / "run", "{}")
+    data = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)
+    rec = store.write_tile(0, 0, 0, data, y_nm=0, x_nm=0, meta={"barcode": "TS"})
+    mapped = RunStore.open_tile(rec)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, data)

@@ -29,6 +29,20 @@ MIN_FLATFIELD_TILES = 3
 MAX_FLATFIELD_TILES = 256    # the median converges long before; bounds memory and time
 
 
+def _more_file_handles() -> None:
+    """Each tile of a section being processed is a mapped file (RunStore.open_tile) holding a
+    handle, and a section has thousands of tiles: raise the soft limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError) as exc:     # not POSIX, or not allowed: tiles are read instead
+        log.info("file-handle limit left as it is: %s", exc)
+
+
 class ProcessingWorker:
     def __init__(
         self, store: RunStore, processor: SectionProcessor, bus: EventBus, *,
@@ -45,6 +59,7 @@ class ProcessingWorker:
         self.reports: dict[int, SectionReport] = {}  # the latest verdict per slot
         self.failed: dict[int, str] = {}
         self._tried: dict[int, int] = {}             # slot -> journal line of the section_done last taken
+        _more_file_handles()
 
     async def run(self, queue: asyncio.Queue[int | None]) -> None:
         """Process what the journal says is acquired and not yet processed, each time an item
@@ -83,12 +98,19 @@ class ProcessingWorker:
             self._tried[slot] = line
             report = await asyncio.to_thread(self.process_slot, slot)
             if report is not None and report.status == "unaligned" and self.on_unregistered is not None:
+                if await asyncio.to_thread(self._newer_take, slot, line):
+                    continue     # judged an older take; the newer one is judged next
                 try:
                     self.on_unregistered(slot, report.message)
                 except Exception as exc:     # e.g. the journal's disk is full: said, and processing goes on
                     log.exception("queueing slot %d for re-imaging failed", slot)
                     self.bus.emit(Alarm("processing", f"slot {slot} does not register ({report.message}) but "
                                         f"could not be queued for re-imaging: {type(exc).__name__}: {exc}"))
+
+    def _newer_take(self, slot: int, line: int) -> bool:
+        """Whether the journal holds a take of `slot` newer than the one at `line`."""
+        return any(e["event"] == "section_done" and int(e["slot"]) == slot
+                   for i, e in enumerate(self.store.events()) if i > line)
 
     def _ensure_flatfield(self) -> None:
         if self.flatfield != "auto" or self.processor.gain is not None:

@@ -161,11 +161,13 @@ class RunStore:
 
     @staticmethod
     def open_tile(rec: TileRecord) -> np.ndarray:
-        """The tile checked against its checksum, then mapped from its file rather than held:
-        a section's tiles do not all sit in memory while it is processed. (A tile file that
-        cannot be mapped, e.g. compressed, is returned as read.)"""
-        data = RunStore.read_tile(rec)
+        """The tile mapped from its file rather than held (a section's tiles do not all sit in
+        memory while it is processed), the map itself checked against the journal's checksum.
+        A file that cannot be mapped (compressed; out of file handles) is read instead."""
         try:
-            return tifffile.memmap(rec.path, mode="r")
-        except ValueError:
-            return data
+            mapped = tifffile.memmap(rec.path, mode="r")
+        except (ValueError, OSError):
+            return RunStore.read_tile(rec)
+        if zlib.crc32(np.ascontiguousarray(mapped).tobytes()) != rec.crc32:
+            raise OSError(f"{rec.path}: pixel checksum does not match the journal")
+        return mapped

@@ -62,10 +62,13 @@ class Inbox:
         self.events.append(Alarm("gui", text, severity))
 
 
-def read_montage(volume: Path, z: int, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
-    """Plane z of the volume at the finest pyramid level no larger than max_px on a side."""
+def read_montage(volume: Path | tuple[Path, ...], z: int, max_px: int = PREVIEW_MAX_PX) -> np.ndarray:
+    """Plane z of the volume (the first of several candidate paths that exists) at the finest
+    pyramid level no larger than max_px on a side."""
     import zarr
 
+    if isinstance(volume, tuple):
+        volume = next((v for v in volume if v.exists()), volume[0])
     group = zarr.open_group(str(volume), mode="r")
     levels = sorted((k for k in group.array_keys() if k.isdigit()), key=int)
     if not levels:
@@ -174,10 +177,11 @@ class MainWindow(QtWidgets.QMainWindow):
             self.preview.show_report(ev.slot, ev.z, ev.status, ev.max_residual_px, ev.shift_px,
                                      ev.alignment_confidence, ev.message)
             if ev.status != "failed" and self._store is not None:
-                # A headless run keeps its volume in the run directory; a demo or GUI run beside it.
-                inside = self._store.dir / "volume.zarr"
-                volume = inside if inside.exists() else self._store.dir.parent / "volume.zarr"
-                fut = self._executor.submit(read_montage, volume, ev.z)
+                # A headless run keeps its volume in the run directory; a demo or GUI run beside it
+                # (looked for on the preview thread: a shared disk may be slow).
+                run_dir = self._store.dir
+                fut = self._executor.submit(read_montage, (run_dir / "volume.zarr", run_dir.parent / "volume.zarr"),
+                                            ev.z)
                 fut.add_done_callback(lambda f, z=ev.z: self._montage_done(z, f))
 
     def _attach_run_dir(self, run_dir: str) -> None:

@@ -8,7 +8,9 @@ stage got wrong.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -69,6 +71,15 @@ def strip_width(shape: tuple[int, int], stage_px: np.ndarray, grid: Sequence[tup
     widest = max(overlaps)
     strip = int(np.ceil(widest + max(64.0, widest)))
     return None if strip * 2 >= min(shape) else max(strip, 8)
+
+
+def scratch_prefix(volume_path: Path | None) -> str:
+    """Scratch folder prefix of one volume: its name and a hash of its full path (every run
+    calls its volume volume.zarr; runs may share a scratch disk)."""
+    if volume_path is None:
+        return f"{SCRATCH_PREFIX}{os.getpid()}-"
+    digest = hashlib.sha1(str(Path(volume_path).resolve()).encode()).hexdigest()[:10]
+    return f"{SCRATCH_PREFIX}{Path(volume_path).name}-{digest}-"
 
 
 class Plane:
@@ -141,14 +152,14 @@ class SectionProcessor:
         self.lens: RadialDistortion | None = None
         self._reference: tuple[Plane, Plane] | None = None  # last good (image, where imaged)
         self._reference_z: int | None = None
+        self._rendering: int | None = None      # z whose pixels the current take has started to write
         root = getattr(volume.group.store, "root", None)
         if scratch is not None and not Path(scratch).is_dir():
             raise ValueError(f"processing.scratch: {scratch} is not a folder (it must exist before the run)")
         self.scratch = scratch if scratch is not None else (Path(str(root)).parent if root is not None else None)
         # Scratch is named after the volume: a processor sweeps only what its own volume's
         # killed processor left (one processor writes a volume), never another's.
-        name = Path(str(root)).name if root is not None else "volume"
-        self._scratch_prefix = f"{SCRATCH_PREFIX}{name}-"
+        self._scratch_prefix = scratch_prefix(Path(str(root)) if root is not None else None)
         if self.scratch is None:
             log.info("volume not on a local disk: section scratch goes to the system's temporary folder")
         else:
@@ -159,6 +170,7 @@ class SectionProcessor:
         self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
         grid: Sequence[tuple[int, int]], info: dict,
     ) -> SectionReport:
+        self._rendering = None
         if not (len(raw_tiles) == len(stage_px) == len(grid)):
             raise ValueError("tiles, stage positions and grid indices must have the same length")
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
@@ -182,15 +194,22 @@ class SectionProcessor:
         flagged = int((used > SEAM_FLAG_PX).sum())
 
         oy, ox = np.asarray(self.canvas.origin, float)
-        self._check_scratch_space()
-        with tempfile.TemporaryDirectory(prefix=self._scratch_prefix, dir=self.scratch) as tmp:
-            shape = self.canvas.shape
-            image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
-            cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
-            render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens)
-            status, conf, message, transform, shift = self._align(z, image, cover, Path(tmp))
-            del image, cover     # the maps go before their files
+        # A retake (a section re-imaged after later ones were processed) is aligned to the
+        # good section below it, read back from the volume, and does not become the reference.
+        retake = self._reference_z is not None and z <= self._reference_z
+        reference = None if not self.align else self._good_below(z) if retake else self._reference
+        status, conf, message, transform, shift = "ok", 1.0, "", SectionTransform.identity(), (0.0, 0.0)
+        if reference is not None:        # nothing to align to: no scratch, no unaligned render
+            self._check_scratch_space()
+            with tempfile.TemporaryDirectory(prefix=self._scratch_prefix, dir=self.scratch) as tmp:
+                shape = self.canvas.shape
+                image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
+                cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
+                render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens)
+                status, conf, message, transform, shift = self._align(image, cover, reference[0], Path(tmp))
+                del image, cover     # the maps go before their files
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
+        self._rendering = z              # from here the volume's pixels of z are this take's
         render_section(self.volume, z, tiles, sol.positions, transform.shifted(oy, ox), lens=lens)
         stored = self._save_transform(z, transform)
         self.volume.record(z, {
@@ -208,16 +227,10 @@ class SectionProcessor:
             self._reference_lost(z)
         return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
 
-    def _align(self, z: int, image: np.ndarray, cover: np.ndarray, tmp: Path,
+    def _align(self, image: np.ndarray, cover: np.ndarray, reference: Plane, tmp: Path,
                ) -> tuple[str, float, str, SectionTransform, tuple[float, float]]:
-        """(status, confidence, message, transform, shift) of section z against its reference."""
+        """(status, confidence, message, transform, shift) of the section against `reference`."""
         identity = SectionTransform.identity()
-        # A retake (a section re-imaged after later ones were processed) is aligned to the
-        # good section below it, read back from the volume, and does not become the reference.
-        retake = self._reference_z is not None and z <= self._reference_z
-        reference = self._good_below(z) if retake and self.align else self._reference
-        if not self.align or reference is None:
-            return "ok", 1.0, "", identity, (0.0, 0.0)
         # The reference is copied from the volume into scratch files once, in strips: the
         # aligner reads it piecewise ~1000 times, each a chunk decode from the volume (+2.4 s
         # on the demo's three sections before this copy).
@@ -226,7 +239,7 @@ class SectionProcessor:
         valid = np.lib.format.open_memmap(tmp / "valid.npy", "w+", bool, image.shape)
         for y in range(0, image.shape[0], STRIP_ROWS):
             rows = slice(y, y + STRIP_ROWS)
-            ref_img[rows] = reference[0][rows]
+            ref_img[rows] = reference[rows]
             ref_valid[rows] = ref_img[rows] > 0
             valid[rows] = cover[rows] > 0.5
         if _overlap_fraction(valid, ref_valid) < 0.05:
@@ -289,7 +302,12 @@ class SectionProcessor:
             return None
 
     def record_missing(self, z: int, info: dict, reason: str) -> None:
-        """A section that could not be processed keeps its z, recorded as missing."""
+        """A section that could not be processed keeps its z, recorded as missing; a retake
+        that failed before it wrote a pixel leaves the good section there as it was."""
+        previous = self.volume.group.attrs["tapescope"].get("sections", {}).get(str(z), {})
+        if previous.get("status") == "ok" and self._rendering != z:
+            log.warning("retake of z=%d failed before rendering (%s): the earlier good take stays", z, reason)
+            return
         self.volume.record(z, {**info, "status": "failed", "message": reason})
         if z == self._reference_z:
             self._reference_lost(z)
@@ -302,11 +320,15 @@ class SectionProcessor:
 
     def _check_scratch_space(self) -> None:
         """A section's scratch (image, coverage, reference, two masks: 14 bytes a canvas pixel)
-        must leave the disk's reserve for the tiles still to come: else the section fails here,
-        with an alarm, instead of a tile write failing later."""
+        must fit, and on the volume's disk (where the tiles are written too) leave its reserve
+        for the tiles still to come: else the section fails here, with an alarm, instead of a
+        tile write failing later."""
         need = 14 * self.canvas.shape[0] * self.canvas.shape[1]
         where = self.scratch or Path(tempfile.gettempdir())
+        root = getattr(self.volume.group.store, "root", None)
+        shares_volume_disk = root is not None and os.stat(where).st_dev == os.stat(Path(str(root))).st_dev
+        reserve = SCRATCH_RESERVE_BYTES if shares_volume_disk else 0
         free = shutil.disk_usage(where).free
-        if free - need < SCRATCH_RESERVE_BYTES:
+        if free - need < reserve or free < need:
             raise OSError(f"{free / 1e9:.2f} GB free in {where}; processing a section needs {need / 1e9:.2f} GB "
-                          f"of scratch and leaves {SCRATCH_RESERVE_BYTES / 1e9:.0f} GB for the tiles")
+                          f"of scratch" + (f" and leaves {reserve / 1e9:.0f} GB for the tiles" if reserve else ""))

@@ -52,6 +52,8 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
     cy, cx = np.float32((shape[0] - 1) / 2), np.float32((shape[1] - 1) / 2)
     inv_r2 = np.float32(1.0 / (max(shape) / 2) ** 2)
     k1, k2 = np.float32(lens.k1), np.float32(lens.k2)
+    # float32 cannot resolve 1e-4 px at coordinates of thousands: stop at a few of its steps there.
+    tol = max(LENS_TOL_PX, 4 * float(np.spacing(np.float32(max(shape)))))
     qy, qx = ty, tx
     for _ in range(LENS_MAX_STEPS):
         vy, vx = qy - cy, qx - cx
@@ -60,7 +62,7 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
         ny, nx = ty - f * vy, tx - f * vx
         step = max(float(np.abs(ny - qy).max(initial=0)), float(np.abs(nx - qx).max(initial=0)))
         qy, qx = ny, nx
-        if step < LENS_TOL_PX:
+        if step < tol:
             break
     return qy, qx
 
