@@ -21,7 +21,7 @@ import numpy as np
 
 from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
-from tapescope.stitching.stream import StreamingStitcher
+from tapescope.stitching.section import stitch_section
 
 from .align import align_section, unregistered_reason
 from .blocks import render_section, render_to
@@ -55,24 +55,6 @@ class Canvas:
         return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
 
 
-def strip_width(shape: tuple[int, int], stage_px: np.ndarray, grid: Sequence[tuple[int, int]]) -> int | None:
-    """Edge strips wide enough for every overlap: the widest nominal overlap between grid
-    neighbours plus as much again for the stage's error (at least 64 px); None (whole
-    tiles) when the tiles have no neighbours or the strips would be most of a tile."""
-    where = {rc: k for k, rc in enumerate(grid)}
-    overlaps = []
-    for (r, c), k in where.items():
-        for (dr, dc), axis in (((0, 1), 1), ((1, 0), 0)):
-            j = where.get((r + dr, c + dc))
-            if j is not None:
-                overlaps.append(shape[axis] - abs(stage_px[j, axis] - stage_px[k, axis]))
-    if not overlaps:
-        return None
-    widest = max(overlaps)
-    strip = int(np.ceil(widest + max(64.0, widest)))
-    return None if strip * 2 >= min(shape) else max(strip, 8)
-
-
 def scratch_prefix(volume_path: Path | None) -> str:
     """Scratch folder prefix of one volume: its name and a hash of its full path (every run
     calls its volume volume.zarr; runs may share a scratch disk)."""
@@ -83,19 +65,18 @@ def scratch_prefix(volume_path: Path | None) -> str:
 
 
 class Plane:
-    """Plane z of a volume level, read a slice at a time (as float32; with `nonzero`, where
-    a tile landed: the volume's fill value 0 marks where none did). A reference section
-    stays in the volume instead of in memory."""
+    """Plane z of a volume level, read a slice at a time as float32: a reference section
+    stays in the volume instead of in memory (where it was imaged is where it is non-zero,
+    the volume's fill value marking where no tile landed)."""
 
-    def __init__(self, level: object, z: int, nonzero: bool = False) -> None:
-        self.level, self.z, self.nonzero = level, z, nonzero
+    def __init__(self, level: object, z: int) -> None:
+        self.level, self.z = level, z
         self.shape: tuple[int, int] = tuple(level.shape[1:])  # type: ignore[attr-defined]
-        self.dtype = np.dtype(bool if nonzero else np.float32)
+        self.dtype = np.dtype(np.float32)
 
     def __getitem__(self, key: object) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
-        data = np.asarray(self.level[(self.z, *key)])  # type: ignore[index]
-        return data > 0 if self.nonzero else data.astype(np.float32)
+        return np.asarray(self.level[(self.z, *key)]).astype(np.float32)  # type: ignore[index]
 
 
 def _overlap_fraction(a: np.ndarray, b: np.ndarray) -> float:
@@ -150,7 +131,7 @@ class SectionProcessor:
         # clearly (stitching/lens.py), then kept: one lens per camera, not per section.
         self.lens_mode = lens
         self.lens: RadialDistortion | None = None
-        self._reference: tuple[Plane, Plane] | None = None  # last good (image, where imaged)
+        self._reference: Plane | None = None    # the last good section, in the volume
         self._reference_z: int | None = None
         self._rendering: int | None = None      # z whose pixels the current take has started to write
         root = getattr(volume.group.store, "root", None)
@@ -171,17 +152,10 @@ class SectionProcessor:
         grid: Sequence[tuple[int, int]], info: dict,
     ) -> SectionReport:
         self._rendering = None
-        if not (len(raw_tiles) == len(stage_px) == len(grid)):
-            raise ValueError("tiles, stage positions and grid indices must have the same length")
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
         # each crop as it reads it: no float32 copy of the section's tiles is ever whole.
-        stage_px = np.asarray(stage_px, float)
-        stitcher = StreamingStitcher(gain=self.gain, dark=self.dark,
-                                     strip_px=strip_width(raw_tiles[0].shape, stage_px, grid))
-        for tile, rc, pos in zip(raw_tiles, grid, stage_px, strict=True):
-            stitcher.add(rc, tile, pos)
         want: str | RadialDistortion = self.lens if self.lens is not None else self.lens_mode
-        stitched = stitcher.finish(lens=want)
+        stitched = stitch_section(raw_tiles, stage_px, grid, lens=want, gain=self.gain, dark=self.dark, strips=True)
         tiles = [FlatFielded(t, self.gain, self.dark) for t in raw_tiles]
         lens = stitched.lens_applied
         if self.lens is None and lens is not None:
@@ -206,7 +180,7 @@ class SectionProcessor:
                 image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
                 cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
                 render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens)
-                status, conf, message, transform, shift = self._align(image, cover, reference[0], Path(tmp))
+                status, conf, message, transform, shift = self._align(image, cover, reference, Path(tmp))
                 del image, cover     # the maps go before their files
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
@@ -279,20 +253,19 @@ class SectionProcessor:
         sections = self.volume.group.attrs["tapescope"].get("sections", {})
         return [int(k) for k, v in sections.items() if v.get("status") == "ok"]
 
-    def _good_below(self, z: int) -> tuple[Plane, Plane] | None:
+    def _good_below(self, z: int) -> Plane | None:
         """The highest good section below z, read back from the volume (None: z starts a chain)."""
         below = [k for k in self._good_sections() if k < z]
         return self._read_reference(max(below)) if below else None
 
-    def _read_reference(self, z: int) -> tuple[Plane, Plane]:
-        """Section z at level 0, the resolution `process` aligns at, and where it was imaged,
-        both read from the volume as the aligner asks for them."""
+    def _read_reference(self, z: int) -> Plane:
+        """Section z at level 0, the resolution `process` aligns at, read from the volume as
+        the aligner asks for it."""
         self.volume._check_z(z)
         status = self.volume.group.attrs["tapescope"].get("sections", {}).get(str(z), {}).get("status")
         if status != "ok":
             raise ValueError(f"section z={z} is {status or 'not written'} in the volume: not a reference to align to")
-        level = self.volume.levels[0]
-        return Plane(level, z), Plane(level, z, nonzero=True)
+        return Plane(self.volume.levels[0], z)
 
     def _save_transform(self, z: int, transform: SectionTransform) -> str | None:
         try:
