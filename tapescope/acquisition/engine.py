@@ -246,9 +246,14 @@ class Engine:
         self._set_state(back, self._resume_reason)
         self._last_tile_t = time.monotonic()     # the watchdog counts from the resume
 
+    def _alarm(self, source: str, message: str, severity: str = "error") -> None:
+        """An alarm to every subscriber, and into the journal (an error's line has no severity)."""
+        self.bus.emit(Alarm(source, message, severity))
+        extra = {} if severity == "error" else {"severity": severity}
+        self.store.log_event("alarm", source=source, message=message, **extra, time=time.time())
+
     async def _pause_with_alarm(self, source: str, message: str) -> None:
-        self.bus.emit(Alarm(source, message))
-        self.store.log_event("alarm", source=source, message=message, time=time.time())
+        self._alarm(source, message)
         self._pause_requested = f"{source}: {message}"
         await self._paused(self._pause_requested)
 
@@ -372,9 +377,7 @@ class Engine:
         return lambda status, moving: self.bus.emit(DeviceStatus(device, status, moving))
 
     def _device_notice(self, device: str, message: str) -> None:
-        text = f"{message} (cured by the driver; the run goes on)"
-        self.bus.emit(Alarm(device, text, "warning"))
-        self.store.log_event("alarm", source=device, message=text, severity="warning", time=time.time())
+        self._alarm(device, f"{message} (cured by the driver; the run goes on)", "warning")
 
     def _finish(self, final: RunState, reason: str, n_sections: int) -> RunSummary:
         if not self._state.terminal:
@@ -519,9 +522,7 @@ class Engine:
         if prog.status == "flagged" and prog.retake_all and not prog.reimaged:
             return True                      # already queued whole (a verdict on a partial take)
         if prog.reimaged:
-            msg = f"slot {slot} still does not register after re-imaging ({reason}): needs a person"
-            self.bus.emit(Alarm("alignment", msg))
-            self.store.log_event("alarm", source="alignment", message=msg, time=time.time())
+            self._alarm("alignment", f"slot {slot} still does not register after re-imaging ({reason}): needs a person")
             return False
         if prog.status not in ("complete", "flagged"):
             return False
@@ -563,10 +564,10 @@ class Engine:
                 self._skip_requested = None          # no section to skip while waiting
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    msg = (f"processing is still behind after {self.settings.processing_wait_s:g} s: the run ends "
-                           "without waiting; a section it flags later is queued in the journal (resume to re-image)")
-                    self.bus.emit(Alarm("processing", msg, "warning"))
-                    self.store.log_event("alarm", source="processing", message=msg, time=time.time())
+                    wait = self.settings.processing_wait_s
+                    self._alarm("processing", f"processing is still behind after {wait:g} s: the run ends without "
+                                "waiting; a section it flags later is queued in the journal (resume to re-image)",
+                                "warning")
                     return
                 await asyncio.wait({joined}, timeout=min(left, 0.25))
         finally:
@@ -738,6 +739,5 @@ class Engine:
             idle_for = time.monotonic() - self._last_tile_t
             if busy and idle_for > stall and self._pause_requested is None:
                 msg = f"no tile for {idle_for:.0f} s (limit {stall:g} s) in state {self._state.value}"
-                self.bus.emit(Alarm("watchdog", msg))
-                self.store.log_event("alarm", source="watchdog", message=msg, time=time.time())
+                self._alarm("watchdog", msg)
                 self.pause(f"watchdog: {msg}")
