@@ -154,3 +154,32 @@ def test_rendering_through_the_lens_makes_overlapping_tiles_agree() -> None:
 
     plain, through = disagreement(None), disagreement(result.lens_applied)
     assert through < 0.5 * plain, (plain, through)
+
+
+def test_pixels_one_tile_draws_alone_equal_the_blend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where one tile alone lands at full weight its pixels are drawn without weights; they
+    must be what blending would give, and no pixel another tile reaches may be drawn that
+    way (the sorting errs towards blending). Rotation, field and lens all widen the reach."""
+    import tapescope.montage.render as render
+    from tapescope.stitching.lens import RadialDistortion
+
+    rng = np.random.default_rng(3)
+    # Tiles of 300 px overlapping by ~30 px; each its own texture and brightness, so a pixel
+    # drawn from the wrong tile, or alone where two blend, is far off.
+    tiles = [rng.uniform(100, 200, (300, 300)).astype(np.float32) + 300 * k for k in range(4)]
+    pos = np.array([[10.3, 5.2], [12.1, 275.7], [280.4, 7.9], [282.0, 277.3]])
+    lens = RadialDistortion(k1=3.0 / (2**1.5 * 150))
+    t = _warp()
+    sorted_ = render._sorted_cells(render._Setup.of(tiles, pos, t, None, lens), (0, 0, 600, 600))[2]
+    assert (sorted_ >= 0).sum() >= 3 and (sorted_ < 0).sum() >= 9       # both ways are exercised
+    fast, fast_cover = render_block(tiles, pos, t, (0, 0, 600, 600), lens=lens)
+
+    def all_blended(s: render._Setup, block: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
+        rows, cols, owner = original(s, block)
+        return rows, cols, np.full_like(owner, -1)
+
+    original = render._sorted_cells
+    monkeypatch.setattr(render, "_sorted_cells", all_blended)
+    slow, slow_cover = render_block(tiles, pos, t, (0, 0, 600, 600), lens=lens)
+    assert np.abs(fast - slow).max() < 1e-3 * np.abs(slow).max()
+    assert np.allclose(fast_cover, slow_cover, atol=1e-5)

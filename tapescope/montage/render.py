@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -67,6 +68,185 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
     return qy, qx
 
 
+CELL_PX = 128       # grid, anchored at output (0, 0), on which each pixel is one tile's alone or blended
+FIELD_REACH = 1.9   # |bicubic field| <= this x its largest node: (sum of |OpenCV's cubic weights|)^2
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every region of one render call shares: the tiles, their frame, the transform's reach."""
+
+    tiles: Sequence[np.ndarray]
+    positions: np.ndarray               # (n, 2): top-left (y, x) of every tile
+    transform: SectionTransform
+    inv: np.ndarray                     # 3x3 inverse of the affine
+    shape: tuple[int, int]              # of a tile
+    ramp: int
+    lens: RadialDistortion | None
+    bend: int                           # how far the lens moves a pixel at most, rounded up
+    reach: float                        # how far the field moves a pixel at most, in source pixels
+
+    @classmethod
+    def of(cls, tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
+           ramp: int | None, lens: RadialDistortion | None) -> _Setup:
+        if not len(tiles):
+            raise ValueError("no tiles to render")
+        th, tw = tiles[0].shape[:2]
+        if lens is not None and lens.is_identity:
+            lens = None
+        # The lens moves a pixel most at the sensor's corner: crops and parts widen by that.
+        bend = 0 if lens is None else int(np.ceil(np.abs(lens.at(np.zeros(2), (th, tw))).max())) + 1
+        fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
+        inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
+        return cls(tiles, np.asarray(positions, float), transform, inv, (th, tw),
+                   ramp or max(4, min(th, tw) // 16), lens, bend, FIELD_REACH * fmax)
+
+    def source_boxes(self, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+        """(n, 4) bounds (y_lo, y_hi, x_lo, x_hi) of the section points that output boxes
+        [y0, y1] x [x0, x1] (last pixels included) sample: corners through the affine (exact
+        for a parallelogram), widened by the field's reach."""
+        m = np.asarray(self.transform.matrix, np.float64)
+        cx = np.stack([x0, x1, x0, x1], -1).astype(np.float64)
+        cy = np.stack([y0, y0, y1, y1], -1).astype(np.float64)
+        sx = m[0, 0] * cx + m[0, 1] * cy + m[0, 2]
+        sy = m[1, 0] * cx + m[1, 1] * cy + m[1, 2]
+        r = self.reach
+        return np.stack([sy.min(-1) - r, sy.max(-1) + r, sx.min(-1) - r, sx.max(-1) + r], -1)
+
+    def crop_box(self, box: np.ndarray, i: int) -> tuple[int, int, int, int]:
+        """(cy0, cy1, cx0, cx1): the part of tile i that section box `box` needs, with the
+        lens's bend and one pixel of margin for interpolation; empty where they miss."""
+        th, tw = self.shape
+        py, px = self.positions[i]
+        b = self.bend
+        return (max(int(np.floor(box[0] - py)) - 1 - b, 0), min(int(np.ceil(box[1] - py)) + 2 + b, th),
+                max(int(np.floor(box[2] - px)) - 1 - b, 0), min(int(np.ceil(box[3] - px)) + 2 + b, tw))
+
+    def tile_maps(self, mx: np.ndarray, my: np.ndarray, i: int, cy0: int, cx0: int) -> tuple[np.ndarray, np.ndarray]:
+        """Section maps turned, in place, into maps of tile i's crop at (cy0, cx0)."""
+        py, px = self.positions[i]
+        # Section -> tile, then tile -> crop by an integer: exact, so a pixel samples the same
+        # point whichever region it is rendered in (blocks equal the whole render, bit for bit).
+        mx -= np.float32(px)
+        my -= np.float32(py)
+        if self.lens is not None:
+            my, mx = camera_pixels(self.lens, my, mx, self.shape)
+        mx -= np.float32(cx0)
+        my -= np.float32(cy0)
+        return mx, my
+
+
+def _sorted_cells(s: _Setup, block: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which tile alone draws each CELL_PX cell that meets the block: (cell row edges, cell
+    column edges, owner per cell: a tile's index, or -1 where tiles blend or none lands).
+
+    A cell is one tile's alone where every point it samples lies where that tile's feather
+    weight is 1 and no other tile reaches: its pixels are then that tile's, pulled through
+    the maps once, with no weights to pull, add and divide (most of a montage's area).
+    Cells are whole cells of the global grid, so the sorting of a pixel does not depend
+    on the block it is rendered in."""
+    y0, x0, h, w = block
+    c = CELL_PX
+    rows = np.arange(y0 // c, (y0 + h - 1) // c + 1) * c
+    cols = np.arange(x0 // c, (x0 + w - 1) // c + 1) * c
+    cy, cx = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
+    box = s.source_boxes(cy, cy + c - 1, cx, cx + c - 1)
+    th, tw = s.shape
+    py, px = s.positions[:, 0][None, :], s.positions[:, 1][None, :]
+    b, r = s.bend, s.ramp
+    ylo, yhi = box[:, 0:1] - py - b, box[:, 1:2] - py + b
+    xlo, xhi = box[:, 2:3] - px - b, box[:, 3:4] - px + b
+    # Bilinear reads floor(q) and the pixel after: both where the weight is 1, i.e. at least
+    # ramp - 1 from the edge; one pixel more for the float32 maps' rounding.
+    inside = (ylo >= r) & (yhi <= th - r - 1) & (xlo >= r) & (xhi <= tw - r - 1)
+    # A tile adds nothing at q outside (-1, n) on either axis (zero border, zero weight).
+    reaches = ~((yhi < -1.5) | (ylo > th + 0.5) | (xhi < -1.5) | (xlo > tw + 0.5))
+    alone = inside.any(1) & (reaches.sum(1) == 1)
+    owner = np.where(alone, inside.argmax(1), -1).reshape(len(rows), len(cols))
+    return rows, cols, owner
+
+
+def _regions(block: tuple[int, int, int, int], rows: np.ndarray, cols: np.ndarray,
+             owner: np.ndarray) -> list[tuple[tuple[int, int, int, int], int]]:
+    """The block cut into rectangles of cells with one owner: runs along each row of cells,
+    merged with the run above where they span the same columns (overlaps are bands, so a
+    block is a handful of rectangles, not one call per cell)."""
+    y0, x0, h, w = block
+    c = CELL_PX
+    done: list[tuple[int, int, int, int, int]] = []     # (row0, row1, col0, col1, owner)
+    open_: dict[tuple[int, int, int], int] = {}          # (col0, col1, owner) -> first row
+    for i in range(owner.shape[0]):
+        runs, j = [], 0
+        while j < owner.shape[1]:
+            k = j
+            while k + 1 < owner.shape[1] and owner[i, k + 1] == owner[i, j]:
+                k += 1
+            runs.append((j, k + 1, int(owner[i, j])))
+            j = k + 1
+        for key in list(open_):
+            if key not in runs:
+                done.append((open_.pop(key), i, *key))
+        for key in runs:
+            open_.setdefault(key, i)
+    done += [(r0, owner.shape[0], *key) for key, r0 in open_.items()]
+    out = []
+    for r0, r1, c0, c1, who in done:
+        ya, yb = max(int(rows[r0]), y0), min(int(rows[r1 - 1]) + c, y0 + h)
+        xa, xb = max(int(cols[c0]), x0), min(int(cols[c1 - 1]) + c, x0 + w)
+        out.append(((ya, xa, yb - ya, xb - xa), who))
+    return out
+
+
+def _one_tile(s: _Setup, i: int, region: tuple[int, int, int, int], dst: np.ndarray) -> None:
+    """Draw a region that tile i alone covers at full weight: one pull through the maps."""
+    ry, rx, rh, rw = region
+    box = s.source_boxes(np.array([ry]), np.array([ry + rh - 1]), np.array([rx]), np.array([rx + rw - 1]))[0]
+    cy0, cy1, cx0, cx1 = s.crop_box(box, i)
+    crop = np.asarray(s.tiles[i][cy0:cy1, cx0:cx1], np.float32)
+    mx, my = s.tile_maps(*s.transform.block_maps(ry, rx, rh, rw), i, cy0, cx0)
+    cv2.remap(crop, mx, my, cv2.INTER_LINEAR, dst=dst, borderMode=cv2.BORDER_CONSTANT)
+
+
+def _blend(s: _Setup, region: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Render a region where tiles overlap (or none lands), feathered: (image, weight sum)."""
+    y0, x0, h, w = region
+    th, tw = s.shape
+    mx, my = s.transform.block_maps(y0, x0, h, w)
+    box = s.source_boxes(np.array([y0]), np.array([y0 + h - 1]), np.array([x0]), np.array([x0 + w - 1]))[0]
+    acc = np.zeros((h, w), np.float32)
+    wsum = np.zeros((h, w), np.float32)
+    inv = s.inv
+    slack = (s.reach + s.bend) * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
+    for i, (py, px) in enumerate(s.positions):
+        cy0, cy1, cx0, cx1 = s.crop_box(box, i)
+        if cx0 >= cx1 or cy0 >= cy1:
+            continue
+        # The part of the region the tile can land on: its corners through the inverse
+        # affine, widened by what the field and lens can add. The per-pixel work below runs
+        # on that part only, so a region costs about its own size however many tiles reach in.
+        corners = np.array([[px - 1, py - 1, 1], [px + tw, py - 1, 1], [px - 1, py + th, 1], [px + tw, py + th, 1]])
+        out_xy = corners @ inv[:2].T
+        bx0 = max(int(np.floor(out_xy[:, 0].min() - slack)) - x0, 0)
+        bx1 = min(int(np.ceil(out_xy[:, 0].max() + slack)) - x0 + 1, w)
+        by0 = max(int(np.floor(out_xy[:, 1].min() - slack)) - y0, 0)
+        by1 = min(int(np.ceil(out_xy[:, 1].max() + slack)) - y0 + 1, h)
+        if bx0 >= bx1 or by0 >= by1:
+            continue
+        # Feather weight in the tile's own pixels (separable: one outer product over the
+        # crop), the crop premultiplied by it, both pulled through the same maps: the
+        # weight needs no per-pixel arithmetic in output coordinates (13 % faster). Outside
+        # the tile both are 0 (BORDER_CONSTANT), so a tile's weight ends within one pixel.
+        wy = _ramp(np.arange(cy0, cy1, dtype=np.float32), th, s.ramp)
+        wx = _ramp(np.arange(cx0, cx1, dtype=np.float32), tw, s.ramp)
+        wt = np.outer(wy, wx)
+        crop = np.multiply(s.tiles[i][cy0:cy1, cx0:cx1], wt, dtype=np.float32)
+        tx, ty = s.tile_maps(mx[by0:by1, bx0:bx1].copy(), my[by0:by1, bx0:bx1].copy(), i, cy0, cx0)
+        acc[by0:by1, bx0:bx1] += cv2.remap(crop, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        wsum[by0:by1, bx0:bx1] += cv2.remap(wt, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    out = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 1e-6)
+    return out, wsum
+
+
 def render_block(
     tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
     block: tuple[int, int, int, int], ramp: int | None = None, lens: RadialDistortion | None = None,
@@ -78,62 +258,22 @@ def render_block(
     are touched, and only the part of each that is needed is read (a memory-mapped tile is
     never loaded whole), so memory is bounded by the block, not by the section. `lens`,
     the camera's distortion, is taken out of every tile on the way (none: tiles as taken).
+    Where one tile alone lands at full weight, coverage is 1 and its pixels are drawn
+    directly; elsewhere tiles are blended and coverage is their summed feather weight.
     """
-    if not len(tiles):
-        raise ValueError("no tiles to render")
+    s = _Setup.of(tiles, positions, transform, ramp, lens)
     y0, x0, h, w = block
-    th, tw = tiles[0].shape[:2]
-    ramp = ramp or max(4, min(th, tw) // 16)
-    mx, my = transform.block_maps(y0, x0, h, w)
-    lo_x, hi_x, lo_y, hi_y = float(mx.min()), float(mx.max()), float(my.min()), float(my.max())
-    acc = np.zeros((h, w), np.float32)
-    wsum = np.zeros((h, w), np.float32)
-    inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
-    fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
-    if lens is not None and lens.is_identity:
-        lens = None
-    # How far the lens moves a pixel at most (at the sensor's corner): crops and parts widen by it,
-    # like the field, through the inverse affine into output pixels.
-    bend = 0 if lens is None else int(np.ceil(np.abs(lens.at(np.zeros(2), (th, tw))).max())) + 1
-    slack = (fmax + bend) * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
-    for tile, pos in zip(tiles, np.asarray(positions, float), strict=True):
-        py, px = pos
-        # Box of the tile that the block needs, one pixel of margin for interpolation.
-        cx0, cx1 = max(int(np.floor(lo_x - px)) - 1 - bend, 0), min(int(np.ceil(hi_x - px)) + 2 + bend, tw)
-        cy0, cy1 = max(int(np.floor(lo_y - py)) - 1 - bend, 0), min(int(np.ceil(hi_y - py)) + 2 + bend, th)
-        if cx0 >= cx1 or cy0 >= cy1:
-            continue
-        # The part of the block the tile can land on: its corners through the inverse
-        # affine, widened by what the field can add. The per-pixel work below runs on that
-        # part only, so a block costs about its own size however many tiles reach into it.
-        corners = np.array([[px - 1, py - 1, 1], [px + tw, py - 1, 1], [px - 1, py + th, 1], [px + tw, py + th, 1]])
-        out_xy = corners @ inv[:2].T
-        bx0 = max(int(np.floor(out_xy[:, 0].min() - slack)) - x0, 0)
-        bx1 = min(int(np.ceil(out_xy[:, 0].max() + slack)) - x0 + 1, w)
-        by0 = max(int(np.floor(out_xy[:, 1].min() - slack)) - y0, 0)
-        by1 = min(int(np.ceil(out_xy[:, 1].max() + slack)) - y0 + 1, h)
-        if bx0 >= bx1 or by0 >= by1:
-            continue
-        # Feather weight in the tile's own pixels (separable: one outer product over the
-        # crop), the crop premultiplied by it, both pulled through the same maps: the
-        # weight needs no per-pixel arithmetic in block coordinates (13 % faster). Outside
-        # the tile both are 0 (BORDER_CONSTANT), so a tile's weight ends within one pixel.
-        wy = _ramp(np.arange(cy0, cy1, dtype=np.float32), th, ramp)
-        wx = _ramp(np.arange(cx0, cx1, dtype=np.float32), tw, ramp)
-        wt = np.outer(wy, wx)
-        crop = np.multiply(tile[cy0:cy1, cx0:cx1], wt, dtype=np.float32)
-        # Stage -> tile, then tile -> crop by an integer: exact, so a pixel samples the same
-        # point whichever block it is rendered in (blocks equal the whole render, bit for bit).
-        tx = mx[by0:by1, bx0:bx1] - np.float32(px)
-        ty = my[by0:by1, bx0:bx1] - np.float32(py)
-        if lens is not None:
-            ty, tx = camera_pixels(lens, ty, tx, (th, tw))
-        tx -= np.float32(cx0)
-        ty -= np.float32(cy0)
-        acc[by0:by1, bx0:bx1] += cv2.remap(crop, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        wsum[by0:by1, bx0:bx1] += cv2.remap(wt, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    out = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 1e-6)
-    return out, wsum
+    image = np.empty((h, w), np.float32)
+    cover = np.empty((h, w), np.float32)
+    for region, who in _regions(block, *_sorted_cells(s, block)):
+        ry, rx, rh, rw = region
+        at = (slice(ry - y0, ry - y0 + rh), slice(rx - x0, rx - x0 + rw))
+        if who >= 0:
+            _one_tile(s, who, region, image[at])
+            cover[at] = 1.0
+        else:
+            image[at], cover[at] = _blend(s, region)
+    return image, cover
 
 
 def render_montage(
