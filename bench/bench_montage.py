@@ -31,6 +31,7 @@ import numpy as np
 
 from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume
+from tapescope.montage.render import render_block
 from tapescope.montage.stack import AlignParams, align_stack, write_stack
 from tapescope.montage.synthetic import make_stack
 from tapescope.montage.transform import SectionTransform
@@ -135,6 +136,41 @@ def throughput(tile: int, grid: int, repeats: int) -> None:
             dk = np.median([x[2] for x in rows if x[0] == threads])
             print(f"  threads {threads}: render {r:7.1f} Mpx/s   disk (NumPy, same bytes) {dk:7.1f} Mpx/s   "
                   f"ratio {r / dk:6.1%}  (median of {repeats}; target >= 50 %)")
+
+
+def lens_cost(tile: int, grid: int, repeats: int) -> None:
+    """What taking the lens out costs a render: no lens, through the per-camera LensMap, and
+    through the exact per-pixel inverse, alternated in one process (render only, no write)."""
+    import tapescope.montage.render as render
+    from tapescope.stitching.lens import RadialDistortion
+
+    rng = np.random.default_rng(0)
+    step = int(tile * 0.9)
+    tiles = [rng.uniform(0, 1000, (tile, tile)).astype(np.float32) for _ in range(grid * grid)]
+    pos = np.array([(r * step + rng.normal(0, 3), c * step + rng.normal(0, 3))
+                    for r in range(grid) for c in range(grid)])
+    side = step * (grid - 1) + tile
+    lens = RadialDistortion(k1=3.0 / (2**1.5 * tile / 2))        # 3 px at the sensor's corners
+    mapped = render.lens_map
+
+    def run(which: str) -> float:
+        render.lens_map = mapped if which == "map" else (lambda *a: None)
+        t0 = time.perf_counter()
+        for y in range(0, side, 1024):
+            for x in range(0, side, 1024):
+                render_block(tiles, pos, SectionTransform.identity(), (y, x, min(1024, side - y), min(1024, side - x)),
+                             lens=None if which == "none" else lens)
+        return side * side / 1e6 / (time.perf_counter() - t0)
+
+    rows: dict[str, list[float]] = {"none": [], "map": [], "exact": []}
+    for _ in range(repeats):
+        for which in rows:
+            rows[which].append(run(which))
+    render.lens_map = mapped
+    base = np.median(rows["none"])
+    print(f"== lens: {grid}x{grid} tiles of {tile} px, 3 px at the corners, render only (median of {repeats})")
+    for which, v in rows.items():
+        print(f"  {which:<5} {np.median(v):6.1f} Mpx/s   time x{base / np.median(v):.2f} of no lens")
 
 
 def zstd_tradeoff(size: int, repeats: int) -> None:
@@ -281,12 +317,14 @@ def main() -> None:
     if a.quick:
         accuracy(6, 640, [0])
         throughput(1024, 3, 2)
+        lens_cost(1024, 3, 2)
         zstd_tradeoff(2048, 2)
         memory(4096, 1024)
         live_memory(3072, 512)
     else:
         accuracy(6, 1024, [0, 1])
         throughput(2048, 4, 3)
+        lens_cost(2048, 3, 3)
         zstd_tradeoff(4096, 3)
         memory(a.big_px, 4096)
         live_memory(8192, 1024)

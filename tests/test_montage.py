@@ -183,3 +183,31 @@ def test_pixels_one_tile_draws_alone_equal_the_blend(monkeypatch: pytest.MonkeyP
     slow, slow_cover = render_block(tiles, pos, t, (0, 0, 600, 600), lens=lens)
     assert np.abs(fast - slow).max() < 1e-3 * np.abs(slow).max()
     assert np.allclose(fast_cover, slow_cover, atol=1e-5)
+
+
+def test_lens_map_stays_within_its_tolerance_of_the_exact_inverse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inverse lens interpolated from a grid is within LENS_MAP_TOL_PX of the exact one
+    on points it was not checked on; a lens too strong for any grid is solved exactly; and a
+    render through the map matches a render through the exact inverse."""
+    import tapescope.montage.render as render
+    from tapescope.montage.lens_map import LENS_MAP_TOL_PX, lens_map
+    from tapescope.stitching.lens import RadialDistortion
+
+    mild = RadialDistortion(k1=2.0 / (2**1.5 * 256))             # 2 px at the corners of 512 px
+    lm = lens_map(mild, (512, 512), 7)
+    assert lm is not None and lm.spacing >= 8                     # coarse enough to be worth it
+    assert lm.error_px(seed=7) <= 1.2 * LENS_MAP_TOL_PX
+    assert lens_map(RadialDistortion(k1=30.0 / (2**1.5 * 128)), (256, 256), 35) is None
+
+    rng = np.random.default_rng(4)
+    import cv2
+    tiles = [cv2.GaussianBlur(rng.uniform(0, 1000, (512, 512)).astype(np.float32), (0, 0), 3) for _ in range(2)]
+    pos = np.array([[0.0, 0.0], [3.2, 440.6]])
+    through_map, _ = render_block(tiles, pos, SectionTransform.identity(), (0, 0, 512, 950), lens=mild)
+    monkeypatch.setattr(render, "lens_map", lambda *a: None)
+    exact, _ = render_block(tiles, pos, SectionTransform.identity(), (0, 0, 512, 950), lens=mild)
+    inner = (slice(20, 490), slice(20, 930))                     # away from where coverage ends
+    grad = max(float(np.abs(np.diff(exact[inner], axis=a)).max()) for a in (0, 1))
+    off = float(np.abs(through_map[inner] - exact[inner]).max())
+    # Positions within the tolerance, plus cv2.remap's own 1/32 px table on either side.
+    assert 0 < off <= (LENS_MAP_TOL_PX + 1 / 32) * grad, (off, grad)

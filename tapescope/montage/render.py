@@ -10,10 +10,8 @@ import numpy as np
 
 from tapescope.stitching.lens import RadialDistortion
 
+from .lens_map import camera_pixels, lens_map
 from .transform import SectionTransform
-
-LENS_TOL_PX = 1e-4  # the lens is inverted by fixed-point steps until they move a pixel less than this
-LENS_MAX_STEPS = 30
 
 
 def feather_weight(shape: tuple[int, int], ramp: int) -> np.ndarray:
@@ -42,30 +40,6 @@ def _ramp(s: np.ndarray, n: int, ramp: float) -> np.ndarray:
     np.clip(r, 0, 1, out=r)
     r *= inside
     return r
-
-
-def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
-                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The camera pixel q that sees tile-frame point t (lens.py: q + D(q) = t), in place of t.
-
-    Rendering through this un-distorts the tiles: each output pixel samples the camera
-    pixel that saw its point of the specimen, so overlapping tiles agree at the seams."""
-    cy, cx = np.float32((shape[0] - 1) / 2), np.float32((shape[1] - 1) / 2)
-    inv_r2 = np.float32(1.0 / (max(shape) / 2) ** 2)
-    k1, k2 = np.float32(lens.k1), np.float32(lens.k2)
-    # float32 cannot resolve 1e-4 px at coordinates of thousands: stop at a few of its steps there.
-    tol = max(LENS_TOL_PX, 4 * float(np.spacing(np.float32(max(shape)))))
-    qy, qx = ty, tx
-    for _ in range(LENS_MAX_STEPS):
-        vy, vx = qy - cy, qx - cx
-        f = (vy * vy + vx * vx) * inv_r2
-        f = f * (k1 + k2 * f) if k2 else f * k1
-        ny, nx = ty - f * vy, tx - f * vx
-        step = max(float(np.abs(ny - qy).max(initial=0)), float(np.abs(nx - qx).max(initial=0)))
-        qy, qx = ny, nx
-        if step < tol:
-            break
-    return qy, qx
 
 
 CELL_PX = 128       # grid, anchored at output (0, 0), on which each pixel is one tile's alone or blended
@@ -130,7 +104,8 @@ class _Setup:
         mx -= np.float32(px)
         my -= np.float32(py)
         if self.lens is not None:
-            my, mx = camera_pixels(self.lens, my, mx, self.shape)
+            table = lens_map(self.lens, self.shape, self.bend + 4)
+            my, mx = camera_pixels(self.lens, my, mx, self.shape) if table is None else table.apply(my, mx)
         mx -= np.float32(cx0)
         my -= np.float32(cy0)
         return mx, my
