@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tapescope.allocator import keep_large_blocks
 from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.render import render_block
@@ -173,6 +174,54 @@ def lens_cost(tile: int, grid: int, repeats: int) -> None:
         print(f"  {which:<5} {np.median(v):6.1f} Mpx/s   time x{base / np.median(v):.2f} of no lens")
 
 
+ALLOCATOR_CHILD = r"""
+import sys, time, tempfile, os
+import numpy as np
+from pathlib import Path
+if sys.argv[1] == "keep":
+    from tapescope.allocator import keep_large_blocks
+    assert keep_large_blocks()
+from tapescope.montage.blocks import render_section
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.render import render_block
+from tapescope.montage.transform import SectionTransform
+tile, grid = int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+step = int(tile * 0.9)
+tiles = [rng.uniform(0, 1000, (tile, tile)).astype(np.float32) for _ in range(grid * grid)]
+pos = np.array([(r * step + rng.normal(0, 3), c * step + rng.normal(0, 3)) for r in range(grid) for c in range(grid)])
+c, s = np.cos(np.radians(1.5)), np.sin(np.radians(1.5))
+t = SectionTransform(np.array([[c, -s, 20.0], [s, c, -10.0]]))
+side = step * (grid - 1) + tile
+t0 = time.perf_counter()
+for y in range(0, side, 1024):
+    for x in range(0, side, 1024):
+        render_block(tiles, pos, t, (y, x, min(1024, side - y), min(1024, side - x)))
+only = side * side / 1e6 / (time.perf_counter() - t0)
+with tempfile.TemporaryDirectory(dir=os.getcwd()) as d:
+    vol = Volume.create(Path(d) / "v.zarr", (1, side, side), pixel_nm=4, thickness_nm=40, levels=4)
+    t0 = time.perf_counter()
+    render_section(vol, 0, tiles, pos, t, threads=2)
+    written = side * side / 1e6 / (time.perf_counter() - t0)
+print(only, written)
+"""
+
+
+def allocator_effect(tile: int, grid: int, repeats: int) -> None:
+    """glibc's default thresholds against `keep_large_blocks`, in fresh child processes run
+    alternately: render only, and render + write (2 threads, no fsync)."""
+    rows: dict[str, list[tuple[float, float]]] = {"default": [], "keep": []}
+    for _ in range(repeats):
+        for mode in rows:
+            out = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, mode, str(tile), str(grid)],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            rows[mode].append((float(out[0]), float(out[1])))
+    print(f"== allocator: {grid}x{grid} tiles of {tile} px, rotated 1.5 deg, fresh process each (median of {repeats})")
+    for mode, v in rows.items():
+        print(f"  {mode:<8} render only {np.median([r[0] for r in v]):6.1f} Mpx/s   "
+              f"render + write {np.median([r[1] for r in v]):6.1f} Mpx/s")
+
+
 def zstd_tradeoff(size: int, repeats: int) -> None:
     """Level 0's zstd level: bytes on disk against write speed, the same section both ways."""
     img = make_stack(1, (size, size), missing=(), max_shift_px=0, max_rotation_deg=0, elastic_px=0).images[0] * 20000
@@ -314,9 +363,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes, one stack")
     ap.add_argument("--big-px", type=int, default=16384, help="side of the memory test's section")
     a = ap.parse_args()
+    keep_large_blocks()       # as the application runs (tapescope.allocator)
     if a.quick:
         accuracy(6, 640, [0])
         throughput(1024, 3, 2)
+        allocator_effect(1024, 3, 2)
         lens_cost(1024, 3, 2)
         zstd_tradeoff(2048, 2)
         memory(4096, 1024)
@@ -324,6 +375,7 @@ def main() -> None:
     else:
         accuracy(6, 1024, [0, 1])
         throughput(2048, 4, 3)
+        allocator_effect(2048, 4, 3)
         lens_cost(2048, 3, 3)
         zstd_tradeoff(4096, 3)
         memory(a.big_px, 4096)

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed, TileAcquired
+from tapescope.allocator import keep_large_blocks
 from tapescope.config import ConfigError, TapescopeConfig, load_config
 from tapescope.stitching.command import stitch as stitch_command
 
@@ -238,6 +239,7 @@ def acquire(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    keep_large_blocks()
     app()
 
 

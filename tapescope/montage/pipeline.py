@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tapescope.allocator import keep_large_blocks
 from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import stitch_section
@@ -118,6 +119,7 @@ class SectionProcessor:
                  device: str = "cpu", lens: str = "estimate", scratch: Path | None = None) -> None:
         if volume.shape[1:] != canvas.shape:
             raise ValueError(f"volume {volume.shape[1:]} and canvas {canvas.shape} differ")
+        keep_large_blocks()
         self.volume = volume
         self.canvas = canvas
         self.align = align

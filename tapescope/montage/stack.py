@@ -31,6 +31,8 @@ import cv2
 import numpy as np
 import tifffile
 
+from tapescope.allocator import keep_large_blocks
+
 from .align import align_section, block_mean, unregistered_reason
 from .blocks import RenderStats, render_section
 from .omezarr import Volume
@@ -170,6 +172,7 @@ def inspect_section(path: Path) -> float:
 
 
 def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path, params: AlignParams) -> PairResult:
+    keep_large_blocks()     # once per worker process
     # Memory-mapped where the TIFF allows: the alignment reads strips and patches.
     fixed = open_image(fixed_path)
     moving = open_image(moving_path)
@@ -180,6 +183,7 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
 
 
 def render_into_volume(volume_path: Path, z: int, path: Path, transform: SectionTransform) -> RenderStats:
+    keep_large_blocks()
     volume = Volume.open(volume_path)
     image = open_image(path)
     # The montage is one "tile" at (0, 0); its own pixels are the source coordinates.
