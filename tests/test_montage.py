@@ -211,3 +211,15 @@ def test_lens_map_stays_within_its_tolerance_of_the_exact_inverse(monkeypatch: p
     off = float(np.abs(through_map[inner] - exact[inner]).max())
     # Positions within the tolerance, plus cv2.remap's own 1/32 px table on either side.
     assert 0 < off <= (LENS_MAP_TOL_PX + 1 / 32) * grad, (off, grad)
+
+
+def test_a_shard_write_that_fails_in_the_background_is_raised(tmp_path: Path) -> None:
+    """Shard writes run on while the next unit renders; one that fails must still end the
+    render with its error, not vanish."""
+    tiles, pos = _tiles()
+    vol = Volume.create(tmp_path / "v.zarr", (1, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    (tmp_path / "v.zarr" / "0" / "c").write_text("a file where level 0's chunks should go")
+    with pytest.raises(Exception) as err:
+        render_section(vol, 0, tiles, pos, _warp())
+    assert "0/c" in str(err.value) or "Not a directory" in str(err.value), err.value
+    assert vol._pending == []                    # nothing left running behind the caller

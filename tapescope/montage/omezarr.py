@@ -8,6 +8,7 @@ are the unit of reading for viewers.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ SHARD_FACTOR = 4   # a shard is SHARD_FACTOR x SHARD_FACTOR chunks in y and x
 # more bytes on EM-like data (measured in bench/bench_montage.py, docs/montage.md).
 ZSTD_LEVEL0 = 1
 ZSTD_PYRAMID = 3
+# Shard writes left to tensorstore's threads while the next unit is rendered, at most this
+# many at once (each holds its uint16 pixels until copied: a 2048^2 unit is 8 MiB).
+MAX_PENDING_WRITES = 4
 
 
 def ome_multiscales(levels: int, pixel_nm: float, thickness_nm: float, name: str) -> dict[str, Any]:
@@ -70,6 +74,8 @@ class Volume:
         self.group = group
         self.levels = [group[str(k)] for k in range(len(group.attrs["ome"]["multiscales"][0]["datasets"]))]
         self._ts: dict[int, Any] = {}
+        self._pending: list[Any] = []       # tensorstore write futures not yet waited for
+        self._lock = threading.Lock()
 
     def _tensorstore(self, level: int) -> Any | None:
         """The same array opened in tensorstore, for pixel I/O, or None (no tensorstore, or
@@ -139,20 +145,42 @@ class Volume:
         ts_arr = self._tensorstore(level)
         if ts_arr is None:
             arr[z, y0:y0 + h, x0:x0 + w] = data
-        else:
-            ts_arr[z, y0:y0 + h, x0:x0 + w].write(data).result()
+            return
+        # Encoded and written by tensorstore's threads while the caller renders on; `flush`
+        # (called before anything reads the level back, and before a section is done) waits.
+        future = ts_arr[z, y0:y0 + h, x0:x0 + w].write(data)
+        with self._lock:
+            self._pending.append(future)
+            oldest = self._pending.pop(0) if len(self._pending) > MAX_PENDING_WRITES else None
+        if oldest is not None:
+            oldest.result()
+
+    def flush(self) -> None:
+        """Wait for every shard write in flight; the first that failed raises."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        errors = []
+        for future in pending:
+            try:
+                future.result()
+            except Exception as exc:     # every write is waited for before the first error is raised
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def write_block(self, z: int, block: tuple[int, int, int, int], data: np.ndarray) -> None:
         """Write one level-0 shard block of section z (whole shards: no read-modify-write)."""
         if data.shape != tuple(block[2:]):
             raise ValueError(f"block data {data.shape} does not match block {block}")
         self._store(0, z, block, data)
+        self.flush()
 
     def build_pyramid(self, z: int, level: int | None = None, start: int = 1) -> None:
         """Levels `start`.. of section z (or just `level`), each shard computed from the 2x2
         shard area of the level below, read back from the store: memory stays at a few
         shards whatever the section's size, and each shard still has exactly one writer."""
         for k in [level] if level is not None else range(start, len(self.levels)):
+            self.flush()                # the level below is read back
             below = self.levels[k - 1]
             for block in self.shard_blocks(k):
                 y0, x0, h, w = block
@@ -163,6 +191,7 @@ class Volume:
                 region = (z, slice(2 * y0, min(2 * (y0 + h), by)), slice(2 * x0, min(2 * (x0 + w), bx)))
                 src = below[region] if ts_below is None else ts_below[region].read().result()
                 self._store(k, z, block, downsample2(src)[:h, :w])
+        self.flush()                    # every level of the section is on disk when this returns
 
     def write_units(self) -> list[tuple[int, int, int, int]]:
         """Level-0 regions (y0, x0, h, w) that are written as one unit: the area of one
