@@ -20,12 +20,11 @@ from tapescope.stitching.lens import RadialDistortion
 
 LENS_TOL_PX = 1e-4      # the fixed-point steps stop when they move a pixel less than this
 LENS_MAX_STEPS = 30
-# The interpolated inverse's largest error allowed, checked on a dense sample. cv2.remap itself
-# places every sample to 1/32 px (its interpolation table), up to 1/64 px off: a lens map
-# within 1/100 px adds less than the renderer's own rounding. OpenCV's bilinear weights are
-# quantized the same way, so the error grows with the spacing, ~|grad E| x spacing / 64.
+# The interpolated inverse's largest error allowed, checked on a dense sample: a tenth of what
+# the estimated lens model is itself off by at the corners (k1 within 2-4 %, docs/stitching.md),
+# a fifth of the stitching's error. Bilinear between nodes errs by ~spacing^2 x E'' / 8.
 LENS_MAP_TOL_PX = 0.01
-LENS_MAP_SPACINGS = (16, 8, 4)   # 32 was slower to apply than 16 (6.7 vs 4.3 ms a Mpx), not faster
+LENS_MAP_SPACINGS = (32, 16, 8, 4)
 
 
 def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
@@ -53,8 +52,8 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
 
 
 class LensMap:
-    """q(t) - t on a grid of `spacing` px over a tile and `margin` px around it, (dx, dy)
-    per node, interpolated bilinearly; beyond the grid the edge value holds, which keeps
+    """q(t) - t on a grid of `spacing` px over a tile and `margin` px around it, interpolated
+    bilinearly; beyond the grid the edge value holds, which keeps
     far points far (they sample outside the tile either way)."""
 
     def __init__(self, lens: RadialDistortion, shape: tuple[int, int], spacing: int, margin: int) -> None:
@@ -62,8 +61,16 @@ class LensMap:
         gy = np.arange(-margin, shape[0] + margin + spacing, spacing, dtype=np.float32)
         gx = np.arange(-margin, shape[1] + margin + spacing, spacing, dtype=np.float32)
         ty, tx = (np.ascontiguousarray(a) for a in np.meshgrid(gy, gx, indexing="ij"))
-        qy, qx = camera_pixels(lens, ty, tx, shape)
-        self.table = np.stack([qx - tx, qy - ty], -1).astype(np.float32)
+        # Far outside a strongly bent sensor the steps diverge: those nodes are inf/nan, and so
+        # are the pixels near them, which then sample nothing, as the exact inverse does there;
+        # nodes near the tile that are not finite fail `error_px`, so such a grid is not used.
+        with np.errstate(over="ignore", invalid="ignore"):
+            qy, qx = camera_pixels(lens, ty, tx, shape)
+        # Two one-channel tables, not one of two channels: OpenCV 5 interpolates a 1-channel
+        # float image with exact weights but a 2-channel one with weights rounded to 1/32
+        # (measured: 4x the error at 16 px spacing, and slower).
+        self.dx = np.ascontiguousarray(qx - tx, np.float32)
+        self.dy = np.ascontiguousarray(qy - ty, np.float32)
 
     def apply(self, ty: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Camera pixels of tile-frame points (float32 arrays of one shape), in place."""
@@ -73,9 +80,8 @@ class LensMap:
         gx *= inv
         gy = ty + m
         gy *= inv
-        e = cv2.remap(self.table, gx, gy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        tx += e[..., 0]
-        ty += e[..., 1]
+        tx += cv2.remap(self.dx, gx, gy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        ty += cv2.remap(self.dy, gx, gy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return ty, tx
 
     def error_px(self, n: int = 20000, seed: int = 0) -> float:

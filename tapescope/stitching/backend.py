@@ -28,8 +28,9 @@ class BackendUnavailable(RuntimeError):
 def sinc_kernel(fraction: float) -> np.ndarray:
     """Lanczos taps that sample a signal at offset `fraction` (0..1) from taps -3..4.
 
-    The fraction enters exactly: OpenCV's remap and warpAffine round it to 1/32 px,
-    a bias of up to 0.016 px, which is a third of our accuracy target.
+    The fraction enters exactly: OpenCV's remap and warpAffine round it to 1/32 px
+    (OpenCV 4, and OpenCV 5 on integer or multi-channel images), a bias of up to
+    0.016 px, which is a third of our accuracy target.
     """
     k = np.arange(-SINC_TAPS + 1, SINC_TAPS + 1) - fraction
     w = np.sinc(k) * np.sinc(k / SINC_TAPS)
