@@ -197,7 +197,7 @@ def test_lens_map_stays_within_its_tolerance_of_the_exact_inverse(monkeypatch: p
     lm = lens_map(mild, (512, 512), 7)
     assert lm is not None and lm.spacing >= 8                     # coarse enough to be worth it
     assert lm.error_px(seed=7) <= 1.2 * LENS_MAP_TOL_PX
-    assert lens_map(RadialDistortion(k1=30.0 / (2**1.5 * 128)), (256, 256), 35) is None
+    assert lens_map(RadialDistortion(k1=30.0 / (2**1.5 * 64)), (128, 128), 35) is None     # 30 px on 128 px
 
     rng = np.random.default_rng(4)
     import cv2
@@ -209,8 +209,8 @@ def test_lens_map_stays_within_its_tolerance_of_the_exact_inverse(monkeypatch: p
     inner = (slice(20, 490), slice(20, 930))                     # away from where coverage ends
     grad = max(float(np.abs(np.diff(exact[inner], axis=a)).max()) for a in (0, 1))
     off = float(np.abs(through_map[inner] - exact[inner]).max())
-    # Positions within the tolerance, plus cv2.remap's own 1/32 px table on either side.
-    assert 0 < off <= (LENS_MAP_TOL_PX + 1 / 32) * grad, (off, grad)
+    # Positions within the tolerance: values within it times the steepest slope nearby.
+    assert 0 < off <= 1.5 * LENS_MAP_TOL_PX * grad, (off, grad)
 
 
 def test_a_shard_write_that_fails_in_the_background_is_raised(tmp_path: Path) -> None:
@@ -223,3 +223,54 @@ def test_a_shard_write_that_fails_in_the_background_is_raised(tmp_path: Path) ->
         render_section(vol, 0, tiles, pos, _warp())
     assert "0/c" in str(err.value) or "Not a directory" in str(err.value), err.value
     assert vol._pending == []                    # nothing left running behind the caller
+
+
+def _smooth_scene() -> tuple[list[np.ndarray], np.ndarray]:
+    import cv2
+    rng = np.random.default_rng(6)
+    tiles = [cv2.GaussianBlur(rng.uniform(0, 1000, (300, 300)).astype(np.float32), (0, 0), 2) + 500 * k
+             for k in range(4)]
+    return tiles, np.array([[10.3, 5.2], [12.1, 275.7], [280.4, 7.9], [282.0, 277.3]])
+
+
+def _agree_within_placement(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> None:
+    """Two renders agree to 1/100 px of placement (the local gradient over 100) plus float32
+    rounding, where tiles land (at the rim of coverage the normalisation divides by almost
+    nothing). Measured on NumPy: within 0.003 of the gradient."""
+    (img_a, cov_a), (img_b, cov_b) = a, b
+    seen = (cov_a > 0.05) & (cov_b > 0.05)
+    assert seen.mean() > 0.8
+    gy, gx = np.gradient(img_b)
+    slope = np.maximum(np.abs(gy), np.abs(gx))
+    import cv2
+    slope = cv2.dilate(slope, np.ones((3, 3), np.uint8))   # the sample may sit a pixel over
+    off = np.abs(img_a - img_b)[seen]
+    assert np.all(off <= slope[seen] / 100 + 0.01), float((off - slope[seen] / 100).max())
+    assert np.abs(cov_a - cov_b)[seen].max() < 0.01
+
+
+def test_ndimage_warp_draws_what_opencv_draws() -> None:
+    """The warp that runs on a GPU (map_coordinates), here on NumPy: the same image as
+    OpenCV's remap, with rotation, field, lens, blending and tiles drawn alone."""
+    from tapescope.montage.warp import NdimageWarp
+    from tapescope.stitching.lens import RadialDistortion
+
+    tiles, pos = _smooth_scene()
+    lens = RadialDistortion(k1=2.0 / (2**1.5 * 150))
+    cv = render_block(tiles, pos, _warp(), (0, 0, 600, 600), lens=lens)
+    nd = render_block(tiles, pos, _warp(), (0, 0, 600, 600), lens=lens, warp=NdimageWarp(np))
+    _agree_within_placement(nd, cv)
+    assert np.abs(nd[0] - cv[0]).max() > 0         # really two different warps
+
+
+def test_render_on_gpu_equals_cpu() -> None:
+    from tapescope.montage.device import gpu_available
+    from tapescope.montage.warp import warp_for
+
+    if not gpu_available():
+        pytest.skip("no CuPy GPU here: the GPU warp runs where one is present (same code tested on NumPy above)")
+    tiles, pos = _smooth_scene()
+    gpu = warp_for("gpu")
+    assert gpu.name.startswith("ndimage (cupy")
+    _agree_within_placement(render_block(tiles, pos, _warp(), (0, 0, 600, 600), warp=gpu),
+                            render_block(tiles, pos, _warp(), (0, 0, 600, 600)))

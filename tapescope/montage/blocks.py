@@ -22,6 +22,7 @@ from tapescope.stitching.lens import RadialDistortion
 from .omezarr import Volume
 from .render import render_block
 from .transform import SectionTransform
+from .warp import warp_for
 
 BLOCK_PX = 2048     # render_to's block: ~100 MB of maps and accumulators at most
 
@@ -35,15 +36,17 @@ class RenderStats:
 def render_section(
     volume: Volume, z: int, tiles: Sequence[np.ndarray], positions: np.ndarray,
     transform: SectionTransform, *, ramp: int | None = None, threads: int = 1,
-    lens: RadialDistortion | None = None,
+    lens: RadialDistortion | None = None, device: str = "cpu",
 ) -> RenderStats:
     """Render section z into every level of `volume`, one level-0 shard at a time.
 
     `transform` maps volume pixels to the coordinates the tile `positions` are given in
     (for a montage image given as one tile at (0, 0): its own pixels). `threads` renders
     that many shards at once; OpenCV and NumPy release the GIL in the heavy parts.
+    `device` picks where pixels are warped (warp.py).
     """
     volume._check_z(z)
+    warp = warp_for(device)
     units = volume.write_units()
     shard = volume.shard_blocks(0)[0][2:]
 
@@ -56,7 +59,7 @@ def render_section(
         for y in range(uy, uy + uh, shard[0]):
             for x in range(ux, ux + uw, shard[1]):
                 h, w = min(shard[0], uy + uh - y), min(shard[1], ux + uw - x)
-                part, cover = render_block(tiles, positions, transform, (y, x, h, w), ramp, lens)
+                part, cover = render_block(tiles, positions, transform, (y, x, h, w), ramp, lens, warp)
                 img[y - uy:y - uy + h, x - ux:x - ux + w] = part
                 covered += int((cover > 1e-6).sum())
         volume.write_unit(z, unit, img)
@@ -80,14 +83,15 @@ def render_section(
 def render_to(
     image: np.ndarray, cover: np.ndarray, tiles: Sequence[np.ndarray], positions: np.ndarray,
     transform: SectionTransform, *, ramp: int | None = None, lens: RadialDistortion | None = None,
-    block: int = BLOCK_PX,
+    block: int = BLOCK_PX, device: str = "cpu",
 ) -> None:
     """Render a section into `image` and its coverage into `cover` (arrays of the output's
     shape, e.g. memory-mapped files), block by block: memory bounded by a block."""
     h, w = image.shape
+    warp = warp_for(device)
     for y in range(0, h, block):
         for x in range(0, w, block):
             bh, bw = min(block, h - y), min(block, w - x)
-            part, cov = render_block(tiles, positions, transform, (y, x, bh, bw), ramp, lens)
+            part, cov = render_block(tiles, positions, transform, (y, x, bh, bw), ramp, lens, warp)
             image[y:y + bh, x:x + bw] = part
             cover[y:y + bh, x:x + bw] = cov

@@ -181,12 +181,13 @@ class SectionProcessor:
                 shape = self.canvas.shape
                 image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
                 cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
-                render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens)
+                render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens,
+                          device=self.device)
                 status, conf, message, transform, shift = self._align(image, cover, reference, Path(tmp))
                 del image, cover     # the maps go before their files
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
-        render_section(self.volume, z, tiles, sol.positions, transform.shifted(oy, ox), lens=lens)
+        render_section(self.volume, z, tiles, sol.positions, transform.shifted(oy, ox), lens=lens, device=self.device)
         stored = self._save_transform(z, transform)
         self.volume.record(z, {
             **info, "status": status, "shift_px": list(shift), "alignment_confidence": conf,

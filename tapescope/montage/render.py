@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from tapescope.stitching.lens import RadialDistortion
 
 from .lens_map import camera_pixels, lens_map
 from .transform import SectionTransform
+from .warp import CvWarp, Warp
 
 
 def feather_weight(shape: tuple[int, int], ramp: int) -> np.ndarray:
@@ -59,10 +59,11 @@ class _Setup:
     lens: RadialDistortion | None
     bend: int                           # how far the lens moves a pixel at most, rounded up
     reach: float                        # how far the field moves a pixel at most, in source pixels
+    warp: Warp
 
     @classmethod
     def of(cls, tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
-           ramp: int | None, lens: RadialDistortion | None) -> _Setup:
+           ramp: int | None, lens: RadialDistortion | None, warp: Warp | None = None) -> _Setup:
         if not len(tiles):
             raise ValueError("no tiles to render")
         th, tw = tiles[0].shape[:2]
@@ -73,7 +74,7 @@ class _Setup:
         fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
         inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
         return cls(tiles, np.asarray(positions, float), transform, inv, (th, tw),
-                   ramp or max(4, min(th, tw) // 16), lens, bend, FIELD_REACH * fmax)
+                   ramp or max(4, min(th, tw) // 16), lens, bend, FIELD_REACH * fmax, warp or CvWarp())
 
     def source_boxes(self, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
         """(n, 4) bounds (y_lo, y_hi, x_lo, x_hi) of the section points that output boxes
@@ -179,7 +180,7 @@ def _one_tile(s: _Setup, i: int, region: tuple[int, int, int, int], dst: np.ndar
     cy0, cy1, cx0, cx1 = s.crop_box(box, i)
     crop = np.asarray(s.tiles[i][cy0:cy1, cx0:cx1], np.float32)
     mx, my = s.tile_maps(*s.transform.block_maps(ry, rx, rh, rw), i, cy0, cx0)
-    cv2.remap(crop, mx, my, cv2.INTER_LINEAR, dst=dst, borderMode=cv2.BORDER_CONSTANT)
+    s.warp.draw(crop, mx, my, dst)
 
 
 def _blend(s: _Setup, region: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +189,8 @@ def _blend(s: _Setup, region: tuple[int, int, int, int]) -> tuple[np.ndarray, np
     th, tw = s.shape
     mx, my = s.transform.block_maps(y0, x0, h, w)
     box = s.source_boxes(np.array([y0]), np.array([y0 + h - 1]), np.array([x0]), np.array([x0 + w - 1]))[0]
-    acc = np.zeros((h, w), np.float32)
-    wsum = np.zeros((h, w), np.float32)
+    acc = s.warp.zeros((h, w))
+    wsum = s.warp.zeros((h, w))
     inv = s.inv
     slack = (s.reach + s.bend) * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
     for i, (py, px) in enumerate(s.positions):
@@ -216,15 +217,16 @@ def _blend(s: _Setup, region: tuple[int, int, int, int]) -> tuple[np.ndarray, np
         wt = np.outer(wy, wx)
         crop = np.multiply(s.tiles[i][cy0:cy1, cx0:cx1], wt, dtype=np.float32)
         tx, ty = s.tile_maps(mx[by0:by1, bx0:bx1].copy(), my[by0:by1, bx0:bx1].copy(), i, cy0, cx0)
-        acc[by0:by1, bx0:bx1] += cv2.remap(crop, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        wsum[by0:by1, bx0:bx1] += cv2.remap(wt, tx, ty, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    out = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 1e-6)
-    return out, wsum
+        at = (slice(by0, by1), slice(bx0, bx1))
+        s.warp.add_pulled(acc, at, crop, tx, ty)
+        s.warp.add_pulled(wsum, at, wt, tx, ty)
+    return s.warp.normalised(acc, wsum)
 
 
 def render_block(
     tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
     block: tuple[int, int, int, int], ramp: int | None = None, lens: RadialDistortion | None = None,
+    warp: Warp | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render the output block (y0, x0, h, w) of a section, feathered: (image, coverage).
 
@@ -235,8 +237,9 @@ def render_block(
     the camera's distortion, is taken out of every tile on the way (none: tiles as taken).
     Where one tile alone lands at full weight, coverage is 1 and its pixels are drawn
     directly; elsewhere tiles are blended and coverage is their summed feather weight.
+    `warp` does the per-pixel work (warp.py: OpenCV by default, CuPy on a GPU).
     """
-    s = _Setup.of(tiles, positions, transform, ramp, lens)
+    s = _Setup.of(tiles, positions, transform, ramp, lens, warp)
     y0, x0, h, w = block
     image = np.empty((h, w), np.float32)
     cover = np.empty((h, w), np.float32)

@@ -182,12 +182,13 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
                       a.chance)
 
 
-def render_into_volume(volume_path: Path, z: int, path: Path, transform: SectionTransform) -> RenderStats:
+def render_into_volume(volume_path: Path, z: int, path: Path, transform: SectionTransform,
+                       device: str = "cpu") -> RenderStats:
     keep_large_blocks()
     volume = Volume.open(volume_path)
     image = open_image(path)
     # The montage is one "tile" at (0, 0); its own pixels are the source coordinates.
-    return render_section(volume, z, [image], np.zeros((1, 2)), transform, ramp=1)
+    return render_section(volume, z, [image], np.zeros((1, 2)), transform, ramp=1, device=device)
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def align_stack(
     render_z = sorted(transforms)
     say(f"rendering {len(render_z)} sections")
     map_fn(render_into_volume, [vol_path] * len(render_z), render_z, [by_z[z].path for z in render_z],
-           [transforms[z] for z in render_z])
+           [transforms[z] for z in render_z], [params.device] * len(render_z))
     for z in render_z:
         volume.save_transform(z, transforms[z])
     for z in sorted(outcome):
