@@ -139,6 +139,9 @@ class ProcessingConfig(_Model):
     scratch: Path | None = Field(
         None, description="folder for each section's scratch files while it is aligned (14 bytes a canvas "
         "pixel; a fast local disk); default: beside the volume")
+    device: Literal["cpu", "gpu", "auto"] = Field(
+        "cpu", description="where sections are warped and their flow fields computed: 'gpu' needs CuPy and "
+        "a CUDA device (checked before the run starts), 'auto' uses one where present")
 
     @model_validator(mode="after")
     def _chunk_power_of_two(self) -> ProcessingConfig:

@@ -96,7 +96,7 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     """Image every planned slot and write the aligned volume to OUT/volume.zarr.
 
     ``on_engine`` receives the engine before it starts (the GUI uses it for run control)."""
-    if (problem := scratch_problem(cfg)) is not None:
+    if (problem := processing_problem(cfg)) is not None:
         raise ValueError(problem)
     # Set-up I/O happens once, before any device moves; blocking here is harmless.
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
@@ -153,7 +153,8 @@ def config_differences(old: TapescopeConfig, new: TapescopeConfig) -> list[str]:
     """Fields that decide what a run images and that differ between two configs."""
     a = _flat({k: old.model_dump(mode="json")[k] for k in RUN_DEFINING})
     b = _flat({k: new.model_dump(mode="json")[k] for k in RUN_DEFINING})
-    for machine_local in ("processing.scratch",):      # where this host keeps scratch, not what is imaged
+    # Where this host keeps scratch and does its arithmetic, not what is imaged.
+    for machine_local in ("processing.scratch", "processing.device"):
         a.pop(machine_local, None)
         b.pop(machine_local, None)
     cam_a, cam_b = old.scope.camera, new.scope.camera
@@ -216,17 +217,26 @@ def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, Tape
     notes = {"torn_journal_bytes": torn, "torn_tile_files": [str(p.relative_to(run_dir)) for p in stray],
              "invalid_tiles": invalid}
     store.log_event("run_resumed", time=time.time(), **notes)
-    # Keep cfg's scope (ports may differ: a restarted simulator, a moved serial adapter), and
-    # its scratch folder (the disk may be mounted elsewhere on this host).
-    processing = snap.processing.model_copy(update={"scratch": cfg.processing.scratch})
+    # Keep cfg's scope (ports may differ: a restarted simulator, a moved serial adapter), its
+    # scratch folder (the disk may be mounted elsewhere on this host) and its device.
+    processing = snap.processing.model_copy(update={"scratch": cfg.processing.scratch,
+                                                    "device": cfg.processing.device})
     return store, snap.model_copy(update={"scope": cfg.scope, "mqtt": cfg.mqtt, "processing": processing}), notes
 
 
-def scratch_problem(cfg: TapescopeConfig) -> str | None:
-    """Why the configured scratch folder cannot be used, checked before a run creates anything."""
-    s = cfg.processing.scratch
-    if cfg.processing.enabled and s is not None and not Path(s).is_dir():
-        return f"processing.scratch: {s} is not a folder (it must exist before the run)"
+def processing_problem(cfg: TapescopeConfig) -> str | None:
+    """Why live processing could not run as configured (a scratch folder that is not there,
+    a GPU that is not), checked before a run creates anything."""
+    proc = cfg.processing
+    if not proc.enabled:
+        return None
+    if proc.scratch is not None and not Path(proc.scratch).is_dir():
+        return f"processing.scratch: {proc.scratch} is not a folder (it must exist before the run)"
+    if proc.device == "gpu":
+        from tapescope.montage.device import gpu_available
+        if not gpu_available():
+            return ("processing.device: 'gpu', but CuPy or a CUDA device is not available here "
+                    "(install the 'gpu' extra, or set 'cpu' or 'auto')")
     return None
 
 
@@ -265,7 +275,7 @@ async def run_acquisition(
     on_sim: Callable[[Any], None] | None = None,
 ) -> AcquisitionResult:
     """One headless run into RUN_DIR (raw tiles, journal, report, volume.zarr), or its resumption."""
-    if (problem := scratch_problem(cfg)) is not None:
+    if (problem := processing_problem(cfg)) is not None:
         raise ValueError(problem)
     notes: dict[str, Any] = {}
     if resume and not (run_dir / "journal.jsonl").exists() and never_started(run_dir):
@@ -354,7 +364,7 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
         volume = Volume.create(vol_path, (len(slots), *canvas.shape), pixel_nm=cam.pixel_size_nm,
                                thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels, chunk=proc.chunk)
     processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic, lens=proc.lens,
-                                 scratch=proc.scratch)
+                                 scratch=proc.scratch, device=proc.device)
     if resumed:
         # The next section aligns to the last good one written before the crash, not to nothing.
         primed = processor.prime_from_volume()

@@ -89,10 +89,26 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
 
 def test_a_resumed_run_may_keep_its_scratch_elsewhere(tmp_path: Path) -> None:
     """Where this host keeps scratch is not what the run images: no refusal, the new folder used."""
-    from tapescope.runner import config_differences, scratch_problem
+    from tapescope.runner import config_differences, processing_problem
 
     a = parse_config({"processing": {"scratch": str(tmp_path)}})
     b = parse_config({"processing": {"scratch": str(tmp_path / "moved")}})
     assert config_differences(a, b) == []
-    assert scratch_problem(a) is None
-    assert "moved is not a folder" in (scratch_problem(b) or "")
+    assert processing_problem(a) is None
+    assert "moved is not a folder" in (processing_problem(b) or "")
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_refused_before_the_run() -> None:
+    from tapescope.montage.device import gpu_available
+    from tapescope.runner import config_differences, processing_problem
+
+    gpu = parse_config({"processing": {"device": "gpu"}})
+    cpu = parse_config({"processing": {"device": "cpu"}})
+    assert config_differences(gpu, cpu) == []          # a resumed run may move to another host's device
+    assert processing_problem(cpu) is None
+    if gpu_available():
+        assert processing_problem(gpu) is None
+    else:
+        assert "processing.device: 'gpu'" in (processing_problem(gpu) or "")
+    with pytest.raises(ConfigError, match=r"processing\.device"):
+        parse_config({"processing": {"device": "tpu"}})

@@ -63,9 +63,9 @@ def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: 
     if cfg.mqtt.enabled and cfg.mqtt.username and password is None:
         console.print(f"[bold red]error:[/] mqtt.enabled: set the password in ${cfg.mqtt.password_env}")
         return EXIT_BAD_INPUT
-    from tapescope.runner import scratch_problem
+    from tapescope.runner import processing_problem
 
-    if (problem := scratch_problem(cfg)) is not None:     # before anything is created in run_dir
+    if (problem := processing_problem(cfg)) is not None:     # before anything is created in run_dir
         console.print(f"[bold red]error:[/] {problem}")
         return EXIT_BAD_INPUT
     run_dir.mkdir(parents=True, exist_ok=True)
