@@ -10,7 +10,6 @@ one writer, so units can be rendered by threads here or by Dask workers elsewher
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,18 +64,13 @@ def render_section(
         volume.write_unit(z, unit, img)
         return img.size, covered
 
-    try:
+    with volume.section_writes():       # on an error, no write of it goes on behind the caller
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
                 counts = list(pool.map(one, units))
         else:
             counts = [one(u) for u in units]
-    except BaseException:
-        # No write of this section goes on behind the caller's back once the error is out.
-        with contextlib.suppress(Exception):
-            volume.flush()
-        raise
-    volume.build_pyramid(z, start=1 if units == volume.shard_blocks(0) else 2)
+        volume.build_pyramid(z, start=1 if units == volume.shard_blocks(0) else 2)
     return RenderStats(sum(c[0] for c in counts), sum(c[1] for c in counts))
 
 

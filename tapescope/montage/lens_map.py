@@ -39,14 +39,18 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
     # float32 cannot resolve 1e-4 px at coordinates of thousands: stop at a few of its steps there.
     tol = max(LENS_TOL_PX, 4 * float(np.spacing(np.float32(max(shape)))))
     qy, qx = ty, tx
+    moving = np.ones(np.shape(ty), bool)
     for _ in range(LENS_MAX_STEPS):
         vy, vx = qy - cy, qx - cx
         f = (vy * vy + vx * vx) * inv_r2
         f = f * (k1 + k2 * f) if k2 else f * k1
         ny, nx = ty - f * vy, tx - f * vx
-        step = max(float(np.abs(ny - qy).max(initial=0)), float(np.abs(nx - qx).max(initial=0)))
+        # Each point stops on its own step, so its result does not depend on which others
+        # it is solved with (a block rendered alone equals the whole render).
+        ny, nx = np.where(moving, ny, qy), np.where(moving, nx, qx)
+        moving &= np.maximum(np.abs(ny - qy), np.abs(nx - qx)) >= tol
         qy, qx = ny, nx
-        if step < tol:
+        if not moving.any():
             break
     return qy, qx
 

@@ -7,8 +7,10 @@ are the unit of reading for viewers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +150,28 @@ class Volume:
             return
         # Encoded and written by tensorstore's threads while the caller renders on; `flush`
         # (called before anything reads the level back, and before a section is done) waits.
+        # tensorstore reads `data` later unless told to copy it now: a caller's buffer may be
+        # reused the moment this returns (a memcpy, not the encoding).
         future = ts_arr[z, y0:y0 + h, x0:x0 + w].write(data)
+        future.copy.result()
         with self._lock:
             self._pending.append(future)
             oldest = self._pending.pop(0) if len(self._pending) > MAX_PENDING_WRITES else None
         if oldest is not None:
             oldest.result()
+
+    @contextlib.contextmanager
+    def section_writes(self) -> Iterator[None]:
+        """Writes made inside are on disk when the block ends; if it ends in an error, every
+        write still in flight is waited for (its own errors dropped) before the error goes
+        on, so none is left running to fail the next section's flush."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.flush()
+            raise
+        self.flush()
 
     def flush(self) -> None:
         """Wait for every shard write in flight; the first that failed raises."""
@@ -172,26 +190,30 @@ class Volume:
         """Write one level-0 shard block of section z (whole shards: no read-modify-write)."""
         if data.shape != tuple(block[2:]):
             raise ValueError(f"block data {data.shape} does not match block {block}")
-        self._store(0, z, block, data)
-        self.flush()
+        with self.section_writes():
+            self._store(0, z, block, data)
 
     def build_pyramid(self, z: int, level: int | None = None, start: int = 1) -> None:
         """Levels `start`.. of section z (or just `level`), each shard computed from the 2x2
         shard area of the level below, read back from the store: memory stays at a few
         shards whatever the section's size, and each shard still has exactly one writer."""
-        for k in [level] if level is not None else range(start, len(self.levels)):
-            self.flush()                # the level below is read back
-            below = self.levels[k - 1]
-            for block in self.shard_blocks(k):
-                y0, x0, h, w = block
-                # In the stored dtype: INTER_AREA on uint16 rounds like _store, at 2.5x the speed of float.
-                ts_below = self._tensorstore(k - 1)
-                # Clipped to the level below (odd sizes): tensorstore does not clip slices as zarr does.
-                _, by, bx = below.shape
-                region = (z, slice(2 * y0, min(2 * (y0 + h), by)), slice(2 * x0, min(2 * (x0 + w), bx)))
-                src = below[region] if ts_below is None else ts_below[region].read().result()
-                self._store(k, z, block, downsample2(src)[:h, :w])
-        self.flush()                    # every level of the section is on disk when this returns
+        with self.section_writes():
+            for k in [level] if level is not None else range(start, len(self.levels)):
+                self._pyramid_level(z, k)
+
+    def _pyramid_level(self, z: int, k: int) -> None:
+        """Level k of section z from level k - 1, shard by shard."""
+        self.flush()                    # the level below is read back
+        below = self.levels[k - 1]
+        for block in self.shard_blocks(k):
+            y0, x0, h, w = block
+            # In the stored dtype: INTER_AREA on uint16 rounds like _store, at 2.5x the speed of float.
+            ts_below = self._tensorstore(k - 1)
+            # Clipped to the level below (odd sizes): tensorstore does not clip slices as zarr does.
+            _, by, bx = below.shape
+            region = (z, slice(2 * y0, min(2 * (y0 + h), by)), slice(2 * x0, min(2 * (x0 + w), bx)))
+            src = below[region] if ts_below is None else ts_below[region].read().result()
+            self._store(k, z, block, downsample2(src)[:h, :w])
 
     def write_units(self) -> list[tuple[int, int, int, int]]:
         """Level-0 regions (y0, x0, h, w) that are written as one unit: the area of one
@@ -227,9 +249,10 @@ class Volume:
             raise ValueError(f"section image {image.shape} does not match volume {self.shape[1:]}")
         self._check_z(z)
         units = self.write_units()
-        for y0, x0, h, w in units:
-            self.write_unit(z, (y0, x0, h, w), image[y0:y0 + h, x0:x0 + w])
-        self.build_pyramid(z, start=1 if units == self.shard_blocks(0) else 2)
+        with self.section_writes():
+            for y0, x0, h, w in units:
+                self.write_unit(z, (y0, x0, h, w), image[y0:y0 + h, x0:x0 + w])
+            self.build_pyramid(z, start=1 if units == self.shard_blocks(0) else 2)
         self.record(z, info)
 
     def _check_z(self, z: int) -> None:

@@ -67,6 +67,10 @@ class _Setup:
         if not len(tiles):
             raise ValueError("no tiles to render")
         th, tw = tiles[0].shape[:2]
+        for i, t in enumerate(tiles):
+            if tuple(t.shape[:2]) != (th, tw):
+                raise ValueError(f"tile {i} is {tuple(t.shape[:2])} px, tile 0 is {(th, tw)}: a section's tiles "
+                                 "share one camera frame")
         if lens is not None and lens.is_identity:
             lens = None
         # The lens moves a pixel most at the sensor's corner: crops and parts widen by that.
