@@ -273,6 +273,8 @@ def zstd_tradeoff(size: int, repeats: int) -> None:
 MEMORY_CHILD = r"""
 import sys, numpy as np, tempfile, time
 from pathlib import Path
+from tapescope.allocator import keep_large_blocks
+keep_large_blocks()     # as the application runs
 from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.transform import SectionTransform
