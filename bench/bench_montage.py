@@ -247,6 +247,36 @@ def allocator_effect(tile: int, grid: int, repeats: int) -> None:
               f"render + write {np.median([r[1] for r in v]):6.1f} Mpx/s")
 
 
+def drift(n: int, size: int, seed: int) -> None:
+    """How the error grows along a chain: a longer stack (no blank section), residual
+    against the truth per z, split by distance from the image's edge, where the flow is
+    extrapolated rather than measured."""
+    st = make_stack(n, (size, size), seed=seed, max_rotation_deg=5, max_shift_px=100, elastic_px=3, missing=())
+    bands = ((0, 32), (32, 96), (96, size))
+    print(f"== drift along the chain: {n} sections of {size}x{size} px, each aligned to the one before "
+          "(rigid/affine + elastic); RMS px against the truth by distance from the edge")
+    with tempfile.TemporaryDirectory() as d:
+        write_stack(Path(d) / "stack", [im * 30000 for im in st.images])
+        res = align_stack(Path(d) / "stack", Path(d) / "out", params=AlignParams())
+        vol = Volume.open(res.volume)
+        y, x = np.mgrid[0:size:8, 0:size:8].astype(float)
+        edge = np.minimum.reduce([y, x, size - 1 - y, size - 1 - x])
+        for o in res.sections:
+            if o.z == 0 or o.status != "ok":
+                continue
+            t = vol.load_transform(o.z)
+            sx, sy = t.apply(x, y)
+            gx, gy = st.truth[o.z].apply(sx, sy)
+            rx, ry = st.truth[0].apply(x, y)
+            err = np.hypot(gx - rx, gy - ry)
+            inside = (sx >= 0) & (sx <= size - 1) & (sy >= 0) & (sy <= size - 1)
+            cells = []
+            for lo, hi in bands:
+                sel = inside & (edge >= lo) & (edge < hi)
+                cells.append(f"{lo}-{min(hi, size // 2)} px: {np.sqrt((err[sel] ** 2).mean()):5.2f}")
+            print(f"  z{o.z:<3d} " + "   ".join(cells))
+
+
 def zstd_tradeoff(size: int, repeats: int) -> None:
     """Level 0's zstd level: bytes on disk against write speed, the same section both ways."""
     img = make_stack(1, (size, size), missing=(), max_shift_px=0, max_rotation_deg=0, elastic_px=0).images[0] * 20000
@@ -393,6 +423,7 @@ def main() -> None:
     keep_large_blocks()       # as the application runs (tapescope.allocator)
     if a.quick:
         accuracy(6, 640, [0])
+        drift(8, 640, 0)
         throughput(1024, 3, 2)
         allocator_effect(1024, 3, 2)
         lens_cost(1024, 3, 2)
@@ -401,6 +432,7 @@ def main() -> None:
         live_memory(3072, 512)
     else:
         accuracy(6, 1024, [0, 1])
+        drift(16, 768, 0)
         throughput(2048, 4, 3)
         allocator_effect(2048, 4, 3)
         lens_cost(2048, 3, 3)
