@@ -346,3 +346,23 @@ def test_render_on_gpu_equals_cpu() -> None:
     assert gpu.name.startswith("ndimage (cupy")
     _agree_within_placement(render_block(tiles, pos, _warp(), (0, 0, 600, 600), warp=gpu),
                             render_block(tiles, pos, _warp(), (0, 0, 600, 600)))
+
+
+def test_a_lens_too_strong_to_invert_everywhere_blanks_nothing_it_covers() -> None:
+    """30 px at the corners of 128 px tiles: far outside the sensor the inverse diverges
+    (inf, nan). Those points must sample nothing of that tile, not poison the sum of the
+    tiles that do cover them, on either warp."""
+    from tapescope.montage.warp import NdimageWarp
+    from tapescope.stitching.lens import RadialDistortion
+
+    rng = np.random.default_rng(8)
+    n = 128
+    tiles = [rng.uniform(100, 200, (n, n)).astype(np.float32) for _ in range(4)]
+    pos = np.array([[0.0, 0.0], [0.0, 0.8 * n], [0.8 * n, 0.0], [0.8 * n, 0.8 * n]]) + 40
+    lens = RadialDistortion(k1=-30.0 / (2**1.5 * n / 2))
+    block = (0, 0, 2 * n + 80, 2 * n + 80)
+    for warp in (None, NdimageWarp(np)):
+        img, cover = render_block(tiles, pos, SectionTransform.identity(), block, lens=lens, warp=warp)
+        assert np.isfinite(img).all() and np.isfinite(cover).all()
+        seen = cover > 0.05
+        assert seen.mean() > 0.3 and (img[seen] > 90).all()      # every covered pixel has a tile's value

@@ -19,6 +19,7 @@ from .device import array_module
 from .flow import clean_flow, flow_rows, relax_mesh
 from .render import render_block
 from .transform import SectionTransform
+from .warp import warp_for
 
 COARSE_FACTOR = 4
 
@@ -290,6 +291,7 @@ def align_section(
     if fixed.shape != moving.shape:
         raise ValueError(f"shapes differ: {fixed.shape} vs {moving.shape}")
     xp = array_module(device)
+    warp = warp_for(device)
     coarse = _coarse_affine(fixed, moving, fixed_valid, moving_valid, max_rotation_deg, chance=True)
     transform, conf, rot = coarse.transform, coarse.confidence, coarse.rotation_deg
     nodes, rms = 0, 0.0
@@ -308,10 +310,10 @@ def align_section(
                 # The moving strip rendered through the current transform on demand: the
                 # warped section is never whole in memory (render_block reads what it needs).
                 block = (y0, 0, y1 - y0, shape[1])
-                img, cover = render_block([moving], np.zeros((1, 2)), t, block, ramp=1)
+                img, cover = render_block([moving], np.zeros((1, 2)), t, block, ramp=1, warp=warp)
                 ok = cover > 0.99
                 if mv is not None:
-                    ok &= render_block([mv], np.zeros((1, 2)), t, block, ramp=1)[0] > 0.99
+                    ok &= render_block([mv], np.zeros((1, 2)), t, block, ramp=1, warp=warp)[0] > 0.99
                 return img, ok
 
             flow = flow_rows(fixed_rows, moving_rows, shape, stride=stride, patch=patch, max_shift=patch / 8,

@@ -6,6 +6,7 @@ device, so the same code runs on a laptop, in CI (no GPU) and on a GPU node.
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
@@ -14,14 +15,23 @@ import numpy as np
 DEVICES = ("auto", "cpu", "gpu")
 
 
+@functools.cache
 def _cupy() -> ModuleType | None:
+    """CuPy if it imports, sees a device and can run what this package runs there: a GPU
+    whose kernels cannot be compiled (no NVRTC, a driver too old for the card) would pass a
+    device count and fail mid-run instead."""
     try:
         import cupy  # type: ignore[import-not-found]
+        import cupyx.scipy.ndimage  # type: ignore[import-not-found]
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return None
+        probe = cupy.arange(16, dtype=cupy.float32).reshape(4, 4)
+        cupyx.scipy.ndimage.map_coordinates(probe, cupy.ones((2, 1), cupy.float32), order=1,
+                                            mode="grid-constant", output=cupy.float32)
+        cupy.fft.fft2(probe).get()
         return cupy
-    except Exception:  # no cupy, no driver, no device: all mean "no GPU here"
+    except Exception:  # no cupy, no driver, no device, no compiler: all mean "no GPU here"
         return None
 
 

@@ -66,8 +66,8 @@ class LensMap:
         gx = np.arange(-margin, shape[1] + margin + spacing, spacing, dtype=np.float32)
         ty, tx = (np.ascontiguousarray(a) for a in np.meshgrid(gy, gx, indexing="ij"))
         # Far outside a strongly bent sensor the steps diverge: those nodes are inf/nan, and so
-        # are the pixels near them, which then sample nothing, as the exact inverse does there;
-        # nodes near the tile that are not finite fail `error_px`, so such a grid is not used.
+        # are the points near them, as with the exact inverse (render.py sends such points off
+        # the tile); nodes near the tile that are not finite fail `error_px`: grid not used.
         with np.errstate(over="ignore", invalid="ignore"):
             qy, qx = camera_pixels(lens, ty, tx, shape)
         # Two one-channel tables, not one of two channels: OpenCV 5 interpolates a 1-channel
@@ -96,9 +96,10 @@ class LensMap:
         ty = rng.uniform(-1, h, n).astype(np.float32)
         tx = rng.uniform(-1, w, n).astype(np.float32)
         ty[:4], tx[:4] = [-1, -1, h, h], [-1, w, -1, w]
-        ey, ex = camera_pixels(self.lens, ty.reshape(1, -1), tx.reshape(1, -1), self.shape)
-        ay, ax = self.apply(ty.reshape(1, -1).copy(), tx.reshape(1, -1).copy())
-        return float(np.hypot(ay - ey, ax - ex).max())
+        with np.errstate(over="ignore", invalid="ignore"):     # a diverging point fails the check
+            ey, ex = camera_pixels(self.lens, ty.reshape(1, -1), tx.reshape(1, -1), self.shape)
+            ay, ax = self.apply(ty.reshape(1, -1).copy(), tx.reshape(1, -1).copy())
+            return float(np.hypot(ay - ey, ax - ex).max())
 
 
 @functools.lru_cache(maxsize=16)

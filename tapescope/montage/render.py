@@ -110,7 +110,17 @@ class _Setup:
         my -= np.float32(py)
         if self.lens is not None:
             table = lens_map(self.lens, self.shape, self.bend + 4)
-            my, mx = camera_pixels(self.lens, my, mx, self.shape) if table is None else table.apply(my, mx)
+            if table is None:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    my, mx = camera_pixels(self.lens, my, mx, self.shape)
+            else:
+                my, mx = table.apply(my, mx)
+            # Far outside a strongly bent sensor the inverse diverges (inf, nan). Such points
+            # see nothing of this tile: sent off it, as a nan would blank the others' sum.
+            lost = ~(np.isfinite(mx) & np.isfinite(my))
+            if lost.any():
+                mx[lost] = -2 - self.shape[1]
+                my[lost] = -2 - self.shape[0]
         mx -= np.float32(cx0)
         my -= np.float32(cy0)
         return mx, my
@@ -221,9 +231,7 @@ def _blend(s: _Setup, region: tuple[int, int, int, int]) -> tuple[np.ndarray, np
         wt = np.outer(wy, wx)
         crop = np.multiply(s.tiles[i][cy0:cy1, cx0:cx1], wt, dtype=np.float32)
         tx, ty = s.tile_maps(mx[by0:by1, bx0:bx1].copy(), my[by0:by1, bx0:bx1].copy(), i, cy0, cx0)
-        at = (slice(by0, by1), slice(bx0, bx1))
-        s.warp.add_pulled(acc, at, crop, tx, ty)
-        s.warp.add_pulled(wsum, at, wt, tx, ty)
+        s.warp.add_pulled(acc, wsum, (slice(by0, by1), slice(bx0, bx1)), crop, wt, tx, ty)
     return s.warp.normalised(acc, wsum)
 
 

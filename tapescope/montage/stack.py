@@ -316,11 +316,11 @@ def align_stack(
     return StackResult(vol_path, [outcome[z] for z in sorted(outcome)], summary)
 
 
-def rerender_section(volume_path: Path, z: int, montage: Path) -> RenderStats:
+def rerender_section(volume_path: Path, z: int, montage: Path, device: str = "cpu") -> RenderStats:
     """Render section z of an aligned volume again from its montage and the transform
     stored beside the volume (e.g. after the montage was re-stitched or the volume lost)."""
     volume = Volume.open(volume_path)
-    return render_into_volume(volume_path, z, montage, volume.load_transform(z))
+    return render_into_volume(volume_path, z, montage, volume.load_transform(z), device)
 
 
 def neuroglancer_source(volume: Path, base_url: str = "http://localhost:8000") -> str:

@@ -33,8 +33,9 @@ class Warp(Protocol):
     def zeros(self, shape: tuple[int, int]) -> Any:
         """A float32 accumulator where this warp works."""
 
-    def add_pulled(self, acc: Any, at: Index, src: np.ndarray, mx: np.ndarray, my: np.ndarray) -> None:
-        """acc[at] += src pulled through the maps."""
+    def add_pulled(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
+                   mx: np.ndarray, my: np.ndarray) -> None:
+        """acc[at] += crop and wsum[at] += wt, each pulled through the same maps."""
 
     def normalised(self, acc: Any, wsum: Any) -> tuple[np.ndarray, np.ndarray]:
         """(acc / wsum, 0 where wsum is ~0; wsum), on the host."""
@@ -49,8 +50,10 @@ class CvWarp:
     def zeros(self, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape, np.float32)
 
-    def add_pulled(self, acc: np.ndarray, at: Index, src: np.ndarray, mx: np.ndarray, my: np.ndarray) -> None:
-        acc[at] += cv2.remap(src, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    def add_pulled(self, acc: np.ndarray, wsum: np.ndarray, at: Index, crop: np.ndarray, wt: np.ndarray,
+                   mx: np.ndarray, my: np.ndarray) -> None:
+        acc[at] += cv2.remap(crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        wsum[at] += cv2.remap(wt, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
     def normalised(self, acc: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 1e-6), wsum
@@ -66,20 +69,27 @@ class NdimageWarp:
         self.ndi = ndi
         self.name = f"ndimage ({xp.__name__})"
 
-    def _pull(self, src: np.ndarray, mx: np.ndarray, my: np.ndarray) -> Any:
+    def _coords(self, mx: np.ndarray, my: np.ndarray) -> Any:
+        """The maps where this warp works, in map_coordinates' (row, column) order."""
         xp = self.xp
-        coords = xp.stack([xp.asarray(my, xp.float32), xp.asarray(mx, xp.float32)])
+        return xp.stack([xp.asarray(my, xp.float32), xp.asarray(mx, xp.float32)])
+
+    def _pull(self, src: np.ndarray, coords: Any) -> Any:
+        xp = self.xp
         return self.ndi.map_coordinates(xp.asarray(src, xp.float32), coords, order=1, mode="grid-constant",
                                         cval=0.0, output=xp.float32)
 
     def draw(self, crop: np.ndarray, mx: np.ndarray, my: np.ndarray, dst: np.ndarray) -> None:
-        dst[...] = to_numpy(self._pull(crop, mx, my))
+        dst[...] = to_numpy(self._pull(crop, self._coords(mx, my)))
 
     def zeros(self, shape: tuple[int, int]) -> Any:
         return self.xp.zeros(shape, self.xp.float32)
 
-    def add_pulled(self, acc: Any, at: Index, src: np.ndarray, mx: np.ndarray, my: np.ndarray) -> None:
-        acc[at] += self._pull(src, mx, my)
+    def add_pulled(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
+                   mx: np.ndarray, my: np.ndarray) -> None:
+        coords = self._coords(mx, my)      # sent to the device once for both
+        acc[at] += self._pull(crop, coords)
+        wsum[at] += self._pull(wt, coords)
 
     def normalised(self, acc: Any, wsum: Any) -> tuple[np.ndarray, np.ndarray]:
         xp = self.xp
