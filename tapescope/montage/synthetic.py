@@ -60,6 +60,12 @@ class SimStack:
         with `chain` (the other sections' transforms), inside each of theirs: where a
         section was aligned through a chain of neighbours, only the area the chain shares
         is determined by the data."""
+        err = self.residual_map(z, transform, step, chain)
+        return err[np.isfinite(err)]
+
+    def residual_map(self, z: int, transform: SectionTransform, step: int = 8,
+                     chain: dict[int, SectionTransform] | None = None) -> np.ndarray:
+        """`residual` on its grid (output pixels every `step`), nan where it is not taken."""
         h, w = self.images[0].shape
         y, x = np.mgrid[0:h:step, 0:w:step].astype(np.float64)
         ok = self.valid[0][y.astype(int), x.astype(int)].copy()
@@ -72,7 +78,9 @@ class SimStack:
         sx, sy = transform.apply(x[ok], y[ok])
         gx, gy = self.truth[z].apply(sx, sy)
         rx, ry = self.truth[0].apply(x[ok], y[ok])
-        return np.hypot(gx - rx, gy - ry)
+        err = np.full(x.shape, np.nan)
+        err[ok] = np.hypot(gx - rx, gy - ry)
+        return err
 
 
 def make_stack(
