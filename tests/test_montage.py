@@ -164,23 +164,24 @@ def test_pixels_one_tile_draws_alone_equal_the_blend(monkeypatch: pytest.MonkeyP
     from tapescope.stitching.lens import RadialDistortion
 
     rng = np.random.default_rng(3)
-    # Tiles of 300 px overlapping by ~30 px; each its own texture and brightness, so a pixel
+    # Tiles of 520 px overlapping by ~40 px; each its own texture and brightness, so a pixel
     # drawn from the wrong tile, or alone where two blend, is far off.
-    tiles = [rng.uniform(100, 200, (300, 300)).astype(np.float32) + 300 * k for k in range(4)]
-    pos = np.array([[10.3, 5.2], [12.1, 275.7], [280.4, 7.9], [282.0, 277.3]])
-    lens = RadialDistortion(k1=3.0 / (2**1.5 * 150))
+    tiles = [rng.uniform(100, 200, (520, 520)).astype(np.float32) + 300 * k for k in range(4)]
+    pos = np.array([[10.3, 5.2], [12.1, 485.7], [480.4, 7.9], [482.0, 487.3]])
+    lens = RadialDistortion(k1=3.0 / (2**1.5 * 260))
     t = _warp()
-    sorted_ = render._sorted_cells(render._Setup.of(tiles, pos, t, None, lens), (0, 0, 600, 600))[2]
-    assert (sorted_ >= 0).sum() >= 3 and (sorted_ < 0).sum() >= 9       # both ways are exercised
-    fast, fast_cover = render_block(tiles, pos, t, (0, 0, 600, 600), lens=lens)
+    block = (0, 0, 1000, 1000)
+    sorted_ = render._sorted_cells(render._Setup.of(tiles, pos, t, None, lens), block)[2]
+    assert (sorted_ >= 0).sum() >= 8 and (sorted_ < 0).sum() >= 9       # both ways are exercised
+    fast, fast_cover = render_block(tiles, pos, t, block, lens=lens)
 
-    def all_blended(s: render._Setup, block: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
-        rows, cols, owner = original(s, block)
+    def all_blended(*args: object) -> tuple[np.ndarray, ...]:
+        rows, cols, owner = original(*args)
         return rows, cols, np.full_like(owner, -1)
 
     original = render._sorted_cells
     monkeypatch.setattr(render, "_sorted_cells", all_blended)
-    slow, slow_cover = render_block(tiles, pos, t, (0, 0, 600, 600), lens=lens)
+    slow, slow_cover = render_block(tiles, pos, t, block, lens=lens)
     assert np.abs(fast - slow).max() <= 1e-6 * np.abs(slow).max()      # the same to float32 rounding
     assert np.allclose(fast_cover, slow_cover, atol=1e-5)
 
@@ -232,8 +233,8 @@ def test_cells_drawn_alone_equal_the_blend_whatever_the_geometry(seed: int, monk
     fast, fast_cover = render_block(tiles, pos, t, block, ramp, lens)
     original = render._sorted_cells
 
-    def all_blended(s: render._Setup, b: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
-        rows, cols, owner = original(s, b)
+    def all_blended(*args: object) -> tuple[np.ndarray, ...]:
+        rows, cols, owner = original(*args)
         return rows, cols, np.full_like(owner, -1)
 
     monkeypatch.setattr(render, "_sorted_cells", all_blended)
@@ -366,3 +367,25 @@ def test_a_lens_too_strong_to_invert_everywhere_blanks_nothing_it_covers() -> No
         assert np.isfinite(img).all() and np.isfinite(cover).all()
         seen = cover > 0.05
         assert seen.mean() > 0.3 and (img[seen] > 90).all()      # every covered pixel has a tile's value
+
+
+def test_a_block_works_over_the_tiles_near_it_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section has thousands of tiles and a block meets a few: per-tile work (sorting,
+    crops, blending) runs over those few, and the image is the one all tiles would give."""
+    import tapescope.montage.render as render
+
+    rng = np.random.default_rng(9)
+    n, grid = 96, 20
+    step = 86.0
+    tiles = [rng.uniform(100, 200, (n, n)).astype(np.float32) for _ in range(grid * grid)]
+    pos = np.array([(r * step, c * step) for r in range(grid) for c in range(grid)])
+    pos += rng.uniform(-2, 2, pos.shape)
+    t = SectionTransform(np.array([[np.cos(0.03), -np.sin(0.03), 5.0], [np.sin(0.03), np.cos(0.03), 3.0]]))
+    block = (700, 900, 200, 160)
+    s = render._Setup.of(tiles, pos, t, None, None)
+    near = s.near(s.source_boxes(np.array([700]), np.array([899]), np.array([900]), np.array([1059]))[0])
+    assert 4 <= len(near) <= 16                                     # of 400
+    img, cover = render_block(tiles, pos, t, block)
+    monkeypatch.setattr(render._Setup, "near", lambda self, box: np.arange(len(self.positions)))
+    img_all, cover_all = render_block(tiles, pos, t, block)
+    assert np.array_equal(img, img_all) and np.array_equal(cover, cover_all) and cover.min() > 0
