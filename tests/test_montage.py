@@ -389,3 +389,41 @@ def test_a_block_works_over_the_tiles_near_it_only(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(render._Setup, "near", lambda self, box: np.arange(len(self.positions)))
     img_all, cover_all = render_block(tiles, pos, t, block)
     assert np.array_equal(img, img_all) and np.array_equal(cover, cover_all) and cover.min() > 0
+
+
+def test_tiles_of_another_frame_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    tiles, pos = _tiles()
+    tiles[2] = np.zeros((600, 600), np.float32)          # another camera's frame
+    vol = Volume.create(tmp_path / "v.zarr", (1, 600, 600), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    with pytest.raises(ValueError, match=r"tile 2 is \(600, 600\) px"):
+        render_section(vol, 0, tiles, pos, SectionTransform.identity())
+    assert not vol.levels[0][0].any()
+    with pytest.raises(ValueError, match="tile 2"):        # a block it reaches only by its extra part
+        render_block(tiles, pos, SectionTransform.identity(), (0, 0, 600, 600))
+
+
+def test_a_cell_is_sorted_the_same_in_any_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell that sticks out of a block is sorted with every tile that reaches any of it,
+    so it is drawn the same way whichever block renders it (the right tile reaches only
+    the part of cell column 3 beyond x = 480)."""
+    import tapescope.montage.render as render
+
+    rng = np.random.default_rng(0)
+    tiles = [rng.uniform(100, 200, (620, 620)).astype(np.float32) + 300 * k for k in range(2)]
+    pos = np.array([[-50.0, -50.0], [-50.0, 505.3]])
+    t = SectionTransform.identity()
+    whole = render._sorted_cells(render._Setup.of(tiles, pos, t, None, None), (0, 0, 560, 1100))[2]
+    seen: dict[tuple[int, int, int, int], np.ndarray] = {}
+    original = render._sorted_cells
+
+    def spy(s: render._Setup, block: tuple[int, int, int, int], near: np.ndarray | None = None) -> tuple:
+        out = original(s, block, near)
+        seen[block] = out[2]
+        return out
+
+    monkeypatch.setattr(render, "_sorted_cells", spy)
+    for x1 in (480, 497):
+        render_block(tiles, pos, t, (0, 0, 560, x1))
+        owner = seen[(0, 0, 560, x1)]
+        assert np.array_equal(owner, whole[:, :owner.shape[1]]), (x1, owner[1], whole[1])
+    assert whole[1, 3] == -1                     # the cell in question is blended

@@ -19,7 +19,7 @@ import numpy as np
 from tapescope.stitching.lens import RadialDistortion
 
 from .omezarr import Volume
-from .render import render_block
+from .render import check_tile_shapes, render_block
 from .transform import SectionTransform
 from .warp import warp_for
 
@@ -45,6 +45,7 @@ def render_section(
     `device` picks where pixels are warped (warp.py).
     """
     volume._check_z(z)
+    check_tile_shapes(tiles)        # once for the section, before any block is written
     warp = warp_for(device)
     units = volume.write_units()
     shard = volume.shard_blocks(0)[0][2:]
@@ -82,6 +83,7 @@ def render_to(
     """Render a section into `image` and its coverage into `cover` (arrays of the output's
     shape, e.g. memory-mapped files), block by block: memory bounded by a block."""
     h, w = image.shape
+    check_tile_shapes(tiles)
     warp = warp_for(device)
     for y in range(0, h, block):
         for x in range(0, w, block):

@@ -42,6 +42,20 @@ def _ramp(s: np.ndarray, n: int, ramp: float) -> np.ndarray:
     return r
 
 
+def check_tile_shapes(tiles: Sequence[np.ndarray], index: Sequence[int] | None = None,
+                      shape: tuple[int, int] | None = None) -> None:
+    """Every tile has the camera frame of the first (or `shape`); the odd one out is named.
+    Extents are worked out from one frame, so a tile of another size would be cut short."""
+    if not len(tiles):
+        return
+    shape = shape or tuple(tiles[0].shape[:2])
+    for k, t in enumerate(tiles):
+        if tuple(t.shape[:2]) != shape:
+            i = k if index is None else int(index[k])
+            raise ValueError(f"tile {i} is {tuple(t.shape[:2])} px, the section's tiles are {shape}: "
+                             "a section's tiles share one camera frame")
+
+
 CELL_PX = 128       # grid, anchored at output (0, 0), on which each pixel is one tile's alone or blended
 FIELD_REACH = 1.9   # |bicubic field| <= this x its largest node: (sum of |OpenCV's cubic weights|)^2
 
@@ -97,10 +111,7 @@ class _Setup:
         m = self.bend + 2
         idx = np.flatnonzero((py - m <= box[1]) & (py + th + m >= box[0])
                              & (px - m <= box[3]) & (px + tw + m >= box[2]))
-        for i in idx:
-            if tuple(self.tiles[i].shape[:2]) != (th, tw):
-                raise ValueError(f"tile {i} is {tuple(self.tiles[i].shape[:2])} px, tile 0 is {(th, tw)}: "
-                                 "a section's tiles share one camera frame")
+        check_tile_shapes([self.tiles[i] for i in idx], idx, (th, tw))
         return idx
 
     def crop_box(self, box: np.ndarray, i: int) -> tuple[int, int, int, int]:
@@ -272,7 +283,12 @@ def render_block(
     """
     s = _Setup.of(tiles, positions, transform, ramp, lens, warp)
     y0, x0, h, w = block
-    near = s.near(s.source_boxes(np.array([y0]), np.array([y0 + h - 1]), np.array([x0]), np.array([x0 + w - 1]))[0])
+    # Near the block's cells, whole cells of the grid: a cell is sorted the same whichever
+    # block it is rendered in only if every tile that reaches any of it is considered.
+    c = CELL_PX
+    cy0, cx0 = y0 // c * c, x0 // c * c
+    cy1, cx1 = -(-(y0 + h) // c) * c - 1, -(-(x0 + w) // c) * c - 1
+    near = s.near(s.source_boxes(np.array([cy0]), np.array([cy1]), np.array([cx0]), np.array([cx1]))[0])
     image = np.empty((h, w), np.float32)
     cover = np.empty((h, w), np.float32)
     for region, who in _regions(block, *_sorted_cells(s, block, near)):
