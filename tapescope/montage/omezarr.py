@@ -137,6 +137,7 @@ class Volume:
     def _store(self, level: int, z: int, block: tuple[int, int, int, int], data: np.ndarray) -> None:
         arr = self.levels[level]
         dt = arr.dtype
+        given = data
         if np.issubdtype(dt, np.integer) and data.dtype != dt:
             lim = np.iinfo(dt)
             # One temporary, rounded in place: a third of the time of clip(rint(x)).
@@ -150,10 +151,12 @@ class Volume:
             return
         # Encoded and written by tensorstore's threads while the caller renders on; `flush`
         # (called before anything reads the level back, and before a section is done) waits.
-        # tensorstore reads `data` later unless told to copy it now: a caller's buffer may be
-        # reused the moment this returns (a memcpy, not the encoding).
         future = ts_arr[z, y0:y0 + h, x0:x0 + w].write(data)
-        future.copy.result()
+        if np.shares_memory(data, given):
+            # tensorstore reads `data` later: a caller's buffer may be reused the moment this
+            # returns, so wait until it is copied. Converted pixels are this call's own; not
+            # waiting for them keeps the render off tensorstore's queue (8 % on one thread).
+            future.copy.result()
         with self._lock:
             self._pending.append(future)
             oldest = self._pending.pop(0) if len(self._pending) > MAX_PENDING_WRITES else None
