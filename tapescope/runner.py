@@ -233,10 +233,10 @@ def processing_problem(cfg: TapescopeConfig) -> str | None:
     if proc.scratch is not None and not Path(proc.scratch).is_dir():
         return f"processing.scratch: {proc.scratch} is not a folder (it must exist before the run)"
     if proc.device == "gpu":
-        from tapescope.montage.device import gpu_available
-        if not gpu_available():
-            return ("processing.device: 'gpu', but CuPy or a CUDA device is not available here "
-                    "(install the 'gpu' extra, or set 'cpu' or 'auto')")
+        from tapescope.gpu import probe
+        cupy, why = probe()
+        if cupy is None:
+            return f"processing.device: 'gpu', but {why} (or set 'cpu' or 'auto')"
     return None
 
 

@@ -126,8 +126,11 @@ def test_device_choice() -> None:
         assert array_module("gpu").__name__ == "cupy"
     else:
         assert array_module("auto") is np
-        with pytest.raises(RuntimeError, match="CuPy or a CUDA device is not available"):
+        from tapescope.gpu import probe
+
+        with pytest.raises(RuntimeError, match="device 'gpu' asked for, but CuPy") as err:
             array_module("gpu")
+        assert probe()[1] in str(err.value)           # says why: not installed, no device, or no compiler
 
 
 def test_flow_on_gpu_equals_cpu(stack) -> None:

@@ -1,38 +1,25 @@
 """Array module for the heavy maths: NumPy, or CuPy where a GPU is present.
 
-`--device cpu|gpu|auto` picks it. `auto` uses CuPy only when it imports *and* sees a
-device, so the same code runs on a laptop, in CI (no GPU) and on a GPU node.
+`--device cpu|gpu|auto` picks it. `auto` uses CuPy only where it imports, sees a device
+and runs kernels on it (`tapescope/gpu.py`, shared with stitching), so the same code runs
+on a laptop, in CI (no GPU) and on a GPU node.
 """
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from tapescope.gpu import probe
+
 DEVICES = ("auto", "cpu", "gpu")
 
 
-@functools.cache
 def _cupy() -> ModuleType | None:
-    """CuPy if it imports, sees a device and can run what this package runs there: a GPU
-    whose kernels cannot be compiled (no NVRTC, a driver too old for the card) would pass a
-    device count and fail mid-run instead."""
-    try:
-        import cupy  # type: ignore[import-not-found]
-        import cupyx.scipy.ndimage  # type: ignore[import-not-found]
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-        probe = cupy.arange(16, dtype=cupy.float32).reshape(4, 4)
-        cupyx.scipy.ndimage.map_coordinates(probe, cupy.ones((2, 1), cupy.float32), order=1,
-                                            mode="grid-constant", output=cupy.float32)
-        cupy.fft.fft2(probe).get()
-        return cupy
-    except Exception:  # no cupy, no driver, no device, no compiler: all mean "no GPU here"
-        return None
+    """CuPy where this host's GPU works for it (tapescope/gpu.py), else None."""
+    return probe()[0]
 
 
 def gpu_available() -> bool:
@@ -48,8 +35,7 @@ def array_module(device: str = "auto") -> ModuleType:
     cp = _cupy()
     if cp is None:
         if device == "gpu":
-            raise RuntimeError("device 'gpu' asked for, but CuPy or a CUDA device is not available "
-                               "(install the 'gpu' extra: pip install 'tapescope[gpu]')")
+            raise RuntimeError(f"device 'gpu' asked for, but {probe()[1]}")
         return np
     return cp
 

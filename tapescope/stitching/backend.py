@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from scipy import fft as scipy_fft
 
+from tapescope.gpu import probe
+
 Device = Literal["auto", "cpu", "gpu"]
 SINC_TAPS = 4      # half-width of the windowed-sinc kernel used for sub-pixel shifts
 
@@ -84,15 +86,9 @@ CPU = Backend("cpu", np, scipy_fft)
 
 @cache
 def _gpu() -> Backend:
-    try:
-        cupy = importlib.import_module("cupy")
-    except ImportError as exc:
-        raise BackendUnavailable("the GPU backend needs CuPy: pip install 'tapescope[gpu]'") from exc
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise BackendUnavailable("CuPy is installed but sees no GPU")
-    except cupy.cuda.runtime.CUDARuntimeError as exc:
-        raise BackendUnavailable(f"CuPy is installed but CUDA fails: {exc}") from exc
+    cupy, why = probe()
+    if cupy is None:
+        raise BackendUnavailable(f"the GPU backend: {why}")
     return Backend("gpu", cupy, cupy.fft, importlib.import_module("cupyx.scipy.ndimage"))
 
 
