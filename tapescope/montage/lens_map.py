@@ -32,7 +32,9 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
     """The camera pixel q that sees tile-frame point t (lens.py: q + D(q) = t), exactly.
 
     Rendering through this un-distorts the tiles: each output pixel samples the camera
-    pixel that saw its point of the specimen, so overlapping tiles agree at the seams."""
+    pixel that saw its point of the specimen, so overlapping tiles agree at the seams.
+    Far outside a strongly bent sensor the steps diverge: such points come back inf or nan
+    (no warning), and the caller treats them as seeing nothing."""
     cy, cx = np.float32((shape[0] - 1) / 2), np.float32((shape[1] - 1) / 2)
     inv_r2 = np.float32(1.0 / (max(shape) / 2) ** 2)
     k1, k2 = np.float32(lens.k1), np.float32(lens.k2)
@@ -40,36 +42,36 @@ def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
     tol = max(LENS_TOL_PX, 4 * float(np.spacing(np.float32(max(shape)))))
     qy, qx = ty, tx
     moving = np.ones(np.shape(ty), bool)
-    for _ in range(LENS_MAX_STEPS):
-        vy, vx = qy - cy, qx - cx
-        f = (vy * vy + vx * vx) * inv_r2
-        f = f * (k1 + k2 * f) if k2 else f * k1
-        ny, nx = ty - f * vy, tx - f * vx
-        # Each point stops on its own step, so its result does not depend on which others
-        # it is solved with (a block rendered alone equals the whole render).
-        ny, nx = np.where(moving, ny, qy), np.where(moving, nx, qx)
-        moving &= np.maximum(np.abs(ny - qy), np.abs(nx - qx)) >= tol
-        qy, qx = ny, nx
-        if not moving.any():
-            break
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(LENS_MAX_STEPS):
+            vy, vx = qy - cy, qx - cx
+            f = (vy * vy + vx * vx) * inv_r2
+            f = f * (k1 + k2 * f) if k2 else f * k1
+            ny, nx = ty - f * vy, tx - f * vx
+            # Each point stops on its own step, so its result does not depend on which others
+            # it is solved with (a block rendered alone equals the whole render).
+            ny, nx = np.where(moving, ny, qy), np.where(moving, nx, qx)
+            moving &= np.maximum(np.abs(ny - qy), np.abs(nx - qx)) >= tol
+            qy, qx = ny, nx
+            if not moving.any():
+                break
     return qy, qx
 
 
 class LensMap:
     """q(t) - t on a grid of `spacing` px over a tile and `margin` px around it, interpolated
-    bilinearly; beyond the grid the edge value holds, which keeps
-    far points far (they sample outside the tile either way)."""
+    bilinearly; beyond the grid the edge value holds, which keeps far points far (they
+    sample outside the tile either way)."""
 
     def __init__(self, lens: RadialDistortion, shape: tuple[int, int], spacing: int, margin: int) -> None:
         self.lens, self.shape, self.spacing, self.margin = lens, shape, spacing, margin
         gy = np.arange(-margin, shape[0] + margin + spacing, spacing, dtype=np.float32)
         gx = np.arange(-margin, shape[1] + margin + spacing, spacing, dtype=np.float32)
         ty, tx = (np.ascontiguousarray(a) for a in np.meshgrid(gy, gx, indexing="ij"))
-        # Far outside a strongly bent sensor the steps diverge: those nodes are inf/nan, and so
-        # are the points near them, as with the exact inverse (render.py sends such points off
-        # the tile); nodes near the tile that are not finite fail `error_px`: grid not used.
-        with np.errstate(over="ignore", invalid="ignore"):
-            qy, qx = camera_pixels(lens, ty, tx, shape)
+        # Nodes where the steps diverge are inf/nan, and so are the points near them, as with
+        # the exact inverse (render.py sends such points off the tile); nodes near the tile
+        # that are not finite fail `error_px`, and then the grid is not used.
+        qy, qx = camera_pixels(lens, ty, tx, shape)
         # Two one-channel tables, not one of two channels: OpenCV 5 interpolates a 1-channel
         # float image with exact weights but a 2-channel one with weights rounded to 1/32
         # (measured: 4x the error at 16 px spacing, and slower).
@@ -96,9 +98,9 @@ class LensMap:
         ty = rng.uniform(-1, h, n).astype(np.float32)
         tx = rng.uniform(-1, w, n).astype(np.float32)
         ty[:4], tx[:4] = [-1, -1, h, h], [-1, w, -1, w]
-        with np.errstate(over="ignore", invalid="ignore"):     # a diverging point fails the check
-            ey, ex = camera_pixels(self.lens, ty.reshape(1, -1), tx.reshape(1, -1), self.shape)
-            ay, ax = self.apply(ty.reshape(1, -1).copy(), tx.reshape(1, -1).copy())
+        ey, ex = camera_pixels(self.lens, ty.reshape(1, -1), tx.reshape(1, -1), self.shape)
+        ay, ax = self.apply(ty.reshape(1, -1).copy(), tx.reshape(1, -1).copy())
+        with np.errstate(invalid="ignore"):     # a diverging point (nan) fails the check
             return float(np.hypot(ay - ey, ax - ex).max())
 
 

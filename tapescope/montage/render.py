@@ -9,7 +9,7 @@ import numpy as np
 
 from tapescope.stitching.lens import RadialDistortion
 
-from .lens_map import camera_pixels, lens_map
+from .lens_map import LensMap, camera_pixels, lens_map
 from .transform import SectionTransform
 from .warp import CvWarp, Warp
 
@@ -72,6 +72,7 @@ class _Setup:
     ramp: int
     lens: RadialDistortion | None
     bend: int                           # how far the lens moves a pixel at most, rounded up
+    lens_table: LensMap | None          # the lens's inverse on a grid (None: solved exactly)
     reach: float                        # how far the field moves a pixel at most, in source pixels
     warp: Warp
 
@@ -85,10 +86,11 @@ class _Setup:
             lens = None
         # The lens moves a pixel most at the sensor's corner: crops and parts widen by that.
         bend = 0 if lens is None else int(np.ceil(np.abs(lens.at(np.zeros(2), (th, tw))).max())) + 1
+        table = None if lens is None else lens_map(lens, (th, tw), bend + 4)
         fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
         inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
         return cls(tiles, np.asarray(positions, float), transform, inv, (th, tw),
-                   ramp or max(4, min(th, tw) // 16), lens, bend, FIELD_REACH * fmax, warp or CvWarp())
+                   ramp or max(4, min(th, tw) // 16), lens, bend, table, FIELD_REACH * fmax, warp or CvWarp())
 
     def source_boxes(self, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
         """(n, 4) bounds (y_lo, y_hi, x_lo, x_hi) of the section points that output boxes
@@ -101,6 +103,10 @@ class _Setup:
         sy = m[1, 0] * cx + m[1, 1] * cy + m[1, 2]
         r = self.reach
         return np.stack([sy.min(-1) - r, sy.max(-1) + r, sx.min(-1) - r, sx.max(-1) + r], -1)
+
+    def source_box(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """`source_boxes` of the one output box (y0, x0, h, w)."""
+        return self.source_boxes(np.array([y0]), np.array([y0 + h - 1]), np.array([x0]), np.array([x0 + w - 1]))[0]
 
     def near(self, box: np.ndarray) -> np.ndarray:
         """Indices of the tiles that can reach into section box `box` (lens and bilinear
@@ -131,12 +137,10 @@ class _Setup:
         mx -= np.float32(px)
         my -= np.float32(py)
         if self.lens is not None:
-            table = lens_map(self.lens, self.shape, self.bend + 4)
-            if table is None:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    my, mx = camera_pixels(self.lens, my, mx, self.shape)
+            if self.lens_table is None:
+                my, mx = camera_pixels(self.lens, my, mx, self.shape)
             else:
-                my, mx = table.apply(my, mx)
+                my, mx = self.lens_table.apply(my, mx)
             # Far outside a strongly bent sensor the inverse diverges (inf, nan). Such points
             # see nothing of this tile: sent off it, as a nan would blank the others' sum.
             lost = ~(np.isfinite(mx) & np.isfinite(my))
@@ -218,8 +222,7 @@ def _regions(block: tuple[int, int, int, int], rows: np.ndarray, cols: np.ndarra
 def _one_tile(s: _Setup, i: int, region: tuple[int, int, int, int], dst: np.ndarray) -> None:
     """Draw a region that tile i alone covers at full weight: one pull through the maps."""
     ry, rx, rh, rw = region
-    box = s.source_boxes(np.array([ry]), np.array([ry + rh - 1]), np.array([rx]), np.array([rx + rw - 1]))[0]
-    cy0, cy1, cx0, cx1 = s.crop_box(box, i)
+    cy0, cy1, cx0, cx1 = s.crop_box(s.source_box(ry, rx, rh, rw), i)
     crop = np.asarray(s.tiles[i][cy0:cy1, cx0:cx1], np.float32)
     mx, my = s.tile_maps(*s.transform.block_maps(ry, rx, rh, rw), i, cy0, cx0)
     s.warp.draw(crop, mx, my, dst)
@@ -231,7 +234,7 @@ def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray) -> tu
     y0, x0, h, w = region
     th, tw = s.shape
     mx, my = s.transform.block_maps(y0, x0, h, w)
-    box = s.source_boxes(np.array([y0]), np.array([y0 + h - 1]), np.array([x0]), np.array([x0 + w - 1]))[0]
+    box = s.source_box(y0, x0, h, w)
     acc = s.warp.zeros((h, w))
     wsum = s.warp.zeros((h, w))
     inv = s.inv
@@ -287,8 +290,7 @@ def render_block(
     # block it is rendered in only if every tile that reaches any of it is considered.
     c = CELL_PX
     cy0, cx0 = y0 // c * c, x0 // c * c
-    cy1, cx1 = -(-(y0 + h) // c) * c - 1, -(-(x0 + w) // c) * c - 1
-    near = s.near(s.source_boxes(np.array([cy0]), np.array([cy1]), np.array([cx0]), np.array([cx1]))[0])
+    near = s.near(s.source_box(cy0, cx0, -(-(y0 + h - cy0) // c) * c, -(-(x0 + w - cx0) // c) * c))
     image = np.empty((h, w), np.float32)
     cover = np.empty((h, w), np.float32)
     for region, who in _regions(block, *_sorted_cells(s, block, near)):
