@@ -4,8 +4,8 @@ glibc serves allocations above its mmap threshold (128 KiB, raised on the fly up
 size of a freed block) with fresh mappings and returns the free top of the heap beyond its
 trim threshold. Rendering, flat-fielding and alignment make and drop arrays of 1-16 MiB
 thousands of times a section: each came back as new zero pages, faulted in one by one.
-Fixing the thresholds lets freed arrays be reused: rendering a 2048 px tile montage went
-from 68 to 130 Mpx/s (docs/montage.md). The cost is memory the process keeps: up to
+Fixing the thresholds lets freed arrays be reused: rendering 4x4 tiles of 2048 px went
+from 65 to 105 Mpx/s (`bench_montage.allocator_effect`, docs/montage.md). The cost is memory the process keeps: up to
 TRIM_BYTES of free heap, on top of what it had at its peak.
 """
 

@@ -27,7 +27,7 @@ from tapescope.acquisition.store import RunStore, TileRecord
 from tapescope.config import ConfigError, ScopeConfig, TapescopeConfig, parse_config
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import Canvas, SectionProcessor
+from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_problem
 
 ALIGN_MARGIN_PX = 256   # canvas border that absorbs section offsets on the tape
 
@@ -230,8 +230,8 @@ def processing_problem(cfg: TapescopeConfig) -> str | None:
     proc = cfg.processing
     if not proc.enabled:
         return None
-    if proc.scratch is not None and not Path(proc.scratch).is_dir():
-        return f"processing.scratch: {proc.scratch} is not a folder (it must exist before the run)"
+    if problem := scratch_problem(proc.scratch):
+        return problem
     if proc.device == "gpu":
         from tapescope.gpu import probe
         cupy, why = probe()

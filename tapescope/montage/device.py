@@ -17,13 +17,8 @@ from tapescope.gpu import probe
 DEVICES = ("auto", "cpu", "gpu")
 
 
-def _cupy() -> ModuleType | None:
-    """CuPy where this host's GPU works for it (tapescope/gpu.py), else None."""
-    return probe()[0]
-
-
 def gpu_available() -> bool:
-    return _cupy() is not None
+    return probe()[0] is not None
 
 
 def array_module(device: str = "auto") -> ModuleType:
@@ -32,7 +27,7 @@ def array_module(device: str = "auto") -> ModuleType:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
         return np
-    cp = _cupy()
+    cp = probe()[0]
     if cp is None:
         if device == "gpu":
             raise RuntimeError(f"device 'gpu' asked for, but {probe()[1]}")

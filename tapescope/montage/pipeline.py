@@ -56,6 +56,13 @@ class Canvas:
         return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
 
 
+def scratch_problem(scratch: Path | None) -> str | None:
+    """Why `scratch` cannot hold sections' scratch files (None: it can, or none is set)."""
+    if scratch is not None and not Path(scratch).is_dir():
+        return f"processing.scratch: {scratch} is not a folder (it must exist before the run)"
+    return None
+
+
 def scratch_prefix(volume_path: Path | None) -> str:
     """Scratch folder prefix of one volume: its name and a hash of its full path (every run
     calls its volume volume.zarr; runs may share a scratch disk)."""
@@ -137,8 +144,8 @@ class SectionProcessor:
         self._reference_z: int | None = None
         self._rendering: int | None = None      # z whose pixels the current take has started to write
         root = getattr(volume.group.store, "root", None)
-        if scratch is not None and not Path(scratch).is_dir():
-            raise ValueError(f"processing.scratch: {scratch} is not a folder (it must exist before the run)")
+        if problem := scratch_problem(scratch):
+            raise ValueError(problem)
         self.scratch = scratch if scratch is not None else (Path(str(root)).parent if root is not None else None)
         # Scratch is named after the volume: a processor sweeps only what its own volume's
         # killed processor left (one processor writes a volume), never another's.
