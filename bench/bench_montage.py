@@ -208,7 +208,7 @@ if sys.argv[1] == "keep":
     assert keep_large_blocks()
 from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.render import render_block, render_montage
+from tapescope.montage.render import render_block
 from tapescope.montage.transform import SectionTransform
 tile, grid = int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
@@ -250,7 +250,7 @@ def allocator_effect(tile: int, grid: int, repeats: int) -> None:
 def drift(n: int, size: int, seed: int) -> None:
     """How the error grows along a chain: a longer stack (no blank section), residual
     against the truth per z over the area the chain shares (as `accuracy`), split by
-    distance from the image's edge, where the flow is extrapolated rather than measured."""
+    distance from the image's edge (nan: no part of that band is shared by the chain)."""
     st = make_stack(n, (size, size), seed=seed, max_rotation_deg=5, max_shift_px=100, elastic_px=3, missing=())
     bands = ((0, 32), (32, 96), (96, size))
     print(f"== drift along the chain: {n} sections of {size}x{size} px, each aligned to the one before "
