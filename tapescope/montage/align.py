@@ -106,6 +106,8 @@ class SectionAlignment:
     flow_rms_px: float            # scatter of the kept vectors about the relaxed mesh
     overlap: float                # fraction of the fixed image's valid area that overlaps
     chance: float = 0.0           # confidence the same search reaches on a pair known to be wrong
+    flow_weight: np.ndarray | None = None   # (gh, gw) the last pass's node weights (0: not kept)
+    stride: int = 32                        # of the flow grid
 
 
 # A pair registers only when it agrees CHANCE_FACTOR times better than the same search finds on
@@ -295,6 +297,7 @@ def align_section(
     coarse = _coarse_affine(fixed, moving, fixed_valid, moving_valid, max_rotation_deg, chance=True)
     transform, conf, rot = coarse.transform, coarse.confidence, coarse.rotation_deg
     nodes, rms = 0, 0.0
+    weight = None
     if elastic:
         shape = fixed.shape
         mv = None if moving_valid is None else AsFloat32(moving_valid)
@@ -327,4 +330,4 @@ def align_section(
             field = field + (u.reshape(-1, 2) @ current.linear.T).reshape(field.shape).astype(np.float32)
         transform = SectionTransform(transform.matrix, field, stride)
     overlap = coarse.overlap
-    return SectionAlignment(transform, conf, rot, nodes, rms, overlap, coarse.chance)
+    return SectionAlignment(transform, conf, rot, nodes, rms, overlap, coarse.chance, weight, stride)

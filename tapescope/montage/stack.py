@@ -4,26 +4,26 @@ The work is three kinds of task, all plain functions of paths so that any Dask w
 (or this process) can run them:
 
 1. `inspect_section`: is there tissue in the montage at all (a blank or lost section
-   keeps its z and is recorded as missing)?
-2. `align_pair`: the transform of one section onto the previous good one, coarse then
-   elastic, computed from the raw montages. Pairs are independent, so they all run at
-   once; a pair that does not register (a fold, the wrong tissue) takes its section out
-   of the chain and the next section is paired across the gap with the last good one.
+   keeps its z, is recorded as missing and flagged for re-imaging)?
+2. `align_pair`: one section against one of its predecessors (z-1, z-2, z-3 among the
+   sections with tissue): coarse then elastic, computed from the raw montages, given as
+   point matches between the two raw images. Pairs are independent, so they all run at once.
 3. `render_into_volume`: one section rendered shard by shard into the volume with its
-   chained transform. One task per section: it is the only writer of that section's
-   shards, so sections are written in any order, as they finish.
+   transform. One task per section: it is the only writer of that section's shards, so
+   sections are written in any order, as they finish.
 
-The chain (section k's transform = previous good section's transform, then the pair's)
-is composed here, on the client: it is small and sequential.
+Between 2 and 3, on the client: the gates (a pair that does not register is dropped; a
+section that repeats its predecessor, or that no pair registers, is flagged and left out;
+its neighbours are matched across it anyway) and the stack-wide solve of every section's
+transform from all kept matches at once (`zsolve.solve_stack`; docs/alignment.md).
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,18 @@ from .align import align_section, block_mean, unregistered_reason
 from .blocks import RenderStats, render_section
 from .omezarr import Volume
 from .transform import SectionTransform
+from .zsolve import PairMatch, SolveParams, chain_initial, solve_stack
 
-MIN_PAIR_CONFIDENCE = 0.3   # coarse NCC below this: the pair did not register
+MIN_PAIR_CONFIDENCE = 0.2   # coarse NCC below this: the pair did not register (docs/alignment.md)
+# The same section imaged twice agrees far better than neighbours do: its NCC leaves less than
+# DUPLICATE_GAP of what the stack's own neighbours leave unexplained (1 - the median over
+# sections of their best pair's NCC), and
+# is at least DUPLICATE_FLOOR. Real neighbours: 0.2-0.4, a repeat 0.9+; a stack whose
+# neighbours all agree at 0.9 (one image under different warps) has no outlier to flag.
+DUPLICATE_FLOOR = 0.6
+DUPLICATE_GAP = 0.25
 BLANK_DETAIL = 0.01         # relative band-passed contrast below this: no tissue
+NEIGHBOURS = 3              # predecessors each section is matched to
 
 
 class StackError(ValueError):
@@ -57,6 +66,8 @@ class AlignParams:
     max_rotation_deg: float = 10.0
     elastic: bool = True
     device: str = "cpu"
+    neighbours: int = NEIGHBOURS
+    solve: SolveParams = field(default_factory=SolveParams)
 
 
 @dataclass
@@ -69,6 +80,8 @@ class PairResult:
     flow_nodes: int
     flow_rms_px: float
     chance: float = 0.0          # what the same search finds on the moving section mirrored
+    matches: PairMatch | None = None
+    coarse: np.ndarray | None = None   # 3x3 affine part, raw fixed -> raw moving
 
 
 @dataclass
@@ -82,6 +95,9 @@ class SectionOutcome:
     flow_nodes: int = 0
     flow_rms_px: float = 0.0
     message: str = ""
+    pairs: int = 0               # registered pairs this section is in
+    solve_rms_px: float = 0.0    # RMS of its pairs' matches after the stack-wide solve
+    needs_reimaging: bool = False
 
 
 @dataclass
@@ -171,15 +187,141 @@ def inspect_section(path: Path) -> float:
     return detail_level(open_image(path))
 
 
+class Imaged:
+    """Where a montage holds data: non-zero pixels (0 is where no tile landed), read a
+    slice at a time so that a memory-mapped montage stays on disk."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.shape = image.shape
+        self.dtype = np.dtype(bool)
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        return np.asarray(self.image[key]) > 0  # type: ignore[index]
+
+
+MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
+
+
 def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path, params: AlignParams) -> PairResult:
     keep_large_blocks()     # once per worker process
     # Memory-mapped where the TIFF allows: the alignment reads strips and patches.
     fixed = open_image(fixed_path)
     moving = open_image(moving_path)
-    a = align_section(fixed, moving, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
+    fv, mv = Imaged(fixed), Imaged(moving)
+    a = align_section(fixed, moving, fv, mv, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
                       device=params.device)
+    h, w = fixed.shape
+    if a.flow_weight is not None:
+        iy, ix = np.nonzero(a.flow_weight > 0)
+        pts = np.stack([ix * a.stride, iy * a.stride], 1).astype(np.float64)
+        wt = a.flow_weight[iy, ix].astype(np.float64)
+    else:
+        gy, gx = np.mgrid[0:MATCH_GRID, 0:MATCH_GRID] / (MATCH_GRID - 1)
+        pts = np.stack([gx.ravel() * (w - 1), gy.ravel() * (h - 1)], 1)
+        wt = np.ones(len(pts))
+    sx, sy = a.transform.apply(pts[:, 0], pts[:, 1])
+    q = np.stack([sx, sy], 1)
+    # Only points both sections imaged.
+    inside = (q[:, 0] >= 0) & (q[:, 0] <= w - 1) & (q[:, 1] >= 0) & (q[:, 1] <= h - 1)
+    ok = inside.copy()
+    ok[inside] &= fv[pts[inside, 1].astype(int), pts[inside, 0].astype(int)] & \
+        mv[np.rint(q[inside, 1]).astype(int), np.rint(q[inside, 0]).astype(int)]
+    coarse = np.vstack([a.transform.matrix, [0.0, 0.0, 1.0]])
     return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px,
-                      a.chance)
+                      a.chance, PairMatch(fixed_z, moving_z, pts[ok], q[ok], wt[ok]), coarse)
+
+
+def flag(o: SectionOutcome, status: str, why: str) -> None:
+    """Takes a section out of the stack, with the reason; it is queued for re-imaging."""
+    o.status, o.message, o.needs_reimaging = status, why, True
+
+
+def _pairs_to_try(present: Sequence[int], tried: Iterable[tuple[int, int]], k: int,
+                  only: Iterable[int] | None = None, among: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Each section of `only` (default: all) with its k nearest predecessors in `among`
+    (default: `present`), leaving out pairs already tried."""
+    done = set(tried)
+    among = sorted(present if among is None else among)
+    out = []
+    for z in sorted(present if only is None else only):
+        below = [i for i in among if i < z]
+        out += [(i, z) for i in below[-k:] if (i, z) not in done]
+    return out
+
+
+def match_sections(present: Sequence[int], by_z: dict[int, StackEntry], params: AlignParams, map_fn: MapFn,
+                   say: Callable[[str], None]) -> tuple[dict[tuple[int, int], PairResult], dict[int, str]]:
+    """Pairs of every section with its `params.neighbours` predecessors, then more pairs for
+    sections the gates cut off from the stack (across a flagged run of sections); returns
+    the registered pairs and the flagged sections with their reasons."""
+    pairs: dict[tuple[int, int], PairResult] = {}
+    todo = _pairs_to_try(present, (), params.neighbours)
+    while True:
+        if todo:
+            say(f"matching {len(todo)} section pairs")
+            results = map_fn(align_pair, [f for f, _ in todo], [by_z[f].path for f, _ in todo],
+                             [m for _, m in todo], [by_z[m].path for _, m in todo], [params] * len(todo))
+            pairs.update({(r.fixed_z, r.moving_z): r for r in results})
+        kept, flagged, cut_off = gate_pairs(present, pairs)
+        main = [z for z in present if z not in flagged and z not in cut_off]
+        todo = _pairs_to_try(present, pairs, params.neighbours, only=cut_off, among=main)
+        if not todo:
+            break
+    for z in cut_off:
+        flagged[z] = "no registered pair connects it to the rest of the stack"
+    return {k: r for k, r in kept.items() if k[0] not in flagged and k[1] not in flagged}, flagged
+
+
+def gate_pairs(present: Sequence[int], pairs: dict[tuple[int, int], PairResult],
+               ) -> tuple[dict[tuple[int, int], PairResult], dict[int, str], list[int]]:
+    """(registered pairs, flagged sections with the reason, sections outside the largest
+    group that registered pairs connect)."""
+    flagged: dict[int, str] = {}
+    best: dict[int, float] = {}
+    for (_, j), r in pairs.items():
+        best[j] = max(best.get(j, -1.0), r.confidence)
+    typical = float(np.median(list(best.values()))) if best else 0.0   # each section's best match
+    limit = max(DUPLICATE_FLOOR, 1 - DUPLICATE_GAP * (1 - typical))
+    for (i, j), r in sorted(pairs.items(), key=lambda kv: kv[0][1]):
+        if r.confidence >= limit and i not in flagged and j not in flagged:
+            flagged[j] = (f"repeats z={i} (NCC {r.confidence:.2f}; neighbours here agree at {typical:.2f}): "
+                          "the same section imaged twice, a tape slip?")
+    kept, refused = {}, {}
+    for k, r in pairs.items():
+        if k[0] in flagged or k[1] in flagged:
+            continue
+        why = unregistered_reason(r.confidence, r.chance, MIN_PAIR_CONFIDENCE)
+        if why:
+            refused[k] = why
+        else:
+            kept[k] = r
+    linked = {z for k in kept for z in k}
+    for z in present:
+        if z in flagged or z in linked or len(present) < 2:
+            continue
+        mine = sorted(k for k in refused if z in k)
+        near = min(mine, key=lambda k: abs(k[0] - k[1])) if mine else None
+        other = None if near is None else (near[0] if near[1] == z else near[1])
+        flagged[z] = f"did not register to z={other}: {refused[near]}" if near else "no neighbour to register to"
+    # The largest connected group is the stack; the rest must be bridged to it.
+    parent = {z: z for z in present}
+
+    def root(z: int) -> int:
+        while parent[z] != z:
+            parent[z] = parent[parent[z]]
+            z = parent[z]
+        return z
+
+    for i, j in kept:
+        parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for z in present:
+        if z not in flagged:
+            groups.setdefault(root(z), []).append(z)
+    main = max(groups.values(), key=lambda g: (len(g), -min(g)), default=[])
+    cut_off = [z for z in present if z not in flagged and z not in main]
+    return kept, flagged, cut_off
 
 
 def render_into_volume(volume_path: Path, z: int, path: Path, transform: SectionTransform,
@@ -237,57 +379,38 @@ def align_stack(
 
     say(f"inspecting {len(entries)} sections")
     details = map_fn(inspect_section, [e.path for e in entries])
-    chain: list[int] = []
+    present: list[int] = []
     for e, d in zip(entries, details, strict=True):
         if d < BLANK_DETAIL:
-            outcome[e.z].status = "missing"
-            outcome[e.z].message = f"no tissue (detail {d:.4f} < {BLANK_DETAIL})"
+            flag(outcome[e.z], "missing", f"no tissue (detail {d:.4f} < {BLANK_DETAIL})")
         else:
-            chain.append(e.z)
+            present.append(e.z)
     for z in range(nz):
         if z not in by_z:
             outcome[z] = SectionOutcome(z, "", "missing", message="not listed in sections.csv")
 
-    # Pair each section with the previous one still in the chain; a pair that fails takes
-    # its moving section out, and its successor is paired across the gap.
-    pairs: dict[int, PairResult] = {}
-    todo = list(itertools.pairwise(chain))
-    while todo:
-        say(f"aligning {len(todo)} section pairs")
-        results = map_fn(align_pair, [f for f, _ in todo], [by_z[f].path for f, _ in todo],
-                         [m for _, m in todo], [by_z[m].path for _, m in todo], [params] * len(todo))
-        failed: set[int] = set()
-        for r in sorted(results, key=lambda r: r.moving_z):
-            if r.fixed_z in failed:
-                continue   # its reference just dropped out: paired again in the next round
-            if why := unregistered_reason(r.confidence, r.chance, MIN_PAIR_CONFIDENCE):
-                o = outcome[r.moving_z]
-                o.status, o.confidence, o.reference_z = "unaligned", r.confidence, r.fixed_z
-                o.message = f"did not register to z={r.fixed_z}: {why}"
-                failed.add(r.moving_z)
-            else:
-                pairs[r.moving_z] = r
-        chain = [z for z in chain if z not in failed]
-        todo = [(f, m) for f, m in itertools.pairwise(chain)
-                if m not in pairs or pairs[m].fixed_z != f]
-
+    kept, flagged = match_sections(present, by_z, params, map_fn, say)
+    for z, why in flagged.items():
+        flag(outcome[z], "unaligned", why)
+    aligned = [z for z in present if z not in flagged]
     transforms: dict[int, SectionTransform] = {}
-    for i, z in enumerate(chain):
-        if i == 0:
-            transforms[z] = SectionTransform.identity()
-            continue
-        r = pairs[z]
-        transforms[z] = transforms[chain[i - 1]].then(r.transform, shape)
-        o = outcome[z]
-        o.reference_z, o.confidence, o.rotation_deg = r.fixed_z, r.confidence, r.rotation_deg
-        o.flow_nodes, o.flow_rms_px = r.flow_nodes, r.flow_rms_px
-    if chain:
-        outcome[chain[0]].confidence = 1.0
-    # Sections that did not register are still written, where they lie on their own
-    # canvas, so a person can see what went wrong; their status says so.
-    for z, o in outcome.items():
-        if o.status == "unaligned":
-            transforms[z] = SectionTransform.identity()
+    if aligned:
+        say(f"solving {len(aligned)} sections together from {len(kept)} pairs")
+        initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items() if r.coarse is not None})
+        solution = solve_stack(shape, aligned, [r.matches for r in kept.values() if r.matches is not None],
+                               initial, replace(params.solve, elastic=params.elastic))
+        transforms = solution.transforms
+        for z in aligned:
+            o = outcome[z]
+            mine = sorted((k for k in kept if k[1] == z), reverse=True)
+            if mine:
+                r = kept[mine[0]]
+                o.reference_z, o.confidence, o.rotation_deg = r.fixed_z, r.confidence, r.rotation_deg
+                o.flow_nodes, o.flow_rms_px = r.flow_nodes, r.flow_rms_px
+            o.pairs = len([k for k in kept if z in k])
+            res = [solution.residual_px[k] for k in kept if z in k and np.isfinite(solution.residual_px[k])]
+            o.solve_rms_px = float(np.sqrt(np.mean(np.square(res)))) if res else 0.0
+        outcome[aligned[0]].confidence = max(outcome[aligned[0]].confidence, 1.0 if len(aligned) == 1 else 0.0)
 
     render_z = sorted(transforms)
     say(f"rendering {len(render_z)} sections")
@@ -299,7 +422,8 @@ def align_stack(
         o = outcome[z]
         info: dict[str, Any] = {"file": o.file, "status": o.status, "reference_z": o.reference_z,
                                 "alignment_confidence": o.confidence, "message": o.message,
-                                "flow_nodes": o.flow_nodes, "flow_rms_px": o.flow_rms_px}
+                                "flow_nodes": o.flow_nodes, "flow_rms_px": o.flow_rms_px, "pairs": o.pairs,
+                                "solve_rms_px": o.solve_rms_px, "needs_reimaging": o.needs_reimaging}
         if z in transforms:
             info["transform"] = transforms[z].summary()
         volume.record(z, info)
@@ -307,12 +431,12 @@ def align_stack(
     with summary.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["z", "file", "status", "reference_z", "confidence", "rotation_deg", "flow_nodes",
-                    "flow_rms_px", "message"])
+                    "flow_rms_px", "pairs", "solve_rms_px", "needs_reimaging", "message"])
         for z in sorted(outcome):
             o = outcome[z]
             w.writerow([z, o.file, o.status, "" if o.reference_z is None else o.reference_z,
                         f"{o.confidence:.3f}", f"{o.rotation_deg:.3f}", o.flow_nodes, f"{o.flow_rms_px:.3f}",
-                        o.message])
+                        o.pairs, f"{o.solve_rms_px:.3f}", int(o.needs_reimaging), o.message])
     return StackResult(vol_path, [outcome[z] for z in sorted(outcome)], summary)
 
 

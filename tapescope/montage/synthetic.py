@@ -83,6 +83,31 @@ class SimStack:
         return err
 
 
+    def mutual_residual(self, transforms: dict[int, SectionTransform], step: int = 8) -> np.ndarray:
+        """Residual (px) between every two sections of `transforms` where both are imaged:
+        |G_a(T_a(p)) - G_b(T_b(p))|, the distance between the specimen points the two draw
+        at the same output pixel. Free of the stack's frame, which a stack-wide solve chooses
+        from all sections (no section is the reference): this is what tracing across
+        sections needs."""
+        h, w = self.images[0].shape
+        y, x = np.mgrid[0:h:step, 0:w:step].astype(np.float64)
+        where: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for z, t in transforms.items():
+            sx, sy = t.apply(x, y)
+            inside = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+            iy = np.clip(np.rint(sy), 0, h - 1).astype(int)
+            ix = np.clip(np.rint(sx), 0, w - 1).astype(int)
+            gx, gy = self.truth[z].apply(sx, sy)
+            where[z] = (inside & self.valid[z][iy, ix], gx, gy)
+        out = []
+        zs = sorted(where)
+        for k, a in enumerate(zs):
+            for b in zs[k + 1:]:
+                ok = where[a][0] & where[b][0]
+                out.append(np.hypot(where[a][1] - where[b][1], where[a][2] - where[b][2])[ok])
+        return np.concatenate(out) if out else np.zeros(0)
+
+
 def make_stack(
     n: int = 6, shape: tuple[int, int] = (768, 768), *, seed: int = 0, max_rotation_deg: float = 5.0,
     max_shift_px: float = 200.0, elastic_px: float = 3.0, missing: tuple[int, ...] = (3,),

@@ -1,0 +1,94 @@
+"""The stack-wide solve: sections placed from noisy pairwise matches without drift along z,
+and the gates that take a repeated section out of a stack whose neighbours differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from tapescope.montage.stack import align_stack, write_stack
+from tapescope.montage.zsolve import PairMatch, SolveParams, chain_initial, solve_stack
+from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+
+SHAPE = (256, 256)
+
+
+def _affine(rng: np.random.Generator) -> np.ndarray:
+    a = np.radians(rng.uniform(-5, 5))
+    f = np.eye(3)
+    f[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    f[:2, 2] = rng.uniform(-20, 20, 2)
+    return f
+
+
+def _apply(f: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ f[:2, :2].T + f[:2, 2]
+
+
+def _error_by_z(truth: dict[int, np.ndarray], forward: dict[int, np.ndarray]) -> list[float]:
+    """RMS error of each section's solved placement, after the one affine common to all."""
+    pts = np.stack(np.meshgrid(np.linspace(0, 255, 8), np.linspace(0, 255, 8)), -1).reshape(-1, 2)
+    solved = np.concatenate([_apply(forward[z], pts) for z in truth])
+    true = np.concatenate([_apply(truth[z], pts) for z in truth])
+    g, *_ = np.linalg.lstsq(np.column_stack([solved, np.ones(len(solved))]), true, rcond=None)
+    err = np.hypot(*(np.column_stack([solved, np.ones(len(solved))]) @ g - true).T).reshape(len(truth), -1)
+    return [float(np.sqrt((e ** 2).mean())) for e in err]
+
+
+def test_solve_has_no_drift_where_a_chain_walks_away() -> None:
+    rng = np.random.default_rng(5)
+    n = 24
+    truth = {z: _affine(rng) for z in range(n)}          # raw -> specimen frame
+    matches, pair_affine = [], {}
+    for j in range(1, n):
+        for i in range(max(0, j - 3), j):
+            p = rng.uniform(0, 255, (60, 2))
+            q = _apply(np.linalg.inv(truth[j]) @ truth[i], p) + rng.normal(0, 0.5, (60, 2))
+            matches.append(PairMatch(i, j, p, q, np.ones(60)))
+            fit, *_ = np.linalg.lstsq(np.column_stack([p, np.ones(60)]), q, rcond=None)
+            pair_affine[(i, j)] = np.vstack([fit.T, [0, 0, 1]])
+    initial = chain_initial(range(n), pair_affine)
+    chain_err = _error_by_z(truth, initial)               # each section through its predecessor
+    sol = solve_stack(SHAPE, list(range(n)), matches, initial, SolveParams(elastic=False))
+    err = _error_by_z(truth, sol.forward)
+    assert max(err) < 0.35
+    assert np.mean(err[-3:]) <= 1.5 * np.mean(err[:3]) + 0.05      # no growth along z
+    assert np.mean(chain_err[-3:]) > 2 * np.mean(err[-3:])         # where the chain has drifted
+
+
+def test_solve_ignores_a_wrong_pair() -> None:
+    rng = np.random.default_rng(8)
+    truth = {z: _affine(rng) for z in range(6)}
+    matches, pair_affine = [], {}
+    for j in range(1, 6):
+        for i in range(max(0, j - 3), j):
+            p = rng.uniform(0, 255, (60, 2))
+            q = _apply(np.linalg.inv(truth[j]) @ truth[i], p) + rng.normal(0, 0.3, (60, 2))
+            if (i, j) == (1, 4):
+                q = q + 12.0                                      # a pair that matched the wrong place
+            matches.append(PairMatch(i, j, p, q, np.ones(60)))
+            pair_affine[(i, j)] = np.linalg.inv(truth[j]) @ truth[i]
+    sol = solve_stack(SHAPE, list(range(6)), matches, chain_initial(range(6), pair_affine), SolveParams(elastic=False))
+    assert max(_error_by_z(truth, sol.forward)) < 0.3
+    assert sol.kept[(1, 4)] < 0.1 and sol.kept[(0, 1)] > 0.9
+
+
+def test_a_repeated_section_is_flagged_and_bridged(tmp_path: Path) -> None:
+    """Consecutive sections of the simulated specimen differ as real ones do; a section
+    imaged twice (a tape slip) does not, and is taken out while its neighbours align across it."""
+    spec = Specimen(SpecimenParams(height_px=320, width_px=320, n_sections=6, seed=4))
+    rng = np.random.default_rng(1)
+    secs = [spec.section(i) for i in range(4)]
+    images = [secs[0], secs[1], secs[1], secs[2], secs[3]]     # z=2 repeats z=1
+    noisy = [np.clip(im * (1 + 0.03 * rng.normal(0, 1, im.shape)), 0.01, None) * 30000 for im in images]
+    d = write_stack(tmp_path / "stack", noisy)
+    res = align_stack(d, tmp_path / "out")
+    by_z = {o.z: o for o in res.sections}
+    assert by_z[2].status == "unaligned" and "repeats z=1" in by_z[2].message and by_z[2].needs_reimaging
+    assert all(by_z[z].status == "ok" for z in (0, 1, 3, 4))
+    assert by_z[3].reference_z == 1                               # across the repeat
+    group = zarr.open_group(str(res.volume), mode="r")
+    assert not group["0"][2].any()                                # the repeat is not in the volume
+    assert group.attrs["tapescope"]["sections"]["2"]["needs_reimaging"] is True
