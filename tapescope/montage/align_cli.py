@@ -84,16 +84,20 @@ def run_align(
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     table = Table(title="tapescope align", show_header=True)
-    for col in ("z", "status", "ref z", "NCC", "rot deg", "flow nodes", "flow rms px"):
+    for col in ("z", "status", "ref z", "NCC", "rot deg", "flow nodes", "flow rms px", "pairs", "solve rms px"):
         table.add_column(col)
     for o in result.sections:
         table.add_row(str(o.z), o.status, "" if o.reference_z is None else str(o.reference_z),
-                      f"{o.confidence:.2f}", f"{o.rotation_deg:+.2f}", str(o.flow_nodes), f"{o.flow_rms_px:.3f}")
+                      f"{o.confidence:.2f}", f"{o.rotation_deg:+.2f}", str(o.flow_nodes), f"{o.flow_rms_px:.3f}",
+                      str(o.pairs), f"{o.solve_rms_px:.3f}")
     console.print(table)
     for o in result.sections:
         if o.message:
             console.print(f"[yellow]z={o.z}[/] {o.file}: {o.status}: {o.message}", highlight=False)
     bad = [o for o in result.sections if o.status == "unaligned"]
+    again = [str(o.z) for o in result.sections if o.needs_reimaging]
+    if again:
+        console.print(f"[yellow]to re-image:[/] z = {', '.join(again)}", highlight=False)
     console.print(f"sections {len(result.sections)}, unaligned {len(bad)}, "
                   f"missing {sum(o.status == 'missing' for o in result.sections)}, "
                   f"time {time.monotonic() - t0:.1f} s")
