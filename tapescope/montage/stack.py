@@ -251,10 +251,14 @@ def _pairs_to_try(present: Sequence[int], tried: Iterable[tuple[int, int]], k: i
 
 
 def match_sections(present: Sequence[int], by_z: dict[int, StackEntry], params: AlignParams, map_fn: MapFn,
-                   say: Callable[[str], None]) -> tuple[dict[tuple[int, int], PairResult], dict[int, str]]:
+                   say: Callable[[str], None],
+                   ) -> tuple[dict[tuple[int, int], PairResult], dict[int, str], dict[int, str]]:
     """Pairs of every section with its `params.neighbours` predecessors, then more pairs for
-    sections the gates cut off from the stack (across a flagged run of sections); returns
-    the registered pairs and the flagged sections with their reasons."""
+    sections the gates cut off from the stack (across a flagged run of sections). Where a
+    group of sections that register to each other is still cut off, the best pair below the
+    gates joins it (better than chance, the highest NCC): the volume stays whole, and those
+    sections carry a warning instead of being dropped. Returns the registered pairs, the
+    flagged sections and the warned sections, each with its reason."""
     pairs: dict[tuple[int, int], PairResult] = {}
     todo = _pairs_to_try(present, (), params.neighbours)
     while True:
@@ -268,15 +272,31 @@ def match_sections(present: Sequence[int], by_z: dict[int, StackEntry], params: 
         todo = _pairs_to_try(present, pairs, params.neighbours, only=cut_off, among=main)
         if not todo:
             break
+    forced: set[tuple[int, int]] = set()
+    warned: dict[int, str] = {}
+    while cut_off:
+        main = [z for z in present if z not in flagged and z not in cut_off]
+        bridges = [(r.confidence, k) for k, r in pairs.items() if k not in kept and r.confidence > r.chance
+                   and ((k[0] in main and k[1] in cut_off) or (k[1] in main and k[0] in cut_off))]
+        if not bridges:
+            break
+        conf, (i, j) = max(bridges)
+        forced.add((i, j))
+        kept, flagged, still = gate_pairs(present, pairs, forced)
+        for z in set(cut_off) - set(still):
+            warned[z] = (f"joined to the stack through z={i}-{j}, a pair below the gates (NCC {conf:.2f}, "
+                         f"chance {pairs[(i, j)].chance:.2f}): check its alignment")
+        cut_off = still
     for z in cut_off:
         flagged[z] = "no registered pair connects it to the rest of the stack"
-    return {k: r for k, r in kept.items() if k[0] not in flagged and k[1] not in flagged}, flagged
+    return {k: r for k, r in kept.items() if k[0] not in flagged and k[1] not in flagged}, flagged, warned
 
 
 def gate_pairs(present: Sequence[int], pairs: dict[tuple[int, int], PairResult],
+               forced: set[tuple[int, int]] | None = None,
                ) -> tuple[dict[tuple[int, int], PairResult], dict[int, str], list[int]]:
     """(registered pairs, flagged sections with the reason, sections outside the largest
-    group that registered pairs connect)."""
+    group that registered pairs connect); pairs in `forced` are kept below the gates."""
     flagged: dict[int, str] = {}
     best: dict[int, float] = {}
     for (_, j), r in pairs.items():
@@ -292,7 +312,7 @@ def gate_pairs(present: Sequence[int], pairs: dict[tuple[int, int], PairResult],
         if k[0] in flagged or k[1] in flagged:
             continue
         why = unregistered_reason(r.confidence, r.chance, MIN_PAIR_CONFIDENCE)
-        if why:
+        if why and k not in (forced or set()):
             refused[k] = why
         else:
             kept[k] = r
@@ -389,9 +409,11 @@ def align_stack(
         if z not in by_z:
             outcome[z] = SectionOutcome(z, "", "missing", message="not listed in sections.csv")
 
-    kept, flagged = match_sections(present, by_z, params, map_fn, say)
+    kept, flagged, warned = match_sections(present, by_z, params, map_fn, say)
     for z, why in flagged.items():
         flag(outcome[z], "unaligned", why)
+    for z, why in warned.items():
+        outcome[z].message = why
     aligned = [z for z in present if z not in flagged]
     transforms: dict[int, SectionTransform] = {}
     if aligned:
