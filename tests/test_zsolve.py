@@ -92,3 +92,22 @@ def test_a_repeated_section_is_flagged_and_bridged(tmp_path: Path) -> None:
     group = zarr.open_group(str(res.volume), mode="r")
     assert not group["0"][2].any()                                # the repeat is not in the volume
     assert group.attrs["tapescope"]["sections"]["2"]["needs_reimaging"] is True
+
+
+def test_a_pair_that_alone_joins_two_parts_is_never_dropped() -> None:
+    """Matched only to its predecessor, every pair is all that ties the stack together: a
+    pair that fits worse than the others (real neighbours that differ more) stays in,
+    instead of leaving the system singular and the sections after it nowhere."""
+    rng = np.random.default_rng(3)
+    truth = {z: _affine(rng) for z in range(6)}
+    matches, pair_affine = [], {}
+    for j in range(1, 6):
+        i = j - 1
+        p = rng.uniform(0, 255, (60, 2))
+        noise = 6.0 if j == 3 else 0.3
+        q = _apply(np.linalg.inv(truth[j]) @ truth[i], p) + rng.normal(0, noise, (60, 2))
+        matches.append(PairMatch(i, j, p, q, np.ones(60)))
+        pair_affine[(i, j)] = np.linalg.inv(truth[j]) @ truth[i]
+    sol = solve_stack(SHAPE, list(range(6)), matches, chain_initial(range(6), pair_affine), SolveParams(elastic=False))
+    assert all(sol.kept[(j - 1, j)] == 1.0 for j in range(1, 6))
+    assert max(_error_by_z(truth, sol.forward)) < 3.0

@@ -61,7 +61,7 @@ class SolveParams:
     field_size: float = 0.01      # penalty on a distortion's size (keeps its linear part in A)
     stretch: float = 1.0          # penalty on A_z - rotation, in px at the section's half-size
     flow_z: float = 1.0           # penalty on the tissue flow changing between z steps
-    flow_size: float = 0.01       # penalty on the tissue flow's size
+    flow_size: float = 1e-4       # penalty on the tissue flow's size (keeps the system regular)
     elastic: bool = True          # False: affine only (no D, no v)
     # v, the tissue's own movement, is not yet calibrated (docs/alignment.md): off by default,
     # every difference between sections left by the matches is taken as distortion.
@@ -244,6 +244,16 @@ def solve_stack(
             ty = mean0[1] if k == 0 else mean0[3] if k == 1 else mean0[5]
             targets.append((row, gauge * np.array([tx, ty])))
             row += 1
+        if lay.nv and len(zs) > 2:
+            # With the tissue's flow free, a trend of the sections' placements along z and the
+            # opposite flow fit the matches alike. Sections are placed independently of each
+            # other (tape, stage), tissue moves steadily: the trend is the tissue's.
+            dz = np.asarray(zs, np.float64) - np.mean(zs)
+            dz /= np.sqrt((dz ** 2).sum())
+            for k in range(3):
+                cols = np.array([lay.affine(z) + k for z in zs])
+                coo.append((np.full(len(zs), row), cols, gauge * dz))
+                row += 1
         mat = _rows(coo, row, lay.n)
         rhs = np.zeros((row, 2))
         for r, t in targets:
@@ -281,6 +291,14 @@ def solve_stack(
             live = rms[rms > 0]
             typical = float(np.median(live)) if live.size else 0.0
             bad = (rms > p.pair_outlier * typical) & (rms > p.pair_outlier_px)
+            # ...unless it is all that ties part of the stack to the rest: without it the
+            # system is singular, and a placement to check beats none.
+            live_pairs = [k for k, wt in enumerate(weights) if (wt > 0).any() and not bad[k]]
+            for k in sorted(np.flatnonzero(bad), key=lambda k: rms[k]):   # the least bad back first
+                if not _connected(zs, [(matches[i].fixed_z, matches[i].moving_z) for i in live_pairs]):
+                    bad[k] = False
+                    live_pairs.append(k)
+            bridges = _bridges(zs, [(matches[k].fixed_z, matches[k].moving_z) for k in live_pairs])
             allr = np.concatenate([r for r, b in zip(per_pair, bad, strict=True) if r.size and not b]) \
                 if per_pair else np.zeros(0)
             scale = 1.4826 * float(np.median(allr)) if allr.size else 1.0
@@ -289,6 +307,8 @@ def solve_stack(
                 if bad[k]:
                     weights[k] = np.zeros(len(m.p))
                     continue
+                if (m.fixed_z, m.moving_z) in bridges:
+                    continue        # its points are all that place one side: none is judged
                 u = np.clip(r / cut, 0, 1)
                 weights[k] = np.where(weights[k] > 0, np.asarray(m.w, np.float64) * (1 - u ** 2) ** 2, 0.0)
     for m, wt, r in zip(matches, weights, per_pair, strict=True):
@@ -299,6 +319,30 @@ def solve_stack(
     transforms = {z: _inverse(forward[z], dfield[z] if p.elastic else None, lay, shape, p.transform_stride)
                   for z in zs}
     return StackSolution(transforms, forward, residual, kept)
+
+
+def _groups(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> dict[int, int]:
+    parent = {z: z for z in zs}
+
+    def root(z: int) -> int:
+        while parent[z] != z:
+            parent[z] = parent[parent[z]]
+            z = parent[z]
+        return z
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    return {z: root(z) for z in zs}
+
+
+def _connected(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> bool:
+    return len(set(_groups(zs, links).values())) <= 1
+
+
+def _bridges(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Links whose removal splits the sections (few sections, few links: by trial)."""
+    n = len(set(_groups(zs, links).values()))
+    return {k for i, k in enumerate(links) if len(set(_groups(zs, links[:i] + links[i + 1:]).values())) > n}
 
 
 def _apply(f: np.ndarray, pts: np.ndarray) -> np.ndarray:
