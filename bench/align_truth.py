@@ -162,3 +162,60 @@ def transform_maps(transforms: dict, shape: tuple[int, int], step: int = 8) -> d
         sx, sy = t.apply(gx, gy)
         out[z] = np.stack([sx, sy], -1)
     return out
+
+
+def invert(t: object, pts: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """Output points p with t.apply(p) = pts (n, 2; x first), by fixed-point iteration (the
+    field is smooth and small against the affine)."""
+    m = np.asarray(t.matrix, np.float64)  # type: ignore[attr-defined]
+    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+    p = pts @ inv[:2, :2].T + inv[:2, 2]
+    for _ in range(iterations):
+        sx, sy = t.apply(p[:, 0], p[:, 1])  # type: ignore[attr-defined]
+        p = p - np.stack([sx - pts[:, 0], sy - pts[:, 1]], 1) @ inv[:2, :2].T
+    return p
+
+
+def consistency(stack: TruthStack, maps: dict[int, np.ndarray], reference: dict, step: int = 8) -> Residual:
+    """Residual against the aligner's own result on the sections before they were warped
+    (`reference`: z -> SectionTransform of that run), instead of against the published
+    alignment: does the aligner undo the known warps, wherever it puts the sections? Blind
+    to what both runs share (following the tissue's own drift, say), so it is reported
+    beside `residual`, not instead of it."""
+    h, w = stack.shape
+    per: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for z, m in maps.items():
+        if z not in reference:
+            continue
+        gh, gw = m.shape[:2]
+        gy, gx = np.mgrid[0:gh, 0:gw] * step
+        sx, sy = m[..., 0], m[..., 1]
+        ok = np.isfinite(sx) & np.isfinite(sy) & (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+        iy = np.clip(np.rint(np.nan_to_num(sy)), 0, h - 1).astype(int)
+        ix = np.clip(np.rint(np.nan_to_num(sx)), 0, w - 1).astype(int)
+        ok &= stack.images[z][iy, ix] > 0
+        tx, ty = stack.warps[z].apply(sx[ok], sy[ok])
+        p0 = invert(reference[z], np.stack([tx, ty], 1))
+        per[z] = (np.stack([gx[ok], gy[ok]], 1).astype(np.float64), p0)
+    p = np.concatenate([v[0] for v in per.values()])
+    t = np.concatenate([v[1] for v in per.values()])
+    g, *_ = np.linalg.lstsq(np.column_stack([p, np.ones(len(p))]), t, rcond=None)
+    out = {z: np.hypot(*(p0 - np.column_stack([pz, np.ones(len(pz))]) @ g).T) for z, (pz, p0) in per.items()}
+    return Residual(out, out)
+
+
+def map_transform(m: np.ndarray, step: int = 8) -> object:
+    """A sampled map (as `residual` takes it) as a SectionTransform: an affine fitted to it
+    plus the rest as its field (where the map is undefined, the affine alone)."""
+    from tapescope.montage.transform import SectionTransform
+
+    gh, gw = m.shape[:2]
+    gy, gx = (np.mgrid[0:gh, 0:gw] * step).astype(np.float64)
+    ok = np.isfinite(m).all(-1)
+    design = np.column_stack([gx[ok], gy[ok], np.ones(ok.sum())])
+    fit, *_ = np.linalg.lstsq(design, m[ok], rcond=None)
+    affine = np.stack([gx, gy, np.ones_like(gx)], -1) @ fit
+    field = np.where(ok[..., None], m - affine, 0.0).astype(np.float32)
+    # SectionTransform's field nodes cover the output edge to edge, one more than the samples.
+    field = np.pad(field, ((0, 1), (0, 1), (0, 0)), mode="edge")
+    return SectionTransform(fit.T, field, step)

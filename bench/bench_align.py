@@ -28,17 +28,27 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from align_truth import TruthStack, make_truth_stack, real_sections, residual, transform_maps
+from align_truth import (
+    TruthStack,
+    consistency,
+    make_truth_stack,
+    map_transform,
+    real_sections,
+    residual,
+    transform_maps,
+)
 
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.stack import align_stack, write_stack
+from tapescope.montage.stack import AlignParams, align_stack, local_map, match_sections, read_stack, write_stack
 from tapescope.montage.transform import SectionTransform
+from tapescope.montage.zsolve import chain_initial, solve_stack
 from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
 from tapescope.stitching.register import ncc, phase_correlate
 
 # SOFIMA's own virtual environment (shared/peers/README.md): its python, from SOFIMA_PYTHON.
 SOFIMA_PY = Path(os.environ.get("SOFIMA_PYTHON", "/tmp/sofima-venv/bin/python"))
 PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
+UNWARPED = {"max_rotation_deg": 0.0, "max_shift_frac": 0.0, "elastic_px": 0.0}
 
 
 def ecc_chain(stack: TruthStack) -> dict[int, SectionTransform]:
@@ -87,29 +97,75 @@ def sofima(stack: TruthStack, d: Path) -> dict[int, np.ndarray] | None:
         return {int(k[2:]): m[k] for k in m.files}
 
 
-def report(name: str, stack: TruthStack, maps: dict[int, np.ndarray], seconds: float) -> None:
+def report(name: str, stack: TruthStack, maps: dict[int, np.ndarray], seconds: float,
+           reference: dict[int, np.ndarray] | None) -> None:
     r = residual(stack, maps)
     per = " ".join(f"{z}:{v:.1f}" for z, v in r.rms_z().items())
     print(f"  {name:<10} RMS {r.rms():6.2f} px  (common field removed {r.rms(True):6.2f})  growth {r.growth():5.2f}"
           f"  {seconds / max(len(maps), 1):5.1f} s/section  present {len(maps)}/{len(stack.images)}")
     print(f"             by z: {per}")
+    if reference is not None:
+        c = consistency(stack, maps, {z: map_transform(m) for z, m in reference.items()})
+        per = " ".join(f"{z}:{v:.1f}" for z, v in c.rms_z().items())
+        print(f"             against its own run on the unwarped sections: RMS {c.rms():6.2f} px, "
+              f"growth {c.growth():5.2f}; by z: {per}")
 
 
-def compare(label: str, stack: TruthStack) -> None:
+def compare(label: str, stack: TruthStack, unwarped: TruthStack | None) -> None:
+    """Every method on the warped stack, and (for `consistency`) on the sections unwarped."""
     zs = sorted(stack.images)
     print(f"== {label}: {len(zs)} sections of {stack.shape[1]}x{stack.shape[0]} px")
+    methods = {
+        "ECC chain": lambda st, d: transform_maps(ecc_chain(st), st.shape),
+        "SOFIMA": sofima,
+        "tapescope": lambda st, d: transform_maps(tapescope(st, d), st.shape),
+    }
+    for name, run in methods.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            maps = run(stack, Path(tmp))
+            seconds = time.perf_counter() - t0
+        if maps is None:
+            continue
+        reference = None
+        if unwarped is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                reference = run(unwarped, Path(tmp))
+        report(name, stack, maps, seconds, reference)
+
+
+def long_stack(n: int, size: int, seed: int) -> None:
+    """A long stack of small sections: the same pairs (each section with its 3 predecessors)
+    chained (each section through its predecessor, as before the stack-wide solve) and
+    solved; residual against the truth by z. One specimen image under different warps: the
+    only error is the pairs' own, which a chain passes along and a solve does not."""
+    img = Specimen(SpecimenParams(height_px=2 * size, width_px=2 * size, n_sections=1, seed=seed + 5)).section(0)
+    base = img[size // 2:size // 2 + size, size // 2:size // 2 + size] * 255
+    stack = make_truth_stack([base] * n, seed, noise=0.03, max_shift_frac=0.05, elastic_px=1.5)
+    zs = sorted(stack.images)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
+        write_stack(d / "s", [stack.images[z] * 256 for z in zs], zs)
+        entries, shape = read_stack(d / "s")
         t0 = time.perf_counter()
-        ecc = ecc_chain(stack)
-        report("ECC chain", stack, transform_maps(ecc, stack.shape), time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        maps = sofima(stack, d)
-        if maps is not None:
-            report("SOFIMA", stack, maps, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ours = tapescope(stack, d)
-        report("tapescope", stack, transform_maps(ours, stack.shape), time.perf_counter() - t0)
+        kept, flagged, _ = match_sections(zs, {e.z: e for e in entries}, AlignParams(), local_map, lambda _m: None)
+        t_pairs = time.perf_counter() - t0
+    chain = {zs[0]: SectionTransform.identity()}
+    for a, b in itertools.pairwise(zs):
+        if (a, b) in kept and a in chain:
+            chain[b] = chain[a].then(kept[(a, b)].transform, shape)
+    aligned = [z for z in zs if z not in flagged]
+    t0 = time.perf_counter()
+    initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items() if r.coarse is not None})
+    sol = solve_stack(shape, aligned, [r.matches for r in kept.values() if r.matches is not None], initial)
+    t_solve = time.perf_counter() - t0
+    print(f"== long stack: {n} sections of {size} px, one specimen image, rotation <= 5 deg, shift <= 5 %, 1.5 px "
+          f"field; {len(kept)} pairs in {t_pairs:.0f} s, solve {t_solve:.1f} s; flagged {len(flagged)}")
+    for name, tr in (("chain", chain), ("solve", sol.transforms)):
+        r = residual(stack, transform_maps(tr, shape)).rms_z()
+        blocks = [list(r.values())[i:i + 10] for i in range(0, len(r), 10)]
+        cells = " ".join(f"{np.sqrt(np.mean(np.square(b))):.2f}" for b in blocks)
+        print(f"  {name:<6} RMS px by ten sections: {cells}")
 
 
 def neighbour_ncc(sections: list[np.ndarray]) -> str:
@@ -124,21 +180,25 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--no-sim", action="store_true")
+    ap.add_argument("--long", type=int, default=100, help="sections of the long stack (0: skip it)")
     a = ap.parse_args()
+    if a.long:
+        long_stack(a.long, 192, a.seeds[0])
     real = None if a.no_real else real_sections()
     if real is None and not a.no_real:
         print("== real ssTEM skipped: ../shared/data/sstem_cardona2010 not found")
     for seed in a.seeds:
         if real is not None:
             print(f"   real: {neighbour_ncc(real)}")
-            compare(f"real ssTEM, seed {seed}, z=7 left out", make_truth_stack(real, seed, drop=(7,)))
+            compare(f"real ssTEM, seed {seed}, z=7 left out", make_truth_stack(real, seed, drop=(7,)),
+                    make_truth_stack(real, seed, drop=(7,), **UNWARPED))
         if not a.no_sim:
             size = a.sim_size
             spec = Specimen(SpecimenParams(height_px=size, width_px=size, n_sections=a.sim_n, seed=seed + 1))
             secs = [spec.section(i) * 255 for i in range(a.sim_n)]
             print(f"   sim: {neighbour_ncc(secs)}")
             compare(f"simulated specimen, seed {seed}, z=7 left out",
-                    make_truth_stack(secs, seed, drop=(7,), noise=0.05))
+                    make_truth_stack(secs, seed, drop=(7,), noise=0.05), None)
 
 
 if __name__ == "__main__":

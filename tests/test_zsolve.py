@@ -111,3 +111,28 @@ def test_a_pair_that_alone_joins_two_parts_is_never_dropped() -> None:
     sol = solve_stack(SHAPE, list(range(6)), matches, chain_initial(range(6), pair_affine), SolveParams(elastic=False))
     assert all(sol.kept[(j - 1, j)] == 1.0 for j in range(1, 6))
     assert max(_error_by_z(truth, sol.forward)) < 3.0
+
+
+def test_pairs_joining_a_cut_off_group_are_taken_where_they_agree() -> None:
+    """Below the gates, right pairs agree on where a cut-off group lies and wrong ones
+    scatter, whatever their NCC: the agreeing ones join it, not the one with the best NCC."""
+    from tapescope.montage.stack import PairResult, agreeing_bridges
+    from tapescope.montage.transform import SectionTransform
+
+    rng = np.random.default_rng(2)
+    truth = {z: _affine(rng) for z in range(6)}     # raw -> specimen
+
+    def pair(i: int, j: int, conf: float, error: tuple[float, float] = (0.0, 0.0)) -> PairResult:
+        t = np.linalg.inv(truth[j]) @ truth[i]          # raw i -> raw j
+        t[:2, 2] += error
+        return PairResult(i, j, SectionTransform(t[:2]), conf, 0.0, 0, 0.0, 0.02, None, t)
+
+    kept = {(0, 1): pair(0, 1, 0.3), (1, 2): pair(1, 2, 0.3), (3, 4): pair(3, 4, 0.3), (4, 5): pair(4, 5, 0.3)}
+    below = {(1, 3): pair(1, 3, 0.06, (0.8, -0.5)), (0, 3): pair(0, 3, 0.05, (-1.0, 0.6)),
+             (2, 4): pair(2, 4, 0.07, (0.5, 1.0)), (2, 3): pair(2, 3, 0.12, (40.0, -25.0)),
+             (1, 4): pair(1, 4, 0.09, (-60.0, 10.0))}
+    chosen = agreeing_bridges({**kept, **below}, kept, [0, 1, 2], [3, 4, 5], SHAPE)
+    assert chosen == [(0, 3), (1, 3), (2, 4)]
+    # With no two agreeing, the one with the highest NCC.
+    alone = {k: below[k] for k in ((1, 3), (2, 3), (1, 4))}
+    assert agreeing_bridges({**kept, **alone}, kept, [0, 1, 2], [3, 4, 5], SHAPE) == [(2, 3)]

@@ -37,7 +37,7 @@ from .align import align_section, block_mean, unregistered_reason
 from .blocks import RenderStats, render_section
 from .omezarr import Volume
 from .transform import SectionTransform
-from .zsolve import PairMatch, SolveParams, chain_initial, solve_stack
+from .zsolve import PairMatch, SolveParams, chain_initial, groups, solve_stack
 
 MIN_PAIR_CONFIDENCE = 0.2   # coarse NCC below this: the pair did not register (docs/alignment.md)
 # The same section imaged twice agrees far better than neighbours do: its NCC leaves less than
@@ -251,13 +251,14 @@ def _pairs_to_try(present: Sequence[int], tried: Iterable[tuple[int, int]], k: i
 
 
 def match_sections(present: Sequence[int], by_z: dict[int, StackEntry], params: AlignParams, map_fn: MapFn,
-                   say: Callable[[str], None],
+                   say: Callable[[str], None], shape: tuple[int, int],
                    ) -> tuple[dict[tuple[int, int], PairResult], dict[int, str], dict[int, str]]:
     """Pairs of every section with its `params.neighbours` predecessors, then more pairs for
     sections the gates cut off from the stack (across a flagged run of sections). Where a
-    group of sections that register to each other is still cut off, the best pair below the
-    gates joins it (better than chance, the highest NCC): the volume stays whole, and those
-    sections carry a warning instead of being dropped. Returns the registered pairs, the
+    group of sections that register to each other is still cut off, pairs below the gates
+    join it where several agree on where it lies (`agreeing_bridges`), else the one with the
+    highest NCC above chance: the volume stays whole, and those sections carry a warning
+    instead of being dropped. Returns the registered pairs, the
     flagged sections and the warned sections, each with its reason."""
     pairs: dict[tuple[int, int], PairResult] = {}
     todo = _pairs_to_try(present, (), params.neighbours)
@@ -276,20 +277,60 @@ def match_sections(present: Sequence[int], by_z: dict[int, StackEntry], params: 
     warned: dict[int, str] = {}
     while cut_off:
         main = [z for z in present if z not in flagged and z not in cut_off]
-        bridges = [(r.confidence, k) for k, r in pairs.items() if k not in kept and r.confidence > r.chance
-                   and ((k[0] in main and k[1] in cut_off) or (k[1] in main and k[0] in cut_off))]
-        if not bridges:
+        group_of = groups(cut_off, [k for k in kept if k[0] in cut_off and k[1] in cut_off])
+        first = group_of[min(cut_off)]
+        chosen = agreeing_bridges(pairs, kept, main, [z for z in cut_off if group_of[z] == first], shape)
+        if not chosen:
             break
-        conf, (i, j) = max(bridges)
-        forced.add((i, j))
+        forced |= set(chosen)
         kept, flagged, still = gate_pairs(present, pairs, forced)
+        names = ", ".join(f"{i}-{j} (NCC {pairs[(i, j)].confidence:.2f})" for i, j in chosen)
+        why = (f"joined to the stack by {len(chosen)} pairs below the gates that agree within {BRIDGE_AGREE_PX} px: "
+               if len(chosen) > 1 else "joined to the stack by one pair below the gates: ") + names
         for z in set(cut_off) - set(still):
-            warned[z] = (f"joined to the stack through z={i}-{j}, a pair below the gates (NCC {conf:.2f}, "
-                         f"chance {pairs[(i, j)].chance:.2f}): check its alignment")
+            warned[z] = why + "; check its alignment"
         cut_off = still
     for z in cut_off:
         flagged[z] = "no registered pair connects it to the rest of the stack"
     return {k: r for k, r in kept.items() if k[0] not in flagged and k[1] not in flagged}, flagged, warned
+
+
+BRIDGE_AGREE_PX = 6.0   # pairs joining two groups agree when they place one on the other this closely
+
+
+def agreeing_bridges(pairs: dict[tuple[int, int], PairResult], kept: dict[tuple[int, int], PairResult],
+                     main: Sequence[int], group: Sequence[int], shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Pairs below the gates between the stack (`main`) and a group cut off from it that
+    agree on where the group lies. Each such pair, with the registered pairs inside each
+    side, places the group on the stack; on real serial sections two or three apart, pairs
+    at NCC 0.03-0.1 are often right and sometimes tens of px wrong, and their NCC does not
+    tell which (docs/alignment.md), but right ones agree with each other and wrong ones
+    scatter. The largest set that agrees within BRIDGE_AGREE_PX at the section's corners
+    and centre is taken; with no two agreeing, the pair with the highest NCC above chance."""
+    inside = {k: r.coarse for k, r in kept.items() if r.coarse is not None}
+    fa = chain_initial(main, {k: a for k, a in inside.items() if k[0] in main and k[1] in main})
+    fb = chain_initial(group, {k: a for k, a in inside.items() if k[0] in group and k[1] in group})
+    h, w = shape
+    probe = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1], [(w - 1) / 2, (h - 1) / 2, 1]]).T
+    cands: list[tuple[float, tuple[int, int], np.ndarray]] = []
+    for (i, j), r in pairs.items():
+        if r.coarse is None or r.confidence <= r.chance:
+            continue
+        if i in fa and j in fb:        # F_j = F_i o T^-1: the group's frame -> the stack's
+            m = fa[i] @ np.linalg.inv(r.coarse) @ np.linalg.inv(fb[j])
+        elif i in fb and j in fa:      # F_i = F_j o T
+            m = fa[j] @ r.coarse @ np.linalg.inv(fb[i])
+        else:
+            continue
+        cands.append((r.confidence, (i, j), (m @ probe)[:2].T))
+    if not cands:
+        return []
+    agree = [[k for k, other in enumerate(cands) if np.hypot(*(c[2] - other[2]).T).max() <= BRIDGE_AGREE_PX]
+             for c in cands]
+    best = max(range(len(cands)), key=lambda k: (len(agree[k]), sum(cands[i][0] for i in agree[k])))
+    if len(agree[best]) < 2:
+        return [max(cands, key=lambda c: c[0])[1]]
+    return sorted(cands[k][1] for k in agree[best])
 
 
 def gate_pairs(present: Sequence[int], pairs: dict[tuple[int, int], PairResult],
@@ -325,21 +366,11 @@ def gate_pairs(present: Sequence[int], pairs: dict[tuple[int, int], PairResult],
         other = None if near is None else (near[0] if near[1] == z else near[1])
         flagged[z] = f"did not register to z={other}: {refused[near]}" if near else "no neighbour to register to"
     # The largest connected group is the stack; the rest must be bridged to it.
-    parent = {z: z for z in present}
-
-    def root(z: int) -> int:
-        while parent[z] != z:
-            parent[z] = parent[parent[z]]
-            z = parent[z]
-        return z
-
-    for i, j in kept:
-        parent[root(i)] = root(j)
-    groups: dict[int, list[int]] = {}
-    for z in present:
-        if z not in flagged:
-            groups.setdefault(root(z), []).append(z)
-    main = max(groups.values(), key=lambda g: (len(g), -min(g)), default=[])
+    group_of = groups([z for z in present if z not in flagged], kept)
+    members: dict[int, list[int]] = {}
+    for z, g in group_of.items():
+        members.setdefault(g, []).append(z)
+    main = max(members.values(), key=lambda g: (len(g), -min(g)), default=[])
     cut_off = [z for z in present if z not in flagged and z not in main]
     return kept, flagged, cut_off
 
@@ -409,7 +440,7 @@ def align_stack(
         if z not in by_z:
             outcome[z] = SectionOutcome(z, "", "missing", message="not listed in sections.csv")
 
-    kept, flagged, warned = match_sections(present, by_z, params, map_fn, say)
+    kept, flagged, warned = match_sections(present, by_z, params, map_fn, say, shape)
     for z, why in flagged.items():
         flag(outcome[z], "unaligned", why)
     for z, why in warned.items():

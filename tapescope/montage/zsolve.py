@@ -31,7 +31,7 @@ the inverse of F_z, found by fixed-point iteration on the transform's field grid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +66,7 @@ class SolveParams:
     # v, the tissue's own movement, is not yet calibrated (docs/alignment.md): off by default,
     # every difference between sections left by the matches is taken as distortion.
     tissue_flow: bool = False
+    flow_affine_free: bool = True   # the flow has no affine part (else: placements have no z trend)
     iterations: int = 4           # solves, each re-weighting the matches (Tukey) and re-linearising
     tukey: float = 4.685          # robust cut-off, in robust standard deviations of the residuals
     pair_outlier: float = 3.0     # a pair whose RMS is this many times the median pair's is dropped...
@@ -244,7 +245,19 @@ def solve_stack(
             ty = mean0[1] if k == 0 else mean0[3] if k == 1 else mean0[5]
             targets.append((row, gauge * np.array([tx, ty])))
             row += 1
-        if lay.nv and len(zs) > 2:
+        if lay.nv and p.flow_affine_free:
+            # The tissue's flow holds no affine part: tissue moving as a whole between two
+            # sections cannot be told from the section's placement, so that part is the
+            # placement's; the flow keeps what varies across the section.
+            gy, gx = np.mgrid[0:lay.vh, 0:lay.vw].astype(np.float64)
+            basis = [np.ones(lay.nv), (gx.ravel() - gx.mean()) / max(lay.vw, 1),
+                     (gy.ravel() - gy.mean()) / max(lay.vh, 1)]
+            ids = np.arange(lay.nv)
+            for k in range(lay.z0, lay.z0 + lay.steps):
+                for b in basis:
+                    coo.append((np.full(lay.nv, row), lay.flow(k) + ids, gauge * b / lay.nv))
+                    row += 1
+        elif lay.nv and len(zs) > 2:
             # With the tissue's flow free, a trend of the sections' placements along z and the
             # opposite flow fit the matches alike. Sections are placed independently of each
             # other (tape, stage), tissue moves steadily: the trend is the tissue's.
@@ -321,7 +334,8 @@ def solve_stack(
     return StackSolution(transforms, forward, residual, kept)
 
 
-def _groups(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> dict[int, int]:
+def groups(zs: Sequence[int], links: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """Each section's group (a representative z) under the links between sections."""
     parent = {z: z for z in zs}
 
     def root(z: int) -> int:
@@ -336,13 +350,13 @@ def _groups(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> dict[int, in
 
 
 def _connected(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> bool:
-    return len(set(_groups(zs, links).values())) <= 1
+    return len(set(groups(zs, links).values())) <= 1
 
 
 def _bridges(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
     """Links whose removal splits the sections (few sections, few links: by trial)."""
-    n = len(set(_groups(zs, links).values()))
-    return {k for i, k in enumerate(links) if len(set(_groups(zs, links[:i] + links[i + 1:]).values())) > n}
+    n = len(set(groups(zs, links).values()))
+    return {k for i, k in enumerate(links) if len(set(groups(zs, links[:i] + links[i + 1:]).values())) > n}
 
 
 def _apply(f: np.ndarray, pts: np.ndarray) -> np.ndarray:
