@@ -119,20 +119,26 @@ class Residual:
         return float(np.mean(r[-3:]) / np.mean(r[:3])) if len(r) >= 6 else float("nan")
 
 
+def _truth_points(stack: TruthStack, z: int, m: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(output points, the truth points drawn there, their flat grid index) of a map, where it
+    draws a pixel section z imaged."""
+    h, w = stack.shape
+    gh, gw = m.shape[:2]
+    gy, gx = np.mgrid[0:gh, 0:gw] * step
+    sx, sy = m[..., 0], m[..., 1]
+    ok = np.isfinite(sx) & np.isfinite(sy) & (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+    iy = np.clip(np.rint(np.nan_to_num(sy)), 0, h - 1).astype(int)
+    ix = np.clip(np.rint(np.nan_to_num(sx)), 0, w - 1).astype(int)
+    ok &= stack.images[z][iy, ix] > 0
+    tx, ty = stack.warps[z].apply(sx[ok], sy[ok])
+    return np.stack([gx[ok], gy[ok]], 1).astype(np.float64), np.stack([tx, ty], 1), np.flatnonzero(ok)
+
+
 def residual(stack: TruthStack, maps: dict[int, np.ndarray], step: int = 8) -> Residual:
     """`maps[z]`: (gh, gw, 2) raw (x, y) drawn at output (i*step, j*step), nan where none."""
-    h, w = stack.shape
     pts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for z, m in maps.items():
-        gh, gw = m.shape[:2]
-        gy, gx = np.mgrid[0:gh, 0:gw] * step
-        sx, sy = m[..., 0], m[..., 1]
-        ok = np.isfinite(sx) & np.isfinite(sy) & (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
-        iy = np.clip(np.rint(np.nan_to_num(sy)), 0, h - 1).astype(int)
-        ix = np.clip(np.rint(np.nan_to_num(sx)), 0, w - 1).astype(int)
-        ok &= stack.images[z][iy, ix] > 0
-        tx, ty = stack.warps[z].apply(sx[ok], sy[ok])
-        pts[z] = (np.stack([gx[ok], gy[ok]], 1).astype(np.float64), np.stack([tx, ty], 1), np.flatnonzero(ok))
+        pts[z] = _truth_points(stack, z, m, step)
     # One affine G(p) for all sections, least squares.
     p = np.concatenate([v[0] for v in pts.values()])
     t = np.concatenate([v[1] for v in pts.values()])
@@ -182,21 +188,12 @@ def consistency(stack: TruthStack, maps: dict[int, np.ndarray], reference: dict,
     alignment: does the aligner undo the known warps, wherever it puts the sections? Blind
     to what both runs share (following the tissue's own drift, say), so it is reported
     beside `residual`, not instead of it."""
-    h, w = stack.shape
     per: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for z, m in maps.items():
         if z not in reference:
             continue
-        gh, gw = m.shape[:2]
-        gy, gx = np.mgrid[0:gh, 0:gw] * step
-        sx, sy = m[..., 0], m[..., 1]
-        ok = np.isfinite(sx) & np.isfinite(sy) & (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
-        iy = np.clip(np.rint(np.nan_to_num(sy)), 0, h - 1).astype(int)
-        ix = np.clip(np.rint(np.nan_to_num(sx)), 0, w - 1).astype(int)
-        ok &= stack.images[z][iy, ix] > 0
-        tx, ty = stack.warps[z].apply(sx[ok], sy[ok])
-        p0 = invert(reference[z], np.stack([tx, ty], 1))
-        per[z] = (np.stack([gx[ok], gy[ok]], 1).astype(np.float64), p0)
+        pz, tz, _ = _truth_points(stack, z, m, step)
+        per[z] = (pz, invert(reference[z], tz))
     p = np.concatenate([v[0] for v in per.values()])
     t = np.concatenate([v[1] for v in per.values()])
     g, *_ = np.linalg.lstsq(np.column_stack([p, np.ones(len(p))]), t, rcond=None)
