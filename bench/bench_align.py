@@ -148,7 +148,8 @@ def long_stack(n: int, size: int, seed: int) -> None:
         write_stack(d / "s", [stack.images[z] * 256 for z in zs], zs)
         entries, shape = read_stack(d / "s")
         t0 = time.perf_counter()
-        kept, flagged, _ = match_sections(zs, {e.z: e for e in entries}, AlignParams(), local_map, lambda _m: None)
+        kept, flagged, _ = match_sections(zs, {e.z: e for e in entries}, AlignParams(), local_map, lambda _m: None,
+                                          shape)
         t_pairs = time.perf_counter() - t0
     chain = {zs[0]: SectionTransform.identity()}
     for a, b in itertools.pairwise(zs):

@@ -108,6 +108,7 @@ class SectionAlignment:
     chance: float = 0.0           # confidence the same search reaches on a pair known to be wrong
     flow_weight: np.ndarray | None = None   # (gh, gw) the last pass's node weights (0: not kept)
     stride: int = 32                        # of the flow grid
+    shape: tuple[int, int] = (0, 0)         # (h, w) of the images aligned
 
 
 # A pair registers only when it agrees CHANCE_FACTOR times better than the same search finds on
@@ -330,4 +331,5 @@ def align_section(
             field = field + (u.reshape(-1, 2) @ current.linear.T).reshape(field.shape).astype(np.float32)
         transform = SectionTransform(transform.matrix, field, stride)
     overlap = coarse.overlap
-    return SectionAlignment(transform, conf, rot, nodes, rms, overlap, coarse.chance, weight, stride)
+    return SectionAlignment(transform, conf, rot, nodes, rms, overlap, coarse.chance, weight, stride,
+                            (int(fixed.shape[0]), int(fixed.shape[1])))

@@ -37,7 +37,7 @@ from .align import align_section, block_mean, unregistered_reason
 from .blocks import RenderStats, render_section
 from .omezarr import Volume
 from .transform import SectionTransform
-from .zsolve import PairMatch, SolveParams, chain_initial, groups, solve_stack
+from .zsolve import PairMatch, SolveParams, chain_initial, groups, matches_of, solve_stack
 
 MIN_PAIR_CONFIDENCE = 0.2   # coarse NCC below this: the pair did not register (docs/alignment.md)
 # The same section imaged twice agrees far better than neighbours do: its NCC leaves less than
@@ -200,9 +200,6 @@ class Imaged:
         return np.asarray(self.image[key]) > 0  # type: ignore[index]
 
 
-MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
-
-
 def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path, params: AlignParams) -> PairResult:
     keep_large_blocks()     # once per worker process
     # Memory-mapped where the TIFF allows: the alignment reads strips and patches.
@@ -211,25 +208,9 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
     fv, mv = Imaged(fixed), Imaged(moving)
     a = align_section(fixed, moving, fv, mv, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
                       device=params.device)
-    h, w = fixed.shape
-    if a.flow_weight is not None:
-        iy, ix = np.nonzero(a.flow_weight > 0)
-        pts = np.stack([ix * a.stride, iy * a.stride], 1).astype(np.float64)
-        wt = a.flow_weight[iy, ix].astype(np.float64)
-    else:
-        gy, gx = np.mgrid[0:MATCH_GRID, 0:MATCH_GRID] / (MATCH_GRID - 1)
-        pts = np.stack([gx.ravel() * (w - 1), gy.ravel() * (h - 1)], 1)
-        wt = np.ones(len(pts))
-    sx, sy = a.transform.apply(pts[:, 0], pts[:, 1])
-    q = np.stack([sx, sy], 1)
-    # Only points both sections imaged.
-    inside = (q[:, 0] >= 0) & (q[:, 0] <= w - 1) & (q[:, 1] >= 0) & (q[:, 1] <= h - 1)
-    ok = inside.copy()
-    ok[inside] &= fv[pts[inside, 1].astype(int), pts[inside, 0].astype(int)] & \
-        mv[np.rint(q[inside, 1]).astype(int), np.rint(q[inside, 0]).astype(int)]
     coarse = np.vstack([a.transform.matrix, [0.0, 0.0, 1.0]])
     return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px,
-                      a.chance, PairMatch(fixed_z, moving_z, pts[ok], q[ok], wt[ok]), coarse)
+                      a.chance, matches_of(a, fixed_z, moving_z, fv, mv), coarse)
 
 
 def flag(o: SectionOutcome, status: str, why: str) -> None:

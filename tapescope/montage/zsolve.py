@@ -38,8 +38,11 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from .align import SectionAlignment
 from .flow import _second_differences
 from .transform import SectionTransform
+
+MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
 
 
 @dataclass
@@ -51,6 +54,29 @@ class PairMatch:
     p: np.ndarray
     q: np.ndarray
     w: np.ndarray
+
+
+def matches_of(a: SectionAlignment, fixed_z: int, moving_z: int, fixed_valid: object,
+               moving_valid: object) -> PairMatch:
+    """A pair's alignment as point matches: the flow nodes its last pass kept (weighted by
+    their peak sharpness), or a grid where it had no flow, each p with q = T(p), where both
+    sections were imaged (`*_valid`: boolean arrays or lazy views indexed by pixel)."""
+    h, w = a.shape
+    if a.flow_weight is not None:
+        iy, ix = np.nonzero(a.flow_weight > 0)
+        pts = np.stack([ix * a.stride, iy * a.stride], 1).astype(np.float64)
+        wt = a.flow_weight[iy, ix].astype(np.float64)
+    else:
+        gy, gx = np.mgrid[0:MATCH_GRID, 0:MATCH_GRID] / (MATCH_GRID - 1)
+        pts = np.stack([gx.ravel() * (w - 1), gy.ravel() * (h - 1)], 1)
+        wt = np.ones(len(pts))
+    sx, sy = a.transform.apply(pts[:, 0], pts[:, 1])
+    q = np.stack([sx, sy], 1)
+    inside = (q[:, 0] >= 0) & (q[:, 0] <= w - 1) & (q[:, 1] >= 0) & (q[:, 1] <= h - 1)
+    ok = inside.copy()
+    ok[inside] &= np.asarray(fixed_valid[pts[inside, 1].astype(int), pts[inside, 0].astype(int)], bool) & \
+        np.asarray(moving_valid[np.rint(q[inside, 1]).astype(int), np.rint(q[inside, 0]).astype(int)], bool)
+    return PairMatch(fixed_z, moving_z, pts[ok], q[ok], wt[ok])
 
 
 @dataclass(frozen=True)
@@ -147,14 +173,15 @@ def _rows(coo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_rows: int, n: 
 
 def solve_stack(
     shape: tuple[int, int], zs: Sequence[int], matches: Sequence[PairMatch], initial: dict[int, np.ndarray],
-    params: SolveParams | None = None,
+    params: SolveParams | None = None, fixed: Iterable[int] = (),
 ) -> StackSolution:
     """Transforms of the sections `zs` (ascending) from `matches` between them.
 
     `initial` gives each section's forward affine (3x3, raw -> stack frame), e.g. from a
     chain of the pairs' coarse transforms; the solution keeps their mean as the stack's
     frame (a frame common to all sections is not determined by the data) and takes
-    nothing else from them.
+    nothing else from them. Sections in `fixed` keep their initial affine and no field
+    (sections already written, live): they are the frame instead.
     """
     p = params or SolveParams()
     zs = sorted(zs)
@@ -235,10 +262,22 @@ def solve_stack(
                 targets.append((row, s_aff * rot[:, k]))
                 row += 1
         gauge = np.sqrt(total_w)
+        pinned = [z for z in zs if z in set(fixed)]
+        for z in pinned:        # far stronger than any data: these sections do not move
+            pin = 1e3 * gauge
+            for k in range(3):
+                coo.append((np.array([row]), np.array([lay.affine(z) + k]), np.array([pin])))
+                col = initial[z][:2, k] if k < 2 else (initial[z] @ [*centre, 1])[:2]
+                targets.append((row, pin * np.asarray(col, np.float64)))
+                row += 1
+            if p.elastic:
+                ids = np.arange(lay.nd)
+                coo.append((row + ids, lay.field(z) + ids, np.full(lay.nd, pin)))
+                row += lay.nd
         mean0 = np.mean([np.concatenate([initial[z][:2, :2].T.ravel(), (initial[z] @ [*centre, 1])[:2]])
                          for z in zs], axis=0)
         # unknown order per coordinate c: (a_c1, a_c2, b_c); mean0 holds A's columns then b.
-        for k in range(3):
+        for k in range(3 if not pinned else 0):   # with sections pinned, they are the frame
             cols = np.array([lay.affine(z) + k for z in zs])
             coo.append((np.full(len(zs), row), cols, np.full(len(zs), gauge / len(zs))))
             tx = mean0[0] if k == 0 else mean0[2] if k == 1 else mean0[4]
