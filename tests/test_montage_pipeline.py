@@ -107,10 +107,9 @@ def test_a_retake_is_aligned_to_the_good_section_below_it(tmp_path: Path) -> Non
     statuses = [proc.process(z, *tiles_of(img), {"slot": z}).status
                 for z, img in enumerate([st.images[0], st.images[1], wrong, st.images[3]])]
     assert statuses == ["ok", "ok", "unaligned", "ok"]
-    reference_before = proc._reference
     retake = proc.process(2, *tiles_of(st.images[2]), {"slot": 2})
     assert retake.status == "ok" and retake.alignment_confidence > 0.5
-    assert proc._reference is reference_before and proc._reference_z == 3
+    assert proc._reference_z == 3
     sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
     assert sections["2"]["status"] == "ok" and sections["2"]["needs_reimaging"] is False
     # In register with its neighbours: the retake matches z=1 where both were imaged.
@@ -170,3 +169,25 @@ def test_a_retake_that_fails_before_rendering_leaves_the_good_take(tmp_path: Pat
     proc.record_missing(1, {"slot": 1}, "ValueError: ...")
     sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
     assert sections["1"]["status"] == "ok" and proc._reference_z == 1
+
+
+def test_a_live_section_is_placed_by_the_good_sections_below_it_too(tmp_path: Path) -> None:
+    """A section is aligned to the last good section and the good ones below it; when the
+    last one no longer matches (here its pixels were turned upside down in the volume), the
+    ones below still place it, and the record says which did."""
+    st, wrong, vol, proc = neighbours_and_wrong_tissue(tmp_path, 5)
+    statuses = [proc.process(z, *tiles_of(img), {"slot": z}).status
+                for z, img in enumerate([st.images[0], st.images[1], wrong, st.images[3]])]
+    assert statuses == ["ok", "ok", "unaligned", "ok"]
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert sections["3"]["alignment_references"] == [1, 0]          # across the wrong tissue
+    plane = vol.levels[0][3]
+    vol.levels[0][3] = plane[::-1]
+    report = proc.process(4, *tiles_of(st.images[4]), {"slot": 4})
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert report.status == "ok" and sections["4"]["alignment_references"] == [1, 0]
+    assert "aligned to the sections below the previous one" in report.message and "z=3" in report.message
+    a, b = vol.levels[0][1].astype(float), vol.levels[0][4].astype(float)
+    core = (slice(40, -40), slice(40, -40))
+    both = (a[core] > 0) & (b[core] > 0)
+    assert np.corrcoef(a[core][both], b[core][both])[0, 1] > 0.8

@@ -24,10 +24,11 @@ from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import stitch_section
 
-from .align import align_section, unregistered_reason
+from .align import SectionAlignment, align_section, unregistered_reason
 from .blocks import render_section, render_to
 from .omezarr import Volume
 from .transform import SectionTransform
+from .zsolve import PairMatch, SolveParams, matches_of, solve_stack
 
 STRIP_ROWS = 2048   # rows at a time for whole-canvas checks on memory-mapped planes
 SCRATCH_PREFIX = "tapescope-section-"
@@ -42,6 +43,7 @@ SEAM_FLAG_PX = 1.0            # a stitched pair whose residual exceeds this is a
 # grid and two passes cost a sixth of the stack defaults (measured 0.18 vs 0.13 px RMS on
 # simulated stacks; on real neighbouring sections the content's own drift is larger).
 LIVE_ELASTIC = {"stride": 48, "patch": 96, "passes": 2}
+LIVE_NEIGHBOURS = 3           # good sections below each live section it is aligned to
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,10 @@ class SectionReport:
 class SectionProcessor:
     """Processes sections in tape order into one Volume (one writer: this object).
 
-    `align=False` writes sections where the stage put them; `elastic=False` keeps live
+    Each section is aligned to the last good one and to up to `neighbours` - 1 good sections
+    below it, all read back from the volume, and placed by their matches together (held
+    where they were written). `align=False` writes sections where the stage put them;
+    `elastic=False` keeps live
     alignment to the rigid/affine pass (no patch flow: a fraction of the time per section,
     for when the scope outruns the CPU); the default is the full elastic alignment. After a
     resume, `prime_from_volume()` reads the last good section back as the reference, so
@@ -121,7 +126,7 @@ class SectionProcessor:
     the aligned section is rendered from the tiles into the volume shard by shard.
     """
 
-    def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True,
+    def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True, neighbours: int = LIVE_NEIGHBOURS,
                  gain: np.ndarray | None = None, dark: float = 0.0, elastic: bool = True,
                  device: str = "cpu", lens: str = "estimate", scratch: Path | None = None) -> None:
         if volume.shape[1:] != canvas.shape:
@@ -133,6 +138,9 @@ class SectionProcessor:
         self.gain = gain
         self.dark = dark
         self.elastic = elastic
+        if neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, got {neighbours}")
+        self.neighbours = neighbours
         self.device = device
         if lens not in ("estimate", "none"):
             raise ValueError(f"lens must be 'estimate' or 'none', not {lens!r}")
@@ -140,7 +148,6 @@ class SectionProcessor:
         # clearly (stitching/lens.py), then kept: one lens per camera, not per section.
         self.lens_mode = lens
         self.lens: RadialDistortion | None = None
-        self._reference: Plane | None = None    # the last good section, in the volume
         self._reference_z: int | None = None
         self._rendering: int | None = None      # z whose pixels the current take has started to write
         root = getattr(volume.group.store, "root", None)
@@ -180,9 +187,11 @@ class SectionProcessor:
         # A retake (a section re-imaged after later ones were processed) is aligned to the
         # good section below it, read back from the volume, and does not become the reference.
         retake = self._reference_z is not None and z <= self._reference_z
-        reference = None if not self.align else self._good_below(z) if retake else self._reference
+        head = None if not self.align else self._good_below(z) if retake else self._reference_z
+        references = [] if head is None else self._references(head)
         status, conf, message, transform, shift = "ok", 1.0, "", SectionTransform.identity(), (0.0, 0.0)
-        if reference is not None:        # nothing to align to: no scratch, no unaligned render
+        used: list[int] = []
+        if references:                   # nothing to align to: no scratch, no unaligned render
             self._check_scratch_space()
             with tempfile.TemporaryDirectory(prefix=self._scratch_prefix, dir=self.scratch) as tmp:
                 shape = self.canvas.shape
@@ -190,7 +199,7 @@ class SectionProcessor:
                 cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
                 render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens,
                           device=self.device)
-                status, conf, message, transform, shift = self._align(image, cover, reference, Path(tmp))
+                status, conf, message, transform, shift, used = self._align(z, image, cover, references, Path(tmp))
                 del image, cover     # the maps go before their files
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
@@ -198,7 +207,7 @@ class SectionProcessor:
         stored = self._save_transform(z, transform)
         self.volume.record(z, {
             **info, "status": status, "shift_px": list(shift), "alignment_confidence": conf,
-            "max_residual_px": max_res, "flagged_seams": flagged, "message": message,
+            "max_residual_px": max_res, "flagged_seams": flagged, "message": message, "alignment_references": used,
             # A section that did not register is flagged for re-imaging while the tape is
             # still loaded: acquisition reads this flag (and the alarm) and acts on it.
             "needs_reimaging": status != "ok", "transform": transform.summary(), "transform_file": stored,
@@ -206,38 +215,72 @@ class SectionProcessor:
             "lens": None if lens is None else {"k1": lens.k1, "k2": lens.k2},
         })
         if status == "ok" and (self._reference_z is None or z >= self._reference_z):
-            self._reference, self._reference_z = self._read_reference(z), z
+            self._reference_z = z
         elif z == self._reference_z:
             self._reference_lost(z)
         return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
 
-    def _align(self, image: np.ndarray, cover: np.ndarray, reference: Plane, tmp: Path,
-               ) -> tuple[str, float, str, SectionTransform, tuple[float, float]]:
-        """(status, confidence, message, transform, shift) of the section against `reference`."""
+    def _align(self, z: int, image: np.ndarray, cover: np.ndarray, references: list[tuple[int, Plane]], tmp: Path,
+               ) -> tuple[str, float, str, SectionTransform, tuple[float, float], list[int]]:
+        """(status, confidence, message, transform, shift, the references that registered) of
+        section z against `references`
+        (the nearest good section first, then good sections below it). Each reference that
+        registers adds its matches; with more than one, the section's transform is solved
+        from all of them at once, the references held where they were written
+        (`zsolve.solve_stack`), so one neighbour that differs more than usual does not decide
+        it alone, and one that does not register leaves the others to place the section."""
         identity = SectionTransform.identity()
-        # The reference is copied from the volume into scratch files once, in strips: the
+        # Each reference is copied from the volume into scratch files once, in strips: the
         # aligner reads it piecewise ~1000 times, each a chunk decode from the volume (+2.4 s
-        # on the demo's three sections before this copy).
+        # on the demo's three sections before this copy). One set of files serves them in turn.
         ref_img = np.lib.format.open_memmap(tmp / "reference.npy", "w+", np.float32, image.shape)
         ref_valid = np.lib.format.open_memmap(tmp / "reference_valid.npy", "w+", bool, image.shape)
         valid = np.lib.format.open_memmap(tmp / "valid.npy", "w+", bool, image.shape)
         for y in range(0, image.shape[0], STRIP_ROWS):
-            rows = slice(y, y + STRIP_ROWS)
-            ref_img[rows] = reference[rows]
-            ref_valid[rows] = ref_img[rows] > 0
-            valid[rows] = cover[rows] > 0.5
-        if _overlap_fraction(valid, ref_valid) < 0.05:
-            return "unaligned", 0.0, "too little overlap with the previous section", identity, (0.0, 0.0)
-        a = align_section(ref_img, image, ref_valid, valid, elastic=self.elastic, device=self.device,
-                          **LIVE_ELASTIC)
-        conf = a.confidence
-        if why := unregistered_reason(conf, a.chance, MIN_ALIGN_CONFIDENCE):
-            return "unaligned", conf, why, identity, (0.0, 0.0)
+            valid[y:y + STRIP_ROWS] = cover[y:y + STRIP_ROWS] > 0.5
+        registered: list[tuple[int, SectionAlignment, PairMatch]] = []
+        refused: list[tuple[int, float, str]] = []
+        for rz, plane in references:
+            for y in range(0, image.shape[0], STRIP_ROWS):
+                rows = slice(y, y + STRIP_ROWS)
+                ref_img[rows] = plane[rows]
+                ref_valid[rows] = ref_img[rows] > 0
+            if _overlap_fraction(valid, ref_valid) < 0.05:
+                refused.append((rz, 0.0, "too little overlap with the previous section"))
+                continue
+            a = align_section(ref_img, image, ref_valid, valid, elastic=self.elastic, device=self.device,
+                              **LIVE_ELASTIC)
+            if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
+                refused.append((rz, a.confidence, why))
+                continue
+            registered.append((rz, a, matches_of(a, rz, z, ref_valid, valid)))
+        if not registered:
+            _, conf, why = refused[0]
+            below = "; ".join(f"z={r}: {w}" for r, _, w in refused[1:])
+            return "unaligned", conf, why + (f" (nor to the sections below: {below})" if below else ""), identity, \
+                (0.0, 0.0), []
+        rz, a, _ = registered[0]
+        transform, conf = a.transform, a.confidence
+        message = "" if rz == references[0][0] else \
+            "aligned to the sections below the previous one: " + "; ".join(f"z={r}: {w}" for r, _, w in refused)
+        if len(registered) > 1:
+            zs = [r[0] for r in registered] + [z]
+            initial = {r: np.eye(3) for r, _, _ in registered}
+            initial[z] = np.linalg.inv(np.vstack([a.transform.matrix, [0.0, 0.0, 1.0]]))
+            sol = solve_stack(self.canvas.shape, zs, [m for _, _, m in registered], initial,
+                              SolveParams(elastic=self.elastic, field_spacing=LIVE_ELASTIC["stride"]),
+                              fixed=[r for r, _, _ in registered])
+            transform = sol.transforms[z]
         # Where the canvas centre's content came from: for a pure translation this is the
         # shift s with aligned(p) = moving(p + s).
         cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
-        sx, sy = a.transform.apply(np.array(cx), np.array(cy))
-        return "ok", conf, "", a.transform, (float(sy - cy), float(sx - cx))
+        sx, sy = transform.apply(np.array(cx), np.array(cy))
+        return "ok", conf, message, transform, (float(sy - cy), float(sx - cx)), [r for r, _, _ in registered]
+
+    def _references(self, head: int) -> list[tuple[int, Plane]]:
+        """Section `head` and up to `neighbours` - 1 good sections below it, nearest first."""
+        below = sorted(k for k in self._good_sections() if k < head)[::-1][:max(self.neighbours - 1, 0)]
+        return [(k, self._read_reference(k)) for k in (head, *below)]
 
     def prime_from_volume(self, z: int | None = None) -> int | None:
         """Take section z of the volume (default: the highest z recorded "ok") as the
@@ -252,10 +295,11 @@ class SectionProcessor:
             good = self._good_sections()
             if not good:
                 log.info("no good section in the volume: the next section starts the alignment chain")
-                self._reference = self._reference_z = None
+                self._reference_z = None
                 return None
             z = max(good)
-        self._reference, self._reference_z = self._read_reference(z), z
+        self._read_reference(z)          # refuses a section that is not good
+        self._reference_z = z
         log.info("alignment reference primed from z=%d of the volume", z)
         return z
 
@@ -263,10 +307,10 @@ class SectionProcessor:
         sections = self.volume.group.attrs["tapescope"].get("sections", {})
         return [int(k) for k, v in sections.items() if v.get("status") == "ok"]
 
-    def _good_below(self, z: int) -> Plane | None:
-        """The highest good section below z, read back from the volume (None: z starts a chain)."""
+    def _good_below(self, z: int) -> int | None:
+        """The highest good section below z in the volume (None: z starts a chain)."""
         below = [k for k in self._good_sections() if k < z]
-        return self._read_reference(max(below)) if below else None
+        return max(below) if below else None
 
     def _read_reference(self, z: int) -> Plane:
         """Section z at level 0, the resolution `process` aligns at, read from the volume as
