@@ -133,6 +133,9 @@ class ProcessingConfig(_Model):
     align: bool = True
     elastic: bool = Field(True, description="fine elastic alignment of each section during the run "
                           "(costs seconds per section on a CPU; off leaves rigid/affine)")
+    align_neighbours: Annotated[int, Field(ge=1, le=8)] = Field(
+        3, description="good sections below each section that it is aligned to together (the last good "
+        "one and those under it); each costs one more alignment per section")
     lens: Literal["estimate", "none"] = Field(
         "estimate", description="estimate the camera's radial distortion from the first sections' overlaps "
         "and take it out of every tile when stitching and rendering; 'none' renders tiles as taken")
