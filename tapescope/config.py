@@ -134,7 +134,7 @@ class ProcessingConfig(_Model):
     elastic: bool = Field(True, description="fine elastic alignment of each section during the run "
                           "(costs seconds per section on a CPU; off leaves rigid/affine)")
     align_neighbours: Annotated[int, Field(ge=1, le=8)] = Field(
-        3, description="good sections below each section that it is aligned to together (the last good "
+        2, description="good sections below each section that it is aligned to together (the last good "
         "one and those under it); each costs one more alignment per section")
     lens: Literal["estimate", "none"] = Field(
         "estimate", description="estimate the camera's radial distortion from the first sections' overlaps "

@@ -176,6 +176,7 @@ def test_a_live_section_is_placed_by_the_good_sections_below_it_too(tmp_path: Pa
     last one no longer matches (here its pixels were turned upside down in the volume), the
     ones below still place it, and the record says which did."""
     st, wrong, vol, proc = neighbours_and_wrong_tissue(tmp_path, 5)
+    proc.neighbours = 3
     statuses = [proc.process(z, *tiles_of(img), {"slot": z}).status
                 for z, img in enumerate([st.images[0], st.images[1], wrong, st.images[3]])]
     assert statuses == ["ok", "ok", "unaligned", "ok"]

@@ -43,7 +43,7 @@ SEAM_FLAG_PX = 1.0            # a stitched pair whose residual exceeds this is a
 # grid and two passes cost a sixth of the stack defaults (measured 0.18 vs 0.13 px RMS on
 # simulated stacks; on real neighbouring sections the content's own drift is larger).
 LIVE_ELASTIC = {"stride": 48, "patch": 96, "passes": 2}
-LIVE_NEIGHBOURS = 3           # good sections below each live section it is aligned to
+LIVE_NEIGHBOURS = 2           # good sections each live section is aligned to (docs/alignment.md)
 
 
 @dataclass(frozen=True)
