@@ -92,7 +92,6 @@ class SolveParams:
     # v, the tissue's own movement, is not yet calibrated (docs/alignment.md): off by default,
     # every difference between sections left by the matches is taken as distortion.
     tissue_flow: bool = False
-    flow_affine_free: bool = True   # the flow has no affine part (else: placements have no z trend)
     iterations: int = 4           # solves, each re-weighting the matches (Tukey) and re-linearising
     tukey: float = 4.685          # robust cut-off, in robust standard deviations of the residuals
     pair_outlier: float = 3.0     # a pair whose RMS is this many times the median pair's is dropped...
@@ -284,7 +283,7 @@ def solve_stack(
             ty = mean0[1] if k == 0 else mean0[3] if k == 1 else mean0[5]
             targets.append((row, gauge * np.array([tx, ty])))
             row += 1
-        if lay.nv and p.flow_affine_free:
+        if lay.nv:
             # The tissue's flow holds no affine part: tissue moving as a whole between two
             # sections cannot be told from the section's placement, so that part is the
             # placement's; the flow keeps what varies across the section.
@@ -296,16 +295,6 @@ def solve_stack(
                 for b in basis:
                     coo.append((np.full(lay.nv, row), lay.flow(k) + ids, gauge * b / lay.nv))
                     row += 1
-        elif lay.nv and len(zs) > 2:
-            # With the tissue's flow free, a trend of the sections' placements along z and the
-            # opposite flow fit the matches alike. Sections are placed independently of each
-            # other (tape, stage), tissue moves steadily: the trend is the tissue's.
-            dz = np.asarray(zs, np.float64) - np.mean(zs)
-            dz /= np.sqrt((dz ** 2).sum())
-            for k in range(3):
-                cols = np.array([lay.affine(z) + k for z in zs])
-                coo.append((np.full(len(zs), row), cols, gauge * dz))
-                row += 1
         mat = _rows(coo, row, lay.n)
         rhs = np.zeros((row, 2))
         for r, t in targets:
