@@ -441,10 +441,11 @@ def align_stack(
                 r = kept[mine[0]]
                 o.reference_z, o.confidence, o.rotation_deg = r.fixed_z, r.confidence, r.rotation_deg
                 o.flow_nodes, o.flow_rms_px = r.flow_nodes, r.flow_rms_px
+            else:   # the first section: nothing below it, its best pair above says how it registers
+                o.confidence = max((r.confidence for k, r in kept.items() if z in k), default=1.0)
             o.pairs = len([k for k in kept if z in k])
             res = [solution.residual_px[k] for k in kept if z in k and np.isfinite(solution.residual_px[k])]
             o.solve_rms_px = float(np.sqrt(np.mean(np.square(res)))) if res else 0.0
-        outcome[aligned[0]].confidence = max(outcome[aligned[0]].confidence, 1.0 if len(aligned) == 1 else 0.0)
 
     render_z = sorted(transforms)
     say(f"rendering {len(render_z)} sections")
