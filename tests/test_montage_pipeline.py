@@ -192,3 +192,26 @@ def test_a_live_section_is_placed_by_the_good_sections_below_it_too(tmp_path: Pa
     core = (slice(40, -40), slice(40, -40))
     both = (a[core] > 0) & (b[core] > 0)
     assert np.corrcoef(a[core][both], b[core][both])[0, 1] > 0.8
+
+
+def test_a_live_section_that_repeats_its_neighbour_is_flagged(tmp_path: Path) -> None:
+    """Neighbouring sections of the simulated specimen differ as real ones do; the same
+    section imaged again (the tape slipped back) agrees far better, and is flagged for
+    re-imaging with the reason instead of being written as the next section."""
+    from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+
+    shape = (STEP + TILE, STEP + TILE)
+    spec = Specimen(SpecimenParams(height_px=shape[0], width_px=shape[1], n_sections=5, seed=3))
+    rng = np.random.default_rng(0)
+    secs = [spec.section(i) for i in range(4)]
+    images = [secs[0], secs[1], secs[2], secs[2], secs[3]]          # z=3 is z=2 again
+    _, pos, _ = tiles_of(images[0])
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    vol = Volume.create(tmp_path / "v.zarr", (5, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    proc = SectionProcessor(vol, canvas, elastic=False)
+    reports = [proc.process(z, *tiles_of(np.clip(img * (1 + 0.03 * rng.normal(0, 1, img.shape)), 0.01, None)),
+                            {"slot": z}) for z, img in enumerate(images)]
+    assert [r.status for r in reports] == ["ok", "ok", "ok", "unaligned", "ok"]
+    assert "repeats z=2" in reports[3].message
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert sections["3"]["needs_reimaging"] is True and sections["4"]["alignment_references"][0] == 2

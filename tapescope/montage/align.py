@@ -120,6 +120,23 @@ CHANCE_FACTOR = 1.25
 CHANCE_MAX = 0.25
 
 
+# The same section imaged twice agrees far better than neighbours do: its NCC leaves less than
+# REPEAT_GAP of what the stack's own neighbours leave unexplained (1 - their typical NCC), and
+# is at least REPEAT_FLOOR. Real neighbours: 0.2-0.4, a repeat 0.9+; a stack whose neighbours
+# all agree at 0.9 (one image under different warps) has no outlier to flag.
+REPEAT_FLOOR = 0.6
+REPEAT_GAP = 0.25
+
+
+def repeat_reason(confidence: float, typical: float, reference_z: int) -> str:
+    """Why a section whose coarse NCC with section `reference_z` is `confidence`, where
+    neighbours typically agree at `typical`, is a repeat of it ("" if it is not)."""
+    if confidence < max(REPEAT_FLOOR, 1 - REPEAT_GAP * (1 - typical)):
+        return ""
+    return (f"repeats z={reference_z} (NCC {confidence:.2f}; neighbours here agree at {typical:.2f}): "
+            "the same section imaged twice, a tape slip?")
+
+
 def unregistered_reason(confidence: float, chance: float, min_confidence: float) -> str:
     """Why a pair with this coarse `confidence` and `chance` did not register ("" if it did)."""
     if confidence < min_confidence:

@@ -24,7 +24,7 @@ from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import stitch_section
 
-from .align import SectionAlignment, align_section, unregistered_reason
+from .align import SectionAlignment, align_section, repeat_reason, unregistered_reason
 from .blocks import render_section, render_to
 from .omezarr import Volume
 from .transform import SectionTransform
@@ -260,6 +260,8 @@ class SectionProcessor:
             return "unaligned", conf, why + (f" (nor to the sections below: {below})" if below else ""), identity, \
                 (0.0, 0.0), []
         rz, a, _ = registered[0]
+        if rz == references[0][0] and (why := repeat_reason(a.confidence, self._typical_confidence(), rz)):
+            return "unaligned", a.confidence, why, identity, (0.0, 0.0), []
         transform, conf = a.transform, a.confidence
         message = "" if rz == references[0][0] else \
             "aligned to the sections below the previous one: " + "; ".join(f"z={r}: {w}" for r, _, w in refused)
@@ -276,6 +278,14 @@ class SectionProcessor:
         cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
         sx, sy = transform.apply(np.array(cx), np.array(cy))
         return "ok", conf, message, transform, (float(sy - cy), float(sx - cx)), [r for r, _, _ in registered]
+
+    def _typical_confidence(self) -> float:
+        """How well this run's good neighbours agree (median NCC of the sections aligned to a
+        reference); 1 while none has been, when a repeat cannot be told from a neighbour."""
+        sections = self.volume.group.attrs["tapescope"].get("sections", {})
+        seen = [v["alignment_confidence"] for v in sections.values()
+                if v.get("status") == "ok" and v.get("alignment_references")]
+        return float(np.median(seen)) if seen else 1.0
 
     def _references(self, head: int) -> list[tuple[int, Plane]]:
         """Section `head` and up to `neighbours` - 1 good sections below it, nearest first."""

@@ -33,20 +33,13 @@ import tifffile
 
 from tapescope.allocator import keep_large_blocks
 
-from .align import align_section, block_mean, unregistered_reason
+from .align import align_section, block_mean, repeat_reason, unregistered_reason
 from .blocks import RenderStats, render_section
 from .omezarr import Volume
 from .transform import SectionTransform
 from .zsolve import PairMatch, SolveParams, chain_initial, groups, matches_of, solve_stack
 
 MIN_PAIR_CONFIDENCE = 0.2   # coarse NCC below this: the pair did not register (docs/alignment.md)
-# The same section imaged twice agrees far better than neighbours do: its NCC leaves less than
-# DUPLICATE_GAP of what the stack's own neighbours leave unexplained (1 - the median over
-# sections of their best pair's NCC), and
-# is at least DUPLICATE_FLOOR. Real neighbours: 0.2-0.4, a repeat 0.9+; a stack whose
-# neighbours all agree at 0.9 (one image under different warps) has no outlier to flag.
-DUPLICATE_FLOOR = 0.6
-DUPLICATE_GAP = 0.25
 BLANK_DETAIL = 0.01         # relative band-passed contrast below this: no tissue
 NEIGHBOURS = 3              # predecessors each section is matched to
 
@@ -324,11 +317,9 @@ def gate_pairs(present: Sequence[int], pairs: dict[tuple[int, int], PairResult],
     for (_, j), r in pairs.items():
         best[j] = max(best.get(j, -1.0), r.confidence)
     typical = float(np.median(list(best.values()))) if best else 0.0   # each section's best match
-    limit = max(DUPLICATE_FLOOR, 1 - DUPLICATE_GAP * (1 - typical))
     for (i, j), r in sorted(pairs.items(), key=lambda kv: kv[0][1]):
-        if r.confidence >= limit and i not in flagged and j not in flagged:
-            flagged[j] = (f"repeats z={i} (NCC {r.confidence:.2f}; neighbours here agree at {typical:.2f}): "
-                          "the same section imaged twice, a tape slip?")
+        if i not in flagged and j not in flagged and (why := repeat_reason(r.confidence, typical, i)):
+            flagged[j] = why
     kept, refused = {}, {}
     for k, r in pairs.items():
         if k[0] in flagged or k[1] in flagged:
