@@ -223,8 +223,8 @@ class SectionProcessor:
     def _align(self, z: int, image: np.ndarray, cover: np.ndarray, references: list[tuple[int, Plane]], tmp: Path,
                ) -> tuple[str, float, str, SectionTransform, tuple[float, float], list[int]]:
         """(status, confidence, message, transform, shift, the references that registered) of
-        section z against `references`
-        (the nearest good section first, then good sections below it). Each reference that
+        section z against `references` (the nearest good section first, then good sections
+        below it). A section that repeats the nearest is not placed. Each reference that
         registers adds its matches; with more than one, the section's transform is solved
         from all of them at once, the references held where they were written
         (`zsolve.solve_stack`), so one neighbour that differs more than usual does not decide
