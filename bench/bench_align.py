@@ -87,8 +87,11 @@ def sofima(stack: TruthStack, d: Path) -> dict[int, np.ndarray] | None:
         return None
     zs = sorted(stack.images)
     write_stack(d / "sofima_in", [stack.images[z] * 256 for z in zs], zs)
+    # Patch and stride scale with the section (64/16 at 512 px): at 2048 px the 512 px
+    # settings missed the 10 % shifts (135 px RMS); its reconcile area scales with its grid.
+    k = max(1, max(stack.shape) // 512)
     run = subprocess.run([str(SOFIMA_PY), str(Path(__file__).parent / "peers" / "sofima_stack.py"),
-                          str(d / "sofima_in"), str(d / "sofima_out")],
+                          str(d / "sofima_in"), str(d / "sofima_out"), "--patch", str(64 * k), "--stride", str(16 * k)],
                          env={**os.environ, "PYTHONPATH": str(PEERS)}, capture_output=True, text=True)
     if run.returncode:
         print(f"    SOFIMA failed: {run.stderr.strip().splitlines()[-1:]}")
