@@ -173,8 +173,7 @@ def transform_maps(transforms: dict, shape: tuple[int, int], step: int = 8) -> d
 def invert(t: object, pts: np.ndarray, iterations: int = 30) -> np.ndarray:
     """Output points p with t.apply(p) = pts (n, 2; x first), by fixed-point iteration (the
     field is smooth and small against the affine)."""
-    m = np.asarray(t.matrix, np.float64)  # type: ignore[attr-defined]
-    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
+    inv = np.linalg.inv(t.affine3)  # type: ignore[attr-defined]
     p = pts @ inv[:2, :2].T + inv[:2, 2]
     for _ in range(iterations):
         sx, sy = t.apply(p[:, 0], p[:, 1])  # type: ignore[attr-defined]

@@ -160,7 +160,7 @@ def long_stack(n: int, size: int, seed: int) -> None:
             chain[b] = chain[a].then(kept[(a, b)].transform, shape)
     aligned = [z for z in zs if z not in flagged]
     t0 = time.perf_counter()
-    initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items() if r.coarse is not None})
+    initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items()})
     sol = solve_stack(shape, aligned, [r.matches for r in kept.values() if r.matches is not None], initial)
     t_solve = time.perf_counter() - t0
     print(f"== long stack: {n} sections of {size} px, one specimen image, rotation <= 5 deg, shift <= 5 %, 1.5 px "

@@ -125,7 +125,7 @@ def test_pairs_joining_a_cut_off_group_are_taken_where_they_agree() -> None:
     def pair(i: int, j: int, conf: float, error: tuple[float, float] = (0.0, 0.0)) -> PairResult:
         t = np.linalg.inv(truth[j]) @ truth[i]          # raw i -> raw j
         t[:2, 2] += error
-        return PairResult(i, j, SectionTransform(t[:2]), conf, 0.0, 0, 0.0, 0.02, None, t)
+        return PairResult(i, j, SectionTransform(t[:2]), conf, 0.0, 0, 0.0, 0.02, None)
 
     kept = {(0, 1): pair(0, 1, 0.3), (1, 2): pair(1, 2, 0.3), (3, 4): pair(3, 4, 0.3), (4, 5): pair(4, 5, 0.3)}
     below = {(1, 3): pair(1, 3, 0.06, (0.8, -0.5)), (0, 3): pair(0, 3, 0.05, (-1.0, 0.6)),

@@ -268,7 +268,7 @@ class SectionProcessor:
         if len(registered) > 1:
             zs = [r[0] for r in registered] + [z]
             initial = {r: np.eye(3) for r, _, _ in registered}
-            initial[z] = np.linalg.inv(np.vstack([a.transform.matrix, [0.0, 0.0, 1.0]]))
+            initial[z] = np.linalg.inv(a.transform.affine3)
             sol = solve_stack(self.canvas.shape, zs, [m for _, _, m in registered], initial,
                               SolveParams(elastic=self.elastic, field_spacing=LIVE_ELASTIC["stride"]),
                               fixed=[r for r, _, _ in registered])

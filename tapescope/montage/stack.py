@@ -74,7 +74,11 @@ class PairResult:
     flow_rms_px: float
     chance: float = 0.0          # what the same search finds on the moving section mirrored
     matches: PairMatch | None = None
-    coarse: np.ndarray | None = None   # 3x3 affine part, raw fixed -> raw moving
+
+    @property
+    def coarse(self) -> np.ndarray:
+        """The transform's affine part, 3x3, raw fixed -> raw moving."""
+        return self.transform.affine3
 
 
 @dataclass
@@ -201,9 +205,8 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
     fv, mv = Imaged(fixed), Imaged(moving)
     a = align_section(fixed, moving, fv, mv, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
                       device=params.device)
-    coarse = np.vstack([a.transform.matrix, [0.0, 0.0, 1.0]])
     return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px,
-                      a.chance, matches_of(a, fixed_z, moving_z, fv, mv), coarse)
+                      a.chance, matches_of(a, fixed_z, moving_z, fv, mv))
 
 
 def flag(o: SectionOutcome, status: str, why: str) -> None:
@@ -281,14 +284,14 @@ def agreeing_bridges(pairs: dict[tuple[int, int], PairResult], kept: dict[tuple[
     tell which (docs/alignment.md), but right ones agree with each other and wrong ones
     scatter. The largest set that agrees within BRIDGE_AGREE_PX at the section's corners
     and centre is taken; with no two agreeing, the pair with the highest NCC above chance."""
-    inside = {k: r.coarse for k, r in kept.items() if r.coarse is not None}
+    inside = {k: r.coarse for k, r in kept.items()}
     fa = chain_initial(main, {k: a for k, a in inside.items() if k[0] in main and k[1] in main})
     fb = chain_initial(group, {k: a for k, a in inside.items() if k[0] in group and k[1] in group})
     h, w = shape
     probe = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1], [(w - 1) / 2, (h - 1) / 2, 1]]).T
     cands: list[tuple[float, tuple[int, int], np.ndarray]] = []
     for (i, j), r in pairs.items():
-        if r.coarse is None or r.confidence <= r.chance:
+        if r.confidence <= r.chance:
             continue
         if i in fa and j in fb:        # F_j = F_i o T^-1: the group's frame -> the stack's
             m = fa[i] @ np.linalg.inv(r.coarse) @ np.linalg.inv(fb[j])
@@ -421,7 +424,7 @@ def align_stack(
     transforms: dict[int, SectionTransform] = {}
     if aligned:
         say(f"solving {len(aligned)} sections together from {len(kept)} pairs")
-        initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items() if r.coarse is not None})
+        initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items()})
         solution = solve_stack(shape, aligned, [r.matches for r in kept.values() if r.matches is not None],
                                initial, replace(params.solve, elastic=params.elastic))
         transforms = solution.transforms

@@ -52,6 +52,11 @@ class SectionTransform:
         return SectionTransform(m, self.field, self.stride)
 
     @property
+    def affine3(self) -> np.ndarray:
+        """The affine part as a 3x3 over (x, y, 1)."""
+        return _as3(self.matrix)
+
+    @property
     def linear(self) -> np.ndarray:
         return np.asarray(self.matrix, np.float64)[:, :2]
 
