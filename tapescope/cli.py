@@ -31,7 +31,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -47,10 +47,17 @@ def _load(path: Path | None) -> TapescopeConfig:
 @config_app.command("check")
 def config_check(file: Path = typer.Argument(..., help="TOML config file to validate")) -> None:
     """Validate a config file without touching any hardware."""
+    from tapescope.acquisition.budget import TILE_BYTES_PER_PX, plan_problem, tiles_per_section
+
     cfg = _load(file)
+    if (problem := plan_problem(cfg)) is not None:
+        raise _fail(f"{file}: {problem}")
     sim = "simulated" if cfg.scope.simulated else "hardware"
+    cam = cfg.scope.camera
+    n = tiles_per_section(cfg)
     console.print(f"[green]ok[/]: {file} ({sim} scope '{cfg.scope.name}', "
-                  f"{len(cfg.run.slots)} slots, grid {cfg.run.grid[0]}x{cfg.run.grid[1]})")
+                  f"{len(cfg.run.slots)} slots, grid {cfg.run.grid[0]}x{cfg.run.grid[1]}; up to {n} tiles, "
+                  f"{n * cam.height * cam.width * TILE_BYTES_PER_PX / 1e9:.2f} GB a section)")
 
 
 @app.command()

@@ -20,7 +20,11 @@ class ConfigError(Exception):
 
 class _Model(BaseModel):
     # Unknown keys are almost always typos ("exposre_ms"): refuse them rather than ignore.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never a setting: they pass "> 0" and fail deep inside a run.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Micrometres = Annotated[float, Field(gt=0, le=200_000)]   # a length on the tape or the stage
 
 
 class SerialPortConfig(_Model):
@@ -33,6 +37,9 @@ class SerialPortConfig(_Model):
 
 class StageConfig(SerialPortConfig):
     settle_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    travel_um: tuple[Micrometres, Micrometres] = Field(
+        (10_000.0, 10_000.0), description="stage travel (y, x) in um, centred on the beam axis: the "
+        "driver's soft limits; a plan whose tiles lie outside it is refused before the run starts")
 
 
 class TapeConfig(SerialPortConfig):
@@ -47,7 +54,7 @@ class CameraConfig(_Model):
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     width: Annotated[int, Field(ge=16, le=16384)] = 512
     height: Annotated[int, Field(ge=16, le=16384)] = 512
-    pixel_size_nm: Annotated[float, Field(gt=0)] = 4.0
+    pixel_size_nm: Annotated[float, Field(gt=0, le=10_000)] = 4.0
 
 
 class ColumnConfig(SerialPortConfig):
@@ -73,7 +80,7 @@ class RunConfig(_Model):
     grid: tuple[Annotated[int, Field(ge=1, le=1000)], Annotated[int, Field(ge=1, le=1000)]] = (3, 3)
     overlap: Annotated[float, Field(ge=0.02, le=0.5)] = 0.10
     exposure_ms: Annotated[float, Field(gt=0, le=10_000)] = 20.0
-    seed: int = 1
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 1
     # -- acquisition (docs/acquisition.md) --
     slot_range: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
         None, description="first and last slot, inclusive; instead of 'slots'")
@@ -81,7 +88,7 @@ class RunConfig(_Model):
     barcodes: dict[str, str] = Field(default_factory=dict, description="expected barcode per slot number")
     roi: Literal["grid", "auto"] = Field(
         "grid", description="'grid': the fixed grid on every slot; 'auto': overview -> tissue outline")
-    aperture_um: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = Field(
+    aperture_um: tuple[Micrometres, Micrometres] | None = Field(
         None, description="slot aperture (height, width) in um: the area the overview searches (roi = 'auto')")
     roi_polygons: dict[str, list[tuple[float, float]]] = Field(
         default_factory=dict, description="operator ROI per slot ('*' = every slot): (y, x) stage nm")
@@ -89,7 +96,7 @@ class RunConfig(_Model):
     on_device_failure: Literal["fail", "pause"] = "fail"
     device_retries: Annotated[int, Field(ge=0, le=20)] = 3
     watchdog_stall_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
-    min_free_gb: Annotated[float, Field(ge=0)] = 1.0
+    min_free_gb: Annotated[float, Field(ge=0, le=1_000_000)] = 1.0
     reimage_at_end: bool = True
     processing_wait_s: Annotated[float, Field(ge=0, le=86_400, description=(
         "before re-imaging at the end, wait up to this long for processing to judge the sections "
@@ -127,7 +134,7 @@ class RunConfig(_Model):
 class ProcessingConfig(_Model):
     enabled: bool = Field(True, description="stitch, align and write the volume during the run")
     flatfield: Literal["auto", "none"] = "auto"
-    section_thickness_nm: Annotated[float, Field(gt=0)] = 40.0
+    section_thickness_nm: Annotated[float, Field(gt=0, le=100_000)] = 40.0
     pyramid_levels: Annotated[int, Field(ge=2, le=12)] = 3
     chunk: Annotated[int, Field(ge=32, le=4096)] = 256
     align: bool = True

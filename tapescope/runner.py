@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tapescope.acquisition.budget import plan_problem, search_extent_nm
 from tapescope.acquisition.calibration import CalibrationSuite
 from tapescope.acquisition.engine import Engine, EngineSettings, Planner, RunSummary
 from tapescope.acquisition.events import Alarm, EventBus
@@ -23,7 +24,7 @@ from tapescope.acquisition.plan import TilePlan, select_slots, tile_grid
 from tapescope.acquisition.planner import RoiPlanner
 from tapescope.acquisition.qc import QCLimits
 from tapescope.acquisition.roi import validate_polygon
-from tapescope.acquisition.store import RunStore, TileRecord
+from tapescope.acquisition.store import JournalError, RunStore, TileRecord
 from tapescope.config import ConfigError, ScopeConfig, TapescopeConfig, parse_config
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
@@ -77,6 +78,7 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
         serial_timeout_s=s.timeout_s, settle_timeout_s=s.settle_timeout_s,
         tape_move_timeout_s=t.move_timeout_s, camera_timeout_s=c.timeout_s, baudrate=s.baudrate,
         column_url=scope_cfg.column.url, column_ramp_timeout_s=scope_cfg.column.ramp_timeout_s,
+        stage_travel_nm=(s.travel_um[0] * 1e3, s.travel_um[1] * 1e3),
     )
     try:
         async with scope:
@@ -96,7 +98,7 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
     """Image every planned slot and write the aligned volume to OUT/volume.zarr.
 
     ``on_engine`` receives the engine before it starts (the GUI uses it for run control)."""
-    if (problem := processing_problem(cfg)) is not None:
+    if (problem := processing_problem(cfg) or plan_problem(cfg, out_dir)) is not None:
         raise ValueError(problem)
     # Set-up I/O happens once, before any device moves; blocking here is harmless.
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
@@ -178,18 +180,28 @@ def never_started(run_dir: Path) -> bool:
     if not run_dir.is_dir():
         return False
     allowed = {"config.json", "config.json.part", "run.log", "tiles"}
-    return (all(p.name in allowed for p in run_dir.iterdir())
+    names = {p.name for p in run_dir.iterdir()}
+    return (names <= allowed and bool(names & {"config.json", "config.json.part"})
             and not any(p.is_file() for p in (run_dir / "tiles").rglob("*")))
 
 
-def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, TapescopeConfig, dict[str, Any]]:
-    """Open a killed run: check it, cut a torn journal line, remove torn tile writes.
-
-    The run continues with the configuration it started with (its snapshot); a CONFIG that
-    differs in what decides the images is refused rather than silently mixed in."""
+def check_resumable(run_dir: Path, cfg: TapescopeConfig) -> TapescopeConfig:
+    """The run's config snapshot, if RUN_DIR is a run that can be resumed with CONFIG; else
+    ResumeError naming why. Reads only: a refused resume changes nothing on disk."""
+    if not run_dir.exists():
+        raise ResumeError(f"{run_dir}: no such run directory (a new run is started with --run-dir)")
+    if not run_dir.is_dir():
+        raise ResumeError(f"{run_dir}: is a file, not a run directory")
     store = RunStore(run_dir)
     if not store.journal_path.exists():
-        raise ResumeError(f"{run_dir}: no journal.jsonl here: not a tapescope run directory")
+        if never_started(run_dir):
+            return cfg
+        what = "an empty folder" if not any(run_dir.iterdir()) else "no journal.jsonl here"
+        raise ResumeError(f"{run_dir}: {what}: not a tapescope run directory")
+    try:
+        store.check_journal()
+    except (JournalError, OSError) as exc:
+        raise ResumeError(f"cannot resume: {exc}") from None
     try:
         snap = parse_config(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     except (OSError, ValueError, ConfigError) as exc:
@@ -198,6 +210,16 @@ def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, Tape
     if diffs:
         raise ResumeError(f"{run_dir}: the config differs from the one the run started with:\n  "
                           + "\n  ".join(diffs))
+    return snap
+
+
+def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, TapescopeConfig, dict[str, Any]]:
+    """Open a killed run: check it, cut a torn journal line, remove torn tile writes.
+
+    The run continues with the configuration it started with (its snapshot); a CONFIG that
+    differs in what decides the images is refused rather than silently mixed in."""
+    snap = check_resumable(run_dir, cfg)
+    store = RunStore(run_dir)
     torn = store.repair_journal()
     stray = store.stray_files()
     for p in stray:
@@ -371,16 +393,6 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
         store.log_event("alignment_primed", z=primed)
     return ProcessingWorker(store, processor, bus, z_of_slot=z_of_slot, pixel_nm=cam.pixel_size_nm,
                             flatfield=proc.flatfield)
-
-
-def search_extent_nm(cfg: TapescopeConfig) -> tuple[float, float]:
-    """The area a section may occupy: the aperture (auto ROI) or the configured grid's footprint."""
-    cam, r = cfg.scope.camera, cfg.run
-    if r.roi == "auto" and r.aperture_um is not None:
-        return (r.aperture_um[0] * 1e3, r.aperture_um[1] * 1e3)
-    rows, cols = r.grid
-    return (cam.height * (1 + (rows - 1) * (1 - r.overlap)) * cam.pixel_size_nm,
-            cam.width * (1 + (cols - 1) * (1 - r.overlap)) * cam.pixel_size_nm)
 
 
 def write_report(store: RunStore, summary: RunSummary, progress: RunProgress, slots: list[int],

@@ -1,6 +1,6 @@
 """A section that does not register is re-imaged while the tape is loaded.
 
-The simulator's tape slips at slot 2 (the reader still says slot 2; the beam sees slot 14's
+The simulator's tape slips at slot 2 onto a mislabelled slot (the reader still says 2; the beam sees 14's
 section): every tile passes QC, the montage stitches, and only live alignment can tell that it
 is the wrong tissue. The engine re-images slot 2 before the run ends and processing aligns
 the retake to slot 1. Slot 14 really is eleven sections away from slot 3: it does not register
@@ -42,7 +42,7 @@ async def test_a_section_that_does_not_register_is_reimaged_before_the_run_ends(
     bus.subscribe(events.append)
 
     def slip_at_slot_2(sim) -> None:      # the beam sees slot 14's section, the reader says 2
-        sim.world.inject("tape_slip", slots=12, at_slot=2)
+        sim.world.inject("tape_slip", slots=12, at_slot=2, seen=False)
         books.append(sim.world.faults)
 
     result = await run_acquisition(parse_config(RUN), tmp_path / "run", bus, on_sim=slip_at_slot_2)
@@ -94,7 +94,7 @@ async def test_a_resumed_run_takes_up_the_verdicts_its_first_life_never_saw(
 
     monkeypatch.setattr(ProcessingWorker, "catch_up", killed_first)
     first = await run_acquisition(parse_config(RUN), tmp_path / "run", EventBus(),
-                                  on_sim=lambda sim: sim.world.inject("tape_slip", slots=12, at_slot=2))
+                                  on_sim=lambda sim: sim.world.inject("tape_slip", slots=12, at_slot=2, seen=False))
     assert first.summary.state.value == "done"
     monkeypatch.setattr(ProcessingWorker, "catch_up", real_catch_up)
     bus, events = EventBus(), list[Event]()
@@ -118,7 +118,7 @@ async def test_processing_goes_on_when_a_section_cannot_be_queued(
     bus, events = EventBus(), list[Event]()
     bus.subscribe(events.append)
     result = await run_acquisition(parse_config(RUN), tmp_path / "run", bus,
-                                   on_sim=lambda sim: sim.world.inject("tape_slip", slots=12, at_slot=2))
+                                   on_sim=lambda sim: sim.world.inject("tape_slip", slots=12, at_slot=2, seen=False))
     assert result.summary.state.value == "done"
     texts = [a.message for a in events if isinstance(a, Alarm) and a.source == "processing"]
     assert any("could not be queued for re-imaging" in t and "No space left" in t for t in texts)

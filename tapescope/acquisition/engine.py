@@ -107,6 +107,9 @@ class GridPlanner:
         return SectionPlan(slot, barcode, tuple(self.grid))
 
 
+TAPE_RESEEKS = 2    # moves again after the reader saw the wrong slot, before the slot is given up
+
+
 class _Abort(Exception):
     pass
 
@@ -412,6 +415,22 @@ class Engine:
                     f"{need / 1e9:.2f} GB (incl. {self.settings.min_free_bytes / 1e9:.2f} GB reserve)")
         return None
 
+    async def _seek(self, slot: int) -> tuple[int, str]:
+        """Tape to `slot`, then the position check: the barcode reader must see that slot.
+        A tape that slipped (the reader sees another) is moved again, with an alarm, up to
+        TAPE_RESEEKS times; returns what the reader sees last."""
+        tape = self.scope.tape
+        for attempt in range(TAPE_RESEEKS + 1):
+            await self._device(f"tape to slot {slot}", lambda: tape.goto(slot), "tape")
+            at, barcode = await self._device("read barcode", tape.barcode, "tape")
+            if at == slot:
+                return at, barcode
+            if attempt < TAPE_RESEEKS:
+                self._alarm("tape", f"tape position: moved to slot {slot}, the barcode reader sees slot {at} "
+                            f"({barcode}): the tape slipped; moving again ({attempt + 1} of {TAPE_RESEEKS})",
+                            "warning")
+        return at, barcode
+
     async def _section(self, slot: int, *, reimage: bool = False) -> None:
         self._current_slot = slot
         try:
@@ -426,17 +445,15 @@ class Engine:
 
     async def _section_body(self, slot: int, reimage: bool) -> None:
         prog = self.progress.slot(slot)
-        tape = self.scope.tape
         self.bus.emit(DeviceStatus("tape", {"target_slot": slot}, moving=True))
-        await self._device(f"tape to slot {slot}", lambda: tape.goto(slot), "tape")
-        at, barcode = await self._device("read barcode", tape.barcode, "tape")
+        at, barcode = await self._seek(slot)
         self.bus.emit(DeviceStatus("tape", {"slot": at, "barcode": barcode}, moving=False))
         expected = self.settings.barcodes.get(slot)
         if at != slot or (expected is not None and barcode != expected):
             want = f"slot {slot}" + (f" barcode {expected}" if expected else "")
             self._section_done(slot, "wrong_barcode", 0, f"reader sees slot {at} barcode {barcode}, plan says {want}")
-            self.bus.emit(Alarm("tape", f"slot {slot}: barcode mismatch (sees slot {at}, {barcode}); "
-                                "section skipped", "warning"))
+            self._alarm("tape", f"slot {slot}: barcode mismatch (sees slot {at}, {barcode}); section skipped",
+                        "warning")
             return
         self.store.log_event("section_started", slot=slot, barcode=barcode, reimage=reimage, time=time.time())
         self.bus.emit(SectionStarted(slot, barcode))

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tapescope.acquisition.budget import plan_problem
 from tapescope.config import TapescopeConfig
 
 from .engine import Engine, RunState
@@ -54,21 +55,36 @@ def exit_code(state: RunState, sections: list[dict[str, Any]]) -> int:
 
 
 def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: Console) -> int:
-    from tapescope.runner import ResumeError, run_acquisition
+    from tapescope.runner import ResumeError, check_resumable, run_acquisition
 
-    if not resume and (run_dir / "journal.jsonl").exists():
-        console.print(f"[bold red]error:[/] {run_dir} already holds a run; continue it with --resume {run_dir}")
+    def refuse(message: str) -> int:
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
+
+    # Everything that can refuse the run is checked before anything is created or changed.
+    if run_dir.exists() and not run_dir.is_dir():
+        return refuse(f"{run_dir} is a file, not a run directory")
+    if not resume and (run_dir / "journal.jsonl").exists():
+        return refuse(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
+    if resume:
+        try:
+            check_resumable(run_dir, cfg)
+        except ResumeError as exc:
+            return refuse(str(exc))
+    if (problem := plan_problem(cfg, run_dir)) is not None:
+        return refuse(problem)
     password = os.environ.get(cfg.mqtt.password_env) if cfg.mqtt.enabled else None
     if cfg.mqtt.enabled and cfg.mqtt.username and password is None:
         console.print(f"[bold red]error:[/] mqtt.enabled: set the password in ${cfg.mqtt.password_env}")
         return EXIT_BAD_INPUT
     from tapescope.runner import processing_problem
 
-    if (problem := processing_problem(cfg)) is not None:     # before anything is created in run_dir
-        console.print(f"[bold red]error:[/] {problem}")
-        return EXIT_BAD_INPUT
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if (problem := processing_problem(cfg)) is not None:
+        return refuse(problem)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return refuse(f"cannot create the run directory {run_dir}: {exc.strerror or exc}")
     for h in logging.getLogger().handlers:     # the console keeps warnings; run.log gets INFO too
         if h.level == logging.NOTSET:
             h.setLevel(logging.WARNING)

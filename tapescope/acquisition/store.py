@@ -25,6 +25,10 @@ import numpy as np
 import tifffile
 
 
+class JournalError(ValueError):
+    """A journal line that is neither an entry nor a torn last line; the message names it."""
+
+
 @dataclass(frozen=True)
 class TileRecord:
     slot: int
@@ -107,14 +111,27 @@ class RunStore:
         return TileRecord(slot, row, col, path, y_nm, x_nm, crc, meta)
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """Journal entries in order. A torn last line (crash mid-append) is ignored."""
+        """Journal entries in order. A torn last line (crash mid-append) is ignored; any other
+        line that is not a JSON object raises JournalError naming the line."""
         if not self.journal_path.exists():
             return
-        with open(self.journal_path, encoding="utf-8") as f:
-            for line in f:
+        with open(self.journal_path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
                 if not line.endswith("\n"):
                     break
-                yield json.loads(line)
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise JournalError(f"{self.journal_path}: line {number} is not valid JSON ({exc.msg}); "
+                                       "only a torn last line is expected after a crash") from None
+                if not isinstance(entry, dict) or "event" not in entry:
+                    raise JournalError(f"{self.journal_path}: line {number} is not a journal entry")
+                yield entry
+
+    def check_journal(self) -> int:
+        """Read the whole journal; raise JournalError at the first corrupt line. Returns the
+        number of entries."""
+        return sum(1 for _ in self.events())
 
     @staticmethod
     def record_of(run_dir: Path, e: dict[str, Any]) -> TileRecord:

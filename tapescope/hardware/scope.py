@@ -7,7 +7,7 @@ import contextlib
 from .camera import Camera, Frame
 from .column import Column
 from .device import Device
-from .stage import Stage
+from .stage import Stage, StageLimits
 from .tape import Tape
 
 
@@ -32,6 +32,7 @@ class Scope(Device):
         serial_timeout_s: float = 2.0, settle_timeout_s: float = 10.0,
         tape_move_timeout_s: float = 30.0, camera_timeout_s: float = 5.0, baudrate: int = 115200,
         column_url: str | None = None, column_ramp_timeout_s: float = 60.0,
+        stage_travel_nm: tuple[float, float] | None = None,
     ) -> Scope:
         column = None
         if column_url is not None:
@@ -39,7 +40,8 @@ class Scope(Device):
                             ramp_timeout_s=column_ramp_timeout_s)
         return cls(
             Stage(stage_url, baudrate=baudrate, timeout_s=serial_timeout_s,
-                  settle_timeout_s=settle_timeout_s),
+                  settle_timeout_s=settle_timeout_s, limits=StageLimits.centred(stage_travel_nm)
+                  if stage_travel_nm is not None else None),
             Tape(tape_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                  move_timeout_s=tape_move_timeout_s),
             Camera(camera_host, camera_port, timeout_s=camera_timeout_s),

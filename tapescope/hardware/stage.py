@@ -19,6 +19,12 @@ class StageLimits:
     x_nm: tuple[float, float] = (-5e6, 5e6)
     y_nm: tuple[float, float] = (-5e6, 5e6)
 
+    @classmethod
+    def centred(cls, travel_nm: tuple[float, float]) -> StageLimits:
+        """Limits for a travel of (y, x) nm centred on the beam axis."""
+        hy, hx = travel_nm[0] / 2, travel_nm[1] / 2
+        return cls(x_nm=(-hx, hx), y_nm=(-hy, hy))
+
 
 class Stage(Device):
     """Async XY stage. Positions in nanometres."""

@@ -31,9 +31,10 @@ FAULTS: dict[str, tuple[str, dict[str, Any]]] = {
     "column_timeout": ("the column sends no reply to a command (which still runs unless executed=false)",
                        {"executed": True, "on": ""}),
     "column_garbled": ("the column's reply to a command arrives garbled (the command still runs)", {"on": ""}),
-    "tape_slip": ("a GOTO ends with the tape slipped: the reader still reports the slot asked for, but the "
-                  "section under the beam is `slots` further on, until the next GOTO (at_slot: only a GOTO "
-                  "to that slot counts)", {"slots": 1, "at_slot": -1}),
+    "tape_slip": ("a GOTO ends with the tape slipped: the section under the beam is `slots` further on, "
+                  "until the next GOTO; the barcode reader sees the slot really there, or with seen=false "
+                  "still reports the slot asked for (a mislabelled slot; at_slot: only a GOTO to that "
+                  "slot counts)", {"slots": 1, "at_slot": -1, "seen": True}),
     "beam_trip": ("high tension trips at an exposure: beam off, dark frames, until RESET and HT ON", {}),
     "frame_drop": ("the camera exposes but never sends the frame", {}),
     "frame_truncated": ("the camera sends part of a frame and closes the connection", {}),

@@ -40,7 +40,7 @@ class TapeEmulator(PtyLineServer):
                 state = w.tape_state()
                 if state != "IDLE":
                     return f"ERR {proto.ERR_NO_BARCODE} tape is {state.lower()}"
-                return f"BARCODE {w.slot} {w.barcodes[w.slot]}"
+                return f"BARCODE {w.reader_slot} {w.barcodes[w.reader_slot]}"
             case "GOTO":
                 if len(args) != 1 or not args[0].isdigit():
                     return f"ERR {proto.ERR_BAD_SLOT} slot must be 0..{w.p.n_slots - 1}"

@@ -139,7 +139,8 @@ class SimWorld:
         self._last_dir = np.zeros(2)
         # Tape state.
         self.slot = 0
-        self.slip = 0                      # slots between the reader's slot and the one under the beam
+        self.slip = 0                      # slots between the motor's slot and the one under the beam
+        self.slip_seen = True              # the barcode reader sees the slot really under the beam
         self.tape_busy_until = 0.0
         self.tape_jammed = False
         self._jam_polls_left = 0
@@ -520,10 +521,17 @@ class SimWorld:
         self.slot = slot
         slip = self.faults.take("tape_slip", slot=slot)
         self.slip = 0 if slip is None else min(int(slip["slots"]), self.p.n_slots - 1 - slot)
+        self.slip_seen = slip is None or bool(slip["seen"])
         if self.slip:
             self.prefetch(self.beam_slot)
         self.prefetch(slot)
         self.prefetch(slot + 1)       # tapes are imaged in order: the next one is likely wanted
+
+    @property
+    def reader_slot(self) -> int:
+        """The slot whose barcode the reader sees: the one under the beam, unless the slot it
+        slipped to carries a wrong label (a slip armed with seen=false)."""
+        return self.beam_slot if self.slip_seen else self.slot
 
     @property
     def beam_slot(self) -> int:

@@ -31,6 +31,8 @@ def stitch(
         err.print(f"[bold red]error:[/] {message}", highlight=False)
         return typer.Exit(2)
 
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} is a file, not a folder")
     if lens not in ("estimate", "none"):
         raise fail(f"--lens must be estimate or none, not {lens!r}")
     if device not in ("auto", "cpu", "gpu"):

@@ -119,6 +119,11 @@ def load_tiles(ts: DiskTileSet) -> list[np.ndarray]:
         if tiles and img.shape != tiles[0].shape:
             raise TileSetError(f"{ts.root / name}: shape {img.shape} differs from {ts.files[0]}'s {tiles[0].shape}"
                                " (all tiles of a set must have one shape)")
+        if tiles and img.dtype != tiles[0].dtype:
+            # A float tile among integer tiles is another camera's or another step's output:
+            # its scale is unknown, so converting it would mix two intensity scales silently.
+            raise TileSetError(f"{ts.root / name}: pixel type {img.dtype} differs from {ts.files[0]}'s "
+                               f"{tiles[0].dtype} (all tiles of a set must have one pixel type)")
         tiles.append(img)
     return tiles
 
