@@ -100,12 +100,22 @@ class ProcessingWorker:
             if report is not None and report.status == "unaligned" and self.on_unregistered is not None:
                 if await asyncio.to_thread(self._newer_take, slot, line):
                     continue     # judged an older take; the newer one is judged next
-                try:
-                    self.on_unregistered(slot, report.message)
-                except Exception as exc:     # e.g. the journal's disk is full: said, and processing goes on
-                    log.exception("queueing slot %d for re-imaging failed", slot)
-                    self.bus.emit(Alarm("processing", f"slot {slot} does not register ({report.message}) but "
-                                        f"could not be queued for re-imaging: {type(exc).__name__}: {exc}"))
+                self._queue_reimage(slot, report.message)
+                # A repeat does not say which take is wrong: this one slipped back, or the one
+                # before slipped forward onto this section. Both are re-imaged.
+                slot_of = {z: s for s, z in self.z_of_slot.items()}
+                if report.repeats is not None and report.repeats in slot_of:
+                    self._queue_reimage(slot_of[report.repeats], f"slot {slot} repeats it: one of the two takes "
+                                        "shows the wrong section (a tape slip?); both are re-imaged")
+
+    def _queue_reimage(self, slot: int, why: str) -> None:
+        assert self.on_unregistered is not None
+        try:
+            self.on_unregistered(slot, why)
+        except Exception as exc:     # e.g. the journal's disk is full: said, and processing goes on
+            log.exception("queueing slot %d for re-imaging failed", slot)
+            self.bus.emit(Alarm("processing", f"slot {slot} does not register ({why}) but "
+                                f"could not be queued for re-imaging: {type(exc).__name__}: {exc}"))
 
     def _newer_take(self, slot: int, line: int) -> bool:
         """Whether the journal holds a take of `slot` newer than the one at `line`."""

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,21 @@ class SectionReport:
     alignment_confidence: float
     tile_status: list[str]
     message: str = ""
+    repeats: int | None = None    # the section z repeats (either take may show the wrong section)
+
+
+@dataclass
+class Placement:
+    """Where a section goes: the verdict of aligning it to the sections below."""
+
+    status: str                                   # "ok" | "unaligned"
+    confidence: float
+    message: str = ""
+    transform: SectionTransform = field(default_factory=SectionTransform.identity)
+    shift: tuple[float, float] = (0.0, 0.0)       # where the canvas centre's content came from
+    references: list[int] = field(default_factory=list)   # those that registered
+    detail: float = float("nan")                  # fine-detail agreement with the nearest
+    repeats: int | None = None                    # the section it repeats, if it does
 
 
 class SectionProcessor:
@@ -189,8 +204,7 @@ class SectionProcessor:
         retake = self._reference_z is not None and z <= self._reference_z
         head = None if not self.align else self._good_below(z) if retake else self._reference_z
         references = [] if head is None else self._references(head)
-        status, conf, message, transform, shift = "ok", 1.0, "", SectionTransform.identity(), (0.0, 0.0)
-        used: list[int] = []
+        placed = Placement("ok", 1.0)
         if references:                   # nothing to align to: no scratch, no unaligned render
             self._check_scratch_space()
             with tempfile.TemporaryDirectory(prefix=self._scratch_prefix, dir=self.scratch) as tmp:
@@ -199,37 +213,40 @@ class SectionProcessor:
                 cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
                 render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens,
                           device=self.device)
-                status, conf, message, transform, shift, used = self._align(z, image, cover, references, Path(tmp))
+                placed = self._align(z, image, cover, references, Path(tmp))
                 del image, cover     # the maps go before their files
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
-        render_section(self.volume, z, tiles, sol.positions, transform.shifted(oy, ox), lens=lens, device=self.device)
-        stored = self._save_transform(z, transform)
+        p = placed
+        render_section(self.volume, z, tiles, sol.positions, p.transform.shifted(oy, ox), lens=lens,
+                       device=self.device)
+        stored = self._save_transform(z, p.transform)
         self.volume.record(z, {
-            **info, "status": status, "shift_px": list(shift), "alignment_confidence": conf,
-            "max_residual_px": max_res, "flagged_seams": flagged, "message": message, "alignment_references": used,
+            **info, "status": p.status, "shift_px": list(p.shift), "alignment_confidence": p.confidence,
+            "alignment_detail": None if not np.isfinite(p.detail) else p.detail,
+            "max_residual_px": max_res, "flagged_seams": flagged, "message": p.message,
+            "alignment_references": p.references,
             # A section that did not register is flagged for re-imaging while the tape is
             # still loaded: acquisition reads this flag (and the alarm) and acts on it.
-            "needs_reimaging": status != "ok", "transform": transform.summary(), "transform_file": stored,
+            "needs_reimaging": p.status != "ok", "transform": p.transform.summary(), "transform_file": stored,
             "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
             "lens": None if lens is None else {"k1": lens.k1, "k2": lens.k2},
         })
-        if status == "ok" and (self._reference_z is None or z >= self._reference_z):
+        if p.status == "ok" and (self._reference_z is None or z >= self._reference_z):
             self._reference_z = z
         elif z == self._reference_z:
             self._reference_lost(z)
-        return SectionReport(z, status, max_res, flagged, shift, conf, sol.status, message)
+        return SectionReport(z, p.status, max_res, flagged, p.shift, p.confidence, sol.status, p.message, p.repeats)
 
     def _align(self, z: int, image: np.ndarray, cover: np.ndarray, references: list[tuple[int, Plane]], tmp: Path,
-               ) -> tuple[str, float, str, SectionTransform, tuple[float, float], list[int]]:
-        """(status, confidence, message, transform, shift, the references that registered) of
+               ) -> Placement:
+        """Where section z goes (`Placement`), aligned
         section z against `references` (the nearest good section first, then good sections
         below it). A section that repeats the nearest is not placed. Each reference that
         registers adds its matches; with more than one, the section's transform is solved
         from all of them at once, the references held where they were written
         (`zsolve.solve_stack`), so one neighbour that differs more than usual does not decide
         it alone, and one that does not register leaves the others to place the section."""
-        identity = SectionTransform.identity()
         # Each reference is copied from the volume into scratch files once, in strips: the
         # aligner reads it piecewise ~1000 times, each a chunk decode from the volume (+2.4 s
         # on the demo's three sections before this copy). One set of files serves them in turn.
@@ -257,11 +274,11 @@ class SectionProcessor:
         if not registered:
             _, conf, why = refused[0]
             below = "; ".join(f"z={r}: {w}" for r, _, w in refused[1:])
-            return "unaligned", conf, why + (f" (nor to the sections below: {below})" if below else ""), identity, \
-                (0.0, 0.0), []
+            return Placement("unaligned", conf, why + (f" (nor to the sections below: {below})" if below else ""))
         rz, a, _ = registered[0]
-        if rz == references[0][0] and (why := repeat_reason(a.confidence, self._typical_confidence(), rz)):
-            return "unaligned", a.confidence, why, identity, (0.0, 0.0), []
+        if rz == references[0][0] and (why := repeat_reason(a.confidence, self._typical("alignment_confidence"), rz,
+                                                            a.detail, self._typical("alignment_detail"))):
+            return Placement("unaligned", a.confidence, why, detail=a.detail, repeats=rz)
         transform, conf = a.transform, a.confidence
         message = "" if rz == references[0][0] else \
             "aligned to the sections below the previous one: " + "; ".join(f"z={r}: {w}" for r, _, w in refused)
@@ -277,14 +294,16 @@ class SectionProcessor:
         # shift s with aligned(p) = moving(p + s).
         cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
         sx, sy = transform.apply(np.array(cx), np.array(cy))
-        return "ok", conf, message, transform, (float(sy - cy), float(sx - cx)), [r for r, _, _ in registered]
+        return Placement("ok", conf, message, transform, (float(sy - cy), float(sx - cx)),
+                         [r for r, _, _ in registered], a.detail)
 
-    def _typical_confidence(self) -> float:
-        """How well this run's good neighbours agree (median NCC of the sections aligned to a
-        reference); 1 while none has been, when a repeat cannot be told from a neighbour."""
+    def _typical(self, key: str) -> float:
+        """How well this run's good neighbours agree (the median of `key`, a section record's
+        alignment_confidence or alignment_detail, over the sections aligned to a reference);
+        1 while none has been, when a repeat cannot be told from a neighbour."""
         sections = self.volume.group.attrs["tapescope"].get("sections", {})
-        seen = [v["alignment_confidence"] for v in sections.values()
-                if v.get("status") == "ok" and v.get("alignment_references")]
+        seen = [v[key] for v in sections.values()
+                if v.get("status") == "ok" and v.get("alignment_references") and v.get(key) is not None]
         return float(np.median(seen)) if seen else 1.0
 
     def _references(self, head: int) -> list[tuple[int, Plane]]:

@@ -74,6 +74,7 @@ class PairResult:
     flow_rms_px: float
     chance: float = 0.0          # what the same search finds on the moving section mirrored
     matches: PairMatch | None = None
+    detail: float = float("nan")  # fine-detail NCC after alignment (align.detail_agreement)
 
     @property
     def coarse(self) -> np.ndarray:
@@ -206,7 +207,7 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
     a = align_section(fixed, moving, fv, mv, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
                       device=params.device)
     return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px,
-                      a.chance, matches_of(a, fixed_z, moving_z, fv, mv))
+                      a.chance, matches_of(a, fixed_z, moving_z, fv, mv), a.detail)
 
 
 def flag(o: SectionOutcome, status: str, why: str) -> None:
@@ -316,12 +317,17 @@ def gate_pairs(present: Sequence[int], pairs: dict[tuple[int, int], PairResult],
     """(registered pairs, flagged sections with the reason, sections outside the largest
     group that registered pairs connect); pairs in `forced` are kept below the gates."""
     flagged: dict[int, str] = {}
-    best: dict[int, float] = {}
+    best: dict[int, PairResult] = {}
     for (_, j), r in pairs.items():
-        best[j] = max(best.get(j, -1.0), r.confidence)
-    typical = float(np.median(list(best.values()))) if best else 0.0   # each section's best match
+        if j not in best or r.confidence > best[j].confidence:
+            best[j] = r
+    # How each section's best match agrees, typically: coarse NCC and fine detail.
+    typical = float(np.median([r.confidence for r in best.values()])) if best else 0.0
+    details = [r.detail for r in best.values() if np.isfinite(r.detail)]
+    typical_detail = float(np.median(details)) if details else float("nan")
     for (i, j), r in sorted(pairs.items(), key=lambda kv: kv[0][1]):
-        if i not in flagged and j not in flagged and (why := repeat_reason(r.confidence, typical, i)):
+        if i not in flagged and j not in flagged and (
+                why := repeat_reason(r.confidence, typical, i, r.detail, typical_detail)):
             flagged[j] = why
     kept, refused = {}, {}
     for k, r in pairs.items():
