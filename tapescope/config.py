@@ -93,8 +93,14 @@ class RunConfig(_Model):
     roi_polygons: dict[str, list[tuple[float, float]]] = Field(
         default_factory=dict, description="operator ROI per slot ('*' = every slot): (y, x) stage nm")
     max_retakes: Annotated[int, Field(ge=0, le=10)] = 2
-    on_device_failure: Literal["fail", "pause"] = "fail"
+    on_device_failure: Literal["fail", "pause"] = Field(
+        "pause", description="a device that retries do not cure: 'pause' the run with an alarm (it resumes "
+        "when the operator says so or the device answers again), or 'fail' it")
     device_retries: Annotated[int, Field(ge=0, le=20)] = 3
+    retry_window_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        20.0, description="a failing device call is retried for at least this long (and device_retries times)")
+    device_probe_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        15.0, description="paused for a device: how often it is tried again")
     watchdog_stall_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     min_free_gb: Annotated[float, Field(ge=0, le=1_000_000)] = 1.0
     reimage_at_end: bool = True

@@ -181,7 +181,7 @@ def never_started(run_dir: Path) -> bool:
         return False
     allowed = {"config.json", "config.json.part", "run.log", "tiles"}
     names = {p.name for p in run_dir.iterdir()}
-    return (names <= allowed and bool(names & {"config.json", "config.json.part"})
+    return (bool(names) and names <= allowed
             and not any(p.is_file() for p in (run_dir / "tiles").rglob("*")))
 
 
@@ -266,7 +266,8 @@ def engine_settings(cfg: TapescopeConfig) -> EngineSettings:
     r = cfg.run
     return EngineSettings(
         qc=QCLimits(max_retakes=r.max_retakes), device_retries=r.device_retries,
-        on_device_failure=r.on_device_failure, watchdog_stall_s=r.watchdog_stall_s,
+        on_device_failure=r.on_device_failure, retry_window_s=r.retry_window_s, device_probe_s=r.device_probe_s,
+        watchdog_stall_s=r.watchdog_stall_s,
         min_free_bytes=int(r.min_free_gb * 1e9), reimage_at_end=r.reimage_at_end,
         processing_wait_s=r.processing_wait_s,
         barcodes={int(k): v for k, v in r.barcodes.items()},
@@ -405,13 +406,10 @@ def write_report(store: RunStore, summary: RunSummary, progress: RunProgress, sl
         entry: dict[str, Any] = {"slot": s, "status": p.status or "not reached", "message": p.message,
                                  "tiles": len(p.tiles), "tiles_planned": len(p.plan.tiles) if p.plan else 0,
                                  "tiles_failed_qc": sorted(map(list, p.failed_qc))}
-        if worker is not None:
-            if s in worker.reports:
-                rep = worker.reports[s]
-                entry["processing"] = {"status": rep.status, "max_residual_px": rep.max_residual_px,
-                                       "message": rep.message}
-            elif s in worker.failed:
-                entry["processing"] = {"status": "failed", "message": worker.failed[s]}
+        # From the journal, as everything else here: a resumed run's report keeps the verdicts
+        # that earlier processes reached.
+        if worker is not None and p.processing is not None:
+            entry["processing"] = dict(p.processing)
         sections.append(entry)
     report = {"state": summary.state.value, "reason": summary.reason, "seconds": summary.seconds,
               "tiles": final.tiles_stored, "resumes": final.resumes, "resume_notes": notes, "sections": sections}

@@ -147,13 +147,16 @@ async def test_beam_trip_is_recovered_and_the_dark_tile_retaken(sim: SimulatedSc
     rejected = [e for e in eng.store.events() if e["event"] == "tile_rejected"]
     assert rejected and rejected[0]["qc"]["faults"] == ["dark"]
     assert all(not r.meta["qc_failed"] and r.meta["qc"]["mean"] > 500 for r in eng.store.tiles())
+    # A beam trip is an event the operator must see, in the journal as well as live.
+    alarms = [e for e in eng.store.events() if e["event"] == "alarm"]
+    assert any(e["source"] == "column" and "dark frame" in e["message"] for e in alarms)
 
 
 async def test_device_that_keeps_failing_pauses_with_an_alarm_then_resumes(
         sim: SimulatedScope, scope_with_column: Scope, tmp_path: Path) -> None:
     sim.world.inject("frame_drop", count=3, after=1)          # more than the retries
     eng, events = make_engine(scope_with_column, tmp_path, [0], device_retries=1, on_device_failure="pause",
-                              retry_backoff_s=0.01)
+                              retry_backoff_s=0.01, retry_window_s=0.0, device_probe_s=600.0)
     paused = asyncio.Event()
     eng.bus.subscribe(lambda ev: isinstance(ev, StateChanged) and ev.new == "paused" and paused.set())
     task = asyncio.create_task(eng.run())
@@ -168,7 +171,8 @@ async def test_device_that_keeps_failing_pauses_with_an_alarm_then_resumes(
 async def test_device_failure_fails_the_run_when_so_configured(sim: SimulatedScope, scope_with_column: Scope,
                                                                tmp_path: Path) -> None:
     sim.world.inject("frame_drop", count=5)
-    eng, _ = make_engine(scope_with_column, tmp_path, [0], device_retries=1, retry_backoff_s=0.01)
+    eng, _ = make_engine(scope_with_column, tmp_path, [0], device_retries=1, retry_backoff_s=0.01,
+                         retry_window_s=0.0, on_device_failure="fail")
     summary = await asyncio.wait_for(eng.run(), 30)
     assert summary.state is RunState.FAILED and "camera trigger failed" in summary.reason
 

@@ -58,7 +58,9 @@ def test_kill_at_random_points_and_resume(tmp_path: Path) -> None:
     for i in range(KILLS):
         start = n_tile_lines(run_dir)
         resumes += (run_dir / "journal.jsonl").exists()
-        proc = acquire(cfg, run_dir, resume=i > 0)
+        # A run killed before it created its folder left nothing to resume: it is started again,
+        # as an operator would (a resume of a folder that is not there is refused: a typo).
+        proc = acquire(cfg, run_dir, resume=run_dir.exists())
         if rng.random() < 0.25:
             # Anywhere in start-up, tape move, planning...
             time.sleep(rng.uniform(0.0, 2.0))
@@ -158,3 +160,7 @@ def test_resume_primes_alignment_from_the_volume(tmp_path: Path) -> None:
     assert primed and primed[-1]["z"] == 0
     done = {e["slot"]: e for e in events if e["event"] == "section_processed"}
     assert set(done) == {0, 1}
+    # The report is the journal's: slot 0's verdict, reached before the kill, is in it too.
+    report = json.loads((run_dir / "report.json").read_text())
+    verdicts = {s["slot"]: s.get("processing", {}).get("status") for s in report["sections"]}
+    assert verdicts == {0: "ok", 1: done[1]["status"]}

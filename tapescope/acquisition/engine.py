@@ -69,8 +69,12 @@ class RunSummary:
 class EngineSettings:
     qc: QCLimits = field(default_factory=QCLimits)
     device_retries: int = 3                 # per failing call, each after a reconnect
-    retry_backoff_s: float = 0.2
-    on_device_failure: str = "fail"         # "fail": end the run FAILED; "pause": PAUSED, alarm
+    retry_backoff_s: float = 0.2            # doubles each retry, up to RETRY_BACKOFF_MAX_S
+    # ...and retries go on until this long after the first failure: a device down for a few
+    # seconds (a camera server restarting) is ridden out, not declared dead after 1.4 s.
+    retry_window_s: float = 20.0
+    on_device_failure: str = "pause"        # "pause": PAUSED with an alarm; "fail": end the run FAILED
+    device_probe_s: float = 15.0            # paused for a device: try it this often; resume when it answers
     step_timeout_s: float = 120.0           # ceiling on any one device step (drivers time out sooner)
     watchdog_stall_s: float = 60.0          # no tile for this long while acquiring: alarm + pause
     min_free_bytes: int = 1 << 30           # besides the next section's tiles
@@ -108,6 +112,7 @@ class GridPlanner:
 
 
 TAPE_RESEEKS = 2    # moves again after the reader saw the wrong slot, before the slot is given up
+RETRY_BACKOFF_MAX_S = 2.0
 
 
 class _Abort(Exception):
@@ -265,7 +270,9 @@ class Engine:
         s = self.settings
         while True:
             last: DeviceError | None = None
-            for attempt in range(1 + s.device_retries):
+            first_failure: float | None = None
+            attempt = 0
+            while True:
                 try:
                     result = await asyncio.wait_for(fn(), s.step_timeout_s)
                 except TimeoutError:
@@ -276,31 +283,45 @@ class Engine:
                     if attempt and self._state is RunState.RECOVERING:
                         self._set_state(self._recover_from, f"{what} succeeded on retry {attempt}")
                     return result
-                if attempt < s.device_retries:
-                    if self._state is not RunState.RECOVERING:
-                        self._recover_from = self._state
-                        self._set_state(RunState.RECOVERING, f"{what}: {last}")
-                    self.bus.emit(Alarm(last.device, f"{what} failed ({last}); retry {attempt + 1} of "
-                                        f"{s.device_retries}", "warning"))
-                    self.store.log_event("device_retry", what=what, error=str(last), attempt=attempt + 1,
-                                         time=time.time())
-                    await asyncio.sleep(s.retry_backoff_s * (attempt + 1))
-                    await self._reconnect(last.device)
-                    if self._abort_requested is not None:
-                        raise _Abort(self._abort_requested)
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if attempt >= s.device_retries and now - first_failure >= s.retry_window_s:
+                    break
+                attempt += 1
+                if self._state is not RunState.RECOVERING:
+                    self._recover_from = self._state
+                    self._set_state(RunState.RECOVERING, f"{what}: {last}")
+                left = max(0.0, s.retry_window_s - (now - first_failure))
+                self.bus.emit(Alarm(last.device, f"{what} failed ({last}); retry {attempt} (at least "
+                                    f"{s.device_retries}, for up to {left:.0f} s more)", "warning"))
+                self.store.log_event("device_retry", what=what, error=str(last), attempt=attempt, time=time.time())
+                await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S))
+                await self._reconnect(last.device)
+                if self._abort_requested is not None:
+                    raise _Abort(self._abort_requested)
             assert last is not None
             if self._state is RunState.RECOVERING:
                 self._set_state(self._recover_from, "retries exhausted")
-            message = f"{what} failed after {s.device_retries} retries: {last}"
+            message = f"{what} failed after {attempt} retries in {time.monotonic() - first_failure:.0f} s: {last}"
             if s.on_device_failure != "pause":
                 raise _Fatal(message) from last
-            # Pause; on resume, try the same step again from the start.
-            await self._pause_with_alarm(last.device, message)
+            # Pause, the tape and the plan kept; on resume (the operator's, or the device
+            # answering a probe), try the same step again from the start.
+            probe = asyncio.create_task(self._probe(last.device), name=f"engine-probe-{last.device}")
+            try:
+                await self._pause_with_alarm(last.device, message + "; paused: fix it and resume (the run "
+                                             f"also resumes by itself once the {last.device} answers again)")
+            finally:
+                probe.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe
 
-    async def _reconnect(self, device: str) -> None:
+    async def _reconnect(self, device: str) -> bool:
+        """Close and reopen a device's connection and bring it back to where the run needs it
+        (the camera's exposure and arm; a jammed tape cleared). Whether it answers."""
         dev = getattr(self.scope, device, None)
         if dev is None:
-            return
+            return False
         with contextlib.suppress(DeviceError, OSError, TimeoutError):
             await asyncio.wait_for(dev.close(), 5)
         try:
@@ -308,9 +329,28 @@ class Engine:
             if device == "camera":
                 await self.scope.camera.set_exposure(self.exposure_ms)
                 await self.scope.camera.arm()
+            elif device == "tape" and (await self.scope.tape.state()).state == "JAMMED":
+                # A jam the transport's own tension control did not clear: CLEAR it (the tape
+                # stays where it is) so that the move can be tried again.
+                st = await self.scope.tape.clear_jam()
+                self._alarm("tape", f"tape jammed at slot {st.slot}: sent CLEAR; the tape is {st.state.lower()}",
+                            "warning")
             self._device_notice(device, "reconnected")
+            return True
         except (DeviceError, OSError, TimeoutError) as exc:
             log.warning("reconnecting %s failed: %s", device, exc)
+            return False
+
+    async def _probe(self, device: str) -> None:
+        """While paused for `device`: try it every device_probe_s; once it answers, resume."""
+        while True:
+            await asyncio.sleep(self.settings.device_probe_s)
+            if self._state is not RunState.PAUSED or self._pause_requested is None:
+                return
+            if await self._reconnect(device):
+                self._alarm(device, f"{device} answers again: resuming", "warning")
+                self.resume(f"{device} answers again")
+                return
 
     # -- the run -----------------------------------------------------------------------------
     async def run(self) -> RunSummary:
@@ -354,10 +394,10 @@ class Engine:
             raise
         except _Fatal as exc:
             final, reason = RunState.FAILED, str(exc)
-            self.bus.emit(Alarm("engine", reason))
+            self._alarm("engine", reason)
         except DeviceError as exc:     # a device fault outside the retry wrapper (a bug, but reported)
             final, reason = RunState.FAILED, str(exc)
-            self.bus.emit(Alarm(exc.device, str(exc)))
+            self._alarm(exc.device, str(exc))
         finally:
             await self._drain_premove()
             self._hook_devices(False)
@@ -431,6 +471,18 @@ class Engine:
                             "warning")
         return at, barcode
 
+    async def _check_beam(self, slot: int) -> None:
+        """Before each section, as an operator would: is the beam on? A tripped or blanked beam
+        found here is restored, with an alarm, before a dark tile is taken."""
+        column = getattr(self.scope, "column", None)
+        if column is None:
+            return
+        st = await self._device("column status", column.status, "column")
+        if not st.beam_on:
+            self._alarm("column", f"slot {slot}: no beam before the section (high tension {st.high_tension}, "
+                        f"{'blanked' if st.blanked else 'not blanked'}): restoring it", "warning")
+            await self._device("restore beam", column.ensure_beam, "column")
+
     async def _section(self, slot: int, *, reimage: bool = False) -> None:
         self._current_slot = slot
         try:
@@ -455,6 +507,7 @@ class Engine:
             self._alarm("tape", f"slot {slot}: barcode mismatch (sees slot {at}, {barcode}); section skipped",
                         "warning")
             return
+        await self._check_beam(slot)
         self.store.log_event("section_started", slot=slot, barcode=barcode, reimage=reimage, time=time.time())
         self.bus.emit(SectionStarted(slot, barcode))
         plan = prog.plan
@@ -462,7 +515,7 @@ class Engine:
             got = await self.planner.plan(self, slot, barcode)
             if isinstance(got, SlotVerdict):
                 self._section_done(slot, got.status, 0, got.message)
-                self.bus.emit(Alarm("plan", f"slot {slot}: {got.status}: {got.message}", "warning"))
+                self._alarm("plan", f"slot {slot}: {got.status}: {got.message}", "warning")
                 return
             plan = got
             self.store.log_event("section_planned", plan=plan.to_json(), time=time.time())
@@ -547,9 +600,9 @@ class Engine:
         self.store.log_event("reimage_queued", slot=slot, tiles="all", reason="alignment", message=reason,
                              time=time.time())
         late = self._state.terminal or not self.settings.reimage_at_end or self._state is RunState.FINISHING
-        self.bus.emit(Alarm("alignment", f"slot {slot} does not register ({reason}): "
+        self._alarm("alignment", f"slot {slot} does not register ({reason}): "
                             + ("queued for re-imaging; resume the run to re-image it" if late
-                               else "queued for re-imaging before the run ends"), "warning"))
+                               else "queued for re-imaging before the run ends"), "warning")
         self.bus.emit(SectionFinished(slot, "flagged", len(prog.tiles), len(prog.failed_qc),
                                       f"does not register: {reason}; queued for re-imaging"))
         return True
@@ -615,8 +668,8 @@ class Engine:
         try:
             await asyncio.wait_for(pre[1], self.settings.step_timeout_s)
         except (DeviceError, TimeoutError) as exc:
-            self.bus.emit(Alarm("stage", f"move ahead to ({pre[0].x_nm:.0f}, {pre[0].y_nm:.0f}) nm failed: {exc}",
-                                "warning"))
+            self._alarm("stage", f"move ahead to ({pre[0].x_nm:.0f}, {pre[0].y_nm:.0f}) nm failed: {exc}",
+                                "warning")
 
     async def _move(self, tile: TilePlan) -> None:
         """Stage to the tile: the move started ahead when it was for this tile, else a new one."""
@@ -695,8 +748,8 @@ class Engine:
             column = getattr(self.scope, "column", None)
             if "dark" in qc.faults and column is not None:
                 # No electrons: a tripped high tension or a blanked beam. Bring it back, retake.
-                self.bus.emit(Alarm("column", f"dark frame at slot {slot} r{tile.row} c{tile.col}: "
-                                    "restoring the beam (reset, high tension, unblank)", "warning"))
+                self._alarm("column", f"dark frame at slot {slot} r{tile.row} c{tile.col}: "
+                                    "restoring the beam (reset, high tension, unblank)", "warning")
                 await self._device("restore beam", column.ensure_beam, "column")
             if "focus" in qc.faults:
                 if self.calibration is not None:
@@ -707,8 +760,8 @@ class Engine:
         decision = qc.decision()
         if not qc.ok:
             self.bus.emit(TileRejected(slot, tile.row, tile.col, attempt, qc.faults, decision.value))
-            self.bus.emit(Alarm("qc", f"slot {slot} r{tile.row} c{tile.col}: {'; '.join(qc.messages)} "
-                              f"after {attempt} exposure(s): {decision.value}", "warning"))
+            self._alarm("qc", f"slot {slot} r{tile.row} c{tile.col}: {'; '.join(qc.messages)} "
+                              f"after {attempt} exposure(s): {decision.value}", "warning")
         meta = {"frame_id": frame.frame_id, "timestamp": frame.timestamp, "exposure_ms": frame.exposure_ms,
                 "barcode": barcode, "attempt": attempt, "qc": qc.as_dict(), "qc_failed": not qc.ok}
         # The previous tile's write overlapped this tile's move and exposure; it must be

@@ -26,6 +26,8 @@ class SlotProgress:
     reimaged: bool = False
     retake_all: bool = False            # the re-image retakes every tile (it failed to register)
     processed: bool = False
+    # The last verdict of processing: status, max_residual_px, message ("failed" when it raised).
+    processing: dict[str, Any] | None = None
 
 
 @dataclass
@@ -71,7 +73,12 @@ class RunProgress:
                 if not p.reimaged:      # queued by processing after the section was done
                     p.status, p.retake_all, p.message = "flagged", True, e.get("message", "")
             elif kind == "section_processed":
-                prog.slot(int(e["slot"])).processed = True
+                p = prog.slot(int(e["slot"]))
+                p.processed = True
+                p.processing = {"status": e["status"], "max_residual_px": e.get("max_residual_px"),
+                                "message": e.get("message", "")}
+            elif kind == "processing_failed":
+                prog.slot(int(e["slot"])).processing = {"status": "failed", "message": e.get("message", "")}
             elif kind == "calibration" and e.get("ok"):
                 prog.calibrations[e["name"]] = e
             elif kind == "run_resumed":

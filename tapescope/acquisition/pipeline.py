@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -164,13 +165,16 @@ class ProcessingWorker:
             self.failed[slot] = reason
             self.reports.pop(slot, None)
             self.processor.record_missing(z, info, reason)
+            # Journalled, not as processed: a resumed run tries the section again.
+            self.store.log_event("processing_failed", slot=slot, z=z, message=reason, time=time.time())
             self.bus.emit(Alarm("processing", f"slot {slot} (z={z}) not processed: {reason}"))
             self.bus.emit(SectionProcessed(slot, z, "failed", float("nan"), (0.0, 0.0), 0.0, reason))
             return None
         self.reports[slot] = report
         self.failed.pop(slot, None)
         self.store.log_event("section_processed", slot=slot, z=z, status=report.status,
-                             max_residual_px=report.max_residual_px, shift_px=list(report.shift_px))
+                             max_residual_px=report.max_residual_px, shift_px=list(report.shift_px),
+                             message=report.message, time=time.time())
         if report.status != "ok":
             self.bus.emit(Alarm("alignment", f"slot {slot} (z={z}): {report.message}", "warning"))
         self.bus.emit(SectionProcessed(slot, z, report.status, report.max_residual_px,

@@ -165,10 +165,11 @@ def detail_agreement(fixed: np.ndarray, moving: np.ndarray, transform: SectionTr
                      fixed_valid: np.ndarray | None = None, moving_valid: np.ndarray | None = None,
                      window: int = DETAIL_WINDOW_PX) -> float:
     """NCC of the finest detail (DETAIL_BAND_PX) of `fixed` and `moving` drawn through
-    `transform`, in a window of at most `window` px about the middle of the fixed section's
-    imaged area; NaN where they share too little of it. Reads only the window (memory-mapped
-    inputs stay on disk)."""
+    `transform`, in a window of at most `window` px (and half the section) about the middle of
+    the fixed section's imaged area; NaN where they share too little of it. Reads only the
+    window (memory-mapped inputs stay on disk)."""
     h, w = fixed.shape
+    window = min(window, max(h, w) // 2)
     if fixed_valid is not None:
         rows = np.flatnonzero(np.asarray(fixed_valid[:, w // 2], bool))
         cols = np.flatnonzero(np.asarray(fixed_valid[h // 2], bool))
