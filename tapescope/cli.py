@@ -25,6 +25,8 @@ app.add_typer(config_app, name="config")
 sim_app = typer.Typer(help="Run the hardware simulator.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
 app.command("stitch")(stitch_command)
+mqtt_app = typer.Typer(help="Set up MQTT for remote monitoring (docs/mqtt.md).", no_args_is_help=True)
+app.add_typer(mqtt_app, name="mqtt")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -226,6 +228,30 @@ def align(
     raise typer.Exit(run_align(stack_dir, out, scheduler=scheduler, workers=workers, device=device,
                                pixel_nm=pixel_nm, thickness_nm=thickness_nm, console=console,
                                err_console=err_console))
+
+
+@mqtt_app.command("certs")
+def mqtt_certs(
+    directory: Path = typer.Argument(..., help="folder for ca.crt/ca.key, broker.crt/.key and ROLE.crt/.key"),
+    host: list[str] = typer.Option([], "--host", help="a name or address clients use to reach the broker "
+                                   "(repeat; localhost and 127.0.0.1 are always included)"),
+    client: list[str] = typer.Option([], "--client", help="a client certificate for this role: engine, operator "
+                                     "or viewer (repeat)"),
+    days: int = typer.Option(825, "--days", min=1, max=3650, help="validity of the broker's and clients' certificates"),
+) -> None:
+    """Make the facility's CA (kept when it exists), the broker's certificate and client certificates."""
+    from tapescope.mqtt.certs import CertError, make_all
+
+    try:
+        made = make_all(directory, host, client, days=days)
+    except CertError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot write certificates to {directory}: {exc.strerror or exc}") from None
+    for issued in made:
+        console.print(f"{issued.cert}  (key {issued.key}, owner-only)", highlight=False)
+    console.print("renew: run this command again before the certificates expire; the CA is kept, so clients "
+                  "keep trusting the broker (docs/mqtt.md)", highlight=False)
 
 
 @app.command()

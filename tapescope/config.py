@@ -171,11 +171,44 @@ class MqttConfig(_Model):
 
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(1883, description="1883 plain (this machine only); "
+                                                        "8883 (the default with tls) TLS")
     username: str | None = "engine"
     password_env: str = Field("TAPESCOPE_MQTT_PASSWORD", description="environment variable holding the password")
     keepalive_s: Annotated[int, Field(ge=1, le=600)] = 10
     buffer: Annotated[int, Field(ge=10, le=1_000_000)] = 10_000
+    tls: bool = Field(False, description="MQTT over TLS: needed for any broker not on this machine")
+    ca_file: Path | None = Field(None, description="the facility's CA (tapescope mqtt certs: ca.crt)")
+    cert_file: Path | None = Field(None, description="a client certificate (broker's certificate listener)")
+    key_file: Path | None = Field(None, description="the client certificate's key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_port(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("tls") and "port" not in data:
+            return {**data, "port": 8883}
+        return data
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> MqttConfig:
+        if self.tls and self.ca_file is None:
+            raise ValueError("tls = true needs ca_file, the CA that signed the broker's certificate")
+        if not self.tls and (self.ca_file or self.cert_file or self.key_file):
+            raise ValueError("ca_file, cert_file and key_file are for tls = true")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.enabled and not self.tls and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"host {self.host!r} is another machine: set tls = true (a password must not "
+                             "cross the network in clear text)")
+        return self
+
+    @property
+    def tls_files(self):  # -> TlsFiles | None; imported lazily (the config does not need ssl)
+        from tapescope.mqtt.tls import TlsFiles
+
+        if not self.tls or self.ca_file is None:
+            return None
+        return TlsFiles(self.ca_file, self.cert_file, self.key_file)
 
 
 class TapescopeConfig(_Model):

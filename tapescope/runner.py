@@ -339,7 +339,8 @@ async def run_acquisition(
             from tapescope.mqtt.bridge import BrokerSettings, MqttBridge
 
             m = cfg.mqtt
-            bridge = MqttBridge(BrokerSettings(m.host, m.port, m.username, password, m.keepalive_s, m.buffer),
+            bridge = MqttBridge(BrokerSettings(m.host, m.port, m.username, password, m.keepalive_s, m.buffer,
+                                               tls=m.tls_files),
                                 bus, cfg.scope.name, engine=engine, run_dir=str(run_dir))
             bridge.start()
         consumer = asyncio.create_task(worker.run(queue)) if worker is not None and queue is not None else None

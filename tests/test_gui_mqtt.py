@@ -34,13 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- pure parts -----------------------------------------------------------------------------
 
 def test_url_names_host_port_user_and_scope() -> None:
-    t = MqttTarget.parse("mqtt://viewer:s%40cret@scope-pc:1884/sim-scope")
-    assert (t.host, t.port, t.username, t.password, t.scope) == ("scope-pc", 1884, "viewer", "s@cret", "sim-scope")
+    t = MqttTarget.parse("mqtt://viewer:s%40cret@127.0.0.1:1884/sim-scope")
+    assert (t.host, t.port, t.username, t.password, t.scope) == ("127.0.0.1", 1884, "viewer", "s@cret", "sim-scope")
     assert t.root == "tapescope/sim-scope" and "s@cret" not in t.describe()
     t = MqttTarget.parse("mqtt://operator@localhost/a", env={"TAPESCOPE_MQTT_PASSWORD": "pw"})
     assert (t.port, t.password) == (1883, "pw")
     for url, words in [("http://h/s", "mqtt://"), ("mqtt://h", "scope name"), ("mqtt://h/a/b", "scope name"),
-                       ("mqtt://h:99999/s", "port"), ("mqtt:///s", "no host")]:
+                       ("mqtt://h:99999/s", "port"), ("mqtt:///s", "no host"),
+                       ("mqtt://viewer@scope-pc/s", "use mqtts://")]:
         with pytest.raises(ValueError, match=words):
             MqttTarget.parse(url, env={})
 

@@ -74,7 +74,14 @@ def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: 
     if (problem := plan_problem(cfg, run_dir)) is not None:
         return refuse(problem)
     password = os.environ.get(cfg.mqtt.password_env) if cfg.mqtt.enabled else None
-    if cfg.mqtt.enabled and cfg.mqtt.username and password is None:
+    if cfg.mqtt.enabled and (files := cfg.mqtt.tls_files) is not None:
+        from tapescope.mqtt.tls import TlsError
+
+        try:
+            files.context()
+        except TlsError as exc:
+            return refuse(f"mqtt: {exc}")
+    if cfg.mqtt.enabled and cfg.mqtt.username and password is None and cfg.mqtt.cert_file is None:
         console.print(f"[bold red]error:[/] mqtt.enabled: set the password in ${cfg.mqtt.password_env}")
         return EXIT_BAD_INPUT
     from tapescope.runner import processing_problem

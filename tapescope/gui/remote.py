@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomqtt
 
@@ -44,6 +44,7 @@ from tapescope.acquisition.events import (
     StateChanged,
     TileAcquired,
 )
+from tapescope.mqtt.tls import TlsError, TlsFiles, explain
 
 from .model import RunModel, allowed
 
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "TAPESCOPE_MQTT_PASSWORD"
 DEFAULT_PORT = 1883
+TLS_PORT = 8883
+CA_ENV, CERT_ENV, KEY_ENV = "TAPESCOPE_MQTT_CA", "TAPESCOPE_MQTT_CERT", "TAPESCOPE_MQTT_KEY"
 REPLY_TIMEOUT_S = 5.0
 DEVICE_META = ("moving", "age_s", "time")      # bridge fields of a device readout that are not readings
 
@@ -64,6 +67,7 @@ class MqttTarget:
     scope: str
     username: str | None = None
     password: str | None = None
+    tls: TlsFiles | None = None
 
     @property
     def root(self) -> str:
@@ -71,32 +75,61 @@ class MqttTarget:
 
     def describe(self) -> str:
         who = f"{self.username}@" if self.username else ""
-        return f"mqtt://{who}{self.host}:{self.port}/{self.scope}"     # never the password
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://{who}{self.host}:{self.port}/{self.scope}"     # never the password
 
     @classmethod
     def parse(cls, url: str, env: dict[str, str] | None = None) -> MqttTarget:
-        """``mqtt://[user[:password]@]HOST[:PORT]/SCOPE``; the password may instead come from
+        """``mqtt[s]://[user[:password]@]HOST[:PORT]/SCOPE[?ca=FILE&cert=FILE&key=FILE]``.
+
+        ``mqtts`` is MQTT over TLS (port 8883 by default), the only way to reach a broker on
+        another machine: the broker's certificate is verified against the CA (``ca=``, or
+        $TAPESCOPE_MQTT_CA); ``cert=`` and ``key=`` (or $TAPESCOPE_MQTT_CERT, _KEY) present a
+        client certificate instead of a password. The password may come from
         $TAPESCOPE_MQTT_PASSWORD (better: a URL shows in the process list)."""
         env = os.environ if env is None else env
+        form = "mqtt[s]://[user[:password]@]HOST[:PORT]/SCOPE"
         parts = urlsplit(url)
-        if parts.scheme != "mqtt":
-            raise ValueError(f"--mqtt URL must start with mqtt://, got {url!r} "
-                             "(form: mqtt://[user[:password]@]HOST[:PORT]/SCOPE)")
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"--mqtt URL must start with mqtt:// or mqtts://, got {url!r} (form: {form})")
         if not parts.hostname:
-            raise ValueError(f"--mqtt URL {url!r} names no host (form: mqtt://[user[:password]@]HOST[:PORT]/SCOPE)")
+            raise ValueError(f"--mqtt URL {url!r} names no host (form: {form})")
+        secure = parts.scheme == "mqtts"
         try:
-            port = parts.port or DEFAULT_PORT
+            port = parts.port or (TLS_PORT if secure else DEFAULT_PORT)
         except ValueError:
             raise ValueError(f"--mqtt URL {url!r}: the port is not a number from 1 to 65535") from None
         scope = parts.path.strip("/")
         if not scope or "/" in scope or "+" in scope or "#" in scope:
-            raise ValueError(f"--mqtt URL {url!r} must end with the scope name, e.g. mqtt://viewer@host/sim-scope "
+            raise ValueError(f"--mqtt URL {url!r} must end with the scope name, e.g. mqtts://viewer@host/sim-scope "
                              "(the [scope] name of the engine's config)")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(query) - {"ca", "cert", "key"}
+        if unknown:
+            raise ValueError(f"--mqtt URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} "
+                             "(known: ca, cert, key)")
+        tls = None
+        if secure:
+            ca = query.get("ca") or env.get(CA_ENV)
+            if not ca:
+                raise ValueError(f"--mqtt {parts.scheme}:// needs the CA that signed the broker's certificate: "
+                                 f"?ca=FILE in the URL or ${CA_ENV}")
+            cert, key = query.get("cert") or env.get(CERT_ENV), query.get("key") or env.get(KEY_ENV)
+            tls = TlsFiles(Path(ca), Path(cert) if cert else None, Path(key) if key else None)
+            try:
+                tls.context()
+            except TlsError as exc:
+                raise ValueError(f"--mqtt: {exc}") from None
+        elif query:
+            raise ValueError(f"--mqtt URL {url!r}: ca, cert and key are for mqtts://")
+        elif parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"--mqtt URL {url!r}: {parts.hostname} is another machine; use mqtts:// (a password "
+                             "must not cross the network in clear text)")
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
         if user and password is None:
             password = env.get(PASSWORD_ENV)
-        return cls(parts.hostname, port, scope, user, password)
+        return cls(parts.hostname, port, scope, user, password, tls)
 
 
 # -- events that only a remote link has ------------------------------------------------------
@@ -291,7 +324,8 @@ class MqttLink:
         while True:
             try:
                 async with aiomqtt.Client(t.host, t.port, username=t.username, password=t.password, keepalive=5,
-                                          timeout=5, protocol=aiomqtt.ProtocolVersion.V5) as client:
+                                          timeout=5, protocol=aiomqtt.ProtocolVersion.V5,
+                                          tls_context=t.tls.context() if t.tls is not None else None) as client:
                     await client.subscribe(f"{t.root}/#", qos=1)
                     self._client, self.connected, delay, last_error = client, True, 0.2, ""
                     self.bus.emit(LinkChanged(True, f"connected to {t.describe()}"))
@@ -299,7 +333,7 @@ class MqttLink:
                     async for message in client.messages:
                         self._on_message(message)
             except aiomqtt.MqttError as exc:
-                text = f"broker {t.host}:{t.port}: {exc}"
+                text = f"broker {t.host}:{t.port}: {explain(exc) or exc}"
                 if self.connected or text != last_error:     # each new fault once, not every retry
                     self.bus.emit(LinkChanged(False, f"{text}; reconnecting"))
                     self.bus.emit(Alarm("mqtt", f"{text}; reconnecting (telemetry shown is from before)",

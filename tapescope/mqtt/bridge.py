@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tapescope.acquisition.events import (
+    Alarm,
     DeviceStatus,
     Event,
     EventBus,
@@ -35,6 +36,7 @@ from tapescope.acquisition.events import (
 )
 
 from . import commands
+from .tls import TlsFiles, explain
 from .topics import Message, messages_for, root
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,13 @@ class BrokerSettings:
     keepalive_s: int = 10
     buffer: int = 10_000
     reconnect_max_s: float = 5.0
+    tls: TlsFiles | None = None        # MQTT over TLS (port 8883): the CA to trust, a client certificate
+
+    @property
+    def url(self) -> str:
+        """Where, for messages (never the password)."""
+        who = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{who}{self.host}:{self.port}"
 
 
 class MqttBridge:
@@ -148,10 +157,12 @@ class MqttBridge:
         will = aiomqtt.Will(f"{self.root}/online",
                             json.dumps({"online": False, "reason": "connection lost"}), qos=1, retain=True)
         return aiomqtt.Client(s.host, s.port, username=s.username, password=s.password, will=will,
-                              keepalive=s.keepalive_s, protocol=aiomqtt.ProtocolVersion.V5, timeout=5)
+                              keepalive=s.keepalive_s, protocol=aiomqtt.ProtocolVersion.V5, timeout=5,
+                              tls_context=s.tls.context() if s.tls is not None else None)
 
     async def _run(self) -> None:
         delay = 0.2
+        said = ""
         while True:
             try:
                 async with self._client_for() as client:
@@ -168,8 +179,13 @@ class MqttBridge:
                         tg.create_task(self._receiver(client))
                         tg.create_task(self._heartbeat())
             except* aiomqtt.MqttError as eg:
-                log.warning("MQTT broker %s:%d: %s; reconnecting in %.1f s", self.settings.host,
-                            self.settings.port, eg.exceptions[0], delay)
+                exc = eg.exceptions[0]
+                log.warning("MQTT broker %s: %s; reconnecting in %.1f s", self.settings.url, exc, delay)
+                # A refused certificate does not cure itself: a person must hear of it (once).
+                if (why := explain(exc)) and why != said:
+                    said = why
+                    self.bus.emit(Alarm("mqtt", f"broker {self.settings.url}: {why}; telemetry is held "
+                                        "until it connects"))
             finally:
                 self.connected.clear()
                 self._client = None

@@ -31,10 +31,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
 class MosquittoBroker:
     """``with MosquittoBroker(tmp, {"engine": "pw", ...}) as b: b.port``"""
 
-    def __init__(self, workdir: Path, users: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, workdir: Path, users: dict[str, str], port: int | None = None, *,
+                 tls: Path | None = None) -> None:
+        """`tls`: a folder of `tapescope mqtt certs` (ca.crt, broker.crt, broker.key); with it
+        the shipped TLS listeners run too, on 127.0.0.1 (`tls_port`: passwords over TLS,
+        `cert_port`: client certificates), else only the plain one."""
         binary = mosquitto_binary()
         if binary is None:
             raise FileNotFoundError("no mosquitto binary on this machine (Debian: apt-get install mosquitto)")
@@ -43,6 +53,9 @@ class MosquittoBroker:
         self.dir = Path(workdir)
         self.users = users
         self.port = port or free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else 0
+        self.cert_port = free_port() if tls is not None else 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -58,13 +71,22 @@ class MosquittoBroker:
         shutil.copy(ETC / "acl", acl)
         acl.chmod(0o600)
         lines = []
+        tls_ports = iter((self.tls_port, self.cert_port))
         for line in (ETC / "mosquitto.conf").read_text().splitlines():
-            if line.startswith("listener "):
+            if line.startswith("# tests: TLS listeners follow") and self.tls is None:
+                break
+            if line.startswith("listener 1883"):
                 line = f"listener {self.port} 127.0.0.1"
+            elif line.startswith("listener "):
+                line = f"listener {next(tls_ports)} 127.0.0.1"
             elif line.startswith("password_file "):
                 line = f"password_file {passwd}"
             elif line.startswith("acl_file "):
                 line = f"acl_file {acl}"
+            elif self.tls is not None and line.split(" ")[0] in ("cafile", "certfile", "keyfile"):
+                key = line.split(" ")[0]
+                name = {"cafile": "ca.crt", "certfile": "broker.crt", "keyfile": "broker.key"}[key]
+                line = f"{key} {self.tls / name}"
             lines.append(line)
         # Started as root, mosquitto drops to the 'mosquitto' user, which cannot read a private
         # temporary folder: run it as whoever starts it.
@@ -81,11 +103,12 @@ class MosquittoBroker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            if all(_listening(p) for p in (self.port, self.tls_port, self.cert_port) if p):
                 return
             time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"mosquitto did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
+        raise TimeoutError(f"mosquitto did not listen on 127.0.0.1:{self.port} (and its TLS ports) within "
+                           f"{timeout_s} s")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
