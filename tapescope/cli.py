@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import signal
 import time
+import webbrowser
 from pathlib import Path
 
 import typer
@@ -228,6 +231,49 @@ def align(
     raise typer.Exit(run_align(stack_dir, out, scheduler=scheduler, workers=workers, device=device,
                                pixel_nm=pixel_nm, thickness_nm=thickness_nm, console=console,
                                err_console=err_console))
+
+
+@app.command()
+def view(
+    volume: Path = typer.Argument(..., help="a volume folder, e.g. RUN_DIR/volume.zarr"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="port on 127.0.0.1 (0: any free one)"),
+    napari: bool = typer.Option(False, "--napari", help="open it in napari instead of Neuroglancer"),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="open the browser where there is a display"),
+) -> None:
+    """Look at a volume: serve it to Neuroglancer (its own client, no internet) or open napari."""
+    from tapescope.view.state import ViewError
+
+    if napari:
+        from tapescope.view.napari_view import open_in_napari
+
+        try:
+            open_in_napari(volume)
+        except ViewError as exc:
+            raise _fail(str(exc)) from None
+        return
+    from tapescope.view.server import serve
+
+    async def main() -> None:
+        try:
+            server = serve(volume, port)
+        except ViewError as exc:
+            raise _fail(str(exc)) from None
+        except OSError as exc:
+            raise _fail(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc} (try --port 0)") from None
+        console.print(f"serving {volume} on {server.base} (Ctrl-C to stop)\n"
+                      f"open: {server.viewer_url}   (Neuroglancer on the volume; {server.base}/ leads there)\n"
+                      f"data: {server.base}/volume/   state: {server.base}/state.json", highlight=False,
+                      soft_wrap=True)
+        if browser and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            webbrowser.open(server.viewer_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.stop()
+
+    asyncio.run(main())
 
 
 @mqtt_app.command("certs")

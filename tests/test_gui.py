@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +154,23 @@ def test_start_pause_resume_to_done_and_map_follows(qtbot, window) -> None:  # t
     t = win.map.outlines.tiles[0]
     win.on_tile_clicked(win.map.slot, t.row, t.col)
     assert f"r{t.row} c{t.col}" in win.tile_info.text() and "mean" in win.tile_info.text()
+    assert session.join(60)
+
+
+def test_the_montage_panel_serves_the_volume_to_neuroglancer(qtbot, window, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    opened: list[str] = []
+    monkeypatch.setattr("tapescope.gui.window.webbrowser.open", opened.append)   # no browser in tests
+    win, session = window(small_cfg(slots=1, grid=(2, 2)))
+    assert not win.preview.view_volume.isEnabled()
+    click(win, "start")
+    qtbot.waitUntil(lambda: win.preview.view_volume.isEnabled(), timeout=60_000)
+    win.preview.view_volume.click()
+    assert len(opened) == 1 and opened[0].startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(opened[0].rstrip("/") + "/state.json", timeout=10) as r:
+        state = json.loads(r.read())
+    assert state["layout"] == "xy" and state["layers"][0]["source"].endswith("/volume/")
+    with urllib.request.urlopen(opened[0].rstrip("/") + "/volume/zarr.json", timeout=10) as r:
+        assert json.loads(r.read())["node_type"] == "group"
     assert session.join(60)
 
 

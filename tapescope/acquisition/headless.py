@@ -134,6 +134,9 @@ def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: 
             loop.add_signal_handler(sig, lambda s=sig: engines and engines[0].abort(f"signal {signal.Signals(s).name}"))
         return await run_acquisition(cfg, run_dir, bus, resume=resume, on_engine=engines.append, password=password)
 
+    if cfg.processing.enabled:
+        console.print(f"watch the volume as it grows: tapescope view {run_dir / 'volume.zarr'}", highlight=False,
+                      soft_wrap=True)
     t0 = time.monotonic()
     try:
         with progress:
@@ -163,4 +166,6 @@ def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: 
                       f"{len(n['torn_tile_files'])}, invalid tiles {len(n['invalid_tiles'])}", highlight=False)
     console.print(f"run directory: {run_dir} (report.json, journal.jsonl, run.log"
                   + (", volume.zarr)" if result.volume else ")"), highlight=False)
+    if result.volume:
+        console.print(f"look at it: tapescope view {result.volume}", highlight=False, soft_wrap=True)
     return code

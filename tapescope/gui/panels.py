@@ -172,6 +172,12 @@ class MontagePreview(QtWidgets.QWidget):
         lay.addWidget(self.title)
         lay.addWidget(self.glw, 1)
         lay.addWidget(self.flags)
+        # The whole volume, as it grows, in Neuroglancer (the window connects it; enabled once
+        # a section has reached the volume).
+        self.view_volume = QtWidgets.QPushButton("View the volume (Neuroglancer)")
+        self.view_volume.setEnabled(False)
+        self.view_volume.setToolTip("Serve the volume on 127.0.0.1 and open it in the browser")
+        lay.addWidget(self.view_volume)
 
     def show_report(self, slot: int, z: int, status: str, residual: float, shift: tuple[float, float],
                     confidence: float, message: str) -> None:

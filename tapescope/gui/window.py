@@ -11,6 +11,7 @@ GIL taken), and a deque needs neither Qt's locks nor the GIL dance. Panels are r
 from __future__ import annotations
 
 import logging
+import webbrowser
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ from PySide6 import QtCore, QtWidgets
 
 from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed
 from tapescope.acquisition.store import RunStore
+from tapescope.view.background import BackgroundViewer
 
 from .latest import FrameLoader, LatestFrame, TileImage
 from .live_view import LiveView
@@ -104,6 +106,9 @@ class MainWindow(QtWidgets.QMainWindow):
         self.banner = AlarmBanner(self.model)
         self.logpanel = LogPanel(self.model)
         self.preview = MontagePreview()
+        self.preview.view_volume.clicked.connect(self._view_volume)
+        self._volume: Path | None = None
+        self._viewer: BackgroundViewer | None = None
         self.control = RunControl(self.model, controller.can, self._command, confirm_abort=confirm_abort)
         self.control.mode.setText(controller.mode)
         self.tile_info = QtWidgets.QLabel("Click a tile on the map to see it and its QC numbers.")
@@ -180,9 +185,29 @@ class MainWindow(QtWidgets.QMainWindow):
                 # A headless run keeps its volume in the run directory; a demo or GUI run beside it
                 # (looked for on the preview thread: a shared disk may be slow).
                 run_dir = self._store.dir
-                fut = self._executor.submit(read_montage, (run_dir / "volume.zarr", run_dir.parent / "volume.zarr"),
-                                            ev.z)
+                candidates = (run_dir / "volume.zarr", run_dir.parent / "volume.zarr")
+                self._volume = next((v for v in candidates if (v / "zarr.json").exists()), self._volume)
+                self.preview.view_volume.setEnabled(self._volume is not None)
+                fut = self._executor.submit(read_montage, candidates, ev.z)
                 fut.add_done_callback(lambda f, z=ev.z: self._montage_done(z, f))
+
+    def _view_volume(self) -> None:
+        """The volume in Neuroglancer: its server started on first use (127.0.0.1, a free
+        port), the browser opened on it; the URL also goes to the log."""
+        if self._volume is None:
+            return
+        try:
+            if self._viewer is None or self._viewer.volume != self._volume:
+                if self._viewer is not None:
+                    self._viewer.stop()
+                self._viewer = BackgroundViewer(self._volume)
+        except (OSError, ValueError, TimeoutError) as exc:
+            self.on_event(Alarm("gui", f"cannot serve {self._volume}: {exc}", "warning"))
+            return
+        url = f"{self._viewer.base}/"
+        self.preview.view_volume.setText(f"View the volume: {url}")
+        self.preview.view_volume.setToolTip(f"{self._volume} served at {url}")
+        webbrowser.open(url)
 
     def _attach_run_dir(self, run_dir: str) -> None:
         """Attached over MQTT to a run whose directory this machine can read (the same host, a
@@ -274,6 +299,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self._unsubscribe()
         self.loader.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._viewer is not None:
+            self._viewer.stop()
 
     def screenshot(self, path: Path) -> None:
         self.refresh()

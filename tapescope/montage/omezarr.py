@@ -63,6 +63,19 @@ def ome_multiscales(levels: int, pixel_nm: float, thickness_nm: float, name: str
     }
 
 
+WINDOW_PERCENTILES = (0.5, 99.5)   # of a section's imaged pixels: its contrast window
+WINDOW_SAMPLE_PX = 1 << 20          # pixels of the coarsest level read for it, at most
+
+
+def omero_window(start: float, end: float, dtype: np.dtype) -> dict[str, Any]:
+    """OME "omero" metadata: one grey channel shown from `start` to `end` (viewers open the
+    volume at that contrast instead of the dtype's full range)."""
+    top = float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else max(end, 1.0)
+    return {"channels": [{"label": "EM", "color": "FFFFFF", "active": True, "inverted": False,
+                          "window": {"min": 0.0, "max": top, "start": float(start), "end": float(end)}}],
+            "rdefs": {"model": "greyscale"}}
+
+
 def downsample2(img: np.ndarray) -> np.ndarray:
     """2x2 mean (odd edges: the last row/column is averaged with itself)."""
     h, w = img.shape
@@ -256,7 +269,7 @@ class Volume:
             for y0, x0, h, w in units:
                 self.write_unit(z, (y0, x0, h, w), image[y0:y0 + h, x0:x0 + w])
             self.build_pyramid(z, start=1 if units == self.shard_blocks(0) else 2)
-        self.record(z, info)
+        self.record(z, {**info, "window": self.section_window(z)})
 
     def _check_z(self, z: int) -> None:
         if not 0 <= z < self.shape[0]:
@@ -285,10 +298,40 @@ class Volume:
             raise FileNotFoundError(f"no stored transform for z={z} ({path})")
         return SectionTransform.load(path)
 
+    def section_window(self, z: int) -> list[float] | None:
+        """Section z's contrast window: the WINDOW_PERCENTILES of its imaged (non-zero)
+        pixels, from the coarsest level, or None where it holds too few."""
+        self._check_z(z)
+        level = self.levels[-1]
+        _, h, w = level.shape
+        step = max(1, int(np.ceil(np.sqrt(h * w / WINDOW_SAMPLE_PX))))
+        plane = np.asarray(level[z, ::step, ::step])
+        values = plane[plane > 0]
+        if values.size < 64:
+            return None
+        lo, hi = np.percentile(values, WINDOW_PERCENTILES)
+        return [float(lo), float(hi)] if hi > lo else None
+
     def record(self, z: int, info: dict[str, Any]) -> None:
-        """Store what is known about section z (also for sections that are missing)."""
+        """Store what is known about section z (also for sections that are missing). A
+        "window" in `info` (`section_window`) updates the volume's OME contrast window: the
+        median of the sections' windows."""
         meta = dict(self.group.attrs["tapescope"])
         sections = dict(meta.get("sections", {}))
         sections[str(z)] = json.loads(json.dumps(info))  # JSON-safe copy
         meta["sections"] = sections
         self.group.attrs["tapescope"] = meta
+        windows = np.array([v["window"] for v in sections.values() if v.get("window")], float)
+        if len(windows):
+            ome = dict(self.group.attrs["ome"])
+            ome["omero"] = omero_window(*np.median(windows, axis=0), self.levels[0].dtype)
+            self.group.attrs["ome"] = ome
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        """The volume's contrast window (start, end) from its OME metadata, if written."""
+        try:
+            w = self.group.attrs["ome"]["omero"]["channels"][0]["window"]
+            return float(w["start"]), float(w["end"])
+        except (KeyError, IndexError, TypeError):
+            return None

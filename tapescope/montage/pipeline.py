@@ -231,6 +231,7 @@ class SectionProcessor:
             "needs_reimaging": p.status != "ok", "transform": p.transform.summary(), "transform_file": stored,
             "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
             "lens": None if lens is None else {"k1": lens.k1, "k2": lens.k2},
+            "window": self.volume.section_window(z),
         })
         if p.status == "ok" and (self._reference_z is None or z >= self._reference_z):
             self._reference_z = z

@@ -461,6 +461,7 @@ def align_stack(
                                 "solve_rms_px": o.solve_rms_px, "needs_reimaging": o.needs_reimaging}
         if z in transforms:
             info["transform"] = transforms[z].summary()
+            info["window"] = volume.section_window(z)
         volume.record(z, info)
     summary = out_dir / "alignment.csv"
     with summary.open("w", newline="") as fh:
