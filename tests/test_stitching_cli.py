@@ -50,8 +50,46 @@ def test_stitch_writes_positions_close_to_the_truth(synthetic, tmp_path: Path) -
     assert err[~ts.blank].max() < 0.15
     with open(out / "pairs.csv") as fh:
         pairs = list(csv.reader(fh))
-    assert pairs[0] == ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam"]
+    assert pairs[0] == ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam", "reason"]
     assert len(pairs) == 1 + 7
+    # Every pair not used says why; the blank tile is a normal outcome (exit 0), said so.
+    assert all((r[5] == "1") == (r[8] == "") for r in pairs[1:])
+    assert any(r[5] == "0" and "texture" in r[8] for r in pairs[1:])
+    assert "1 blank tile(s) placed by the stage" in res.output and "refused:" in res.output
+
+
+def test_narrow_overlaps_use_every_pair_and_a_textured_tile_left_to_the_stage_exits_3(tmp_path: Path) -> None:
+    # 4 % of 256 px: 10 px strips, a stage error of 2 px across them.
+    ts = make_tileset(SyntheticParams(tile=256, rows=3, cols=3, overlap=0.04, stage_error_px=2.0, dust=0, seed=5))
+    root = tmp_path / "set"
+    write_tileset(root, ts.tiles, ts.grid, ts.stage_px)
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(tmp_path / "out"), "--device", "cpu",
+                              "--lens", "none"])
+    assert res.exit_code == 0, res.output
+    assert "pairs 12 (used 12)" in res.output and "closed loop" in res.output
+    with open(tmp_path / "out" / "positions.csv") as fh:
+        pos = np.array([[float(r[1]), float(r[2])] for r in list(csv.reader(fh))[1:]])
+    # Sub-pixel, far from the stage's 2 px (0.14 px measured here with the flat-field estimated
+    # from 9 vignetted tiles; 0.04-0.07 px without vignetting: docs/stitching.md).
+    assert np.sqrt((ts.error(pos) ** 2).sum(1).mean()) < 0.2
+    # The middle tile replaced by tissue from elsewhere (a frame from another section): it has
+    # texture but no neighbour agrees with it; the positions are written and the exit code says so.
+    other = make_tileset(SyntheticParams(tile=256, rows=3, cols=3, overlap=0.04, dust=0, seed=99))
+    tiles = list(ts.tiles)
+    tiles[4] = other.tiles[4]
+    write_tileset(tmp_path / "moved", tiles, ts.grid, ts.stage_px)
+    res = runner.invoke(app, ["stitch", str(tmp_path / "moved"), "--out", str(tmp_path / "out2"), "--device", "cpu",
+                              "--lens", "none"])
+    assert res.exit_code == 3, res.output
+    assert "with texture placed by the stage alone" in res.output and (tmp_path / "out2" / "positions.csv").exists()
+
+
+def test_without_a_closed_loop_the_summary_says_the_residual_cannot_be_measured(tmp_path: Path) -> None:
+    ts = make_tileset(SyntheticParams(tile=256, rows=1, cols=3, overlap=0.1, seed=2))
+    write_tileset(tmp_path / "row", ts.tiles, ts.grid, ts.stage_px)
+    res = runner.invoke(app, ["stitch", str(tmp_path / "row"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "no loop closes" in res.output and "median 0.000" not in res.output
 
 
 def _corrupt_missing(d: Path) -> str:

@@ -39,6 +39,14 @@ def sinc_kernel(fraction: float) -> np.ndarray:
     return (w / w.sum()).astype(np.float32)
 
 
+def linear_kernel(fraction: float) -> np.ndarray:
+    """Linear interpolation at offset `fraction` (0..1), laid out like `sinc_kernel` (taps
+    -3..4): it reaches one pixel instead of four, for strips too narrow for the sinc."""
+    k = np.zeros(2 * SINC_TAPS, np.float32)
+    k[SINC_TAPS - 1], k[SINC_TAPS] = 1.0 - fraction, fraction
+    return k
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -64,11 +72,13 @@ class Backend:
             return cv2.blur(once, (size, size), borderType=cv2.BORDER_REFLECT)
         return self.ndimage.uniform_filter(self.ndimage.uniform_filter(img, size, mode="reflect"), size, mode="reflect")
 
-    def sample_shifted(self, img: Any, shift: tuple[float, float]) -> Any:
-        """img sampled at p + shift, same shape; the outer SINC_TAPS + |shift| px are not valid."""
+    def sample_shifted(self, img: Any, shift: tuple[float, float],
+                       linear: tuple[bool, bool] = (False, False)) -> Any:
+        """img sampled at p + shift, same shape; the outer SINC_TAPS + |shift| px are not valid
+        (1 + |shift| along an axis sampled `linear`ly)."""
         iy, ix = int(np.floor(shift[0])), int(np.floor(shift[1]))
-        ky = sinc_kernel(shift[0] - iy)
-        kx = sinc_kernel(shift[1] - ix)
+        ky = (linear_kernel if linear[0] else sinc_kernel)(shift[0] - iy)
+        kx = (linear_kernel if linear[1] else sinc_kernel)(shift[1] - ix)
         if self.ndimage is None:
             out = cv2.sepFilter2D(img, -1, kx, ky, anchor=(SINC_TAPS - 1, SINC_TAPS - 1),
                                   borderType=cv2.BORDER_REFLECT)

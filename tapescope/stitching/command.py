@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +13,21 @@ from .backend import BackendUnavailable, get_backend
 from .solve import SEAM_PX
 from .tileset import TileSetError, run_stitch, tile_status
 
+EXIT_STAGE_PLACED = 3    # positions written, but tiles with tissue were placed by the stage alone
+
 
 def stitch(
     tileset_dir: Path = typer.Argument(..., help="folder with tiles.csv (file,row,col,y,x) and the TIFF tiles"),
     out: Path = typer.Option(..., "--out", help="output folder for positions.csv and pairs.csv"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | gpu (gpu needs tapescope[gpu] and a GPU)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | gpu (gpu needs tapescope\\[gpu] and a GPU)"),
     flatfield: str = typer.Option("auto", "--flatfield",
                                   help="auto (estimate from the tiles) | none | a bright-reference TIFF"),
     dark: Path | None = typer.Option(None, "--dark", help="dark-reference TIFF, subtracted before the flat-field"),
     lens: str = typer.Option("estimate", "--lens",
                              help="estimate (a radial lens model from the overlaps, applied if it fits) | none"),
 ) -> None:
-    """Stitch a tile set from any scope: register every neighbouring pair and solve tile positions."""
+    """Stitch a tile set from any scope: register every neighbouring pair and solve tile positions
+    (exit codes: 0 ok, 3 tiles with tissue placed by the stage alone, 2 bad input)."""
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
 
@@ -50,11 +54,20 @@ def stitch(
     status = tile_status(run.result)
     used = sol.pair_residual[sol.pair_used]
     counts = {s: status.count(s) for s in ("ok", "stage", "failed")}
+    refusals = Counter(r.split(":")[0] for r in sol.pair_reason if r)
+    refused = "; refused: " + ", ".join(f"{n} {why}" for why, n in refusals.most_common()) if refusals else ""
     console.print(f"tiles {len(status)} (ok {counts['ok']}, stage {counts['stage']}, failed {counts['failed']}), "
-                  f"pairs {len(run.result.pairs)} (used {int(sol.pair_used.sum())})")
-    if used.size:
-        console.print(f"pair residual after the solve: median {np.median(used):.3f} px, max {used.max():.3f} px; "
-                      f"seams over {SEAM_PX:g} px: {len(sol.seams)}")
+                  f"pairs {len(run.result.pairs)} (used {int(sol.pair_used.sum())}{refused})", highlight=False)
+    confidence = np.array([p.confidence for p, u in zip(run.result.pairs, sol.pair_used, strict=True) if u])
+    if used.size and sol.loops:
+        console.print(f"pair residual after the solve ({sol.loops} closed loop(s) check it): median "
+                      f"{np.median(used):.3f} px, max {used.max():.3f} px; seams over {SEAM_PX:g} px: "
+                      f"{len(sol.seams)}", highlight=False)
+    elif used.size:
+        console.print("no loop closes among the pairs used: each pair decides its tiles alone and the residual "
+                      "after the solve cannot be measured (it is 0 by construction); what can be said: the pairs' "
+                      f"own agreement (band-passed NCC) median {np.median(confidence):.2f}, lowest "
+                      f"{confidence.min():.2f}", highlight=False)
     fit = run.result.lens
     if fit is not None:
         console.print(f"lens: k1 {fit.model.k1:.3e} from {fit.n_patches} patches, patch residual RMS "
@@ -65,6 +78,17 @@ def stitch(
     console.print(f"flat-field: {run.flatfield}; device: {backend.name}; "
                   f"{run.seconds:.2f} s, {run.megapixels / max(run.seconds, 1e-9):.1f} Mpx/s")
     console.print(f"wrote {out / 'positions.csv'} and {out / 'pairs.csv'}")
-    if counts["stage"] or counts["failed"]:
-        err.print(f"[yellow]warning:[/] {counts['stage']} tile(s) placed by the stage alone and "
-                  f"{counts['failed']} with disagreeing pairs: see positions.csv", highlight=False)
+    by_stage = [k for k, s in enumerate(status) if s == "stage"]
+    lost = [run.tileset.files[k] for k in by_stage if run.textured[k]]
+    if counts["failed"]:
+        err.print(f"[yellow]warning:[/] {counts['failed']} tile(s) with disagreeing pairs: see positions.csv",
+                  highlight=False)
+    if lost:
+        # Blank tiles placed by the stage are normal; a tile with tissue that no pair placed
+        # is a hole in the montage's accuracy, and a script must not take it for success.
+        err.print(f"[bold red]error:[/] {len(lost)} tile(s) with texture placed by the stage alone (no pair "
+                  f"registered them): {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}; see pairs.csv "
+                  f"for why; exit code {EXIT_STAGE_PLACED}", highlight=False)
+        raise typer.Exit(EXIT_STAGE_PLACED)
+    if by_stage:
+        console.print(f"{len(by_stage)} blank tile(s) placed by the stage (no texture to register)", highlight=False)

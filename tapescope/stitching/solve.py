@@ -8,7 +8,7 @@ rest are dropped and the solve repeated (iterative outlier rejection).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -27,6 +27,7 @@ class Pair:
     dy: float
     dx: float
     confidence: float
+    refused: str = ""       # why registration gave no usable offset ("" if it did)
 
 
 @dataclass
@@ -36,6 +37,30 @@ class Solution:
     pair_used: np.ndarray          # (n_pairs,) bool
     tile_residual: np.ndarray      # (n,) px: worst residual of the tile's used pairs
     status: list[str]              # per tile: "ok" or "stage" (placed by the prior alone)
+    pair_reason: list[str] = field(default_factory=list)   # per pair: why it is not used ("" if used)
+    pair_ends: list[tuple[int, int]] = field(default_factory=list)   # per pair: (i, j)
+
+    @property
+    def loops(self) -> int:
+        """Independent closed loops among the used pairs (edges - vertices + components of
+        the graph they form): 0 means no pair is checked by any other, and the residual
+        after the solve says nothing about their accuracy."""
+        used = [(p_i, p_j) for (p_i, p_j), u in zip(self.pair_ends, self.pair_used, strict=True) if u]
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        merges = 0
+        for i, j in used:
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[ri] = rj
+                merges += 1
+        return len(used) - merges
 
     @property
     def seams(self) -> np.ndarray:
@@ -47,6 +72,8 @@ def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | N
     n = len(stage_px)
     stage_px = np.asarray(stage_px, dtype=float)
     used = np.array([p.confidence >= MIN_CONFIDENCE for p in pairs], dtype=bool)
+    reason = [p.refused or (f"low agreement: NCC {p.confidence:.2f} below {MIN_CONFIDENCE} (blank or too little "
+                            "texture in the overlap)") if not u else "" for p, u in zip(pairs, used, strict=True)]
     positions = stage_px.copy()
     # Consistent pairs agree to well under a pixel, so an absolute bound is the right test;
     # one wrong pair spreads its error over its neighbours, so drop only the worst at a time.
@@ -57,6 +84,7 @@ def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | N
         if worst < 0 or res[worst] <= OUTLIER_PX:
             break
         used[worst] = False
+        reason[worst] = f"outlier: disagrees with the other pairs by {res[worst]:.1f} px, left out"
     else:
         positions = _lsq(stage_px, pairs, used)  # rounds ran out right after a drop
     res = _residuals(positions, pairs)
@@ -71,7 +99,8 @@ def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | N
     if n:
         # A tile tied to nothing but the prior sits at the stage position exactly.
         positions[~has_pair] = stage_px[~has_pair]
-    return Solution(positions, np.where(used, res, np.nan), used, tile_res, status)
+    return Solution(positions, np.where(used, res, np.nan), used, tile_res, status, reason,
+                    [(p.i, p.j) for p in pairs])
 
 
 def _lsq(stage_px: np.ndarray, pairs: list[Pair], used: np.ndarray) -> np.ndarray:

@@ -177,8 +177,10 @@ class StreamingStitcher:
         local = b.position - a.position - origin
         shift = register_pair(sa, sb, (float(local[0]), float(local[1])), backend=self.backend)
         if shift is None:
-            return None
-        return Pair(a.index, b.index, shift.dy + origin[0], shift.dx + origin[1], shift.confidence)
+            d = b.position - a.position
+            return Pair(a.index, b.index, float(d[0]), float(d[1]), 0.0,
+                        "no overlap: the tiles do not overlap (8 px at least) at their stage positions")
+        return Pair(a.index, b.index, shift.dy + origin[0], shift.dx + origin[1], shift.confidence, shift.refused)
 
 
 def corrected_pairs(pairs: list[Pair], patches: list[PatchOffset], model: RadialDistortion,
@@ -197,5 +199,5 @@ def corrected_pairs(pairs: list[Pair], patches: list[PatchOffset], model: Radial
             d = np.mean(est, axis=0)
         else:
             d = np.array([p.dy, p.dx]) - pair_correction(model, shape, np.array([p.dy, p.dx]))
-        out.append(Pair(p.i, p.j, float(d[0]), float(d[1]), p.confidence))
+        out.append(Pair(p.i, p.j, float(d[0]), float(d[1]), p.confidence, p.refused))
     return out

@@ -17,9 +17,10 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tifffile
 
@@ -30,7 +31,7 @@ from .stream import StitchResult, StreamingStitcher
 
 HEADER = ["file", "row", "col", "y", "x"]
 POSITIONS_HEADER = ["file", "y", "x", "residual_px", "status"]
-PAIRS_HEADER = ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam"]
+PAIRS_HEADER = ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam", "reason"]
 
 
 class TileSetError(ValueError):
@@ -135,6 +136,7 @@ class StitchRun:
     flatfield: str                 # what was used, for the summary
     seconds: float
     megapixels: float
+    textured: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))   # per tile (`textured`)
 
 
 def run_stitch(
@@ -176,7 +178,23 @@ def run_stitch(
         stitcher.add(rc, tile, pos)
     result = stitcher.finish(lens=lens)
     write_outputs(out_dir, ts, result)
-    return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6)
+    return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6, textured(tiles))
+
+
+TEXTURE_FRACTION = 0.25   # of the set's well-textured tiles' detail: below it, a tile is blank (bare resin)
+
+
+def textured(tiles: list[np.ndarray]) -> np.ndarray:
+    """Which tiles carry texture (tissue) rather than bare resin or an empty field: their
+    band-passed contrast (2-8 px: structure, not shot noise, not vignetting) relative to
+    their mean, against the 90th percentile of the set's."""
+    detail = []
+    for t in tiles:
+        f = np.asarray(t, np.float32)[::2, ::2]
+        band = cv2.GaussianBlur(f, (0, 0), 1.0) - cv2.GaussianBlur(f, (0, 0), 4.0)
+        detail.append(float(band.std() / max(float(f.mean()), 1e-6)))
+    d = np.array(detail)
+    return d >= TEXTURE_FRACTION * np.percentile(d, 90) if len(d) else np.zeros(0, bool)
 
 
 def tile_status(result: StitchResult) -> list[str]:
@@ -194,8 +212,8 @@ def write_outputs(out_dir: Path, ts: DiskTileSet, result: StitchResult) -> None:
     ]
     pairs = [PAIRS_HEADER] + [
         [ts.files[p.i], ts.files[p.j], f"{p.dy:.4f}", f"{p.dx:.4f}", f"{p.confidence:.4f}", int(u),
-         "" if not u else f"{r:.4f}", int(bool(u) and r > SEAM_PX)]
-        for p, u, r in zip(result.pairs, sol.pair_used, sol.pair_residual, strict=True)
+         "" if not u else f"{r:.4f}", int(bool(u) and r > SEAM_PX), why]
+        for p, u, r, why in zip(result.pairs, sol.pair_used, sol.pair_residual, sol.pair_reason, strict=True)
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     staged = []
