@@ -117,17 +117,19 @@ def demo(
     table = Table(title="tapescope demo", show_header=True)
     for col in ("z", "slot", "status", "max seam residual px", "alignment shift px", "align NCC"):
         table.add_column(col)
-    for slot, rep in sorted(result.worker.reports.items()):
+    worker = result.worker
+    for slot, rep in sorted(worker.reports.items() if worker else []):
         table.add_row(str(rep.z), str(slot), rep.status, f"{rep.max_residual_px:.2f}",
                       f"({rep.shift_px[0]:+.1f}, {rep.shift_px[1]:+.1f})", f"{rep.alignment_confidence:.2f}")
-    for slot, why in sorted(result.worker.failed.items()):
+    for slot, why in sorted(worker.failed.items() if worker else []):
         table.add_row("-", str(slot), "failed", "-", "-", why)
     console.print(table)
     s = result.summary
     console.print(f"sections {s.sections}, tiles {s.tiles}, time {elapsed:.1f} s, run {s.state.value}")
     console.print(f"raw tiles and journal: {result.run_dir}")
-    console.print(f"volume: {result.volume}  (open with zarr.open_group('{result.volume}'))")
-    if s.state.value != "done" or result.worker.failed:
+    if result.volume is not None:
+        console.print(f"volume: {result.volume}  (look at it: tapescope view {result.volume})", soft_wrap=True)
+    if s.state.value != "done" or (worker is not None and worker.failed):
         raise typer.Exit(1)
 
 

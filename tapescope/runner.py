@@ -33,14 +33,6 @@ from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_problem
 ALIGN_MARGIN_PX = 256   # canvas border that absorbs section offsets on the tape
 
 
-@dataclass
-class RunResult:
-    summary: RunSummary
-    run_dir: Path
-    volume: Path
-    worker: ProcessingWorker
-
-
 def sim_world_params(cfg: TapescopeConfig):  # -> WorldParams; imported lazily (sim only)
     from tapescope.sim_hardware.world import WorldParams
 
@@ -94,43 +86,20 @@ def plan_grid(cfg: TapescopeConfig) -> list[TilePlan]:
 
 
 async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus, *,
-                              on_engine: Callable[[Engine], None] | None = None) -> RunResult:
-    """Image every planned slot and write the aligned volume to OUT/volume.zarr.
+                              on_engine: Callable[[Engine], None] | None = None,
+                              on_sim: Callable[[Any], None] | None = None) -> AcquisitionResult:
+    """A new run for `tapescope demo` and the GUI: raw tiles and journal in OUT/run, the
+    aligned volume in OUT/volume.zarr. Wired exactly as `tapescope acquire` wires a run
+    (`run_acquisition`): the same planner, engine settings, processing and checks.
 
-    ``on_engine`` receives the engine before it starts (the GUI uses it for run control)."""
+    ``on_engine`` receives the engine before it starts (the GUI uses it for run control);
+    ``on_sim`` the simulator, where one is started (the GUI injects faults through it)."""
     if (problem := processing_problem(cfg) or plan_problem(cfg, out_dir)) is not None:
         raise ValueError(problem)
     # Set-up I/O happens once, before any device moves; blocking here is harmless.
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-    run_dir, vol_path = out_dir / "run", out_dir / "volume.zarr"
-    store = RunStore.create(run_dir, cfg.model_dump_json(indent=2))
-    grid = plan_grid(cfg)
-    cam = cfg.scope.camera
-    slots = sorted(cfg.run.slots)          # tape order
-    z_of_slot = {s: k for k, s in enumerate(slots)}
-    centres = np.array([[t.y_nm, t.x_nm] for t in grid]) / cam.pixel_size_nm
-    canvas = Canvas.around(centres - (cam.height / 2, cam.width / 2), (cam.height, cam.width),
-                           ALIGN_MARGIN_PX)
-    worker = _processing(cfg, store, bus, slots, z_of_slot, vol_path, canvas)
-    processor = worker.processor
-    queue: asyncio.Queue[int | None] = asyncio.Queue()
-    async with open_scope(cfg) as (scope, _):
-        engine = Engine(scope, store, bus, slots=slots, grid=grid, exposure_ms=cfg.run.exposure_ms,
-                        section_queue=queue, tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm)
-        worker.on_unregistered = engine.request_reimage
-        if on_engine is not None:
-            on_engine(engine)
-        consumer = asyncio.create_task(worker.run(queue))
-        try:
-            summary = await engine.run()
-        finally:
-            # Processing finishes what was acquired even if acquisition failed.
-            await _finish_processing(consumer, bus)
-    for slot in slots:
-        if slot not in worker.reports and slot not in worker.failed:
-            processor.record_missing(z_of_slot[slot], {"slot": slot, "z": z_of_slot[slot]},
-                                     f"not acquired (run {summary.state.value})")
-    return RunResult(summary, run_dir, vol_path, worker)
+    return await run_acquisition(cfg, out_dir / "run", bus, on_engine=on_engine, on_sim=on_sim,
+                                 volume=out_dir / "volume.zarr")
 
 
 # -- headless acquisition runs (tapescope acquire) ---------------------------------------------
@@ -295,9 +264,10 @@ class AcquisitionResult:
 async def run_acquisition(
     cfg: TapescopeConfig, run_dir: Path, bus: EventBus, *, resume: bool = False,
     on_engine: Callable[[Engine], None] | None = None, password: str | None = None,
-    on_sim: Callable[[Any], None] | None = None,
+    on_sim: Callable[[Any], None] | None = None, volume: Path | None = None,
 ) -> AcquisitionResult:
-    """One headless run into RUN_DIR (raw tiles, journal, report, volume.zarr), or its resumption."""
+    """One run into RUN_DIR (raw tiles, journal, report; the volume in RUN_DIR/volume.zarr
+    unless `volume` says where), or its resumption."""
     if (problem := processing_problem(cfg)) is not None:
         raise ValueError(problem)
     notes: dict[str, Any] = {}
@@ -321,7 +291,7 @@ async def run_acquisition(
         z_of_slot = {s: k for k, s in enumerate(slots)}
         worker, vol_path, queue = None, None, None
         if cfg.processing.enabled:
-            vol_path = store.dir / "volume.zarr"
+            vol_path = volume or store.dir / "volume.zarr"
             worker = _processing(cfg, store, bus, slots, z_of_slot, vol_path, search_canvas(cfg))
             queue = asyncio.Queue(maxsize=PROCESS_QUEUE)
         # A resumed run keeps the exposure its auto-exposure chose.
@@ -351,6 +321,16 @@ async def run_acquisition(
                 await _finish_processing(consumer, bus)   # what was acquired, even after a failure
             if bridge is not None:
                 await bridge.stop()
+    if worker is not None:
+        # What no process of this run has judged (the journal knows, across resumes) is
+        # recorded in the volume as missing, with why.
+        final = RunProgress.replay(store)
+        for slot in slots:
+            p = final.slot(slot)
+            if p.processing is None:
+                what = "acquired, not processed" if p.tiles else "not acquired"
+                worker.processor.record_missing(z_of_slot[slot], {"slot": slot, "z": z_of_slot[slot]},
+                                                f"{what} (run {summary.state.value})")
     write_report(store, summary, progress, slots, worker, notes)
     return AcquisitionResult(summary, run_dir, vol_path, worker, notes, slots)
 

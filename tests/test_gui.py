@@ -157,6 +157,26 @@ def test_start_pause_resume_to_done_and_map_follows(qtbot, window) -> None:  # t
     assert session.join(60)
 
 
+def test_a_gui_run_honours_the_config(qtbot, window) -> None:  # type: ignore[no-untyped-def]
+    """The GUI's run is wired as `tapescope acquire` wires one: the config's expected barcodes
+    (and retakes, device failure policy, ROI, ...) apply. Slot 1 expects another barcode."""
+    base = small_cfg(slots=2, grid=(1, 2))
+    cfg = base.model_copy(update={"run": base.run.model_copy(update={"barcodes": {"1": "NOT-THIS-ONE"}})})
+    win, session = window(cfg)
+    click(win, "start")
+    qtbot.waitUntil(lambda: win.model.run_state == "done", timeout=60_000)
+    assert session.join(60)
+    done = {e["slot"]: e["status"] for e in session_store(win).events() if e["event"] == "section_done"}
+    assert done == {0: "complete", 1: "wrong_barcode"}
+    report = json.loads((session_store(win).dir / "report.json").read_text())
+    assert [s["status"] for s in report["sections"]] == ["complete", "wrong_barcode"]
+
+
+def session_store(win: MainWindow):  # type: ignore[no-untyped-def]
+    assert win._store is not None
+    return win._store
+
+
 def test_the_montage_panel_serves_the_volume_to_neuroglancer(qtbot, window, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     opened: list[str] = []
     monkeypatch.setattr("tapescope.gui.window.webbrowser.open", opened.append)   # no browser in tests

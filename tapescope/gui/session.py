@@ -135,25 +135,21 @@ class LocalSession:
             self._loop = self._task = self._engine = None
 
     async def _main(self, ready: threading.Event) -> None:
-        from tapescope.runner import acquire_and_process, sim_world_params
+        from tapescope.runner import acquire_and_process
 
         self._loop = asyncio.get_running_loop()
-        cfg = self.cfg
-        sim = None
-        unsubscribe = None
-        try:
-            if cfg.scope.simulated:
-                # The GUI owns the simulator so that faults can be injected through its backdoor.
-                from tapescope.sim_hardware.scope import SimulatedScope
+        unsubscribe: Callable[[], None] | None = None
 
-                sim = SimulatedScope(sim_world_params(cfg))
-                await sim.start()
-                cfg = cfg.model_copy(update={"scope": sim.scope_config(cfg.scope)})
-                if self.fault is not None:
-                    unsubscribe = self.bus.subscribe(self._fault_trigger(sim))
+        def on_sim(sim: object) -> None:
+            # The run starts the simulator (as every run does); faults go in through its backdoor.
+            nonlocal unsubscribe
+            if self.fault is not None:
+                unsubscribe = self.bus.subscribe(self._fault_trigger(sim))
+
+        try:
             assert self.out_dir is not None
-            self._task = asyncio.create_task(acquire_and_process(cfg, self.out_dir, self.bus,
-                                                                 on_engine=self._set_engine))
+            self._task = asyncio.create_task(acquire_and_process(self.cfg, self.out_dir, self.bus,
+                                                                 on_engine=self._set_engine, on_sim=on_sim))
             ready.set()
             try:
                 await self._task
@@ -166,8 +162,6 @@ class LocalSession:
         finally:
             if unsubscribe is not None:
                 unsubscribe()
-            if sim is not None:
-                await sim.stop()
 
     def _fault_trigger(self, sim: object) -> Callable[[Event], None]:
         fault = self.fault
