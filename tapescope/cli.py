@@ -35,6 +35,29 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from tapescope import __version__
+
+        console.print(f"tapescope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log what every step does (INFO)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="log errors only"),
+) -> None:
+    """Options for every command: `tapescope --verbose stitch ...`."""
+    if verbose and quiet:
+        raise _fail("--verbose and --quiet exclude each other")
+    if verbose or quiet:
+        logging.getLogger().setLevel(logging.INFO if verbose else logging.ERROR)
+        logging.getLogger("tapescope").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -218,19 +241,23 @@ def sim_serve(
 
 @app.command()
 def align(
-    stack_dir: Path = typer.Argument(..., help="folder with sections.csv (header 'file,z') and one TIFF per section"),
+    sections: list[Path] = typer.Argument(..., help="a folder with sections.csv (header 'file,z') and one TIFF per "
+                                          "section, or stitched sections in z order (`tapescope stitch --pixel-nm` "
+                                          "output folders)"),
     out: Path = typer.Option(..., "--out", help="output folder: volume.zarr, volume.transforms/, alignment.csv"),
     scheduler: str | None = typer.Option(None, "--scheduler", help="dask scheduler tcp://HOST:PORT "
                                          "(default: a LocalCluster on this machine)"),
     workers: int = typer.Option(2, "--workers", help="LocalCluster worker processes"),
     device: str = typer.Option("cpu", "--device", help="cpu, gpu (CuPy) or auto"),
-    pixel_nm: float = typer.Option(4.0, "--pixel-nm", help="pixel size, nm"),
+    pixel_nm: float | None = typer.Option(None, "--pixel-nm", help="pixel size, nm (default: the montages' own; "
+                                          "4 nm for TIFFs, said)"),
     thickness_nm: float = typer.Option(40.0, "--thickness-nm", help="section thickness, nm"),
 ) -> None:
     """Align a stack of section montages into an OME-Zarr volume (rigid, affine, elastic)."""
     from tapescope.montage.align_cli import run_align
 
-    raise typer.Exit(run_align(stack_dir, out, scheduler=scheduler, workers=workers, device=device,
+    given = sections[0] if len(sections) == 1 else sections
+    raise typer.Exit(run_align(given, out, scheduler=scheduler, workers=workers, device=device,
                                pixel_nm=pixel_nm, thickness_nm=thickness_nm, console=console,
                                err_console=err_console))
 

@@ -169,3 +169,30 @@ def test_bright_and_dark_references_are_used(synthetic, tmp_path: Path) -> None:
                               "--flatfield", str(tmp_path / "bright.tif"), "--dark", str(tmp_path / "dark.tif")])
     assert res.exit_code == 0, res.output
     assert "flat-field: reference" in res.output
+
+
+def test_png_tiles_of_8_bits_stitch_into_an_8_bit_montage_and_a_mix_is_refused(tmp_path: Path) -> None:
+    import cv2
+    import zarr
+
+    ts = make_tileset(SyntheticParams(tile=256, rows=2, cols=2, overlap=0.12, stage_error_px=3.0, seed=6))
+    root = tmp_path / "png"
+    root.mkdir()
+    rows = ["file,row,col,y,x"]
+    for k, (tile, (r, c), (y, x)) in enumerate(zip(ts.tiles, ts.grid, ts.stage_px, strict=True)):
+        name = f"t{k}.png"
+        cv2.imwrite(str(root / name), np.clip(tile / 4, 0, 255).astype(np.uint8))     # an 8-bit camera
+        rows.append(f"{name},{r},{c},{y:.3f},{x:.3f}")
+    (root / "tiles.csv").write_text("\n".join(rows) + "\n")
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(tmp_path / "out"), "--pixel-nm", "4"])
+    assert res.exit_code == 0, res.output
+    montage = zarr.open_group(str(tmp_path / "out" / "montage.zarr"), mode="r")
+    assert montage["0"].dtype == np.uint8 and "uint8" in res.output
+    assert montage.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][-1] == 4.0
+    # One tile as TIFF among PNGs: two sources, refused before anything is written.
+    tifffile.imwrite(root / "t3.tif", cv2.imread(str(root / "t3.png"), cv2.IMREAD_UNCHANGED))
+    (root / "tiles.csv").write_text("\n".join(rows).replace("t3.png", "t3.tif") + "\n")
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(tmp_path / "out2"), "--pixel-nm", "4"])
+    assert res.exit_code == 2 and "mix PNG and TIFF" in res.output and not (tmp_path / "out2").exists()
+    res = runner.invoke(app, ["stitch", str(root), "--out", str(tmp_path / "out3"), "--pixel-nm", "inf"])
+    assert res.exit_code == 2 and "--pixel-nm" in res.output

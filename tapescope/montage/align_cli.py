@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .device import array_module
-from .stack import AlignParams, StackError, align_stack, dask_map, neuroglancer_source, read_stack
+from .stack import AlignParams, StackError, align_stack, dask_map, read_sections
 
 
 def _check_reachable(address: str) -> None:
@@ -62,17 +62,17 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
 
 
 def run_align(
-    stack_dir: Path, out: Path, *, scheduler: str | None, workers: int, device: str,
-    pixel_nm: float, thickness_nm: float, console: Console, err_console: Console,
+    stack_dir: Path | list[Path], out: Path, *, scheduler: str | None, workers: int, device: str,
+    pixel_nm: float | None, thickness_nm: float, console: Console, err_console: Console,
 ) -> int:
     """Exit code: 0 all sections aligned, 1 some did not register, 2 bad input."""
     try:
         if workers < 1:
             raise StackError(f"--workers must be at least 1, got {workers}")
-        if pixel_nm <= 0 or thickness_nm <= 0:
+        if (pixel_nm is not None and not 0 < pixel_nm < float("inf")) or not 0 < thickness_nm < float("inf"):
             raise StackError("--pixel-nm and --thickness-nm must be positive")
         array_module(device)   # 'gpu' without one is an error now, not in a worker later
-        read_stack(stack_dir)  # bad input fails before any cluster starts
+        read_sections([stack_dir] if isinstance(stack_dir, Path) else stack_dir)  # before any cluster starts
         t0 = time.monotonic()
         with dask_client(scheduler, workers) as client:
             where = scheduler or f"LocalCluster ({workers} workers)"
@@ -104,6 +104,5 @@ def run_align(
     console.print(f"volume: {result.volume}")
     console.print(f"transforms: {result.volume.with_suffix('.transforms')}")
     console.print(f"summary: {result.summary_csv}")
-    console.print(f"neuroglancer: serve {os.fspath(result.volume.parent)} over HTTP with CORS on port 8000, "
-                  f"then add the layer source {neuroglancer_source(result.volume)}", soft_wrap=True)
+    console.print(f"look at it: tapescope view {os.fspath(result.volume)}", soft_wrap=True, highlight=False)
     return 1 if bad else 0

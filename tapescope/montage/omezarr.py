@@ -76,6 +76,11 @@ def omero_window(start: float, end: float, dtype: np.dtype) -> dict[str, Any]:
             "rdefs": {"model": "greyscale"}}
 
 
+def pyramid_levels(shape: tuple[int, int], smallest: int = 256) -> int:
+    """Levels of a 2x pyramid (at least 2) whose coarsest is about `smallest` px on its larger side."""
+    return max(2, int(np.ceil(np.log2(max(max(shape) / smallest, 1.0)))) + 1)
+
+
 def downsample2(img: np.ndarray) -> np.ndarray:
     """2x2 mean (odd edges: the last row/column is averaged with itself)."""
     h, w = img.shape

@@ -21,7 +21,6 @@ transform from all kept matches at once (`zsolve.solve_stack`; docs/alignment.md
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,18 +29,20 @@ from typing import Any
 import cv2
 import numpy as np
 import tifffile
+import zarr
 
 from tapescope.allocator import keep_large_blocks
 
 from .align import align_section, block_mean, repeat_reason, unregistered_reason
 from .blocks import RenderStats, render_section
-from .omezarr import Volume
+from .omezarr import Volume, pyramid_levels
 from .transform import SectionTransform
 from .zsolve import PairMatch, SolveParams, chain_initial, groups, matches_of, solve_stack
 
 MIN_PAIR_CONFIDENCE = 0.2   # coarse NCC below this: the pair did not register (docs/alignment.md)
 BLANK_DETAIL = 0.01         # relative band-passed contrast below this: no tissue
 NEIGHBOURS = 3              # predecessors each section is matched to
+DEFAULT_PIXEL_NM = 4.0      # where neither the montages nor the user say
 
 
 class StackError(ValueError):
@@ -61,6 +62,7 @@ class AlignParams:
     device: str = "cpu"
     neighbours: int = NEIGHBOURS
     solve: SolveParams = field(default_factory=SolveParams)
+    canvas: tuple[int, int] | None = None   # montages smaller than this are padded to it
 
 
 @dataclass
@@ -160,13 +162,140 @@ def read_stack(stack_dir: Path) -> tuple[list[StackEntry], tuple[int, int]]:
     return sorted(entries, key=lambda e: e.z), shape
 
 
-def open_image(path: Path) -> np.ndarray:
-    """The montage, memory-mapped where the TIFF allows it (uncompressed, contiguous), so
-    rendering reads only the parts each shard needs; otherwise read into RAM."""
-    try:
-        return tifffile.memmap(path, mode="r")
-    except Exception:  # compressed or tiled TIFF: no memory map possible
-        return tifffile.imread(path)
+def montage_of(path: Path) -> Path | None:
+    """The OME-Zarr montage a path names: a `tapescope stitch` output folder (its
+    montage.zarr) or the montage folder itself; None if it names none."""
+    for p in (path / "montage.zarr", path):
+        if (p / "zarr.json").is_file():
+            return p
+    return None
+
+
+def read_sections(paths: Sequence[Path]) -> tuple[list[StackEntry], tuple[int, int], float | None]:
+    """(entries, canvas shape, pixel size in nm or None) of what `tapescope align` was given:
+    one STACK_DIR with sections.csv, or stitched sections in z order (`tapescope stitch
+    --pixel-nm` output folders or their montage.zarr). Montages may differ in size: the
+    canvas is the largest, smaller ones are padded at the bottom and right (`Padded`)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise StackError("no sections given")
+    if len(paths) == 1 and (paths[0] / "sections.csv").is_file():
+        entries, shape = read_stack(paths[0])
+        return entries, shape, None
+    entries, shapes, sizes = [], [], set()
+    for z, p in enumerate(paths):
+        m = montage_of(p)
+        if m is None:
+            raise StackError(f"{p}: neither a stack folder with sections.csv nor a stitched section (a "
+                             "`tapescope stitch --pixel-nm` output folder holding montage.zarr)")
+        try:
+            group = zarr.open_group(str(m), mode="r", zarr_format=3)
+            ms = group.attrs["ome"]["multiscales"][0]
+            level = group[ms["datasets"][0]["path"]]
+            scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+        except (KeyError, IndexError, ValueError, OSError) as exc:
+            raise StackError(f"{m}: not an OME-Zarr montage ({type(exc).__name__}: {exc})") from None
+        if len(level.shape) != 3 or level.shape[0] != 1:
+            raise StackError(f"{m}: expected one section (shape 1 x H x W), got {tuple(level.shape)}")
+        sizes.add(float(scale[-1]))
+        shapes.append(tuple(int(n) for n in level.shape[1:]))
+        entries.append(StackEntry(z, m.resolve()))
+    if len(sizes) > 1:
+        raise StackError(f"the montages have different pixel sizes ({', '.join(f'{v:g}' for v in sorted(sizes))} nm): "
+                         "stitch them at one pixel size")
+    canvas = (max(h for h, _ in shapes), max(w for _, w in shapes))
+    return entries, canvas, sizes.pop()
+
+
+def _points(key: tuple) -> bool:
+    """Whether `key` picks single pixels: (rows, cols) as two integer arrays."""
+    return len(key) == 2 and all(isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.integer) for a in key)
+
+
+class ZarrPlane:
+    """Section 0 of a montage's full-resolution level, read a slice at a time."""
+
+    def __init__(self, path: Path) -> None:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        self.level = group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+        self.shape: tuple[int, int] = tuple(self.level.shape[1:])  # type: ignore[assignment]
+        self.dtype = np.dtype(self.level.dtype)
+        self.ndim = 2
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        k = key if isinstance(key, tuple) else (key,)
+        if _points(k):
+            ys, xs = (np.asarray(a, np.intp) for a in k)
+            return np.asarray(self.level.vindex[(np.zeros_like(ys), ys, xs)])
+        return np.asarray(self.level[(0, *k)])
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        a = self[:, :]
+        return a if dtype is None else a.astype(dtype)
+
+
+class Padded:
+    """`image` on a larger canvas, zeros (not imaged) below and right of it: montages of
+    different sizes aligned on one canvas keep their own pixel coordinates."""
+
+    def __init__(self, image: Any, shape: tuple[int, int]) -> None:
+        self.image, self.shape = image, shape
+        self.dtype = np.dtype(image.dtype)
+        self.ndim = 2
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        k = key if isinstance(key, tuple) else (key,)
+        if _points(k):          # (rows, cols) of single pixels: the image's where inside, else 0
+            ys, xs = (np.asarray(a, np.intp) for a in k)
+            h, w = self.image.shape[:2]
+            out = np.zeros(ys.shape, self.dtype)
+            inside = (ys < h) & (xs < w)
+            if inside.any():
+                out[inside] = self.image[ys[inside], xs[inside]]
+            return out
+        k = (*k, *(slice(None),) * (2 - len(k)))
+        spans, picks, drop = [], [], []
+        for axis, part in enumerate(k):
+            n = self.shape[axis]
+            if isinstance(part, (int, np.integer)):
+                i = int(part) + (n if part < 0 else 0)
+                spans.append((i, i + 1))
+                picks.append(slice(None))
+                drop.append(axis)
+            elif isinstance(part, slice):
+                start, stop, step = part.indices(n)
+                spans.append((start, max(start, stop)))
+                picks.append(slice(None, None, step))
+            else:
+                raise TypeError(f"Padded takes ints and slices, not {type(part).__name__}")
+        (y0, y1), (x0, x1) = spans
+        out = np.zeros((y1 - y0, x1 - x0), self.dtype)
+        h, w = self.image.shape[:2]
+        iy1, ix1 = min(y1, h), min(x1, w)
+        if iy1 > y0 and ix1 > x0:
+            out[:iy1 - y0, :ix1 - x0] = self.image[y0:iy1, x0:ix1]
+        out = out[picks[0], picks[1]]
+        return out.squeeze(axis=tuple(drop)) if drop else out
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        a = self[:, :]
+        return a if dtype is None else a.astype(dtype)
+
+
+def open_image(path: Path, canvas: tuple[int, int] | None = None) -> Any:
+    """The montage: a TIFF memory-mapped where it allows (uncompressed, contiguous) so that
+    rendering reads only the parts each shard needs, else read into RAM; an OME-Zarr montage
+    read a slice at a time. On a `canvas` larger than it, padded (`Padded`)."""
+    if (path / "zarr.json").is_file():
+        image: Any = ZarrPlane(path)
+    else:
+        try:
+            image = tifffile.memmap(path, mode="r")
+        except Exception:  # compressed or tiled TIFF: no memory map possible
+            image = tifffile.imread(path)
+    if canvas is not None and tuple(image.shape[:2]) != tuple(canvas):
+        return Padded(image, canvas)
+    return image
 
 
 def detail_level(img: np.ndarray) -> float:
@@ -201,8 +330,8 @@ class Imaged:
 def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path, params: AlignParams) -> PairResult:
     keep_large_blocks()     # once per worker process
     # Memory-mapped where the TIFF allows: the alignment reads strips and patches.
-    fixed = open_image(fixed_path)
-    moving = open_image(moving_path)
+    fixed = open_image(fixed_path, params.canvas)
+    moving = open_image(moving_path, params.canvas)
     fv, mv = Imaged(fixed), Imaged(moving)
     a = align_section(fixed, moving, fv, mv, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
                       device=params.device)
@@ -361,7 +490,8 @@ def render_into_volume(volume_path: Path, z: int, path: Path, transform: Section
     keep_large_blocks()
     volume = Volume.open(volume_path)
     image = open_image(path)
-    # The montage is one "tile" at (0, 0); its own pixels are the source coordinates.
+    # The montage is one "tile" at (0, 0); its own pixels are the source coordinates (a
+    # montage smaller than the canvas simply covers less of it).
     return render_section(volume, z, [image], np.zeros((1, 2)), transform, ramp=1, device=device)
 
 
@@ -384,30 +514,38 @@ def dask_map(client: Any) -> MapFn:
     return run
 
 
-def pyramid_levels(shape: tuple[int, int], smallest: int = 256) -> int:
-    return max(2, math.ceil(math.log2(max(max(shape) / smallest, 1))) + 1)
-
-
 def align_stack(
-    stack_dir: Path, out_dir: Path, *, map_fn: MapFn = local_map, params: AlignParams | None = None,
-    pixel_nm: float = 4.0, thickness_nm: float = 40.0, chunk: int = 256,
+    stack_dir: Path | Sequence[Path], out_dir: Path, *, map_fn: MapFn = local_map, params: AlignParams | None = None,
+    pixel_nm: float | None = None, thickness_nm: float = 40.0, chunk: int = 256,
     progress: Callable[[str], None] | None = None,
 ) -> StackResult:
-    """Align every section of STACK_DIR into OUT_DIR/volume.zarr, transforms beside it in
-    OUT_DIR/volume.transforms/, and a per-section summary in OUT_DIR/alignment.csv."""
-    params = params or AlignParams()
+    """Align every section (of STACK_DIR, or the stitched sections given: `read_sections`)
+    into OUT_DIR/volume.zarr, transforms beside it in OUT_DIR/volume.transforms/, and a
+    per-section summary in OUT_DIR/alignment.csv. The pixel size is the montages' own, else
+    `pixel_nm`, else DEFAULT_PIXEL_NM (said)."""
     say = progress or (lambda _msg: None)
-    entries, shape = read_stack(stack_dir)
+    entries, shape, own_nm = read_sections([stack_dir] if isinstance(stack_dir, (str, Path)) else stack_dir)
+    if own_nm is not None and pixel_nm is not None and abs(own_nm - pixel_nm) > 1e-9 * own_nm:
+        raise StackError(f"--pixel-nm {pixel_nm:g} differs from the montages' own {own_nm:g} nm")
+    pixel_nm = own_nm or pixel_nm or DEFAULT_PIXEL_NM
+    say(f"{len(entries)} sections on a {shape[0]} x {shape[1]} px canvas, {pixel_nm:g} nm pixels"
+        + ("" if own_nm or pixel_nm != DEFAULT_PIXEL_NM else " (assumed: give --pixel-nm)")
+        + f", {thickness_nm:g} nm sections")
+    params = replace(params or AlignParams(), canvas=shape)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vol_path = out_dir / "volume.zarr"
     if vol_path.exists():
         raise StackError(f"{vol_path} already exists; choose another --out or remove it")
     nz = max(e.z for e in entries) + 1
+    dtype = np.dtype(open_image(entries[0].path).dtype)   # the montages' bit depth is kept
     volume = Volume.create(vol_path, (nz, *shape), pixel_nm=pixel_nm, thickness_nm=thickness_nm,
-                           levels=pyramid_levels(shape), chunk=chunk)
+                           levels=pyramid_levels(shape), chunk=chunk,
+                           dtype=dtype.name if dtype in (np.uint8, np.uint16) else "uint16")
     by_z = {e.z: e for e in entries}
-    outcome = {e.z: SectionOutcome(e.z, e.path.name, "ok") for e in entries}
+    # A stitched section is named by its stitch folder (every montage is montage.zarr).
+    outcome = {e.z: SectionOutcome(e.z, e.path.parent.name if e.path.name == "montage.zarr" else e.path.name, "ok")
+               for e in entries}
 
     say(f"inspecting {len(entries)} sections")
     details = map_fn(inspect_section, [e.path for e in entries])
@@ -481,12 +619,6 @@ def rerender_section(volume_path: Path, z: int, montage: Path, device: str = "cp
     stored beside the volume (e.g. after the montage was re-stitched or the volume lost)."""
     volume = Volume.open(volume_path)
     return render_into_volume(volume_path, z, montage, volume.load_transform(z), device)
-
-
-def neuroglancer_source(volume: Path, base_url: str = "http://localhost:8000") -> str:
-    """Layer source for Neuroglancer once the volume's folder is served over HTTP with
-    CORS at `base_url` (Neuroglancer reads zarr v3 + OME-Zarr 0.5 through `zarr://`)."""
-    return f"zarr://{base_url.rstrip('/')}/{Path(volume).name}"
 
 
 def write_stack(stack_dir: Path, images: Sequence[np.ndarray], zs: Sequence[int] | None = None) -> Path:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import typer
 from rich.console import Console
+
+from tapescope.montage.omezarr import Volume
 
 from .backend import BackendUnavailable, get_backend
 from .solve import SEAM_PX
@@ -25,6 +28,9 @@ def stitch(
     dark: Path | None = typer.Option(None, "--dark", help="dark-reference TIFF, subtracted before the flat-field"),
     lens: str = typer.Option("estimate", "--lens",
                              help="estimate (a radial lens model from the overlaps, applied if it fits) | none"),
+    pixel_nm: float | None = typer.Option(None, "--pixel-nm", help="the tiles' pixel size in nm: also render the "
+                                          "montage into OUT/montage.zarr (OME-Zarr 0.5, the tiles' bit depth), "
+                                          "a section `tapescope align` takes"),
 ) -> None:
     """Stitch a tile set from any scope: register every neighbouring pair and solve tile positions
     (exit codes: 0 ok, 3 tiles with tissue placed by the stage alone, 2 bad input)."""
@@ -37,6 +43,8 @@ def stitch(
 
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} is a file, not a folder")
+    if pixel_nm is not None and not (math.isfinite(pixel_nm) and 0 < pixel_nm <= 10_000):
+        raise fail(f"--pixel-nm must be a pixel size in nm, above 0 and at most 10000, got {pixel_nm}")
     if lens not in ("estimate", "none"):
         raise fail(f"--lens must be estimate or none, not {lens!r}")
     if device not in ("auto", "cpu", "gpu"):
@@ -47,7 +55,8 @@ def stitch(
         raise fail(f"--device gpu: {exc}") from None
     try:
         run = run_stitch(tileset_dir, out, backend, flatfield, dark,
-                         warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False), lens=lens)
+                         warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False), lens=lens,
+                         pixel_nm=pixel_nm)
     except TileSetError as exc:
         raise fail(str(exc)) from None
     sol = run.result.solution
@@ -77,7 +86,16 @@ def stitch(
         console.print("lens: too few overlap patches to estimate; not applied")
     console.print(f"flat-field: {run.flatfield}; device: {backend.name}; "
                   f"{run.seconds:.2f} s, {run.megapixels / max(run.seconds, 1e-9):.1f} Mpx/s")
-    console.print(f"wrote {out / 'positions.csv'} and {out / 'pairs.csv'}")
+    console.print(f"wrote {out / 'positions.csv'} and {out / 'pairs.csv'} (positions in pixels of the tiles)",
+                  highlight=False)
+    if run.montage is not None:
+        shape = Volume.open(run.montage).shape[1:]
+        console.print(f"montage: {run.montage} ({shape[0]} x {shape[1]} px at {pixel_nm:g} nm, "
+                      f"{run.tileset_dtype}); align sections with: tapescope align OUT1 OUT2 ... --out VOLUME_DIR",
+                      highlight=False)
+    else:
+        console.print("montage not rendered: give --pixel-nm to render it (OME-Zarr) for viewing and alignment",
+                      highlight=False)
     by_stage = [k for k, s in enumerate(status) if s == "stage"]
     lost = [run.tileset.files[k] for k in by_stage if run.textured[k]]
     if counts["failed"]:

@@ -42,6 +42,12 @@ class SyntheticParams:
     blank: tuple[tuple[int, int], ...] = ()   # (row, col) of tiles over bare resin
     distortion: RadialDistortion = field(default_factory=RadialDistortion)
     seed: int = 1
+    # A stack of sections: give every set of the stack the same `sections` and `room_px` (the
+    # specimen is drawn from them) and each its own `section` and `shift_px` (|shift| <= room).
+    sections: int = 1                  # sections the specimen holds
+    section: int = 0                   # which one this set images (consecutive ones differ as real ones do)
+    room_px: int = 0                   # specimen beyond the montage on each side, for the shift
+    shift_px: tuple[float, float] = (0.0, 0.0)   # where the section lies on the tape: its tiles see it moved
 
 
 @dataclass
@@ -78,14 +84,16 @@ def camera_gain(shape: tuple[int, int], vignetting: float, dust: int, rng: np.ra
 def make_tileset(p: SyntheticParams) -> TileSet:
     rng = np.random.default_rng(p.seed)
     step = round(p.tile * (1 - p.overlap))
-    margin = int(4 * p.stage_error_px) + 16
+    if not 0 <= p.section < p.sections or np.abs(p.shift_px).max() > p.room_px:
+        raise ValueError(f"section {p.section} of {p.sections}, shift {p.shift_px} within room {p.room_px} px")
+    margin = int(4 * p.stage_error_px) + 16 + p.room_px
     h = (p.rows - 1) * step + p.tile + 2 * margin
     w = (p.cols - 1) * step + p.tile + 2 * margin
-    spec = Specimen(SpecimenParams(height_px=h, width_px=w, n_sections=1, seed=p.seed))
-    image = spec.section(0).astype(np.float64)
+    spec = Specimen(SpecimenParams(height_px=h, width_px=w, n_sections=p.sections, seed=p.seed))
+    image = spec.section(p.section).astype(np.float64)
     grid = [(r, c) for r in range(p.rows) for c in range(p.cols)]
     stage = np.array([[margin + r * step, margin + c * step] for r, c in grid], float)
-    truth = stage + rng.normal(0, p.stage_error_px / np.sqrt(2), stage.shape)
+    truth = stage + rng.normal(0, p.stage_error_px / np.sqrt(2), stage.shape) + np.asarray(p.shift_px, float)
     blank = np.array([rc in set(p.blank) for rc in grid])
     for k in np.flatnonzero(blank):
         y, x = np.floor(truth[k]).astype(int)

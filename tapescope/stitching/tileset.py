@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import tifffile
 
 from .backend import Backend
 from .flatfield import estimate_flatfield, flatfield_from_references
+from .montage import MONTAGE, render_montage
 from .solve import SEAM_PX
 from .stream import StitchResult, StreamingStitcher
 
@@ -98,9 +100,17 @@ def read_tiles_csv(tileset_dir: Path) -> DiskTileSet:
     return DiskTileSet(tileset_dir, files, grid, np.array(nominal, float))
 
 
-def read_tiff(path: Path, what: str = "tile") -> np.ndarray:
+def read_image(path: Path, what: str = "tile") -> np.ndarray:
+    """A greyscale TIFF or PNG image, as stored (8- or 16-bit, or float for TIFF)."""
     if not path.is_file():
         raise TileSetError(f"{path}: {what} file is missing")
+    if path.suffix.lower() == ".png":
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise TileSetError(f"{path}: not a readable PNG")
+        if img.ndim == 3:
+            raise TileSetError(f"{path}: {what} must be a greyscale image, got {img.shape[2]} colour channels")
+        return img
     try:
         img = tifffile.imread(path)
     except Exception as exc:   # tifffile raises many types for corrupt files
@@ -113,10 +123,21 @@ def read_tiff(path: Path, what: str = "tile") -> np.ndarray:
     return img
 
 
+TILE_FORMATS = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG"}
+
+
 def load_tiles(ts: DiskTileSet) -> list[np.ndarray]:
+    formats = {TILE_FORMATS.get(Path(name).suffix.lower(), Path(name).suffix or "no suffix") for name in ts.files}
+    unknown = formats - set(TILE_FORMATS.values())
+    if unknown:
+        raise TileSetError(f"{ts.root}: tiles must be TIFF (.tif, .tiff) or PNG (.png), "
+                           f"got {', '.join(sorted(unknown))}")
+    if len(formats) > 1:
+        # One camera writes one format: a mix is two sources (or a half-converted set).
+        raise TileSetError(f"{ts.root}: the tiles mix {' and '.join(sorted(formats))} files; a set has one format")
     tiles = []
     for name in ts.files:
-        img = read_tiff(ts.root / name)
+        img = read_image(ts.root / name)
         if tiles and img.shape != tiles[0].shape:
             raise TileSetError(f"{ts.root / name}: shape {img.shape} differs from {ts.files[0]}'s {tiles[0].shape}"
                                " (all tiles of a set must have one shape)")
@@ -137,20 +158,23 @@ class StitchRun:
     seconds: float
     megapixels: float
     textured: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))   # per tile (`textured`)
+    montage: Path | None = None    # the rendered montage (OME-Zarr), if asked for
+    tileset_dtype: str = ""        # the tiles' pixel type
 
 
 def run_stitch(
     tileset_dir: Path, out_dir: Path, backend: Backend, flatfield: str = "auto", dark: Path | None = None,
-    warn: Callable[[str], None] = lambda _m: None, lens: str = "estimate",
+    warn: Callable[[str], None] = lambda _m: None, lens: str = "estimate", pixel_nm: float | None = None,
 ) -> StitchRun:
-    """Read, check, stitch and write; raises TileSetError (and writes nothing) on bad input."""
+    """Read, check, stitch and write; raises TileSetError (and writes nothing) on bad input.
+    With `pixel_nm`, the montage is also rendered into OUT_DIR/montage.zarr (`montage.py`)."""
     t0 = time.perf_counter()
     ts = read_tiles_csv(tileset_dir)
     tiles = load_tiles(ts)
     shape = tiles[0].shape
     dark_img: np.ndarray | float = 0.0
     if dark is not None:
-        dark_img = read_tiff(dark, "dark reference").astype(np.float32)
+        dark_img = read_image(dark, "dark reference").astype(np.float32)
         if dark_img.shape != shape:
             raise TileSetError(f"{dark}: dark reference shape {dark_img.shape} differs from the tiles' {shape}")
     gain: np.ndarray | None
@@ -164,7 +188,7 @@ def run_stitch(
             gain, used = None, "none (could not estimate)"
             warn(f"flat-field not applied: {exc}")
     else:
-        bright = read_tiff(Path(flatfield), "flat-field reference")
+        bright = read_image(Path(flatfield), "flat-field reference")
         if bright.shape != shape:
             raise TileSetError(f"{flatfield}: flat-field shape {bright.shape} differs from the tiles' {shape}")
         try:
@@ -178,7 +202,15 @@ def run_stitch(
         stitcher.add(rc, tile, pos)
     result = stitcher.finish(lens=lens)
     write_outputs(out_dir, ts, result)
-    return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6, textured(tiles))
+    montage = None
+    if pixel_nm is not None:
+        montage = out_dir / MONTAGE
+        if montage.exists():
+            shutil.rmtree(montage)          # this run's outputs replace an earlier run's, as the CSVs do
+        render_montage(montage, tiles, result.solution.positions, pixel_nm=pixel_nm, gain=gain, dark=dark_img,
+                       lens=result.lens_applied, info={"tileset": str(tileset_dir.resolve()), "tiles": len(tiles)})
+    return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6, textured(tiles), montage,
+                     str(tiles[0].dtype))
 
 
 TEXTURE_FRACTION = 0.25   # of the set's well-textured tiles' detail: below it, a tile is blank (bare resin)

@@ -1,0 +1,44 @@
+"""A stitched tile set rendered into a one-section OME-Zarr 0.5 image: `tapescope stitch
+--pixel-nm`. The same renderer as live processing (montage/blocks.py): tiles flat-fielded
+as they are read, the lens model taken out, seams feathered, shard by shard (memory bounded
+by a shard, not by the montage). The image keeps the tiles' bit depth (8-bit tiles give an
+8-bit montage). `tapescope align` takes such montages as sections."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tapescope.montage.blocks import render_section
+from tapescope.montage.omezarr import Volume, pyramid_levels
+from tapescope.montage.transform import SectionTransform
+
+from .flatfield import FlatFielded
+from .lens import RadialDistortion
+
+MONTAGE = "montage.zarr"
+
+
+def render_montage(out: Path, tiles: Sequence[np.ndarray], positions: np.ndarray, *, pixel_nm: float,
+                   gain: np.ndarray | None = None, dark: float | np.ndarray = 0.0,
+                   lens: RadialDistortion | None = None, thickness_nm: float = 40.0,
+                   info: dict | None = None) -> Path:
+    """Render tiles at `positions` (top-left (y, x), px) into OUT (a new OME-Zarr folder)."""
+    h, w = tiles[0].shape
+    pos = np.asarray(positions, float)
+    origin = np.floor(pos.min(axis=0))
+    extent = np.ceil(pos.max(axis=0) - origin + (h, w)).astype(int)
+    shape = (int(extent[0]), int(extent[1]))
+    dtype = np.dtype(tiles[0].dtype)
+    volume = Volume.create(out, (1, *shape), pixel_nm=pixel_nm, thickness_nm=thickness_nm,
+                           levels=pyramid_levels(shape), dtype=dtype.name if np.issubdtype(dtype, np.integer)
+                           else "float32", name=out.stem)
+    flat = [FlatFielded(t, gain, dark) for t in tiles]
+    # Canvas pixel p shows the montage at p + origin, in the tiles' coordinates.
+    render_section(volume, 0, flat, pos, SectionTransform.identity().shifted(origin[0], origin[1]), lens=lens)
+    volume.flush()
+    volume.record(0, {**(info or {}), "status": "ok", "origin_px": origin.tolist(),
+                      "window": volume.section_window(0)})
+    return out
