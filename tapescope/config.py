@@ -58,7 +58,9 @@ class CameraConfig(_Model):
 
 
 class ColumnConfig(SerialPortConfig):
-    """The TEM column's serial line. Unset on a real scope means 'no column driver'."""
+    """The TEM column: a serial line (tapescope's column protocol), or the http://HOST:PORT
+    of a temscript server on a Thermo Fisher / FEI TEM's PC (hardware/temscript_column.py).
+    Unset on a real scope means 'no column driver'; with the simulator, its own column."""
 
     ramp_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
 

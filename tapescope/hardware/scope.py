@@ -9,12 +9,14 @@ from .column import Column
 from .device import Device
 from .stage import Stage, StageLimits
 from .tape import Tape
+from .temscript_column import TemscriptColumn, is_temscript
 
 
 class Scope(Device):
     """Stage, tape, camera and (optionally: not every set-up drives its column) the column."""
 
-    def __init__(self, stage: Stage, tape: Tape, camera: Camera, column: Column | None = None) -> None:
+    def __init__(self, stage: Stage, tape: Tape, camera: Camera,
+                 column: Column | TemscriptColumn | None = None) -> None:
         self.stage = stage
         self.tape = tape
         self.camera = camera
@@ -34,8 +36,11 @@ class Scope(Device):
         column_url: str | None = None, column_ramp_timeout_s: float = 60.0,
         stage_travel_nm: tuple[float, float] | None = None,
     ) -> Scope:
-        column = None
-        if column_url is not None:
+        column: Column | TemscriptColumn | None = None
+        if is_temscript(column_url):
+            assert column_url is not None
+            column = TemscriptColumn(column_url, timeout_s=max(serial_timeout_s, 5.0))
+        elif column_url is not None:
             column = Column(column_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                             ramp_timeout_s=column_ramp_timeout_s)
         return cls(

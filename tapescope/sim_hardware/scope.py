@@ -55,7 +55,9 @@ class SimulatedScope:
         return b.model_copy(update={
             "stage": StageConfig(**{**b.stage.model_dump(), "url": self.stage.port}),
             "tape": TapeConfig(**{**b.tape.model_dump(), "url": self.tape.port}),
-            "column": ColumnConfig(**{**b.column.model_dump(), "url": self.column.port}),
+            # A column configured elsewhere (a temscript server) is kept: the simulator's
+            # column stands in only where none is given.
+            "column": ColumnConfig(**{**b.column.model_dump(), "url": b.column.url or self.column.port}),
             "camera": CameraConfig(**{**b.camera.model_dump(), "port": self.camera.port,
                                       "height": h, "width": w, "pixel_size_nm": self.world.p.pixel_nm}),
         })

@@ -1,0 +1,90 @@
+"""The column driver against temscript's own server (`temscript-server --null`: the HTTP
+API of Thermo Fisher / FEI TEM scripting, backed by temscript's NullMicroscope), started
+on 127.0.0.1 by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tapescope.acquisition.events import Alarm, Event, EventBus
+from tapescope.config import parse_config
+from tapescope.hardware.errors import DeviceError
+from tapescope.hardware.temscript_column import TemscriptColumn
+from tapescope.mqtt.broker import free_port
+from tapescope.runner import run_acquisition
+
+pytest.importorskip("temscript")
+
+
+@pytest.fixture(scope="module")
+def temscript_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from temscript.server import run_server; run_server()",
+                             "--null", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+        except OSError:
+            assert proc.poll() is None, "temscript-server exited"
+            time.sleep(0.05)      # polling a subprocess's port until it listens
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_the_driver_reads_and_sets_the_column(temscript_url: str) -> None:
+    col = TemscriptColumn(temscript_url)
+    async with col:
+        st = await col.status()
+        assert st.high_tension == "ON" and st.kv == 200.0 and col.family
+        await col.set_focus(-750.0)
+        await col.set_magnification(50_000.0)
+        st = await col.status()
+        assert st.focus_nm == pytest.approx(-750.0) and st.magnification == 50_000.0
+        await col.blank()
+        assert (await col.status()).blanked
+        st = await col.ensure_beam()          # opens the column valves, unblanks
+        assert st.beam_on
+        with pytest.raises(DeviceError, match="switch it off at the microscope"):
+            await col.high_tension(False)
+        with pytest.raises(DeviceError, match="no magnification index shows 123"):
+            await col.set_magnification(123.0)
+        assert (await col.status()).magnification == 50_000.0      # left where it was
+
+
+async def test_a_run_uses_the_tem_through_temscript(temscript_url: str, tmp_path: Path) -> None:
+    """Stage, tape and camera simulated; the column is the TEM behind temscript. Before each
+    section the engine asks it for its beam: the null microscope starts with its column
+    valves closed, so the first check restores the beam, with an alarm."""
+    cfg = parse_config({"scope": {"camera": {"width": 128, "height": 128}, "column": {"url": temscript_url}},
+                        "run": {"slots": [0, 1], "grid": [1, 2], "exposure_ms": 2.0},
+                        "processing": {"enabled": False}})
+    async with TemscriptColumn(temscript_url) as col:       # as a fresh null microscope: valves closed
+        await col._put("column_valves_open", False)
+    bus, events = EventBus(), list[Event]()
+    bus.subscribe(events.append)
+    result = await run_acquisition(cfg, tmp_path / "run", bus)
+    assert result.summary.state.value == "done", result.summary.reason
+    assert any(isinstance(e, Alarm) and e.source == "column" and "no beam before the section" in e.message
+               for e in events)
+    async with TemscriptColumn(temscript_url) as col:
+        assert (await col.status()).beam_on
+
+
+async def test_a_tem_that_does_not_answer_is_a_clear_error() -> None:
+    col = TemscriptColumn(f"http://127.0.0.1:{free_port()}", timeout_s=1.0)
+    with pytest.raises(DeviceError, match=r"no answer from http://127\.0\.0\.1"):
+        await asyncio.wait_for(col.connect(), 10)
