@@ -145,7 +145,7 @@ def test_distributed_result_equals_local(sim_stack, tmp_path: Path, dask_cluster
     # The same through the command line, on the same cluster.
     result = CliRunner().invoke(app, ["align", str(d), "--out", str(tmp_path / "cli"), "--scheduler", dask_cluster])
     assert result.exit_code == 0, result.output
-    assert "zarr://" in result.output
+    assert "tapescope view" in result.output
     c = zarr.open_group(str(tmp_path / "cli" / "volume.zarr"), mode="r")
     assert np.array_equal(a["0"][:], c["0"][:])
 

@@ -179,8 +179,8 @@ def read_sections(paths: Sequence[Path]) -> tuple[list[StackEntry], tuple[int, i
     paths = [Path(p) for p in paths]
     if not paths:
         raise StackError("no sections given")
-    if len(paths) == 1 and (paths[0] / "sections.csv").is_file():
-        entries, shape = read_stack(paths[0])
+    if len(paths) == 1 and montage_of(paths[0]) is None:
+        entries, shape = read_stack(paths[0])    # a stack folder, or what is wrong with it as one
         return entries, shape, None
     entries, shapes, sizes = [], [], set()
     for z, p in enumerate(paths):
