@@ -13,8 +13,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tapescope.errors import TapescopeError
 
-class ConfigError(Exception):
+
+class ConfigError(TapescopeError):
     """A configuration file that cannot be used; the message is meant for a person."""
 
 

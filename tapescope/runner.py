@@ -26,6 +26,7 @@ from tapescope.acquisition.qc import QCLimits
 from tapescope.acquisition.roi import validate_polygon
 from tapescope.acquisition.store import JournalError, RunStore, TileRecord
 from tapescope.config import ConfigError, ScopeConfig, TapescopeConfig, parse_config
+from tapescope.errors import TapescopeError
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_problem
@@ -107,7 +108,7 @@ async def acquire_and_process(cfg: TapescopeConfig, out_dir: Path, bus: EventBus
 RUN_DEFINING = ("run", "processing")     # config sections a resumed run must not change
 
 
-class ResumeError(Exception):
+class ResumeError(TapescopeError):
     """A run directory that cannot be resumed; the message names why."""
 
 

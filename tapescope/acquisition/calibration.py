@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 
+from tapescope.errors import TapescopeError
 from tapescope.hardware.errors import DeviceError
 
 from .events import Alarm, CalibrationDone
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 CAL_DIR = "calibration"
 
 
-class CalibrationFailed(Exception):
+class CalibrationFailed(TapescopeError):
     pass
 
 

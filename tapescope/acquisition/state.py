@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+from tapescope.errors import TapescopeError
+
 
 class RunState(enum.Enum):
     IDLE = "idle"               # built, not started
@@ -40,7 +42,7 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 }
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(TapescopeError, RuntimeError):
     pass
 
 

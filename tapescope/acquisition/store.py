@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from tapescope.errors import TapescopeError
 
-class JournalError(ValueError):
+
+class JournalError(TapescopeError, ValueError):
     """A journal line that is neither an entry nor a torn last line; the message names it."""
 
 

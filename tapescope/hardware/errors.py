@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tapescope.errors import TapescopeError
 
-class DeviceError(Exception):
+
+class DeviceError(TapescopeError):
     """A device refused or failed a command; carries the device's own code and text.
 
     ``retryable`` is True when the driver knows that sending the same request again is

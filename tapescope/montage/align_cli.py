@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tapescope.errors import TapescopeError
+
 from .device import array_module
 from .stack import AlignParams, StackError, align_stack, dask_map, read_sections
 
@@ -71,7 +73,10 @@ def run_align(
             raise StackError(f"--workers must be at least 1, got {workers}")
         if (pixel_nm is not None and not 0 < pixel_nm < float("inf")) or not 0 < thickness_nm < float("inf"):
             raise StackError("--pixel-nm and --thickness-nm must be positive")
-        array_module(device)   # 'gpu' without one is an error now, not in a worker later
+        try:
+            array_module(device)   # 'gpu' without one is an error now, not in a worker later
+        except (ValueError, RuntimeError) as exc:
+            raise StackError(f"--device {device}: {exc}") from None
         read_sections([stack_dir] if isinstance(stack_dir, Path) else stack_dir)  # before any cluster starts
         t0 = time.monotonic()
         with dask_client(scheduler, workers) as client:
@@ -80,7 +85,8 @@ def run_align(
             result = align_stack(stack_dir, out, map_fn=dask_map(client), params=AlignParams(device=device),
                                  pixel_nm=pixel_nm, thickness_nm=thickness_nm,
                                  progress=lambda m: console.print(f"  {m}"))
-    except (StackError, RuntimeError, ValueError) as exc:
+    except TapescopeError as exc:
+        # Only the package's own errors are bad input; anything else is a bug and shows as one.
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
     table = Table(title="tapescope align", show_header=True)

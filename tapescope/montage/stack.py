@@ -32,6 +32,7 @@ import tifffile
 import zarr
 
 from tapescope.allocator import keep_large_blocks
+from tapescope.errors import TapescopeError
 
 from .align import align_section, block_mean, repeat_reason, unregistered_reason
 from .blocks import RenderStats, render_section
@@ -45,7 +46,7 @@ NEIGHBOURS = 3              # predecessors each section is matched to
 DEFAULT_PIXEL_NM = 4.0      # where neither the montages nor the user say
 
 
-class StackError(ValueError):
+class StackError(TapescopeError, ValueError):
     """Bad input: names the file, line and what is wrong."""
 
 

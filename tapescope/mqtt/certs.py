@@ -21,12 +21,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tapescope.errors import TapescopeError
+
 CA_DAYS = 3650
 LEAF_DAYS = 825           # the longest validity clients commonly accept for a server certificate
 ROLES = ("engine", "operator", "viewer")
 
 
-class CertError(ValueError):
+class CertError(TapescopeError, ValueError):
     """A certificate request that cannot be made; the message names what is wrong."""
 
 

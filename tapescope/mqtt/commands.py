@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tapescope.errors import TapescopeError
+
 COMMANDS = ("abort", "pause", "resume", "skip_section", "status")
 MAX_ID = 128
 MAX_REASON = 500
@@ -34,7 +36,7 @@ class Command:
     reason: str
 
 
-class CommandError(ValueError):
+class CommandError(TapescopeError, ValueError):
     def __init__(self, message: str, id: str | None = None) -> None:
         super().__init__(message)
         self.id = id

@@ -8,8 +8,10 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from tapescope.errors import TapescopeError
 
-class TlsError(ValueError):
+
+class TlsError(TapescopeError, ValueError):
     """TLS settings that cannot be used; the message names the file and the problem."""
 
 

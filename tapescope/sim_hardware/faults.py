@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tapescope.errors import TapescopeError
+
 log = logging.getLogger(__name__)
 
 # name -> (what it does, the options it accepts with their defaults)
@@ -43,7 +45,7 @@ FAULTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-class FaultError(ValueError):
+class FaultError(TapescopeError, ValueError):
     """A fault request that cannot be armed; the message names what is wrong."""
 
 

@@ -17,13 +17,14 @@ import cv2
 import numpy as np
 from scipy import fft as scipy_fft
 
+from tapescope.errors import TapescopeError
 from tapescope.gpu import probe
 
 Device = Literal["auto", "cpu", "gpu"]
 SINC_TAPS = 4      # half-width of the windowed-sinc kernel used for sub-pixel shifts
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(TapescopeError, RuntimeError):
     """The requested device cannot be used here (no CuPy, or no GPU)."""
 
 

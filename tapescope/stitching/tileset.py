@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 import tifffile
 
+from tapescope.errors import TapescopeError
+
 from .backend import Backend
 from .flatfield import estimate_flatfield, flatfield_from_references
 from .montage import MONTAGE, render_montage
@@ -36,7 +38,7 @@ POSITIONS_HEADER = ["file", "y", "x", "residual_px", "status"]
 PAIRS_HEADER = ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam", "reason"]
 
 
-class TileSetError(ValueError):
+class TileSetError(TapescopeError, ValueError):
     """The tile set on disk is not usable; the message names the file and what is wrong."""
 
 

@@ -8,12 +8,13 @@ from typing import Any
 
 import zarr
 
+from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
 
 VIEW_PX = 800       # about the width of Neuroglancer's main panel on a laptop screen
 
 
-class ViewError(ValueError):
+class ViewError(TapescopeError, ValueError):
     """A volume that cannot be shown; the message names the path and the problem."""
 
 
