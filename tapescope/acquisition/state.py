@@ -42,6 +42,28 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 }
 
 
+# The operator's controls (GUI buttons, MQTT commands) and the states in which a run offers
+# each: the one place this rule is written. The engine's own methods accept a request in any
+# state that is not terminal (it takes effect at the next tile boundary) and answer False in
+# a terminal one; a front end offers only what is useful in the state it shows.
+_ACTIVE = frozenset({_S.PREPARING, _S.ACQUIRING, _S.RECOVERING})
+CONTROLS: dict[str, frozenset[RunState]] = {
+    "pause": _ACTIVE,
+    "resume": frozenset({_S.PAUSED}),
+    "skip_section": _ACTIVE | {_S.PAUSED},
+    "abort": frozenset(s for s in RunState if not s.terminal),
+}
+
+
+def offers(verb: str, state: RunState | str) -> bool:
+    """Whether a run in `state` offers control `verb` (pause, resume, skip_section, abort)."""
+    try:
+        st = state if isinstance(state, RunState) else RunState(state)
+    except ValueError:
+        return False
+    return st in CONTROLS.get(verb, frozenset())
+
+
 class IllegalTransition(TapescopeError, RuntimeError):
     pass
 

@@ -25,6 +25,7 @@ from tapescope.acquisition.events import (
     SectionStarted,
     TileAcquired,
 )
+from tapescope.acquisition.state import RunState, offers
 
 LOG_LINES = 500      # the log panel keeps this many; the journal keeps everything
 ALARMS_KEPT = 50
@@ -363,18 +364,18 @@ class RunModel:
         return {"run"}
 
 
-ACTIVE = ("preparing", "acquiring", "recovering")
-TERMINAL = ("done", "failed", "aborted")
+TERMINAL = tuple(s.value for s in RunState if s.terminal)
 
 
 def allowed(verb: str, run_state: str, running: bool) -> bool:
-    """Whether run control offers VERB in RUN_STATE (``running``: a run is held by this GUI)."""
+    """Whether run control offers VERB in RUN_STATE (``running``: a run is held by this GUI).
+    Which state offers which control is the state machine's rule (`state.CONTROLS`)."""
     if verb == "start":
         return not running
-    if not running or run_state in TERMINAL:
+    if not running:
         return False
-    return {"pause": run_state in ACTIVE, "resume": run_state == "paused",
-            "skip_section": run_state in (*ACTIVE, "paused"), "abort": True}.get(verb, False)
+    # Before the engine reports a state ("idle"), a held run may still be aborted.
+    return verb == "abort" if run_state == "idle" else offers(verb, run_state)
 
 
 def _short(v: Any) -> str:
