@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from tapescope.acquisition.acquisition import Planner
 from tapescope.acquisition.budget import plan_problem, search_extent_nm
 from tapescope.acquisition.calibration import CalibrationSuite
-from tapescope.acquisition.engine import Engine, EngineSettings, Planner, RunSummary
+from tapescope.acquisition.engine import Engine, EngineSettings, RunSummary
 from tapescope.acquisition.events import Alarm, EventBus
 from tapescope.acquisition.journal import RunProgress
 from tapescope.acquisition.pipeline import ProcessingWorker

@@ -22,9 +22,10 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
 
 from tapescope.acquisition.events import Alarm, EventBus, RunFinished, RunStarted, SectionStarted, TileAcquired
 from tapescope.config import CameraConfig, RunConfig, ScopeConfig, TapescopeConfig
-from tapescope.gui.app import LocalController, plan_of
+from tapescope.gui.app import LocalController
 from tapescope.gui.latest import Frame, LatestFrame, bin_mean
 from tapescope.gui.model import RunModel, SlotState, TileState, allowed
+from tapescope.gui.plans import plan_of
 from tapescope.gui.section_map import COLOURS
 from tapescope.gui.session import LocalSession, SimFault
 from tapescope.gui.window import MainWindow

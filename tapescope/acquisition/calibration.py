@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -26,12 +26,10 @@ import tifffile
 from tapescope.errors import TapescopeError
 from tapescope.hardware.errors import DeviceError
 
+from .acquisition import Acquisition
 from .events import Alarm, CalibrationDone
 from .plan import SectionPlan, TilePlan
 from .qc import focus_score
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 CAL_DIR = "calibration"
 
@@ -48,7 +46,7 @@ class Routine:
     def enter(self, state: str) -> None:
         self.trail.append(state)
 
-    async def run(self, engine: Engine, **kw: Any) -> dict[str, Any]:
+    async def run(self, engine: Acquisition, **kw: Any) -> dict[str, Any]:
         self.trail.clear()
         try:
             result = await self._run(engine, **kw)
@@ -65,26 +63,26 @@ class Routine:
         engine.bus.emit(CalibrationDone(self.name, True, result))
         return {"ok": True, **result}
 
-    async def _run(self, engine: Engine, **kw: Any) -> dict[str, Any]:
+    async def _run(self, engine: Acquisition, **kw: Any) -> dict[str, Any]:
         raise NotImplementedError
 
     @staticmethod
-    def _save(engine: Engine, name: str, image: np.ndarray) -> str:
+    def _save(engine: Acquisition, name: str, image: np.ndarray) -> str:
         d = engine.store.dir / CAL_DIR
         d.mkdir(exist_ok=True)
         tifffile.imwrite(d / name, image.astype(np.float32))
         return f"{CAL_DIR}/{name}"
 
 
-def _column(engine: Engine) -> Any:
+def _column(engine: Acquisition) -> Any:
     col = getattr(engine.scope, "column", None)
     if col is None:
         raise CalibrationFailed("this scope has no column driver (cannot blank, focus or change magnification)")
     return col
 
 
-async def _frame(engine: Engine) -> np.ndarray:
-    frame = await engine._device("camera trigger", engine.scope.camera.trigger, "camera")
+async def _frame(engine: Acquisition) -> np.ndarray:
+    frame = await engine.call_device("camera trigger", engine.scope.camera.trigger, "camera")
     return frame.data.astype(np.float32)
 
 
@@ -93,10 +91,10 @@ class Darkfield(Routine):
     name: str = "darkfield"
     frames: int = 8
 
-    async def _run(self, engine: Engine, **kw: Any) -> dict[str, Any]:
+    async def _run(self, engine: Acquisition, **kw: Any) -> dict[str, Any]:
         col = _column(engine)
         self.enter("BLANK")
-        await engine._device("blank beam", col.blank, "column")
+        await engine.call_device("blank beam", col.blank, "column")
         try:
             self.enter("COLLECT")
             acc = None
@@ -107,7 +105,7 @@ class Darkfield(Routine):
             dark = acc / self.frames
         finally:
             self.enter("UNBLANK")
-            await engine._device("unblank beam", col.unblank, "column")
+            await engine.call_device("unblank beam", col.unblank, "column")
         self.enter("STORE")
         return {"file": self._save(engine, "dark.tif", dark), "mean": float(dark.mean()),
                 "std": float(dark.std()), "frames": self.frames}
@@ -121,14 +119,14 @@ class Brightfield(Routine):
     name: str = "brightfield"
     frames: int = 7
 
-    async def _run(self, engine: Engine, *, film_points_nm: Sequence[tuple[float, float]] = (), **kw: Any,
+    async def _run(self, engine: Acquisition, *, film_points_nm: Sequence[tuple[float, float]] = (), **kw: Any,
                    ) -> dict[str, Any]:
         if len(film_points_nm) < 3:
             raise CalibrationFailed(f"need 3 film positions free of tissue, the overview gave {len(film_points_nm)}")
         self.enter("SWEEP")
         frames = []
         for i, (y, x) in enumerate(list(film_points_nm)[: self.frames]):
-            frame, _, _ = await engine._expose(TilePlan(-1, i, y, x))
+            frame, _, _ = await engine.expose_at(TilePlan(-1, i, y, x))
             frames.append(frame.data.astype(np.float32))
         self.enter("COMBINE")
         dark = _stored(engine, "dark.tif")
@@ -152,11 +150,11 @@ class AutoExposure(Routine):
     max_iterations: int = 5
     max_ms: float = 1000.0
 
-    async def _run(self, engine: Engine, *, film_point_nm: tuple[float, float] | None = None, **kw: Any,
+    async def _run(self, engine: Acquisition, *, film_point_nm: tuple[float, float] | None = None, **kw: Any,
                    ) -> dict[str, Any]:
         cam = engine.scope.camera
         if film_point_nm is not None:
-            await engine._expose(TilePlan(-1, -1, *film_point_nm))
+            await engine.expose_at(TilePlan(-1, -1, *film_point_nm))
         exposure = engine.exposure_ms
         dark = _stored(engine, "dark.tif")
         offset = float(dark.mean()) if dark is not None else 0.0
@@ -169,7 +167,7 @@ class AutoExposure(Routine):
             self.enter("ADJUST")
             want = (self.target[0] + self.target[1]) / 2
             exposure = float(np.clip(exposure * want / max(level, 1.0), 0.01, self.max_ms))
-            await engine._device("set exposure", lambda e=exposure: cam.set_exposure(e), "camera")
+            await engine.call_device("set exposure", lambda e=exposure: cam.set_exposure(e), "camera")
         raise CalibrationFailed(f"level not in {self.target} after {self.max_iterations} tries "
                                 f"(exposure {exposure:g} ms)")
 
@@ -182,16 +180,16 @@ class Autofocus(Routine):
     step_nm: float = 200.0
     steps: int = 4                      # each side of the present focus
 
-    async def _run(self, engine: Engine, *, at_nm: tuple[float, float] | None = None, **kw: Any) -> dict[str, Any]:
+    async def _run(self, engine: Acquisition, *, at_nm: tuple[float, float] | None = None, **kw: Any) -> dict[str, Any]:
         col = _column(engine)
-        start = (await engine._device("column status", col.status, "column")).focus_nm
+        start = (await engine.call_device("column status", col.status, "column")).focus_nm
         if at_nm is not None:
-            await engine._expose(TilePlan(-1, -1, *at_nm))
+            await engine.expose_at(TilePlan(-1, -1, *at_nm))
         self.enter("SWEEP")
         zs = start + self.step_nm * np.arange(-self.steps, self.steps + 1)
         scores = []
         for z in zs:
-            await engine._device(f"focus {z:.0f} nm", lambda z=z: col.set_focus(float(z)), "column")
+            await engine.call_device(f"focus {z:.0f} nm", lambda z=z: col.set_focus(float(z)), "column")
             scores.append(focus_score(await _frame(engine))[0])
         self.enter("FIT")
         k = int(np.argmax(scores))
@@ -202,7 +200,7 @@ class Autofocus(Routine):
             if denom < 0:
                 best += 0.5 * (a - c) / denom * self.step_nm
         self.enter("SET")
-        await engine._device(f"focus {best:.0f} nm", lambda: col.set_focus(best), "column")
+        await engine.call_device(f"focus {best:.0f} nm", lambda: col.set_focus(best), "column")
         if k in (0, len(zs) - 1):
             engine.bus.emit(Alarm("autofocus", f"best focus at the end of the sweep ({best:.0f} nm): "
                                   "focus may lie beyond it", "warning"))
@@ -210,7 +208,7 @@ class Autofocus(Routine):
                 "gain": float(max(scores) / max(min(scores), 1e-12))}
 
 
-def _stored(engine: Engine, name: str) -> np.ndarray | None:
+def _stored(engine: Acquisition, name: str) -> np.ndarray | None:
     p = engine.store.dir / CAL_DIR / name
     return tifffile.imread(p).astype(np.float32) if p.exists() else None
 
@@ -228,11 +226,11 @@ class CalibrationSuite:
     autofocus: Autofocus = field(default_factory=Autofocus)
     _film_done: bool = False
 
-    async def prepare(self, engine: Engine) -> None:
+    async def prepare(self, engine: Acquisition) -> None:
         if "darkfield" in self.names and "darkfield" not in engine.progress.calibrations:
             await self.darkfield.run(engine)
 
-    async def before_section(self, engine: Engine, plan: SectionPlan,
+    async def before_section(self, engine: Acquisition, plan: SectionPlan,
                              film_points_nm: Sequence[tuple[float, float]]) -> None:
         done = engine.progress.calibrations
         if not self._film_done and film_points_nm:
@@ -245,6 +243,6 @@ class CalibrationSuite:
             t = plan.tiles[len(plan.tiles) // 2]
             await self.autofocus.run(engine, at_nm=(t.y_nm, t.x_nm))
 
-    async def refocus(self, engine: Engine) -> None:
+    async def refocus(self, engine: Acquisition) -> None:
         if "autofocus" in self.names:
             await self.autofocus.run(engine)

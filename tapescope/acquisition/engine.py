@@ -19,13 +19,14 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from tapescope.hardware.errors import DeviceError, DeviceTimeout
 from tapescope.hardware.scope import Scope
 
+from .acquisition import Acquisition, Planner, SlotVerdict
 from .calibration import CalibrationSuite
 from .events import (
     Alarm,
@@ -89,25 +90,14 @@ class EngineSettings:
     overlap_readout: bool = True
 
 
-@dataclass(frozen=True)
-class SlotVerdict:
-    """A slot the planner will not image: empty, damaged, ... (recorded, not fatal)."""
-
-    status: str
-    message: str
-
-
-class Planner(Protocol):
-    async def plan(self, engine: Engine, slot: int, barcode: str) -> SectionPlan | SlotVerdict: ...
-
-
 @dataclass
 class GridPlanner:
     """The same fixed grid on every slot (the demo's plan)."""
 
     grid: list[TilePlan]
+    film_points: dict[int, list[tuple[float, float]]] = field(default_factory=dict)   # none: no overview
 
-    async def plan(self, engine: Engine, slot: int, barcode: str) -> SectionPlan:
+    async def plan(self, run: Acquisition, slot: int, barcode: str) -> SectionPlan:
         return SectionPlan(slot, barcode, tuple(self.grid))
 
 
@@ -225,7 +215,7 @@ class Engine:
         self.store.log_event("state", old=old.value, new=new.value, reason=reason, time=time.time())
         self.bus.emit(StateChanged(old.value, new.value, reason))
 
-    async def _boundary(self) -> None:
+    async def boundary(self) -> None:
         """A tile boundary: where abort, skip and pause take effect. Before any of them, the
         tile being written is made durable: a paused or aborted run has stored all it took."""
         if self._abort_requested or self._pause_requested or self._skip_requested:
@@ -266,7 +256,7 @@ class Engine:
         await self._paused(self._pause_requested)
 
     # -- device calls: timeout, retry with reconnect, then pause or fail --------------------
-    async def _device(self, what: str, fn: Callable[[], Awaitable[T]], device: str = "") -> T:
+    async def call_device(self, what: str, fn: Callable[[], Awaitable[T]], device: str = "") -> T:
         s = self.settings
         while True:
             last: DeviceError | None = None
@@ -365,7 +355,7 @@ class Engine:
             if self._abort_requested is not None:
                 raise _Abort(self._abort_requested)
             self._set_state(RunState.PREPARING, "run started")
-            await self._boundary()
+            await self.boundary()
             await self._prepare()
             self._set_state(RunState.ACQUIRING, "prepared")
             for slot in self.slots:
@@ -441,8 +431,8 @@ class Engine:
 
     async def _prepare(self) -> None:
         cam = self.scope.camera
-        await self._device("set exposure", lambda: cam.set_exposure(self.exposure_ms), "camera")
-        await self._device("arm camera", cam.arm, "camera")
+        await self.call_device("set exposure", lambda: cam.set_exposure(self.exposure_ms), "camera")
+        await self.call_device("arm camera", cam.arm, "camera")
         if self.calibration is not None:
             await self.calibration.prepare(self)
 
@@ -461,8 +451,8 @@ class Engine:
         TAPE_RESEEKS times; returns what the reader sees last."""
         tape = self.scope.tape
         for attempt in range(TAPE_RESEEKS + 1):
-            await self._device(f"tape to slot {slot}", lambda: tape.goto(slot), "tape")
-            at, barcode = await self._device("read barcode", tape.barcode, "tape")
+            await self.call_device(f"tape to slot {slot}", lambda: tape.goto(slot), "tape")
+            at, barcode = await self.call_device("read barcode", tape.barcode, "tape")
             if at == slot:
                 return at, barcode
             if attempt < TAPE_RESEEKS:
@@ -477,16 +467,16 @@ class Engine:
         column = getattr(self.scope, "column", None)
         if column is None:
             return
-        st = await self._device("column status", column.status, "column")
+        st = await self.call_device("column status", column.status, "column")
         if not st.beam_on:
             self._alarm("column", f"slot {slot}: no beam before the section (high tension {st.high_tension}, "
                         f"{'blanked' if st.blanked else 'not blanked'}): restoring it", "warning")
-            await self._device("restore beam", column.ensure_beam, "column")
+            await self.call_device("restore beam", column.ensure_beam, "column")
 
     async def _section(self, slot: int, *, reimage: bool = False) -> None:
         self._current_slot = slot
         try:
-            await self._boundary()
+            await self.boundary()
             await self._section_body(slot, reimage)
         except _Skip as exc:
             prog = self.progress.slot(slot)
@@ -530,7 +520,7 @@ class Engine:
                                      tuple((t.row, t.col, t.y_nm, t.x_nm) for t in plan.tiles),
                                      (h * px, w * px), plan.roi_source))
         if self.calibration is not None and todo:
-            film = getattr(self.planner, "film_points", {}).get(slot, [])
+            film = self.planner.film_points.get(slot, [])
             await self.calibration.before_section(self, plan, film)
         while (why := self._check_disk(len(todo))) is not None:
             await self._pause_with_alarm("disk", why)
@@ -539,7 +529,7 @@ class Engine:
         flagged = False
         try:
             for i, tile in enumerate(todo):
-                await self._boundary()
+                await self.boundary()
                 nxt = todo[i + 1] if i + 1 < len(todo) else None
                 decision = await self._tile(slot, barcode, tile, index_of[(tile.row, tile.col)],
                                             len(plan.tiles), focus_ref, nxt)
@@ -688,17 +678,17 @@ class Engine:
                 return await task
             return await stage.move_to(tile.x_nm, tile.y_nm)
 
-        await self._device(f"stage to ({tile.x_nm:.0f}, {tile.y_nm:.0f}) nm", go, "stage")
+        await self.call_device(f"stage to ({tile.x_nm:.0f}, {tile.y_nm:.0f}) nm", go, "stage")
 
-    async def _expose(self, tile: TilePlan, nxt: TilePlan | None = None) -> tuple[Any, float, float]:
+    async def expose_at(self, tile: TilePlan, nxt: TilePlan | None = None) -> tuple[Any, float, float]:
         stage, cam = self.scope.stage, self.scope.camera
         await self._move(tile)
-        x_nm, y_nm = await self._device("stage position", stage.position, "stage")
+        x_nm, y_nm = await self.call_device("stage position", stage.position, "stage")
         self.bus.emit(DeviceStatus("stage", {"x_nm": x_nm, "y_nm": y_nm}, moving=False))
         if not self.settings.overlap_readout or not hasattr(cam, "expose"):
-            frame = await self._device("camera trigger", cam.trigger, "camera")
+            frame = await self.call_device("camera trigger", cam.trigger, "camera")
             return frame, x_nm, y_nm
-        await self._device("camera expose", cam.expose, "camera")
+        await self.call_device("camera expose", cam.expose, "camera")
         # The exposure is over: the stage may leave while the sensor reads out.
         if nxt is not None:
             self._start_premove(nxt)
@@ -719,7 +709,7 @@ class Engine:
 
         # Named as the one-exchange trigger is: the journal and the alarms say "camera trigger"
         # for a lost frame either way (the run report and its readers need not know the split).
-        frame = await self._device("camera trigger", read, "camera")
+        frame = await self.call_device("camera trigger", read, "camera")
         return frame, where[0], where[1]
 
     async def _tile(
@@ -731,7 +721,7 @@ class Engine:
         attempt = 0
         while True:
             attempt += 1
-            frame, x_nm, y_nm = await self._expose(tile, nxt)
+            frame, x_nm, y_nm = await self.expose_at(tile, nxt)
             # QC in a worker thread (OpenCV and NumPy release the GIL): the loop stays free for
             # the devices' I/O and the previous tile's write.
             qc = await asyncio.to_thread(evaluate, frame.data, limits, reference_focus=focus_ref.value,
@@ -750,7 +740,7 @@ class Engine:
                 # No electrons: a tripped high tension or a blanked beam. Bring it back, retake.
                 self._alarm("column", f"dark frame at slot {slot} r{tile.row} c{tile.col}: "
                                     "restoring the beam (reset, high tension, unblank)", "warning")
-                await self._device("restore beam", column.ensure_beam, "column")
+                await self.call_device("restore beam", column.ensure_beam, "column")
             if "focus" in qc.faults:
                 if self.calibration is not None:
                     await self.calibration.refocus(self)

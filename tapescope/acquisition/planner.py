@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
+from .acquisition import Acquisition, SlotVerdict
 from .events import OverviewAvailable
 from .plan import SectionPlan, TilePlan
 from .roi import Overview, Polygon, TissueLimits, film_points, find_tissue, tiles_covering
-
-if TYPE_CHECKING:
-    from .engine import Engine, SlotVerdict
 
 OVERVIEW_BIN = 8
 
@@ -51,8 +49,7 @@ class RoiPlanner:
         th, tw = self.tile_px[0] * self.pixel_nm, self.tile_px[1] * self.pixel_nm
         return (max(ys) - min(ys) + th, max(xs) - min(xs) + tw)
 
-    async def plan(self, engine: Engine, slot: int, barcode: str) -> SectionPlan | SlotVerdict:
-        from .engine import SlotVerdict
+    async def plan(self, engine: Acquisition, slot: int, barcode: str) -> SectionPlan | SlotVerdict:
 
         poly = self.polygons.get(str(slot), self.polygons.get("*"))
         if poly is not None:
@@ -70,7 +67,7 @@ class RoiPlanner:
         tiles = tiles_covering(found.outline_nm, self.tile_px, self.pixel_nm, self.overlap)
         return SectionPlan(slot, barcode, tuple(tiles), found.outline_nm, "auto")
 
-    async def overview(self, engine: Engine, slot: int) -> Overview:
+    async def overview(self, engine: Acquisition, slot: int) -> Overview:
         column = getattr(engine.scope, "column", None)
         if column is not None and getattr(column, "magnifications", None):
             ov = await self._overview_low_mag(engine, column)
@@ -79,24 +76,24 @@ class RoiPlanner:
         engine.bus.emit(OverviewAvailable(slot, ov.image, ov.origin_nm, ov.pixel_nm))
         return ov
 
-    async def _overview_low_mag(self, engine: Engine, column: Any) -> Overview:
+    async def _overview_low_mag(self, engine: Acquisition, column: Any) -> Overview:
         """One frame at the highest magnification whose field holds the whole search area."""
-        imaging = (await engine._device("column status", column.status, "column")).magnification
+        imaging = (await engine.call_device("column status", column.status, "column")).magnification
         h_nm, w_nm = self.search_box()
         fov = np.array(self.tile_px, float) * self.pixel_nm * imaging
         fits = [m for m in column.magnifications if np.all(fov / m >= (h_nm, w_nm))]
         mag = max(fits) if fits else min(column.magnifications)
         try:
-            await engine._device(f"magnification {mag:g}", lambda: column.set_magnification(mag), "column")
-            frame, _, _ = await engine._expose(TilePlan(0, 0, 0.0, 0.0))
+            await engine.call_device(f"magnification {mag:g}", lambda: column.set_magnification(mag), "column")
+            frame, _, _ = await engine.expose_at(TilePlan(0, 0, 0.0, 0.0))
         finally:
-            await engine._device(f"magnification {imaging:g}", lambda: column.set_magnification(imaging), "column")
+            await engine.call_device(f"magnification {imaging:g}", lambda: column.set_magnification(imaging), "column")
         pix = self.pixel_nm * imaging / mag
         img = frame.data.astype(np.float32)
         h, w = img.shape
         return Overview(img, (-h * pix / 2, -w * pix / 2), pix)
 
-    async def _overview_mosaic(self, engine: Engine) -> Overview:
+    async def _overview_mosaic(self, engine: Acquisition) -> Overview:
         h_nm, w_nm = self.search_box()
         th, tw = self.tile_px[0] * self.pixel_nm, self.tile_px[1] * self.pixel_nm
         rows, cols = max(1, math.ceil(h_nm / th)), max(1, math.ceil(w_nm / tw))
@@ -107,8 +104,8 @@ class RoiPlanner:
         for r in range(rows):
             order = range(cols) if r % 2 == 0 else range(cols - 1, -1, -1)
             for c in order:
-                await engine._boundary()          # an overview can take a while: stay controllable
-                frame, _, _ = await engine._expose(TilePlan(r, c, y0 + r * th, x0 + c * tw))
+                await engine.boundary()          # an overview can take a while: stay controllable
+                frame, _, _ = await engine.expose_at(TilePlan(r, c, y0 + r * th, x0 + c * tw))
                 small[(r, c)] = cv2.resize(frame.data.astype(np.float32), (bw, bh), interpolation=cv2.INTER_AREA)
         # Vignetting is the same in every frame: the median of the mean-normalised frames.
         stack = np.stack([s / max(float(np.median(s)), 1e-6) for s in small.values()])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from tapescope.acquisition.events import EventBus
 from tapescope.config import TapescopeConfig
 
 from .model import RunModel, allowed
+from .plans import plan_of
 from .session import LocalSession, SimFault
 
 
@@ -35,20 +35,12 @@ class LocalController:
             self.session.command(verb)
 
 
-def plan_of(cfg: TapescopeConfig) -> tuple[list[tuple[int, int, float, float]], tuple[float, float]]:
-    from tapescope.runner import plan_grid
-
-    cam = cfg.scope.camera
-    grid = [(t.row, t.col, t.y_nm, t.x_nm) for t in plan_grid(cfg)]
-    return grid, (cam.height * cam.pixel_size_nm, cam.width * cam.pixel_size_nm)
-
-
 def run_gui(cfg: TapescopeConfig, out_root: Path, *, start: bool = False, fault: SimFault | None = None,
             screenshot: Path | None = None, after_s: float = 3.0) -> int:
     """Open the window and run Qt's loop until it closes (or the screenshot is taken)."""
     from PySide6 import QtCore, QtWidgets
 
-    from .window import MainWindow
+    from .window import MainWindow, exec_window
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     bus = EventBus()
@@ -63,26 +55,6 @@ def run_gui(cfg: TapescopeConfig, out_root: Path, *, start: bool = False, fault:
     session.abort()
     session.join(30)
     win.shutdown()
-    return code
-
-
-def exec_window(app: Any, win: Any, screenshot: Path | None, after_s: float) -> int:
-    """Run Qt's loop until the window closes, or until SCREENSHOT is saved AFTER_S seconds in; the exit code."""
-    from PySide6 import QtCore
-
-    code = 0
-    if screenshot is not None:
-        def shoot() -> None:
-            nonlocal code
-            try:
-                win.screenshot(screenshot)
-            except OSError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                code = 1
-            app.quit()
-
-        QtCore.QTimer.singleShot(int(after_s * 1000), shoot)
-    app.exec()
     return code
 
 

@@ -411,25 +411,11 @@ class MqttController:
         self.link.send(verb, "from the GUI")
 
 
-def plan_from_run_dir(run_dir: str) -> tuple[list[tuple[int, int, float, float]], tuple[float, float]] | None:
-    """The configured tile grid of a run whose directory this machine can read (else None)."""
-    from tapescope.config import ConfigError, parse_config
-
-    from .app import plan_of
-
-    path = Path(run_dir) / "config.json"
-    try:
-        return plan_of(parse_config(json.loads(path.read_text()), str(path)))
-    except (OSError, ValueError, ConfigError):
-        return None
-
-
 def run_remote_gui(target: MqttTarget, *, screenshot: Path | None = None, after_s: float = 3.0) -> int:
     """Open the window attached to TARGET and run Qt's loop until it closes (or the screenshot is taken)."""
     from PySide6 import QtWidgets
 
-    from .app import exec_window
-    from .window import MainWindow
+    from .window import MainWindow, exec_window
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     bus = EventBus()

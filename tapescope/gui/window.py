@@ -11,11 +11,12 @@ GIL taken), and a deque needs neither Qt's locks nor the GIL dance. Panels are r
 from __future__ import annotations
 
 import logging
+import sys
 import webbrowser
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PySide6 import QtCore, QtWidgets
@@ -212,7 +213,7 @@ class MainWindow(QtWidgets.QMainWindow):
     def _attach_run_dir(self, run_dir: str) -> None:
         """Attached over MQTT to a run whose directory this machine can read (the same host, a
         shared disk): tiles are shown from it and the map gets the configured grid."""
-        from .remote import plan_from_run_dir
+        from .plans import plan_from_run_dir
 
         if not (Path(run_dir) / "journal.jsonl").is_file():
             self.on_event(Alarm("gui", f"run directory {run_dir} is not readable here: no tile images, "
@@ -307,3 +308,20 @@ class MainWindow(QtWidgets.QMainWindow):
         if not self.grab().save(str(path)):
             raise OSError(f"could not write a screenshot to {path}")
 
+
+def exec_window(app: Any, win: Any, screenshot: Path | None, after_s: float) -> int:
+    """Run Qt's loop until the window closes, or until SCREENSHOT is saved AFTER_S seconds in; the exit code."""
+    code = 0
+    if screenshot is not None:
+        def shoot() -> None:
+            nonlocal code
+            try:
+                win.screenshot(screenshot)
+            except OSError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                code = 1
+            app.quit()
+
+        QtCore.QTimer.singleShot(int(after_s * 1000), shoot)
+    app.exec()
+    return code
