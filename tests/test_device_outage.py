@@ -4,6 +4,7 @@ answers again. Over the simulator's real transports (TCP camera, pty tape)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,28 @@ async def test_column_faults_are_reached_by_a_grid_run_and_recovered(tmp_path: P
         assert fired == [fault]
         assert result.summary.state.value == "done", result.summary.reason
         assert "recovering" in [e.new for e in events if isinstance(e, StateChanged)]
+
+
+async def test_an_operator_pause_during_recovery_is_not_resumed_by_the_probe(tmp_path: Path) -> None:
+    cfg = config(retry_window_s=0.5, device_retries=1, device_probe_s=0.2)
+    bus, events = EventBus(), list[Event]()
+    bus.subscribe(events.append)
+    engines: list[Any] = []
+
+    def on(ev: Event) -> None:
+        if isinstance(ev, StateChanged) and ev.new == "recovering" and engines:
+            engines[0].pause("operator")          # the operator asks for a pause meanwhile
+        if isinstance(ev, StateChanged) and ev.new == "paused" and engines:
+            # ... and resumes it themselves, once the run shows it paused.
+            asyncio.get_running_loop().call_soon(engines[0].resume, "operator")
+
+    bus.subscribe(on)
+    # Down for longer than the retry window: the device pause comes while the operator's is asked.
+    result = await run_acquisition(cfg, tmp_path / "run", bus, on_engine=engines.append,
+                                   on_sim=lambda sim: sim.world.inject("camera_disconnect", after=8, down_s=3.0))
+    assert result.summary.state.value == "done", result.summary.reason
+    alarms = [a.message for a in events if isinstance(a, Alarm) and a.source == "camera"]
+    assert any("paused, as was asked" in m for m in alarms)
+    assert not any("answers again" in m for m in alarms)        # the probe did not take the operator's pause
+    resumed = [e.reason for e in events if isinstance(e, StateChanged) and e.old == "paused"]
+    assert resumed and all(r == "operator" for r in resumed)

@@ -89,6 +89,12 @@ def test_certs_command_makes_owner_only_keys_and_keeps_the_ca_on_renewal(tmp_pat
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and (d / "ca.crt").read_bytes() == ca_before       # renewal keeps the CA
     assert (d / "broker.crt").read_bytes() != broker_before                     # and makes the rest anew
+    key = (d / "ca.key").read_bytes()
+    (d / "ca.key").unlink()                        # kept offline, as it should be: no silent new CA
+    half = subprocess.run([sys.executable, "-m", "tapescope.cli", "mqtt", "certs", str(d)],
+                          capture_output=True, text=True, timeout=60)
+    assert half.returncode == 2 and "ca.key is not" in half.stderr and (d / "ca.crt").read_bytes() == ca_before
+    (d / "ca.key").write_bytes(key)
     bad = subprocess.run([sys.executable, "-m", "tapescope.cli", "mqtt", "certs", str(d), "--client", "admin"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "admin" in bad.stderr and "Traceback" not in bad.stderr

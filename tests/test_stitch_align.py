@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 from typer.testing import CliRunner
 
@@ -60,3 +61,13 @@ def test_align_refuses_what_is_not_a_section(tmp_path: Path) -> None:
     res = runner.invoke(app, ["align", str(tmp_path / "empty"), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "neither a stack folder" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_montages_of_different_pixel_types_are_refused(tmp_path: Path) -> None:
+    from tapescope.montage.omezarr import Volume
+    from tapescope.montage.stack import StackError, read_sections
+
+    for name, dtype in (("a", "uint8"), ("b", "uint16")):
+        Volume.create(tmp_path / name / "montage.zarr", (1, 64, 64), pixel_nm=4.0, thickness_nm=40.0, dtype=dtype)
+    with pytest.raises(StackError, match="uint16, uint8"):
+        read_sections([tmp_path / "a", tmp_path / "b"])

@@ -121,3 +121,18 @@ def test_a_tile_flat_fielded_as_it_is_read_equals_the_whole_correction() -> None
         assert np.array_equal(np.asarray(lazy), whole)
     with pytest.raises(ValueError, match="flat-field shape"):
         FlatFielded(raw, gain[:10], 0.0)
+
+
+def test_a_narrow_overlap_of_unrelated_tiles_is_refused_as_chance() -> None:
+    """Unrelated texture on a 24 px strip: the search across the strip keeps the cut that agrees
+    best, so the chance floor must be that of the overlap checked, and no pair may pass."""
+    import cv2
+
+    from tapescope.stitching.register import register_pair
+
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        a, b = (cv2.GaussianBlur(rng.normal(1000, 100, (256, 256)).astype(np.float32), (0, 0), 1.5)
+                for _ in range(2))
+        shift = register_pair(a, b, (0.0, 232.0))
+        assert shift is None or shift.confidence == 0.0, (seed, shift)

@@ -88,3 +88,22 @@ async def test_a_tem_that_does_not_answer_is_a_clear_error() -> None:
     col = TemscriptColumn(f"http://127.0.0.1:{free_port()}", timeout_s=1.0)
     with pytest.raises(DeviceError, match=r"no answer from http://127\.0\.0\.1"):
         await asyncio.wait_for(col.connect(), 10)
+
+
+async def test_a_tem_that_accepts_but_never_answers_is_a_timeout_not_a_crash() -> None:
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)            # takes the request, says nothing, keeps the line open
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(DeviceError, match="no answer"):
+            await asyncio.wait_for(TemscriptColumn(f"http://127.0.0.1:{port}", timeout_s=0.5).connect(), 10)
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()

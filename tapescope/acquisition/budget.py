@@ -54,6 +54,13 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
+def _device_of(path: Path) -> int:
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.stat(p).st_dev
+
+
 def available_memory() -> int:
     """Memory a new allocation can have without swapping (MemAvailable), in bytes."""
     try:
@@ -105,7 +112,9 @@ def plan_problem(cfg: TapescopeConfig, run_dir: Path | None = None) -> str | Non
     if cfg.processing.enabled:
         scratch_dir = cfg.processing.scratch or run_dir
         scratch = canvas_px * SCRATCH_BYTES_PER_PX
-        if scratch + need > _free_bytes(scratch_dir):
+        # The tiles and the reserve count against the scratch disk only where it is the run's.
+        shared = _device_of(scratch_dir) == _device_of(run_dir)
+        if scratch + (need if shared else 0) > _free_bytes(scratch_dir):
             return (f"processing: a section's alignment scratch is {_gb(scratch)}, more than {scratch_dir} "
                     f"has free besides the tiles ({_gb(_free_bytes(scratch_dir))} free); set "
                     "processing.scratch to a larger disk or processing.enabled = false")

@@ -103,6 +103,7 @@ class GridPlanner:
 
 TAPE_RESEEKS = 2    # moves again after the reader saw the wrong slot, before the slot is given up
 RETRY_BACKOFF_MAX_S = 2.0
+MAX_AUTO_RESUMES = 3    # a device that comes back and fails again this often needs a person
 
 
 class _Abort(Exception):
@@ -162,6 +163,7 @@ class Engine:
         self._pending: asyncio.Task[None] | None = None   # the tile being written
         self._premove: tuple[TilePlan, asyncio.Task[None]] | None = None   # the move to the next tile
         self._waiting_for_processing = False     # the watchdog expects no tiles meanwhile
+        self._auto_resumes: dict[str, int] = {}  # device -> resumes after it answered a probe
 
     async def _flush(self) -> None:
         pending, self._pending = self._pending, None
@@ -297,16 +299,26 @@ class Engine:
                 raise _Fatal(message) from last
             # Pause, the tape and the plan kept; on resume (the operator's, or the device
             # answering a probe), try the same step again from the start.
-            probe = asyncio.create_task(self._probe(last.device), name=f"engine-probe-{last.device}")
+            # The run resumes by itself only where nobody else asked for the pause meanwhile.
+            asked = self._pause_requested is not None
+            auto = self._auto_resumes.get(last.device, 0) < MAX_AUTO_RESUMES and not asked
+            if auto:
+                text = (f"{message}; paused: fix it and resume (the run also resumes by itself once the "
+                        f"{last.device} answers again)")
+            elif asked:
+                text = f"{message}; paused, as was asked: resume once it is fixed"
+            else:
+                text = f"{message}; paused: it came back and failed again {MAX_AUTO_RESUMES} times: needs a person"
+            probe = asyncio.create_task(self._probe(last.device, f"{last.device}: {text}") if auto
+                                        else asyncio.sleep(0), name=f"engine-probe-{last.device}")
             try:
-                await self._pause_with_alarm(last.device, message + "; paused: fix it and resume (the run "
-                                             f"also resumes by itself once the {last.device} answers again)")
+                await self._pause_with_alarm(last.device, text)
             finally:
                 probe.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await probe
 
-    async def _reconnect(self, device: str) -> bool:
+    async def _reconnect(self, device: str, *, clear_jam: bool = True) -> bool:
         """Close and reopen a device's connection and bring it back to where the run needs it
         (the camera's exposure and arm; a jammed tape cleared). Whether it answers."""
         dev = getattr(self.scope, device, None)
@@ -319,7 +331,7 @@ class Engine:
             if device == "camera":
                 await self.scope.camera.set_exposure(self.exposure_ms)
                 await self.scope.camera.arm()
-            elif device == "tape" and (await self.scope.tape.state()).state == "JAMMED":
+            elif device == "tape" and clear_jam and (await self.scope.tape.state()).state == "JAMMED":
                 # A jam the transport's own tension control did not clear: CLEAR it (the tape
                 # stays where it is) so that the move can be tried again.
                 st = await self.scope.tape.clear_jam()
@@ -331,13 +343,16 @@ class Engine:
             log.warning("reconnecting %s failed: %s", device, exc)
             return False
 
-    async def _probe(self, device: str) -> None:
-        """While paused for `device`: try it every device_probe_s; once it answers, resume."""
+    async def _probe(self, device: str, reason: str) -> None:
+        """While paused for `device` (pause `reason`): try it every device_probe_s; once it
+        answers, resume. Only this pause: an operator's pause, asked meanwhile, is theirs. A
+        jammed tape is not cleared from here (a person may be at the transport)."""
         while True:
             await asyncio.sleep(self.settings.device_probe_s)
-            if self._state is not RunState.PAUSED or self._pause_requested is None:
+            if self._state is not RunState.PAUSED or self._pause_requested != reason:
                 return
-            if await self._reconnect(device):
+            if await self._reconnect(device, clear_jam=False):
+                self._auto_resumes[device] = self._auto_resumes.get(device, 0) + 1
                 self._alarm(device, f"{device} answers again: resuming", "warning")
                 self.resume(f"{device} answers again")
                 return
@@ -388,6 +403,10 @@ class Engine:
         except DeviceError as exc:     # a device fault outside the retry wrapper (a bug, but reported)
             final, reason = RunState.FAILED, str(exc)
             self._alarm(exc.device, str(exc))
+        except Exception as exc:       # a bug: the run still ends (FAILED), said, and processing is released
+            log.exception("the run failed unexpectedly")
+            final, reason = RunState.FAILED, f"unexpected error: {type(exc).__name__}: {exc}"
+            self._alarm("engine", reason)
         finally:
             await self._drain_premove()
             self._hook_devices(False)

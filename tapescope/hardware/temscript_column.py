@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from .column import FOCUS_LIMIT_NM, ColumnState
 from .device import Device
@@ -56,7 +56,8 @@ class TemscriptColumn(Device):
                           connect_timeout=self.timeout_s, request_timeout=self.timeout_s)
         try:
             resp = await self._client.fetch(req, raise_error=False)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, HTTPClientError) as exc:
+            # tornado raises its own timeout and closed-stream errors even with raise_error=False.
             raise DeviceTimeout(self.name, f"{method} {endpoint}: no answer from {self.url} ({exc})") from None
         if resp.code == 599:
             raise DeviceTimeout(self.name, f"{method} {endpoint}: no answer from {self.url} ({resp.error})")

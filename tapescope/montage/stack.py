@@ -183,7 +183,7 @@ def read_sections(paths: Sequence[Path]) -> tuple[list[StackEntry], tuple[int, i
     if len(paths) == 1 and montage_of(paths[0]) is None:
         entries, shape = read_stack(paths[0])    # a stack folder, or what is wrong with it as one
         return entries, shape, None
-    entries, shapes, sizes = [], [], set()
+    entries, shapes, sizes, dtypes = [], [], set(), set()
     for z, p in enumerate(paths):
         m = montage_of(p)
         if m is None:
@@ -199,8 +199,12 @@ def read_sections(paths: Sequence[Path]) -> tuple[list[StackEntry], tuple[int, i
         if len(level.shape) != 3 or level.shape[0] != 1:
             raise StackError(f"{m}: expected one section (shape 1 x H x W), got {tuple(level.shape)}")
         sizes.add(float(scale[-1]))
+        dtypes.add(np.dtype(level.dtype).name)
         shapes.append(tuple(int(n) for n in level.shape[1:]))
         entries.append(StackEntry(z, m.resolve()))
+    if len(dtypes) > 1 or not dtypes <= {"uint8", "uint16"}:
+        raise StackError(f"the montages' pixel types are {', '.join(sorted(dtypes))}: the volume keeps one 8- or "
+                         "16-bit type, so stitch every section's tiles of one integer type")
     if len(sizes) > 1:
         raise StackError(f"the montages have different pixel sizes ({', '.join(f'{v:g}' for v in sorted(sizes))} nm): "
                          "stitch them at one pixel size")

@@ -75,6 +75,12 @@ def make_ca(directory: Path, *, days: int = CA_DAYS) -> Issued:
     cert_path, key_path = directory / "ca.crt", directory / "ca.key"
     if cert_path.exists() and key_path.exists():
         return Issued(cert_path, key_path)
+    if cert_path.exists() or key_path.exists():
+        # Half a CA (its key kept offline, as it should be): making a new one would silently
+        # break every client that trusts the old.
+        have, missing = (cert_path, key_path) if cert_path.exists() else (key_path, cert_path)
+        raise CertError(f"{have} is here but {missing} is not: put the CA's other half back to sign with it, "
+                        "or remove both to make a new CA (every client then needs the new ca.crt)")
     directory.mkdir(parents=True, exist_ok=True)
     key = _key()
     start, end = _validity(days, None)

@@ -170,7 +170,6 @@ def register_pair(
     sl = overlap_slices(a.shape, round(dy), round(dx))
     if sl is None:
         return None
-    floor = chance_agreement(a[sl[0]].shape)
     if min(a[sl[0]].shape) < NARROW_PX:
         # A narrow strip: a stage error across it is a large part of its width, and the
         # windowed correlation cannot see it. Search that axis, keep the cut that agrees best.
@@ -201,6 +200,7 @@ def register_pair(
             return PairShift(dy, dx, 0.0, LOST)
         ca, cb = band_pass(a[sl[0]], backend), band_pass(b[sl[1]], backend)
         conf = ncc(backend.to_host(ca), backend.to_host(cb))
+        floor = chance_agreement(ca.shape)      # of the overlap checked, not the nominal one
         if conf < floor:
             return PairShift(ndy, ndx, 0.0, f"chance agreement: NCC {conf:.2f}, below the {floor:.2f} that "
                              f"unrelated texture reaches on an overlap of {sl[0][0].stop - sl[0][0].start} x "
@@ -234,6 +234,9 @@ def _search_across(a: np.ndarray, b: np.ndarray, nominal: tuple[float, float], b
         sy, sx, _ = phase_correlate(backend.asarray(a[cs[0]]), backend.asarray(b[cs[1]]), upsample=1,
                                     backend=backend)
         cand = (round(cut[0] + sy), round(cut[1] + sx))
+        # Beyond the stage's error from the nominal, a peak is chance, however well it agrees.
+        if max(abs(cand[0] - nominal[0]), abs(cand[1] - nominal[1])) > 2 * NARROW_SEARCH_PX:
+            continue
         cc = overlap_slices(a.shape, *cand)
         if cc is None:
             continue

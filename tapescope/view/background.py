@@ -24,6 +24,7 @@ class BackgroundViewer:
         if self._error is not None:
             raise self._error
         if self._server is None:
+            self.stop(0)           # whatever starts later is stopped with it
             raise TimeoutError(f"the view server for {volume} did not start")
 
     @property

@@ -128,6 +128,12 @@ def serve(volume_path: Path, port: int = 0, host: str = "127.0.0.1") -> ViewServ
     ])
     server.http = tornado.httpserver.HTTPServer(app)
     server.http.add_sockets(sockets)
-    server.opened_on = server.state()
-    server.viewer_url = neuroglancer_viewer(server.opened_on)
+    try:
+        server.opened_on = server.state()
+        server.viewer_url = neuroglancer_viewer(server.opened_on)
+    except BaseException:
+        server.stop()              # a failed start leaves no socket listening
+        for sock in sockets:
+            sock.close()
+        raise
     return server
