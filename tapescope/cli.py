@@ -75,7 +75,7 @@ def _load(path: Path | None) -> TapescopeConfig:
 @config_app.command("check")
 def config_check(file: Path = typer.Argument(..., help="TOML config file to validate")) -> None:
     """Validate a config file without touching any hardware."""
-    from tapescope.acquisition.budget import TILE_BYTES_PER_PX, plan_problem, tiles_per_section
+    from tapescope.acquisition.budget import plan_problem, section_bytes, tiles_per_section
 
     cfg = _load(file)
     if (problem := plan_problem(cfg)) is not None:
@@ -85,7 +85,7 @@ def config_check(file: Path = typer.Argument(..., help="TOML config file to vali
     n = tiles_per_section(cfg)
     console.print(f"[green]ok[/]: {file} ({sim} scope '{cfg.scope.name}', "
                   f"{len(cfg.run.slots)} slots, grid {cfg.run.grid[0]}x{cfg.run.grid[1]}; up to {n} tiles, "
-                  f"{n * cam.height * cam.width * TILE_BYTES_PER_PX / 1e9:.2f} GB a section)")
+                  f"{section_bytes(n, (cam.height, cam.width)) / 1e9:.2f} GB a section)")
 
 
 @app.command()

@@ -46,19 +46,31 @@ def tiles_per_section(cfg: TapescopeConfig) -> int:
     return n
 
 
-def _free_bytes(path: Path) -> int:
-    """Free space on the file system that `path` is on (or would be on, once created)."""
+def section_bytes(n_tiles: int, tile_hw: tuple[int, int]) -> int:
+    """A section's raw tiles as stored, without file overhead."""
+    return n_tiles * tile_hw[0] * tile_hw[1] * TILE_BYTES_PER_PX
+
+
+def section_need(n_tiles: int, tile_hw: tuple[int, int]) -> int:
+    """Disk a section's tiles take, file overhead included (DISK_MARGIN)."""
+    return int(section_bytes(n_tiles, tile_hw) * DISK_MARGIN)
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (where it would be created)."""
     p = path.resolve()
     while not p.exists() and p != p.parent:
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def _free_bytes(path: Path) -> int:
+    """Free space on the file system that `path` is on (or would be on, once created)."""
+    return shutil.disk_usage(_existing(path)).free
 
 
 def _device_of(path: Path) -> int:
-    p = path.resolve()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return os.stat(p).st_dev
+    return os.stat(_existing(path)).st_dev
 
 
 def available_memory() -> int:
@@ -101,7 +113,7 @@ def plan_problem(cfg: TapescopeConfig, run_dir: Path | None = None) -> str | Non
         return None
     cam, r = cfg.scope.camera, cfg.run
     n = tiles_per_section(cfg)
-    section = n * cam.height * cam.width * TILE_BYTES_PER_PX * DISK_MARGIN
+    section = section_need(n, (cam.height, cam.width))
     need = section + r.min_free_gb * 1e9
     free = _free_bytes(run_dir)
     if need > free:
@@ -114,13 +126,15 @@ def plan_problem(cfg: TapescopeConfig, run_dir: Path | None = None) -> str | Non
         scratch = canvas_px * SCRATCH_BYTES_PER_PX
         # The tiles and the reserve count against the scratch disk only where it is the run's.
         shared = _device_of(scratch_dir) == _device_of(run_dir)
-        if scratch + (need if shared else 0) > _free_bytes(scratch_dir):
+        scratch_free = _free_bytes(scratch_dir)
+        if scratch + (need if shared else 0) > scratch_free:
             return (f"processing: a section's alignment scratch is {_gb(scratch)}, more than {scratch_dir} "
-                    f"has free besides the tiles ({_gb(_free_bytes(scratch_dir))} free); set "
+                    f"has free besides the tiles ({_gb(scratch_free)} free); set "
                     "processing.scratch to a larger disk or processing.enabled = false")
     if cfg.scope.simulated:
         sim = canvas_px * SIM_BYTES_PER_PX * SIM_SECTIONS_HELD
-        if sim > available_memory():
+        memory = available_memory()
+        if sim > memory:
             return (f"run: the simulated specimen for a {ext[0] / 1e3:.0f} x {ext[1] / 1e3:.0f} um section needs "
-                    f"about {_gb(sim)} of memory, and {_gb(available_memory())} is available")
+                    f"about {_gb(sim)} of memory, and {_gb(memory)} is available")
     return None

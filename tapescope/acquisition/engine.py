@@ -27,6 +27,7 @@ from tapescope.hardware.errors import DeviceError, DeviceTimeout
 from tapescope.hardware.scope import Scope
 
 from .acquisition import Acquisition, Planner, SlotVerdict
+from .budget import section_need
 from .calibration import CalibrationSuite
 from .events import (
     Alarm,
@@ -457,7 +458,7 @@ class Engine:
 
     def _check_disk(self, n_tiles: int) -> str | None:
         h, w = self.tile_shape or getattr(self.scope.camera, "shape", (0, 0)) or (0, 0)
-        need = self.settings.min_free_bytes + int(n_tiles * h * w * 2 * 1.1)
+        need = self.settings.min_free_bytes + section_need(n_tiles, (h, w))
         free = shutil.disk_usage(self.store.dir).free
         if free < need:
             return (f"{free / 1e9:.2f} GB free in {self.store.dir}, the next section needs "
