@@ -38,6 +38,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from tapescope.graph import groups
+
 from .align import SectionAlignment
 from .flow import _second_differences
 from .transform import SectionTransform
@@ -360,21 +362,6 @@ def solve_stack(
     transforms = {z: _inverse(forward[z], dfield[z] if p.elastic else None, lay, shape, p.transform_stride)
                   for z in zs}
     return StackSolution(transforms, forward, residual, kept)
-
-
-def groups(zs: Sequence[int], links: Iterable[tuple[int, int]]) -> dict[int, int]:
-    """Each section's group (a representative z) under the links between sections."""
-    parent = {z: z for z in zs}
-
-    def root(z: int) -> int:
-        while parent[z] != z:
-            parent[z] = parent[parent[z]]
-            z = parent[z]
-        return z
-
-    for a, b in links:
-        parent[root(a)] = root(b)
-    return {z: root(z) for z in zs}
 
 
 def _connected(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> bool:

@@ -14,6 +14,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.linalg import spsolve
 
+from tapescope.graph import closed_loops
+
 PRIOR_WEIGHT = 1e-3        # a stage prior is worth 1/1000 of a confident pair
 MIN_CONFIDENCE = 0.2       # pairs below this NCC are not used at all
 OUTLIER_PX = 2.0           # residual above which the worst pair is dropped and the rest re-solved
@@ -42,25 +44,9 @@ class Solution:
 
     @property
     def loops(self) -> int:
-        """Independent closed loops among the used pairs (edges - vertices + components of
-        the graph they form): 0 means no pair is checked by any other, and the residual
-        after the solve says nothing about their accuracy."""
-        used = [(p_i, p_j) for (p_i, p_j), u in zip(self.pair_ends, self.pair_used, strict=True) if u]
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            while parent.setdefault(x, x) != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        merges = 0
-        for i, j in used:
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[ri] = rj
-                merges += 1
-        return len(used) - merges
+        """Independent closed loops among the used pairs: 0 means no pair is checked by any
+        other, and the residual after the solve says nothing about their accuracy."""
+        return closed_loops([e for e, u in zip(self.pair_ends, self.pair_used, strict=True) if u])
 
     @property
     def seams(self) -> np.ndarray:
