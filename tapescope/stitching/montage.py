@@ -13,6 +13,7 @@ import numpy as np
 
 from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume, pyramid_levels
+from tapescope.montage.pipeline import Canvas
 from tapescope.montage.transform import SectionTransform
 
 from .flatfield import FlatFielded
@@ -26,11 +27,9 @@ def render_montage(out: Path, tiles: Sequence[np.ndarray], positions: np.ndarray
                    lens: RadialDistortion | None = None, thickness_nm: float = 40.0,
                    info: dict | None = None) -> Path:
     """Render tiles at `positions` (top-left (y, x), px) into OUT (a new OME-Zarr folder)."""
-    h, w = tiles[0].shape
     pos = np.asarray(positions, float)
-    origin = np.floor(pos.min(axis=0))
-    extent = np.ceil(pos.max(axis=0) - origin + (h, w)).astype(int)
-    shape = (int(extent[0]), int(extent[1]))
+    canvas = Canvas.around(pos, tiles[0].shape, 0)
+    origin, shape = canvas.origin, canvas.shape
     dtype = np.dtype(tiles[0].dtype)
     volume = Volume.create(out, (1, *shape), pixel_nm=pixel_nm, thickness_nm=thickness_nm,
                            levels=pyramid_levels(shape), dtype=dtype.name if np.issubdtype(dtype, np.integer)
