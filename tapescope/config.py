@@ -44,8 +44,46 @@ class StageConfig(SerialPortConfig):
         "driver's soft limits; a plan whose tiles lie outside it is refused before the run starts")
 
 
+class TapeCameraConfig(_Model):
+    """GridTape's tape camera (hardware/barcode_camera.py): where it is and its calibration."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        None, description="TCP port of its frame server; None means 'start the simulator'")
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    px_per_mm: Annotated[float, Field(gt=0, le=10_000)] = 40.0
+    axis_px: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="the beam axis's column in the tape camera's frame; None: the centre")
+    aperture_rows: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.6, 0.9)
+    aperture_mm: Annotated[float, Field(gt=0, le=100)] = 2.0
+    digits: Annotated[int, Field(ge=2, le=30, multiple_of=2)] = 6
+
+
 class TapeConfig(SerialPortConfig):
+    """The tape transport: tapescope's line protocol (``line``), or GridTape's reel controller
+    (``gridtape``: comando over serial plus its tape camera; hardware/gridtape.py)."""
+
     move_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    driver: Literal["line", "gridtape"] = "line"
+    slots: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="gridtape: slots on the tape (its controller does not know); "
+        "None with the simulator: the simulated tape's")
+    slot_pitch_mm: Annotated[float, Field(gt=0, le=100)] = 6.0
+    speed_mm_s: Annotated[float, Field(gt=0, le=1000)] = 20.0
+    centre_tolerance_mm: Annotated[float, Field(gt=0, le=5)] = 0.05
+    tension_low_g: Annotated[float, Field(ge=0)] = 30.0
+    tension_high_g: Annotated[float, Field(gt=0)] = 130.0
+    tension_zero_counts: float = 8_457_000.0
+    tension_counts_per_g: Annotated[float, Field(gt=0)] = 100.0
+    camera: TapeCameraConfig = TapeCameraConfig()
+
+    @model_validator(mode="after")
+    def _gridtape(self) -> TapeConfig:
+        if self.tension_low_g >= self.tension_high_g:
+            raise ValueError(f"tension_low_g {self.tension_low_g} must be below tension_high_g {self.tension_high_g}")
+        if self.driver == "gridtape" and self.url is not None and self.slots is None:
+            raise ValueError("driver gridtape with a real controller needs slots (the tape's slot count)")
+        return self
 
 
 class CameraConfig(_Model):
@@ -76,7 +114,8 @@ class ScopeConfig(_Model):
 
     @property
     def simulated(self) -> bool:
-        return self.stage.url is None or self.tape.url is None or self.camera.port is None
+        return (self.stage.url is None or self.tape.url is None or self.camera.port is None
+                or (self.tape.driver == "gridtape" and self.tape.camera.port is None))
 
 
 class RunConfig(_Model):

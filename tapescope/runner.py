@@ -26,8 +26,10 @@ from tapescope.acquisition.planner import RoiPlanner
 from tapescope.acquisition.qc import QCLimits
 from tapescope.acquisition.roi import validate_polygon
 from tapescope.acquisition.store import JournalError, RunStore, TileRecord
-from tapescope.config import ConfigError, ScopeConfig, TapescopeConfig, parse_config
+from tapescope.config import ConfigError, ScopeConfig, TapeConfig, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
+from tapescope.hardware.barcode_camera import BarcodeCamera, TapeView
+from tapescope.hardware.gridtape import GridTape, Tension
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_problem
@@ -60,7 +62,7 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
     if scope_cfg.simulated:
         from tapescope.sim_hardware.scope import SimulatedScope
 
-        sim = SimulatedScope(sim_world_params(cfg))
+        sim = SimulatedScope(sim_world_params(cfg), tape_driver=scope_cfg.tape.driver)
         await sim.start()
         if on_sim is not None:
             on_sim(sim)
@@ -73,6 +75,7 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
         tape_move_timeout_s=t.move_timeout_s, camera_timeout_s=c.timeout_s, baudrate=s.baudrate,
         column_url=scope_cfg.column.url, column_ramp_timeout_s=scope_cfg.column.ramp_timeout_s,
         stage_travel_nm=(s.travel_um[0] * 1e3, s.travel_um[1] * 1e3),
+        tape=gridtape(t) if t.driver == "gridtape" else None,
     )
     try:
         async with scope:
@@ -80,6 +83,19 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
     finally:
         if sim is not None:
             await sim.stop()
+
+
+def gridtape(t: TapeConfig) -> GridTape:
+    """GridTape's reel controller and tape camera, as configured."""
+    assert t.url is not None and t.slots is not None and t.camera.port is not None
+    c = t.camera
+    view = TapeView(px_per_mm=c.px_per_mm, axis_px=c.axis_px, aperture_rows=c.aperture_rows,
+                    aperture_mm=c.aperture_mm, digits=c.digits)
+    return GridTape(
+        t.url, BarcodeCamera(c.host, c.port, view=view, timeout_s=c.timeout_s), slots=t.slots,
+        slot_pitch_mm=t.slot_pitch_mm, speed_mm_s=t.speed_mm_s, centre_tolerance_mm=t.centre_tolerance_mm,
+        tension=Tension(t.tension_zero_counts, t.tension_counts_per_g, t.tension_low_g, t.tension_high_g),
+        baudrate=t.baudrate, timeout_s=t.timeout_s, move_timeout_s=t.move_timeout_s)
 
 
 def plan_grid(cfg: TapescopeConfig) -> list[TilePlan]:

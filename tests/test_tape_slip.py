@@ -32,8 +32,10 @@ def neighbour_ncc(volume: Path) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("seen", [True, False], ids=["reader-sees-it", "reader-fooled"])
-async def test_a_slipped_tape_is_caught_and_the_volume_holds_each_section_once(tmp_path: Path, seen: bool) -> None:
+@pytest.mark.parametrize(("driver", "seen"), [("line", True), ("line", False), ("gridtape", False)],
+                         ids=["reader-sees-it", "reader-fooled", "gridtape-label-fooled"])
+async def test_a_slipped_tape_is_caught_and_the_volume_holds_each_section_once(
+        tmp_path: Path, driver: str, seen: bool) -> None:
     bus, events = EventBus(), list[Event]()
     bus.subscribe(events.append)
     books = []
@@ -42,7 +44,8 @@ async def test_a_slipped_tape_is_caught_and_the_volume_holds_each_section_once(t
         sim.world.inject("tape_slip", slots=1, at_slot=2, seen=seen)
         books.append(sim.world.faults)
 
-    result = await run_acquisition(parse_config(RUN), tmp_path / "run", bus, on_sim=slip)
+    cfg = parse_config({**RUN, "scope": {"tape": {"driver": driver}}})
+    result = await run_acquisition(cfg, tmp_path / "run", bus, on_sim=slip)
     assert [n for _, n in books[0].fired] == ["tape_slip"]
     assert result.summary.state.value == "done", result.summary.reason
     # Every plane is its own section: neighbours agree as neighbours do, none like a repeat.

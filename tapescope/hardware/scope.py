@@ -7,6 +7,7 @@ import contextlib
 from .camera import Camera, Frame
 from .column import Column
 from .device import Device
+from .gridtape import GridTape
 from .stage import Stage, StageLimits
 from .tape import Tape
 from .temscript_column import TemscriptColumn, is_temscript
@@ -15,7 +16,7 @@ from .temscript_column import TemscriptColumn, is_temscript
 class Scope(Device):
     """Stage, tape, camera and (optionally: not every set-up drives its column) the column."""
 
-    def __init__(self, stage: Stage, tape: Tape, camera: Camera,
+    def __init__(self, stage: Stage, tape: Tape | GridTape, camera: Camera,
                  column: Column | TemscriptColumn | None = None) -> None:
         self.stage = stage
         self.tape = tape
@@ -23,7 +24,7 @@ class Scope(Device):
         self.column = column
 
     @property
-    def devices(self) -> tuple[Stage | Tape | Camera | Column, ...]:
+    def devices(self) -> tuple[Stage | Tape | GridTape | Camera | Column, ...]:
         """Every driver, in connect order."""
         devs: tuple = (self.stage, self.tape, self.camera)
         return devs if self.column is None else (*devs, self.column)
@@ -34,8 +35,10 @@ class Scope(Device):
         serial_timeout_s: float = 2.0, settle_timeout_s: float = 10.0,
         tape_move_timeout_s: float = 30.0, camera_timeout_s: float = 5.0, baudrate: int = 115200,
         column_url: str | None = None, column_ramp_timeout_s: float = 60.0,
-        stage_travel_nm: tuple[float, float] | None = None,
+        stage_travel_nm: tuple[float, float] | None = None, tape: GridTape | None = None,
     ) -> Scope:
+        """The drivers at these ports; ``tape``: a tape driver built by the caller (GridTape's,
+        which needs its own settings), else the line-protocol tape at ``tape_url``."""
         column: Column | TemscriptColumn | None = None
         if is_temscript(column_url):
             assert column_url is not None
@@ -47,8 +50,8 @@ class Scope(Device):
             Stage(stage_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                   settle_timeout_s=settle_timeout_s, limits=StageLimits.centred(stage_travel_nm)
                   if stage_travel_nm is not None else None),
-            Tape(tape_url, baudrate=baudrate, timeout_s=serial_timeout_s,
-                 move_timeout_s=tape_move_timeout_s),
+            tape or Tape(tape_url, baudrate=baudrate, timeout_s=serial_timeout_s,
+                         move_timeout_s=tape_move_timeout_s),
             Camera(camera_host, camera_port, timeout_s=camera_timeout_s),
             column,
         )

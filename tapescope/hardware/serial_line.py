@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import serial
 
 from .errors import DeviceDisconnected, DeviceError, DeviceTimeout, ProtocolError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SerialLine:
@@ -62,16 +63,26 @@ class SerialLine:
     def is_open(self) -> bool:
         return self._port is not None and self._port.is_open
 
-    def _transact(self, line: str) -> str:
+    def _exchange(self, data: bytes, read: Callable[[serial.SerialBase], T]) -> T:
         port = self._port
         if port is None:
             raise DeviceDisconnected(self.device, "port is not open")
         try:
             port.reset_input_buffer()  # a late reply to a timed-out command must not be read as ours
-            port.write(line.encode(self.encoding) + self.send_eol)
-            raw = port.read_until(self.recv_eol)
+            port.write(data)
+            return read(port)
         except (serial.SerialException, OSError) as exc:
             raise DeviceDisconnected(self.device, f"I/O error on {self.url}: {exc}") from exc
+
+    async def exchange(self, data: bytes, read: Callable[[serial.SerialBase], T]) -> T:
+        """Send raw bytes and read the reply with ``read(port)``, for binary protocols; the
+        same lock, thread and I/O errors as ``query``."""
+        async with self._lock:
+            return await asyncio.to_thread(self._exchange, data, read)
+
+    def _transact(self, line: str) -> str:
+        raw = self._exchange(line.encode(self.encoding) + self.send_eol,
+                             lambda port: port.read_until(self.recv_eol))
         if not raw.endswith(self.recv_eol):
             raise DeviceTimeout(
                 self.device, f"no complete reply to {line!r} within {self.timeout_s:g} s"

@@ -21,6 +21,7 @@ class CameraEmulator:
 
     def __init__(self, world: SimWorld, host: str = "127.0.0.1") -> None:
         self.world = world
+        self.faults = world.faults          # the camera faults this camera takes
         self.host = host
         self.port = 0
         self.exposure_ms = 10.0
@@ -69,7 +70,7 @@ class CameraEmulator:
         self.connections += 1
         try:
             while line := await reader.readline():
-                opts = self.world.faults.take("camera_disconnect")
+                opts = self.faults.take("camera_disconnect")
                 if opts is not None:
                     self._refuse_until = time.monotonic() + float(opts.get("down_s", 0.5))
                     break
@@ -88,12 +89,16 @@ class CameraEmulator:
             self._clients.pop(task, None)
             writer.close()
 
+    @property
+    def frame_id(self) -> int:
+        return self.world.frame_id
+
     def _sensor_shape(self) -> tuple[int, int]:
         return self.world.p.tile_px
 
     def _status(self) -> dict:
         return {"exposure_ms": self.exposure_ms, "binning": self.binning, "roi": list(self.roi),
-                "frame_id": self.world.frame_id}
+                "frame_id": self.frame_id}
 
     async def handle(self, line: str) -> bytes | list | _Truncated | None:
         words = line.split()
@@ -176,11 +181,11 @@ class CameraEmulator:
         return self._frame_reply(img, self._readout_t0)
 
     def _frame_reply(self, img: np.ndarray, t0: float) -> list | _Truncated | None:
-        faults = self.world.faults
+        faults = self.faults
         if faults.take("frame_drop") is not None:
             return None          # exposed (the frame id moved on) but never sent
         meta = {
-            "frame_id": self.world.frame_id, "timestamp": t0, "shape": list(img.shape),
+            "frame_id": self.frame_id, "timestamp": t0, "shape": list(img.shape),
             "dtype": "<u2", "exposure_ms": self.exposure_ms, "binning": self.binning,
             "roi": list(self.roi),
         }

@@ -1,9 +1,10 @@
-"""Serve a line protocol on a pseudo-terminal from the asyncio loop (no threads).
+"""Serve a serial protocol on a pseudo-terminal from the asyncio loop (no threads).
 
 The driver opens ``self.port`` (e.g. /dev/pts/7) with pyserial exactly as it would a
-real RS-232 device. Subclasses implement ``handle(line) -> reply | None``.
+real RS-232 device. Line protocols implement ``handle(line) -> reply | None``; binary
+ones split the stream themselves (``received``) and answer through ``serve``.
 
-Serial faults are applied here, once for every line device: ``<name>_timeout`` swallows
+Serial faults are applied here, once for every serial device: ``<name>_timeout`` swallows
 a reply (the command runs, or with ``executed=false`` is lost too), ``<name>_garbled``
 replaces it with bytes that are not ASCII, as line noise would.
 """
@@ -16,25 +17,26 @@ import logging
 import os
 import tty
 from collections import deque
+from collections.abc import Callable
 
 from .faults import FaultBook
 
 log = logging.getLogger(__name__)
 
 
-class PtyLineServer:
+class PtyServer:
+    """The pseudo-terminal and the serial faults; subclasses split the byte stream into
+    commands (``received``) and answer each through ``serve``."""
+
     name = "device"
-    recv_eol = b"\n"
-    send_eol = b"\n"
 
     def __init__(self, faults: FaultBook | None = None) -> None:
         self.faults = faults or FaultBook()
         self._master = -1
         self._slave = -1
-        self._buf = bytearray()
         self.port = ""
         self.commands_seen = 0
-        self.commands: deque[str] = deque(maxlen=1000)  # recent lines, for tests and people
+        self.commands: deque[str] = deque(maxlen=1000)  # recent commands, for tests and people
 
     async def start(self) -> str:
         self._master, self._slave = os.openpty()
@@ -59,6 +61,47 @@ class PtyLineServer:
             return
         except OSError:
             return  # the peer closed; our own slave fd keeps the pty alive
+        self.received(chunk)
+
+    def received(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def serve(self, command: str, run: Callable[[], bytes | None]) -> None:
+        """Run one command (``command``: its text, which faults' ``on`` option matches) and
+        send its reply, through the serial faults: ``<name>_timeout`` swallows the reply (the
+        command runs, or with executed=false is lost too), ``<name>_garbled`` scrambles it."""
+        self.commands_seen += 1
+        self.commands.append(command)
+        lost = self.faults.take(f"{self.name}_timeout", command)
+        if lost is not None and not lost["executed"]:
+            return
+        try:
+            reply = run()
+        except Exception:  # a bug in the emulator must show, but not kill the loop
+            log.exception("%s emulator failed on %r", self.name, command)
+            reply = None
+        if reply is None or lost is not None:
+            return
+        if self.faults.take(f"{self.name}_garbled", command) is not None:
+            reply = bytes(0x80 | (b * 37 + 11) & 0xFF for b in reply or b"?")
+        self.write_raw(reply)
+
+    def write_raw(self, data: bytes) -> None:
+        if self._master >= 0:
+            os.write(self._master, data)
+
+
+class PtyLineServer(PtyServer):
+    """A line protocol: ``handle(line) -> reply | None``."""
+
+    recv_eol = b"\n"
+    send_eol = b"\n"
+
+    def __init__(self, faults: FaultBook | None = None) -> None:
+        super().__init__(faults)
+        self._buf = bytearray()
+
+    def received(self, chunk: bytes) -> None:
         self._buf += chunk.replace(b"\r\n", b"\n") if self.recv_eol == b"\n" else chunk
         while True:
             idx = self._buf.find(self.recv_eol)
@@ -66,26 +109,11 @@ class PtyLineServer:
                 break
             line = bytes(self._buf[:idx]).decode("ascii", "replace").strip()
             del self._buf[: idx + len(self.recv_eol)]
-            self.commands_seen += 1
-            self.commands.append(line)
-            lost = self.faults.take(f"{self.name}_timeout", line)
-            if lost is not None and not lost["executed"]:
-                continue
-            try:
-                reply = self.handle(line)
-            except Exception:  # a bug in the emulator must show, but not kill the loop
-                log.exception("%s emulator failed on %r", self.name, line)
-                reply = None
-            if reply is None or lost is not None:
-                continue
-            data = reply.encode("ascii")
-            if self.faults.take(f"{self.name}_garbled", line) is not None:
-                data = bytes(0x80 | (b * 37 + 11) & 0xFF for b in data or b"?")
-            self.write_raw(data + self.send_eol)
+            self.serve(line, lambda line=line: self._reply(line))
 
-    def write_raw(self, data: bytes) -> None:
-        if self._master >= 0:
-            os.write(self._master, data)
+    def _reply(self, line: str) -> bytes | None:
+        reply = self.handle(line)
+        return None if reply is None else reply.encode("ascii") + self.send_eol
 
     def handle(self, line: str) -> str | None:
         raise NotImplementedError

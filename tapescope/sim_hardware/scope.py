@@ -8,29 +8,43 @@ from tapescope.config import CameraConfig, ColumnConfig, ScopeConfig, StageConfi
 
 from .camera import CameraEmulator
 from .column import ColumnEmulator
+from .gridtape import GridTapeEmulator
 from .stage import StageEmulator
 from .tape import TapeEmulator
+from .tape_camera import TapeCameraEmulator
 from .world import SimWorld, WorldParams
 
 
 class SimulatedScope:
     """``async with SimulatedScope(params) as sim: sim.scope_config(...)``"""
 
-    def __init__(self, params: WorldParams | None = None) -> None:
+    def __init__(self, params: WorldParams | None = None, *, tape_driver: str = "line") -> None:
+        """``tape_driver``: the tape's protocol, ``line`` (tapescope's) or ``gridtape`` (GridTape's
+        reel controller firmware, with its tape camera)."""
         self.world = SimWorld(params)
         self.stage = StageEmulator(self.world)
-        self.tape = TapeEmulator(self.world)
+        self.tape: TapeEmulator | GridTapeEmulator
+        self.tape_camera: TapeCameraEmulator | None = None
+        if tape_driver == "gridtape":
+            self.tape = GridTapeEmulator(self.world)
+            self.tape_camera = TapeCameraEmulator(self.tape.model)
+        else:
+            self.tape = TapeEmulator(self.world)
         self.camera = CameraEmulator(self.world)
         self.column = ColumnEmulator(self.world)
 
     async def start(self, camera_port: int = 0) -> None:
         await self.stage.start()
         await self.tape.start()
+        if self.tape_camera is not None:
+            await self.tape_camera.start()
         await self.column.start()
         await self.camera.start(camera_port)
 
     async def stop(self) -> None:
         await self.camera.stop()
+        if self.tape_camera is not None:
+            await self.tape_camera.stop()
         await self.column.stop()
         await self.tape.stop()
         await self.stage.stop()
@@ -48,13 +62,21 @@ class SimulatedScope:
                         tb: TracebackType | None) -> None:
         await self.stop()
 
+    def _tape_config(self, base: TapeConfig) -> TapeConfig:
+        d = {**base.model_dump(), "url": self.tape.port}
+        if self.tape_camera is not None:
+            d |= {"driver": "gridtape", "slots": base.slots or self.world.p.n_slots,
+                  "slot_pitch_mm": self.world.p.tape_slot_pitch_mm,
+                  "camera": {**d["camera"], "port": self.tape_camera.port}}
+        return TapeConfig(**d)
+
     def scope_config(self, base: ScopeConfig | None = None) -> ScopeConfig:
         """A scope config whose ports point at these emulators, other settings kept."""
         b = base or ScopeConfig()
         h, w = self.world.p.tile_px
         return b.model_copy(update={
             "stage": StageConfig(**{**b.stage.model_dump(), "url": self.stage.port}),
-            "tape": TapeConfig(**{**b.tape.model_dump(), "url": self.tape.port}),
+            "tape": self._tape_config(b.tape),
             # A column configured elsewhere (a temscript server) is kept: the simulator's
             # column stands in only where none is given.
             "column": ColumnConfig(**{**b.column.model_dump(), "url": b.column.url or self.column.port}),

@@ -67,6 +67,7 @@ class WorldParams:
     # Tape transport.
     tape_s_per_slot: float = 0.02
     tape_tension_g: float = 80.0
+    tape_slot_pitch_mm: float = 6.0             # GridTape: slot centres along the tape
     # Column.
     imaging_mag: float = 4800.0                # the magnification at which pixel_nm holds
     magnifications: tuple[float, ...] = (150.0, 300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0)
