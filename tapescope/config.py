@@ -38,6 +38,9 @@ class SerialPortConfig(_Model):
 
 
 class StageConfig(SerialPortConfig):
+    """The XY stage: an ASI MS-2000 on a serial line, or the http://HOST:PORT of a temscript
+    server, for a TEM's own goniometer (hardware/temscript_stage.py)."""
+
     settle_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
     travel_um: tuple[Micrometres, Micrometres] = Field(
         (10_000.0, 10_000.0), description="stage travel (y, x) in um, centred on the beam axis: the "
@@ -87,6 +90,12 @@ class TapeConfig(SerialPortConfig):
 
 
 class CameraConfig(_Model):
+    """The imaging camera: tapescope's frame protocol over TCP (``tcp``: host and port), or a
+    GenICam camera through Aravis (``genicam``: its Aravis device id or IP address)."""
+
+    driver: Literal["tcp", "genicam"] = "tcp"
+    device: str | None = Field(None, description="genicam: Aravis device id (arv-tool-0.8 lists them) "
+                               "or the camera's IP address")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
         None, description="TCP port of the frame server; None means 'start the simulator'"
@@ -95,6 +104,12 @@ class CameraConfig(_Model):
     width: Annotated[int, Field(ge=16, le=16384)] = 512
     height: Annotated[int, Field(ge=16, le=16384)] = 512
     pixel_size_nm: Annotated[float, Field(gt=0, le=10_000)] = 4.0
+
+    @model_validator(mode="after")
+    def _genicam(self) -> CameraConfig:
+        if self.driver == "genicam" and not self.device:
+            raise ValueError("camera driver genicam needs device (an Aravis device id or IP address)")
+        return self
 
 
 class ColumnConfig(SerialPortConfig):
@@ -114,7 +129,8 @@ class ScopeConfig(_Model):
 
     @property
     def simulated(self) -> bool:
-        return (self.stage.url is None or self.tape.url is None or self.camera.port is None
+        return (self.stage.url is None or self.tape.url is None
+                or (self.camera.driver == "tcp" and self.camera.port is None)
                 or (self.tape.driver == "gridtape" and self.tape.camera.port is None))
 
 

@@ -29,6 +29,7 @@ from tapescope.acquisition.store import JournalError, RunStore, TileRecord
 from tapescope.config import ConfigError, ScopeConfig, TapeConfig, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
 from tapescope.hardware.barcode_camera import BarcodeCamera, TapeView
+from tapescope.hardware.genicam_camera import GenicamCamera
 from tapescope.hardware.gridtape import GridTape, Tension
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
@@ -68,7 +69,7 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
             on_sim(sim)
         scope_cfg = sim.scope_config(scope_cfg)
     s, t, c = scope_cfg.stage, scope_cfg.tape, scope_cfg.camera
-    assert s.url and t.url and c.port is not None
+    assert s.url and t.url and (c.port is not None or c.driver == "genicam")
     scope = Scope.from_ports(
         stage_url=s.url, tape_url=t.url, camera_host=c.host, camera_port=c.port,
         serial_timeout_s=s.timeout_s, settle_timeout_s=s.settle_timeout_s,
@@ -76,6 +77,8 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
         column_url=scope_cfg.column.url, column_ramp_timeout_s=scope_cfg.column.ramp_timeout_s,
         stage_travel_nm=(s.travel_um[0] * 1e3, s.travel_um[1] * 1e3),
         tape=gridtape(t) if t.driver == "gridtape" else None,
+        camera=GenicamCamera(c.device, roi=(0, 0, c.width, c.height), timeout_s=c.timeout_s)
+        if c.driver == "genicam" and c.device else None,
     )
     try:
         async with scope:

@@ -5,11 +5,6 @@ on 127.0.0.1 by the tests."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,32 +12,13 @@ import pytest
 from tapescope.acquisition.events import Alarm, Event, EventBus
 from tapescope.config import parse_config
 from tapescope.hardware.errors import DeviceError
+from tapescope.hardware.stage import StageLimits
 from tapescope.hardware.temscript_column import TemscriptColumn
+from tapescope.hardware.temscript_stage import TemscriptStage
 from tapescope.mqtt.broker import free_port
 from tapescope.runner import run_acquisition
 
 pytest.importorskip("temscript")
-
-
-@pytest.fixture(scope="module")
-def temscript_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from temscript.server import run_server; run_server()",
-                             "--null", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-        except OSError:
-            assert proc.poll() is None, "temscript-server exited"
-            time.sleep(0.05)      # polling a subprocess's port until it listens
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def test_the_driver_reads_and_sets_the_column(temscript_url: str) -> None:
@@ -105,5 +81,39 @@ async def test_a_tem_that_accepts_but_never_answers_is_a_timeout_not_a_crash() -
             await asyncio.wait_for(TemscriptColumn(f"http://127.0.0.1:{port}", timeout_s=0.5).connect(), 10)
     finally:
         done.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_goniometer_moves_through_temscript(temscript_url: str) -> None:
+    """The stage driver for the TEM's own goniometer, against the null microscope: metres on
+    the wire, nanometres in tapescope, limits the narrower of the travel and the TEM's."""
+    async with TemscriptStage(temscript_url, limits=StageLimits.centred((5e6, 5e6))) as stage:
+        assert stage.limits.x_nm == pytest.approx((-1e6, 1e6))      # the null TEM's +-1 mm
+        assert stage.holder == "SINGLE_TILT"
+        await stage.move_to(12_000.0, -3_500.0)
+        assert await stage.position() == pytest.approx((12_000.0, -3_500.0), abs=1.0)
+        await stage.move_by(-2_000.0, 500.0)
+        assert await stage.position() == pytest.approx((10_000.0, -3_000.0), abs=1.0)
+        with pytest.raises(DeviceError, match="outside the limits"):
+            await stage.move_to(2e6, 0.0)
+        assert await stage.position() == pytest.approx((10_000.0, -3_000.0), abs=1.0)
+        assert await stage.status() == "idle"
+
+
+async def test_a_tem_answering_500_is_an_error_naming_the_code() -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 20\r\n\r\nCOM error 0x80004005")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(DeviceError, match="answered 500: COM error") as info:
+            await asyncio.wait_for(TemscriptStage(f"http://127.0.0.1:{port}", timeout_s=2.0).connect(), 10)
+        assert info.value.code == 500
+    finally:
         server.close()
         await server.wait_closed()

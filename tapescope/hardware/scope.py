@@ -7,16 +7,19 @@ import contextlib
 from .camera import Camera, Frame
 from .column import Column
 from .device import Device
+from .genicam_camera import GenicamCamera
 from .gridtape import GridTape
 from .stage import Stage, StageLimits
 from .tape import Tape
-from .temscript_column import TemscriptColumn, is_temscript
+from .temscript_column import TemscriptColumn
+from .temscript_http import is_temscript
+from .temscript_stage import TemscriptStage
 
 
 class Scope(Device):
     """Stage, tape, camera and (optionally: not every set-up drives its column) the column."""
 
-    def __init__(self, stage: Stage, tape: Tape | GridTape, camera: Camera,
+    def __init__(self, stage: Stage | TemscriptStage, tape: Tape | GridTape, camera: Camera | GenicamCamera,
                  column: Column | TemscriptColumn | None = None) -> None:
         self.stage = stage
         self.tape = tape
@@ -24,7 +27,7 @@ class Scope(Device):
         self.column = column
 
     @property
-    def devices(self) -> tuple[Stage | Tape | GridTape | Camera | Column, ...]:
+    def devices(self) -> tuple[Stage | TemscriptStage | Tape | GridTape | Camera | GenicamCamera | Column, ...]:
         """Every driver, in connect order."""
         devs: tuple = (self.stage, self.tape, self.camera)
         return devs if self.column is None else (*devs, self.column)
@@ -36,9 +39,11 @@ class Scope(Device):
         tape_move_timeout_s: float = 30.0, camera_timeout_s: float = 5.0, baudrate: int = 115200,
         column_url: str | None = None, column_ramp_timeout_s: float = 60.0,
         stage_travel_nm: tuple[float, float] | None = None, tape: GridTape | None = None,
+        camera: GenicamCamera | None = None,
     ) -> Scope:
-        """The drivers at these ports; ``tape``: a tape driver built by the caller (GridTape's,
-        which needs its own settings), else the line-protocol tape at ``tape_url``."""
+        """The drivers at these ports; ``tape``, ``camera``: drivers built by the caller
+        (GridTape's, a GenICam camera: each with its own settings), else the line-protocol
+        tape at ``tape_url`` and the frame-protocol camera at ``camera_host:camera_port``."""
         column: Column | TemscriptColumn | None = None
         if is_temscript(column_url):
             assert column_url is not None
@@ -46,13 +51,19 @@ class Scope(Device):
         elif column_url is not None:
             column = Column(column_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                             ramp_timeout_s=column_ramp_timeout_s)
+        limits = StageLimits.centred(stage_travel_nm) if stage_travel_nm is not None else None
+        stage: Stage | TemscriptStage
+        if is_temscript(stage_url):
+            stage = TemscriptStage(stage_url, timeout_s=max(serial_timeout_s, 5.0),
+                                   settle_timeout_s=settle_timeout_s, limits=limits)
+        else:
+            stage = Stage(stage_url, baudrate=baudrate, timeout_s=serial_timeout_s,
+                          settle_timeout_s=settle_timeout_s, limits=limits)
         return cls(
-            Stage(stage_url, baudrate=baudrate, timeout_s=serial_timeout_s,
-                  settle_timeout_s=settle_timeout_s, limits=StageLimits.centred(stage_travel_nm)
-                  if stage_travel_nm is not None else None),
+            stage,
             tape or Tape(tape_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                          move_timeout_s=tape_move_timeout_s),
-            Camera(camera_host, camera_port, timeout_s=camera_timeout_s),
+            camera or Camera(camera_host, camera_port, timeout_s=camera_timeout_s),
             column,
         )
 

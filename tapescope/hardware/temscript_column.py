@@ -17,14 +17,12 @@ on a TEM whose high tension is off raises a DeviceError naming that.
 
 from __future__ import annotations
 
-import json
 from typing import Any
-
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from .column import FOCUS_LIMIT_NM, ColumnState
 from .device import Device
-from .errors import DeviceError, DeviceTimeout, ProtocolError
+from .errors import DeviceError, ProtocolError
+from .temscript_http import TemscriptHttp
 
 MAX_MAG_INDEX = 60      # magnification indices searched for a magnification (TEMs have ~30-40)
 
@@ -33,50 +31,24 @@ class TemscriptColumn(Device):
     name = "column"
 
     def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
+        self._http = TemscriptHttp(self.name, url, timeout_s=timeout_s)
+        self.url = self._http.url
         self.family = ""
-        self._client: AsyncHTTPClient | None = None
         self._mag_index: dict[float, int] = {}     # magnification -> index, learnt as they are seen
 
     async def connect(self) -> None:
-        self._client = AsyncHTTPClient()
+        self._http.open()
         self.family = str(await self._get("family"))
         await self.status()
 
     async def close(self) -> None:
-        self._client = None        # tornado's client is shared per loop; nothing of ours to free
-
-    async def _call(self, method: str, endpoint: str, value: Any = None) -> Any:
-        if self._client is None:
-            raise DeviceError(self.name, "not connected")
-        body = None if method == "GET" else json.dumps(value)
-        req = HTTPRequest(f"{self.url}/v1/{endpoint}", method=method, body=body,
-                          headers={"Accept": "application/json", "Content-Type": "application/json"},
-                          connect_timeout=self.timeout_s, request_timeout=self.timeout_s)
-        try:
-            resp = await self._client.fetch(req, raise_error=False)
-        except (OSError, TimeoutError, HTTPClientError) as exc:
-            # tornado raises its own timeout and closed-stream errors even with raise_error=False.
-            raise DeviceTimeout(self.name, f"{method} {endpoint}: no answer from {self.url} ({exc})") from None
-        if resp.code == 599:
-            raise DeviceTimeout(self.name, f"{method} {endpoint}: no answer from {self.url} ({resp.error})")
-        if resp.code >= 400:
-            text = resp.body.decode("utf-8", "replace")[:200] if resp.body else resp.reason
-            raise DeviceError(self.name, f"{method} {endpoint}: the microscope answered {resp.code}: {text}",
-                              resp.code)
-        if resp.code == 204 or not resp.body:
-            return None
-        try:
-            return json.loads(resp.body)
-        except ValueError:
-            raise ProtocolError(self.name, f"{method} {endpoint}: not JSON: {resp.body[:80]!r}") from None
+        self._http.close()
 
     async def _get(self, endpoint: str) -> Any:
-        return await self._call("GET", endpoint)
+        return await self._http.get(endpoint)
 
     async def _put(self, endpoint: str, value: Any) -> None:
-        await self._call("PUT", endpoint, value)
+        await self._http.put(endpoint, value)
 
     async def status(self) -> ColumnState:
         try:
@@ -153,9 +125,4 @@ class TemscriptColumn(Device):
             await self._put("column_valves_open", True)
         await self.unblank()
         return await self.status()
-
-
-def is_temscript(url: str | None) -> bool:
-    """A column URL that names a temscript server (http://HOST:PORT) rather than a serial port."""
-    return bool(url) and str(url).startswith(("http://", "https://"))
 

@@ -75,11 +75,13 @@ class SimulatedScope:
         b = base or ScopeConfig()
         h, w = self.world.p.tile_px
         return b.model_copy(update={
-            "stage": StageConfig(**{**b.stage.model_dump(), "url": self.stage.port}),
+            # A stage or column configured elsewhere (a temscript server) is kept: the
+            # simulator's stands in only where none is given.
+            "stage": StageConfig(**{**b.stage.model_dump(), "url": b.stage.url or self.stage.port}),
             "tape": self._tape_config(b.tape),
-            # A column configured elsewhere (a temscript server) is kept: the simulator's
-            # column stands in only where none is given.
             "column": ColumnConfig(**{**b.column.model_dump(), "url": b.column.url or self.column.port}),
-            "camera": CameraConfig(**{**b.camera.model_dump(), "port": self.camera.port,
-                                      "height": h, "width": w, "pixel_size_nm": self.world.p.pixel_nm}),
+            # A camera of its own (GenICam) is kept, as a column configured elsewhere is.
+            "camera": b.camera if b.camera.driver != "tcp" else
+            CameraConfig(**{**b.camera.model_dump(), "port": self.camera.port,
+                            "height": h, "width": w, "pixel_size_nm": self.world.p.pixel_nm}),
         })
