@@ -149,7 +149,7 @@ async def test_a_jam_trips_the_tension_watch_and_clears_with_a_drive_reset(bench
 
 
 async def test_slack_tape_is_tensioned_before_a_move(bench: Bench) -> None:
-    bench.emu.model.slack = True
+    bench.world.inject("tape_slack")
     assert await bench.tape.tension() < 30
     await bench.tape.goto(3)
     assert bench.centred_at(3)

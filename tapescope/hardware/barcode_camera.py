@@ -103,7 +103,7 @@ def sight(img: np.ndarray, view: TapeView) -> SlotSighting:
     if abs(at - hole) > view.aperture_mm * view.px_per_mm:
         raise DeviceError("tape", f"tape camera: barcode {code} is {(at - hole) / view.px_per_mm:+.2f} mm "
                           "from the aperture nearest the beam; no label for that slot", ERR_NO_BARCODE)
-    return SlotSighting(int(code), code, (hole - axis) / view.px_per_mm)
+    return SlotSighting(int(code), code, float((hole - axis) / view.px_per_mm))
 
 
 class BarcodeCamera(Device):

@@ -37,6 +37,8 @@ FAULTS: dict[str, tuple[str, dict[str, Any]]] = {
                   "until the next GOTO; the barcode reader sees the slot really there, or with seen=false "
                   "still reports the slot asked for (a mislabelled slot; at_slot: only a GOTO to that "
                   "slot counts)", {"slots": 1, "at_slot": -1, "seen": True}),
+    "tape_slack": ("GridTape's controller (tape driver gridtape) only: the tape goes slack, its load cell "
+                   "reads low until the tape is tensioned", {}),
     "beam_trip": ("high tension trips at an exposure: beam off, dark frames, until RESET and HT ON", {}),
     "frame_drop": ("the camera exposes but never sends the frame", {}),
     "frame_truncated": ("the camera sends part of a frame and closes the connection", {}),

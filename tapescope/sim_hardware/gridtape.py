@@ -174,6 +174,8 @@ class GridTapeEmulator(PtyServer):
                 case fw.CMD_PING:
                     return self._reply(fw.CMD_PING, "byte", cmd.take("byte") if cmd.has_arg() else 0)
                 case fw.CMD_READ_TENSION:
+                    if self.faults.take("tape_slack") is not None:
+                        m.slack = True
                     return self._reply(fw.CMD_READ_TENSION, "int32", m.tension_counts())
                 case fw.CMD_SET_LED:
                     m.led = int(cmd.take("byte"))

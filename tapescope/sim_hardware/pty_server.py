@@ -66,10 +66,11 @@ class PtyServer:
     def received(self, chunk: bytes) -> None:
         raise NotImplementedError
 
-    def serve(self, command: str, run: Callable[[], bytes | None]) -> None:
+    def serve(self, command: str, run: Callable[[], bytes | None], tail: bytes = b"") -> None:
         """Run one command (``command``: its text, which faults' ``on`` option matches) and
         send its reply, through the serial faults: ``<name>_timeout`` swallows the reply (the
-        command runs, or with executed=false is lost too), ``<name>_garbled`` scrambles it."""
+        command runs, or with executed=false is lost too), ``<name>_garbled`` scrambles it.
+        ``tail`` (a line end) follows the reply unscrambled, as a framing layer would keep it."""
         self.commands_seen += 1
         self.commands.append(command)
         lost = self.faults.take(f"{self.name}_timeout", command)
@@ -84,7 +85,7 @@ class PtyServer:
             return
         if self.faults.take(f"{self.name}_garbled", command) is not None:
             reply = bytes(0x80 | (b * 37 + 11) & 0xFF for b in reply or b"?")
-        self.write_raw(reply)
+        self.write_raw(reply + tail)
 
     def write_raw(self, data: bytes) -> None:
         if self._master >= 0:
@@ -109,11 +110,11 @@ class PtyLineServer(PtyServer):
                 break
             line = bytes(self._buf[:idx]).decode("ascii", "replace").strip()
             del self._buf[: idx + len(self.recv_eol)]
-            self.serve(line, lambda line=line: self._reply(line))
+            self.serve(line, lambda line=line: self._reply(line), self.send_eol)
 
     def _reply(self, line: str) -> bytes | None:
         reply = self.handle(line)
-        return None if reply is None else reply.encode("ascii") + self.send_eol
+        return None if reply is None else reply.encode("ascii")
 
     def handle(self, line: str) -> str | None:
         raise NotImplementedError
