@@ -210,7 +210,8 @@ def gui(
 @sim_app.command("serve")
 def sim_serve(
     config: Path | None = typer.Option(None, "--config", help="TOML config: [run] sets seed, slots and "
-                                       "section size, [scope.camera] the sensor"),
+                                       "section size, [scope.camera] the sensor, [scope.*] driver the "
+                                       "interfaces served (gridtape, temscript)"),
     fault: list[str] = typer.Option([], "--fault", help="arm a fault: NAME[:COUNT][,after=N][,key=value...]; "
                                     "repeatable; names in docs/simulator.md"),
     slots: int = typer.Option(16, "--slots", min=1, max=100_000, help="slots on the simulated tape (at least "
@@ -232,7 +233,7 @@ def sim_serve(
         for spec in fault:   # validate every spec before anything starts
             name, count, after, options = parse_fault_spec(spec)
             FaultBook().inject(name, count, after=after, **options)
-        asyncio.run(serve(params, fault, camera_port=camera_port))
+        asyncio.run(serve(params, fault, camera_port=camera_port, scope=cfg.scope))
     except FaultError as exc:
         raise _fail(f"--fault: {exc}") from None
     except OSError as exc:

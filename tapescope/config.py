@@ -39,7 +39,10 @@ class SerialPortConfig(_Model):
 
 class StageConfig(SerialPortConfig):
     """The XY stage: an ASI MS-2000 on a serial line, or the http://HOST:PORT of a temscript
-    server, for a TEM's own goniometer (hardware/temscript_stage.py)."""
+    server, for a TEM's own goniometer (hardware/temscript_stage.py). ``driver`` says which
+    the simulator serves when url is unset; a url names its driver by its scheme."""
+
+    driver: Literal["asi", "temscript"] = "asi"
 
     settle_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
     travel_um: tuple[Micrometres, Micrometres] = Field(
@@ -118,6 +121,9 @@ class ColumnConfig(SerialPortConfig):
     Unset on a real scope means 'no column driver'; with the simulator, its own column."""
 
     ramp_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
+    driver: Literal["line", "temscript"] = Field(
+        "line", description="which interface the simulator serves when url is unset; a url names "
+        "its driver by its scheme")
 
 
 class ScopeConfig(_Model):

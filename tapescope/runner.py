@@ -63,7 +63,8 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
     if scope_cfg.simulated:
         from tapescope.sim_hardware.scope import SimulatedScope
 
-        sim = SimulatedScope(sim_world_params(cfg), tape_driver=scope_cfg.tape.driver)
+        sim = SimulatedScope(sim_world_params(cfg), tape_driver=scope_cfg.tape.driver,
+                             stage_driver=scope_cfg.stage.driver, column_driver=scope_cfg.column.driver)
         await sim.start()
         if on_sim is not None:
             on_sim(sim)

@@ -12,16 +12,22 @@ from .gridtape import GridTapeEmulator
 from .stage import StageEmulator
 from .tape import TapeEmulator
 from .tape_camera import TapeCameraEmulator
+from .temscript_tem import TemscriptTem
 from .world import SimWorld, WorldParams
 
 
 class SimulatedScope:
     """``async with SimulatedScope(params) as sim: sim.scope_config(...)``"""
 
-    def __init__(self, params: WorldParams | None = None, *, tape_driver: str = "line") -> None:
+    def __init__(self, params: WorldParams | None = None, *, tape_driver: str = "line",
+                 stage_driver: str = "asi", column_driver: str = "line") -> None:
         """``tape_driver``: the tape's protocol, ``line`` (tapescope's) or ``gridtape`` (GridTape's
-        reel controller firmware, with its tape camera)."""
+        reel controller firmware, with its tape camera). ``stage_driver`` ``temscript`` and
+        ``column_driver`` ``temscript``: the goniometer and the column served as a Thermo
+        Fisher / FEI TEM through temscript's HTTP API (one server for both)."""
         self.world = SimWorld(params)
+        self.tem = TemscriptTem(self.world) if "temscript" in (stage_driver, column_driver) else None
+        self.stage_driver, self.column_driver = stage_driver, column_driver
         self.stage = StageEmulator(self.world)
         self.tape: TapeEmulator | GridTapeEmulator
         self.tape_camera: TapeCameraEmulator | None = None
@@ -34,6 +40,8 @@ class SimulatedScope:
         self.column = ColumnEmulator(self.world)
 
     async def start(self, camera_port: int = 0) -> None:
+        if self.tem is not None:
+            await self.tem.start()
         await self.stage.start()
         await self.tape.start()
         if self.tape_camera is not None:
@@ -48,6 +56,8 @@ class SimulatedScope:
         await self.column.stop()
         await self.tape.stop()
         await self.stage.stop()
+        if self.tem is not None:
+            await self.tem.stop()
         self.world.close()
 
     def inject(self, name: str, count: int = 1, *, after: int = 0, **options: object) -> None:
@@ -61,6 +71,14 @@ class SimulatedScope:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+    def _url(self, device: str) -> str:
+        """Where the simulator serves `device`: the TEM's URL, or the emulator's pty."""
+        driver = self.stage_driver if device == "stage" else self.column_driver
+        if driver == "temscript":
+            assert self.tem is not None
+            return self.tem.url
+        return self.stage.port if device == "stage" else self.column.port
 
     def _tape_config(self, base: TapeConfig) -> TapeConfig:
         d = {**base.model_dump(), "url": self.tape.port}
@@ -77,9 +95,9 @@ class SimulatedScope:
         return b.model_copy(update={
             # A stage or column configured elsewhere (a temscript server) is kept: the
             # simulator's stands in only where none is given.
-            "stage": StageConfig(**{**b.stage.model_dump(), "url": b.stage.url or self.stage.port}),
+            "stage": StageConfig(**{**b.stage.model_dump(), "url": b.stage.url or self._url("stage")}),
             "tape": self._tape_config(b.tape),
-            "column": ColumnConfig(**{**b.column.model_dump(), "url": b.column.url or self.column.port}),
+            "column": ColumnConfig(**{**b.column.model_dump(), "url": b.column.url or self._url("column")}),
             # A camera of its own (GenICam) is kept, as a column configured elsewhere is.
             "camera": b.camera if b.camera.driver != "tcp" else
             CameraConfig(**{**b.camera.model_dump(), "port": self.camera.port,

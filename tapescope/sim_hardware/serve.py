@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import TextIO
 
+from tapescope.config import ScopeConfig
+
 from .faults import parse_fault_spec
 from .scope import SimulatedScope
 from .world import WorldParams
@@ -17,23 +19,30 @@ from .world import WorldParams
 READY = "# simulator ready"
 
 
-def scope_snippet(sim: SimulatedScope) -> str:
+def scope_snippet(sim: SimulatedScope, base: ScopeConfig | None = None) -> str:
     """The [scope] tables that point a config at this simulator's ports."""
-    p = sim.world.p
-    return "\n".join([
-        "[scope.stage]", f'url = "{sim.stage.port}"', "",
-        "[scope.tape]", f'url = "{sim.tape.port}"', "",
-        "[scope.column]", f'url = "{sim.column.port}"', "",
-        "[scope.camera]", f'host = "{sim.camera.host}"', f"port = {sim.camera.port}",
-        f"height = {p.tile_px[0]}", f"width = {p.tile_px[1]}", f"pixel_size_nm = {p.pixel_nm:g}",
-    ])
+    sc = sim.scope_config(base)
+    lines = ["[scope.stage]", f'url = "{sc.stage.url}"', "", "[scope.tape]", f'url = "{sc.tape.url}"']
+    if sc.tape.driver == "gridtape":
+        lines += ['driver = "gridtape"', f"slots = {sc.tape.slots}", f"slot_pitch_mm = {sc.tape.slot_pitch_mm:g}",
+                  "", "[scope.tape.camera]", f'host = "{sc.tape.camera.host}"', f"port = {sc.tape.camera.port}"]
+    lines += ["", "[scope.column]", f'url = "{sc.column.url}"', ""]
+    c = sc.camera
+    if c.driver == "tcp":
+        lines += ["[scope.camera]", f'host = "{c.host}"', f"port = {c.port}",
+                  f"height = {c.height}", f"width = {c.width}", f"pixel_size_nm = {c.pixel_size_nm:g}"]
+    return "\n".join(lines)
 
 
 async def serve(params: WorldParams, faults: list[str], *, camera_port: int = 0,
-                out: TextIO = sys.stdout, stop: asyncio.Event | None = None) -> None:
-    """Start every emulator, arm `faults` (specs as on the command line), print, serve."""
+                out: TextIO = sys.stdout, stop: asyncio.Event | None = None,
+                scope: ScopeConfig | None = None) -> None:
+    """Start every emulator, arm `faults` (specs as on the command line), print, serve.
+    ``scope``: its drivers say which interfaces to serve (GridTape's, temscript's)."""
     specs = [parse_fault_spec(f) for f in faults]   # refuse bad specs before opening anything
-    sim = SimulatedScope(params)
+    sc = scope or ScopeConfig()
+    sim = SimulatedScope(params, tape_driver=sc.tape.driver, stage_driver=sc.stage.driver,
+                         column_driver=sc.column.driver)
     for name, count, after, options in specs:
         sim.inject(name, count, after=after, **options)
     stop = stop or asyncio.Event()
@@ -44,7 +53,7 @@ async def serve(params: WorldParams, faults: list[str], *, camera_port: int = 0,
         async with sim:
             print(f"# tapescope simulator: seed {params.seed}, {params.n_slots} slots; "
                   "put these tables in a config's [scope]", file=out)
-            print(scope_snippet(sim), file=out)
+            print(scope_snippet(sim, scope), file=out)
             armed = ", ".join(f"{n} x{c}" for n, c in sim.world.faults.armed().items()) or "none"
             print(f"# faults armed: {armed}", file=out)
             print(f"{READY}; Ctrl-C stops it", file=out, flush=True)

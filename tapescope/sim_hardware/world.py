@@ -150,6 +150,7 @@ class SimWorld:
         self.magnification = p.imaging_mag
         self.focus_nm = 0.0
         self.blanked = False
+        self.valves_open = True            # a TEM's column valves (temscript can close them)
         self._ht = "ON"
         self._ht_ready_at = 0.0
         self.frame_id = 0
@@ -413,7 +414,7 @@ class SimWorld:
         return a
 
     def beam_on(self) -> bool:
-        return self.ht_state() == "ON" and not self.blanked
+        return self.ht_state() == "ON" and not self.blanked and self.valves_open
 
     def expose(self, exposure_ms: float, *, binning: int = 1,
                roi: tuple[int, int, int, int] | None = None, stage_nm: np.ndarray | None = None) -> np.ndarray:
