@@ -1,5 +1,6 @@
 """The package's modules import one another one way: no cycle, lazy and type-only imports
-included (a cycle hidden in a function or behind TYPE_CHECKING is still a cycle)."""
+included (a cycle hidden in a function or behind TYPE_CHECKING is still a cycle); and none
+reaches into another's underscore names."""
 
 from __future__ import annotations
 
@@ -64,3 +65,22 @@ def test_no_import_cycles() -> None:
             visit(m)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
     assert len(graph) > 50          # the walk saw the package
+
+
+def private_uses(path: Path) -> list[str]:
+    """Where a module reaches into another's underscore names: ``from m import _x``, or
+    ``obj._x`` on anything but ``self`` / ``cls`` (another object's private member)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            out += [f"{path.name}:{node.lineno}: from {node.module} import {a.name}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                out.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_no_module_uses_another_modules_underscore_names() -> None:
+    found = [use for p in sorted(ROOT.rglob("*.py")) for use in private_uses(p)]
+    assert not found, "private names used from outside:\n" + "\n".join(found)

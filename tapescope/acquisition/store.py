@@ -64,15 +64,12 @@ class RunStore:
             raise FileExistsError(f"{d} already holds a run (journal.jsonl exists)")
         (d / "tiles").mkdir(parents=True, exist_ok=True)
         store = cls(d)
-        store._write_durable(d / "config.json", config_json.encode())
+        store.write_durable(d / "config.json", config_json.encode())
         store.log_event("run_started", time=time.time())
         return store
 
     def write_durable(self, path: Path, data: bytes) -> None:
         """Write a whole file atomically and durably (temp file, fsync, rename, fsync dir)."""
-        self._write_durable(path, data)
-
-    def _write_durable(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + ".part")
         with open(tmp, "wb") as f:
             f.write(data)

@@ -50,7 +50,7 @@ def run_gui(cfg: TapescopeConfig, out_root: Path, *, start: bool = False, fault:
     win = MainWindow(bus, LocalController(session, model), model)
     win.show()
     if start:
-        QtCore.QTimer.singleShot(0, lambda: win._command("start"))
+        QtCore.QTimer.singleShot(0, lambda: win.command("start"))
     code = exec_window(app, win, screenshot, after_s)
     session.abort()
     session.join(30)

@@ -110,7 +110,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.preview.view_volume.clicked.connect(self._view_volume)
         self._volume: Path | None = None
         self._viewer: BackgroundViewer | None = None
-        self.control = RunControl(self.model, controller.can, self._command, confirm_abort=confirm_abort)
+        self.control = RunControl(self.model, controller.can, self.command, confirm_abort=confirm_abort)
         self.control.mode.setText(controller.mode)
         self.tile_info = QtWidgets.QLabel("Click a tile on the map to see it and its QC numbers.")
         self.tile_info.setWordWrap(True)
@@ -252,7 +252,7 @@ class MainWindow(QtWidgets.QMainWindow):
             self.loader.submit(TileImage(slot, row, col, str(self._store.tile_path(slot, row, col)),
                                          info=dict(tile.qc)))
 
-    def _command(self, verb: str) -> None:
+    def command(self, verb: str) -> None:
         try:
             self.controller.do(verb)
         except Exception as exc:   # a refused command is shown, never a traceback only

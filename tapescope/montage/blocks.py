@@ -44,7 +44,7 @@ def render_section(
     that many shards at once; OpenCV and NumPy release the GIL in the heavy parts.
     `device` picks where pixels are warped (warp.py).
     """
-    volume._check_z(z)
+    volume.check_z(z)
     check_tile_shapes(tiles)        # once for the section, before any block is written
     warp = warp_for(device)
     units = volume.write_units()

@@ -211,7 +211,7 @@ def clean_flow(flow: Flow, *, min_quality_frac: float = 0.4, max_dev_px: float =
     return np.where(keep, np.clip(q / med_q, 0, 1), 0).astype(np.float32)
 
 
-def _second_differences(gh: int, gw: int) -> sp.csr_matrix:
+def second_differences(gh: int, gw: int) -> sp.csr_matrix:
     """Stacked operators u_xx, sqrt(2) u_xy, u_yy on a gh x gw grid (thin-plate energy)."""
     idx = np.arange(gh * gw).reshape(gh, gw)
     rows, cols, vals = [], [], []
@@ -255,7 +255,7 @@ def relax_mesh(flow: Flow, weight: np.ndarray, *, stiffness: float = 0.3, tensio
     adj = sp.coo_matrix((np.ones(a.size), (a, b)), shape=(n, n))
     adj = adj + adj.T
     lap = sp.diags(np.asarray(adj.sum(axis=1)).ravel()) - adj
-    d2 = _second_differences(gh, gw)
+    d2 = second_differences(gh, gw)
     w = weight.ravel().astype(np.float64)
     # A tiny pull to zero keeps the system regular where no node has data.
     mat = (sp.diags(w + 1e-6) + stiffness * (d2.T @ d2) + tension * lap).tocsc()

@@ -268,7 +268,7 @@ class Volume:
         """Write one section's image into every pyramid level, then record it."""
         if image.shape != self.shape[1:]:
             raise ValueError(f"section image {image.shape} does not match volume {self.shape[1:]}")
-        self._check_z(z)
+        self.check_z(z)
         units = self.write_units()
         with self.section_writes():
             for y0, x0, h, w in units:
@@ -276,7 +276,7 @@ class Volume:
             self.build_pyramid(z, start=1 if units == self.shard_blocks(0) else 2)
         self.record(z, {**info, "window": self.section_window(z)})
 
-    def _check_z(self, z: int) -> None:
+    def check_z(self, z: int) -> None:
         if not 0 <= z < self.shape[0]:
             raise ValueError(f"z={z} outside volume depth {self.shape[0]}")
 
@@ -290,7 +290,7 @@ class Volume:
         return root.with_suffix(".transforms")
 
     def save_transform(self, z: int, transform: SectionTransform) -> Path:
-        self._check_z(z)
+        self.check_z(z)
         d = self.transforms_dir
         d.mkdir(exist_ok=True)
         path = d / f"z{z:06d}.npz"
@@ -306,7 +306,7 @@ class Volume:
     def section_window(self, z: int) -> list[float] | None:
         """Section z's contrast window: the WINDOW_PERCENTILES of its imaged (non-zero)
         pixels, from the coarsest level, or None where it holds too few."""
-        self._check_z(z)
+        self.check_z(z)
         level = self.levels[-1]
         _, h, w = level.shape
         step = max(1, int(np.ceil(np.sqrt(h * w / WINDOW_SAMPLE_PX))))

@@ -345,7 +345,7 @@ class SectionProcessor:
     def _read_reference(self, z: int) -> Plane:
         """Section z at level 0, the resolution `process` aligns at, read from the volume as
         the aligner asks for it."""
-        self.volume._check_z(z)
+        self.volume.check_z(z)
         status = self.volume.group.attrs["tapescope"].get("sections", {}).get(str(z), {}).get("status")
         if status != "ok":
             raise ValueError(f"section z={z} is {status or 'not written'} in the volume: not a reference to align to")

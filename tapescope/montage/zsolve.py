@@ -41,7 +41,7 @@ import scipy.sparse.linalg as spla
 from tapescope.graph import groups
 
 from .align import SectionAlignment
-from .flow import _second_differences
+from .flow import second_differences
 from .transform import SectionTransform
 
 MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
@@ -204,7 +204,7 @@ def solve_stack(
     d_density = per_section_w / max(lay.nd, 1)
     v_density = total_w / max(lay.steps * lay.nv, 1) if lay.nv else 0.0
     if p.elastic:
-        d2 = _second_differences(lay.dh, lay.dw).tocoo()
+        d2 = second_differences(lay.dh, lay.dw).tocoo()
         for z in zs:
             off = lay.field(z)
             s = np.sqrt(p.bend * d_density)
