@@ -2,7 +2,7 @@
 
 Regression: the processing queue is bounded; when it was full at the end of acquisition
 the end marker was dropped, the worker waited on the queue forever and `tapescope acquire`
-never exited (law 5: no call waits forever).
+never exited (no call may wait forever).
 """
 
 from __future__ import annotations

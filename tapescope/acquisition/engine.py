@@ -562,7 +562,7 @@ class Engine:
             await self._flush()
         finally:
             if self._pending is not None:
-                # Abort or failure: the tile that was being written still counts (law 1).
+                # Abort or failure: the tile that was being written still counts: a stored tile is never lost.
                 with contextlib.suppress(Exception):
                     await self._flush()
         flagged = flagged or bool(prog.failed_qc)

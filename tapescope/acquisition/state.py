@@ -42,6 +42,30 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 }
 
 
+# What the engine does in each state, for the table in docs/acquisition.md.
+DOING: dict[RunState, str] = {
+    _S.IDLE: "built, `run()` not called",
+    _S.PREPARING: "camera exposure, arm, calibrations",
+    _S.ACQUIRING: "tape to slot, barcode, plan (overview, ROI), tiles with QC",
+    _S.PAUSED: "waiting for `resume()` (or a device to answer again); nothing moves",
+    _S.RECOVERING: "a device call failed: reconnect, back off, retry",
+    _S.FINISHING: "acquisition over; processing drains",
+    _S.DONE: "terminal: controls return False",
+    _S.FAILED: "terminal: controls return False",
+    _S.ABORTED: "terminal: controls return False",
+}
+
+
+def markdown_table() -> str:
+    """The state table of docs/acquisition.md, made from TRANSITIONS and DOING (a test keeps
+    the document equal to it)."""
+    rows = ["| state | what the engine is doing | leaves for |", "|---|---|---|"]
+    for st in RunState:
+        to = ", ".join(t.name for t in RunState if t in TRANSITIONS[st]) or "none"
+        rows.append(f"| {st.name} | {DOING[st]} | {to} |")
+    return "\n".join(rows)
+
+
 # The operator's controls (GUI buttons, MQTT commands) and the states in which a run offers
 # each: the one place this rule is written. The engine's own methods accept a request in any
 # state that is not terminal (it takes effect at the next tile boundary) and answer False in

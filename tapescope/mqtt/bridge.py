@@ -1,7 +1,7 @@
 """The MQTT bridge: engine events out as telemetry, operator commands in.
 
-Telemetry never waits on the broker (law: a broker that is down or restarts never stops
-or slows acquisition). Events become messages in a bounded buffer; one publisher task
+Telemetry never waits on the broker: a broker that is down or restarts never stops or slows
+acquisition. Events become messages in a bounded buffer; one publisher task
 drains it while connected. When the buffer is full the oldest ordinary telemetry is
 dropped (and counted); state changes and alarms sit in a separate buffer, and the latest
 value of every retained topic is kept apart and re-published on each reconnect, so a
