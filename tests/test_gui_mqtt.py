@@ -21,9 +21,10 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
 
 from tapescope.acquisition.events import Alarm, DeviceStatus, EventBus, StateChanged, TileAcquired
 from tapescope.gui.model import RunModel, TileState
-from tapescope.gui.remote import EngineOnline, MqttController, MqttLink, MqttTarget, events_of
+from tapescope.gui.remote import MqttController, MqttLink, MqttTarget
 from tapescope.gui.window import MainWindow
 from tapescope.mqtt.broker import MosquittoBroker
+from tapescope.mqtt.topics import EngineOnline, events_of
 
 from .test_gui import click
 from .test_mqtt import USERS, broker, headless_config, needs_mosquitto  # noqa: F401  (broker: fixture)
@@ -148,7 +149,7 @@ def test_viewer_follows_but_cannot_command_and_operator_pauses_and_resumes(  # t
     # Read-only: it says so, and every control is disabled.
     assert "viewer (read-only)" in viewer.control.mode.text()
     assert not any(b.isEnabled() for b in viewer.control.buttons.values())
-    viewer._command("abort")            # as if the button were forced: refused here, shown in the banner
+    viewer.command("abort")            # as if the button were forced: refused here, shown in the banner
     assert any("read-only" in a.message for a in viewer.model.alarms)
     # A command that does reach the broker with viewer credentials is dropped by the ACL: no reply,
     # the window says so, and the run keeps going.

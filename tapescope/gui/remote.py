@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import threading
 import uuid
@@ -32,19 +31,11 @@ import aiomqtt
 
 from tapescope.acquisition.events import (
     Alarm,
-    DeviceStatus,
     Event,
     EventBus,
-    Progress,
-    RunFinished,
-    SectionFinished,
-    SectionPlanned,
-    SectionProcessed,
-    SectionStarted,
-    StateChanged,
-    TileAcquired,
 )
 from tapescope.mqtt.tls import TlsError, TlsFiles, explain
+from tapescope.mqtt.topics import EngineOnline, events_of
 
 from .model import RunModel, allowed
 
@@ -55,7 +46,6 @@ DEFAULT_PORT = 1883
 TLS_PORT = 8883
 CA_ENV, CERT_ENV, KEY_ENV = "TAPESCOPE_MQTT_CA", "TAPESCOPE_MQTT_CERT", "TAPESCOPE_MQTT_KEY"
 REPLY_TIMEOUT_S = 5.0
-DEVICE_META = ("moving", "age_s", "time")      # bridge fields of a device readout that are not readings
 
 
 # -- what the GUI attaches to -----------------------------------------------------------------
@@ -149,74 +139,12 @@ class RoleChanged(Event):
 
 
 @dataclass(frozen=True)
-class EngineOnline(Event):
-    online: bool
-    run_dir: str = ""
-    reason: str = ""
-
-
-@dataclass(frozen=True)
 class CommandReply(Event):
     id: str | None
     cmd: str
     ok: bool
     text: str            # the engine's message, or its error
     mine: bool = True    # False: the answer to another client's command
-
-
-# -- topic -> event ---------------------------------------------------------------------------
-
-def _f(x: Any) -> float:
-    return math.nan if x is None else float(x)
-
-
-def events_of(suffix: str, p: dict[str, Any], retained: bool = False) -> list[Event]:
-    """The engine events one telemetry message stands for (``suffix``: the topic below the root).
-
-    The inverse of ``tapescope.mqtt.topics.messages_for``; topics it does not know give none."""
-    match suffix.split("/"):
-        case ["state"]:
-            return [StateChanged(str(p.get("old") or ""), str(p["state"]), str(p.get("reason") or ""))]
-        case ["progress"]:
-            return [Progress(int(p["sections_done"]), int(p["sections_total"]), int(p["tiles_done"]),
-                             int(p["tiles_total"]), _f(p.get("tiles_per_s")), _f(p.get("eta_s")),
-                             int(p.get("slot", -1)))]
-        case ["section"]:
-            started = SectionStarted(int(p["slot"]), str(p.get("barcode") or ""))
-            if "tiles" not in p:        # an engine from before the plan was published
-                return [started]
-            tiles = tuple((int(r), int(c), float(y), float(x)) for r, c, y, x in p["tiles"])
-            tile_nm = (float(p["tile_nm"][0]), float(p["tile_nm"][1]))
-            roi = tuple((float(y), float(x)) for y, x in p.get("roi_nm") or ())
-            return [started, SectionPlanned(started.slot, started.barcode, roi, tiles, tile_nm,
-                                            str(p.get("roi_source") or "grid"))]
-        case ["section", "processed"]:
-            sy, sx = p.get("shift_px") or (None, None)
-            return [SectionProcessed(int(p["slot"]), int(p["z"]), str(p["status"]), _f(p.get("max_residual_px")),
-                                     (_f(sy), _f(sx)), _f(p.get("alignment_confidence")), str(p.get("message") or ""))]
-        case ["section", "finished"]:
-            return [SectionFinished(int(p["slot"]), str(p["status"]), int(p["n_tiles"]), int(p.get("n_failed_qc", 0)),
-                                    str(p.get("message") or ""))]
-        case ["tile"]:
-            qc = {k: p[k] for k in ("std", "focus", "saturation", "resin") if p.get(k) is not None}
-            qc["faults"] = list(p.get("faults") or [])
-            return [TileAcquired(int(p["slot"]), int(p["row"]), int(p["col"]), int(p.get("index", 0)),
-                                 _f(p.get("mean")), _f(p.get("x_nm")), _f(p.get("y_nm")), qc,
-                                 int(p.get("attempt", 1)), int(p.get("n_tiles", 0)))]
-        case ["alarm"]:
-            return [Alarm(str(p["source"]), str(p["message"]), str(p.get("severity", "error")))]
-        case ["alarm", "last"] if retained:      # live alarms come on <root>/alarm; this is for late joiners
-            return [Alarm(str(p["source"]), f"(before this window attached) {p['message']}",
-                          str(p.get("severity", "error")))]
-        case ["device", name]:
-            status = {k: v for k, v in p.items() if k not in DEVICE_META}
-            return [DeviceStatus(name, status, bool(p.get("moving", False)))]
-        case ["run"]:
-            return [RunFinished(str(p["state"]), int(p.get("sections", 0)), int(p.get("tiles", 0)),
-                                _f(p.get("seconds")))]
-        case ["online"]:
-            return [EngineOnline(bool(p["online"]), str(p.get("run_dir") or ""), str(p.get("reason") or ""))]
-    return []
 
 
 # -- the client thread ------------------------------------------------------------------------

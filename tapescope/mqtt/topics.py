@@ -1,4 +1,5 @@
-"""The topic tree (docs/mqtt.md) and the JSON payload of each event on it."""
+"""The topic tree (docs/mqtt.md) and the JSON payload of each event on it: encoding
+(``messages_for``, the engine's bridge) and decoding (``events_of``, a remote window)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from tapescope.acquisition.events import (
     SectionFinished,
     SectionPlanned,
     SectionProcessed,
+    SectionStarted,
     StateChanged,
     TileAcquired,
 )
 
 ROOT = "tapescope"
+DEVICE_META = ("moving", "age_s", "time")      # bridge fields of a device readout that are not readings
 
 
 def root(scope: str) -> str:
@@ -88,4 +91,69 @@ def messages_for(event: Event, scope: str) -> list[Message]:
             return [Message(f"{r}/run", p, 1, True, True)]
         case DeviceStatus():
             return []       # the bridge's heartbeat publishes device status at its own rates
+    return []
+
+
+@dataclass(frozen=True)
+class EngineOnline(Event):
+    """The engine's ``online`` message (retained; its last will says it went away)."""
+
+    online: bool
+    run_dir: str = ""
+    reason: str = ""
+
+
+# -- topic -> event ---------------------------------------------------------------------------
+
+def _float(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def events_of(suffix: str, p: dict[str, Any], retained: bool = False) -> list[Event]:
+    """The engine events one telemetry message stands for (``suffix``: the topic below the root).
+
+    The inverse of ``tapescope.mqtt.topics.messages_for``; topics it does not know give none."""
+    match suffix.split("/"):
+        case ["state"]:
+            return [StateChanged(str(p.get("old") or ""), str(p["state"]), str(p.get("reason") or ""))]
+        case ["progress"]:
+            return [Progress(int(p["sections_done"]), int(p["sections_total"]), int(p["tiles_done"]),
+                             int(p["tiles_total"]), _float(p.get("tiles_per_s")), _float(p.get("eta_s")),
+                             int(p.get("slot", -1)))]
+        case ["section"]:
+            started = SectionStarted(int(p["slot"]), str(p.get("barcode") or ""))
+            if "tiles" not in p:        # an engine from before the plan was published
+                return [started]
+            tiles = tuple((int(r), int(c), float(y), float(x)) for r, c, y, x in p["tiles"])
+            tile_nm = (float(p["tile_nm"][0]), float(p["tile_nm"][1]))
+            roi = tuple((float(y), float(x)) for y, x in p.get("roi_nm") or ())
+            return [started, SectionPlanned(started.slot, started.barcode, roi, tiles, tile_nm,
+                                            str(p.get("roi_source") or "grid"))]
+        case ["section", "processed"]:
+            sy, sx = p.get("shift_px") or (None, None)
+            return [SectionProcessed(int(p["slot"]), int(p["z"]), str(p["status"]),
+                                     _float(p.get("max_residual_px")), (_float(sy), _float(sx)),
+                                     _float(p.get("alignment_confidence")), str(p.get("message") or ""))]
+        case ["section", "finished"]:
+            return [SectionFinished(int(p["slot"]), str(p["status"]), int(p["n_tiles"]), int(p.get("n_failed_qc", 0)),
+                                    str(p.get("message") or ""))]
+        case ["tile"]:
+            qc = {k: p[k] for k in ("std", "focus", "saturation", "resin") if p.get(k) is not None}
+            qc["faults"] = list(p.get("faults") or [])
+            return [TileAcquired(int(p["slot"]), int(p["row"]), int(p["col"]), int(p.get("index", 0)),
+                                 _float(p.get("mean")), _float(p.get("x_nm")), _float(p.get("y_nm")), qc,
+                                 int(p.get("attempt", 1)), int(p.get("n_tiles", 0)))]
+        case ["alarm"]:
+            return [Alarm(str(p["source"]), str(p["message"]), str(p.get("severity", "error")))]
+        case ["alarm", "last"] if retained:      # live alarms come on <root>/alarm; this is for late joiners
+            return [Alarm(str(p["source"]), f"(before this window attached) {p['message']}",
+                          str(p.get("severity", "error")))]
+        case ["device", name]:
+            status = {k: v for k, v in p.items() if k not in DEVICE_META}
+            return [DeviceStatus(name, status, bool(p.get("moving", False)))]
+        case ["run"]:
+            return [RunFinished(str(p["state"]), int(p.get("sections", 0)), int(p.get("tiles", 0)),
+                                _float(p.get("seconds")))]
+        case ["online"]:
+            return [EngineOnline(bool(p["online"]), str(p.get("run_dir") or ""), str(p.get("reason") or ""))]
     return []
