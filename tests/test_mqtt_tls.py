@@ -18,7 +18,8 @@ import pytest
 
 from tapescope.acquisition.events import Alarm, Event, EventBus, TileAcquired
 from tapescope.config import ConfigError, parse_config
-from tapescope.gui.remote import LinkChanged, MqttLink, MqttTarget
+from tapescope.gui.link_events import LinkChanged
+from tapescope.gui.remote import MqttLink, MqttTarget
 from tapescope.hardware.scope import Scope
 from tapescope.mqtt import certs
 from tapescope.mqtt.bridge import BrokerSettings, MqttBridge

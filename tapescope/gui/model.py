@@ -12,20 +12,33 @@ import enum
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tapescope.acquisition.events import (
     Alarm,
+    AwaitingProcessing,
+    CalibrationDone,
+    DeviceStatus,
     Event,
+    OverviewAvailable,
+    Progress,
     RunFinished,
     RunStarted,
     SectionAcquired,
+    SectionFinished,
+    SectionPlanned,
     SectionProcessed,
     SectionStarted,
+    StateChanged,
     TileAcquired,
+    TileRejected,
 )
 from tapescope.acquisition.state import RunState, offers
+from tapescope.mqtt.topics import EngineOnline
+
+from .link_events import CommandReply, LinkChanged, RoleChanged
 
 LOG_LINES = 500      # the log panel keeps this many; the journal keeps everything
 ALARMS_KEPT = 50
@@ -82,6 +95,7 @@ class RunModel:
     """Folds events into state. ``apply`` returns the names of the parts that changed."""
 
     def __init__(self) -> None:
+        self._handler_table = self._handlers()
         self.run_state = "idle"
         self.run_dir = ""
         self.slots: dict[int, SlotInfo] = {}
@@ -161,19 +175,39 @@ class RunModel:
     def _log(self, text: str) -> None:
         self.log.append(f"{time.strftime('%H:%M:%S')}  {text}")
 
-    def apply(self, ev: Event) -> set[str]:
-        name = type(ev).__name__
-        handler = None
-        for cls in type(ev).__mro__:   # a subclass of a known event is handled as that event
-            handler = getattr(self, f"_on_{cls.__name__}", None)
-            if handler is not None:
-                break
-        if handler is None:
-            self._log(f"{name}: {_fields(ev)}")
-            return {"log"}
-        return handler(ev) | {"log"}
+    def _handlers(self) -> dict[type, Callable[[Any], set[str]]]:
+        """Which method takes which event type (what each changes: the panels to redraw)."""
+        return {
+            RunStarted: self._on_run_started,
+            SectionStarted: self._on_section_started,
+            TileAcquired: self._on_tile_acquired,
+            TileRejected: self._on_tile_rejected,
+            SectionPlanned: self._on_section_planned,
+            OverviewAvailable: self._on_overview_available,
+            AwaitingProcessing: self._on_awaiting_processing,
+            SectionFinished: self._on_section_finished,
+            DeviceStatus: self._on_device_status,
+            Progress: self._on_progress,
+            CalibrationDone: self._on_calibration_done,
+            SectionAcquired: self._on_section_acquired,
+            SectionProcessed: self._on_section_processed,
+            Alarm: self._on_alarm,
+            RunFinished: self._on_run_finished,
+            StateChanged: self._on_state_changed,
+            LinkChanged: self._on_link_changed,
+            RoleChanged: self._on_role_changed,
+            EngineOnline: self._on_engine_online,
+            CommandReply: self._on_command_reply,
+        }
 
-    def _on_RunStarted(self, ev: RunStarted) -> set[str]:
+    def apply(self, ev: Event) -> set[str]:
+        for cls in type(ev).__mro__:   # a subclass of a known event is handled as that event
+            if (handler := self._handler_table.get(cls)) is not None:
+                return handler(ev) | {"log"}
+        self._log(f"{type(ev).__name__}: {_fields(ev)}")
+        return {"log"}
+
+    def _on_run_started(self, ev: RunStarted) -> set[str]:
         self.run_state = "acquiring"
         self.run_dir = ev.run_dir
         self.slots = {s: SlotInfo(s) for s in ev.slots}
@@ -189,7 +223,7 @@ class RunModel:
         self._log(f"run started: {len(ev.slots)} sections x {ev.tiles_per_section} tiles -> {ev.run_dir}")
         return {"run", "tape", "map", "progress"}
 
-    def _on_SectionStarted(self, ev: SectionStarted) -> set[str]:
+    def _on_section_started(self, ev: SectionStarted) -> set[str]:
         if self.current_slot is not None and self.slots.get(self.current_slot, SlotInfo(-1)).state \
                 is SlotState.CURRENT:
             self.slots[self.current_slot].state = SlotState.SKIPPED   # left before it was acquired
@@ -223,7 +257,7 @@ class RunModel:
         if h or w:
             self.tile_nm = (h or w, w or h)
 
-    def _on_TileAcquired(self, ev: TileAcquired) -> set[str]:
+    def _on_tile_acquired(self, ev: TileAcquired) -> set[str]:
         tile = self._tile(ev.slot, ev.row, ev.col, getattr(ev, "y_nm", float("nan")), getattr(ev, "x_nm", float("nan")))
         attempt = int(getattr(ev, "attempt", tile.attempts + 1))
         tile.attempts = max(tile.attempts + 1, attempt)
@@ -244,7 +278,7 @@ class RunModel:
         self._tile_times.append(time.monotonic())
         return {"map", "progress"}
 
-    def _on_TileRejected(self, ev: Any) -> set[str]:
+    def _on_tile_rejected(self, ev: Any) -> set[str]:
         tile = self._tile(ev.slot, ev.row, ev.col)
         tile.attempts = max(tile.attempts, int(ev.attempt))
         tile.state = TileState.QC_FAILED
@@ -254,23 +288,23 @@ class RunModel:
                   f"({', '.join(ev.faults)}): {ev.decision}")
         return {"map"}
 
-    def _on_SectionPlanned(self, ev: Any) -> set[str]:
+    def _on_section_planned(self, ev: Any) -> set[str]:
         self.section_tiles[ev.slot] = {(r, c): TileInfo(r, c, y, x) for r, c, y, x in ev.tiles}
         self.rois[ev.slot] = tuple(ev.roi_nm)
         self.tile_nm = tuple(ev.tile_nm)  # type: ignore[assignment]
         self._log(f"slot {ev.slot}: {len(ev.tiles)} tiles planned (ROI from {ev.roi_source})")
         return {"map", "progress"}
 
-    def _on_OverviewAvailable(self, ev: Any) -> set[str]:
+    def _on_overview_available(self, ev: Any) -> set[str]:
         self.overviews[ev.slot] = (ev.image, tuple(ev.origin_nm), float(ev.pixel_nm))
         return {"map"}
 
-    def _on_AwaitingProcessing(self, ev: Any) -> set[str]:
+    def _on_awaiting_processing(self, ev: Any) -> set[str]:
         self._log(f"all slots visited; waiting up to {ev.limit_s:g} s for processing to judge them, "
                   "so that a section that does not register is re-imaged before the run ends")
         return set()
 
-    def _on_SectionFinished(self, ev: Any) -> set[str]:
+    def _on_section_finished(self, ev: Any) -> set[str]:
         info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
         state = {"complete": SlotState.ACQUIRED, "flagged": SlotState.FLAGGED, "skipped": SlotState.SKIPPED,
                  "empty": SlotState.EMPTY, "damaged": SlotState.DAMAGED, "failed": SlotState.FAILED}
@@ -279,29 +313,29 @@ class RunModel:
         self._log(f"slot {ev.slot}: {ev.status}, {ev.n_tiles} tiles" + (f" ({info.note})" if info.note else ""))
         return {"tape"}
 
-    def _on_DeviceStatus(self, ev: Any) -> set[str]:
+    def _on_device_status(self, ev: Any) -> set[str]:
         self.readouts[ev.device] = ", ".join(f"{k} {_short(v)}" for k, v in ev.status.items()) + \
             ("  (moving)" if ev.moving else "")
         self.readouts_time[ev.device] = time.monotonic()
         return {"readouts"}
 
-    def _on_Progress(self, ev: Any) -> set[str]:
+    def _on_progress(self, ev: Any) -> set[str]:
         self.engine_progress = ev
         self.tiles_done = int(ev.tiles_done)
         return {"progress"}
 
-    def _on_CalibrationDone(self, ev: Any) -> set[str]:
+    def _on_calibration_done(self, ev: Any) -> set[str]:
         self._log(f"calibration {ev.name}: {'ok' if ev.ok else 'FAILED'} {_short(ev.summary)}")
         return set()
 
-    def _on_SectionAcquired(self, ev: SectionAcquired) -> set[str]:
+    def _on_section_acquired(self, ev: SectionAcquired) -> set[str]:
         info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
         if info.state is SlotState.CURRENT:
             info.state = SlotState.ACQUIRED
         self._log(f"slot {ev.slot}: {ev.n_tiles} tiles acquired")
         return {"tape"}
 
-    def _on_SectionProcessed(self, ev: SectionProcessed) -> set[str]:
+    def _on_section_processed(self, ev: SectionProcessed) -> set[str]:
         info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
         info.state = {"ok": SlotState.DONE, "failed": SlotState.FAILED}.get(ev.status, SlotState.FLAGGED)
         info.note = ev.message
@@ -311,12 +345,12 @@ class RunModel:
                   f"shift ({ev.shift_px[0]:+.1f}, {ev.shift_px[1]:+.1f}) px")
         return {"tape", "montage"}
 
-    def _on_Alarm(self, ev: Alarm) -> set[str]:
+    def _on_alarm(self, ev: Alarm) -> set[str]:
         self.alarms.append(AlarmLine(time.time(), ev.source, ev.message, ev.severity))
         self._log(f"{ev.severity.upper()} {ev.source}: {ev.message}")
         return {"alarm"}
 
-    def _on_RunFinished(self, ev: RunFinished) -> set[str]:
+    def _on_run_finished(self, ev: RunFinished) -> set[str]:
         self.run_state = ev.state
         self.t_end = time.monotonic()
         if self.current_slot is not None and self.slots[self.current_slot].state is SlotState.CURRENT:
@@ -325,23 +359,23 @@ class RunModel:
         self._log(f"run {ev.state}: {ev.sections} sections, {ev.tiles} tiles in {ev.seconds:.1f} s")
         return {"run", "tape", "progress"}
 
-    def _on_StateChanged(self, ev: Any) -> set[str]:
+    def _on_state_changed(self, ev: Any) -> set[str]:
         self.run_state = str(ev.new).lower()
         self._log(f"state: {ev.old} -> {ev.new}" + (f" ({ev.reason})" if ev.reason else ""))
         return {"run", "progress"}
 
 
     # -- attached over MQTT (tapescope.gui.remote) ----------------------------------------
-    def _on_LinkChanged(self, ev: Any) -> set[str]:
+    def _on_link_changed(self, ev: Any) -> set[str]:
         self.link, self.link_up = ev.detail, bool(ev.up)
         self._log(f"MQTT: {ev.detail}")
         return {"run"}
 
-    def _on_RoleChanged(self, ev: Any) -> set[str]:
+    def _on_role_changed(self, ev: Any) -> set[str]:
         self._log(f"MQTT role {ev.role}: {ev.detail}")
         return {"run"}
 
-    def _on_EngineOnline(self, ev: Any) -> set[str]:
+    def _on_engine_online(self, ev: Any) -> set[str]:
         self.engine_online = bool(ev.online)
         if ev.run_dir:
             self.run_dir = ev.run_dir
@@ -353,7 +387,7 @@ class RunModel:
             return {"run", "alarm"}
         return {"run"}
 
-    def _on_CommandReply(self, ev: Any) -> set[str]:
+    def _on_command_reply(self, ev: Any) -> set[str]:
         who = "" if ev.mine else " (another client's)"
         verdict = "ok" if ev.ok else "REFUSED"
         self._log(f"reply to{who} {ev.cmd} (id {ev.id}): {verdict}" + (f", {ev.text}" if ev.text else ""))

@@ -31,12 +31,12 @@ import aiomqtt
 
 from tapescope.acquisition.events import (
     Alarm,
-    Event,
     EventBus,
 )
 from tapescope.mqtt.tls import TlsError, TlsFiles, explain
 from tapescope.mqtt.topics import EngineOnline, events_of
 
+from .link_events import CommandReply, LinkChanged, RoleChanged
 from .model import RunModel, allowed
 
 log = logging.getLogger(__name__)
@@ -123,29 +123,6 @@ class MqttTarget:
 
 
 # -- events that only a remote link has ------------------------------------------------------
-
-@dataclass(frozen=True)
-class LinkChanged(Event):
-    """The GUI's own connection to the broker."""
-
-    up: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class RoleChanged(Event):
-    role: str            # "operator" or "viewer"
-    detail: str
-
-
-@dataclass(frozen=True)
-class CommandReply(Event):
-    id: str | None
-    cmd: str
-    ok: bool
-    text: str            # the engine's message, or its error
-    mine: bool = True    # False: the answer to another client's command
-
 
 # -- the client thread ------------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 from PySide6 import QtCore, QtWidgets
 
-from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed
+from tapescope.acquisition.events import Alarm, Event, EventBus, RunStarted, SectionProcessed, TileAcquired
 from tapescope.acquisition.store import RunStore
+from tapescope.mqtt.topics import EngineOnline
 from tapescope.view.background import BackgroundViewer
 
 from .latest import FrameLoader, LatestFrame, TileImage
@@ -171,13 +172,12 @@ class MainWindow(QtWidgets.QMainWindow):
     def on_event(self, ev: Event) -> None:
         self.events_seen += 1
         self._dirty |= self.model.apply(ev)
-        name = type(ev).__name__
-        if name == "RunStarted":
-            self._store = RunStore(ev.run_dir)  # type: ignore[attr-defined]
-        elif name == "EngineOnline" and ev.run_dir:  # type: ignore[attr-defined]
-            self._attach_run_dir(ev.run_dir)  # type: ignore[attr-defined]
-        elif name == "TileAcquired":
-            self.map.current_tile = (ev.row, ev.col)  # type: ignore[attr-defined]
+        if isinstance(ev, RunStarted):
+            self._store = RunStore(ev.run_dir)
+        elif isinstance(ev, EngineOnline) and ev.run_dir:
+            self._attach_run_dir(ev.run_dir)
+        elif isinstance(ev, TileAcquired):
+            self.map.current_tile = (ev.row, ev.col)
             self._feed_tile(ev)
         elif isinstance(ev, SectionProcessed):
             self.preview.show_report(ev.slot, ev.z, ev.status, ev.max_residual_px, ev.shift_px,
