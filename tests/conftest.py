@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import select
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from tapescope.mqtt.broker import free_port
 from tapescope.sim_hardware.scope import SimulatedScope
+from tapescope.sim_hardware.serve import READY
 from tapescope.sim_hardware.world import WorldParams
 
 SMALL_WORLD = WorldParams(seed=3, n_slots=4, tile_px=(128, 128), section_px=(512, 512))
@@ -57,3 +61,54 @@ def temscript_url() -> Iterator[str]:
 async def sim() -> AsyncIterator[SimulatedScope]:
     async with SimulatedScope(SMALL_WORLD) as s:
         yield s
+
+
+class SimServer:
+    """`tapescope sim serve ARGS` as its own process; ``tables``: the [scope] tables it printed."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tapescope.cli", "sim", "serve", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        text = b""
+        deadline = time.monotonic() + 60
+        # Raw reads: a buffered readline could hold the READY line while select waits on the pipe.
+        while time.monotonic() < deadline and READY.encode() not in text:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                text += chunk
+        if READY.encode() not in text:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"simulator did not start: {text.decode()}{err.decode()}")
+        self.tables = text.decode()
+
+    def stop(self) -> str:
+        """SIGINT, as Ctrl-C; what it printed from then on (which faults fired)."""
+        if self.proc.returncode is not None:
+            return ""
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err.decode()
+        return out.decode()
+
+
+@pytest.fixture
+def sim_server() -> Iterator[Callable[..., SimServer]]:
+    """Starts simulators as their own processes; each is stopped at the end of the test."""
+    servers: list[SimServer] = []
+
+    def start(*args: str) -> SimServer:
+        servers.append(SimServer(*args))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        if s.proc.returncode is None:
+            s.proc.kill()
+            s.proc.communicate()
+

@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,28 +134,43 @@ def test_resume_refuses_a_changed_config_and_changes_nothing(tmp_path: Path) -> 
     assert r.returncode == 2 and "--resume" in r.stdout + r.stderr
 
 
-def test_resume_primes_alignment_from_the_volume(tmp_path: Path) -> None:
-    """Killed after section 0 reached the volume: on resume, section 1 is aligned to it."""
+def test_resume_primes_alignment_from_the_volume(tmp_path: Path, sim_server: Callable[..., Any]) -> None:
+    """Killed after section 0 reached the volume: on resume, section 1 is aligned to it.
+
+    The kill point is made, not raced: the simulator (its own process) loses every tape move
+    after the first, so the run images section 0, processes it, and waits paused for the
+    tape at section 1; it is killed there, and resumed against a simulator without faults."""
+    run = ("[run]\nslot_range = [0, 1]\ngrid = [2, 2]\nexposure_ms = 40.0\nseed = 5\n"
+           "device_retries = 1\nretry_window_s = 0.5\n[processing]\nenabled = true\nelastic = false\n")
+    sim_cfg = tmp_path / "sim.toml"
+    sim_cfg.write_text("[scope.camera]\nwidth = 128\nheight = 128\n" + run)
     cfg = tmp_path / "run.toml"
-    cfg.write_text(CONFIG.replace("slot_range = [0, 4]", "slot_range = [0, 1]").replace("[4, 4]", "[2, 2]")
-                   .replace("exposure_ms = 3.0", "exposure_ms = 40.0")
-                   .replace("enabled = false", "enabled = true\nelastic = false"))
     run_dir = tmp_path / "run"
-    proc = acquire(cfg, run_dir, resume=False)
-    deadline = time.monotonic() + 120
     journal = run_dir / "journal.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and b'"event":"section_processed"' in journal.read_bytes():
-            break
-        time.sleep(0.05)   # polling the journal a subprocess writes; the kill point is the condition
-    if proc.poll() is not None:
-        pytest.skip("the run finished before it could be killed mid-way (machine too fast for this set-up)")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    if journal.read_bytes().count(b'"event":"section_processed"') > 1:
-        pytest.skip("section 1 was processed before the kill landed: nothing left to align on resume")
-    r = subprocess.run([sys.executable, "-m", "tapescope.cli", "acquire", str(cfg), "--resume", str(run_dir)],
-                       capture_output=True, text=True, timeout=180)
+    server = sim_server("--config", str(sim_cfg), "--fault", "tape_timeout:100000,after=1,on=GOTO,executed=false")
+    try:
+        cfg.write_text(run + server.tables)
+        proc = acquire(cfg, run_dir, resume=False)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = journal.read_bytes() if journal.exists() else b""
+            if b'"event":"section_processed"' in text and b'"new":"paused"' in text:
+                break
+            time.sleep(0.05)   # polling the journal a subprocess writes; the kill point is the condition
+        assert proc.poll() is None, "the run ended although the tape could not reach section 1"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        server.stop()
+    text = journal.read_bytes()
+    assert text.count(b'"event":"section_processed"') == 1 and b'"event":"tile","slot":1' not in text
+    server = sim_server("--config", str(sim_cfg))
+    try:
+        cfg.write_text(run + server.tables)
+        r = subprocess.run([sys.executable, "-m", "tapescope.cli", "acquire", str(cfg), "--resume", str(run_dir)],
+                           capture_output=True, text=True, timeout=180)
+    finally:
+        server.stop()
     assert r.returncode in (0, 3), r.stdout + r.stderr
     events = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
     primed = [e for e in events if e["event"] == "alignment_primed"]
