@@ -85,7 +85,7 @@ async def queries(params: WorldParams) -> None:
 async def tcp_frames(params: WorldParams, mag: float | None = None) -> float:
     async with SimulatedScope(params) as sim:
         if mag is not None:
-            sim.world.magnification = mag
+            sim.world.column.magnification = mag
         cam = Camera("127.0.0.1", sim.camera.port, timeout_s=30)
         await cam.connect()
         await cam.set_exposure(0.01)   # exposure time ~0: what is left is the simulator's cost
@@ -109,7 +109,7 @@ def main() -> None:
     world.expose(20.0)                # section render and caches, not part of the tile rate
     render = timed_sync(lambda: world.expose(20.0), N_FRAMES)
     whole = asyncio.run(tcp_frames(params))
-    world.magnification = params.imaging_mag / 16
+    world.column.magnification = params.imaging_mag / 16
     world.expose(20.0)
     overview = timed_sync(lambda: world.expose(20.0), N_FRAMES)
 

@@ -35,11 +35,11 @@ def main() -> None:
     IMG.mkdir(exist_ok=True)
     w = SimWorld(WorldParams(seed=1, n_slots=20, tile_px=(1024, 1024), section_px=(2560, 2560),
                              slot_rotation_sigma_deg=3.0))
-    w.focus_nm = w.true_focus_nm(0)
+    w.column.focus_nm = w.true_focus_nm(0)
     tile = w.expose(20.0)
     cv2.imwrite(str(IMG / "sim_tile.png"), to8(tile))
 
-    w.magnification = 300.0
+    w.column.magnification = 300.0
     dark = w.p.dark_offset
     full = w.p.electrons_per_ms * 20 * w.p.counts_per_electron + dark
     overview = w.expose(20.0)
@@ -54,16 +54,16 @@ def main() -> None:
     for kind, slot in wanted.items():
         if slot is None:
             continue
-        w.slot = slot
-        w.focus_nm = w.true_focus_nm(slot)
+        w.tape.slot = slot
+        w.column.focus_nm = w.true_focus_nm(slot)
         img = to8(w.expose(20.0), dark, full)[320:704, 320:704]   # the aperture and its surround
         panels.append(label(img, f"slot {slot}: {kind} ({w.slot_rotation_deg[slot]:+.1f} deg)"))
     cv2.imwrite(str(IMG / "sim_slots.png"), np.hstack(panels))
 
-    w.slot, w.magnification = 0, w.p.imaging_mag
+    w.tape.slot, w.column.magnification = 0, w.p.imaging_mag
     crops = []
     for defocus in (0.0, 2000.0, 5000.0):
-        w.focus_nm = w.true_focus_nm(0) + defocus
+        w.column.focus_nm = w.true_focus_nm(0) + defocus
         crops.append(label(to8(w.expose(20.0)[256:768, 256:768]), f"defocus {defocus / 1000:g} um"))
     cv2.imwrite(str(IMG / "sim_focus.png"), np.hstack(crops))
     print(f"wrote {IMG}/sim_tile.png, sim_overview.png, sim_slots.png, sim_focus.png")

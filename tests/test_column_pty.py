@@ -92,7 +92,7 @@ async def test_overview_mag_shows_the_aperture_and_section(sim: SimulatedScope) 
 async def test_defocus_blurs(sim: SimulatedScope) -> None:
     async with Column(sim.column.port, timeout_s=1.0) as col, Camera("127.0.0.1", sim.camera.port) as cam:
         await cam.set_exposure(50)
-        focus = sim.world.true_focus_nm(sim.world.slot)
+        focus = sim.world.true_focus_nm(sim.world.tape.slot)
         sharpness = []
         for offset in (0.0, 2000.0, 6000.0):
             await col.set_focus(focus + offset)

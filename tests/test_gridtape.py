@@ -118,7 +118,7 @@ async def test_goto_centres_each_slot_by_its_barcode(bench: Bench) -> None:
         st = await bench.tape.goto(slot)
         assert (st.state, st.slot) == ("IDLE", slot)
         assert bench.centred_at(slot), bench.emu.model.tape_mm
-        assert bench.world.beam_slot == slot
+        assert bench.world.tape.beam_slot == slot
         assert await bench.tape.barcode() == (slot, f"{slot:06d}")
     assert await bench.tape.tension() == pytest.approx(bench.world.p.tape_tension_g)
     assert "step_tape" in bench.emu.commands and "set_tension_limits" in bench.emu.commands

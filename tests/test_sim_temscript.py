@@ -27,16 +27,16 @@ async def test_the_column_driver_meets_the_simulated_physics() -> None:
         w = sim.world
         async with TemscriptColumn(sim.tem.url) as col:
             st = await col.status()
-            assert st.beam_on and st.kv == w.p.ht_kv and st.magnification == w.magnification
+            assert st.beam_on and st.kv == w.p.ht_kv and st.magnification == w.column.magnification
             await col.set_focus(-1234.0)
-            assert w.focus_nm == pytest.approx(-1234.0)
+            assert w.column.focus_nm == pytest.approx(-1234.0)
             await col.set_magnification(300.0)
-            assert w.magnification == 300.0 and w.pixel_nm_now() == pytest.approx(w.p.pixel_nm * 16)
+            assert w.column.magnification == 300.0 and w.pixel_nm_now() == pytest.approx(w.p.pixel_nm * 16)
             await col.blank()
             assert not w.beam_on()
             await col.ensure_beam()
             assert w.beam_on()
-            w.column_trip()                       # the gun trips: temscript reads 0 kV
+            w.column.trip()                       # the gun trips: temscript reads 0 kV
             st = await col.status()
             assert st.high_tension == "OFF" and not st.beam_on
             with pytest.raises(DeviceError, match="at the microscope"):
@@ -50,7 +50,7 @@ async def test_the_goniometer_driver_moves_the_simulated_stage() -> None:
         async with TemscriptStage(sim.tem.url, limits=StageLimits.centred((1e6, 1e6)), poll_s=0.005) as stage:
             await stage.move_to(20_000.0, -8_000.0)
             assert await stage.position() == pytest.approx((20_000.0, -8_000.0), abs=2.0)
-            assert w.stage_readback() == pytest.approx(np.array([-8_000.0, 20_000.0]), abs=2.0)
+            assert w.stage.readback() == pytest.approx(np.array([-8_000.0, 20_000.0]), abs=2.0)
             assert "GET stage_status" in sim.tem.requests
 
 

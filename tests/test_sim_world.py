@@ -82,20 +82,20 @@ def test_lens_distortion_moves_the_corners_not_the_centre() -> None:
 
 def test_backlash_depends_on_the_approach() -> None:
     w = SimWorld(dataclasses.replace(QUIET, stage_backlash_nm=40.0))
-    w.stage_move(np.array([-5000.0, -5000.0]))
-    w.stage_move(np.zeros(2))
-    from_below = w.stage_true.copy()
-    w.stage_move(np.array([5000.0, 5000.0]))
-    w.stage_move(np.zeros(2))
-    from_above = w.stage_true.copy()
+    w.stage.move(np.array([-5000.0, -5000.0]))
+    w.stage.move(np.zeros(2))
+    from_below = w.stage.true.copy()
+    w.stage.move(np.array([5000.0, 5000.0]))
+    w.stage.move(np.zeros(2))
+    from_above = w.stage.true.copy()
     assert np.allclose(from_above - from_below, 40.0)
-    assert np.allclose(w.stage_encoder, 0.0)               # the encoder reads the target either way
+    assert np.allclose(w.stage.encoder, 0.0)               # the encoder reads the target either way
 
 
 def test_hardware_limits_clip_a_move() -> None:
     w = SimWorld(dataclasses.replace(QUIET, stage_limits_nm=1e6))
-    w.stage_move(np.array([0.0, 5e6]))
-    assert w.stage_encoder[1] == 1e6
+    w.stage.move(np.array([0.0, 5e6]))
+    assert w.stage.encoder[1] == 1e6
 
 
 def test_true_focus_drifts_within_its_amplitude() -> None:
@@ -156,7 +156,7 @@ def test_section_corners_are_where_the_camera_sees_the_section_edge() -> None:
 def test_tape_move_renders_sections_ahead() -> None:
     w = SimWorld(QUIET)
     try:
-        w.tape_goto(2)
+        w.tape.goto(2)
         ahead = w._sections.get(3)
         assert ahead is not None and w._sections.get(2) is not None
         # The background render is the same picture as one rendered on demand.

@@ -22,7 +22,7 @@ async def test_move_and_read_back(sim: SimulatedScope) -> None:
         x, y = await stage.position()
         assert (x, y) == pytest.approx((12_345.0, -6_789.0), abs=1.0)
         # The camera sees the true position, which differs by the repeatability error.
-        true_y, true_x = sim.world.stage_true
+        true_y, true_x = sim.world.stage.true
         assert (true_x, true_y) != (x, y)
         assert abs(true_x - x) < 10 * sim.world.p.stage_error_sigma_nm
 
@@ -75,9 +75,9 @@ async def test_speed_setting_changes_travel_time(sim: SimulatedScope) -> None:
     async with Stage(sim.stage.port, timeout_s=1.0) as stage:
         await stage.set_speed(0.5)
         assert await stage.speed() == pytest.approx(0.5)
-        slow = sim.world._travel_s(1e6)
+        slow = sim.world.stage.travel_s(1e6)
         await stage.set_speed(2.0)
-        assert sim.world._travel_s(1e6) < slow
+        assert sim.world.stage.travel_s(1e6) < slow
         with pytest.raises(DeviceError, match="outside"):
             await stage.set_speed(50)
 

@@ -22,11 +22,11 @@ def simulate_section(seed: int, rows: int = 3, cols: int = 3, overlap: float = 0
     px = world.p.pixel_nm
     tiles, stage, truth, grid = [], [], [], []
     for t in tile_grid(rows, cols, TILE, px, overlap):
-        world.stage_move(np.array([t.y_nm, t.x_nm]))
+        world.stage.move(np.array([t.y_nm, t.x_nm]))
         tiles.append(world.expose(20.0))
         half = np.array(TILE) / 2
-        stage.append(world.stage_encoder / px - half)
-        truth.append(world.stage_true / px - half)
+        stage.append(world.stage.encoder / px - half)
+        truth.append(world.stage.true / px - half)
         grid.append((t.row, t.col))
     return world, tiles, np.array(stage), np.array(truth), grid
 
@@ -85,13 +85,13 @@ def test_flatfield_corrects_vignetting() -> None:
     rng = np.random.default_rng(1)
     tiles = []
     for _ in range(24):
-        world.stage_move(rng.uniform(-1500, 1500, 2))
+        world.stage.move(rng.uniform(-1500, 1500, 2))
         tiles.append(world.expose(20.0))
     dark = world.p.dark_offset
     gain = estimate_flatfield(tiles, dark=dark)
     # A uniform field (bare resin) through the same optics: flat to within 1% once corrected.
     world.slot_offsets_nm[0] = (1e7, 1e7)   # move the section far away: the camera sees resin
-    world.stage_move(np.zeros(2))
+    world.stage.move(np.zeros(2))
     blank = np.mean([world.expose(60.0).astype(np.float32) for _ in range(4)], axis=0)
     corrected = apply_flatfield(blank, gain, dark)
     raw_spread = np.percentile(blank, 99) / np.percentile(blank, 1) - 1

@@ -168,7 +168,7 @@ class CameraEmulator:
         # An unread frame is overwritten, as a camera's single frame buffer does; its frame id
         # is then a gap that the driver counts as lost.
         await self._discard_readout()
-        self._readout = asyncio.create_task(self._render(self.world.stage_true.copy()))
+        self._readout = asyncio.create_task(self._render(self.world.stage.true.copy()))
         self._readout_t0 = t0
         return cp.pack(cp.KIND_OK, {"timestamp": t0, "exposure_ms": self.exposure_ms})
 

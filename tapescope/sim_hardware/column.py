@@ -26,14 +26,14 @@ class ColumnEmulator(PtyLineServer):
         w = self.world
         match [verb.upper(), *(a.upper() for a in args)]:
             case ["STATE?"]:
-                ht = w.ht_state()
+                ht = w.column.ht_state()
                 kv = w.p.ht_kv if ht == "ON" else 0.0
-                blank = "BLANKED" if w.blanked else "UNBLANKED"
-                return f"STATE {ht} {kv:g} {proto.format_mag(w.magnification)} {w.focus_nm:.1f} {blank}"
+                blank = "BLANKED" if w.column.blanked else "UNBLANKED"
+                return f"STATE {ht} {kv:g} {proto.format_mag(w.column.magnification)} {w.column.focus_nm:.1f} {blank}"
             case ["MAGS?"]:
                 return "MAGS " + " ".join(proto.format_mag(m) for m in w.p.magnifications)
             case ["MAG?"]:
-                return f"MAG {proto.format_mag(w.magnification)}"
+                return f"MAG {proto.format_mag(w.column.magnification)}"
             case ["MAG", value]:
                 try:
                     mag = float(value)
@@ -41,10 +41,10 @@ class ColumnEmulator(PtyLineServer):
                     return self._err(proto.ERR_BAD_ARGUMENT, f"not a number: {value}")
                 if mag not in w.p.magnifications:
                     return self._err(proto.ERR_BAD_MAG, f"magnification {value} not available")
-                w.magnification = mag
+                w.column.magnification = mag
                 return "OK"
             case ["FOCUS?"]:
-                return f"FOCUS {w.focus_nm:.1f}"
+                return f"FOCUS {w.column.focus_nm:.1f}"
             case ["FOCUS", value]:
                 try:
                     focus = float(value)
@@ -52,25 +52,25 @@ class ColumnEmulator(PtyLineServer):
                     return self._err(proto.ERR_BAD_ARGUMENT, f"not a number: {value}")
                 if abs(focus) > proto.FOCUS_LIMIT_NM:
                     return self._err(proto.ERR_FOCUS_RANGE)
-                w.focus_nm = focus
+                w.column.focus_nm = focus
                 return "OK"
             case ["BLANK"]:
-                w.blanked = True
+                w.column.blanked = True
                 return "OK"
             case ["UNBLANK"]:
-                if w.ht_state() != "ON":
-                    return self._err(proto.ERR_BEAM_OFF, f"high tension is {w.ht_state()}")
-                w.blanked = False
+                if w.column.ht_state() != "ON":
+                    return self._err(proto.ERR_BEAM_OFF, f"high tension is {w.column.ht_state()}")
+                w.column.blanked = False
                 return "OK"
             case ["HT", "ON"]:
-                if w.ht_state() == "TRIPPED":
+                if w.column.ht_state() == "TRIPPED":
                     return self._err(proto.ERR_TRIPPED)
-                w.ht_on()
+                w.column.ht_on()
                 return "OK"
             case ["HT", "OFF"]:
-                w.ht_off()
+                w.column.ht_off()
                 return "OK"
             case ["RESET"]:
-                w.column_reset()
+                w.column.reset()
                 return "OK"
         return self._err(proto.ERR_UNKNOWN, f"unknown command {line!r}")

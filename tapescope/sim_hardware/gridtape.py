@@ -132,7 +132,7 @@ class GridTapeModel:
         w = self.world
         beam = min(max(self.beam_slot(), 0), w.p.n_slots - 1)
         label = self.label(beam)
-        w.slot, w.slip, w.slip_seen = label, beam - label, label == beam
+        w.tape.slot, w.tape.slip, w.tape.slip_seen = label, beam - label, label == beam
         w.prefetch(beam)
         w.prefetch(beam + 1)
 

@@ -33,18 +33,18 @@ class StageEmulator(PtyLineServer):
         verb = verb.upper()
         w = self.world
         if verb == "/":
-            return "B" if w.stage_busy() else "N"
+            return "B" if w.stage.busy() else "N"
         if verb in ("W", "WHERE"):
             if not args or any(a.upper() not in ("X", "Y") for a in args):
                 return self._err(2)
-            y, x = w.stage_readback()
+            y, x = w.stage.readback()
             vals = {"X": x, "Y": y}
             return ":A " + " ".join(asi.nm_to_units(vals[a.upper()]) for a in args)
         if verb in ("M", "MOVE", "R", "MOVREL"):
-            if w.stage_busy():
+            if w.stage.busy():
                 # As the MS-2000 does, a new move while moving starts from where it is now.
-                w.stage_halt()
-            target = dict(zip(("Y", "X"), w.stage_readback(), strict=True))
+                w.stage.halt()
+            target = dict(zip(("Y", "X"), w.stage.readback(), strict=True))
             relative = verb in ("R", "MOVREL")
             if not args:
                 return self._err(3)
@@ -54,11 +54,11 @@ class StageEmulator(PtyLineServer):
                     return self._err(2)
                 v = asi.units_to_nm(m.group(2))
                 target[m.group(1)] = target[m.group(1)] + v if relative else v
-            w.stage_move(np.array([target["Y"], target["X"]]))
+            w.stage.move(np.array([target["Y"], target["X"]]))
             return ":A"
         if verb in ("S", "SPEED"):
             if len(args) == 1 and args[0].upper() in ("X?", "Y?"):
-                return f":A {args[0][0].upper()}={w.stage_speed_nm_s / asi.NM_S_PER_MM_S:.4f}"
+                return f":A {args[0][0].upper()}={w.stage.speed_nm_s / asi.NM_S_PER_MM_S:.4f}"
             speeds = []
             for a in args:
                 m = _AXIS.match(a.upper())
@@ -70,9 +70,9 @@ class StageEmulator(PtyLineServer):
             if not all(0 < v <= 10.0 for v in speeds):
                 return self._err(4)
             # One speed for both axes in this model: the slower one governs a diagonal move.
-            w.stage_speed_nm_s = min(speeds) * asi.NM_S_PER_MM_S
+            w.stage.speed_nm_s = min(speeds) * asi.NM_S_PER_MM_S
             return ":A"
         if verb == "HALT":
-            w.stage_halt()
+            w.stage.halt()
             return ":A"
         return self._err(1)

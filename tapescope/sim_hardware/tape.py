@@ -17,11 +17,11 @@ class TapeEmulator(PtyLineServer):
 
     def _move(self, slot: int) -> str:
         w = self.world
-        if w.tape_jammed:
+        if w.tape.jammed:
             return f"ERR {proto.ERR_JAMMED} tape is jammed; CLEAR first"
         if not 0 <= slot < w.p.n_slots:
             return f"ERR {proto.ERR_BAD_SLOT} slot must be 0..{w.p.n_slots - 1}"
-        w.tape_goto(slot)
+        w.tape.goto(slot)
         return "OK"
 
     def handle(self, line: str) -> str | None:
@@ -33,14 +33,15 @@ class TapeEmulator(PtyLineServer):
             case "SLOTS?":
                 return f"SLOTS {w.p.n_slots}"
             case "STATE?":
-                return f"STATE {w.tape_state()} {w.slot}"
+                w.tape.count_poll()
+                return f"STATE {w.tape.state()} {w.tape.slot}"
             case "TENSION?":
-                return f"TENSION {w.tape_tension_g():.1f}"
+                return f"TENSION {w.tape.tension_g():.1f}"
             case "BARCODE?":
-                state = w.tape_state()
+                state = w.tape.state()
                 if state != "IDLE":
                     return f"ERR {proto.ERR_NO_BARCODE} tape is {state.lower()}"
-                return f"BARCODE {w.reader_slot} {w.barcodes[w.reader_slot]}"
+                return f"BARCODE {w.tape.reader_slot} {w.barcodes[w.tape.reader_slot]}"
             case "GOTO":
                 if len(args) != 1 or not args[0].isdigit():
                     return f"ERR {proto.ERR_BAD_SLOT} slot must be 0..{w.p.n_slots - 1}"
@@ -49,8 +50,8 @@ class TapeEmulator(PtyLineServer):
                 if len(args) != 1 or not args[0].isdigit():
                     return f"ERR {proto.ERR_BAD_ARGUMENT} {verb.upper()} needs a number of slots"
                 step = int(args[0]) if verb.upper() == "FEED" else -int(args[0])
-                return self._move(w.slot + step)
+                return self._move(w.tape.slot + step)
             case "CLEAR":
-                w.tape_clear()
+                w.tape.clear()
                 return "OK"
         return f"ERR {proto.ERR_UNKNOWN} unknown command"

@@ -56,23 +56,23 @@ class TemscriptTem:
             case "family":
                 return FAMILY
             case "voltage":
-                return w.p.ht_kv if w.ht_state() == "ON" else 0.0
+                return w.p.ht_kv if w.column.ht_state() == "ON" else 0.0
             case "column_valves_open":
-                return w.valves_open
+                return w.column.valves_open
             case "beam_blanked":
-                return w.blanked
+                return w.column.blanked
             case "magnification_index":
-                return w.p.magnifications.index(w.magnification) + 1
+                return w.p.magnifications.index(w.column.magnification) + 1
             case "indicated_magnification":
-                return w.magnification
+                return w.column.magnification
             case "defocus":
-                return w.focus_nm * 1e-9
+                return w.column.focus_nm * 1e-9
             case "stage_holder":
                 return "SINGLE_TILT"
             case "stage_status":
-                return "MOVING" if w.stage_busy() else "READY"
+                return "MOVING" if w.stage.busy() else "READY"
             case "stage_position":
-                y, x = w.stage_readback()
+                y, x = w.stage.readback()
                 return {"x": x * 1e-9, "y": y * 1e-9, "z": 0.0, "a": 0.0, "b": 0.0}
             case "stage_limits":
                 lim = w.p.stage_limits_nm * 1e-9
@@ -84,24 +84,24 @@ class TemscriptTem:
         w = self.world
         match endpoint:
             case "beam_blanked":
-                w.blanked = bool(value)
+                w.column.blanked = bool(value)
             case "column_valves_open":
-                w.valves_open = bool(value)
+                w.column.valves_open = bool(value)
             case "magnification_index":
                 mags = w.p.magnifications
                 if not isinstance(value, int) or not 1 <= value <= len(mags):
                     raise HTTPError(400, f"magnification index must be 1..{len(mags)}")
-                w.magnification = mags[value - 1]
+                w.column.magnification = mags[value - 1]
             case "defocus":
-                w.focus_nm = float(value) * 1e9
+                w.column.focus_nm = float(value) * 1e9
             case "stage_position":
                 if query.get("method", ["GO"])[0] not in ("GO", "MOVE"):
                     raise HTTPError(400, "Unknown movement methods.")
-                y, x = w.stage_readback()
+                y, x = w.stage.readback()
                 pos = {"x": x * 1e-9, "y": y * 1e-9, **{k: float(v) for k, v in value.items() if k in STAGE_AXES}}
-                if w.stage_busy():
-                    w.stage_halt()
-                w.stage_move(np.array([pos["y"] * 1e9, pos["x"] * 1e9]))
+                if w.stage.busy():
+                    w.stage.halt()
+                w.stage.move(np.array([pos["y"] * 1e9, pos["x"] * 1e9]))
             case _:
                 raise HTTPError(404, f"unknown endpoint {endpoint}")
 

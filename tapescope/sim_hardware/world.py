@@ -1,4 +1,5 @@
-"""The one simulated world that every emulator shares: tape, stage, column, camera physics.
+"""The one simulated world that every emulator shares: the specimen on the tape, the camera's
+sensor, the faults, and one model per device (stage_model.py, tape_model.py, column_model.py).
 
 Coordinates: the stage's (y, x) in nanometres, (0, 0) at the beam axis when the stage is
 home. Slot k of the tape carries section k of the specimen. Its *aperture* (the hole in
@@ -31,10 +32,12 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from .column_model import ColumnModel
 from .faults import FaultBook
 from .specimen import Specimen, SpecimenParams
+from .stage_model import StageModel
+from .tape_model import TapeModel
 
-HT_STATES = ("OFF", "RAMPING", "ON", "TRIPPED")
 SECTION_CACHE = 3   # rendered sections kept: the one under the beam, the one before, the next
 
 
@@ -98,16 +101,6 @@ class SlotTruth:
     regions: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
-@dataclass
-class _Move:
-    start: np.ndarray
-    end: np.ndarray
-    t0: float
-    travel_s: float
-    settle_s: float
-    stall: bool = False
-
-
 class SimWorld:
     def __init__(self, params: WorldParams | None = None) -> None:
         self.p = p = params or WorldParams()
@@ -132,27 +125,10 @@ class SimWorld:
         self.rng = np.random.default_rng(p.seed + 1000)
         self.faults = FaultBook()
         self.t0 = time.monotonic()
-        # Stage state.
-        self.stage_true = np.zeros(2)      # (y, x) nm
-        self.stage_encoder = np.zeros(2)
-        self._move: _Move | None = None
-        self.stage_speed_nm_s = p.stage_speed_nm_s    # the controller's speed setting (S command)
-        self._last_dir = np.zeros(2)
-        # Tape state.
-        self.slot = 0
-        self.slip = 0                      # slots between the motor's slot and the one under the beam
-        self.slip_seen = True              # the barcode reader sees the slot really under the beam
-        self.tape_busy_until = 0.0
-        self.tape_jammed = False
-        self._jam_polls_left = 0
-        self._jam_target = 0
-        # Column state.
-        self.magnification = p.imaging_mag
-        self.focus_nm = 0.0
-        self.blanked = False
-        self.valves_open = True            # a TEM's column valves (temscript can close them)
-        self._ht = "ON"
-        self._ht_ready_at = 0.0
+        # One model per device; the world holds what they share (specimen, sensor, faults).
+        self.stage = StageModel(p, self.faults, self.rng)
+        self.tape = TapeModel(p, self.faults, self.prefetch)
+        self.column = ColumnModel(p)
         self.frame_id = 0
         self._sections: OrderedDict[int, Future[list[np.ndarray]]] = OrderedDict()
         self._render_lock = threading.Lock()   # the camera's thread and the prefetcher share the cache
@@ -313,7 +289,7 @@ class SimWorld:
 
     def pixel_nm_now(self) -> float:
         """Pixel size at the specimen at the column's present magnification."""
-        return self.p.pixel_nm * self.p.imaging_mag / self.magnification
+        return self.column.pixel_nm()
 
     def true_focus_nm(self, slot: int, t: float | None = None) -> float:
         """Where the section of `slot` is in focus now (it drifts slowly with time)."""
@@ -414,7 +390,7 @@ class SimWorld:
         return a
 
     def beam_on(self) -> bool:
-        return self.ht_state() == "ON" and not self.blanked and self.valves_open
+        return self.column.beam_on()
 
     def expose(self, exposure_ms: float, *, binning: int = 1,
                roi: tuple[int, int, int, int] | None = None, stage_nm: np.ndarray | None = None) -> np.ndarray:
@@ -425,14 +401,15 @@ class SimWorld:
         p = self.p
         roi = roi or (0, 0, *p.tile_px)
         if self.faults.take("beam_trip") is not None:
-            self.column_trip()
+            self.column.trip()
         _, gain = self._sensor(binning, roi)
         self.frame_id += 1
         if self.beam_on():
             pix = self.pixel_nm_now()
-            at = self.stage_true if stage_nm is None else stage_nm
-            t = self.transmission_at(self.beam_slot, at, binning=binning, roi=roi, pixel_nm=pix)
-            blur_px = p.defocus_blur * abs(self.focus_nm - self.true_focus_nm(self.beam_slot)) / (pix * binning)
+            at = self.stage.true if stage_nm is None else stage_nm
+            t = self.transmission_at(self.tape.beam_slot, at, binning=binning, roi=roi, pixel_nm=pix)
+            defocus = abs(self.column.focus_nm - self.true_focus_nm(self.tape.beam_slot))
+            blur_px = p.defocus_blur * defocus / (pix * binning)
             if blur_px > 0.3:
                 t = cv2.GaussianBlur(t, (0, 0), blur_px)
             electrons = cv2.multiply(t, gain, scale=p.electrons_per_ms * exposure_ms * binning * binning)
@@ -455,131 +432,3 @@ class SimWorld:
         np.clip(counts, 0, 65535, out=counts)
         return counts.astype(np.uint16)
 
-    # -- stage -------------------------------------------------------------------------
-    def _travel_s(self, dist_nm: float) -> float:
-        v, a = self.stage_speed_nm_s, self.p.stage_accel_nm_s2
-        if dist_nm <= v * v / a:                       # triangular profile: never at full speed
-            return 2 * math.sqrt(dist_nm / a)
-        return dist_nm / v + v / a
-
-    def stage_move(self, target_nm: np.ndarray) -> None:
-        p = self.p
-        target = np.asarray(target_nm, dtype=float)
-        start = self.stage_readback()
-        stall = self.faults.take("stage_stall") is not None
-        limit = self.faults.take("stage_limit") is not None
-        lim = p.stage_limits_nm
-        end = np.clip(target, -lim, lim)
-        if stall or limit:
-            end = start + (end - start) / 2             # it stops halfway, where it stuck
-        delta = end - start
-        dist = float(np.max(np.abs(delta)))
-        self._move = _Move(start, end, time.monotonic(), self._travel_s(dist), p.stage_settle_s, stall)
-        # Backlash: an axis that reverses direction loses motion until the lead screw
-        # re-engages, so where the stage really stops depends on the approach.
-        # Direction from the last commanded end point: the true position already sits there.
-        direction = np.sign(end - self.stage_encoder)
-        moved = direction != 0
-        self._last_dir = np.where(moved, direction, self._last_dir)
-        self.stage_encoder = end.copy()
-        self.stage_true = end - self._last_dir * p.stage_backlash_nm / 2 \
-            + self.rng.normal(0, p.stage_error_sigma_nm, 2)
-
-    def stage_readback(self) -> np.ndarray:
-        """What the encoder reads now: on the way while moving, then where it stopped."""
-        mv = self._move
-        if mv is None:
-            return self.stage_encoder.copy()
-        if mv.travel_s <= 0:
-            return mv.end.copy()
-        f = min(1.0, (time.monotonic() - mv.t0) / mv.travel_s)
-        return mv.start + (mv.end - mv.start) * f
-
-    def stage_busy(self) -> bool:
-        mv = self._move
-        if mv is None:
-            return False
-        if mv.stall:
-            return True
-        return time.monotonic() < mv.t0 + mv.travel_s + mv.settle_s
-
-    def stage_halt(self) -> None:
-        mv = self._move
-        if mv is not None and self.stage_busy():
-            here = self.stage_readback()
-            self.stage_true = self.stage_true + (here - self.stage_encoder)
-            self.stage_encoder = here
-        self._move = None
-
-    # -- tape --------------------------------------------------------------------------
-    def tape_goto(self, slot: int) -> None:
-        jam = self.faults.take("tape_jam")
-        if jam is not None:
-            self.tape_jammed = True
-            self._jam_polls_left = int(jam["clears_after"])
-            self._jam_target = slot
-            return
-        self.tape_busy_until = time.monotonic() + abs(slot - self.slot) * self.p.tape_s_per_slot
-        self.slot = slot
-        slip = self.faults.take("tape_slip", slot=slot)
-        self.slip = 0 if slip is None else min(int(slip["slots"]), self.p.n_slots - 1 - slot)
-        self.slip_seen = slip is None or bool(slip["seen"])
-        if self.slip:
-            self.prefetch(self.beam_slot)
-        self.prefetch(slot)
-        self.prefetch(slot + 1)       # tapes are imaged in order: the next one is likely wanted
-
-    @property
-    def reader_slot(self) -> int:
-        """The slot whose barcode the reader sees: the one under the beam, unless the slot it
-        slipped to carries a wrong label (a slip armed with seen=false)."""
-        return self.beam_slot if self.slip_seen else self.slot
-
-    @property
-    def beam_slot(self) -> int:
-        """The slot whose section the beam sees: the reader's slot unless the tape slipped."""
-        return self.slot + self.slip
-
-    def tape_busy(self) -> bool:
-        return time.monotonic() < self.tape_busy_until
-
-    def tape_state(self) -> str:
-        """IDLE, MOVING or JAMMED. A jam armed with clears_after=N clears after N polls."""
-        if self.tape_jammed:
-            if self._jam_polls_left > 0:
-                self._jam_polls_left -= 1
-                if self._jam_polls_left == 0:
-                    self.tape_jammed = False
-                    self.tape_goto(self._jam_target)   # the move goes on where it stuck
-            return "JAMMED" if self.tape_jammed else self.tape_state()
-        return "MOVING" if self.tape_busy() else "IDLE"
-
-    def tape_clear(self) -> None:
-        """Operator or transport clears a jam: the tape stays where it is, idle."""
-        self.tape_jammed = False
-        self._jam_polls_left = 0
-
-    def tape_tension_g(self) -> float:
-        return 0.0 if self.tape_jammed else self.p.tape_tension_g
-
-    # -- column ------------------------------------------------------------------------
-    def ht_state(self) -> str:
-        if self._ht == "RAMPING" and time.monotonic() >= self._ht_ready_at:
-            self._ht = "ON"
-        return self._ht
-
-    def ht_on(self) -> None:
-        if self.ht_state() in ("OFF",):
-            self._ht = "RAMPING"
-            self._ht_ready_at = time.monotonic() + self.p.ht_ramp_s
-
-    def ht_off(self) -> None:
-        if self._ht != "TRIPPED":
-            self._ht = "OFF"
-
-    def column_trip(self) -> None:
-        self._ht = "TRIPPED"
-
-    def column_reset(self) -> None:
-        if self._ht == "TRIPPED":
-            self._ht = "OFF"
