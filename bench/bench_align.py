@@ -42,7 +42,7 @@ from tapescope.montage.omezarr import Volume
 from tapescope.montage.stack import AlignParams, align_stack, local_map, match_sections, read_stack, write_stack
 from tapescope.montage.transform import SectionTransform
 from tapescope.montage.zsolve import chain_initial, solve_stack
-from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+from tapescope.specimen import Specimen, SpecimenParams
 from tapescope.stitching.register import ncc, phase_correlate
 
 # SOFIMA's own virtual environment (shared/peers/README.md): its python, from SOFIMA_PYTHON.

@@ -198,7 +198,7 @@ def test_a_live_section_that_repeats_its_neighbour_is_flagged(tmp_path: Path) ->
     """Neighbouring sections of the simulated specimen differ as real ones do; the same
     section imaged again (the tape slipped back) agrees far better, and is flagged for
     re-imaging with the reason instead of being written as the next section."""
-    from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+    from tapescope.specimen import Specimen, SpecimenParams
 
     shape = (STEP + TILE, STEP + TILE)
     spec = Specimen(SpecimenParams(height_px=shape[0], width_px=shape[1], n_sections=5, seed=3))

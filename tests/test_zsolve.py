@@ -10,7 +10,7 @@ import zarr
 
 from tapescope.montage.stack import align_stack, write_stack
 from tapescope.montage.zsolve import PairMatch, SolveParams, chain_initial, solve_stack
-from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+from tapescope.specimen import Specimen, SpecimenParams
 
 SHAPE = (256, 256)
 

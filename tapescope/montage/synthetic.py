@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+from tapescope.specimen import Specimen, SpecimenParams
 
 from .transform import SectionTransform
 

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from tapescope.specimen import Specimen, SpecimenParams
+
 from .column_model import ColumnModel
 from .faults import FaultBook
-from .specimen import Specimen, SpecimenParams
 from .stage_model import StageModel
 from .tape_model import TapeModel
 

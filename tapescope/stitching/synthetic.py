@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import map_coordinates, spline_filter
 
-from tapescope.sim_hardware.specimen import Specimen, SpecimenParams
+from tapescope.specimen import Specimen, SpecimenParams
 
 from .lens import RadialDistortion
 
