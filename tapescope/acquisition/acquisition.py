@@ -3,7 +3,7 @@ interface, so that they depend on it and not on the engine (the engine provides 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -12,6 +12,7 @@ from tapescope.hardware.scope import Scope
 from .events import EventBus
 from .journal import RunProgress
 from .plan import SectionPlan, TilePlan
+from .settings import EngineSettings
 from .store import RunStore
 
 T = TypeVar("T")
@@ -47,6 +48,17 @@ class Acquisition(Protocol):
         ...
 
 
+class Calibrations(Protocol):
+    """The calibration routines a run does before it starts, before a section, on a retake."""
+
+    async def prepare(self, engine: Acquisition) -> None: ...
+
+    async def before_section(self, engine: Acquisition, plan: SectionPlan,
+                             film_points_nm: Sequence[tuple[float, float]]) -> None: ...
+
+    async def refocus(self, engine: Acquisition) -> None: ...
+
+
 class Planner(Protocol):
     """Turns a slot into the tiles to take (or a verdict not to image it)."""
 
@@ -54,3 +66,30 @@ class Planner(Protocol):
     film_points: dict[int, list[tuple[float, float]]]
 
     async def plan(self, run: Acquisition, slot: int, barcode: str) -> SectionPlan | SlotVerdict: ...
+
+
+class RunContext(Acquisition, Protocol):
+    """What the engine's actions (sections.py, tiles.py) use of the run that drives them: the
+    planner-facing interface, and the run's settings, alarms and bookkeeping."""
+
+    settings: EngineSettings
+    planner: Planner
+    calibration: Calibrations | None
+    tile_shape: tuple[int, int] | None
+    pixel_nm: float
+
+    def alarm(self, source: str, message: str, severity: str = "error") -> None:
+        """An alarm to every subscriber, and into the journal."""
+        ...
+
+    async def pause_with_alarm(self, source: str, message: str) -> None:
+        """Pause the run, with an alarm that says why; returns once resumed."""
+        ...
+
+    def offer_processing(self, slot: int) -> None:
+        """Hand a finished section to processing (never waits)."""
+        ...
+
+    def emit_progress(self) -> None:
+        """A Progress event for the run so far."""
+        ...

@@ -1,7 +1,9 @@
-"""The acquisition engine: tape slot -> plan -> tiles with QC -> stored, journalled tiles.
+"""The acquisition engine: the run's state machine (state.py, documented in
+docs/acquisition.md) and its controls; the actions it runs are beside it (sections.py: a
+slot's tape move, checks, plan and record; tiles.py: moves, exposures, QC, writes), as
+pymmcore-plus splits its runner from its engine.
 
-One asyncio task drives the scope through the state machine of state.py (documented in
-docs/acquisition.md). Operator controls (pause, resume, abort, skip_section) only set
+One asyncio task drives the scope through the states. Operator controls (pause, resume, abort, skip_section) only set
 flags and events: they return at once, from any state, and take effect at the next tile
 boundary, so a tile is never half-taken. Every device call runs under a timeout; a
 failed call is retried with a reconnect (RECOVERING), and what still fails pauses or
@@ -15,19 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import numpy as np
-
 from tapescope.hardware.errors import DeviceError, DeviceTimeout
 from tapescope.hardware.scope import Scope
 
 from .acquisition import Acquisition, Planner, SlotVerdict
-from .budget import section_need
 from .calibration import CalibrationSuite
 from .events import (
     Alarm,
@@ -37,19 +35,17 @@ from .events import (
     Progress,
     RunFinished,
     RunStarted,
-    SectionAcquired,
     SectionFinished,
-    SectionPlanned,
-    SectionStarted,
     StateChanged,
-    TileAcquired,
-    TileRejected,
 )
+from .interrupts import Abort, Fatal, Skip
 from .journal import FINAL, RunProgress
 from .plan import SectionPlan, TilePlan
-from .qc import Decision, FocusReference, QCLimits, TileQC, evaluate
+from .sections import SectionRunner
+from .settings import EngineSettings
 from .state import RunState, check_transition
 from .store import RunStore
+from .tiles import TileTaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,30 +63,6 @@ class RunSummary:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    qc: QCLimits = field(default_factory=QCLimits)
-    device_retries: int = 3                 # per failing call, each after a reconnect
-    retry_backoff_s: float = 0.2            # doubles each retry, up to RETRY_BACKOFF_MAX_S
-    # ...and retries go on until this long after the first failure: a device down for a few
-    # seconds (a camera server restarting) is ridden out, not declared dead after 1.4 s.
-    retry_window_s: float = 20.0
-    on_device_failure: str = "pause"        # "pause": PAUSED with an alarm; "fail": end the run FAILED
-    device_probe_s: float = 15.0            # paused for a device: try it this often; resume when it answers
-    step_timeout_s: float = 120.0           # ceiling on any one device step (drivers time out sooner)
-    watchdog_stall_s: float = 60.0          # no tile for this long while acquiring: alarm + pause
-    min_free_bytes: int = 1 << 30           # besides the next section's tiles
-    reimage_at_end: bool = True
-    # Before the re-image pass, wait this long for processing to judge the sections already
-    # taken, so one that fails to register is re-imaged while the tape is loaded.
-    processing_wait_s: float = 900.0
-    barcodes: dict[int, str] = field(default_factory=dict)   # expected barcode per slot, if known
-    refocus: Callable[[], Awaitable[Any]] | None = None       # autofocus routine for focus retakes
-    # Read tile n out while the stage moves to n+1 (camera expose()/read()); False: one
-    # trigger per tile, the stage still while the frame comes (the bench's "before").
-    overlap_readout: bool = True
-
-
 @dataclass
 class GridPlanner:
     """The same fixed grid on every slot (the demo's plan)."""
@@ -102,21 +74,8 @@ class GridPlanner:
         return SectionPlan(slot, barcode, tuple(self.grid))
 
 
-TAPE_RESEEKS = 2    # moves again after the reader saw the wrong slot, before the slot is given up
 RETRY_BACKOFF_MAX_S = 2.0
 MAX_AUTO_RESUMES = 3    # a device that comes back and fails again this often needs a person
-
-
-class _Abort(Exception):
-    pass
-
-
-class _Skip(Exception):
-    pass
-
-
-class _Fatal(Exception):
-    """A device fault that retries did not cure, with on_device_failure = "fail"."""
 
 
 class Engine:
@@ -156,20 +115,12 @@ class Engine:
         self._wake = asyncio.Event()            # set on resume/abort: ends a PAUSED wait
         self._stop_at_end = False
         self._t0 = time.monotonic()
-        self._last_tile_t = time.monotonic()
-        self._tiles_this_run = 0
-        self._tiles_planned_total = 0
-        self._current_slot = -1
-        self._last_frame_id = -1
-        self._pending: asyncio.Task[None] | None = None   # the tile being written
-        self._premove: tuple[TilePlan, asyncio.Task[None]] | None = None   # the move to the next tile
+        self._watch_from = time.monotonic()      # the watchdog counts from here or the last tile
+        # The actions the state machine runs: tiles (tiles.py) and sections (sections.py).
+        self.tiles = TileTaker(self)
+        self.sections = SectionRunner(self, self.tiles)
         self._waiting_for_processing = False     # the watchdog expects no tiles meanwhile
         self._auto_resumes: dict[str, int] = {}  # device -> resumes after it answered a probe
-
-    async def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            await pending
 
     # -- the operator's controls: flags only; safe from any state, never block -------------
     @property
@@ -222,16 +173,15 @@ class Engine:
         """A tile boundary: where abort, skip and pause take effect. Before any of them, the
         tile being written is made durable: a paused or aborted run has stored all it took."""
         if self._abort_requested or self._pause_requested or self._skip_requested:
-            await self._drain_premove()       # nothing moves while PAUSED; no move outlives the section
-            if self._pending is not None:
-                await self._flush()
+            await self.tiles.drain_premove()   # nothing moves while PAUSED; no move outlives the section
+            await self.tiles.flush()
         if self._abort_requested is not None:
-            raise _Abort(self._abort_requested)
+            raise Abort(self._abort_requested)
         if self._pause_requested is not None:
             await self._paused(self._pause_requested)
         if self._skip_requested is not None:
             reason, self._skip_requested = self._skip_requested, None
-            raise _Skip(reason)
+            raise Skip(reason)
 
     async def _paused(self, reason: str) -> None:
         self._paused_from = self._state if self._state is not RunState.PAUSED else self._paused_from
@@ -242,19 +192,19 @@ class Engine:
                 break
             await self._wake.wait()
         if self._abort_requested is not None:
-            raise _Abort(self._abort_requested)
+            raise Abort(self._abort_requested)
         back = self._paused_from if self._paused_from is not RunState.RECOVERING else RunState.ACQUIRING
         self._set_state(back, self._resume_reason)
-        self._last_tile_t = time.monotonic()     # the watchdog counts from the resume
+        self._watch_from = time.monotonic()      # the watchdog counts from the resume
 
-    def _alarm(self, source: str, message: str, severity: str = "error") -> None:
+    def alarm(self, source: str, message: str, severity: str = "error") -> None:
         """An alarm to every subscriber, and into the journal (an error's line has no severity)."""
         self.bus.emit(Alarm(source, message, severity))
         extra = {} if severity == "error" else {"severity": severity}
         self.store.log_event("alarm", source=source, message=message, **extra, time=time.time())
 
-    async def _pause_with_alarm(self, source: str, message: str) -> None:
-        self._alarm(source, message)
+    async def pause_with_alarm(self, source: str, message: str) -> None:
+        self.alarm(source, message)
         self._pause_requested = f"{source}: {message}"
         await self._paused(self._pause_requested)
 
@@ -291,13 +241,13 @@ class Engine:
                 await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S))
                 await self._reconnect(last.device)
                 if self._abort_requested is not None:
-                    raise _Abort(self._abort_requested)
+                    raise Abort(self._abort_requested)
             assert last is not None
             if self._state is RunState.RECOVERING:
                 self._set_state(self._recover_from, "retries exhausted")
             message = f"{what} failed after {attempt} retries in {time.monotonic() - first_failure:.0f} s: {last}"
             if s.on_device_failure != "pause":
-                raise _Fatal(message) from last
+                raise Fatal(message) from last
             # Pause, the tape and the plan kept; on resume (the operator's, or the device
             # answering a probe), try the same step again from the start.
             # The run resumes by itself only where nobody else asked for the pause meanwhile.
@@ -313,7 +263,7 @@ class Engine:
             probe = asyncio.create_task(self._probe(last.device, f"{last.device}: {text}") if auto
                                         else asyncio.sleep(0), name=f"engine-probe-{last.device}")
             try:
-                await self._pause_with_alarm(last.device, text)
+                await self.pause_with_alarm(last.device, text)
             finally:
                 probe.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -336,7 +286,7 @@ class Engine:
                 # A jam the transport's own tension control did not clear: CLEAR it (the tape
                 # stays where it is) so that the move can be tried again.
                 st = await self.scope.tape.clear_jam()
-                self._alarm("tape", f"tape jammed at slot {st.slot}: sent CLEAR; the tape is {st.state.lower()}",
+                self.alarm("tape", f"tape jammed at slot {st.slot}: sent CLEAR; the tape is {st.state.lower()}",
                             "warning")
             self._device_notice(device, "reconnected")
             return True
@@ -354,7 +304,7 @@ class Engine:
                 return
             if await self._reconnect(device, clear_jam=False):
                 self._auto_resumes[device] = self._auto_resumes.get(device, 0) + 1
-                self._alarm(device, f"{device} answers again: resuming", "warning")
+                self.alarm(device, f"{device} answers again: resuming", "warning")
                 self.resume(f"{device} answers again")
                 return
 
@@ -369,7 +319,7 @@ class Engine:
         self._hook_devices(True)
         try:
             if self._abort_requested is not None:
-                raise _Abort(self._abort_requested)
+                raise Abort(self._abort_requested)
             self._set_state(RunState.PREPARING, "run started")
             await self.boundary()
             await self._prepare()
@@ -379,7 +329,7 @@ class Engine:
                     break
                 if self.progress.slot(slot).status in FINAL:
                     continue                      # done in an earlier life of this run
-                await self._section(slot)
+                await self.sections.take(slot)
                 n_sections += 1
             if self.settings.reimage_at_end and not self._stop_at_end:
                 await self._await_processing()
@@ -389,27 +339,27 @@ class Engine:
                 while todo := [s for s in self.progress.reimage_queue()
                                if (s, self.progress.slot(s).retake_all) not in taken]:
                     taken.add((todo[0], self.progress.slot(todo[0]).retake_all))
-                    await self._section(todo[0], reimage=True)
+                    await self.sections.take(todo[0], reimage=True)
             self._set_state(RunState.FINISHING, "all slots visited")
             final = RunState.DONE
-        except _Abort as exc:
+        except Abort as exc:
             final, reason = RunState.ABORTED, str(exc)
         except asyncio.CancelledError:
             final, reason = RunState.ABORTED, "cancelled"
             self._finish(final, reason, n_sections)
             raise
-        except _Fatal as exc:
+        except Fatal as exc:
             final, reason = RunState.FAILED, str(exc)
-            self._alarm("engine", reason)
+            self.alarm("engine", reason)
         except DeviceError as exc:     # a device fault outside the retry wrapper (a bug, but reported)
             final, reason = RunState.FAILED, str(exc)
-            self._alarm(exc.device, str(exc))
+            self.alarm(exc.device, str(exc))
         except Exception as exc:       # a bug: the run still ends (FAILED), said, and processing is released
             log.exception("the run failed unexpectedly")
             final, reason = RunState.FAILED, f"unexpected error: {type(exc).__name__}: {exc}"
-            self._alarm("engine", reason)
+            self.alarm("engine", reason)
         finally:
-            await self._drain_premove()
+            await self.tiles.drain_premove()
             self._hook_devices(False)
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -430,7 +380,7 @@ class Engine:
         return lambda status, moving: self.bus.emit(DeviceStatus(device, status, moving))
 
     def _device_notice(self, device: str, message: str) -> None:
-        self._alarm(device, f"{message} (cured by the driver; the run goes on)", "warning")
+        self.alarm(device, f"{message} (cured by the driver; the run goes on)", "warning")
 
     def _finish(self, final: RunState, reason: str, n_sections: int) -> RunSummary:
         if not self._state.terminal:
@@ -456,142 +406,6 @@ class Engine:
         if self.calibration is not None:
             await self.calibration.prepare(self)
 
-    def _check_disk(self, n_tiles: int) -> str | None:
-        h, w = self.tile_shape or getattr(self.scope.camera, "shape", (0, 0)) or (0, 0)
-        need = self.settings.min_free_bytes + section_need(n_tiles, (h, w))
-        free = shutil.disk_usage(self.store.dir).free
-        if free < need:
-            return (f"{free / 1e9:.2f} GB free in {self.store.dir}, the next section needs "
-                    f"{need / 1e9:.2f} GB (incl. {self.settings.min_free_bytes / 1e9:.2f} GB reserve)")
-        return None
-
-    async def _seek(self, slot: int) -> tuple[int, str]:
-        """Tape to `slot`, then the position check: the barcode reader must see that slot.
-        A tape that slipped (the reader sees another) is moved again, with an alarm, up to
-        TAPE_RESEEKS times; returns what the reader sees last."""
-        tape = self.scope.tape
-        for attempt in range(TAPE_RESEEKS + 1):
-            await self.call_device(f"tape to slot {slot}", lambda: tape.goto(slot), "tape")
-            at, barcode = await self.call_device("read barcode", tape.barcode, "tape")
-            if at == slot:
-                return at, barcode
-            if attempt < TAPE_RESEEKS:
-                self._alarm("tape", f"tape position: moved to slot {slot}, the barcode reader sees slot {at} "
-                            f"({barcode}): the tape slipped; moving again ({attempt + 1} of {TAPE_RESEEKS})",
-                            "warning")
-        return at, barcode
-
-    async def _check_beam(self, slot: int) -> None:
-        """Before each section, as an operator would: is the beam on? A tripped or blanked beam
-        found here is restored, with an alarm, before a dark tile is taken."""
-        column = getattr(self.scope, "column", None)
-        if column is None:
-            return
-        st = await self.call_device("column status", column.status, "column")
-        if not st.beam_on:
-            self._alarm("column", f"slot {slot}: no beam before the section (high tension {st.high_tension}, "
-                        f"{'blanked' if st.blanked else 'not blanked'}): restoring it", "warning")
-            await self.call_device("restore beam", column.ensure_beam, "column")
-
-    async def _section(self, slot: int, *, reimage: bool = False) -> None:
-        self._current_slot = slot
-        try:
-            await self.boundary()
-            await self._section_body(slot, reimage)
-        except _Skip as exc:
-            prog = self.progress.slot(slot)
-            n, planned = len(prog.tiles), len(prog.plan.tiles) if prog.plan else 0
-            self._section_done(slot, "skipped", n, f"skipped by {exc} after {n} of {planned} tiles")
-        finally:
-            self._current_slot = -1
-
-    async def _section_body(self, slot: int, reimage: bool) -> None:
-        prog = self.progress.slot(slot)
-        self.bus.emit(DeviceStatus("tape", {"target_slot": slot}, moving=True))
-        at, barcode = await self._seek(slot)
-        self.bus.emit(DeviceStatus("tape", {"slot": at, "barcode": barcode}, moving=False))
-        expected = self.settings.barcodes.get(slot)
-        if at != slot or (expected is not None and barcode != expected):
-            want = f"slot {slot}" + (f" barcode {expected}" if expected else "")
-            self._section_done(slot, "wrong_barcode", 0, f"reader sees slot {at} barcode {barcode}, plan says {want}")
-            self._alarm("tape", f"slot {slot}: barcode mismatch (sees slot {at}, {barcode}); section skipped",
-                        "warning")
-            return
-        await self._check_beam(slot)
-        self.store.log_event("section_started", slot=slot, barcode=barcode, reimage=reimage, time=time.time())
-        self.bus.emit(SectionStarted(slot, barcode))
-        plan = prog.plan
-        if plan is None:
-            got = await self.planner.plan(self, slot, barcode)
-            if isinstance(got, SlotVerdict):
-                self._section_done(slot, got.status, 0, got.message)
-                self._alarm("plan", f"slot {slot}: {got.status}: {got.message}", "warning")
-                return
-            plan = got
-            self.store.log_event("section_planned", plan=plan.to_json(), time=time.time())
-            prog.plan = plan
-        whole = reimage and prog.retake_all      # what this take covers; a verdict during it does not
-        todo = [t for t in plan.tiles if (t.row, t.col) not in prog.tiles
-                or (reimage and (whole or (t.row, t.col) in prog.failed_qc))]
-        self._tiles_planned_total = sum(len(p.plan.tiles) for p in self.progress.slots.values() if p.plan)
-        h, w = self.tile_shape or (0, 0)
-        px = self.pixel_nm
-        self.bus.emit(SectionPlanned(slot, barcode, plan.roi_nm,
-                                     tuple((t.row, t.col, t.y_nm, t.x_nm) for t in plan.tiles),
-                                     (h * px, w * px), plan.roi_source))
-        if self.calibration is not None and todo:
-            film = self.planner.film_points.get(slot, [])
-            await self.calibration.before_section(self, plan, film)
-        while (why := self._check_disk(len(todo))) is not None:
-            await self._pause_with_alarm("disk", why)
-        index_of = {(t.row, t.col): i for i, t in enumerate(plan.tiles)}
-        focus_ref = FocusReference()
-        flagged = False
-        try:
-            for i, tile in enumerate(todo):
-                await self.boundary()
-                nxt = todo[i + 1] if i + 1 < len(todo) else None
-                decision = await self._tile(slot, barcode, tile, index_of[(tile.row, tile.col)],
-                                            len(plan.tiles), focus_ref, nxt)
-                if decision is Decision.STOP_AT_END:
-                    flagged = True
-                elif decision is Decision.STOP_NOW:
-                    await self._flush()
-                    await self._pause_with_alarm("qc", f"slot {slot} tile r{tile.row} c{tile.col}: "
-                                                 "QC says STOP_NOW")
-            await self._flush()
-        finally:
-            if self._pending is not None:
-                # Abort or failure: the tile that was being written still counts: a stored tile is never lost.
-                with contextlib.suppress(Exception):
-                    await self._flush()
-        flagged = flagged or bool(prog.failed_qc)
-        status = "flagged" if flagged else "complete"
-        n_failed = len(prog.failed_qc)
-        msg = f"{n_failed} tile(s) failed QC; montage queued for re-imaging" if flagged else ""
-        if whole and not flagged:
-            msg = f"re-imaged whole after it failed to register ({prog.message})"
-        elif reimage and prog.retake_all and not whole:
-            # Queued whole while this QC retake was under way: still owed, not done.
-            self._section_done(slot, "flagged", len(prog.tiles), f"does not register: {prog.message}; "
-                               "queued for re-imaging")
-            return
-        self.bus.emit(SectionAcquired(slot, len(prog.tiles)))
-        self._section_done(slot, status, len(prog.tiles), msg, reimage=reimage)
-        if flagged and not reimage:
-            self.store.log_event("reimage_queued", slot=slot, tiles=sorted(map(list, prog.failed_qc)))
-        self._offer_processing(slot)
-
-    def _section_done(self, slot: int, status: str, n_tiles: int, message: str, reimage: bool = False) -> None:
-        prog = self.progress.slot(slot)
-        if prog.status == "flagged" and reimage:
-            prog.reimaged = True
-        prog.status, prog.message = status, message
-        self.store.log_event("section_done", slot=slot, status=status, n_tiles=n_tiles,
-                             n_failed_qc=len(prog.failed_qc), message=message, reimage=reimage, time=time.time())
-        self.bus.emit(SectionFinished(slot, status, n_tiles, len(prog.failed_qc), message))
-        self._emit_progress()
-
     def request_reimage(self, slot: int, reason: str) -> bool:
         """Processing's verdict that `slot` did not register against its neighbour (a fold,
         the wrong tissue, too little agreement): re-image the whole section before the run
@@ -602,7 +416,7 @@ class Engine:
         if prog.status == "flagged" and prog.retake_all and not prog.reimaged:
             return True                      # already queued whole (a verdict on a partial take)
         if prog.reimaged:
-            self._alarm("alignment", f"slot {slot} still does not register after re-imaging ({reason}): needs a person")
+            self.alarm("alignment", f"slot {slot} still does not register after re-imaging ({reason}): needs a person")
             return False
         if prog.status not in ("complete", "flagged"):
             return False
@@ -610,12 +424,16 @@ class Engine:
         self.store.log_event("reimage_queued", slot=slot, tiles="all", reason="alignment", message=reason,
                              time=time.time())
         late = self._state.terminal or not self.settings.reimage_at_end or self._state is RunState.FINISHING
-        self._alarm("alignment", f"slot {slot} does not register ({reason}): "
+        self.alarm("alignment", f"slot {slot} does not register ({reason}): "
                             + ("queued for re-imaging; resume the run to re-image it" if late
                                else "queued for re-imaging before the run ends"), "warning")
         self.bus.emit(SectionFinished(slot, "flagged", len(prog.tiles), len(prog.failed_qc),
                                       f"does not register: {reason}; queued for re-imaging"))
         return True
+
+    async def expose_at(self, tile: TilePlan, nxt: TilePlan | None = None) -> tuple[Any, float, float]:
+        """Move to `tile` and expose (planners and calibrations take their frames so)."""
+        return await self.tiles.expose_at(tile, nxt)
 
     async def _await_processing(self) -> None:
         """Let processing judge every section taken so far, so that the re-image pass sees the
@@ -638,24 +456,24 @@ class Engine:
                 self.bus.emit(AwaitingProcessing(self.settings.processing_wait_s))
             while not joined.done():
                 if self._abort_requested is not None:
-                    raise _Abort(self._abort_requested)
+                    raise Abort(self._abort_requested)
                 if self._pause_requested is not None:
                     await self._paused(self._pause_requested)
                 self._skip_requested = None          # no section to skip while waiting
                 left = deadline - time.monotonic()
                 if left <= 0:
                     wait = self.settings.processing_wait_s
-                    self._alarm("processing", f"processing is still behind after {wait:g} s: the run ends without "
+                    self.alarm("processing", f"processing is still behind after {wait:g} s: the run ends without "
                                 "waiting; a section it flags later is queued in the journal (resume to re-image)",
                                 "warning")
                     return
                 await asyncio.wait({joined}, timeout=min(left, 0.25))
         finally:
             self._waiting_for_processing = False
-            self._last_tile_t = time.monotonic()      # the watchdog counts from here, not from the last tile
+            self._watch_from = time.monotonic()       # the watchdog counts from here, not from the last tile
             joined.cancel()
 
-    def _offer_processing(self, slot: int) -> None:
+    def offer_processing(self, slot: int) -> None:
         if self.section_queue is None:
             return
         try:
@@ -664,142 +482,9 @@ class Engine:
             # Never wait on processing: the worker catches up from the journal.
             log.info("processing queue full; slot %d will be picked up from the journal", slot)
 
-    def _start_premove(self, tile: TilePlan) -> None:
-        self.bus.emit(DeviceStatus("stage", {"target_y_nm": tile.y_nm, "target_x_nm": tile.x_nm}, moving=True))
-        self._premove = (tile, asyncio.create_task(self.scope.stage.move_to(tile.x_nm, tile.y_nm),
-                                                   name="engine-premove"))
-
-    async def _drain_premove(self) -> None:
-        """Let a move started ahead end (a serial exchange is never cut mid-way). Its failure
-        is reported here; the tile it was for will be moved to again."""
-        pre, self._premove = self._premove, None
-        if pre is None:
-            return
-        try:
-            await asyncio.wait_for(pre[1], self.settings.step_timeout_s)
-        except (DeviceError, TimeoutError) as exc:
-            self._alarm("stage", f"move ahead to ({pre[0].x_nm:.0f}, {pre[0].y_nm:.0f}) nm failed: {exc}",
-                                "warning")
-
-    async def _move(self, tile: TilePlan) -> None:
-        """Stage to the tile: the move started ahead when it was for this tile, else a new one."""
-        ahead: asyncio.Task[None] | None = None
-        if self._premove is not None and self._premove[0] is tile:
-            ahead, self._premove = self._premove[1], None
-        else:
-            await self._drain_premove()       # a retake: the stage went on to the next tile
-            self.bus.emit(DeviceStatus("stage", {"target_y_nm": tile.y_nm, "target_x_nm": tile.x_nm}, moving=True))
-        stage = self.scope.stage
-
-        async def go() -> None:
-            nonlocal ahead
-            if ahead is not None:            # the first attempt is the move under way
-                task, ahead = ahead, None
-                return await task
-            return await stage.move_to(tile.x_nm, tile.y_nm)
-
-        await self.call_device(f"stage to ({tile.x_nm:.0f}, {tile.y_nm:.0f}) nm", go, "stage")
-
-    async def expose_at(self, tile: TilePlan, nxt: TilePlan | None = None) -> tuple[Any, float, float]:
-        stage, cam = self.scope.stage, self.scope.camera
-        await self._move(tile)
-        x_nm, y_nm = await self.call_device("stage position", stage.position, "stage")
-        self.bus.emit(DeviceStatus("stage", {"x_nm": x_nm, "y_nm": y_nm}, moving=False))
-        if not self.settings.overlap_readout or not hasattr(cam, "expose"):
-            frame = await self.call_device("camera trigger", cam.trigger, "camera")
-            return frame, x_nm, y_nm
-        await self.call_device("camera expose", cam.expose, "camera")
-        # The exposure is over: the stage may leave while the sensor reads out.
-        if nxt is not None:
-            self._start_premove(nxt)
-        where = (x_nm, y_nm)
-        first = True
-
-        async def read() -> Any:
-            nonlocal first, where
-            if first:
-                first = False
-                return await cam.read()
-            # The frame went with the connection (the camera is reconnected by now): expose
-            # again at this tile, the stage brought back from where it went ahead.
-            await self._drain_premove()
-            await stage.move_to(tile.x_nm, tile.y_nm)
-            where = await stage.position()
-            return await cam.trigger()
-
-        # Named as the one-exchange trigger is: the journal and the alarms say "camera trigger"
-        # for a lost frame either way (the run report and its readers need not know the split).
-        frame = await self.call_device("camera trigger", read, "camera")
-        return frame, where[0], where[1]
-
-    async def _tile(
-        self, slot: int, barcode: str, tile: TilePlan, index: int, n_tiles: int, focus_ref: FocusReference,
-        nxt: TilePlan | None = None,
-    ) -> Decision:
-        limits = self.settings.qc
-        prog = self.progress.slot(slot)
-        attempt = 0
-        while True:
-            attempt += 1
-            frame, x_nm, y_nm = await self.expose_at(tile, nxt)
-            # QC in a worker thread (OpenCV and NumPy release the GIL): the loop stays free for
-            # the devices' I/O and the previous tile's write.
-            qc = await asyncio.to_thread(evaluate, frame.data, limits, reference_focus=focus_ref.value,
-                                         expected_shape=self.tile_shape)
-            if frame.frame_id <= self._last_frame_id and "integrity" not in qc.faults:
-                qc = TileQC(qc.mean, qc.std, qc.saturation, qc.focus, qc.resin, (*qc.faults, "integrity"),
-                            (*qc.messages, f"frame id {frame.frame_id} repeats (last {self._last_frame_id})"))
-            self._last_frame_id = max(self._last_frame_id, frame.frame_id)
-            if qc.ok or attempt > limits.max_retakes:
-                break
-            self.store.log_event("tile_rejected", slot=slot, row=tile.row, col=tile.col, attempt=attempt,
-                                 qc=qc.as_dict(), time=time.time())
-            self.bus.emit(TileRejected(slot, tile.row, tile.col, attempt, qc.faults, "retake"))
-            column = getattr(self.scope, "column", None)
-            if "dark" in qc.faults and column is not None:
-                # No electrons: a tripped high tension or a blanked beam. Bring it back, retake.
-                self._alarm("column", f"dark frame at slot {slot} r{tile.row} c{tile.col}: "
-                                    "restoring the beam (reset, high tension, unblank)", "warning")
-                await self.call_device("restore beam", column.ensure_beam, "column")
-            if "focus" in qc.faults:
-                if self.calibration is not None:
-                    await self.calibration.refocus(self)
-                elif self.settings.refocus is not None:
-                    await self.settings.refocus()
-        focus_ref.add(qc)
-        decision = qc.decision()
-        if not qc.ok:
-            self.bus.emit(TileRejected(slot, tile.row, tile.col, attempt, qc.faults, decision.value))
-            self._alarm("qc", f"slot {slot} r{tile.row} c{tile.col}: {'; '.join(qc.messages)} "
-                              f"after {attempt} exposure(s): {decision.value}", "warning")
-        meta = {"frame_id": frame.frame_id, "timestamp": frame.timestamp, "exposure_ms": frame.exposure_ms,
-                "barcode": barcode, "attempt": attempt, "qc": qc.as_dict(), "qc_failed": not qc.ok}
-        # The previous tile's write overlapped this tile's move and exposure; it must be
-        # durable before this one is written (journal order = acquisition order).
-        await self._flush()
-        self._pending = asyncio.create_task(self._store_tile(slot, tile, index, n_tiles, frame.data,
-                                                             x_nm, y_nm, meta, qc, attempt))
-        if not qc.ok:
-            prog.failed_qc.add((tile.row, tile.col))
-        else:
-            prog.failed_qc.discard((tile.row, tile.col))
-        return decision
-
-    async def _store_tile(self, slot: int, tile: TilePlan, index: int, n_tiles: int, data: np.ndarray,
-                          x_nm: float, y_nm: float, meta: dict[str, Any], qc: TileQC, attempt: int) -> None:
-        # fsync is blocking I/O: keep it off the loop so device polling stays live.
-        rec = await asyncio.to_thread(self.store.write_tile, slot, tile.row, tile.col, data,
-                                      y_nm=y_nm, x_nm=x_nm, meta=meta)
-        self.progress.slot(slot).tiles[(tile.row, tile.col)] = rec
-        self._tiles_this_run += 1
-        self._last_tile_t = time.monotonic()
-        self.bus.emit(TileAcquired(slot, tile.row, tile.col, index, qc.mean, x_nm, y_nm, qc.as_dict(),
-                                   attempt, n_tiles))
-        self._emit_progress()
-
-    def _emit_progress(self) -> None:
+    def emit_progress(self) -> None:
         elapsed = max(time.monotonic() - self._t0, 1e-9)
-        rate = self._tiles_this_run / elapsed
+        rate = self.tiles.stored_this_run / elapsed
         done_sections = sum(1 for s in self.slots if self.progress.slot(s).status in FINAL)
         planned = [self.progress.slot(s).plan for s in self.slots]
         known = [len(p.tiles) for p in planned if p is not None]
@@ -807,7 +492,7 @@ class Engine:
         total = int(sum(known) + per * sum(1 for p in planned if p is None))
         stored = sum(len(self.progress.slot(s).tiles) for s in self.slots)
         eta = (total - stored) / rate if rate > 0 and total >= stored else float("nan")
-        self.bus.emit(Progress(done_sections, len(self.slots), stored, total, rate, eta, self._current_slot))
+        self.bus.emit(Progress(done_sections, len(self.slots), stored, total, rate, eta, self.sections.current_slot))
 
     async def _watchdog(self) -> None:
         """Alarm and pause when no tile has arrived for watchdog_stall_s while acquiring."""
@@ -816,8 +501,8 @@ class Engine:
         while True:
             await asyncio.sleep(period)
             busy = self._state in (RunState.ACQUIRING, RunState.RECOVERING) and not self._waiting_for_processing
-            idle_for = time.monotonic() - self._last_tile_t
+            idle_for = time.monotonic() - max(self._watch_from, self.tiles.last_stored_t)
             if busy and idle_for > stall and self._pause_requested is None:
                 msg = f"no tile for {idle_for:.0f} s (limit {stall:g} s) in state {self._state.value}"
-                self._alarm("watchdog", msg)
+                self.alarm("watchdog", msg)
                 self.pause(f"watchdog: {msg}")

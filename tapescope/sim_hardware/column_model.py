@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .world import WorldParams
+    from .params import WorldParams
 
 HT_STATES = ("OFF", "RAMPING", "ON", "TRIPPED")
 

@@ -14,7 +14,7 @@ import numpy as np
 from .faults import FaultBook
 
 if TYPE_CHECKING:
-    from .world import WorldParams
+    from .params import WorldParams
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .faults import FaultBook
 
 if TYPE_CHECKING:
-    from .world import WorldParams
+    from .params import WorldParams
 
 
 class TapeModel:
