@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from tapescope.acquisition.acquisition import Planner
-from tapescope.acquisition.budget import plan_problem, search_extent_nm
 from tapescope.acquisition.calibration import CalibrationSuite
 from tapescope.acquisition.engine import Engine, EngineSettings, RunSummary
 from tapescope.acquisition.events import Alarm, EventBus
@@ -26,6 +25,7 @@ from tapescope.acquisition.planner import RoiPlanner
 from tapescope.acquisition.qc import QCLimits
 from tapescope.acquisition.roi import validate_polygon
 from tapescope.acquisition.store import JournalError, RunStore, TileRecord
+from tapescope.budget import plan_problem, search_extent_nm
 from tapescope.config import ConfigError, ScopeConfig, TapeConfig, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
 from tapescope.hardware.barcode_camera import BarcodeCamera, TapeView

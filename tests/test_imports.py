@@ -84,3 +84,32 @@ def private_uses(path: Path) -> list[str]:
 def test_no_module_uses_another_modules_underscore_names() -> None:
     found = [use for p in sorted(ROOT.rglob("*.py")) for use in private_uses(p)]
     assert not found, "private names used from outside:\n" + "\n".join(found)
+
+
+def test_the_packages_depend_one_way() -> None:
+    """Layers, not only modules: no package reaches back into a package that depends on it
+    (docs/architecture.md draws them)."""
+    mods = modules()
+
+    def package(m: str) -> str:
+        parts = m.split(".")
+        return parts[1] if len(parts) > 1 else "tapescope"
+
+    graph: dict[str, set[str]] = {}
+    for m, p in mods.items():
+        for d in imports_of(m, p, set(mods)):
+            if package(m) != package(d):
+                graph.setdefault(package(m), set()).add(package(d))
+    loops = [(a, b) for a, deps in graph.items() for b in deps if a in reachable(graph, b)]
+    assert not loops, f"packages that depend on each other: {sorted(loops)}"
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for d in graph.get(todo.pop(), ()):
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen

@@ -9,7 +9,7 @@ import shutil
 import time
 
 from .acquisition import RunContext, SlotVerdict
-from .budget import section_need
+from .disk import section_need
 from .events import DeviceStatus, SectionAcquired, SectionFinished, SectionPlanned, SectionStarted
 from .interrupts import Skip
 from .qc import Decision, FocusReference

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +28,6 @@ from tapescope.errors import TapescopeError
 
 from .backend import Backend
 from .flatfield import estimate_flatfield, flatfield_from_references
-from .montage import MONTAGE, render_montage
 from .solve import SEAM_PX
 from .stream import StitchResult, StreamingStitcher
 
@@ -164,12 +162,18 @@ class StitchRun:
     tileset_dtype: str = ""        # the tiles' pixel type
 
 
+# Called as (out_dir, tiles, positions, gain, dark, lens, info) -> the montage written.
+MontageWriter = Callable[..., Path]
+
+
 def run_stitch(
     tileset_dir: Path, out_dir: Path, backend: Backend, flatfield: str = "auto", dark: Path | None = None,
-    warn: Callable[[str], None] = lambda _m: None, lens: str = "estimate", pixel_nm: float | None = None,
+    warn: Callable[[str], None] = lambda _m: None, lens: str = "estimate",
+    render: MontageWriter | None = None,
 ) -> StitchRun:
     """Read, check, stitch and write; raises TileSetError (and writes nothing) on bad input.
-    With `pixel_nm`, the montage is also rendered into OUT_DIR/montage.zarr (`montage.py`)."""
+    With `render`, the montage is also rendered (the command passes montage/stitched.py's
+    writer: stitching itself does not depend on the renderer)."""
     t0 = time.perf_counter()
     ts = read_tiles_csv(tileset_dir)
     tiles = load_tiles(ts)
@@ -205,12 +209,9 @@ def run_stitch(
     result = stitcher.finish(lens=lens)
     write_outputs(out_dir, ts, result)
     montage = None
-    if pixel_nm is not None:
-        montage = out_dir / MONTAGE
-        if montage.exists():
-            shutil.rmtree(montage)          # this run's outputs replace an earlier run's, as the CSVs do
-        render_montage(montage, tiles, result.solution.positions, pixel_nm=pixel_nm, gain=gain, dark=dark_img,
-                       lens=result.lens_applied, info={"tileset": str(tileset_dir.resolve()), "tiles": len(tiles)})
+    if render is not None:
+        montage = render(out_dir, tiles, result.solution.positions, gain, dark_img, result.lens_applied,
+                         {"tileset": str(tileset_dir.resolve()), "tiles": len(tiles)})
     return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6, textured(tiles), montage,
                      str(tiles[0].dtype))
 

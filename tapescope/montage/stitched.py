@@ -6,7 +6,8 @@ by a shard, not by the montage). The image keeps the tiles' bit depth (8-bit til
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,8 @@ from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume, pyramid_levels
 from tapescope.montage.pipeline import Canvas
 from tapescope.montage.transform import SectionTransform
-
-from .flatfield import FlatFielded
-from .lens import RadialDistortion
+from tapescope.stitching.flatfield import FlatFielded
+from tapescope.stitching.lens import RadialDistortion
 
 MONTAGE = "montage.zarr"
 
@@ -41,3 +41,15 @@ def render_montage(out: Path, tiles: Sequence[np.ndarray], positions: np.ndarray
     volume.record(0, {**(info or {}), "status": "ok", "origin_px": origin.tolist(),
                       "window": volume.section_window(0)})
     return out
+
+
+def montage_writer(pixel_nm: float) -> Callable[..., Path]:
+    """What ``stitching.tileset.run_stitch`` calls to render its result into OUT/montage.zarr
+    (replacing an earlier run's, as the CSVs are)."""
+    def write(out_dir: Path, tiles: Sequence[np.ndarray], positions: np.ndarray, gain: np.ndarray | None,
+              dark: float | np.ndarray, lens: RadialDistortion | None, info: dict) -> Path:
+        out = out_dir / MONTAGE
+        if out.exists():
+            shutil.rmtree(out)
+        return render_montage(out, tiles, positions, pixel_nm=pixel_nm, gain=gain, dark=dark, lens=lens, info=info)
+    return write

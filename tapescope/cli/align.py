@@ -20,9 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tapescope.errors import TapescopeError
-
-from .device import array_module
-from .stack import AlignParams, StackError, align_stack, dask_map, read_sections
+from tapescope.montage.device import array_module
+from tapescope.montage.stack import AlignParams, StackError, align_stack, dask_map, read_sections
 
 
 def _check_reachable(address: str) -> None:

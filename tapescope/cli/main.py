@@ -18,8 +18,8 @@ from rich.table import Table
 
 from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed, TileAcquired
 from tapescope.allocator import keep_large_blocks
+from tapescope.cli.stitch import stitch as stitch_command
 from tapescope.config import ConfigError, TapescopeConfig, load_config
-from tapescope.stitching.command import stitch as stitch_command
 
 app = typer.Typer(help="tapescope: serial-section TEM on tape, from tape to zarr.",
                   no_args_is_help=True, add_completion=False)
@@ -75,7 +75,8 @@ def _load(path: Path | None) -> TapescopeConfig:
 @config_app.command("check")
 def config_check(file: Path = typer.Argument(..., help="TOML config file to validate")) -> None:
     """Validate a config file without touching any hardware."""
-    from tapescope.acquisition.budget import plan_problem, section_bytes, tiles_per_section
+    from tapescope.acquisition.disk import section_bytes
+    from tapescope.budget import plan_problem, tiles_per_section
 
     cfg = _load(file)
     if (problem := plan_problem(cfg)) is not None:
@@ -255,7 +256,7 @@ def align(
     thickness_nm: float = typer.Option(40.0, "--thickness-nm", help="section thickness, nm"),
 ) -> None:
     """Align a stack of section montages into an OME-Zarr volume (rigid, affine, elastic)."""
-    from tapescope.montage.align_cli import run_align
+    from tapescope.cli.align import run_align
 
     given = sections[0] if len(sections) == 1 else sections
     raise typer.Exit(run_align(given, out, scheduler=scheduler, workers=workers, device=device,
@@ -337,7 +338,7 @@ def acquire(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="directory of a new run (default runs/SCOPE-TIME)"),
 ) -> None:
     """Run an acquisition headless (exit codes: 0 ok, 3 needs attention, 4 failed, 5 aborted, 2 bad input)."""
-    from tapescope.acquisition.headless import run_headless
+    from tapescope.cli.acquire import run_headless
 
     cfg = _load(config)
     if resume is not None and run_dir is not None:
@@ -351,6 +352,3 @@ def main() -> None:
     keep_large_blocks()
     app()
 
-
-if __name__ == "__main__":
-    main()

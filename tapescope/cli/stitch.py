@@ -1,4 +1,4 @@
-"""`tapescope stitch TILESET_DIR --out OUT_DIR`: the command's body (registered in tapescope/cli.py)."""
+"""`tapescope stitch TILESET_DIR --out OUT_DIR`: the command's body (registered in cli/main.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 
 from tapescope.montage.omezarr import Volume
-
-from .backend import BackendUnavailable, get_backend
-from .solve import SEAM_PX
-from .tileset import TileSetError, run_stitch, tile_status
+from tapescope.montage.stitched import montage_writer
+from tapescope.stitching.backend import BackendUnavailable, get_backend
+from tapescope.stitching.solve import SEAM_PX
+from tapescope.stitching.tileset import TileSetError, run_stitch, tile_status
 
 EXIT_STAGE_PLACED = 3    # positions written, but tiles with tissue were placed by the stage alone
 
@@ -56,7 +56,7 @@ def stitch(
     try:
         run = run_stitch(tileset_dir, out, backend, flatfield, dark,
                          warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False), lens=lens,
-                         pixel_nm=pixel_nm)
+                         render=None if pixel_nm is None else montage_writer(pixel_nm))
     except TileSetError as exc:
         raise fail(str(exc)) from None
     sol = run.result.solution

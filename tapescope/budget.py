@@ -14,10 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
+from tapescope.acquisition.disk import section_need
 from tapescope.config import TapescopeConfig
 
-TILE_BYTES_PER_PX = 2         # uint16 TIFF, uncompressed
-DISK_MARGIN = 1.1             # TIFF headers, journal, file system
 SCRATCH_BYTES_PER_PX = 14     # a section's alignment scratch (montage/pipeline.py)
 SIM_BYTES_PER_PX = 4 * 3      # float32 section, its pyramid and render temporaries
 SIM_SECTIONS_HELD = 3         # the simulator keeps the sections around the beam rendered
@@ -44,16 +43,6 @@ def tiles_per_section(cfg: TapescopeConfig) -> int:
         tile, step = px * cam.pixel_size_nm, px * (1 - r.overlap) * cam.pixel_size_nm
         n *= max(1, math.ceil((extent - tile) / step) + 1)
     return n
-
-
-def section_bytes(n_tiles: int, tile_hw: tuple[int, int]) -> int:
-    """A section's raw tiles as stored, without file overhead."""
-    return n_tiles * tile_hw[0] * tile_hw[1] * TILE_BYTES_PER_PX
-
-
-def section_need(n_tiles: int, tile_hw: tuple[int, int]) -> int:
-    """Disk a section's tiles take, file overhead included (DISK_MARGIN)."""
-    return int(section_bytes(n_tiles, tile_hw) * DISK_MARGIN)
 
 
 def _existing(path: Path) -> Path:

@@ -25,12 +25,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tapescope.acquisition.budget import plan_problem
+from tapescope.acquisition.engine import Engine, RunState
+from tapescope.acquisition.events import Alarm, Event, EventBus, SectionFinished, StateChanged, TileAcquired
+from tapescope.acquisition.events import Progress as ProgressEvent
+from tapescope.budget import plan_problem
 from tapescope.config import TapescopeConfig
-
-from .engine import Engine, RunState
-from .events import Alarm, Event, EventBus, SectionFinished, StateChanged, TileAcquired
-from .events import Progress as ProgressEvent
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_ATTENTION, EXIT_FAILED, EXIT_ABORTED = 0, 2, 3, 4, 5
 NEEDS_ATTENTION = frozenset({"flagged", "damaged", "skipped", "wrong_barcode", "not reached"})

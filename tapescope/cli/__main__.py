@@ -1,0 +1,5 @@
+"""``python -m tapescope.cli``: the ``tapescope`` command."""
+
+from .main import main
+
+main()
