@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -9,13 +10,17 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tapescope.mqtt.broker import free_port
+from tapescope.hardware.scope import Scope
+from tapescope.mqtt.broker import MosquittoBroker, free_port
 from tapescope.sim_hardware.scope import SimulatedScope
 from tapescope.sim_hardware.serve import READY
 from tapescope.sim_hardware.world import WorldParams
+
+from .support import ROOT, USERS, Watcher, client
 
 SMALL_WORLD = WorldParams(seed=3, n_slots=4, tile_px=(128, 128), section_px=(512, 512))
 
@@ -112,3 +117,28 @@ def sim_server() -> Iterator[Callable[..., SimServer]]:
             s.proc.kill()
             s.proc.communicate()
 
+
+@pytest.fixture
+async def scope(sim: SimulatedScope) -> AsyncIterator[Scope]:
+    c = sim.scope_config()
+    async with Scope.from_ports(stage_url=c.stage.url, tape_url=c.tape.url, camera_host="127.0.0.1",
+                                camera_port=c.camera.port) as s:
+        yield s
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    with MosquittoBroker(tmp_path / "broker", USERS) as b:
+        yield b
+
+
+@pytest.fixture
+async def watcher(broker: MosquittoBroker) -> AsyncIterator[Watcher]:
+    async with client(broker, "operator") as c:
+        await c.subscribe(f"{ROOT}/#", qos=1)
+        w = Watcher(c)
+        task = asyncio.create_task(w.run())
+        yield w
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -20,7 +20,7 @@ from tapescope.montage.omezarr import Volume
 from tapescope.montage.stack import StackError, align_stack, dask_map, read_stack, write_stack
 from tapescope.montage.synthetic import make_stack
 
-from .test_omezarr import check_volume
+from .support import check_volume
 
 SHAPE = (320, 320)
 

@@ -13,7 +13,7 @@ from tapescope.config import TapescopeConfig
 from tapescope.runner import sim_world_params
 from tapescope.sim_hardware.world import SimWorld
 
-from .test_omezarr import check_volume
+from .support import check_volume
 
 
 def run_demo(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -8,32 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tapescope.acquisition.engine import Engine, EngineSettings, RunState
-from tapescope.acquisition.events import Alarm, Event, EventBus, SectionFinished, StateChanged, TileAcquired
-from tapescope.acquisition.plan import tile_grid
+from tapescope.acquisition.engine import RunState
+from tapescope.acquisition.events import Alarm, Event, SectionFinished, StateChanged, TileAcquired
 from tapescope.acquisition.state import TRANSITIONS, IllegalTransition, check_transition
 from tapescope.acquisition.store import RunStore
 from tapescope.hardware.scope import Scope
 from tapescope.sim_hardware.scope import SimulatedScope
 
-
-@pytest.fixture
-async def scope(sim: SimulatedScope) -> AsyncIterator[Scope]:
-    c = sim.scope_config()
-    async with Scope.from_ports(stage_url=c.stage.url, tape_url=c.tape.url, camera_host="127.0.0.1",
-                                camera_port=c.camera.port) as s:
-        yield s
-
-
-def make_engine(scope: Scope, tmp_path: Path, slots: list[int], **kw) -> tuple[Engine, list[Event]]:
-    store = RunStore.create(tmp_path / "run", "{}")
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(events.append)
-    grid = tile_grid(2, 2, (128, 128), 4.0, 0.1)
-    eng = Engine(scope, store, bus, slots=slots, grid=grid, exposure_ms=2.0, tile_shape=(128, 128),
-                 pixel_nm=4.0, settings=EngineSettings(**kw))
-    return eng, events
+from .support import make_engine
 
 
 def states(events: list[Event]) -> list[str]:

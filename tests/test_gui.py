@@ -30,6 +30,8 @@ from tapescope.gui.section_map import COLOURS
 from tapescope.gui.session import LocalSession, SimFault
 from tapescope.gui.window import MainWindow
 
+from .support import click
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -111,12 +113,6 @@ def window(qtbot, tmp_path):  # type: ignore[no-untyped-def]
 
 def map_states(win: MainWindow) -> list[TileState]:
     return [t.state for t in win.map.outlines.tiles]
-
-
-def click(win: MainWindow, verb: str) -> None:
-    button = win.control.buttons[verb]
-    assert button.isEnabled(), f"{verb} is disabled in state {win.model.run_state}"
-    button.click()
 
 
 def test_start_pause_resume_to_done_and_map_follows(qtbot, window) -> None:  # type: ignore[no-untyped-def]

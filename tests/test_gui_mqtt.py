@@ -26,8 +26,7 @@ from tapescope.gui.window import MainWindow
 from tapescope.mqtt.broker import MosquittoBroker
 from tapescope.mqtt.topics import EngineOnline, events_of
 
-from .test_gui import click
-from .test_mqtt import USERS, broker, headless_config, needs_mosquitto  # noqa: F401  (broker: fixture)
+from .support import USERS, click, headless_config, needs_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +77,7 @@ def test_tiles_without_a_plan_are_placed_at_the_stage_readback() -> None:
 # -- a headless run, a viewer and an operator ------------------------------------------------
 
 @pytest.fixture
-def headless(broker: MosquittoBroker, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:  # noqa: F811
+def headless(broker: MosquittoBroker, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`tapescope acquire` with the MQTT bridge on: long enough to be paused and resumed, then aborted."""
     cfg = tmp_path / "run.toml"
     cfg.write_text(headless_config(broker.port, last_slot=29, exposure_ms=20.0))
@@ -93,7 +92,7 @@ def headless(broker: MosquittoBroker, tmp_path: Path) -> Iterator[subprocess.Pop
 
 
 @pytest.fixture
-def attach(qtbot, broker: MosquittoBroker):  # type: ignore[no-untyped-def]  # noqa: F811
+def attach(qtbot, broker: MosquittoBroker):  # type: ignore[no-untyped-def]
     made: list[tuple[MainWindow, MqttLink]] = []
 
     def make(user: str) -> tuple[MainWindow, MqttLink]:
@@ -133,7 +132,7 @@ def tiles_advance(qtbot, win: MainWindow) -> None:  # type: ignore[no-untyped-de
 
 @needs_mosquitto
 def test_viewer_follows_but_cannot_command_and_operator_pauses_and_resumes(  # type: ignore[no-untyped-def]
-        qtbot, headless, attach, broker) -> None:  # noqa: F811
+        qtbot, headless, attach, broker) -> None:
     viewer, vlink = attach("viewer")
     operator, olink = attach("operator")
 

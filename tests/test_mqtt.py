@@ -7,9 +7,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import pytest
@@ -18,102 +16,10 @@ from tapescope.acquisition.engine import RunState
 from tapescope.acquisition.events import StateChanged, TileAcquired
 from tapescope.hardware.scope import Scope
 from tapescope.mqtt import commands
-from tapescope.mqtt.bridge import BrokerSettings, MqttBridge
-from tapescope.mqtt.broker import MosquittoBroker, mosquitto_binary
+from tapescope.mqtt.bridge import MqttBridge
+from tapescope.mqtt.broker import MosquittoBroker
 
-from .test_engine import make_engine, scope  # noqa: F401  (fixture)
-
-USERS = {"engine": "engine-pw", "operator": "op-pw", "viewer": "view-pw"}
-
-
-def headless_config(port: int, *, last_slot: int, exposure_ms: float) -> str:
-    """A `tapescope acquire` config on the simulator, bridged to the broker as the engine
-    user (password from $TAPESCOPE_MQTT_PASSWORD); small tiles, processing off."""
-    return f"""
-[scope.camera]
-width = 128
-height = 128
-[run]
-slot_range = [0, {last_slot}]
-grid = [4, 4]
-exposure_ms = {exposure_ms}
-[processing]
-enabled = false
-[mqtt]
-enabled = true
-port = {port}
-username = "engine"
-"""
-ROOT = "tapescope/sim-scope"
-
-needs_mosquitto = pytest.mark.skipif(
-    mosquitto_binary() is None, reason="no mosquitto binary here (Debian: apt-get install mosquitto)")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    with MosquittoBroker(tmp_path / "broker", USERS) as b:
-        yield b
-
-
-def client(b: MosquittoBroker, user: str | None, **kw: Any) -> aiomqtt.Client:
-    return aiomqtt.Client("127.0.0.1", b.port, username=user, password=USERS.get(user or ""), timeout=5,
-                          protocol=aiomqtt.ProtocolVersion.V5, **kw)
-
-
-class Watcher:
-    """Collects every message under ROOT; wait_for() returns the first that matches."""
-
-    def __init__(self, c: aiomqtt.Client) -> None:
-        self.c = c
-        self.seen: list[tuple[str, dict]] = []
-        self._new = asyncio.Event()
-
-    async def run(self) -> None:
-        async for m in self.c.messages:
-            try:
-                payload = json.loads(m.payload)
-            except ValueError:          # the malformed commands the tests send themselves
-                payload = {"raw": repr(m.payload)}
-            self.seen.append((str(m.topic), payload))
-            self._new.set()
-
-    async def wait_for(self, topic: str, pred=lambda p: True, within_s: float = 10) -> dict:
-        async def find() -> dict:
-            i = 0
-            while True:
-                while i < len(self.seen):
-                    t, p = self.seen[i]
-                    i += 1
-                    if t == topic and pred(p):
-                        return p
-                self._new.clear()
-                await self._new.wait()
-        return await asyncio.wait_for(find(), within_s)
-
-
-@contextlib.asynccontextmanager
-async def bridge_for(broker: MosquittoBroker, eng, **kw: Any) -> AsyncIterator[MqttBridge]:
-    bridge = MqttBridge(BrokerSettings("127.0.0.1", broker.port, "engine", USERS["engine"], **kw), eng.bus,
-                        "sim-scope", engine=eng, run_dir="run")
-    bridge.start()
-    try:
-        await asyncio.wait_for(bridge.connected.wait(), 10)
-        yield bridge
-    finally:
-        await bridge.stop()
-
-
-@pytest.fixture
-async def watcher(broker: MosquittoBroker) -> AsyncIterator[Watcher]:
-    async with client(broker, "operator") as c:
-        await c.subscribe(f"{ROOT}/#", qos=1)
-        w = Watcher(c)
-        task = asyncio.create_task(w.run())
-        yield w
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+from .support import ROOT, USERS, Watcher, bridge_for, client, headless_config, make_engine, needs_mosquitto
 
 
 def test_parse_rejects_bad_commands_with_a_reason() -> None:
@@ -126,7 +32,7 @@ def test_parse_rejects_bad_commands_with_a_reason() -> None:
 
 
 @needs_mosquitto
-async def test_telemetry_and_commands_during_a_run(broker, watcher, scope: Scope, tmp_path: Path) -> None:  # noqa: F811
+async def test_telemetry_and_commands_during_a_run(broker, watcher, scope: Scope, tmp_path: Path) -> None:
     eng, _ = make_engine(scope, tmp_path, [0, 1, 2])
     async with bridge_for(broker, eng):
         await _telemetry_and_commands(broker, watcher, eng)
@@ -172,7 +78,7 @@ async def _telemetry_and_commands(broker: MosquittoBroker, watcher: Watcher, eng
 
 
 @needs_mosquitto
-async def test_anonymous_cannot_connect_and_viewer_cannot_command(broker, watcher, scope: Scope,  # noqa: F811
+async def test_anonymous_cannot_connect_and_viewer_cannot_command(broker, watcher, scope: Scope,
                                                                   tmp_path: Path) -> None:
     with pytest.raises(aiomqtt.MqttError):
         async with client(broker, None):
@@ -198,7 +104,7 @@ async def _viewer_cannot_command(broker: MosquittoBroker, watcher: Watcher, eng,
 
 @needs_mosquitto
 async def test_broker_restart_neither_stops_the_run_nor_loses_retained_state(
-        broker, scope: Scope, tmp_path: Path) -> None:  # noqa: F811
+        broker, scope: Scope, tmp_path: Path) -> None:
     eng, _ = make_engine(scope, tmp_path, [0, 1])
     async with bridge_for(broker, eng, buffer=5) as bridge:
         await _restart(broker, eng, bridge)

@@ -13,8 +13,7 @@ from tapescope.acquisition.store import RunStore
 from tapescope.hardware.scope import Scope
 from tapescope.sim_hardware.scope import SimulatedScope
 
-from .test_engine import make_engine, scope  # noqa: F401  (fixture)
-from .test_mqtt import ROOT, Watcher, bridge_for, broker, needs_mosquitto, watcher  # noqa: F401  (fixtures)
+from .support import ROOT, Watcher, bridge_for, make_engine, needs_mosquitto
 
 STAGE = f"{ROOT}/device/stage"
 
@@ -24,7 +23,7 @@ def _stamped(w: Watcher, topic: str) -> list[tuple[float, dict]]:
 
 
 @needs_mosquitto
-async def test_stage_status_at_20_hz_while_moving_and_1_hz_idle(broker, watcher, scope: Scope,  # noqa: F811
+async def test_stage_status_at_20_hz_while_moving_and_1_hz_idle(broker, watcher, scope: Scope,
                                                                  tmp_path: Path) -> None:
     # Two tiles 460 nm apart at 200 nm/s: a move of more than 2 s between them.
     await scope.stage.set_speed(0.0002)
@@ -52,8 +51,8 @@ async def test_stage_status_at_20_hz_while_moving_and_1_hz_idle(broker, watcher,
 
 
 @needs_mosquitto
-async def test_faults_the_drivers_cure_reach_mqtt_as_warnings(broker, watcher, sim: SimulatedScope,  # noqa: F811
-                                                              scope: Scope, tmp_path: Path) -> None:  # noqa: F811
+async def test_faults_the_drivers_cure_reach_mqtt_as_warnings(broker, watcher, sim: SimulatedScope,
+                                                              scope: Scope, tmp_path: Path) -> None:
     scope.stage._line.timeout_s = 0.5          # a lost reply costs half a second, not two
     eng, _ = make_engine(scope, tmp_path, [0, 1])
     sim.inject("tape_jam", clears_after=3)                 # a jam that clears within the grace time

@@ -26,8 +26,7 @@ from tapescope.mqtt.bridge import BrokerSettings, MqttBridge
 from tapescope.mqtt.broker import MosquittoBroker, mosquitto_binary
 from tapescope.mqtt.tls import TlsFiles, explain
 
-from .test_engine import make_engine, scope  # noqa: F401  (fixture)
-from .test_mqtt import ROOT, USERS, Watcher
+from .support import ROOT, USERS, Watcher, make_engine
 
 needs_mosquitto = pytest.mark.skipif(
     mosquitto_binary() is None, reason="no mosquitto binary here (Debian: apt-get install mosquitto)")
@@ -121,7 +120,7 @@ def test_remote_brokers_need_tls_and_tls_needs_a_ca(pki: Path) -> None:
 
 @needs_mosquitto
 async def test_a_viewer_over_mqtts_watches_a_run_bridged_over_tls(tls_broker: MosquittoBroker, pki: Path,
-                                                                  scope: Scope, tmp_path: Path) -> None:  # noqa: F811
+                                                                  scope: Scope, tmp_path: Path) -> None:
     eng, _ = make_engine(scope, tmp_path, [0, 1])
     bridge = MqttBridge(BrokerSettings("127.0.0.1", tls_broker.tls_port, "engine", USERS["engine"],
                                        tls=TlsFiles(pki / "ca.crt")), eng.bus, "sim-scope", engine=eng, run_dir="run")

@@ -2,52 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
-import zarr
-from referencing import Registry, Resource
 
 from tapescope.montage.omezarr import Volume
 
-SCHEMAS = Path(__file__).parent / "data" / "ngff-0.5"
-
-
-def validate_ome(attrs: dict) -> None:
-    resources = []
-    for name in ("image.schema", "_version.schema"):
-        schema = json.loads((SCHEMAS / name).read_text())
-        resources.append((schema["$id"], Resource.from_contents(schema)))
-    image = json.loads((SCHEMAS / "image.schema").read_text())
-    validator = jsonschema.Draft202012Validator(image, registry=Registry().with_resources(resources))
-    validator.validate(attrs)
-
-
-def check_volume(path: Path) -> zarr.Group:
-    """Assertions every tapescope volume must pass (used by the demo test too)."""
-    group = zarr.open_group(str(path), mode="r")
-    attrs = group.attrs.asdict()
-    validate_ome(attrs)
-    ms = attrs["ome"]["multiscales"][0]
-    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
-    assert all(a["unit"] == "nanometer" for a in ms["axes"])
-    assert len(ms["datasets"]) >= 2
-    prev = None
-    for ds in ms["datasets"]:
-        arr = group[ds["path"]]
-        assert arr.metadata.zarr_format == 3
-        assert list(arr.metadata.dimension_names) == ["z", "y", "x"]
-        if prev is not None:
-            assert arr.shape[0] == prev.shape[0]
-            assert arr.shape[1] == -(-prev.shape[1] // 2)
-        prev = arr
-    # The community's own model of OME-Zarr 0.5 accepts it too.
-    from ome_zarr_models.v05.image import Image
-    Image.from_zarr(group)
-    return group
+from .support import check_volume, validate_ome
 
 
 def test_volume_metadata_validates(tmp_path: Path) -> None:
