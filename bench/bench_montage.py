@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from tapescope.allocator import keep_large_blocks
-from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.render import render_block, render_montage
+from tapescope.montage.shard_render import render_section
 from tapescope.montage.stack import AlignParams, align_stack, write_stack
 from tapescope.montage.synthetic import make_stack
 from tapescope.montage.transform import SectionTransform
@@ -206,7 +206,7 @@ from pathlib import Path
 if sys.argv[1] == "keep":
     from tapescope.allocator import keep_large_blocks
     assert keep_large_blocks()
-from tapescope.montage.blocks import render_section
+from tapescope.montage.shard_render import render_section
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.render import render_block
 from tapescope.montage.transform import SectionTransform
@@ -305,7 +305,7 @@ import sys, numpy as np, tempfile, time
 from pathlib import Path
 from tapescope.allocator import keep_large_blocks
 keep_large_blocks()     # as the application runs
-from tapescope.montage.blocks import render_section
+from tapescope.montage.shard_render import render_section
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.transform import SectionTransform
 

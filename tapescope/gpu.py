@@ -1,6 +1,6 @@
 """Whether this host has a GPU that tapescope can use, asked once per process.
 
-Stitching (`stitching/backend.py`) and montage/alignment (`montage/device.py`) both run on
+Stitching (`stitching/backend.py`) and montage/alignment (`montage/array_backend.py`) both run on
 CuPy where it works. "Works" means more than a device count: CuPy must import, see a CUDA
 device, and compile and run what this package runs there (an FFT and a map_coordinates);
 a card without a working compiler (no NVRTC, a driver too old for it) would otherwise

@@ -19,11 +19,11 @@ from tapescope.acquisition.calibration import CalibrationSuite
 from tapescope.acquisition.engine import Engine, EngineSettings, RunSummary
 from tapescope.acquisition.events import Alarm, EventBus
 from tapescope.acquisition.journal import RunProgress
-from tapescope.acquisition.pipeline import ProcessingWorker
 from tapescope.acquisition.plan import TilePlan, select_slots, tile_grid
-from tapescope.acquisition.planner import RoiPlanner
+from tapescope.acquisition.processing import ProcessingWorker
 from tapescope.acquisition.qc import QCLimits
 from tapescope.acquisition.roi import validate_polygon
+from tapescope.acquisition.roi_planner import RoiPlanner
 from tapescope.acquisition.store import JournalError, RunStore, TileRecord
 from tapescope.budget import plan_problem, search_extent_nm
 from tapescope.config import ConfigError, ScopeConfig, TapeConfig, TapescopeConfig, parse_config

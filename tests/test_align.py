@@ -117,7 +117,7 @@ def test_batched_flow_matches_the_tile_registration() -> None:
 
 
 def test_device_choice() -> None:
-    from tapescope.montage.device import array_module, gpu_available
+    from tapescope.montage.array_backend import array_module, gpu_available
 
     assert array_module("cpu") is np
     with pytest.raises(ValueError, match="device must be one of"):
@@ -134,7 +134,7 @@ def test_device_choice() -> None:
 
 
 def test_flow_on_gpu_equals_cpu(stack) -> None:
-    from tapescope.montage.device import array_module, gpu_available
+    from tapescope.montage.array_backend import array_module, gpu_available
 
     if not gpu_available():
         pytest.skip("no CuPy or no CUDA device here")

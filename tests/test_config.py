@@ -99,7 +99,7 @@ def test_a_resumed_run_may_keep_its_scratch_elsewhere(tmp_path: Path) -> None:
 
 
 def test_a_gpu_asked_for_where_there_is_none_is_refused_before_the_run() -> None:
-    from tapescope.montage.device import gpu_available
+    from tapescope.montage.array_backend import gpu_available
     from tapescope.runner import config_differences, processing_problem
 
     gpu = parse_config({"processing": {"device": "gpu"}})

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.render import render_block, render_montage
+from tapescope.montage.shard_render import render_section
 from tapescope.montage.transform import SectionTransform
 
 
@@ -337,7 +337,7 @@ def test_ndimage_warp_draws_what_opencv_draws() -> None:
 
 
 def test_render_on_gpu_equals_cpu() -> None:
-    from tapescope.montage.device import gpu_available
+    from tapescope.montage.array_backend import gpu_available
     from tapescope.montage.warp import warp_for
 
     if not gpu_available():

@@ -24,7 +24,7 @@ from tapescope.acquisition.events import (
     SectionProcessed,
 )
 from tapescope.acquisition.journal import RunProgress
-from tapescope.acquisition.pipeline import ProcessingWorker
+from tapescope.acquisition.processing import ProcessingWorker
 from tapescope.acquisition.store import RunStore
 from tapescope.config import parse_config
 from tapescope.runner import run_acquisition

@@ -4,11 +4,11 @@
     brightfield    SWEEP -> COMBINE -> STORE                   frames on bare film, the stage moving
     auto_exposure  MEASURE -> ADJUST -> (MEASURE ...) -> DONE  film level into a target band
     autofocus      SWEEP -> FIT -> SET                         maximise the focus score over defocus
-    find_aperture  (in planner.py: the aperture's centre on the overview, re-centred if clipped)
+    find_aperture  (in roi_planner.py: the aperture's centre on the overview, re-centred if clipped)
 
 A routine records each state it enters (`Routine.trail`), ends in DONE or FAILED, journals
 its result (`{"event": "calibration", ...}`) and emits CalibrationDone; its images go to
-RUN_DIR/calibration/. Dark and gain feed the flat-field of processing (pipeline.py reads
+RUN_DIR/calibration/. Dark and gain feed the flat-field of processing (processing.py reads
 them before estimating one from the tiles). A routine that cannot run (no column driver
 to blank the beam) fails with an alarm: the run goes on without it, never silently.
 """

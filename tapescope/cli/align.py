@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tapescope.errors import TapescopeError
-from tapescope.montage.device import array_module
+from tapescope.montage.array_backend import array_module
 from tapescope.montage.stack import AlignParams, StackError, align_stack, dask_map, read_sections
 
 

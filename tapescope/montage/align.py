@@ -15,7 +15,7 @@ import numpy as np
 
 from tapescope.stitching.register import ncc, phase_correlate
 
-from .device import array_module
+from .array_backend import array_module
 from .flow import clean_flow, flow_rows, relax_mesh
 from .render import render_block
 from .transform import SectionTransform

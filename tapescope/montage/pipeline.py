@@ -25,8 +25,8 @@ from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import stitch_section
 
 from .align import SectionAlignment, align_section, repeat_reason, unregistered_reason
-from .blocks import render_section, render_to
 from .omezarr import Volume
+from .shard_render import render_section, render_to
 from .transform import SectionTransform
 from .zsolve import PairMatch, SolveParams, matches_of, solve_stack
 

@@ -35,8 +35,8 @@ from tapescope.allocator import keep_large_blocks
 from tapescope.errors import TapescopeError
 
 from .align import align_section, block_mean, repeat_reason, unregistered_reason
-from .blocks import RenderStats, render_section
 from .omezarr import Volume, pyramid_levels
+from .shard_render import RenderStats, render_section
 from .transform import SectionTransform
 from .zsolve import PairMatch, SolveParams, chain_initial, groups, matches_of, solve_stack
 

@@ -1,5 +1,5 @@
 """A stitched tile set rendered into a one-section OME-Zarr 0.5 image: `tapescope stitch
---pixel-nm`. The same renderer as live processing (montage/blocks.py): tiles flat-fielded
+--pixel-nm`. The same renderer as live processing (montage/shard_render.py): tiles flat-fielded
 as they are read, the lens model taken out, seams feathered, shard by shard (memory bounded
 by a shard, not by the montage). The image keeps the tiles' bit depth (8-bit tiles give an
 8-bit montage). `tapescope align` takes such montages as sections."""
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tapescope.montage.blocks import render_section
 from tapescope.montage.omezarr import Volume, pyramid_levels
 from tapescope.montage.pipeline import Canvas
+from tapescope.montage.shard_render import render_section
 from tapescope.montage.transform import SectionTransform
 from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from .device import array_module, to_numpy
+from .array_backend import array_module, to_numpy
 
 Index = tuple[slice, slice]
 
