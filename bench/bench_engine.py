@@ -13,7 +13,7 @@ and end-to-end tiles/s with processing attached. Baselines measured in the same 
 - end to end: `run_acquisition` with processing on (stitch, align, write the volume) and
   off, tiles/s.
 
-Target (issue #4): engine overhead under 2 % of the tile cycle. Prints medians of REPEATS.
+Target: engine overhead under 2 % of the tile cycle. Prints medians of REPEATS.
 Run: make bench  (or python bench/bench_engine.py)
 """
 

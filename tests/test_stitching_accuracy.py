@@ -28,7 +28,7 @@ def test_positions_within_target_of_truth(dose: float) -> None:
     err = np.linalg.norm(ts.error(result.solution.positions), axis=1)
     stage_err = np.linalg.norm(ts.error(ts.stage_px), axis=1)
     assert stage_err.max() > 5                       # the stage really was off by pixels
-    assert np.sqrt((err**2).mean()) <= 0.05, err     # the targets
+    assert np.sqrt((err**2).mean()) <= 0.05, err     # the stated targets (docs/stitching.md)
     assert err.max() <= 0.15, err
     assert result.solution.status == ["ok"] * 9
 
