@@ -190,3 +190,17 @@ async def test_a_run_on_the_gridtape_controller_images_every_slot(tmp_path: Path
     assert barcodes == {0: "000000", 1: "000001", 2: "000002"}
     # The driver's own correction reached a person as an alarm.
     assert any(isinstance(e, Alarm) and e.source == "tape" and "slipped" in e.message for e in events)
+
+
+async def test_a_jam_in_a_run_is_cleared_by_the_engine_and_the_run_finishes(tmp_path: Path) -> None:
+    """The firmware halts every drive on the jam (nothing holds the tape: the load cell reads
+    slack); the engine's reconnect tensions it again and its CLEAR resets the drives."""
+    cfg = parse_config({"run": {"slots": [0, 1], "grid": [2, 2], "retry_window_s": 1.0},
+                        "scope": {"tape": {"driver": "gridtape"}}})
+    bus, events = EventBus(), list[Event]()
+    bus.subscribe(events.append)
+    result = await run_acquisition(cfg, tmp_path / "run", bus, on_sim=lambda sim: sim.world.inject("tape_jam"))
+    assert result.summary.state.value == "done", result.summary.reason
+    said = [e.message for e in events if isinstance(e, Alarm) and e.source == "tape"]
+    assert any("error 20" in m and "stall" in m for m in said), said
+    assert any("sent CLEAR" in m for m in said), said

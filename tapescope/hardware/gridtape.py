@@ -174,19 +174,20 @@ class GridTape(Device):
     # -- connect ----------------------------------------------------------------------------
     async def connect(self) -> None:
         await self._line.open()
-        # Opening the port resets an Arduino; it answers after a few seconds of boot.
+        await self.camera.connect()
+        # Opening the port resets an Arduino; it answers after a few seconds of boot. Until
+        # then (and through a reply lost to line noise meanwhile) the set-up is tried again.
         deadline = time.monotonic() + self.boot_s
         while True:
             try:
                 await self.ping(42)
+                t = self.tension_cal
+                await self._tell(CMD_SET_TENSION_LIMITS, "int32 int32", t.counts(t.low_g), t.counts(t.high_g))
+                await self._ensure_tension()
                 break
             except (DeviceTimeout, ProtocolError):
                 if time.monotonic() > deadline:
                     raise
-        await self.camera.connect()
-        t = self.tension_cal
-        await self._tell(CMD_SET_TENSION_LIMITS, "int32 int32", t.counts(t.low_g), t.counts(t.high_g))
-        await self._ensure_tension()
         self._slot = (await self.camera.sight()).slot
 
     async def close(self) -> None:

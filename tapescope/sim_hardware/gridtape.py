@@ -53,8 +53,8 @@ class GridTapeModel:
             grams = 2.0
         elif self.jammed and time.monotonic() < self.busy_until:
             grams = JAM_SURGE_G
-        elif self.jammed or self.hiz[fw.FEED_PINCH] or self.hiz[fw.PICKUP_PINCH]:
-            grams = 5.0                        # nothing holds the tape
+        elif self.hiz[fw.FEED_PINCH] or self.hiz[fw.PICKUP_PINCH]:
+            grams = 5.0                        # nothing holds the tape (a stuck tape too, until held)
         else:
             grams = w.p.tape_tension_g
         return int(COUNTS_ZERO + grams * COUNTS_PER_G)
