@@ -53,6 +53,8 @@ class StageConfig(SerialPortConfig):
 class TapeCameraConfig(_Model):
     """GridTape's tape camera (hardware/barcode_camera.py): where it is and its calibration."""
 
+    driver: Literal["tcp", "genicam"] = "tcp"
+    device: str | None = Field(None, description="genicam: Aravis device id or IP address")
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
         None, description="TCP port of its frame server; None means 'start the simulator'")
@@ -89,6 +91,8 @@ class TapeConfig(SerialPortConfig):
             raise ValueError(f"tension_low_g {self.tension_low_g} must be below tension_high_g {self.tension_high_g}")
         if self.driver == "gridtape" and self.url is not None and self.slots is None:
             raise ValueError("driver gridtape with a real controller needs slots (the tape's slot count)")
+        if self.camera.driver == "genicam" and not self.camera.device:
+            raise ValueError("tape camera driver genicam needs device (an Aravis device id or IP address)")
         return self
 
 
@@ -137,7 +141,8 @@ class ScopeConfig(_Model):
     def simulated(self) -> bool:
         return (self.stage.url is None or self.tape.url is None
                 or (self.camera.driver == "tcp" and self.camera.port is None)
-                or (self.tape.driver == "gridtape" and self.tape.camera.port is None))
+                or (self.tape.driver == "gridtape" and self.tape.camera.driver == "tcp"
+                    and self.tape.camera.port is None))
 
 
 class RunConfig(_Model):

@@ -91,12 +91,18 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
 
 def gridtape(t: TapeConfig) -> GridTape:
     """GridTape's reel controller and tape camera, as configured."""
-    assert t.url is not None and t.slots is not None and t.camera.port is not None
+    assert t.url is not None and t.slots is not None
     c = t.camera
     view = TapeView(px_per_mm=c.px_per_mm, axis_px=c.axis_px, aperture_rows=c.aperture_rows,
                     aperture_mm=c.aperture_mm, digits=c.digits)
+    if c.driver == "genicam":
+        assert c.device is not None
+        camera = BarcodeCamera(GenicamCamera(c.device, timeout_s=c.timeout_s), view=view)
+    else:
+        assert c.port is not None
+        camera = BarcodeCamera.on_frame_protocol(c.host, c.port, view=view, timeout_s=c.timeout_s)
     return GridTape(
-        t.url, BarcodeCamera(c.host, c.port, view=view, timeout_s=c.timeout_s), slots=t.slots,
+        t.url, camera, slots=t.slots,
         slot_pitch_mm=t.slot_pitch_mm, speed_mm_s=t.speed_mm_s, centre_tolerance_mm=t.centre_tolerance_mm,
         tension=Tension(t.tension_zero_counts, t.tension_counts_per_g, t.tension_low_g, t.tension_high_g),
         baudrate=t.baudrate, timeout_s=t.timeout_s, move_timeout_s=t.move_timeout_s)

@@ -170,3 +170,20 @@ async def test_a_run_on_temscript_aravis_and_gridtape_writes_its_volume(
     import zarr
     vol = zarr.open_group(str(tmp_path / "volume.zarr"), mode="r")["0"]
     assert vol.shape[0] == 2 and np.ptp(vol[0][:]) > 0
+
+
+async def test_a_genicam_tape_camera_feeds_the_barcode_reader(fake: FakeCamera) -> None:
+    """GridTape's tape camera on a GenICam camera: its frames reach the barcode reader
+    through Aravis. The fake camera shows a test pattern, no tape: the reader says so."""
+    from tapescope.hardware.barcode_camera import BarcodeCamera
+    from tapescope.hardware.errors import DeviceError as Err
+
+    cam = BarcodeCamera(GenicamCamera(ADDRESS, roi=(0, 0, 640, 200), timeout_s=3.0))
+    await cam.connect()
+    try:
+        frame = await cam.frame()
+        assert frame.shape == (200, 640) and np.ptp(frame) > 0
+        with pytest.raises(Err, match="tape camera: no"):
+            await cam.sight()
+    finally:
+        await cam.close()

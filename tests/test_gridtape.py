@@ -101,7 +101,7 @@ async def bench() -> AsyncIterator[Bench]:
     cam = TapeCameraEmulator(emu.model)
     await cam.start()
     emu.model.tape_mm = 0.4                  # loaded a little off centre
-    tape = GridTape(emu.port, BarcodeCamera("127.0.0.1", cam.port), slots=8, timeout_s=1.0)
+    tape = GridTape(emu.port, BarcodeCamera.on_frame_protocol("127.0.0.1", cam.port), slots=8, timeout_s=1.0)
     try:
         await tape.connect()
         yield Bench(world, emu, cam, tape)
@@ -204,3 +204,14 @@ async def test_a_jam_in_a_run_is_cleared_by_the_engine_and_the_run_finishes(tmp_
     said = [e.message for e in events if isinstance(e, Alarm) and e.source == "tape"]
     assert any("error 20" in m and "stall" in m for m in said), said
     assert any("sent CLEAR" in m for m in said), said
+
+
+def test_gridtape_settings_that_cannot_work_are_refused() -> None:
+    from tapescope.config import ConfigError
+
+    with pytest.raises(ConfigError, match="slots"):
+        parse_config({"scope": {"tape": {"driver": "gridtape", "url": "/dev/ttyACM0"}}})
+    with pytest.raises(ConfigError, match="device"):
+        parse_config({"scope": {"tape": {"driver": "gridtape", "camera": {"driver": "genicam"}}}})
+    with pytest.raises(ConfigError, match="tension_low_g"):
+        parse_config({"scope": {"tape": {"tension_low_g": 200.0}}})

@@ -7,7 +7,8 @@ the bright tape) and, beside each, its ITF barcode. One frame gives both answers
 - the aperture nearest the beam axis, from the column profile of the aperture band, its
   centre to a fraction of a pixel from its two edges.
 The slot is the one whose barcode sits over that aperture; the offset is the aperture
-centre's distance from the beam axis, in mm. The layout (which rows hold barcodes and
+centre's distance from the beam axis, in mm. The camera is any driver (the frame
+protocol's, or a GenICam camera through Aravis). The layout (which rows hold barcodes and
 apertures, pixels per mm, the beam axis column) is the set-up's calibration:
 ``TapeView``. docs/instruments.md shows a frame.
 """
@@ -15,11 +16,12 @@ apertures, pixels per mm, the beam axis column) is the set-up's calibration:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import zxingcpp
 
-from .camera import Camera
+from .camera import Camera, Frame
 from .device import Device
 from .errors import DeviceError
 
@@ -106,15 +108,32 @@ def sight(img: np.ndarray, view: TapeView) -> SlotSighting:
     return SlotSighting(int(code), code, float((hole - axis) / view.px_per_mm))
 
 
+class FrameSource(Protocol):
+    """Any camera driver: the frame protocol's (camera.py) or a GenICam one (genicam_camera.py)."""
+
+    name: str
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def trigger(self) -> Frame: ...
+
+
 class BarcodeCamera(Device):
-    """A tape camera on the frame protocol of hardware/camera.py."""
+    """The tape camera: a camera driver and the calibration of what its frames show."""
 
     name = "tape camera"
 
-    def __init__(self, host: str, port: int, *, view: TapeView | None = None, timeout_s: float = 5.0) -> None:
-        self.camera = Camera(host, port, timeout_s=timeout_s)
+    def __init__(self, camera: FrameSource, *, view: TapeView | None = None) -> None:
+        self.camera = camera
         self.camera.name = self.name
         self.view = view or TapeView()
+
+    @classmethod
+    def on_frame_protocol(cls, host: str, port: int, *, view: TapeView | None = None,
+                          timeout_s: float = 5.0) -> BarcodeCamera:
+        return cls(Camera(host, port, timeout_s=timeout_s), view=view)
 
     async def connect(self) -> None:
         await self.camera.connect()
