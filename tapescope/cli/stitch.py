@@ -10,8 +10,6 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from tapescope.montage.omezarr import Volume
-from tapescope.montage.stitched import montage_writer
 from tapescope.stitching.backend import BackendUnavailable, get_backend
 from tapescope.stitching.solve import SEAM_PX
 from tapescope.stitching.tileset import TileSetError, run_stitch, tile_status
@@ -53,10 +51,16 @@ def stitch(
         backend = get_backend(device)  # type: ignore[arg-type]
     except BackendUnavailable as exc:
         raise fail(f"--device gpu: {exc}") from None
+    render = None
+    if pixel_nm is not None:
+        # The volume writer (tensorstore, zarr) costs a second of start-up: only when asked.
+        from tapescope.montage.stitched import montage_writer
+
+        render = montage_writer(pixel_nm)
     try:
         run = run_stitch(tileset_dir, out, backend, flatfield, dark,
                          warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False), lens=lens,
-                         render=None if pixel_nm is None else montage_writer(pixel_nm))
+                         render=render)
     except TileSetError as exc:
         raise fail(str(exc)) from None
     sol = run.result.solution
@@ -89,6 +93,8 @@ def stitch(
     console.print(f"wrote {out / 'positions.csv'} and {out / 'pairs.csv'} (positions in pixels of the tiles)",
                   highlight=False)
     if run.montage is not None:
+        from tapescope.montage.omezarr import Volume
+
         shape = Volume.open(run.montage).shape[1:]
         console.print(f"montage: {run.montage} ({shape[0]} x {shape[1]} px at {pixel_nm:g} nm, "
                       f"{run.tileset_dtype}); align sections with: tapescope align OUT1 OUT2 ... --out VOLUME_DIR",
