@@ -22,14 +22,19 @@ def _stitch(params: SyntheticParams):
 
 # 512 px tiles keep the test fast; their overlap strips hold a quarter of the pixels of the
 # 1024 px sets in bench/bench_stitch.py, so "low dose" here is 60 e/px there 20 e/px.
+# At 60 e/px one draw's RMS varies by +-15 % around the target, so three draws are pooled.
 @pytest.mark.parametrize("dose", [60.0, 300.0])
 def test_positions_within_target_of_truth(dose: float) -> None:
-    ts, result = _stitch(SyntheticParams(tile=512, rows=3, cols=3, overlap=0.09, dose=dose, seed=4))
-    err = np.linalg.norm(ts.error(result.solution.positions), axis=1)
-    stage_err = np.linalg.norm(ts.error(ts.stage_px), axis=1)
-    assert stage_err.max() > 5                       # the stage really was off by pixels
+    errors = []
+    for seed in (4, 5, 6):
+        ts, result = _stitch(SyntheticParams(tile=512, rows=3, cols=3, overlap=0.09, dose=dose, seed=seed))
+        err = np.linalg.norm(ts.error(result.solution.positions), axis=1)
+        stage_err = np.linalg.norm(ts.error(ts.stage_px), axis=1)
+        assert stage_err.max() > 5                   # the stage really was off by pixels
+        assert err.max() <= 0.15, (seed, err)
+        errors.append(err)
+    err = np.concatenate(errors)
     assert np.sqrt((err**2).mean()) <= 0.05, err     # the stated targets (docs/stitching.md)
-    assert err.max() <= 0.15, err
     assert result.solution.status == ["ok"] * 9
 
 
@@ -52,7 +57,7 @@ def test_refinement_measures_a_known_subpixel_shift() -> None:
     shift = (0.37, -0.61)
     moved = ndimage.shift(img, (-shift[0], -shift[1]), order=5, mode="nearest")   # moved(p) = img(p + shift)
     got = refine_shift(img[20:120, 20:380], moved[20:120, 20:380], (0.0, 0.0))
-    assert got == pytest.approx(shift, abs=0.01)
+    assert got is not None and got.shift == pytest.approx(shift, abs=0.01)
 
 
 def test_scipy_formulation_of_the_gpu_primitives_matches_opencv() -> None:
@@ -65,6 +70,9 @@ def test_scipy_formulation_of_the_gpu_primitives_matches_opencv() -> None:
         a, b = CPU.sample_shifted(img, s), emulated.sample_shifted(img, s)
         assert np.abs(a - b)[8:-8, 8:-8].max() < 1e-4
     assert np.abs(CPU.blur(img, 1.0) - emulated.blur(img, 1.0))[8:-8, 8:-8].max() < 1e-3
+    for along in (0, 1):     # narrow strips are filtered along their length only
+        assert np.abs(CPU.blur(img, 1.0, along) - emulated.blur(img, 1.0, along))[8:-8, 8:-8].max() < 1e-3
+        assert np.abs(CPU.lowpass(img, 21, along) - emulated.lowpass(img, 21, along))[24:-24, 24:-24].max() < 1e-3
 
 
 def test_gpu_and_cpu_agree_within_a_hundredth_of_a_pixel() -> None:

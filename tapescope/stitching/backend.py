@@ -61,17 +61,28 @@ class Backend:
     def to_host(self, a: Any) -> np.ndarray:
         return a.get() if hasattr(a, "get") else np.asarray(a)
 
-    def blur(self, img: Any, sigma: float) -> Any:
+    def blur(self, img: Any, sigma: float, along: int | None = None) -> Any:
+        """Gaussian blur; `along` = 0 or 1 blurs along that axis only."""
         if self.ndimage is None:
-            return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
-        return self.ndimage.gaussian_filter(img, sigma, mode="reflect", truncate=4.0)
+            if along is None:
+                return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+            k = cv2.getGaussianKernel(2 * int(np.ceil(4 * sigma)) + 1, sigma, cv2.CV_32F)
+            one = np.ones(1, np.float32)
+            kx, ky = (one, k) if along == 0 else (k, one)
+            return cv2.sepFilter2D(img, -1, kx, ky, borderType=cv2.BORDER_REFLECT)
+        sig = sigma if along is None else tuple(sigma if a == along else 0.0 for a in (0, 1))
+        return self.ndimage.gaussian_filter(img, sig, mode="reflect", truncate=4.0)
 
-    def lowpass(self, img: Any, size: int) -> Any:
-        """Two passes of a size x size box filter (size odd): a cheap, wide, smooth low-pass."""
+    def lowpass(self, img: Any, size: int, along: int | None = None) -> Any:
+        """Two passes of a size x size box filter (size odd): a cheap, wide, smooth low-pass;
+        `along` = 0 or 1 filters along that axis only."""
+        box = (size, size) if along is None else ((1, size) if along == 0 else (size, 1))   # (w, h) for OpenCV
         if self.ndimage is None:
-            once = cv2.blur(img, (size, size), borderType=cv2.BORDER_REFLECT)
-            return cv2.blur(once, (size, size), borderType=cv2.BORDER_REFLECT)
-        return self.ndimage.uniform_filter(self.ndimage.uniform_filter(img, size, mode="reflect"), size, mode="reflect")
+            once = cv2.blur(img, box, borderType=cv2.BORDER_REFLECT)
+            return cv2.blur(once, box, borderType=cv2.BORDER_REFLECT)
+        sizes = (box[1], box[0])
+        return self.ndimage.uniform_filter(self.ndimage.uniform_filter(img, sizes, mode="reflect"), sizes,
+                                           mode="reflect")
 
     def sample_shifted(self, img: Any, shift: tuple[float, float],
                        linear: tuple[bool, bool] = (False, False)) -> Any:

@@ -120,7 +120,7 @@ def measure_patches(
         centre = np.array([(lo + hi - 1) / 2, (ca.shape[1] - 1) / 2]) if long_axis == 0 else \
             np.array([(ca.shape[0] - 1) / 2, (lo + hi - 1) / 2])
         qb = centre + np.array([sl[1][0].start, sl[1][1].start]) + origin_b
-        m = np.array(nd, float) + np.array(fine) + origin_a - origin_b
+        m = np.array(nd, float) + np.array(fine.shift) + origin_a - origin_b
         out.append(PatchOffset(i, j, qb, m))
     return out
 

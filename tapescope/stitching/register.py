@@ -27,9 +27,12 @@ HIGHPASS_BOX = 21    # px; the low-pass removed before refinement (two box passe
 COARSE_MIN_PX = 64   # overlaps at least this wide are correlated at half resolution first
 RECUT_PX = 3.0       # cut the overlap again only while the correlation still finds a shift over this
 MAX_REFINE_PX = 2.0  # a refinement that wanders further than this from the correlation peak failed
+LINEAR_REFINE_PX = 1.5  # the same, across a strip sampled linearly (see refine_shift's margins)
+MIN_OVERLAP_PX = 6   # narrower than this, two tiles are not compared (the refinement keeps 4 of 6 columns)
 MIN_REFINE_PX = 4    # rows (columns) of a strip left for the refinement after its margins, at least
 NARROW_PX = 32       # an overlap narrower than this is searched across (`_search_across`)
 NARROW_SEARCH_PX = 16  # how far across, each way: the stage error between neighbours, generously
+NARROW_FILTER = 2.0  # a strip narrower than this many low-pass widths is band-passed along its length only
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class PairShift:
     dx: float
     confidence: float  # normalised cross-correlation of the overlap after the shift, -1..1
     refused: str = ""  # why the shift is not to be used (confidence 0), for people
+    information: tuple[float, float, float] | None = None   # of (dy, dx), from the refinement (`Refined`)
 
 
 NOT_REFINED = "no convergence: the sub-pixel refinement did not converge (too little texture in the overlap?)"
@@ -137,7 +141,7 @@ def overlap_slices(shape: tuple[int, int], dy: int, dx: int) -> tuple[tuple[slic
     h, w = shape
     y0, y1 = max(0, dy), min(h, h + dy)
     x0, x1 = max(0, dx), min(w, w + dx)
-    if y1 - y0 < 8 or x1 - x0 < 8:
+    if y1 - y0 < MIN_OVERLAP_PX or x1 - x0 < MIN_OVERLAP_PX:
         return None
     return (slice(y0, y1), slice(x0, x1)), (slice(y0 - dy, y1 - dy), slice(x0 - dx, x1 - dx))
 
@@ -209,7 +213,7 @@ def register_pair(
             return PairShift(ndy, ndx, conf)
         fine = refine_shift(ca, cb, (dy - ndy, dx - ndx), backend=backend, prefiltered=True)
         if fine is not None:
-            return PairShift(ndy + fine[0], ndx + fine[1], conf)
+            return PairShift(ndy + fine.dy, ndx + fine.dx, conf, information=fine.information)
         # The refinement did not converge near this peak: correlate again from here.
     # No estimate was confirmed by the refinement: report it, with no weight in the solve.
     return PairShift(dy, dx, 0.0, NOT_REFINED)
@@ -258,15 +262,48 @@ def _bin(img: np.ndarray, factor: int, backend: Backend) -> Any:
 def band_pass(img: Any, backend: Backend = CPU) -> Any:
     """Gaussian (REFINE_BLUR) minus a wide box low-pass: shot noise and flat-field residuals
     (slow) both leave, structure stays. Used for the refinement and the confidence, which
-    should measure agreement of structure, not of a shared brightness gradient."""
+    should measure agreement of structure, not of a shared brightness gradient.
+
+    Across a strip narrower than the low-pass, both filters would reach past its edges,
+    where each crop is mirrored about its own cut: the mirrored part moves against the
+    content, pulling the measured shift toward the cut. There, both filter along it only."""
     f = backend.asarray(img)
-    return backend.blur(f, REFINE_BLUR) - backend.lowpass(f, HIGHPASS_BOX)
+    along = _along(f.shape)
+    band = backend.blur(f, REFINE_BLUR, along) - backend.lowpass(f, HIGHPASS_BOX, along)
+    if along is None:
+        return band
+    # Each line along the strip to the same contrast: a flat-field error scales the lines of
+    # a strip at a tile's edge unequally, and the gradient across the strip (from vignetting,
+    # steepest at the edges and opposite in the two tiles) would pull the shift across it.
+    rms = backend.xp.sqrt((band * band).mean(axis=along, keepdims=True))
+    return band / (rms + 1e-6 * float(rms.max()) + 1e-12)
+
+
+def _along(shape: tuple[int, ...]) -> int | None:
+    """The long axis of a strip narrower than the band-pass's low-pass (None: not a strip)."""
+    if min(shape) >= HIGHPASS_BOX * NARROW_FILTER:
+        return None
+    return 1 if shape[0] < shape[1] else 0
+
+
+@dataclass(frozen=True)
+class Refined:
+    dy: float
+    dx: float
+    # Fisher information of (dy, dx) as (yy, yx, xx): the summed outer products of the image
+    # gradient over the residual's variance. Its inverse is the shift's covariance for white
+    # noise; band-passed noise is not white, so only its ratios between pairs and axes count.
+    information: tuple[float, float, float]
+
+    @property
+    def shift(self) -> tuple[float, float]:
+        return self.dy, self.dx
 
 
 def refine_shift(
     a: Any, b: Any, start: tuple[float, float], sigma: float = REFINE_BLUR, iterations: int = 12,
     backend: Backend = CPU, prefiltered: bool = False,
-) -> tuple[float, float] | None:
+) -> Refined | None:
     """Sub-pixel s with b(p) ~= a(p + s), by Gauss-Newton on sum (a(p + s/2) - b(p - s/2))^2.
 
     Both crops are resampled half-way (windowed sinc, exact fraction), so interpolation
@@ -275,6 +312,8 @@ def refine_shift(
     correlation peak throws away the edges of a narrow strip. Inputs are band-passed
     here (Gaussian `sigma` minus a wide low-pass) unless `prefiltered`. None if it does
     not converge (no texture, or a start off by more than the smoothing can bridge).
+    The result carries the shift's information matrix: a narrow strip whose texture runs
+    across it says little about the shift across, and the global solve weighs it so.
     """
     xp = backend.xp
     a, b = backend.asarray(a), backend.asarray(b)
@@ -286,16 +325,22 @@ def refine_shift(
     # still take. Across a strip too narrow for the sinc's margins (a 3 % overlap is 8-15
     # px), that axis is sampled linearly (reach 1 px): both crops are shifted half-way, so
     # both are smoothed alike and the interpolation's phase error still cancels.
-    margins, linear = [], []
+    margins, linear, reach = [], [], []
     for axis, n in enumerate(a.shape):
         travel = int(np.ceil((abs(s[axis]) + MAX_REFINE_PX) / 2))
-        wide, narrow = SINC_TAPS + 2 + travel, 1 + travel
+        wide = SINC_TAPS + 2 + travel
+        # Linear sampling reaches one pixel while each crop moves less than one (|s| < 2):
+        # the walk across a narrow strip is held to LINEAR_REFINE_PX so that one pixel of
+        # margin is enough, and an 8 px strip keeps 6 of its columns.
+        narrow = int(np.ceil((abs(s[axis]) + LINEAR_REFINE_PX) / 2))
         if n - 2 * wide >= MIN_REFINE_PX:
             margins.append(wide)
             linear.append(False)
+            reach.append(MAX_REFINE_PX)
         elif n - 2 * narrow >= MIN_REFINE_PX:
             margins.append(narrow)
             linear.append(True)
+            reach.append(LINEAR_REFINE_PX)
         else:
             return None
     my, mx = margins
@@ -312,15 +357,17 @@ def refine_shift(
         mid = (pa + pb) / 2
         gy = xp.gradient(mid, axis=0)
         gx = xp.gradient(mid, axis=1)
-        sums = xp.stack([(gy * gy).sum(), (gy * gx).sum(), (gx * gx).sum(), (gy * r).sum(), (gx * r).sum()])
-        hyy, hyx, hxx, ry, rx = (float(v) for v in backend.to_host(sums))
+        sums = xp.stack([(gy * gy).sum(), (gy * gx).sum(), (gx * gx).sum(), (gy * r).sum(), (gx * r).sum(),
+                         (r * r).mean()])
+        hyy, hyx, hxx, ry, rx, var = (float(v) for v in backend.to_host(sums))
         det = hyy * hxx - hyx * hyx
         if not det > 1e-9 * max(hyy * hxx, 1e-30):
             return None
         step = np.array([hxx * ry - hyx * rx, hyy * rx - hyx * ry]) / det
         s = s + step
-        if np.abs(s - np.asarray(start)).max() > MAX_REFINE_PX:
+        if (np.abs(s - np.asarray(start)) > reach).any():
             return None
         if np.abs(step).max() < 2e-3:
             break
-    return float(s[0]), float(s[1])
+    var = max(var, 1e-12 * max(hyy, hxx) / max(int(np.prod(pa.shape)), 1))
+    return Refined(float(s[0]), float(s[1]), (hyy / var, hyx / var, hxx / var))

@@ -1,9 +1,14 @@
 """Global solve: tile positions from pairwise offsets by weighted sparse least squares.
 
-Each pair (i, j) says p_j - p_i = d_ij with weight w_ij (its confidence). A weak prior
+Each pair (i, j) says p_j - p_i = d_ij, weighted per axis by its confidence times its
+measured precision on that axis (`axis_weights`): a narrow strip pins the shift along it
+far better than across it, and a strip whose texture runs one way says little about the
+other. A weak prior
 p_i = stage_i keeps tiles with no trustworthy neighbour where the stage put them and
 fixes the free translation of the whole montage. Pairs whose residual is far above the
-rest are dropped and the solve repeated (iterative outlier rejection).
+rest are dropped and the solve repeated (iterative outlier rejection): in pixels, not
+against a pair's own precision, since a pair that converged on the wrong offset may still
+look precise there.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from tapescope.graph import closed_loops
 PRIOR_WEIGHT = 1e-3        # a stage prior is worth 1/1000 of a confident pair
 MIN_CONFIDENCE = 0.2       # pairs below this NCC are not used at all
 OUTLIER_PX = 2.0           # residual above which the worst pair is dropped and the rest re-solved
+MIN_PRECISION = 1e-3       # an axis's precision relative to the median pair's, at least
+MAX_PRECISION = 1e2        # and at most (a noise estimate from one strip is not gospel)
 SEAM_PX = 1.0              # a used pair still off by more than this after the solve is a flagged seam
 
 
@@ -30,6 +37,7 @@ class Pair:
     dx: float
     confidence: float
     refused: str = ""       # why registration gave no usable offset ("" if it did)
+    information: tuple[float, float, float] | None = None   # of (dy, dx) as (yy, yx, xx); None: isotropic
 
 
 @dataclass
@@ -54,6 +62,32 @@ class Solution:
         return np.flatnonzero(self.pair_used & (np.nan_to_num(self.pair_residual) > SEAM_PX))
 
 
+def axis_weights(pairs: list[Pair], used: np.ndarray) -> np.ndarray:
+    """(n_pairs, 2) weights of each pair's dy and dx equations: confidence times precision.
+
+    Precision is the inverse of the measured variance on that axis (from the pair's
+    information matrix), relative to the median of the used pairs', so a typical pair weighs
+    its confidence as before and the stage prior keeps its meaning; it is held within
+    [MIN_PRECISION, MAX_PRECISION] of the median. Pairs without information count 1.
+    """
+    precision = np.ones((len(pairs), 2))
+    has = np.array([p.information is not None for p in pairs], bool)
+    for k, p in enumerate(pairs):
+        if p.information is None:
+            continue
+        iyy, iyx, ixx = p.information
+        det = iyy * ixx - iyx * iyx
+        # Marginal variances of the inverse: (ixx, iyy) / det.
+        precision[k] = (det / ixx, det / iyy) if det > 0 and ixx > 0 and iyy > 0 else (0.0, 0.0)
+    ref = precision[has & used]
+    if len(ref):
+        scale = float(np.median(ref))
+        if scale > 0:
+            precision[has] = np.clip(precision[has] / scale, MIN_PRECISION, MAX_PRECISION)
+    conf = np.array([max(p.confidence, 0.0) for p in pairs])
+    return conf[:, None] * precision
+
+
 def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | None = None) -> Solution:
     n = len(stage_px)
     stage_px = np.asarray(stage_px, dtype=float)
@@ -61,10 +95,11 @@ def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | N
     reason = [p.refused or (f"low agreement: NCC {p.confidence:.2f} below {MIN_CONFIDENCE} (blank or too little "
                             "texture in the overlap)") if not u else "" for p, u in zip(pairs, used, strict=True)]
     positions = stage_px.copy()
+    weights = axis_weights(pairs, used)
     # Consistent pairs agree to well under a pixel, so an absolute bound is the right test;
     # one wrong pair spreads its error over its neighbours, so drop only the worst at a time.
     for _ in range(len(pairs) if max_rounds is None else max_rounds):
-        positions = _lsq(stage_px, pairs, used)
+        positions = _lsq(stage_px, pairs, used, weights)
         res = _residuals(positions, pairs)
         worst = int(np.argmax(np.where(used, res, -1))) if used.any() else -1
         if worst < 0 or res[worst] <= OUTLIER_PX:
@@ -72,7 +107,7 @@ def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | N
         used[worst] = False
         reason[worst] = f"outlier: disagrees with the other pairs by {res[worst]:.1f} px, left out"
     else:
-        positions = _lsq(stage_px, pairs, used)  # rounds ran out right after a drop
+        positions = _lsq(stage_px, pairs, used, weights)  # rounds ran out right after a drop
     res = _residuals(positions, pairs)
     tile_res = np.zeros(n)
     has_pair = np.zeros(n, dtype=bool)
@@ -89,39 +124,43 @@ def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | N
                     [(p.i, p.j) for p in pairs])
 
 
-def _lsq(stage_px: np.ndarray, pairs: list[Pair], used: np.ndarray) -> np.ndarray:
+def _lsq(stage_px: np.ndarray, pairs: list[Pair], used: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each axis on its own (the pairs weigh the axes differently): one small sparse solve each."""
     n = len(stage_px)
-    rows, cols, vals, rhs_y, rhs_x = [], [], [], [], []
-    r = 0
-    for k, p in enumerate(pairs):
-        if not used[k]:
-            continue
-        w = float(np.sqrt(p.confidence))
-        rows += [r, r]
-        cols += [p.j, p.i]
-        vals += [w, -w]
-        rhs_y.append(w * p.dy)
-        rhs_x.append(w * p.dx)
-        r += 1
-    for t in range(n):
-        rows.append(r)
-        cols.append(t)
-        vals.append(PRIOR_WEIGHT)
-        rhs_y.append(PRIOR_WEIGHT * stage_px[t, 0])
-        rhs_x.append(PRIOR_WEIGHT * stage_px[t, 1])
-        r += 1
-    a = coo_matrix((vals, (rows, cols)), shape=(r, n)).tocsr()
-    # Normal equations: A^T A is positive definite thanks to the prior, and sparse
-    # (a tile has at most four neighbours), so a direct solve is exact and fast.
-    ata = (a.T @ a).tocsc()
-    b = np.column_stack([rhs_y, rhs_x])
-    return np.asarray(spsolve(ata, a.T @ b)).reshape(n, 2)
+    out = np.empty((n, 2))
+    for axis in (0, 1):
+        rows, cols, vals, rhs = [], [], [], []
+        r = 0
+        for k, p in enumerate(pairs):
+            if not used[k]:
+                continue
+            w = float(np.sqrt(weights[k, axis]))
+            rows += [r, r]
+            cols += [p.j, p.i]
+            vals += [w, -w]
+            rhs.append(w * (p.dy, p.dx)[axis])
+            r += 1
+        for t in range(n):
+            rows.append(r)
+            cols.append(t)
+            vals.append(PRIOR_WEIGHT)
+            rhs.append(PRIOR_WEIGHT * stage_px[t, axis])
+            r += 1
+        a = coo_matrix((vals, (rows, cols)), shape=(r, n)).tocsr()
+        # Normal equations: A^T A is positive definite thanks to the prior, and sparse
+        # (a tile has at most four neighbours), so a direct solve is exact and fast.
+        out[:, axis] = np.asarray(spsolve((a.T @ a).tocsc(), a.T @ np.asarray(rhs))).reshape(n)
+    return out
+
+
+def _residual_vectors(positions: np.ndarray, pairs: list[Pair]) -> np.ndarray:
+    i = np.array([p.i for p in pairs])
+    j = np.array([p.j for p in pairs])
+    d = np.array([[p.dy, p.dx] for p in pairs])
+    return positions[j] - positions[i] - d
 
 
 def _residuals(positions: np.ndarray, pairs: list[Pair]) -> np.ndarray:
     if not pairs:
         return np.zeros(0)
-    i = np.array([p.i for p in pairs])
-    j = np.array([p.j for p in pairs])
-    d = np.array([[p.dy, p.dx] for p in pairs])
-    return np.linalg.norm(positions[j] - positions[i] - d, axis=1)
+    return np.linalg.norm(_residual_vectors(positions, pairs), axis=1)

@@ -23,7 +23,7 @@ import numpy as np
 from .backend import CPU, Backend
 from .flatfield import apply_flatfield
 from .lens import LensFit, PatchOffset, RadialDistortion, fit_lens, measure_patches, pair_correction
-from .register import register_pair
+from .register import MIN_OVERLAP_PX, register_pair
 from .solve import MIN_CONFIDENCE, Pair, Solution, solve_positions
 
 Key = tuple[int, int]
@@ -179,8 +179,9 @@ class StreamingStitcher:
         if shift is None:
             d = b.position - a.position
             return Pair(a.index, b.index, float(d[0]), float(d[1]), 0.0,
-                        "no overlap: the tiles do not overlap (8 px at least) at their stage positions")
-        return Pair(a.index, b.index, shift.dy + origin[0], shift.dx + origin[1], shift.confidence, shift.refused)
+                        f"no overlap: the tiles do not overlap ({MIN_OVERLAP_PX} px at least) at their stage positions")
+        return Pair(a.index, b.index, shift.dy + origin[0], shift.dx + origin[1], shift.confidence, shift.refused,
+                    shift.information)
 
 
 def corrected_pairs(pairs: list[Pair], patches: list[PatchOffset], model: RadialDistortion,
@@ -199,5 +200,5 @@ def corrected_pairs(pairs: list[Pair], patches: list[PatchOffset], model: Radial
             d = np.mean(est, axis=0)
         else:
             d = np.array([p.dy, p.dx]) - pair_correction(model, shape, np.array([p.dy, p.dx]))
-        out.append(Pair(p.i, p.j, float(d[0]), float(d[1]), p.confidence, p.refused))
+        out.append(Pair(p.i, p.j, float(d[0]), float(d[1]), p.confidence, p.refused, p.information))
     return out

@@ -5,6 +5,9 @@ at true positions that differ from the nominal (stage) ones by a random stage er
 passed through a camera model: lens distortion, vignetting and dust (gain), shot noise at
 a given dose, read noise and a dark offset. Blank tiles see bare resin: the specimen under
 them is replaced by a uniform field, as over a torn corner or a hole in the section.
+`texture="fluorescence"` images stained nuclei instead (`nuclei_field`): bright, sparse,
+smooth blobs on a dark background, the other texture a stitcher meets (light microscopy
+of the same sections, ashlar's home ground).
 
 Tiles are resampled with a cubic spline at exact sub-pixel coordinates: OpenCV's warps
 quantise the fractional position to 1/32 px and linear interpolation has a phase error that
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 from scipy.ndimage import map_coordinates, spline_filter
 
@@ -42,6 +46,7 @@ class SyntheticParams:
     blank: tuple[tuple[int, int], ...] = ()   # (row, col) of tiles over bare resin
     distortion: RadialDistortion = field(default_factory=RadialDistortion)
     seed: int = 1
+    texture: str = "em"                # "em": the neuropil specimen; "fluorescence": `nuclei_field`
     # A stack of sections: give every set of the stack the same `sections` and `room_px` (the
     # specimen is drawn from them) and each its own `section` and `shift_px` (|shift| <= room).
     sections: int = 1                  # sections the specimen holds
@@ -81,6 +86,32 @@ def camera_gain(shape: tuple[int, int], vignetting: float, dust: int, rng: np.ra
     return (gain / gain.mean()).astype(np.float32)
 
 
+NUCLEUS_PX = (5.0, 11.0)   # semi-axes of a nucleus: DAPI at ~0.65 um/px
+NUCLEI_COVER = 0.45        # fraction of the field under a nucleus, before overlaps
+BACKGROUND = 0.04          # autofluorescence, relative to the brightest nucleus
+
+
+def nuclei_field(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Stained nuclei as a widefield fluorescence camera sees them (0..1): ellipses of
+    random size, brightness and orientation with a chromatin speckle, blurred by the
+    optics, on a dim background. Unlike EM, most of the signal is low-frequency and
+    the background between nuclei carries almost no structure."""
+    h, w = shape
+    lo, hi = NUCLEUS_PX
+    n = max(1, int(NUCLEI_COVER * h * w / (np.pi * ((lo + hi) / 2) ** 2)))
+    img = np.zeros((h, w), np.float32)
+    for _ in range(n):
+        centre = (int(rng.uniform(0, w) * 16), int(rng.uniform(0, h) * 16))     # 4 fractional bits
+        axes = (int(rng.uniform(lo, hi) * 16), int(rng.uniform(lo, hi) * 16))
+        layer = np.zeros_like(img)
+        cv2.ellipse(layer, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA, shift=4)
+        np.maximum(img, layer * float(rng.uniform(0.3, 1.0)), out=img)
+    speckle = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 1.2)
+    img *= 1 + 0.6 * speckle / max(float(speckle.std()), 1e-6)
+    img = cv2.GaussianBlur(np.clip(img, 0, None), (0, 0), 1.3)      # the objective's blur
+    return np.clip(BACKGROUND + img, 0, 1)
+
+
 def make_tileset(p: SyntheticParams) -> TileSet:
     rng = np.random.default_rng(p.seed)
     step = round(p.tile * (1 - p.overlap))
@@ -89,15 +120,20 @@ def make_tileset(p: SyntheticParams) -> TileSet:
     margin = int(4 * p.stage_error_px) + 16 + p.room_px
     h = (p.rows - 1) * step + p.tile + 2 * margin
     w = (p.cols - 1) * step + p.tile + 2 * margin
-    spec = Specimen(SpecimenParams(height_px=h, width_px=w, n_sections=p.sections, seed=p.seed))
-    image = spec.section(p.section).astype(np.float64)
+    if p.texture == "em":
+        spec = Specimen(SpecimenParams(height_px=h, width_px=w, n_sections=p.sections, seed=p.seed))
+        image = spec.section(p.section).astype(np.float64)
+    elif p.texture == "fluorescence":
+        image = nuclei_field((h, w), np.random.default_rng(p.seed + 2)).astype(np.float64)
+    else:
+        raise ValueError(f"texture must be 'em' or 'fluorescence', not {p.texture!r}")
     grid = [(r, c) for r in range(p.rows) for c in range(p.cols)]
     stage = np.array([[margin + r * step, margin + c * step] for r, c in grid], float)
     truth = stage + rng.normal(0, p.stage_error_px / np.sqrt(2), stage.shape) + np.asarray(p.shift_px, float)
     blank = np.array([rc in set(p.blank) for rc in grid])
     for k in np.flatnonzero(blank):
         y, x = np.floor(truth[k]).astype(int)
-        image[y:y + p.tile + 1, x:x + p.tile + 1] = RESIN
+        image[y:y + p.tile + 1, x:x + p.tile + 1] = RESIN if p.texture == "em" else BACKGROUND
     coeffs = spline_filter(image, order=3)
     gain = camera_gain((p.tile, p.tile), p.vignetting, p.dust, rng)
     dy, dx = p.distortion.displacement((p.tile, p.tile))
