@@ -37,9 +37,15 @@ def run_ashlar(root: Path, filter_sigma: float = 0.0) -> tuple[np.ndarray, float
     from ashlar.filepattern import FilePatternReader
 
     rows, tiles, grid, nominal = _read(root)
-    # FilePatternReader places tiles on a regular grid: the step is the nominal one.
-    step = float(nominal[1, 1] - nominal[0, 1]) if grid[1, 1] == 1 else float(nominal[1, 0] - nominal[0, 0])
-    overlap = 1 - step / tiles[0].shape[1]
+    # FilePatternReader places tiles on a regular grid, (row, col) * size * (1 - overlap):
+    # one overlap per axis (an array broadcasts there), from the nominal steps.
+    steps = []
+    for axis in (0, 1):
+        other = grid[:, 1 - axis]
+        sel = other == other.min()
+        idx, pos = grid[sel, axis], nominal[sel, axis]
+        steps.append(float(np.polyfit(idx, pos, 1)[0]) if len(set(idx)) > 1 else float(tiles[0].shape[axis]))
+    overlap = 1 - np.array(steps) / np.array(tiles[0].shape[:2], float)
     links = root / "ashlar"
     links.mkdir(exist_ok=True)
     for r, (gr, gc) in zip(rows, grid, strict=True):

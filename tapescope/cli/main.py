@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -10,16 +9,21 @@ import signal
 import time
 import webbrowser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed, TileAcquired
 from tapescope.allocator import keep_large_blocks
 from tapescope.cli.stitch import stitch as stitch_command
-from tapescope.config import ConfigError, TapescopeConfig, load_config
+
+if TYPE_CHECKING:
+    from tapescope.config import TapescopeConfig
+
+# Each command imports what it needs when it runs: `tapescope stitch` must not pay for the
+# configuration models, asyncio or the engine's events (start-up is part of its speed).
 
 app = typer.Typer(help="tapescope: serial-section TEM on tape, from tape to zarr.",
                   no_args_is_help=True, add_completion=False)
@@ -64,6 +68,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _load(path: Path | None) -> TapescopeConfig:
+    from tapescope.config import ConfigError, TapescopeConfig, load_config
+
     if path is None:
         return TapescopeConfig()
     try:
@@ -101,6 +107,9 @@ def demo(
                                    help="replace OUT/run and OUT/volume.zarr of an earlier demo"),
 ) -> None:
     """Image a few sections of a simulated tape and write a stitched, aligned volume."""
+    import asyncio
+
+    from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcessed, TileAcquired
     from tapescope.runner import acquire_and_process
 
     if grid[0] < 1 or grid[1] < 1 or grid[0] * grid[1] > 400:
@@ -220,6 +229,7 @@ def sim_serve(
     camera_port: int = typer.Option(0, "--camera-port", min=0, max=65535, help="camera TCP port (0: any free)"),
 ) -> None:
     """Serve the simulated stage, tape, column and camera; print their ports as config tables."""
+    import asyncio
     import dataclasses
 
     from tapescope.runner import sim_world_params
@@ -272,6 +282,8 @@ def view(
     browser: bool = typer.Option(True, "--browser/--no-browser", help="open the browser where there is a display"),
 ) -> None:
     """Look at a volume: serve it to Neuroglancer (its own client, no internet) or open napari."""
+    import asyncio
+
     from tapescope.view.state import ViewError
 
     if napari:

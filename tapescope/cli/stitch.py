@@ -6,13 +6,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
-
-from tapescope.stitching.backend import BackendUnavailable, get_backend
-from tapescope.stitching.solve import SEAM_PX
-from tapescope.stitching.tileset import TileSetError, run_stitch, tile_status
 
 EXIT_STAGE_PLACED = 3    # positions written, but tiles with tissue were placed by the stage alone
 
@@ -32,6 +27,13 @@ def stitch(
 ) -> None:
     """Stitch a tile set from any scope: register every neighbouring pair and solve tile positions
     (exit codes: 0 ok, 3 tiles with tissue placed by the stage alone, 2 bad input)."""
+    # Imported here, not at the top: `tapescope --version` and the other commands do not pay for them.
+    import numpy as np
+
+    from tapescope.stitching.backend import BackendUnavailable, get_backend
+    from tapescope.stitching.solve import SEAM_PX
+    from tapescope.stitching.tileset import TileSetError, run_stitch, tile_status
+
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
 
@@ -81,6 +83,10 @@ def stitch(
                       "after the solve cannot be measured (it is 0 by construction); what can be said: the pairs' "
                       f"own agreement (band-passed NCC) median {np.median(confidence):.2f}, lowest "
                       f"{confidence.min():.2f}", highlight=False)
+    changing = sum(1 for p, u in zip(run.result.pairs, sol.pair_used, strict=True) if u and p.note)
+    if changing:
+        console.print(f"{changing} pair(s) whose offset changes along their overlap (tiles rotated or scaled "
+                      "against each other): used at the overlap's middle; see pairs.csv", highlight=False)
     fit = run.result.lens
     if fit is not None:
         console.print(f"lens: k1 {fit.model.k1:.3e} from {fit.n_patches} patches, patch residual RMS "

@@ -12,7 +12,6 @@ so a tile's position is still the position of its centre pixel minus the centre 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from scipy.sparse import coo_matrix, hstack
 from scipy.sparse.linalg import lsqr
 
 from .backend import CPU
-from .register import band_pass, overlap_slices, refine_shift
+from .register import band_pass, overlap_slices, refine_pieces
 
 
 @dataclass(frozen=True)
@@ -109,14 +108,9 @@ def measure_patches(
     long_axis = int(np.argmax(ca.shape))
     # Patches at least as long as the overlap is wide: shorter ones hold too little texture.
     n = max(2, min(n, ca.shape[long_axis] // max(ca.shape[1 - long_axis], 1)))
-    edges = np.linspace(0, ca.shape[long_axis], n + 1).round().astype(int)
     start = (offset[0] - nd[0], offset[1] - nd[1])
     out = []
-    for lo, hi in itertools.pairwise(edges):
-        cut = (slice(lo, hi), slice(None)) if long_axis == 0 else (slice(None), slice(lo, hi))
-        fine = refine_shift(ca[cut], cb[cut], start, backend=backend, prefiltered=True)
-        if fine is None:
-            continue
+    for lo, hi, fine in refine_pieces(ca, cb, n, start, backend=backend):
         centre = np.array([(lo + hi - 1) / 2, (ca.shape[1] - 1) / 2]) if long_axis == 0 else \
             np.array([(ca.shape[0] - 1) / 2, (lo + hi - 1) / 2])
         qb = centre + np.array([sl[1][0].start, sl[1][1].start]) + origin_b

@@ -8,13 +8,13 @@ All array work runs on a Backend (NumPy/OpenCV or CuPy).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import numpy as np
 from scipy import fft as scipy_fft
-from scipy.signal.windows import tukey
 
 from .backend import CPU, SINC_TAPS, Backend
 
@@ -32,6 +32,8 @@ MIN_OVERLAP_PX = 6   # narrower than this, two tiles are not compared (the refin
 MIN_REFINE_PX = 4    # rows (columns) of a strip left for the refinement after its margins, at least
 NARROW_PX = 32       # an overlap narrower than this is searched across (`_search_across`)
 NARROW_SEARCH_PX = 16  # how far across, each way: the stage error between neighbours, generously
+PIECES = 8          # an overlap that no single shift fits is measured in this many pieces along it
+MIN_PIECE_PX = 64   # each at least this long (and as long as the strip is wide)
 NARROW_FILTER = 2.0  # a strip narrower than this many low-pass widths is band-passed along its length only
 
 
@@ -42,6 +44,7 @@ class PairShift:
     confidence: float  # normalised cross-correlation of the overlap after the shift, -1..1
     refused: str = ""  # why the shift is not to be used (confidence 0), for people
     information: tuple[float, float, float] | None = None   # of (dy, dx), from the refinement (`Refined`)
+    note: str = ""     # something a person should know about a shift that is used
 
 
 NOT_REFINED = "no convergence: the sub-pixel refinement did not converge (too little texture in the overlap?)"
@@ -59,6 +62,20 @@ def chance_agreement(shape: tuple[int, ...]) -> float:
     """The NCC that unrelated texture can reach on an overlap of this shape."""
     n = max(float(np.prod(shape)) / CORRELATION_AREA_PX, 1.0)
     return CHANCE_SIGMAS / float(np.sqrt(n))
+
+
+def tukey(n: int, alpha: float) -> np.ndarray:
+    """The Tukey (tapered cosine) window, as scipy.signal.windows.tukey(n, alpha): written
+    here because importing scipy.signal costs the command line 0.7 s of start-up."""
+    if n < 2 or alpha <= 0:
+        return np.ones(n)
+    alpha = min(alpha, 1.0)
+    x = np.linspace(0.0, 1.0, n)
+    w = np.ones(n)
+    left, right = x < alpha / 2, x > 1 - alpha / 2
+    w[left] = 0.5 * (1 + np.cos(np.pi * (2 * x[left] / alpha - 1)))
+    w[right] = 0.5 * (1 + np.cos(np.pi * (2 * x[right] / alpha - 2 / alpha + 1)))
+    return w
 
 
 @cache
@@ -184,6 +201,7 @@ def register_pair(
     sl = overlap_slices(a.shape, round(dy), round(dx))
     big = subpixel and sl is not None and min(a[sl[0]].shape) >= COARSE_MIN_PX
     bins = [2] * max(1, iterations - 1) + [1] * iterations if big else [1] * iterations
+    confirmed = None
     for k, binning in enumerate(bins):
         ndy, ndx = round(dy), round(dx)
         sl = overlap_slices(a.shape, ndy, ndx)
@@ -214,9 +232,74 @@ def register_pair(
         fine = refine_shift(ca, cb, (dy - ndy, dx - ndx), backend=backend, prefiltered=True)
         if fine is not None:
             return PairShift(ndy + fine.dy, ndx + fine.dx, conf, information=fine.information)
+        confirmed = (ndy, ndx, ca, cb, conf)
         # The refinement did not converge near this peak: correlate again from here.
+    if confirmed is not None:
+        # The peak stands above chance, yet no single shift fits the whole overlap: the
+        # offset may change along it (tiles of a camera array, rotated or scaled against
+        # each other). Measured piece by piece, it is used at the overlap's middle.
+        ndy, ndx, ca, cb, conf = confirmed
+        piecewise = _piecewise(ca, cb, backend)
+        if piecewise is not None:
+            fine, change, agreement = piecewise
+            return PairShift(ndy + fine.dy, ndx + fine.dx, agreement, information=fine.information,
+                             note=f"offset changes by {change:.1f} px along the overlap (tiles rotated or scaled "
+                                  "against each other?): measured in pieces, used at its middle")
     # No estimate was confirmed by the refinement: report it, with no weight in the solve.
     return PairShift(dy, dx, 0.0, NOT_REFINED)
+
+
+def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] = (0.0, 0.0), *,
+                  own_peak: bool = False, backend: Backend = CPU) -> list[tuple[int, int, Refined]]:
+    """Band-passed overlap crops cut into `pieces` equal pieces along their long axis, each
+    refined from `start` (or, `own_peak`, from its own integer correlation peak). Returns
+    (first, end, shift) along that axis for each piece that converged."""
+    along = int(np.argmax(ca.shape))
+    edges = np.linspace(0, ca.shape[along], pieces + 1).round().astype(int)
+    out = []
+    for lo, hi in itertools.pairwise(edges):
+        cut = (slice(None), slice(lo, hi)) if along == 1 else (slice(lo, hi), slice(None))
+        pa, pb = ca[cut], cb[cut]
+        at = start
+        if own_peak:
+            sy, sx, _ = phase_correlate(pa, pb, upsample=1, backend=backend)
+            at = (sy, sx)
+        fine = refine_shift(pa, pb, at, backend=backend, prefiltered=True)
+        if fine is not None:
+            out.append((int(lo), int(hi), fine))
+    return out
+
+
+def _piecewise(ca: Any, cb: Any, backend: Backend) -> tuple[Refined, float, float] | None:
+    """The offset of band-passed overlap crops measured in up to PIECES pieces along the
+    strip (`refine_pieces`, each from its own peak), fitted by a straight line along it.
+    Returns the line's value at the middle, with the pieces' summed information; how much
+    the offset changes from one end to the other; and the pieces' mean agreement (NCC, each
+    at its own shift). None with fewer than 3 pieces measured."""
+    along = int(np.argmax(ca.shape))
+    n = ca.shape[along]
+    measured = refine_pieces(ca, cb, min(PIECES, n // max(MIN_PIECE_PX, ca.shape[1 - along])), own_peak=True,
+                             backend=backend)
+    if len(measured) < 3:
+        return None
+    where, shifts, agree, info = [], [], [], np.zeros(3)
+    for lo, hi, fine in measured:
+        cut = (slice(None), slice(lo, hi)) if along == 1 else (slice(lo, hi), slice(None))
+        at = overlap_slices(ca[cut].shape, round(fine.dy), round(fine.dx))
+        if at is None:
+            continue
+        agree.append(ncc(backend.to_host(ca[cut][at[0]]), backend.to_host(cb[cut][at[1]])))
+        where.append((lo + hi - 1) / 2 - (n - 1) / 2)
+        shifts.append(fine.shift)
+        info += fine.information
+    if len(where) < 3:
+        return None
+    t = np.asarray(where)
+    design = np.column_stack([np.ones_like(t), t])
+    coef, *_ = np.linalg.lstsq(design, np.asarray(shifts), rcond=None)   # (2, 2): [offset; slope] per axis
+    change = float(np.hypot(*coef[1]) * n)
+    return (Refined(float(coef[0, 0]), float(coef[0, 1]), (float(info[0]), float(info[1]), float(info[2]))), change,
+            float(np.mean(agree)))
 
 
 def _search_across(a: np.ndarray, b: np.ndarray, nominal: tuple[float, float], backend: Backend,

@@ -38,6 +38,7 @@ class Pair:
     confidence: float
     refused: str = ""       # why registration gave no usable offset ("" if it did)
     information: tuple[float, float, float] | None = None   # of (dy, dx) as (yy, yx, xx); None: isotropic
+    note: str = ""          # what a person should know about a used pair (e.g. its offset changes along it)
 
 
 @dataclass

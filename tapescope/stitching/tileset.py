@@ -28,6 +28,7 @@ from tapescope.errors import TapescopeError
 
 from .backend import Backend
 from .flatfield import estimate_flatfield, flatfield_from_references
+from .section import strip_width
 from .solve import SEAM_PX
 from .stream import StitchResult, StreamingStitcher
 
@@ -202,7 +203,9 @@ def run_stitch(
         except ValueError as exc:
             raise TileSetError(f"{flatfield}: {exc}") from None
         used = f"reference {flatfield}"
-    stitcher = StreamingStitcher(gain=gain, dark=dark_img, backend=backend)
+    # Only the edge strips are flat-fielded and kept: registration reads nothing else.
+    stitcher = StreamingStitcher(gain=gain, dark=dark_img, backend=backend,
+                                 strip_px=strip_width(shape, ts.nominal, ts.grid))
     for name, rc, pos, tile in zip(ts.files, ts.grid, ts.nominal, tiles, strict=True):
         del name
         stitcher.add(rc, tile, pos)
@@ -247,7 +250,7 @@ def write_outputs(out_dir: Path, ts: DiskTileSet, result: StitchResult) -> None:
     ]
     pairs = [PAIRS_HEADER] + [
         [ts.files[p.i], ts.files[p.j], f"{p.dy:.4f}", f"{p.dx:.4f}", f"{p.confidence:.4f}", int(u),
-         "" if not u else f"{r:.4f}", int(bool(u) and r > SEAM_PX), why]
+         "" if not u else f"{r:.4f}", int(bool(u) and r > SEAM_PX), why or p.note]
         for p, u, r, why in zip(result.pairs, sol.pair_used, sol.pair_residual, sol.pair_reason, strict=True)
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
