@@ -70,6 +70,8 @@ def test_scipy_formulation_of_the_gpu_primitives_matches_opencv() -> None:
         a, b = CPU.sample_shifted(img, s), emulated.sample_shifted(img, s)
         assert np.abs(a - b)[8:-8, 8:-8].max() < 1e-4
     assert np.abs(CPU.blur(img, 1.0) - emulated.blur(img, 1.0))[8:-8, 8:-8].max() < 1e-3
+    odd = rng.normal(size=(93, 257)).astype(np.float32)
+    assert np.abs(CPU.bin(odd, 2) - emulated.bin(odd, 2)).max() < 1e-5 and CPU.bin(odd, 2).shape == (46, 128)
     for along in (0, 1):     # narrow strips are filtered along their length only
         assert np.abs(CPU.blur(img, 1.0, along) - emulated.blur(img, 1.0, along))[8:-8, 8:-8].max() < 1e-3
         assert np.abs(CPU.lowpass(img, 21, along) - emulated.lowpass(img, 21, along))[24:-24, 24:-24].max() < 1e-3

@@ -209,7 +209,7 @@ def register_pair(
             return PairShift(dy, dx, 0.0, LOST)
         sa, sb = sl
         # b(p) ~= a(p + s) within the crops, so b sits s further from a than the cut.
-        sy, sx, _ = phase_correlate(_bin(a[sa], binning, backend), _bin(b[sb], binning, backend),
+        sy, sx, _ = phase_correlate(backend.bin(a[sa], binning), backend.bin(b[sb], binning),
                                     upsample=1, backend=backend)
         dy, dx = ndy + sy * binning, ndx + sx * binning
         # A small shift is not biased by a whole pixel: no need to cut again before refining.
@@ -331,15 +331,6 @@ def _search_across(a: np.ndarray, b: np.ndarray, nominal: tuple[float, float], b
         if score > best_ncc:
             best, best_ncc = (float(cand[0]), float(cand[1])), score
     return best
-
-
-def _bin(img: np.ndarray, factor: int, backend: Backend) -> Any:
-    """Mean of factor x factor blocks (edges that do not fill a block are dropped)."""
-    f = backend.asarray(img)
-    if factor == 1:
-        return f
-    h, w = (n // factor * factor for n in f.shape)
-    return f[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
 def band_pass(img: Any, backend: Backend = CPU) -> Any:
