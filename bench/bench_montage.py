@@ -159,6 +159,11 @@ def throughput(tile: int, grid: int, repeats: int) -> None:
         r, rc = med[threads]
         print(f"  threads {threads}: render + write             {r:7.1f} Mpx/s   {r / disk:6.1%} of disk   "
               f"CPU {rc:5.1f} ms/Mpx   (target >= 50 % of disk)")
+    # Per repeat, the render's CPU against the write's measured beside it (the machine's load
+    # moves both); the median of those ratios.
+    ratios = [r[1] / max(w_[1], 1e-9) for r, w_ in zip(rows["1"], rows["write"], strict=True)]
+    print(f"  render + write CPU / write alone CPU     {np.median(ratios):7.2f} x   (one thread, per repeat "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}; target <= 1.5 x)")
     need = 0.5 * disk * med["2"][1] / 1e3
     print(f"  50 % of this disk at this CPU cost needs about {need:.0f} cores like these "
           f"(write units are independent); the write alone needs {0.5 * disk * wc / 1e3:.0f}   (medians of {repeats})")

@@ -76,6 +76,20 @@ class _Setup:
     reach: float                        # how far the field moves a pixel at most, in source pixels
     warp: Warp
 
+    @property
+    def affine(self) -> bool:
+        """Output to tile pixels is an affine (no field, no lens): the warp makes no maps."""
+        return self.lens is None and self.transform.field is None
+
+    def region_matrix(self, i: int, ry: int, rx: int, cy0: int, cx0: int) -> np.ndarray:
+        """2 x 3 affine from (x, y) of an output region at (ry, rx) to tile i's crop at (cy0, cx0)."""
+        m = np.asarray(self.transform.matrix, np.float64)
+        py, px = self.positions[i]
+        out = m.copy()
+        out[0, 2] = m[0, 0] * rx + m[0, 1] * ry + m[0, 2] - px - cx0
+        out[1, 2] = m[1, 0] * rx + m[1, 1] * ry + m[1, 2] - py - cy0
+        return out
+
     @classmethod
     def of(cls, tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
            ramp: int | None, lens: RadialDistortion | None, warp: Warp | None = None) -> _Setup:
@@ -224,6 +238,9 @@ def _one_tile(s: _Setup, i: int, region: tuple[int, int, int, int], dst: np.ndar
     ry, rx, rh, rw = region
     cy0, cy1, cx0, cx1 = s.crop_box(s.source_box(ry, rx, rh, rw), i)
     crop = np.asarray(s.tiles[i][cy0:cy1, cx0:cx1], np.float32)
+    if s.affine:
+        s.warp.draw_affine(crop, s.region_matrix(i, ry, rx, cy0, cx0), dst)
+        return
     mx, my = s.tile_maps(*s.transform.block_maps(ry, rx, rh, rw), i, cy0, cx0)
     s.warp.draw(crop, mx, my, dst)
 
@@ -233,7 +250,7 @@ def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray) -> tu
     `near`: the tiles that can reach it."""
     y0, x0, h, w = region
     th, tw = s.shape
-    mx, my = s.transform.block_maps(y0, x0, h, w)
+    mx, my = (None, None) if s.affine else s.transform.block_maps(y0, x0, h, w)
     box = s.source_box(y0, x0, h, w)
     acc = s.warp.zeros((h, w))
     wsum = s.warp.zeros((h, w))
@@ -263,15 +280,19 @@ def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray) -> tu
         wx = _ramp(np.arange(cx0, cx1, dtype=np.float32), tw, s.ramp)
         wt = np.outer(wy, wx)
         crop = np.multiply(s.tiles[i][cy0:cy1, cx0:cx1], wt, dtype=np.float32)
+        at = (slice(by0, by1), slice(bx0, bx1))
+        if mx is None or my is None:
+            s.warp.add_pulled_affine(acc, wsum, at, crop, wt, s.region_matrix(i, y0 + by0, x0 + bx0, cy0, cx0))
+            continue
         tx, ty = s.tile_maps(mx[by0:by1, bx0:bx1].copy(), my[by0:by1, bx0:bx1].copy(), i, cy0, cx0)
-        s.warp.add_pulled(acc, wsum, (slice(by0, by1), slice(bx0, bx1)), crop, wt, tx, ty)
+        s.warp.add_pulled(acc, wsum, at, crop, wt, tx, ty)
     return s.warp.normalised(acc, wsum)
 
 
 def render_block(
     tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
     block: tuple[int, int, int, int], ramp: int | None = None, lens: RadialDistortion | None = None,
-    warp: Warp | None = None,
+    warp: Warp | None = None, out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render the output block (y0, x0, h, w) of a section, feathered: (image, coverage).
 
@@ -282,7 +303,9 @@ def render_block(
     the camera's distortion, is taken out of every tile on the way (none: tiles as taken).
     Where one tile alone lands at full weight, coverage is 1 and its pixels are drawn
     directly; elsewhere tiles are blended and coverage is their summed feather weight.
-    `warp` does the per-pixel work (warp.py: OpenCV by default, CuPy on a GPU).
+    `warp` does the per-pixel work (warp.py: OpenCV by default, CuPy on a GPU). `out`:
+    float32 (image, coverage) arrays of the block's shape to draw into (views of a larger
+    image: no copy), returned.
     """
     s = _Setup.of(tiles, positions, transform, ramp, lens, warp)
     y0, x0, h, w = block
@@ -291,8 +314,7 @@ def render_block(
     c = CELL_PX
     cy0, cx0 = y0 // c * c, x0 // c * c
     near = s.near(s.source_box(cy0, cx0, -(-(y0 + h - cy0) // c) * c, -(-(x0 + w - cx0) // c) * c))
-    image = np.empty((h, w), np.float32)
-    cover = np.empty((h, w), np.float32)
+    image, cover = out if out is not None else (np.empty((h, w), np.float32), np.empty((h, w), np.float32))
     for region, who in _regions(block, *_sorted_cells(s, block, near)):
         ry, rx, rh, rw = region
         at = (slice(ry - y0, ry - y0 + rh), slice(rx - x0, rx - x0 + rw))

@@ -53,15 +53,15 @@ def render_section(
     def one(unit: tuple[int, int, int, int]) -> tuple[int, int]:
         uy, ux, uh, uw = unit
         img = np.empty((uh, uw), np.float32)
-        covered = 0
-        # Rendered one level-0 shard at a time (the unit of the tile crops), assembled into
+        cover = np.empty((uh, uw), np.float32)
+        # Rendered one level-0 shard at a time (the unit of the tile crops), straight into
         # the unit, written with its level-1 shard from memory.
         for y in range(uy, uy + uh, shard[0]):
             for x in range(ux, ux + uw, shard[1]):
                 h, w = min(shard[0], uy + uh - y), min(shard[1], ux + uw - x)
-                part, cover = render_block(tiles, positions, transform, (y, x, h, w), ramp, lens, warp)
-                img[y - uy:y - uy + h, x - ux:x - ux + w] = part
-                covered += int((cover > 1e-6).sum())
+                at = (slice(y - uy, y - uy + h), slice(x - ux, x - ux + w))
+                render_block(tiles, positions, transform, (y, x, h, w), ramp, lens, warp, out=(img[at], cover[at]))
+        covered = int(np.count_nonzero(cover > 1e-6))
         volume.write_unit(z, unit, img)
         return img.size, covered
 

@@ -40,6 +40,22 @@ class Warp(Protocol):
     def normalised(self, acc: Any, wsum: Any) -> tuple[np.ndarray, np.ndarray]:
         """(acc / wsum, 0 where wsum is ~0; wsum), on the host."""
 
+    def draw_affine(self, crop: np.ndarray, m: np.ndarray, dst: np.ndarray) -> None:
+        """`draw` where the maps are an affine: m (2 x 3) takes dst's (x, y) to the crop's."""
+
+    def add_pulled_affine(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
+                          m: np.ndarray) -> None:
+        """`add_pulled` where the maps are an affine: m takes (x, y) of acc[at] to the crop's."""
+
+
+def affine_maps(m: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 maps (x, y) of the affine m over an output of `shape`."""
+    h, w = shape
+    xs, ys = np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)
+    mx = (m[0, 0] * xs)[None, :].astype(np.float32) + (m[0, 1] * ys + m[0, 2])[:, None].astype(np.float32)
+    my = (m[1, 0] * xs)[None, :].astype(np.float32) + (m[1, 1] * ys + m[1, 2])[:, None].astype(np.float32)
+    return mx, my
+
 
 class CvWarp:
     name = "opencv"
@@ -57,6 +73,19 @@ class CvWarp:
 
     def normalised(self, acc: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 1e-6), wsum
+
+    # OpenCV computes an affine's coordinates itself, fixed-point to 1/1024 px, a third of
+    # the time of making the maps and pulling through them (measured on 1 Mpx regions).
+    def draw_affine(self, crop: np.ndarray, m: np.ndarray, dst: np.ndarray) -> None:
+        cv2.warpAffine(crop, m, (dst.shape[1], dst.shape[0]), dst=dst,
+                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
+
+    def add_pulled_affine(self, acc: np.ndarray, wsum: np.ndarray, at: Index, crop: np.ndarray, wt: np.ndarray,
+                          m: np.ndarray) -> None:
+        size = (at[1].stop - at[1].start, at[0].stop - at[0].start)
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        acc[at] += cv2.warpAffine(crop, m, size, flags=flags, borderMode=cv2.BORDER_CONSTANT)
+        wsum[at] += cv2.warpAffine(wt, m, size, flags=flags, borderMode=cv2.BORDER_CONSTANT)
 
 
 class NdimageWarp:
@@ -90,6 +119,14 @@ class NdimageWarp:
         coords = self._coords(mx, my)      # sent to the device once for both
         acc[at] += self._pull(crop, coords)
         wsum[at] += self._pull(wt, coords)
+
+    def draw_affine(self, crop: np.ndarray, m: np.ndarray, dst: np.ndarray) -> None:
+        self.draw(crop, *affine_maps(m, dst.shape), dst)
+
+    def add_pulled_affine(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
+                          m: np.ndarray) -> None:
+        shape = (at[0].stop - at[0].start, at[1].stop - at[1].start)
+        self.add_pulled(acc, wsum, at, crop, wt, *affine_maps(m, shape))
 
     def normalised(self, acc: Any, wsum: Any) -> tuple[np.ndarray, np.ndarray]:
         xp = self.xp
