@@ -217,3 +217,21 @@ def test_fault_specs_from_the_command_line() -> None:
         parse_fault_spec("frame_drop:x")
     with pytest.raises(FaultError, match="key=value"):
         parse_fault_spec("frame_drop,oops")
+
+
+def test_lost_frames_are_counted_from_id_gaps_with_each_cameras_rule() -> None:
+    from tapescope.hardware.camera import LostFrames
+    from tapescope.hardware.genicam_camera import frames_between
+
+    notices: list[str] = []
+    plain = LostFrames()
+    for frame_id in (1, 2, 5, 6):
+        plain.count(frame_id, notices.append)
+    assert plain.lost == 2 and notices == ["2 frame(s) lost before frame 5"]
+    wrapping = LostFrames(frames_between)             # GenICam block ids: ..., 65535, 1, 2, ...
+    for frame_id in (65534, 65535, 1, 3):
+        wrapping.count(frame_id, notices.append)
+    assert wrapping.lost == 1
+    wrapping.restart()                                # a new stream starts its ids again
+    wrapping.count(1, notices.append)
+    assert wrapping.lost == 1 and len(notices) == 2

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,31 @@ class Frame:
     stage_nm: tuple[float, float] | None = None   # (x, y) encoder reading at exposure, when known
 
 
+def ids_between(last: int, now: int) -> int:
+    """Frames lost between frame ids `last` and `now` of frames read one after the other."""
+    return max(now - last - 1, 0)
+
+
+@dataclass
+class LostFrames:
+    """Frames a camera lost, counted from the gaps in the ids of the frames read; each gap is
+    a notice. `gap` is the camera's rule (a GenICam block id wraps)."""
+
+    gap: Callable[[int, int], int] = ids_between
+    lost: int = 0
+    last: int | None = None
+
+    def count(self, frame_id: int, notice: Callable[[str], None]) -> None:
+        if self.last is not None and (n := self.gap(self.last, frame_id)) > 0:
+            self.lost += n
+            notice(f"{n} frame(s) lost before frame {frame_id}")
+        self.last = frame_id
+
+    def restart(self) -> None:
+        """Ids start again (a new stream): the next frame is no gap."""
+        self.last = None
+
+
 class Camera(Device):
     name = "camera"
 
@@ -51,9 +77,8 @@ class Camera(Device):
         self.roi: tuple[int, int, int, int] | None = None   # (x, y, width, height) in sensor pixels
         self.model = ""
         self.shape: tuple[int, int] = (0, 0)                 # full sensor (height, width)
-        self.frames_lost = 0                                 # gaps in frame ids seen by this driver
         self.reconnects = 0
-        self._last_frame_id: int | None = None
+        self._lost = LostFrames()                            # gaps in frame ids seen by this driver
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._wanted = False      # connect() called and close() not: reconnect when dropped
@@ -173,12 +198,12 @@ class Camera(Device):
             frame: Frame = await self._exchange("READ", cp.KIND_FRAME)
         return self._count(frame)
 
+    @property
+    def frames_lost(self) -> int:
+        return self._lost.lost
+
     def _count(self, frame: Frame) -> Frame:
-        if self._last_frame_id is not None and frame.frame_id > self._last_frame_id + 1:
-            lost = frame.frame_id - self._last_frame_id - 1
-            self.frames_lost += lost
-            self.notice(f"{lost} frame(s) lost before frame {frame.frame_id}")
-        self._last_frame_id = frame.frame_id
+        self._lost.count(frame.frame_id, self.notice)
         return frame
 
     async def _read_message(self) -> tuple[cp.Header, dict[str, Any], bytes]:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .camera import Frame
+from .camera import Frame, LostFrames
 from .device import Device
 from .errors import DeviceDisconnected, DeviceError, DeviceTimeout
 
@@ -70,11 +70,10 @@ class GenicamCamera(Device):
         self.roi = roi             # (x, y, width, height); None: the whole sensor
         self.model = ""
         self.shape: tuple[int, int] = (0, 0)
-        self.frames_lost = 0
         self.reconnects = 0
+        self._lost = LostFrames(frames_between)
         self._cam: Any = None
         self._stream: Any = None
-        self._last_frame_id: int | None = None
         self._exposed_at = 0.0
         self._pending = False      # an exposure triggered and not read
         self._lock = asyncio.Lock()
@@ -127,7 +126,7 @@ class GenicamCamera(Device):
         size = cam.get_sensor_size()
         self.shape = (int(size.height), int(size.width))
         self._cam = cam
-        self._last_frame_id = None         # block ids start again with a new stream
+        self._lost.restart()               # block ids start again with a new stream
         # A reopened camera gets back what this driver had set.
         if self.binning > 1:
             cam.set_binning(self.binning, self.binning)
@@ -264,11 +263,10 @@ class GenicamCamera(Device):
         await self.expose()
         return await self.read()
 
+    @property
+    def frames_lost(self) -> int:
+        return self._lost.lost
+
     def _count(self, frame: Frame) -> Frame:
-        if self._last_frame_id is not None:
-            lost = frames_between(self._last_frame_id, frame.frame_id)
-            if lost:
-                self.frames_lost += lost
-                self.notice(f"{lost} frame(s) lost before frame {frame.frame_id}")
-        self._last_frame_id = frame.frame_id
+        self._lost.count(frame.frame_id, self.notice)
         return frame
