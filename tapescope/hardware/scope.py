@@ -15,6 +15,7 @@ from .temscript_column import TemscriptColumn
 from .temscript_http import is_temscript
 from .temscript_stage import TemscriptStage
 
+MIN_HTTP_TIMEOUT_S = 5.0   # a request to temscript's server waits at least this long
 
 class Scope(Device):
     """Stage, tape, camera and (optionally: not every set-up drives its column) the column."""
@@ -44,17 +45,19 @@ class Scope(Device):
         """The drivers at these ports; ``tape``, ``camera``: drivers built by the caller
         (GridTape's, a GenICam camera: each with its own settings), else the line-protocol
         tape at ``tape_url`` and the frame-protocol camera at ``camera_host:camera_port``."""
+        # temscript answers over HTTP from the microscope's PC, slower than a serial line.
+        http_timeout_s = max(serial_timeout_s, MIN_HTTP_TIMEOUT_S)
         column: Column | TemscriptColumn | None = None
         if is_temscript(column_url):
             assert column_url is not None
-            column = TemscriptColumn(column_url, timeout_s=max(serial_timeout_s, 5.0))
+            column = TemscriptColumn(column_url, timeout_s=http_timeout_s)
         elif column_url is not None:
             column = Column(column_url, baudrate=baudrate, timeout_s=serial_timeout_s,
                             ramp_timeout_s=column_ramp_timeout_s)
         limits = StageLimits.centred(stage_travel_nm) if stage_travel_nm is not None else None
         stage: Stage | TemscriptStage
         if is_temscript(stage_url):
-            stage = TemscriptStage(stage_url, timeout_s=max(serial_timeout_s, 5.0),
+            stage = TemscriptStage(stage_url, timeout_s=http_timeout_s,
                                    settle_timeout_s=settle_timeout_s, limits=limits)
         else:
             stage = Stage(stage_url, baudrate=baudrate, timeout_s=serial_timeout_s,
