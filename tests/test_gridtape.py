@@ -168,6 +168,20 @@ async def test_controller_errors_and_line_noise_are_named(bench: Bench) -> None:
     assert await bench.tape.ping(9) == 9                                # the link resynced
 
 
+async def test_a_fault_on_a_waited_step_falls_on_its_reply(bench: Bench) -> None:
+    """A waited step_tape answers when the move ends: a garbled-reply fault armed on it must
+    scramble that answer (not an empty first one), and the command is counted once."""
+    await bench.tape.goto(1)
+    steps = list(bench.emu.commands).count("step_tape")
+    bench.world.inject("tape_garbled", on="step_tape")
+    with pytest.raises(DeviceTimeout, match="no valid message"):
+        await bench.tape.goto(2)
+    assert bench.world.faults.fired and bench.world.faults.fired[-1][1] == "tape_garbled"
+    assert list(bench.emu.commands).count("step_tape") == steps + 1
+    assert not any(c.endswith(" done") for c in bench.emu.commands)      # one command, one count
+    assert await bench.tape.ping(4) == 4                                # the link resynced
+
+
 # -- a whole run ---------------------------------------------------------------------------------
 
 

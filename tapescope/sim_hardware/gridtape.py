@@ -16,7 +16,7 @@ import time
 from tapescope.hardware import comando
 from tapescope.hardware import gridtape as fw
 
-from .pty_server import PtyServer
+from .pty_server import Later, PtyServer
 from .world import SimWorld
 
 # L6470 status word of a drive that is powered, holding, not busy and has no fault flags:
@@ -159,7 +159,7 @@ class GridTapeEmulator(PtyServer):
             except comando.ComandoError:
                 continue                    # the firmware ignores what it cannot parse
             name = fw.COMMAND_NAMES.get(cmd.cid, str(cmd.cid))
-            self.serve(name, lambda cmd=cmd, name=name: self._run(cmd, name))
+            self.serve(name, lambda cmd=cmd: self._run(cmd))
 
     def _reply(self, cid: int, types: str = "", *values: float | int | bool) -> bytes:
         return comando.command(cid, types, *values)
@@ -167,7 +167,7 @@ class GridTapeEmulator(PtyServer):
     def _error(self, code: int) -> bytes:
         return self._reply(fw.CMD_ERROR, "byte", code)
 
-    def _run(self, cmd: comando.Command, name: str) -> bytes | None:
+    def _run(self, cmd: comando.Command) -> bytes | Later | None:
         m = self.model
         try:
             match cmd.cid:
@@ -202,7 +202,7 @@ class GridTapeEmulator(PtyServer):
                 case fw.CMD_GET_TENSION_LIMITS:
                     return self._reply(fw.CMD_GET_TENSION_LIMITS, "int32 int32", *m.limits)
                 case fw.CMD_STEP_TAPE:
-                    return self._step_tape(cmd, name)
+                    return self._step_tape(cmd)
                 case _:
                     return self._error(fw.ERR_INVALID_CMD)
         except comando.ComandoError:
@@ -228,7 +228,7 @@ class GridTapeEmulator(PtyServer):
                 m.speed[drive] = float(cmd.take("float"))
         return None
 
-    def _step_tape(self, cmd: comando.Command, name: str) -> bytes | None:
+    def _step_tape(self, cmd: comando.Command) -> bytes | Later | None:
         m = self.model
         direction = int(cmd.take("byte"))
         if direction > fw.UNTENSION:
@@ -246,6 +246,7 @@ class GridTapeEmulator(PtyServer):
             return None
         self._blocked = True
         watch = bool(opts & fw.ST_OPTS_WATCH)
+        later = Later()
 
         def finish() -> None:
             self._blocked = False
@@ -256,10 +257,10 @@ class GridTapeEmulator(PtyServer):
             else:
                 m.busy_until = 0.0
                 reply = self._reply(fw.CMD_STEP_TAPE, "int32", m.tension_counts())
-            self.serve(f"{name} done", lambda: reply)
+            later.send(reply)
             self._drain()
 
         # A jam trips the watch as soon as the load cell sees the surge.
         delay = min(0.05, end - time.monotonic()) if watch and m.jammed else end - time.monotonic()
         asyncio.get_running_loop().call_later(max(delay, 0.0), finish)
-        return None
+        return later

@@ -24,6 +24,13 @@ from .faults import FaultBook
 log = logging.getLogger(__name__)
 
 
+class Later:
+    """The reply of a command that answers when it ends (`PtyServer.serve` sets `send`)."""
+
+    def __init__(self) -> None:
+        self.send: Callable[[bytes | None], None] = lambda _data: None
+
+
 class PtyServer:
     """The pseudo-terminal and the serial faults; subclasses split the byte stream into
     commands (``received``) and answer each through ``serve``."""
@@ -66,11 +73,13 @@ class PtyServer:
     def received(self, chunk: bytes) -> None:
         raise NotImplementedError
 
-    def serve(self, command: str, run: Callable[[], bytes | None], tail: bytes = b"") -> None:
+    def serve(self, command: str, run: Callable[[], bytes | Later | None], tail: bytes = b"") -> None:
         """Run one command (``command``: its text, which faults' ``on`` option matches) and
         send its reply, through the serial faults: ``<name>_timeout`` swallows the reply (the
         command runs, or with executed=false is lost too), ``<name>_garbled`` scrambles it.
-        ``tail`` (a line end) follows the reply unscrambled, as a framing layer would keep it."""
+        ``tail`` (a line end) follows the reply unscrambled, as a framing layer would keep it.
+        ``run`` may return a `Later` (a command whose reply comes when it ends): the faults
+        drawn for the command then apply to that reply."""
         self.commands_seen += 1
         self.commands.append(command)
         lost = self.faults.take(f"{self.name}_timeout", command)
@@ -81,7 +90,13 @@ class PtyServer:
         except Exception:  # a bug in the emulator must show, but not kill the loop
             log.exception("%s emulator failed on %r", self.name, command)
             reply = None
-        if reply is None or lost is not None:
+        if isinstance(reply, Later):
+            reply.send = lambda data: self._send(command, data, lost is not None, tail)
+            return
+        self._send(command, reply, lost is not None, tail)
+
+    def _send(self, command: str, reply: bytes | None, lost: bool, tail: bytes) -> None:
+        if reply is None or lost:
             return
         if self.faults.take(f"{self.name}_garbled", command) is not None:
             reply = bytes(0x80 | (b * 37 + 11) & 0xFF for b in reply or b"?")
