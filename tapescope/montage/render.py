@@ -147,7 +147,8 @@ class _Setup:
         """Section maps turned, in place, into maps of tile i's crop at (cy0, cx0)."""
         py, px = self.positions[i]
         # Section -> tile, then tile -> crop by an integer: exact, so a pixel samples the same
-        # point whichever region it is rendered in (blocks equal the whole render, bit for bit).
+        # point whichever region it is rendered in (blocks equal the whole render, bit for
+        # bit; the affine path without maps agrees to OpenCV's 1/1024 px, docs/montage.md).
         mx -= np.float32(px)
         my -= np.float32(py)
         if self.lens is not None:

@@ -34,6 +34,9 @@ NARROW_PX = 32       # an overlap narrower than this is searched across (`_searc
 NARROW_SEARCH_PX = 16  # how far across, each way: the stage error between neighbours, generously
 PIECES = 8          # an overlap that no single shift fits is measured in this many pieces along it
 MIN_PIECE_PX = 64   # each at least this long (and as long as the strip is wide)
+PIECE_SHIFT_PX = 8  # a piece's peak is sought this close to the overlap's own
+PIECE_FIT_PX = 1.0  # a piece further than this from the line fitted along the strip is not used
+MAX_CHANGE = 0.02   # of the overlap's length: the most two cameras turned or scaled against each other change it
 NARROW_FILTER = 2.0  # a strip narrower than this many low-pass widths is band-passed along its length only
 
 
@@ -191,10 +194,12 @@ def register_pair(
     sl = overlap_slices(a.shape, round(dy), round(dx))
     if sl is None:
         return None
+    # Band-passed one way for every cut of this pair (their agreements are compared).
+    narrow = is_narrow(a[sl[0]].shape)
     if min(a[sl[0]].shape) < NARROW_PX:
         # A narrow strip: a stage error across it is a large part of its width, and the
         # windowed correlation cannot see it. Search that axis, keep the cut that agrees best.
-        dy, dx = _search_across(a, b, (dy, dx), backend)
+        dy, dx = _search_across(a, b, (dy, dx), backend, narrow)
     # Large overlaps are correlated at half resolution first (a quarter of the FFT work):
     # the integer estimate is then good to about a pixel, which the refinement bridges;
     # where it does not, the later rounds correlate at full resolution.
@@ -220,7 +225,7 @@ def register_pair(
         sl = overlap_slices(a.shape, ndy, ndx)
         if sl is None:
             return PairShift(dy, dx, 0.0, LOST)
-        ca, cb = band_pass(a[sl[0]], backend), band_pass(b[sl[1]], backend)
+        ca, cb = band_pass(a[sl[0]], backend, narrow), band_pass(b[sl[1]], backend, narrow)
         conf = ncc(backend.to_host(ca), backend.to_host(cb))
         floor = chance_agreement(ca.shape)      # of the overlap checked, not the nominal one
         if conf < floor:
@@ -252,8 +257,8 @@ def register_pair(
 def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] = (0.0, 0.0), *,
                   own_peak: bool = False, backend: Backend = CPU) -> list[tuple[int, int, Refined]]:
     """Band-passed overlap crops cut into `pieces` equal pieces along their long axis, each
-    refined from `start` (or, `own_peak`, from its own integer correlation peak). Returns
-    (first, end, shift) along that axis for each piece that converged."""
+    refined from `start` (or, `own_peak`, from its own integer correlation peak within
+    PIECE_SHIFT_PX). Returns (first, end, shift) along that axis for each piece that converged."""
     along = int(np.argmax(ca.shape))
     edges = np.linspace(0, ca.shape[along], pieces + 1).round().astype(int)
     out = []
@@ -262,7 +267,7 @@ def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] = (0
         pa, pb = ca[cut], cb[cut]
         at = start
         if own_peak:
-            sy, sx, _ = phase_correlate(pa, pb, upsample=1, backend=backend)
+            sy, sx, _ = phase_correlate(pa, pb, upsample=1, max_shift=PIECE_SHIFT_PX, backend=backend)
             at = (sy, sx)
         fine = refine_shift(pa, pb, at, backend=backend, prefiltered=True)
         if fine is not None:
@@ -273,37 +278,52 @@ def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] = (0
 def _piecewise(ca: Any, cb: Any, backend: Backend) -> tuple[Refined, float, float] | None:
     """The offset of band-passed overlap crops measured in up to PIECES pieces along the
     strip (`refine_pieces`, each from its own peak), fitted by a straight line along it.
-    Returns the line's value at the middle, with the pieces' summed information; how much
-    the offset changes from one end to the other; and the pieces' mean agreement (NCC, each
-    at its own shift). None with fewer than 3 pieces measured."""
+    Returns the line's value at the middle, with the information of the pieces that fit
+    it; how much the offset changes from one end to the other; and the pieces' mean
+    agreement (NCC, each at its own shift). None unless it is believable: each piece must
+    agree above its own chance level, most pieces must lie on the line (within
+    PIECE_FIT_PX), and the change must be one a rotation or scale between two cameras makes
+    (MAX_CHANGE of the overlap's length)."""
     along = int(np.argmax(ca.shape))
     n = ca.shape[along]
-    measured = refine_pieces(ca, cb, min(PIECES, n // max(MIN_PIECE_PX, ca.shape[1 - along])), own_peak=True,
-                             backend=backend)
-    if len(measured) < 3:
+    tried = min(PIECES, n // max(MIN_PIECE_PX, ca.shape[1 - along]))
+    if tried < 3:
         return None
-    where, shifts, agree, info = [], [], [], np.zeros(3)
-    for lo, hi, fine in measured:
+    where, shifts, agree, infos = [], [], [], []
+    for lo, hi, fine in refine_pieces(ca, cb, tried, own_peak=True, backend=backend):
         cut = (slice(None), slice(lo, hi)) if along == 1 else (slice(lo, hi), slice(None))
         at = overlap_slices(ca[cut].shape, round(fine.dy), round(fine.dx))
         if at is None:
             continue
-        agree.append(ncc(backend.to_host(ca[cut][at[0]]), backend.to_host(cb[cut][at[1]])))
+        pa, pb = backend.to_host(ca[cut][at[0]]), backend.to_host(cb[cut][at[1]])
+        score = ncc(pa, pb)
+        if score < chance_agreement(pa.shape):
+            continue
+        agree.append(score)
         where.append((lo + hi - 1) / 2 - (n - 1) / 2)
         shifts.append(fine.shift)
-        info += fine.information
-    if len(where) < 3:
+        infos.append(fine.information)
+    t, d = np.asarray(where), np.asarray(shifts)
+    keep = np.ones(len(t), bool)
+    for _ in range(2):                  # fit, drop the pieces off the line, fit again
+        if keep.sum() < max(3, (tried + 1) // 2):
+            return None
+        design = np.column_stack([np.ones(int(keep.sum())), t[keep]])
+        coef, *_ = np.linalg.lstsq(design, d[keep], rcond=None)   # (2, 2): [offset; slope] per axis
+        off = np.linalg.norm(d - (coef[0] + t[:, None] * coef[1]), axis=1)
+        keep = off <= PIECE_FIT_PX
+    if keep.sum() < max(3, (tried + 1) // 2):
         return None
-    t = np.asarray(where)
-    design = np.column_stack([np.ones_like(t), t])
-    coef, *_ = np.linalg.lstsq(design, np.asarray(shifts), rcond=None)   # (2, 2): [offset; slope] per axis
     change = float(np.hypot(*coef[1]) * n)
+    if change > MAX_CHANGE * n:
+        return None
+    info = np.sum([i for i, k in zip(infos, keep, strict=True) if k], axis=0)
     return (Refined(float(coef[0, 0]), float(coef[0, 1]), (float(info[0]), float(info[1]), float(info[2]))), change,
-            float(np.mean(agree)))
+            float(np.mean(np.asarray(agree)[keep])))
 
 
 def _search_across(a: np.ndarray, b: np.ndarray, nominal: tuple[float, float], backend: Backend,
-                   ) -> tuple[float, float]:
+                   narrow: bool) -> tuple[float, float]:
     """The integer offset of a narrow overlap: each cut across the strip within
     +-NARROW_SEARCH_PX of the nominal is phase-correlated along it, and the offset whose
     band-passed overlap agrees best (NCC) wins."""
@@ -327,13 +347,14 @@ def _search_across(a: np.ndarray, b: np.ndarray, nominal: tuple[float, float], b
         cc = overlap_slices(a.shape, *cand)
         if cc is None:
             continue
-        score = ncc(backend.to_host(band_pass(a[cc[0]], backend)), backend.to_host(band_pass(b[cc[1]], backend)))
+        score = ncc(backend.to_host(band_pass(a[cc[0]], backend, narrow)),
+                    backend.to_host(band_pass(b[cc[1]], backend, narrow)))
         if score > best_ncc:
             best, best_ncc = (float(cand[0]), float(cand[1])), score
     return best
 
 
-def band_pass(img: Any, backend: Backend = CPU) -> Any:
+def band_pass(img: Any, backend: Backend = CPU, narrow: bool | None = None) -> Any:
     """Gaussian (REFINE_BLUR) minus a wide box low-pass: shot noise and flat-field residuals
     (slow) both leave, structure stays. Used for the refinement and the confidence, which
     should measure agreement of structure, not of a shared brightness gradient.
@@ -355,9 +376,12 @@ def band_pass(img: Any, backend: Backend = CPU) -> Any:
 
 def _along(shape: tuple[int, ...]) -> int | None:
     """The long axis of a strip narrower than the band-pass's low-pass (None: not a strip)."""
-    if min(shape) >= HIGHPASS_BOX * NARROW_FILTER:
-        return None
-    return 1 if shape[0] < shape[1] else 0
+    return int(np.argmax(shape)) if is_narrow(shape) else None
+
+
+def is_narrow(shape: tuple[int, ...]) -> bool:
+    """An overlap narrow enough to be band-passed along its length only (`band_pass`)."""
+    return min(shape) < HIGHPASS_BOX * NARROW_FILTER
 
 
 @dataclass(frozen=True)

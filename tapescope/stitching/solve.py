@@ -24,8 +24,10 @@ from tapescope.graph import closed_loops
 PRIOR_WEIGHT = 1e-3        # a stage prior is worth 1/1000 of a confident pair
 MIN_CONFIDENCE = 0.2       # pairs below this NCC are not used at all
 OUTLIER_PX = 2.0           # residual above which the worst pair is dropped and the rest re-solved
-MIN_PRECISION = 1e-3       # an axis's precision relative to the median pair's, at least
-MAX_PRECISION = 1e2        # and at most (a noise estimate from one strip is not gospel)
+MIN_PRECISION = 1e-2       # an axis's precision relative to the median pair's, at least
+MAX_PRECISION = 1e1        # and at most: outliers are judged in pixels, so no pair may hold its
+                           # tiles against its neighbours by more than this
+
 SEAM_PX = 1.0              # a used pair still off by more than this after the solve is a flagged seam
 
 

@@ -142,7 +142,11 @@ class StreamingStitcher:
             probe = self._central_pairs(LENS_PROBE_TILES)
             patches = self.patch_offsets(probe)
             fit = fit_lens(patches, stage, self.shape)
-            if fit is not None and fit.accepted and len(probe) < len(self.pairs):
+            if fit is None and len(probe) < len(self.pairs):
+                # Too few patches there (blank resin, a hole): ask every overlap instead.
+                patches += self.patch_offsets([p for p in self.pairs if p not in probe])
+                fit = fit_lens(patches, stage, self.shape)
+            elif fit is not None and fit.accepted and len(probe) < len(self.pairs):
                 patches += self.patch_offsets([p for p in self.pairs if p not in probe])
                 fit = fit_lens(patches, stage, self.shape)
             model = fit.model if fit is not None and fit.accepted else None
