@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -37,6 +38,14 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     for t in leaked:
         t.cancel()
     assert not leaked, f"test leaked tasks: {leaked}"
+
+
+@pytest.fixture
+def collect_on_this_thread() -> Iterator[None]:
+    """For Qt tests: the widgets a test leaves behind are collected here, on the GUI thread,
+    not by whatever thread of a later test allocates first (tapescope/gui/collector.py)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,9 @@ from .support import click
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Qt objects must be destroyed on the GUI thread (tapescope/gui/collector.py).
+pytestmark = pytest.mark.usefixtures("collect_on_this_thread")
+
 
 def small_cfg(slots: int = 3, grid: tuple[int, int] = (3, 3)) -> TapescopeConfig:
     return TapescopeConfig(scope=ScopeConfig(camera=CameraConfig(width=128, height=128)),
@@ -243,3 +246,23 @@ def test_cli_refuses_sim_with_mqtt() -> None:
     proc = subprocess.run([sys.executable, "-m", "tapescope.cli", "gui", "--sim", "--mqtt", "mqtt://x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "exclude" in proc.stderr
+
+
+def test_automatic_collection_is_off_while_a_window_is_open() -> None:
+    """Collection runs on the GUI thread only while windows are open, and comes back as it
+    was when the last one closes (tapescope/gui/collector.py)."""
+    import gc
+
+    from PySide6 import QtCore
+
+    from tapescope.gui.collector import GuiThreadCollector
+
+    was = gc.isenabled()
+    parent = QtCore.QObject()
+    first, second = GuiThreadCollector(parent), GuiThreadCollector(parent)
+    assert not gc.isenabled() and first.timer.isActive()
+    first.stop()
+    assert not gc.isenabled()                    # another window is still open
+    second.stop()
+    second.stop()                                # a second close changes nothing
+    assert gc.isenabled() == was and not second.timer.isActive()

@@ -30,6 +30,9 @@ from .support import USERS, click, headless_config, needs_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Qt objects must be destroyed on the GUI thread (tapescope/gui/collector.py).
+pytestmark = pytest.mark.usefixtures("collect_on_this_thread")
+
 
 # -- pure parts -----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from tapescope.acquisition.store import RunStore
 from tapescope.mqtt.topics import EngineOnline
 from tapescope.view.background import BackgroundViewer
 
+from .collector import GuiThreadCollector
 from .latest import FrameLoader, LatestFrame, TileImage
 from .live_view import LiveView
 from .model import RunModel
@@ -96,6 +97,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.inbox = Inbox()
         self.loader = FrameLoader(self.latest, on_error=lambda m: self.inbox.message("warning", m))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tapescope-preview")
+        self._collector = GuiThreadCollector(self)   # Qt objects die on this thread only
         self._dirty: set[str] = set()
         self._store: RunStore | None = None
         self.events_seen = 0
@@ -294,6 +296,7 @@ class MainWindow(QtWidgets.QMainWindow):
         if self._closed:
             return
         self._closed = True
+        self._collector.stop()
         self.timer.stop()
         self.drain_timer.stop()
         self.live.timer.stop()
