@@ -18,16 +18,16 @@ from PySide6 import QtCore
 
 INTERVAL_MS = 1000
 
+# Collectors running (the first turns automatic collection off), and how it was before.
+_shared = {"open": 0, "was_enabled": True}
+
 
 class GuiThreadCollector:
-    _open = 0                   # collectors running: the first turns automatic collection off
-    _was_enabled = True
-
     def __init__(self, parent: QtCore.QObject) -> None:
-        if GuiThreadCollector._open == 0:
-            GuiThreadCollector._was_enabled = gc.isenabled()
+        if _shared["open"] == 0:
+            _shared["was_enabled"] = gc.isenabled()
             gc.disable()
-        GuiThreadCollector._open += 1
+        _shared["open"] += 1
         self._running = True
         self.timer = QtCore.QTimer(parent)
         self.timer.timeout.connect(self.collect)
@@ -50,6 +50,6 @@ class GuiThreadCollector:
         self._running = False
         self.timer.stop()
         gc.collect()
-        GuiThreadCollector._open -= 1
-        if GuiThreadCollector._open == 0 and GuiThreadCollector._was_enabled:
+        _shared["open"] -= 1
+        if _shared["open"] == 0 and _shared["was_enabled"]:
             gc.enable()
