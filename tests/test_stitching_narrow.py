@@ -48,6 +48,19 @@ def test_a_flat_field_error_across_a_narrow_strip_does_not_move_it(seed: int) ->
     assert abs(shaded.dx - clean.dx) < 0.01, (shaded.dx, clean.dx)
 
 
+def test_every_cut_of_a_pair_is_band_passed_the_way_its_nominal_overlap_decides() -> None:
+    """The search across a strip compares cuts of different widths: a 44 px cut of a pair
+    whose nominal strip is narrow is filtered along its length, as its 40 px cut is (column
+    by column, so their common columns agree), not by the 2-D band-pass its width alone picks."""
+    from tapescope.stitching.register import band_pass, is_narrow
+
+    crop = np.random.default_rng(1).normal(100, 10, (256, 44)).astype(np.float32)
+    assert is_narrow(crop[:, :40].shape) and not is_narrow(crop.shape)
+    narrow = band_pass(crop, narrow=True)
+    assert np.allclose(narrow[:, :40], band_pass(crop[:, :40]), atol=1e-5)
+    assert not np.allclose(band_pass(crop)[:, :40], band_pass(crop[:, :40]), atol=1e-2)
+
+
 def test_the_solve_weighs_each_axis_by_what_its_pair_measured() -> None:
     # 2 x 2 tiles; the top pair's strip carries no information across it (x): its x is 1 px
     # wrong. Its neighbours pin x; its y (along the strip) is as good as any.

@@ -361,9 +361,13 @@ def band_pass(img: Any, backend: Backend = CPU, narrow: bool | None = None) -> A
 
     Across a strip narrower than the low-pass, both filters would reach past its edges,
     where each crop is mirrored about its own cut: the mirrored part moves against the
-    content, pulling the measured shift toward the cut. There, both filter along it only."""
+    content, pulling the measured shift toward the cut. There, both filter along it only.
+    `narrow` says which (a pair decides once, from its nominal overlap, so that the cuts it
+    compares are filtered alike); None decides from the shape."""
     f = backend.asarray(img)
-    along = _along(f.shape)
+    if narrow is None:
+        narrow = is_narrow(f.shape)
+    along = int(np.argmax(f.shape)) if narrow else None
     band = backend.blur(f, REFINE_BLUR, along) - backend.lowpass(f, HIGHPASS_BOX, along)
     if along is None:
         return band
@@ -372,11 +376,6 @@ def band_pass(img: Any, backend: Backend = CPU, narrow: bool | None = None) -> A
     # steepest at the edges and opposite in the two tiles) would pull the shift across it.
     rms = backend.xp.sqrt((band * band).mean(axis=along, keepdims=True))
     return band / (rms + 1e-6 * float(rms.max()) + 1e-12)
-
-
-def _along(shape: tuple[int, ...]) -> int | None:
-    """The long axis of a strip narrower than the band-pass's low-pass (None: not a strip)."""
-    return int(np.argmax(shape)) if is_narrow(shape) else None
 
 
 def is_narrow(shape: tuple[int, ...]) -> bool:
