@@ -435,7 +435,8 @@ def test_a_cell_is_sorted_the_same_in_any_block(monkeypatch: pytest.MonkeyPatch)
 def test_the_affine_warp_places_pixels_where_the_maps_do() -> None:
     """Without a field or a lens the renderer lets OpenCV warp by the affine (no maps): the
     same places as the maps, to OpenCV's fixed-point 1/1024 px."""
-    from tapescope.montage.warp import CvWarp, NdimageWarp, affine_maps
+    from tapescope.montage.transform import affine_maps
+    from tapescope.montage.warp import CvWarp, NdimageWarp
 
     yy, xx = np.mgrid[0:300, 0:320].astype(np.float32)
     crop = 3.0 * xx + 2.0 * yy                       # a ramp: a value error is a place error
@@ -445,7 +446,7 @@ def test_the_affine_warp_places_pixels_where_the_maps_do() -> None:
         fast = np.zeros((200, 180), np.float32)
         warp.draw_affine(crop, m, fast)
         slow = np.zeros((200, 180), np.float32)
-        warp.draw(crop, *affine_maps(m, slow.shape), slow)
+        warp.draw(crop, *affine_maps(m, (0, 0, *slow.shape)), slow)
         inside = (slow > 10) & (fast > 10)
         inside[[0, -1], :] = inside[:, [0, -1]] = False
         assert inside.mean() > 0.5

@@ -17,6 +17,7 @@ from .temscript_stage import TemscriptStage
 
 MIN_HTTP_TIMEOUT_S = 5.0   # a request to temscript's server waits at least this long
 
+
 class Scope(Device):
     """Stage, tape, camera and (optionally: not every set-up drives its column) the column."""
 

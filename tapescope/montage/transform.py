@@ -25,6 +25,20 @@ def _as3(m: np.ndarray) -> np.ndarray:
     return np.vstack([np.asarray(m, np.float64), [0.0, 0.0, 1.0]])
 
 
+def affine_maps(matrix: np.ndarray, block: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 maps (x, y) of the 2 x 3 affine `matrix` (output (x, y) -> source) over the
+    output block (y0, x0, h, w)."""
+    y0, x0, h, w = block
+    xs = np.arange(x0, x0 + w, dtype=np.float64)
+    ys = np.arange(y0, y0 + h, dtype=np.float64)
+    m = np.asarray(matrix, np.float64)
+    # Row and column terms in float64, one float32 broadcast add for the block: exact to
+    # float32 and four times faster than the whole block in float64.
+    mx = (m[0, 0] * xs)[None, :].astype(np.float32) + (m[0, 1] * ys + m[0, 2])[:, None].astype(np.float32)
+    my = (m[1, 0] * xs)[None, :].astype(np.float32) + (m[1, 1] * ys + m[1, 2])[:, None].astype(np.float32)
+    return mx, my
+
+
 @dataclass
 class SectionTransform:
     matrix: np.ndarray                 # 2x3, output (x, y, 1) -> source (x, y)
@@ -93,14 +107,10 @@ class SectionTransform:
 
     def block_maps(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 source maps (x, y) of the output block [y0:y0+h, x0:x0+w], for cv2.remap."""
-        xs = np.arange(x0, x0 + w, dtype=np.float64)
-        ys = np.arange(y0, y0 + h, dtype=np.float64)
-        m = np.asarray(self.matrix, np.float64)
-        # Row and column terms in float64, one float32 broadcast add for the block: exact to
-        # float32 and four times faster than the whole block in float64.
-        mx = (m[0, 0] * xs)[None, :].astype(np.float32) + (m[0, 1] * ys + m[0, 2])[:, None].astype(np.float32)
-        my = (m[1, 0] * xs)[None, :].astype(np.float32) + (m[1, 1] * ys + m[1, 2])[:, None].astype(np.float32)
+        mx, my = affine_maps(self.matrix, (y0, x0, h, w))
         if self.field is not None:
+            xs = np.arange(x0, x0 + w, dtype=np.float64)
+            ys = np.arange(y0, y0 + h, dtype=np.float64)
             gx = np.broadcast_to((xs / self.stride).astype(np.float32)[None, :], (h, w))
             gy = np.broadcast_to((ys / self.stride).astype(np.float32)[:, None], (h, w))
             f = cv2.remap(self.field.astype(np.float32), np.ascontiguousarray(gx), np.ascontiguousarray(gy),

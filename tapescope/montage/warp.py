@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from .array_backend import array_module, to_numpy
+from .transform import affine_maps
 
 Index = tuple[slice, slice]
 
@@ -46,15 +47,6 @@ class Warp(Protocol):
     def add_pulled_affine(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
                           m: np.ndarray) -> None:
         """`add_pulled` where the maps are an affine: m takes (x, y) of acc[at] to the crop's."""
-
-
-def affine_maps(m: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 maps (x, y) of the affine m over an output of `shape`."""
-    h, w = shape
-    xs, ys = np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)
-    mx = (m[0, 0] * xs)[None, :].astype(np.float32) + (m[0, 1] * ys + m[0, 2])[:, None].astype(np.float32)
-    my = (m[1, 0] * xs)[None, :].astype(np.float32) + (m[1, 1] * ys + m[1, 2])[:, None].astype(np.float32)
-    return mx, my
 
 
 class CvWarp:
@@ -121,12 +113,12 @@ class NdimageWarp:
         wsum[at] += self._pull(wt, coords)
 
     def draw_affine(self, crop: np.ndarray, m: np.ndarray, dst: np.ndarray) -> None:
-        self.draw(crop, *affine_maps(m, dst.shape), dst)
+        self.draw(crop, *affine_maps(m, (0, 0, *dst.shape)), dst)
 
     def add_pulled_affine(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
                           m: np.ndarray) -> None:
-        shape = (at[0].stop - at[0].start, at[1].stop - at[1].start)
-        self.add_pulled(acc, wsum, at, crop, wt, *affine_maps(m, shape))
+        block = (0, 0, at[0].stop - at[0].start, at[1].stop - at[1].start)
+        self.add_pulled(acc, wsum, at, crop, wt, *affine_maps(m, block))
 
     def normalised(self, acc: Any, wsum: Any) -> tuple[np.ndarray, np.ndarray]:
         xp = self.xp

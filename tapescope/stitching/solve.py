@@ -156,14 +156,10 @@ def _lsq(stage_px: np.ndarray, pairs: list[Pair], used: np.ndarray, weights: np.
     return out
 
 
-def _residual_vectors(positions: np.ndarray, pairs: list[Pair]) -> np.ndarray:
-    i = np.array([p.i for p in pairs])
-    j = np.array([p.j for p in pairs])
-    d = np.array([[p.dy, p.dx] for p in pairs])
-    return positions[j] - positions[i] - d
-
-
 def _residuals(positions: np.ndarray, pairs: list[Pair]) -> np.ndarray:
     if not pairs:
         return np.zeros(0)
-    return np.linalg.norm(_residual_vectors(positions, pairs), axis=1)
+    i = np.array([p.i for p in pairs])
+    j = np.array([p.j for p in pairs])
+    d = np.array([[p.dy, p.dx] for p in pairs])
+    return np.linalg.norm(positions[j] - positions[i] - d, axis=1)

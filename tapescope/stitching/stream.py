@@ -16,7 +16,7 @@ Neighbours are the tiles one grid step right/left/down/up; the pair is always or
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -142,11 +142,9 @@ class StreamingStitcher:
             probe = self._central_pairs(LENS_PROBE_TILES)
             patches = self.patch_offsets(probe)
             fit = fit_lens(patches, stage, self.shape)
-            if fit is None and len(probe) < len(self.pairs):
-                # Too few patches there (blank resin, a hole): ask every overlap instead.
-                patches += self.patch_offsets([p for p in self.pairs if p not in probe])
-                fit = fit_lens(patches, stage, self.shape)
-            elif fit is not None and fit.accepted and len(probe) < len(self.pairs):
+            # The rest of the overlaps too where the probe found a lens (to fit it on all of
+            # them and correct every pair) or had too few patches (blank resin, a hole).
+            if (fit is None or fit.accepted) and len(probe) < len(self.pairs):
                 patches += self.patch_offsets([p for p in self.pairs if p not in probe])
                 fit = fit_lens(patches, stage, self.shape)
             model = fit.model if fit is not None and fit.accepted else None
@@ -235,5 +233,5 @@ def corrected_pairs(pairs: list[Pair], patches: list[PatchOffset], model: Radial
             d = np.mean(est, axis=0)
         else:
             d = np.array([p.dy, p.dx]) - pair_correction(model, shape, np.array([p.dy, p.dx]))
-        out.append(Pair(p.i, p.j, float(d[0]), float(d[1]), p.confidence, p.refused, p.information, p.note))
+        out.append(replace(p, dy=float(d[0]), dx=float(d[1])))
     return out
