@@ -41,7 +41,8 @@ def test_stitch_writes_positions_close_to_the_truth(synthetic, tmp_path: Path) -
     assert "tiles 6 (ok 5, stage 1, failed 0)" in res.output
     with open(out / "positions.csv") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["file", "y", "x", "residual_px", "status"]
+    assert rows[0] == ["file", "y", "x", "residual_px", "status", "a_yy", "a_yx", "a_xy", "a_xx"]
+    assert all(r[5:] == ["1.0000000", "0.0000000", "0.0000000", "1.0000000"] for r in rows[1:])
     assert [r[0] for r in rows[1:]] == sorted(p.name for p in root.glob("*.tif"))
     status = [r[4] for r in rows[1:]]
     assert status == ["ok", "ok", "ok", "ok", "ok", "stage"]

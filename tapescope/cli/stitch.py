@@ -21,6 +21,9 @@ def stitch(
     dark: Path | None = typer.Option(None, "--dark", help="dark-reference TIFF, subtracted before the flat-field"),
     lens: str = typer.Option("estimate", "--lens",
                              help="estimate (a radial lens model from the overlaps, applied if it fits) | none"),
+    tile_model: str = typer.Option("translation", "--tile-model",
+                                   help="translation (one camera) | affine (each tile also turned and scaled: "
+                                   "a camera array)"),
     pixel_nm: float | None = typer.Option(None, "--pixel-nm", help="the tiles' pixel size in nm: also render the "
                                           "montage into OUT/montage.zarr (OME-Zarr 0.5, the tiles' bit depth), "
                                           "a section `tapescope align` takes"),
@@ -47,6 +50,8 @@ def stitch(
         raise fail(f"--pixel-nm must be a pixel size in nm, above 0 and at most 10000, got {pixel_nm}")
     if lens not in ("estimate", "none"):
         raise fail(f"--lens must be estimate or none, not {lens!r}")
+    if tile_model not in ("translation", "affine"):
+        raise fail(f"--tile-model must be translation or affine, not {tile_model!r}")
     if device not in ("auto", "cpu", "gpu"):
         raise fail(f"--device must be auto, cpu or gpu, not {device!r}")
     try:
@@ -62,7 +67,7 @@ def stitch(
     try:
         run = run_stitch(tileset_dir, out, backend, flatfield, dark,
                          warn=lambda m: err.print(f"[yellow]warning:[/] {m}", highlight=False), lens=lens,
-                         render=render)
+                         render=render, tile_model=tile_model)
     except TileSetError as exc:
         raise fail(str(exc)) from None
     sol = run.result.solution
@@ -85,8 +90,19 @@ def stitch(
                       f"{confidence.min():.2f}", highlight=False)
     changing = sum(1 for p, u in zip(run.result.pairs, sol.pair_used, strict=True) if u and p.note)
     if changing:
+        how = "fitted by the tiles' affines" if tile_model == "affine" else \
+            "used at the overlap's middle (a camera array? --tile-model affine fits each tile's turn and scale)"
         console.print(f"{changing} pair(s) whose offset changes along their overlap (tiles rotated or scaled "
-                      "against each other): used at the overlap's middle; see pairs.csv", highlight=False)
+                      f"against each other): {how}; see pairs.csv", highlight=False)
+    aff = run.result.affine
+    if aff is not None and sol.linear is not None:
+        lin = sol.linear[[s == "ok" for s in sol.status]]
+        scale = np.sqrt(np.abs(np.linalg.det(lin))) if len(lin) else np.ones(1)
+        turn = np.arctan2(lin[:, 1, 0] - lin[:, 0, 1], lin[:, 0, 0] + lin[:, 1, 1]) if len(lin) else np.zeros(1)
+        console.print(f"tile model: affine from {int(aff.patch_used.sum())} patches: patch residual RMS "
+                      f"{aff.rms:.3f} px ({aff.rms_translation:.3f} px with a translation per tile); tiles' scale "
+                      f"{(scale.min() - 1) * 100:+.2f} to {(scale.max() - 1) * 100:+.2f} %, turn "
+                      f"{turn.min() * 1e3:+.1f} to {turn.max() * 1e3:+.1f} mrad", highlight=False)
     fit = run.result.lens
     if fit is not None:
         console.print(f"lens: k1 {fit.model.k1:.3e} from {fit.n_patches} patches, patch residual RMS "

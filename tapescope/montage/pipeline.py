@@ -26,6 +26,7 @@ from tapescope.stitching.section import stitch_section
 
 from .align import SectionAlignment, align_section, repeat_reason, unregistered_reason
 from .omezarr import Volume
+from .render import tile_corners
 from .shard_render import render_section, render_to
 from .transform import SectionTransform
 from .zsolve import PairMatch, SolveParams, matches_of, solve_stack
@@ -52,7 +53,14 @@ class Canvas:
     shape: tuple[int, int]
 
     @classmethod
-    def around(cls, positions: np.ndarray, tile_shape: tuple[int, int], margin: int) -> Canvas:
+    def around(cls, positions: np.ndarray, tile_shape: tuple[int, int], margin: int,
+               linear: np.ndarray | None = None) -> Canvas:
+        """The canvas that holds every tile (each with its own linear part, if given)."""
+        if linear is not None:
+            corners = tile_corners(positions, tile_shape, linear).reshape(-1, 2)
+            lo = np.floor(corners.min(axis=0)).astype(int) - margin
+            hi = np.ceil(corners.max(axis=0)).astype(int) + margin
+            return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
         lo = np.floor(positions.min(axis=0)).astype(int) - margin
         hi = np.ceil(positions.max(axis=0) + np.array(tile_shape)).astype(int) + margin
         return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))

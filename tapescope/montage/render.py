@@ -56,6 +56,26 @@ def check_tile_shapes(tiles: Sequence[np.ndarray], index: Sequence[int] | None =
                              "a section's tiles share one camera frame")
 
 
+def tile_corners(positions: np.ndarray, shape: tuple[int, int], linear: np.ndarray | None = None) -> np.ndarray:
+    """(n, 4, 2): where the corners of each tile's frame, (0, 0) to (h, w), land (y, x)."""
+    h, w = shape
+    q = np.array([[0.0, 0.0], [0.0, w], [h, 0.0], [h, w]])
+    pos = np.asarray(positions, float)
+    if linear is None:
+        return pos[:, None, :] + q[None]
+    return pos[:, None, :] + np.einsum("nij,cj->nci", np.asarray(linear, float), q)
+
+
+def tilt_px(shape: tuple[int, int], linear: np.ndarray | None) -> int:
+    """How far a tile's own linear part moves any of its pixels from where a translation
+    would put it, at most, rounded up: the margin the tile's bounds widen by."""
+    if linear is None:
+        return 0
+    corners = tile_corners(np.zeros((len(linear), 2)), shape, linear)
+    plain = tile_corners(np.zeros((len(linear), 2)), shape)
+    return int(np.ceil(np.abs(corners - plain).max())) if len(linear) else 0
+
+
 CELL_PX = 128       # grid, anchored at output (0, 0), on which each pixel is one tile's alone or blended
 FIELD_REACH = 1.9   # |bicubic field| <= this x its largest node: (sum of |OpenCV's cubic weights|)^2
 
@@ -75,6 +95,10 @@ class _Setup:
     lens_table: LensMap | None          # the lens's inverse on a grid (None: solved exactly)
     reach: float                        # how far the field moves a pixel at most, in source pixels
     warp: Warp
+    linear: np.ndarray | None = None    # (n, 2, 2): each tile's own linear part (pixel q lands at
+                                        # position + linear @ q); None: a translation per tile
+    inv_linear: np.ndarray | None = None
+    tilt: int = 0                       # `tilt_px` of linear
 
     @property
     def affine(self) -> bool:
@@ -86,13 +110,20 @@ class _Setup:
         m = np.asarray(self.transform.matrix, np.float64)
         py, px = self.positions[i]
         out = m.copy()
+        if self.inv_linear is not None:
+            # Section -> tile through the tile's inverse linear part, in (x, y) order.
+            b = self.inv_linear[i][::-1, ::-1]
+            out[:, :2] = b @ m[:, :2]
+            out[:, 2] = b @ (m[:, :2] @ np.array([rx, ry], float) + m[:, 2] - np.array([px, py])) - [cx0, cy0]
+            return out
         out[0, 2] = m[0, 0] * rx + m[0, 1] * ry + m[0, 2] - px - cx0
         out[1, 2] = m[1, 0] * rx + m[1, 1] * ry + m[1, 2] - py - cy0
         return out
 
     @classmethod
     def of(cls, tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
-           ramp: int | None, lens: RadialDistortion | None, warp: Warp | None = None) -> _Setup:
+           ramp: int | None, lens: RadialDistortion | None, warp: Warp | None = None,
+           linear: np.ndarray | None = None) -> _Setup:
         if not len(tiles):
             raise ValueError("no tiles to render")
         th, tw = tiles[0].shape[:2]
@@ -103,8 +134,10 @@ class _Setup:
         table = None if lens is None else lens_map(lens, (th, tw), bend + 4)
         fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
         inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))
+        lin = None if linear is None else np.asarray(linear, np.float64).reshape(-1, 2, 2)
         return cls(tiles, np.asarray(positions, float), transform, inv, (th, tw),
-                   ramp or max(4, min(th, tw) // 16), lens, bend, table, FIELD_REACH * fmax, warp or CvWarp())
+                   ramp or max(4, min(th, tw) // 16), lens, bend, table, FIELD_REACH * fmax, warp or CvWarp(),
+                   lin, None if lin is None else np.linalg.inv(lin), tilt_px((th, tw), lin))
 
     def source_boxes(self, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
         """(n, 4) bounds (y_lo, y_hi, x_lo, x_hi) of the section points that output boxes
@@ -128,7 +161,7 @@ class _Setup:
         few tiles of a section's thousands: everything per tile runs over these only."""
         th, tw = self.shape
         py, px = self.positions[:, 0], self.positions[:, 1]
-        m = self.bend + 2
+        m = self.bend + 2 + self.tilt
         idx = np.flatnonzero((py - m <= box[1]) & (py + th + m >= box[0])
                              & (px - m <= box[3]) & (px + tw + m >= box[2]))
         check_tile_shapes([self.tiles[i] for i in idx], idx, (th, tw))
@@ -140,8 +173,13 @@ class _Setup:
         th, tw = self.shape
         py, px = self.positions[i]
         b = self.bend
-        return (max(int(np.floor(box[0] - py)) - 1 - b, 0), min(int(np.ceil(box[1] - py)) + 2 + b, th),
-                max(int(np.floor(box[2] - px)) - 1 - b, 0), min(int(np.ceil(box[3] - px)) + 2 + b, tw))
+        y0, y1, x0, x1 = box[0] - py, box[1] - py, box[2] - px, box[3] - px
+        if self.inv_linear is not None:
+            # The box's corners through the tile's inverse linear part: its bounds in the tile.
+            q = np.array([[y0, x0], [y0, x1], [y1, x0], [y1, x1]]) @ self.inv_linear[i].T
+            y0, y1, x0, x1 = q[:, 0].min(), q[:, 0].max(), q[:, 1].min(), q[:, 1].max()
+        return (max(int(np.floor(y0)) - 1 - b, 0), min(int(np.ceil(y1)) + 2 + b, th),
+                max(int(np.floor(x0)) - 1 - b, 0), min(int(np.ceil(x1)) + 2 + b, tw))
 
     def tile_maps(self, mx: np.ndarray, my: np.ndarray, i: int, cy0: int, cx0: int) -> tuple[np.ndarray, np.ndarray]:
         """Section maps turned, in place, into maps of tile i's crop at (cy0, cx0)."""
@@ -151,6 +189,9 @@ class _Setup:
         # bit; the affine path without maps agrees to OpenCV's 1/1024 px, docs/montage.md).
         mx -= np.float32(px)
         my -= np.float32(py)
+        if self.inv_linear is not None:
+            (byy, byx), (bxy, bxx) = self.inv_linear[i].astype(np.float32)
+            mx, my = bxx * mx + bxy * my, byy * my + byx * mx
         if self.lens is not None:
             if self.lens_table is None:
                 my, mx = camera_pixels(self.lens, my, mx, self.shape)
@@ -190,7 +231,7 @@ def _sorted_cells(s: _Setup, block: tuple[int, int, int, int],
     cy, cx = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
     box = s.source_boxes(cy, cy + c - 1, cx, cx + c - 1)
     py, px = s.positions[near, 0][None, :], s.positions[near, 1][None, :]
-    b, r = s.bend, s.ramp
+    b, r = s.bend + s.tilt, s.ramp
     ylo, yhi = box[:, 0:1] - py - b, box[:, 1:2] - py + b
     xlo, xhi = box[:, 2:3] - px - b, box[:, 3:4] - px + b
     # Bilinear reads floor(q) and the pixel after: both where the weight is 1, i.e. at least
@@ -257,15 +298,15 @@ def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray) -> tu
     wsum = s.warp.zeros((h, w))
     inv = s.inv
     slack = (s.reach + s.bend) * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
-    for i in near:
-        py, px = s.positions[i]
+    frames = tile_corners(s.positions[near] - 1, (th + 1, tw + 1), None if s.linear is None else s.linear[near])
+    for i, frame in zip(near, frames, strict=True):
         cy0, cy1, cx0, cx1 = s.crop_box(box, i)
         if cx0 >= cx1 or cy0 >= cy1:
             continue
         # The part of the region the tile can land on: its corners through the inverse
         # affine, widened by what the field and lens can add. The per-pixel work below runs
         # on that part only, so a region costs about its own size however many tiles reach in.
-        corners = np.array([[px - 1, py - 1, 1], [px + tw, py - 1, 1], [px - 1, py + th, 1], [px + tw, py + th, 1]])
+        corners = np.column_stack([frame[:, 1], frame[:, 0], np.ones(4)])
         out_xy = corners @ inv[:2].T
         bx0 = max(int(np.floor(out_xy[:, 0].min() - slack)) - x0, 0)
         bx1 = min(int(np.ceil(out_xy[:, 0].max() + slack)) - x0 + 1, w)
@@ -293,7 +334,7 @@ def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray) -> tu
 def render_block(
     tiles: Sequence[np.ndarray], positions: np.ndarray, transform: SectionTransform,
     block: tuple[int, int, int, int], ramp: int | None = None, lens: RadialDistortion | None = None,
-    warp: Warp | None = None, out: tuple[np.ndarray, np.ndarray] | None = None,
+    warp: Warp | None = None, out: tuple[np.ndarray, np.ndarray] | None = None, linear: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render the output block (y0, x0, h, w) of a section, feathered: (image, coverage).
 
@@ -306,9 +347,11 @@ def render_block(
     directly; elsewhere tiles are blended and coverage is their summed feather weight.
     `warp` does the per-pixel work (warp.py: OpenCV by default, CuPy on a GPU). `out`:
     float32 (image, coverage) arrays of the block's shape to draw into (views of a larger
-    image: no copy), returned.
+    image: no copy), returned. `linear` (n, 2, 2): each tile's own linear part, for tiles
+    from cameras turned or scaled against each other (pixel q of tile k lands at
+    positions[k] + linear[k] @ q, before `transform`); None: a translation per tile.
     """
-    s = _Setup.of(tiles, positions, transform, ramp, lens, warp)
+    s = _Setup.of(tiles, positions, transform, ramp, lens, warp, linear)
     y0, x0, h, w = block
     # Near the block's cells, whole cells of the grid: a cell is sorted the same whichever
     # block it is rendered in only if every tile that reaches any of it is considered.
@@ -330,18 +373,19 @@ def render_block(
 def render_montage(
     tiles: Sequence[np.ndarray], positions: np.ndarray, origin: np.ndarray,
     shape: tuple[int, int], ramp: int | None = None, transform: SectionTransform | None = None,
-    lens: RadialDistortion | None = None,
+    lens: RadialDistortion | None = None, linear: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blend tiles into a float32 canvas of `shape` whose (0, 0) is at `origin`, in RAM.
 
     Returns (image, coverage); coverage is 0 where no tile lands. Each tile is placed
     with its sub-pixel position (bilinear) and weighted by a feather ramp, so seams fade
     over `ramp` pixels instead of stepping. `transform` (canvas pixel -> canvas pixel of
-    the unaligned section) aligns the section while rendering. For sections too large
+    the unaligned section) aligns the section while rendering; `linear`, each tile's own
+    linear part (render_block). For sections too large
     for RAM, `blocks.render_section` renders shard by shard with the same `render_block`.
     """
     oy, ox = np.asarray(origin, float)
     t = transform or SectionTransform.identity()
     # Canvas pixel -> stage pixel: shift by the canvas origin after the transform.
     t = t.shifted(oy, ox)
-    return render_block(tiles, positions, t, (0, 0, shape[0], shape[1]), ramp, lens)
+    return render_block(tiles, positions, t, (0, 0, shape[0], shape[1]), ramp, lens, linear=linear)

@@ -35,14 +35,15 @@ class RenderStats:
 def render_section(
     volume: Volume, z: int, tiles: Sequence[np.ndarray], positions: np.ndarray,
     transform: SectionTransform, *, ramp: int | None = None, threads: int = 1,
-    lens: RadialDistortion | None = None, device: str = "cpu",
+    lens: RadialDistortion | None = None, device: str = "cpu", linear: np.ndarray | None = None,
 ) -> RenderStats:
     """Render section z into every level of `volume`, one level-0 shard at a time.
 
     `transform` maps volume pixels to the coordinates the tile `positions` are given in
     (for a montage image given as one tile at (0, 0): its own pixels). `threads` renders
     that many shards at once; OpenCV and NumPy release the GIL in the heavy parts.
-    `device` picks where pixels are warped (warp.py).
+    `device` picks where pixels are warped (warp.py). `linear`: each tile's own linear part
+    (render_block).
     """
     volume.check_z(z)
     check_tile_shapes(tiles)        # once for the section, before any block is written
@@ -60,7 +61,8 @@ def render_section(
             for x in range(ux, ux + uw, shard[1]):
                 h, w = min(shard[0], uy + uh - y), min(shard[1], ux + uw - x)
                 at = (slice(y - uy, y - uy + h), slice(x - ux, x - ux + w))
-                render_block(tiles, positions, transform, (y, x, h, w), ramp, lens, warp, out=(img[at], cover[at]))
+                render_block(tiles, positions, transform, (y, x, h, w), ramp, lens, warp, out=(img[at], cover[at]),
+                             linear=linear)
         covered = int(np.count_nonzero(cover > 1e-6))
         volume.write_unit(z, unit, img)
         return img.size, covered

@@ -12,6 +12,7 @@ so a tile's position is still the position of its centre pixel minus the centre 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,7 @@ def radial_basis(q: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # indistinguishable from its offset; k1 is fixed by how the offset varies along the seam.
 
 LENS_PATCHES = 8          # patches along each overlap
+MIN_SLAB_PX = 24          # measure_patches' grid cuts an overlap across into slabs this wide at least
 MIN_PATCHES = 24          # fewer than this: no estimate
 PATCH_OUTLIER_PX = 0.5   # a patch this far from the fit (and 3x the median) is dropped
 MIN_GAIN = 0.9            # keep a model only if it cuts the patch residual RMS by 10 % or more
@@ -82,6 +84,7 @@ class PatchOffset:
     j: int                 # tile b
     qb: np.ndarray         # (2,) patch centre in b's pixels
     m: np.ndarray          # (2,) measured: the patch sits at qb + m in a's pixels
+    information: tuple[float, float, float] | None = None   # of m, as (yy, yx, xx) (`Refined`)
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,16 @@ class LensFit:
 
 def measure_patches(
     a: np.ndarray, b: np.ndarray, i: int, j: int, offset: tuple[float, float], origin_a: np.ndarray,
-    origin_b: np.ndarray, n: int = LENS_PATCHES, backend: Any = None,
+    origin_b: np.ndarray, n: int = LENS_PATCHES, backend: Any = None, size: int | None = None,
 ) -> list[PatchOffset]:
     """Patch offsets along the overlap of a and b (crops of the tiles starting at origin_a and
-    origin_b in tile pixels; `offset` is b's position relative to a in crop pixels)."""
+    origin_b in tile pixels; `offset` is b's position relative to a in crop pixels).
+
+    By default n patches along the overlap, each as wide as it and refined from `offset`
+    (a lens moves them by fractions of a pixel). With `size`, patches of about size px
+    in a grid along and across the overlap, each from its own correlation peak: tiles
+    turned or scaled against each other (a camera array) move them by pixels, and the
+    change across a wide overlap is what pins a tile's scale along it."""
     backend = backend or CPU
     nd = (round(offset[0]), round(offset[1]))
     sl = overlap_slices(a.shape, *nd)
@@ -106,17 +115,47 @@ def measure_patches(
         return []
     ca, cb = backend.to_host(band_pass(a[sl[0]], backend)), backend.to_host(band_pass(b[sl[1]], backend))
     long_axis = int(np.argmax(ca.shape))
-    # Patches at least as long as the overlap is wide: shorter ones hold too little texture.
-    n = max(2, min(n, ca.shape[long_axis] // max(ca.shape[1 - long_axis], 1)))
+    across = 1 - long_axis
     start = (offset[0] - nd[0], offset[1] - nd[1])
+    # Patches at least as long as the overlap is wide (shorter ones hold too little texture),
+    # or in a grid, `size` long.
+    count = max(2, ca.shape[long_axis] // (size or max(ca.shape[across], 1)))
+    if size is None:
+        count = min(n, count)
+    pieces = refine_pieces(ca, cb, count, start, own_peak=size is not None, backend=backend)
+    spans = [(0, ca.shape[across])]
+    if size is not None and pieces:
+        # Each piece again in slabs across, each refined from its whole piece's shift (a slab
+        # a few tens of pixels wide finds its own peak less surely than the whole width does).
+        # Two slabs at least where the overlap is wide enough: a tile's scale across a band
+        # is only seen as the offset changing across it.
+        slabs = max(min(2, ca.shape[across] // MIN_SLAB_PX), ca.shape[across] // size)
+        edges = np.linspace(0, ca.shape[across], slabs + 1).round().astype(int)
+        spans = list(itertools.pairwise(edges.tolist()))
+        whole = {(lo, hi): fine.shift for lo, hi, fine in pieces}
+        pieces = []
+        for c0, c1 in spans:
+            cut = (slice(None), slice(c0, c1)) if across == 1 else (slice(c0, c1), slice(None))
+            starts = [whole.get(span, start) for span in _spans(ca.shape[long_axis], count)]
+            pieces += [(lo, hi, fine, (c0, c1)) for lo, hi, fine in
+                       refine_pieces(ca[cut], cb[cut], count, starts, along=long_axis, backend=backend)]
+    else:
+        pieces = [(lo, hi, fine, spans[0]) for lo, hi, fine in pieces]
     out = []
-    for lo, hi, fine in refine_pieces(ca, cb, n, start, backend=backend):
-        centre = np.array([(lo + hi - 1) / 2, (ca.shape[1] - 1) / 2]) if long_axis == 0 else \
-            np.array([(ca.shape[0] - 1) / 2, (lo + hi - 1) / 2])
+    for lo, hi, fine, (c0, c1) in pieces:
+        centre = np.zeros(2)
+        centre[long_axis] = (lo + hi - 1) / 2
+        centre[across] = (c0 + c1 - 1) / 2
         qb = centre + np.array([sl[1][0].start, sl[1][1].start]) + origin_b
         m = np.array(nd, float) + np.array(fine.shift) + origin_a - origin_b
-        out.append(PatchOffset(i, j, qb, m))
+        out.append(PatchOffset(i, j, qb, m, fine.information))
     return out
+
+
+def _spans(length: int, pieces: int) -> list[tuple[int, int]]:
+    """The (first, end) of `refine_pieces`' pieces along a crop of `length`."""
+    edges = np.linspace(0, length, pieces + 1).round().astype(int).tolist()
+    return list(itertools.pairwise(edges))
 
 
 def fit_lens(

@@ -254,18 +254,20 @@ def register_pair(
     return PairShift(dy, dx, 0.0, NOT_REFINED)
 
 
-def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] = (0.0, 0.0), *,
-                  own_peak: bool = False, backend: Backend = CPU) -> list[tuple[int, int, Refined]]:
-    """Band-passed overlap crops cut into `pieces` equal pieces along their long axis, each
-    refined from `start` (or, `own_peak`, from its own integer correlation peak within
-    PIECE_SHIFT_PX). Returns (first, end, shift) along that axis for each piece that converged."""
-    along = int(np.argmax(ca.shape))
+def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] | list[tuple[float, float]] = (0.0, 0.0),
+                  *, own_peak: bool = False, backend: Backend = CPU,
+                  along: int | None = None) -> list[tuple[int, int, Refined]]:
+    """Band-passed overlap crops cut into `pieces` equal pieces along their long axis (or
+    `along`), each refined from `start` (one for all, or one per piece) or, `own_peak`, from
+    its own integer correlation peak within PIECE_SHIFT_PX. Returns (first, end, shift)
+    along that axis for each piece that converged."""
+    along = int(np.argmax(ca.shape)) if along is None else along
     edges = np.linspace(0, ca.shape[along], pieces + 1).round().astype(int)
     out = []
-    for lo, hi in itertools.pairwise(edges):
+    for k, (lo, hi) in enumerate(itertools.pairwise(edges)):
         cut = (slice(None), slice(lo, hi)) if along == 1 else (slice(lo, hi), slice(None))
         pa, pb = ca[cut], cb[cut]
-        at = start
+        at = start[k] if isinstance(start, list) else start
         if own_peak:
             sy, sx, _ = phase_correlate(pa, pb, upsample=1, max_shift=PIECE_SHIFT_PX, backend=backend)
             at = (sy, sx)

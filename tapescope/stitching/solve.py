@@ -45,13 +45,16 @@ class Pair:
 
 @dataclass
 class Solution:
-    positions: np.ndarray          # (n, 2) top-left (y, x) in pixels
+    positions: np.ndarray          # (n, 2) top-left (y, x) in pixels: where each tile's pixel (0, 0) lands
     pair_residual: np.ndarray      # (n_pairs,) px; NaN for pairs not used
     pair_used: np.ndarray          # (n_pairs,) bool
     tile_residual: np.ndarray      # (n,) px: worst residual of the tile's used pairs
     status: list[str]              # per tile: "ok" or "stage" (placed by the prior alone)
     pair_reason: list[str] = field(default_factory=list)   # per pair: why it is not used ("" if used)
     pair_ends: list[tuple[int, int]] = field(default_factory=list)   # per pair: (i, j)
+    # (n, 2, 2) where each tile has its own linear part (affine.py): tile pixel q lands at
+    # positions[k] + linear[k] @ q. None: a translation per tile.
+    linear: np.ndarray | None = None
 
     @property
     def loops(self) -> int:

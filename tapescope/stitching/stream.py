@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .affine import PATCH_PX, AffineFit, solve_affine
 from .backend import CPU, Backend
 from .flatfield import apply_flatfield
 from .lens import LensFit, PatchOffset, RadialDistortion, fit_lens, measure_patches, pair_correction
@@ -43,6 +44,7 @@ class StitchResult:
     pairs: list[Pair]                  # as measured (before any lens correction)
     lens: LensFit | None = None        # the lens model estimated from this montage, if asked
     lens_applied: RadialDistortion | None = None   # the model the solve corrected for
+    affine: AffineFit | None = None    # with an affine per tile: the fit (solution.linear holds the tiles')
 
 
 class StreamingStitcher:
@@ -112,18 +114,30 @@ class StreamingStitcher:
             self._pool.shutdown()
             self._pool = None
 
-    def finish(self, lens: str | RadialDistortion = "none") -> StitchResult:
+    def finish(self, lens: str | RadialDistortion = "none", tile_model: str = "translation") -> StitchResult:
         """The global solve over every pair registered so far.
 
         lens: "none"; a known RadialDistortion (one per camera, e.g. from an earlier
         montage) whose effect on each pair's offset is subtracted before the solve; or
         "estimate": fit k1 to patch offsets along every confident overlap (lens.py) and
         apply it if it explains the patch residuals (LensFit.accepted).
+
+        tile_model: "translation" (one camera: tiles differ by where the stage put them) or
+        "affine" (each tile its own turn and scale too: a camera array; affine.py), solved
+        from patches in a grid over every confident overlap.
         """
         if not isinstance(lens, RadialDistortion) and lens not in ("none", "estimate"):
             raise ValueError(f"lens must be 'none', 'estimate' or a RadialDistortion, not {lens!r}")
+        if tile_model not in ("translation", "affine"):
+            raise ValueError(f"tile_model must be 'translation' or 'affine', not {tile_model!r}")
         try:
-            return self._finish(lens)
+            result = self._finish(lens)
+            if tile_model == "affine" and self.shape is not None:
+                stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
+                grid = self.patch_offsets(size=PATCH_PX)
+                solution, fit = solve_affine(stage, self.pairs, grid, self.shape, result.lens_applied)
+                result = replace(result, solution=solution, affine=fit)
+            return result
         finally:
             self.close()
 
@@ -167,8 +181,9 @@ class StreamingStitcher:
         inside = {self._tiles[k].index for k in self.keys if k[0] in in_rows and k[1] in in_cols}
         return [p for p in self.pairs if p.i in inside and p.j in inside]
 
-    def patch_offsets(self, pairs: list[Pair] | None = None) -> list[PatchOffset]:
-        """Offsets of patches along every confident overlap (of `pairs`, default all), for the lens fit."""
+    def patch_offsets(self, pairs: list[Pair] | None = None, size: int | None = None) -> list[PatchOffset]:
+        """Offsets of patches along every confident overlap (of `pairs`, default all), for the
+        lens fit; with `size`, in a grid of patches of about that side (`measure_patches`)."""
         by_index = {st.index: st for st in self._tiles.values()}
 
         def measure(p: Pair) -> list[PatchOffset]:
@@ -176,7 +191,7 @@ class StreamingStitcher:
             horizontal = self.keys[p.i][0] == self.keys[p.j][0]
             sa, sb, origin = self._strips(a, b, horizontal)
             local = (p.dy - origin[0], p.dx - origin[1])
-            return measure_patches(sa, sb, p.i, p.j, local, origin, np.zeros(2), backend=self.backend)
+            return measure_patches(sa, sb, p.i, p.j, local, origin, np.zeros(2), backend=self.backend, size=size)
 
         confident = [p for p in (self.pairs if pairs is None else pairs) if p.confidence >= MIN_CONFIDENCE]
         # On the registration threads where there are some (each pair's patches are its own).

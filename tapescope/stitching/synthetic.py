@@ -45,6 +45,9 @@ class SyntheticParams:
     dust: int = 3                      # dark blots on the scintillator
     blank: tuple[tuple[int, int], ...] = ()   # (row, col) of tiles over bare resin
     distortion: RadialDistortion = field(default_factory=RadialDistortion)
+    # Each tile's own turn and scale, as a camera array's: each entry of A - I (below) drawn
+    # with this RMS (0.004: 4 mrad, 0.4 %, 2 px at the edge of a 1024 px tile).
+    camera_linear: float = 0.0
     seed: int = 1
     texture: str = "em"                # "em": the neuropil specimen; "fluorescence": `nuclei_field`
     # A stack of sections: give every set of the stack the same `sections` and `room_px` (the
@@ -64,6 +67,34 @@ class TileSet:
     truth_px: np.ndarray               # (n, 2) true top-left (y, x), px
     gain: np.ndarray                   # the camera's true gain field, mean 1
     blank: np.ndarray                  # (n,) bool
+    truth_linear: np.ndarray | None = None   # (n, 2, 2) each tile's A (camera_linear), or None
+
+    def seam_error(self, positions: np.ndarray, linear: np.ndarray | None = None, samples: int = 9) -> np.ndarray:
+        """Per pair of grid neighbours, the RMS over points of their true overlap of how far
+        apart the two tiles put the same specimen point (px): what a seam shows, free of the
+        montage's own translation, turn and scale, which nothing in the tiles fixes."""
+        n, t = len(self.grid), self.params.tile
+        true_lin = self.truth_linear if self.truth_linear is not None else np.tile(np.eye(2), (n, 1, 1))
+        lin = np.tile(np.eye(2), (n, 1, 1)) if linear is None else np.asarray(linear, float)
+        pos = np.asarray(positions, float)
+        where = {rc: k for k, rc in enumerate(self.grid)}
+        grid = np.stack(np.meshgrid(np.linspace(0, t - 1, samples), np.linspace(0, t - 1, samples),
+                                    indexing="ij"), -1).reshape(-1, 2)
+        out = []
+        for (r, c), a in where.items():
+            for nb in ((r, c + 1), (r + 1, c)):
+                b = where.get(nb)
+                if b is None:
+                    continue
+                # Points of tile a, where tile b sees them too (the truth's inverse).
+                world = self.truth_px[a] + grid @ true_lin[a].T
+                qb = (world - self.truth_px[b]) @ np.linalg.inv(true_lin[b]).T
+                inside = ((qb >= 0) & (qb <= t - 1)).all(1)
+                if not inside.any():
+                    continue
+                gap = (pos[a] + grid[inside] @ lin[a].T) - (pos[b] + qb[inside] @ lin[b].T)
+                out.append(float(np.sqrt((gap**2).sum(1).mean())))
+        return np.array(out)
 
     def error(self, positions: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
         """Position error (n, 2) after removing the free translation of the montage, which
@@ -140,14 +171,20 @@ def make_tileset(p: SyntheticParams) -> TileSet:
     yy, xx = np.mgrid[0:p.tile, 0:p.tile].astype(np.float64)
     tiles = []
     noise = np.random.default_rng(p.seed + 1)
+    linear = None
+    if p.camera_linear > 0:
+        linear = np.eye(2)[None] + np.random.default_rng(p.seed + 3).normal(0, p.camera_linear, (len(grid), 2, 2))
     for k in range(len(grid)):
         ty, tx = truth[k]
-        # Pixel (u, v) of the camera sees the specimen at the tile's origin + (u, v) + lens
+        # Pixel (u, v) of the camera sees the specimen at the tile's origin + A (u, v) + lens
         # displacement: a barrel lens pulls the corners' view inward.
-        coords = np.stack([ty + yy + dy, tx + xx + dx])
+        u, v = yy + dy, xx + dx
+        if linear is not None:
+            u, v = linear[k, 0, 0] * u + linear[k, 0, 1] * v, linear[k, 1, 0] * u + linear[k, 1, 1] * v
+        coords = np.stack([ty + u, tx + v])
         t = map_coordinates(coeffs, coords, order=3, prefilter=False, mode="nearest")
         electrons = np.clip(p.dose * t * gain, 0, None)
         counts = noise.poisson(electrons).astype(np.float32) * p.counts_per_electron
         counts += p.dark + noise.normal(0, p.read_noise, counts.shape)
         tiles.append(np.clip(np.rint(counts), 0, 65535).astype(np.uint16))
-    return TileSet(p, tiles, grid, stage, truth, gain, blank)
+    return TileSet(p, tiles, grid, stage, truth, gain, blank, linear)

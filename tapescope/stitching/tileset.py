@@ -2,7 +2,9 @@
 
 Input: `TILESET_DIR/tiles.csv` with the header `file,row,col,y,x` (file relative to the
 CSV, row/col the grid index, y/x the nominal top-left in pixels) and one 2-D TIFF per row.
-Output: `OUT_DIR/positions.csv` (`file,y,x,residual_px,status`) and `OUT_DIR/pairs.csv`
+Output: `OUT_DIR/positions.csv` (`file,y,x,residual_px,status,a_yy,a_yx,a_xy,a_xx`: pixel
+(qy, qx) of the tile lands at (y, x) + A (qy, qx), A the identity unless each tile has its own
+linear part, `--tile-model affine`) and `OUT_DIR/pairs.csv`
 (one row per registered pair, with its residual after the solve and whether it is a
 flagged seam). Everything is read and checked before anything is written, and the output
 files are written under temporary names and renamed at the end: bad input, or a failure
@@ -33,7 +35,7 @@ from .solve import SEAM_PX
 from .stream import StitchResult, StreamingStitcher
 
 HEADER = ["file", "row", "col", "y", "x"]
-POSITIONS_HEADER = ["file", "y", "x", "residual_px", "status"]
+POSITIONS_HEADER = ["file", "y", "x", "residual_px", "status", "a_yy", "a_yx", "a_xy", "a_xx"]
 PAIRS_HEADER = ["file_a", "file_b", "dy", "dx", "confidence", "used", "residual_px", "seam", "reason"]
 
 
@@ -163,14 +165,14 @@ class StitchRun:
     tileset_dtype: str = ""        # the tiles' pixel type
 
 
-# Called as (out_dir, tiles, positions, gain, dark, lens, info) -> the montage written.
+# Called as (out_dir, tiles, positions, gain, dark, lens, info, linear=...) -> the montage written.
 MontageWriter = Callable[..., Path]
 
 
 def run_stitch(
     tileset_dir: Path, out_dir: Path, backend: Backend, flatfield: str = "auto", dark: Path | None = None,
     warn: Callable[[str], None] = lambda _m: None, lens: str = "estimate",
-    render: MontageWriter | None = None,
+    render: MontageWriter | None = None, tile_model: str = "translation",
 ) -> StitchRun:
     """Read, check, stitch and write; raises TileSetError (and writes nothing) on bad input.
     With `render`, the montage is also rendered (the command passes montage/stitched.py's
@@ -209,12 +211,13 @@ def run_stitch(
     for name, rc, pos, tile in zip(ts.files, ts.grid, ts.nominal, tiles, strict=True):
         del name
         stitcher.add(rc, tile, pos)
-    result = stitcher.finish(lens=lens)
+    result = stitcher.finish(lens=lens, tile_model=tile_model)
     write_outputs(out_dir, ts, result)
     montage = None
     if render is not None:
         montage = render(out_dir, tiles, result.solution.positions, gain, dark_img, result.lens_applied,
-                         {"tileset": str(tileset_dir.resolve()), "tiles": len(tiles)})
+                         {"tileset": str(tileset_dir.resolve()), "tiles": len(tiles), "tile_model": tile_model},
+                         linear=result.solution.linear)
     return StitchRun(ts, result, used, time.perf_counter() - t0, stitcher.pixels / 1e6, textured(tiles), montage,
                      str(tiles[0].dtype))
 
@@ -244,9 +247,10 @@ def tile_status(result: StitchResult) -> list[str]:
 def write_outputs(out_dir: Path, ts: DiskTileSet, result: StitchResult) -> None:
     sol = result.solution
     status = tile_status(result)
+    linear = sol.linear if sol.linear is not None else np.tile(np.eye(2), (len(ts.files), 1, 1))
     positions = [POSITIONS_HEADER] + [
-        [f, f"{p[0]:.4f}", f"{p[1]:.4f}", f"{r:.4f}", s]
-        for f, p, r, s in zip(ts.files, sol.positions, sol.tile_residual, status, strict=True)
+        [f, f"{p[0]:.4f}", f"{p[1]:.4f}", f"{r:.4f}", s, *(f"{v:.7f}" for v in a.ravel())]
+        for f, p, r, s, a in zip(ts.files, sol.positions, sol.tile_residual, status, linear, strict=True)
     ]
     pairs = [PAIRS_HEADER] + [
         [ts.files[p.i], ts.files[p.j], f"{p.dy:.4f}", f"{p.dx:.4f}", f"{p.confidence:.4f}", int(u),
