@@ -6,11 +6,13 @@ stores for them, lens terms left out: a reference within 1-2 px, not a truth). S
 the folder is absent.
 
 1. Each set as a user would stitch it (`run_stitch`: flat-field estimated, lens
-   "estimate"), ashlar's EdgeAligner on the same files (the peers' venv, see
+   "estimate"; a translation per tile, and an affine per tile as for a camera array,
+   `--tile-model affine`), ashlar's EdgeAligner on the same files (the peers' venv, see
    bench_stitch.py), and render's positions. Per method: pairs used, distance from render's
-   positions (RMS and max over tiles, after removing the mean translation), and the seams:
-   mean NCC of each overlap after placing the tiles (b resampled at its sub-pixel position
-   by a cubic spline; the same measure for every method).
+   positions (where each tile's centre lands in tile 0's pixels, less the centre, as the
+   reference gives them; RMS and max over tiles, after removing the mean translation), and
+   the seams: mean NCC of each overlap after placing the tiles (`seam_ncc`, the same
+   measure for every method).
 2. Narrow overlaps on real tiles: each pair's tiles are cropped so that they share only a
    strip of W px in the middle of their overlap, registered from a nominal off by 2.5 px
    RMS, and compared with the same pair registered on a 64 px window centred on the same
@@ -36,7 +38,7 @@ from bench_stitch import run_peer  # the peers' runner: one place that knows the
 from scipy import ndimage
 
 from tapescope.stitching.backend import CPU
-from tapescope.stitching.register import overlap_slices, register_pair
+from tapescope.stitching.register import register_pair
 from tapescope.stitching.tileset import load_tiles, read_tiles_csv, run_stitch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "temca_tiles"
@@ -58,26 +60,43 @@ def centred(p: np.ndarray) -> np.ndarray:
     return p - p.mean(axis=0)
 
 
-def seam_ncc(tiles: list[np.ndarray], pos: np.ndarray, pairs: list[tuple[int, int]]) -> float:
-    """Mean NCC of the overlaps with tile j resampled at its sub-pixel place in tile i's frame."""
+def seam_ncc(tiles: list[np.ndarray], pos: np.ndarray, pairs: list[tuple[int, int]],
+             linear: np.ndarray | None = None) -> float:
+    """Mean NCC of the overlaps: tile j resampled (cubic spline) on tile i's pixels through
+    where the method puts both (a translation each, or with `linear` an affine each), over
+    the pixels of i that j covers, 4 px in from j's edges. One measure for every method."""
+    lin = np.tile(np.eye(2), (len(pos), 1, 1)) if linear is None else linear
     out = []
     for i, j in pairs:
-        d = pos[j] - pos[i]
-        nd = np.round(d).astype(int)
-        sl = overlap_slices(tiles[i].shape, int(nd[0]), int(nd[1]))
-        if sl is None:
+        inv = np.linalg.inv(lin[i])
+        rel, off = inv @ lin[j], inv @ (pos[j] - pos[i])      # tile-j pixel -> tile-i pixel
+        back = np.linalg.inv(rel)
+        b = ndimage.affine_transform(tiles[j].astype(np.float32), back, offset=-back @ off,
+                                     output_shape=tiles[i].shape, order=3, cval=np.nan)
+        q = np.stack(np.mgrid[0:tiles[i].shape[0], 0:tiles[i].shape[1]], -1).reshape(-1, 2) @ back.T - back @ off
+        h, w = tiles[j].shape
+        inside = ((q[:, 0] >= 4) & (q[:, 0] <= h - 5) & (q[:, 1] >= 4) & (q[:, 1] <= w - 5)).reshape(tiles[i].shape)
+        if inside.sum() < 64:
             continue
-        # b(q) sits at a(q + d): a's pixel p sees b at p - d = (p - nd) - frac.
-        b = ndimage.shift(tiles[j].astype(np.float32), nd - d, order=3, mode="nearest")
-        ca, cb = tiles[i][sl[0]].astype(np.float32)[4:-4, 4:-4], b[sl[1]][4:-4, 4:-4]
+        ca, cb = tiles[i].astype(np.float32)[inside], b[inside]
         ca, cb = ca - ca.mean(), cb - cb.mean()
         out.append(float((ca * cb).sum() / np.sqrt((ca * ca).sum() * (cb * cb).sum())))
     return float(np.mean(out))
 
 
+def in_first_tile(pos: np.ndarray, linear: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """Each tile's place as render's reference gives it: where its centre lands, in tile 0's
+    pixels, less the centre (for a translation each: the positions less tile 0's)."""
+    if linear is None:
+        return pos - pos[0]
+    c = (np.array(shape, float) - 1) / 2
+    inv = np.linalg.inv(linear[0])
+    return (pos + linear @ c - pos[0]) @ inv.T - c
+
+
 def whole_sets() -> None:
     print("1. Real 2 x 2 TEMCA montages: distance from render's positions, and the seams")
-    header = f"{'set':<14} {'method':<10} {'pairs used':>10} {'RMS px':>7} {'max px':>7} {'seam NCC':>9}"
+    header = f"{'set':<14} {'method':<17} {'pairs used':>10} {'RMS px':>7} {'max px':>7} {'seam NCC':>9}"
     print(header)
     print("-" * len(header))
     for name in SETS:
@@ -89,25 +108,32 @@ def whole_sets() -> None:
                  if abs(ts.grid[i][0] - ts.grid[j][0]) + abs(ts.grid[i][1] - ts.grid[j][1]) == 1 and i < j]
         with tempfile.TemporaryDirectory() as tmp:
             run = run_stitch(root / "tiles", Path(tmp), CPU)
+            affine = run_stitch(root / "tiles", Path(tmp), CPU, tile_model="affine")
             # ashlar's runner writes links beside the tiles: it gets a copy, not the data.
             copy = shutil.copytree(root / "tiles", Path(tmp) / "tiles")
             peer, _, note = run_peer("ashlar", copy)
-        sol = run.result.solution
-        rows: dict[str, tuple[np.ndarray | None, str]] = {
-            "tapescope": (sol.positions, f"{int(sol.pair_used.sum())}/{len(sol.pair_used)}"),
+        sol, aff = run.result.solution, affine.result.solution
+        rows: dict[str, tuple[np.ndarray | None, np.ndarray | None, str]] = {
+            "tapescope": (sol.positions, None, f"{int(sol.pair_used.sum())}/{len(sol.pair_used)}"),
+            "tapescope affine": (aff.positions, aff.linear, f"{int(aff.pair_used.sum())}/{len(aff.pair_used)}"),
         }
-        rows["ashlar"] = (peer, "-" if peer is not None else note)
-        rows["render"] = (ref, "-")
-        for method, (pos, used) in rows.items():
+        rows["ashlar"] = (peer, None, "-" if peer is not None else note)
+        rows["render"] = (ref, None, "-")
+        for method, (pos, lin, used) in rows.items():
             if pos is None:
-                print(f"{name:<14} {method:<10} {used}")
+                print(f"{name:<14} {method:<17} {used}")
                 continue
-            dist = np.linalg.norm(centred(pos) - centred(ref), axis=1)
-            print(f"{name:<14} {method:<10} {used:>10} {np.sqrt((dist**2).mean()):7.2f} {dist.max():7.2f} "
-                  f"{seam_ncc(tiles, pos, pairs):9.3f}")
-        for p, why in zip(run.result.pairs, sol.pair_reason, strict=True):
-            if why:
-                print(f"{'':<14} tapescope left out {ts.files[p.i]} - {ts.files[p.j]}: {why}")
+            dist = np.linalg.norm(centred(in_first_tile(pos, lin, tiles[0].shape)) - centred(ref), axis=1)
+            print(f"{name:<14} {method:<17} {used:>10} {np.sqrt((dist**2).mean()):7.2f} {dist.max():7.2f} "
+                  f"{seam_ncc(tiles, pos, pairs, lin):9.3f}")
+        for label, r in (("tapescope", run), ("tapescope affine", affine)):
+            for p, why in zip(r.result.pairs, r.result.solution.pair_reason, strict=True):
+                if why:
+                    print(f"{'':<14} {label} left out {ts.files[p.i]} - {ts.files[p.j]}: {why}")
+        fit = affine.result.affine
+        if fit is not None:
+            print(f"{'':<14} affine: patch residual RMS {fit.rms:.3f} px ({fit.rms_translation:.3f} px with a "
+                  f"translation per tile), {int(fit.patch_used.sum())} patches")
     print()
 
 

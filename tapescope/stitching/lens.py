@@ -143,13 +143,28 @@ def measure_patches(
         pieces = [(lo, hi, fine, spans[0]) for lo, hi, fine in pieces]
     out = []
     for lo, hi, fine, (c0, c1) in pieces:
-        centre = np.zeros(2)
-        centre[long_axis] = (lo + hi - 1) / 2
-        centre[across] = (c0 + c1 - 1) / 2
+        box = [slice(None), slice(None)]
+        box[long_axis], box[across] = slice(lo, hi), slice(c0, c1)
+        centre = texture_centre(cb[tuple(box)]) + np.array([box[0].start or 0, box[1].start or 0])
         qb = centre + np.array([sl[1][0].start, sl[1][1].start]) + origin_b
         m = np.array(nd, float) + np.array(fine.shift) + origin_a - origin_b
         out.append(PatchOffset(i, j, qb, m, fine.information))
     return out
+
+
+def texture_centre(piece: np.ndarray) -> np.ndarray:
+    """Where in a band-passed piece its shift was measured: the centroid of its gradient
+    energy (y, x). Least squares weighs each pixel by its gradient squared, so where the
+    offset changes across a piece (tiles turned or scaled against each other) the shift found
+    is the one at that centroid: on sparse EM texture up to a third of a 128 px piece away
+    from its middle (0.3-1 px of error at 0.4 % of scale, measured on synthetic arrays)."""
+    gy, gx = np.gradient(np.asarray(piece, np.float64))
+    energy = gy * gy + gx * gx
+    total = float(energy.sum())
+    if total <= 0:
+        return (np.array(piece.shape, float) - 1) / 2
+    return np.array([float((energy.sum(1) * np.arange(piece.shape[0])).sum()),
+                     float((energy.sum(0) * np.arange(piece.shape[1])).sum())]) / total
 
 
 def _spans(length: int, pieces: int) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .affine import PATCH_PX, AffineFit, solve_affine
+from .affine import PATCH_PX, AffineFit, measure_warped, relative_affine, solve_affine
 from .backend import CPU, Backend
 from .flatfield import apply_flatfield
 from .lens import LensFit, PatchOffset, RadialDistortion, fit_lens, measure_patches, pair_correction
@@ -136,6 +136,10 @@ class StreamingStitcher:
                 stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
                 grid = self.patch_offsets(size=PATCH_PX)
                 solution, fit = solve_affine(stage, self.pairs, grid, self.shape, result.lens_applied)
+                # Measured again with each b resampled through the first fit: what is left
+                # within a patch is then a shift, which least squares measures without bias.
+                grid = self.warped_patch_offsets(fit)
+                solution, fit = solve_affine(stage, self.pairs, grid, self.shape, result.lens_applied)
                 result = replace(result, solution=solution, affine=fit)
             return result
         finally:
@@ -195,6 +199,22 @@ class StreamingStitcher:
 
         confident = [p for p in (self.pairs if pairs is None else pairs) if p.confidence >= MIN_CONFIDENCE]
         # On the registration threads where there are some (each pair's patches are its own).
+        per_pair = self._pool.map(measure, confident) if self._pool is not None else map(measure, confident)
+        return [patch for patches in per_pair for patch in patches]
+
+    def warped_patch_offsets(self, fit: AffineFit) -> list[PatchOffset]:
+        """Patch offsets in a grid over every confident overlap, each b resampled into a's
+        frame through `fit` first (`affine.measure_warped`)."""
+        by_index = {st.index: st for st in self._tiles.values()}
+
+        def measure(p: Pair) -> list[PatchOffset]:
+            a, b = by_index[p.i], by_index[p.j]
+            horizontal = self.keys[p.i][0] == self.keys[p.j][0]
+            sa, sb, origin = self._strips(a, b, horizontal)
+            relative = relative_affine(fit.positions, fit.linear, p.i, p.j)
+            return measure_warped(sa, sb, p.i, p.j, origin, np.zeros(2), relative, backend=self.backend)
+
+        confident = [p for p in self.pairs if p.confidence >= MIN_CONFIDENCE]
         per_pair = self._pool.map(measure, confident) if self._pool is not None else map(measure, confident)
         return [patch for patches in per_pair for patch in patches]
 
