@@ -105,6 +105,26 @@ def test_flatfield_corrects_vignetting() -> None:
     assert core.std() / core.mean() < 0.01
 
 
+@pytest.mark.parametrize("texture", ["em", "fluorescence"])
+def test_the_flatfield_statistic_suits_the_specimen(texture: str) -> None:
+    """Dense EM texture: the per-pixel median. Stained nuclei on a dark field: a low
+    quantile (the median of a pixel is often a nucleus: 11 % off the true gain here)."""
+    import cv2
+
+    from tapescope.stitching.flatfield import FIT_GRID, choose_quantile
+    from tapescope.stitching.synthetic import SyntheticParams, make_tileset
+
+    ts = make_tileset(SyntheticParams(tile=192, rows=4, cols=5, overlap=0.05, stage_error_px=2.5, vignetting=0.1,
+                                      dust=0, seed=3, texture=texture))
+    reduced = np.stack([cv2.resize(t.astype(np.float32) - ts.params.dark, (FIT_GRID, FIT_GRID),
+                                   interpolation=cv2.INTER_AREA) for t in ts.tiles])
+    q = choose_quantile(reduced)
+    assert (q == 50.0) if texture == "em" else (q <= 10.0), q
+    gain = estimate_flatfield(ts.tiles, dark=ts.params.dark)
+    off = gain / ts.gain * ts.gain.mean() - 1
+    assert np.sqrt(np.mean(off**2)) < 0.02, np.sqrt(np.mean(off**2))     # 1.0 % and 1.2 % measured
+
+
 def test_flatfield_needs_enough_tiles() -> None:
     with pytest.raises(ValueError, match="at least 3 usable tiles"):
         estimate_flatfield([np.ones((8, 8), np.uint16)] * 2)

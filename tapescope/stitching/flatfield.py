@@ -1,10 +1,13 @@
 """Flat-field: estimate the camera's gain field from the tiles themselves, and apply it.
 
-Vignetting is smooth, so the estimate is the per-pixel median of many mean-normalised
-tiles, fitted with a low-order 2D polynomial: the median removes specimen content that
-differs tile to tile, the fit removes what little is left. Tiles that are nearly blank
-(no contrast) or saturated carry no information about the specimen-free gain and would
-bias the median toward their own content, so they are left out.
+Vignetting is smooth, so the estimate is a per-pixel statistic of many normalised tiles,
+fitted with a low-order 2D polynomial: the statistic removes specimen content that differs
+tile to tile, the fit removes what little is left. Which statistic depends on the specimen
+(`QUANTILES`, chosen per set by split halves, below): the median for dense texture (EM),
+a low quantile for bright objects on a dark background (fluorescent nuclei), where the
+median of a pixel is often a nucleus. Tiles that are nearly blank (no contrast) or
+saturated carry no information about the specimen-free gain and would bias the
+statistic toward their own content, so they are left out.
 """
 
 from __future__ import annotations
@@ -74,24 +77,60 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
         if not usable_for_flatfield(tile):
             continue
         t = tile.astype(np.float32) - dark
-        # Normalise by the median of the reduced tile: the median of a full tile costs more
+        # Normalised later by a percentile of the reduced tile: one of a full tile costs more
         # than all the rest of the estimate together, and the scale is all it sets.
         reduced = cv2.resize(t, (FIT_GRID, FIT_GRID), interpolation=cv2.INTER_AREA)
-        med = float(np.median(reduced))
-        if med <= 0:
+        if float(np.median(reduced)) <= 0:
             continue
-        small.append(reduced / med)
+        small.append(reduced)
         contrast.append(detail_contrast(t))
     if small:
         keep = np.array(contrast) >= BLANK_CONTRAST * float(np.median(contrast))
         small = [s for s, k in zip(small, keep, strict=True) if k]
     if shape is None or len(small) < 3:
         raise ValueError(f"need at least 3 usable tiles to estimate a flat-field, got {len(small)}")
-    med = np.median(np.stack(small), axis=0)
-    basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
-    coef, *_ = np.linalg.lstsq(basis, med.ravel(), rcond=None)
-    full = _poly_eval(coef, shape[0], shape[1], FIT_DEGREE)
+    stack = np.stack(small)
+    q = choose_quantile(stack)
+    full = _poly_eval(_fit_quantile(stack, q), shape[0], shape[1], FIT_DEGREE)
     return (full / full.mean()).astype(np.float32)
+
+
+# Per-pixel statistics tried, as percentiles over the tiles (each tile first divided by its
+# own percentile of the same rank). On synthetic sets of 20 tiles the median is best on EM
+# (1.0-1.8 % RMS off the true gain; the 5th percentile 3-7 %), the 5th percentile on
+# stained nuclei (0.3-1.3 %; the median 6-21 %).
+QUANTILES = (5.0, 10.0, 20.0, 35.0, 50.0)
+MIN_SPLIT_TILES = 6      # fewer usable tiles: the median, as no half can check the other
+
+
+def choose_quantile(stack: np.ndarray) -> float:
+    """The percentile whose estimates from the even and the odd tiles agree best: a
+    statistic biased by the specimen gives two different answers on different tiles (the
+    median where nuclei cover a third of the field), one too noisy (a low quantile of EM)
+    gives two noisy ones; the vignetting is the same in both halves."""
+    if len(stack) < MIN_SPLIT_TILES:
+        return 50.0
+    basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
+    best, best_q = np.inf, 50.0
+    for q in QUANTILES:
+        a, b = (basis @ _fit_quantile(half, q) for half in (stack[0::2], stack[1::2]))
+        if (a <= 0).any() or (b <= 0).any():
+            continue
+        ratio = (a / a.mean()) / (b / b.mean())
+        disagree = float(np.sqrt(np.mean((ratio - 1) ** 2)))
+        if disagree < best:
+            best, best_q = disagree, q
+    return best_q
+
+
+def _fit_quantile(stack: np.ndarray, q: float) -> np.ndarray:
+    """Polynomial coefficients fitted to the per-pixel q-th percentile of tiles each divided
+    by its own q-th percentile (reduced tiles, FIT_GRID x FIT_GRID)."""
+    level = np.percentile(stack.reshape(len(stack), -1), q, axis=1)
+    level = np.where(level > 0, level, np.median(stack.reshape(len(stack), -1), axis=1))
+    stat = np.percentile(stack / np.maximum(level, 1e-12)[:, None, None], q, axis=0)
+    coef, *_ = np.linalg.lstsq(_poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE), stat.ravel(), rcond=None)
+    return coef
 
 
 def flatfield_from_references(bright: np.ndarray, dark: float | np.ndarray = 0.0) -> np.ndarray:
