@@ -222,6 +222,9 @@ class ProcessingConfig(_Model):
     lens: Literal["estimate", "none"] = Field(
         "estimate", description="estimate the camera's radial distortion from the first sections' overlaps "
         "and take it out of every tile when stitching and rendering; 'none' renders tiles as taken")
+    tile_model: Literal["translation", "affine"] = Field(
+        "translation", description="'affine' for a camera array: each tile also turned and scaled against "
+        "its neighbours, fitted from the overlaps and rendered through (docs/stitching.md)")
     scratch: Path | None = Field(
         None, description="folder for each section's scratch files while it is aligned (14 bytes a canvas "
         "pixel; a fast local disk); default: beside the volume")

@@ -396,7 +396,8 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
         volume = Volume.create(vol_path, (len(slots), *canvas.shape), pixel_nm=cam.pixel_size_nm,
                                thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels, chunk=proc.chunk)
     processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic, lens=proc.lens,
-                                 scratch=proc.scratch, device=proc.device, neighbours=proc.align_neighbours)
+                                 scratch=proc.scratch, device=proc.device, neighbours=proc.align_neighbours,
+                                 tile_model=proc.tile_model)
     if resumed:
         # The next section aligns to the last good one written before the crash, not to nothing.
         primed = processor.prime_from_volume()

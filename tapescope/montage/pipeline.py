@@ -151,7 +151,8 @@ class SectionProcessor:
 
     def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True, neighbours: int = LIVE_NEIGHBOURS,
                  gain: np.ndarray | None = None, dark: float = 0.0, elastic: bool = True,
-                 device: str = "cpu", lens: str = "estimate", scratch: Path | None = None) -> None:
+                 device: str = "cpu", lens: str = "estimate", scratch: Path | None = None,
+                 tile_model: str = "translation") -> None:
         if volume.shape[1:] != canvas.shape:
             raise ValueError(f"volume {volume.shape[1:]} and canvas {canvas.shape} differ")
         keep_large_blocks()
@@ -171,6 +172,9 @@ class SectionProcessor:
         # clearly (stitching/lens.py), then kept: one lens per camera, not per section.
         self.lens_mode = lens
         self.lens: RadialDistortion | None = None
+        if tile_model not in ("translation", "affine"):
+            raise ValueError(f"tile_model must be 'translation' or 'affine', not {tile_model!r}")
+        self.tile_model = tile_model
         self._reference_z: int | None = None
         self._rendering: int | None = None      # z whose pixels the current take has started to write
         root = getattr(volume.group.store, "root", None)
@@ -194,7 +198,8 @@ class SectionProcessor:
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
         # each crop as it reads it: no float32 copy of the section's tiles is ever whole.
         want: str | RadialDistortion = self.lens if self.lens is not None else self.lens_mode
-        stitched = stitch_section(raw_tiles, stage_px, grid, lens=want, gain=self.gain, dark=self.dark, strips=True)
+        stitched = stitch_section(raw_tiles, stage_px, grid, lens=want, gain=self.gain, dark=self.dark, strips=True,
+                                  tile_model=self.tile_model)
         tiles = [FlatFielded(t, self.gain, self.dark) for t in raw_tiles]
         lens = stitched.lens_applied
         if self.lens is None and lens is not None:
@@ -220,14 +225,14 @@ class SectionProcessor:
                 image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
                 cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
                 render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens,
-                          device=self.device)
+                          device=self.device, linear=sol.linear)
                 placed = self._align(z, image, cover, references, Path(tmp))
                 del image, cover     # the maps go before their files
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
         p = placed
         render_section(self.volume, z, tiles, sol.positions, p.transform.shifted(oy, ox), lens=lens,
-                       device=self.device)
+                       device=self.device, linear=sol.linear)
         stored = self._save_transform(z, p.transform)
         self.volume.record(z, {
             **info, "status": p.status, "shift_px": list(p.shift), "alignment_confidence": p.confidence,
@@ -238,6 +243,7 @@ class SectionProcessor:
             # still loaded: acquisition reads this flag (and the alarm) and acts on it.
             "needs_reimaging": p.status != "ok", "transform": p.transform.summary(), "transform_file": stored,
             "tile_positions_px": sol.positions.round(3).tolist(), "tile_status": sol.status,
+            **({} if sol.linear is None else {"tile_linear": sol.linear.round(7).tolist()}),
             "lens": None if lens is None else {"k1": lens.k1, "k2": lens.k2},
             "window": self.volume.section_window(z),
         })

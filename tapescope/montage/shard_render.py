@@ -80,7 +80,7 @@ def render_section(
 def render_to(
     image: np.ndarray, cover: np.ndarray, tiles: Sequence[np.ndarray], positions: np.ndarray,
     transform: SectionTransform, *, ramp: int | None = None, lens: RadialDistortion | None = None,
-    block: int = BLOCK_PX, device: str = "cpu",
+    block: int = BLOCK_PX, device: str = "cpu", linear: np.ndarray | None = None,
 ) -> None:
     """Render a section into `image` and its coverage into `cover` (arrays of the output's
     shape, e.g. memory-mapped files), block by block: memory bounded by a block."""
@@ -90,6 +90,6 @@ def render_to(
     for y in range(0, h, block):
         for x in range(0, w, block):
             bh, bw = min(block, h - y), min(block, w - x)
-            part, cov = render_block(tiles, positions, transform, (y, x, bh, bw), ramp, lens, warp)
+            part, cov = render_block(tiles, positions, transform, (y, x, bh, bw), ramp, lens, warp, linear=linear)
             image[y:y + bh, x:x + bw] = part
             cover[y:y + bh, x:x + bw] = cov

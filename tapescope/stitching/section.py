@@ -43,6 +43,7 @@ def stitch_section(
     tiles: Sequence[np.ndarray], stage_px: np.ndarray, grid: Sequence[tuple[int, int]],
     backend: Backend = CPU, lens: str | RadialDistortion = "none", *,
     gain: np.ndarray | None = None, dark: float | np.ndarray = 0.0, strips: bool = False,
+    tile_model: str = "translation",
 ) -> StitchResult:
     """Positions (top-left, pixels) of the tiles of one section.
 
@@ -50,7 +51,8 @@ def stitch_section(
     for it when it explains them) or a known RadialDistortion; see StreamingStitcher.finish.
     gain, dark: the flat-field, applied to what registration reads (none: tiles are
     flat-fielded already). strips: keep only edge strips wide enough for the overlaps
-    (`strip_width`), not whole tiles: for raw tiles that are mapped, not held.
+    (`strip_width`), not whole tiles: for raw tiles that are mapped, not held. tile_model:
+    "translation", or "affine" for a camera array (StreamingStitcher.finish).
     """
     if not (len(tiles) == len(stage_px) == len(grid)):
         raise ValueError("tiles, stage positions and grid indices must have the same length")
@@ -61,4 +63,4 @@ def stitch_section(
     stitcher = StreamingStitcher(gain=gain, dark=dark, strip_px=strip_px, backend=backend)
     for tile, rc, pos in zip(tiles, grid, stage_px, strict=True):
         stitcher.add(rc, tile, pos)
-    return stitcher.finish(lens=lens)
+    return stitcher.finish(lens=lens, tile_model=tile_model)
