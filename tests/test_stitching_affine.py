@@ -122,6 +122,23 @@ def test_blocks_of_an_affine_montage_equal_the_whole(lens: bool) -> None:
         np.testing.assert_allclose(part, whole[y0:y0 + h, x0:x0 + w], atol=0.05)
 
 
+@pytest.mark.parametrize("lens", [False, True])
+def test_the_ndimage_warp_draws_affine_tiles_as_opencv_does(lens: bool) -> None:
+    """The GPU's warp (here on NumPy, the same code) and OpenCV's place each tile through its
+    own linear part alike (OpenCV's affine path is fixed-point to 1/1024 px)."""
+    from tapescope.montage.warp import NdimageWarp
+    from tapescope.stitching.lens import RadialDistortion
+
+    _, tiles, positions, linear = _affine_tiles(np.random.default_rng(2))
+    model = RadialDistortion(k1=2e-3) if lens else None
+    t = SectionTransform.identity()
+    cv, cv_cov = render_block(tiles, positions, t, (0, 0, 340, 360), lens=model, linear=linear)
+    nd, nd_cov = render_block(tiles, positions, t, (0, 0, 340, 360), lens=model, linear=linear, warp=NdimageWarp(np))
+    np.testing.assert_allclose(nd_cov, cv_cov, atol=0.02)
+    inner = cv_cov > 0.5
+    assert np.abs(nd[inner] - cv[inner]).max() < 0.5          # scene std 5: 1/100 of it
+
+
 def test_the_command_writes_each_tiles_affine_and_renders_with_it(camera_array: TileSet, tmp_path: Path) -> None:
     root = tmp_path / "tiles"
     write_tileset(root, camera_array.tiles, camera_array.grid, camera_array.stage_px)
