@@ -46,16 +46,22 @@ def main() -> int:
         write_tileset(root / "set", ts.tiles, ts.grid, ts.stage_px)
         mpx = sum(t.size for t in ts.tiles) / 1e6
         print(f"== stitch from the command line: 8 x 8 tiles of 1024 px ({mpx:.0f} Mpx), start-up included")
-        ours, peer = [], []
+        ours, affine, peer = [], [], []
         have_peer = PEER_PYTHON.exists()
         for k in range(REPEATS):
             ours.append(wall([sys.executable, "-m", "tapescope.cli", "stitch", str(root / "set"),
                               "--out", str(root / f"out{k}")]))
+            # The camera-array model on the same tiles: what an affine per tile costs.
+            affine.append(wall([sys.executable, "-m", "tapescope.cli", "stitch", str(root / "set"),
+                                "--out", str(root / f"aff{k}"), "--tile-model", "affine"]))
             if have_peer:
                 peer.append(wall([str(PEER_PYTHON), str(PEER_SCRIPT), "ashlar", str(root / "set")]))
         t_ours = statistics.median(ours)
         print(f"tapescope stitch   median {t_ours:7.2f} s   ({mpx / t_ours:6.1f} Mpx/s)   "
               f"runs {[round(t, 1) for t in ours]}")
+        t_aff = statistics.median(affine)
+        print(f"  --tile-model affine median {t_aff:7.2f} s   ({t_aff / t_ours:.2f} x the translation's)   "
+              f"runs {[round(t, 1) for t in affine]}")
         if not have_peer:
             print(f"ashlar             unavailable: no peer interpreter at {PEER_PYTHON} (see bench_stitch.py)")
             return 0

@@ -134,7 +134,8 @@ def measure_warped(a: np.ndarray, b: np.ndarray, i: int, j: int, origin_a: np.nd
     if min(y1 - y0, x1 - x0) < MIN_OVERLAP_PX:
         return []
     sa, sb = (_sample(img, m, box) for img, m in ((a, to_a), (b, to_b)))
-    found = measure_patches(sa, sb, i, j, (0.0, 0.0), np.zeros(2), np.zeros(2), backend=backend, size=size)
+    found = measure_patches(sa, sb, i, j, (0.0, 0.0), np.zeros(2), np.zeros(2), backend=backend, size=size,
+                            own_peak=False)
     out = []
     for p in found:
         u = p.qb + np.array([y0, x0])        # where b's patch sits, in the half-way frame

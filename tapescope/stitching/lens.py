@@ -99,6 +99,7 @@ class LensFit:
 def measure_patches(
     a: np.ndarray, b: np.ndarray, i: int, j: int, offset: tuple[float, float], origin_a: np.ndarray,
     origin_b: np.ndarray, n: int = LENS_PATCHES, backend: Any = None, size: int | None = None,
+    own_peak: bool | None = None,
 ) -> list[PatchOffset]:
     """Patch offsets along the overlap of a and b (crops of the tiles starting at origin_a and
     origin_b in tile pixels; `offset` is b's position relative to a in crop pixels).
@@ -107,7 +108,8 @@ def measure_patches(
     (a lens moves them by fractions of a pixel). With `size`, patches of about size px
     in a grid along and across the overlap, each from its own correlation peak: tiles
     turned or scaled against each other (a camera array) move them by pixels, and the
-    change across a wide overlap is what pins a tile's scale along it."""
+    change across a wide overlap is what pins a tile's scale along it. `own_peak` False
+    refines the grid's pieces from `offset` too (crops already resampled onto each other)."""
     backend = backend or CPU
     nd = (round(offset[0]), round(offset[1]))
     sl = overlap_slices(a.shape, *nd)
@@ -122,7 +124,8 @@ def measure_patches(
     count = max(2, ca.shape[long_axis] // (size or max(ca.shape[across], 1)))
     if size is None:
         count = min(n, count)
-    pieces = refine_pieces(ca, cb, count, start, own_peak=size is not None, backend=backend)
+    own_peak = size is not None if own_peak is None else own_peak
+    pieces = refine_pieces(ca, cb, count, start, own_peak=own_peak, backend=backend)
     spans = [(0, ca.shape[across])]
     if size is not None and pieces:
         # Each piece again in slabs across, each refined from its whole piece's shift (a slab
