@@ -107,8 +107,7 @@ def test_tensorstore_and_zarr_python_write_the_same_volume(tmp_path: Path, monke
 
 
 def test_camera_pixels_invert_the_lens() -> None:
-    from tapescope.montage.render import camera_pixels
-    from tapescope.stitching.lens import RadialDistortion
+    from tapescope.stitching.lens import RadialDistortion, camera_pixels
 
     shape = (512, 640)
     lens = RadialDistortion(k1=3.0 / (2**1.5 * 320), k2=-0.5 / (4 * 2**1.5 * 320))   # ~3 px at the corners

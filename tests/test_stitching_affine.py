@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 from tapescope.cli import app
 from tapescope.montage.render import render_block, render_montage
 from tapescope.montage.transform import SectionTransform
-from tapescope.stitching.affine import measure_warped
+from tapescope.stitching.affine import PATCH_PX, fit_affine, measure_warped, solve_affine
+from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import strip_width
 from tapescope.stitching.stream import StreamingStitcher
 from tapescope.stitching.synthetic import SyntheticParams, TileSet, make_tileset
@@ -74,17 +76,71 @@ def test_patches_measured_through_a_predicted_affine_are_where_the_truth_puts_th
         assert np.abs(err).max() < (0.005 if off == 0 else 0.06), err
 
 
+def test_narrow_overlaps_of_a_camera_array_are_used() -> None:
+    """Strips of 20 px: one slab of patches across, and every pair used."""
+    ts = make_tileset(SyntheticParams(tile=256, rows=2, cols=3, overlap=0.08, stage_error_px=1, camera_linear=0.004,
+                                      seed=6, dose=500))
+    aff = _stitch(ts, "affine")
+    assert aff.solution.pair_used.all(), aff.solution.pair_reason
+    flat = _stitch(ts, "translation")
+    assert ts.seam_error(aff.solution.positions, aff.solution.linear).max() < \
+        0.5 * ts.seam_error(flat.solution.positions).max()
+
+
+def test_a_camera_array_with_a_lens_keeps_every_patch() -> None:
+    """The second look resamples through the lens too: with a lens moving the corners by
+    5 px every patch still fits (without the lens taken out, most were lost)."""
+    lens = RadialDistortion(k1=0.01)
+    ts = make_tileset(SyntheticParams(tile=512, rows=3, cols=3, overlap=0.15, stage_error_px=3, camera_linear=0.004,
+                                      seed=5, dose=500, distortion=lens))
+    st = StreamingStitcher(gain=ts.gain, strip_px=strip_width(ts.tiles[0].shape, ts.stage_px, ts.grid))
+    for rc, pos, tile in zip(ts.grid, ts.stage_px, ts.tiles, strict=True):
+        st.add(rc, tile, pos)
+    aff = st.finish(lens=lens, tile_model="affine")
+    assert aff.affine is not None and aff.affine.patch_used.all()
+    assert aff.solution.pair_used.all()
+    assert ts.seam_error(aff.solution.positions, aff.solution.linear, lens=lens).max() < 0.15   # measured 0.078
+
+
+def test_a_pair_whose_patches_scatter_is_refused_and_a_wrong_patch_dropped(camera_array: TileSet) -> None:
+    st = StreamingStitcher(gain=camera_array.gain,
+                           strip_px=strip_width(camera_array.tiles[0].shape, camera_array.stage_px, camera_array.grid))
+    for rc, pos, tile in zip(camera_array.grid, camera_array.stage_px, camera_array.tiles, strict=True):
+        st.add(rc, tile, pos)
+    st.close()
+    patches = st.patch_offsets(size=PATCH_PX)
+    rng = np.random.default_rng(0)
+    for k in (0, 4, 11):
+        # One pair's patches scattered by 3 px each (a pair whose overlap matched nothing):
+        # no affine makes them agree, and the pair is refused; the others stay.
+        bad = (st.pairs[k].i, st.pairs[k].j)
+        moved = [replace(p, m=p.m + rng.normal(0, 3, 2)) if (p.i, p.j) == bad else p for p in patches]
+        solution, _ = solve_affine(camera_array.stage_px, st.pairs, moved, camera_array.tiles[0].shape)
+        assert not solution.pair_used[k] and solution.pair_reason[k].startswith("too few patches")
+        assert solution.pair_used.sum() == len(st.pairs) - 1
+    # One patch 4 px off, measured with little precision: dropped all the same (judged in pixels).
+    one = list(patches)
+    one[5] = replace(one[5], m=one[5].m + np.array([4.0, 0.0]), information=(1e-3, 0.0, 1e-3))
+    fit = fit_affine(one, camera_array.stage_px, camera_array.tiles[0].shape)
+    before = fit_affine(patches, camera_array.stage_px, camera_array.tiles[0].shape)
+    assert before.patch_used[5] and not fit.patch_used[5]
+    assert (fit.patch_used == before.patch_used).sum() == len(one) - 1
+
+
 def test_an_unknown_tile_model_is_refused() -> None:
     st = StreamingStitcher()
     with pytest.raises(ValueError, match="tile_model"):
         st.finish(tile_model="projective")
 
 
-def _affine_tiles(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
-    """A smooth textured scene and 2 x 2 tiles of it, each through its own affine."""
-    scene = gaussian_filter(rng.normal(size=(400, 400)), 2.0) * 40 + 100
-    shape = (160, 180)
-    positions = np.array([[20.0, 25.0], [22.5, 170.25], [155.75, 18.5], [160.0, 168.0]])
+def _affine_tiles(rng: np.random.Generator, scale_px: int = 1) -> tuple[np.ndarray, list[np.ndarray], np.ndarray,
+                                                                          np.ndarray]:
+    """A smooth textured scene and 2 x 2 tiles of it, each through its own affine; `scale_px`
+    times the small set's size (tiles of 160 x 180 px, overlaps of 10-30 px)."""
+    k = scale_px
+    scene = gaussian_filter(rng.normal(size=(400 * k, 400 * k)), 2.0) * 40 + 100
+    shape = (160 * k, 180 * k)
+    positions = np.array([[20.0, 25.0], [22.5, 170.25], [155.75, 18.5], [160.0, 168.0]]) * [[k, k]]
     turn = [0.0, 0.01, -0.012, 0.006]
     scale = [1.0, 1.008, 0.994, 1.004]
     linear = np.array([s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a, s in zip(turn, scale,
@@ -93,6 +149,24 @@ def _affine_tiles(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray
     tiles = [map_coordinates(scene, np.moveaxis(p + q @ a.T, -1, 0), order=3).astype(np.float32)
              for p, a in zip(positions, linear, strict=True)]
     return scene, tiles, positions, linear
+
+
+def test_large_affine_tiles_drawn_alone_and_blended_land_where_the_truth_puts_them() -> None:
+    """Tiles large enough that most cells are one tile's alone (drawn by OpenCV's affine warp
+    through the tile's linear part) and the rest blended: both against the scene, and
+    blocks against the whole."""
+    scene, tiles, positions, linear = _affine_tiles(np.random.default_rng(3), scale_px=4)
+    t = SectionTransform.identity()
+    size = (1360, 1440)
+    whole, cover = render_block(tiles, positions, t, (0, 0, *size), linear=linear)
+    inner = (slice(120, 1240), slice(140, 1320))
+    assert (cover[inner] > 0.5).all()
+    err = np.abs(whole[inner] - scene[:size[0], :size[1]][inner])
+    assert np.median(err) < 1.0 and np.percentile(err, 99.9) < 4.0
+    for y0, x0, h, w in [(0, 0, 700, 700), (600, 650, 760, 790), (300, 0, 260, 1440)]:
+        part, cov = render_block(tiles, positions, t, (y0, x0, h, w), linear=linear)
+        np.testing.assert_allclose(cov, cover[y0:y0 + h, x0:x0 + w], atol=1e-4)
+        np.testing.assert_allclose(part, whole[y0:y0 + h, x0:x0 + w], atol=0.05)
 
 
 def test_the_renderer_places_each_tile_through_its_own_linear_part() -> None:
@@ -110,8 +184,6 @@ def test_the_renderer_places_each_tile_through_its_own_linear_part() -> None:
 def test_blocks_of_an_affine_montage_equal_the_whole(lens: bool) -> None:
     """Which tiles reach a block, and which part of each is read, widen by the tiles' turn and
     scale: a block rendered alone draws what the whole render draws there."""
-    from tapescope.stitching.lens import RadialDistortion
-
     _, tiles, positions, linear = _affine_tiles(np.random.default_rng(1))
     model = RadialDistortion(k1=2e-3) if lens else None
     t = SectionTransform.identity()
@@ -127,8 +199,6 @@ def test_the_ndimage_warp_draws_affine_tiles_as_opencv_does(lens: bool) -> None:
     """The GPU's warp (here on NumPy, the same code) and OpenCV's place each tile through its
     own linear part alike (OpenCV's affine path is fixed-point to 1/1024 px)."""
     from tapescope.montage.warp import NdimageWarp
-    from tapescope.stitching.lens import RadialDistortion
-
     _, tiles, positions, linear = _affine_tiles(np.random.default_rng(2))
     model = RadialDistortion(k1=2e-3) if lens else None
     t = SectionTransform.identity()

@@ -1,8 +1,8 @@
 """Taking the camera's lens out of tiles while rendering: which camera pixel saw a point.
 
 The radial model (stitching/lens.py) says where camera pixel q looks: t = q + D(q).
-Rendering needs the inverse, q(t), at every output pixel. `camera_pixels` solves it by
-fixed-point steps, exact to 1e-4 px but some ten array passes per step; the inverse is
+Rendering needs the inverse, q(t), at every output pixel. `camera_pixels` (stitching/lens.py)
+solves it by fixed-point steps, exact to 1e-4 px but some ten array passes per step; the inverse is
 the same for every tile of a camera, so `LensMap` solves it once on a coarse grid over the
 tile and interpolates between nodes (docs/montage.md). The grid is as coarse as keeps it
 within LENS_MAP_TOL_PX of the exact inverse, checked when it is made; a lens too strong
@@ -16,46 +16,13 @@ import functools
 import cv2
 import numpy as np
 
-from tapescope.stitching.lens import RadialDistortion
+from tapescope.stitching.lens import RadialDistortion, camera_pixels
 
-LENS_TOL_PX = 1e-4      # the fixed-point steps stop when they move a pixel less than this
-LENS_MAX_STEPS = 30
 # The interpolated inverse's largest error allowed, checked on a dense sample: a tenth of what
 # the estimated lens model is itself off by at the corners (k1 within 2-4 %, docs/stitching.md),
 # a fifth of the stitching's error. Bilinear between nodes errs by ~spacing^2 x E'' / 8.
 LENS_MAP_TOL_PX = 0.01
 LENS_MAP_SPACINGS = (32, 16, 8, 4)
-
-
-def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
-                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The camera pixel q that sees tile-frame point t (lens.py: q + D(q) = t), exactly.
-
-    Rendering through this un-distorts the tiles: each output pixel samples the camera
-    pixel that saw its point of the specimen, so overlapping tiles agree at the seams.
-    Far outside a strongly bent sensor the steps diverge: such points come back inf or nan
-    (no warning), and the caller treats them as seeing nothing."""
-    cy, cx = np.float32((shape[0] - 1) / 2), np.float32((shape[1] - 1) / 2)
-    inv_r2 = np.float32(1.0 / (max(shape) / 2) ** 2)
-    k1, k2 = np.float32(lens.k1), np.float32(lens.k2)
-    # float32 cannot resolve 1e-4 px at coordinates of thousands: stop at a few of its steps there.
-    tol = max(LENS_TOL_PX, 4 * float(np.spacing(np.float32(max(shape)))))
-    qy, qx = ty, tx
-    moving = np.ones(np.shape(ty), bool)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for _ in range(LENS_MAX_STEPS):
-            vy, vx = qy - cy, qx - cx
-            f = (vy * vy + vx * vx) * inv_r2
-            f = f * (k1 + k2 * f) if k2 else f * k1
-            ny, nx = ty - f * vy, tx - f * vx
-            # Each point stops on its own step, so its result does not depend on which others
-            # it is solved with (a block rendered alone equals the whole render).
-            ny, nx = np.where(moving, ny, qy), np.where(moving, nx, qx)
-            moving &= np.maximum(np.abs(ny - qy), np.abs(nx - qx)) >= tol
-            qy, qx = ny, nx
-            if not moving.any():
-                break
-    return qy, qx
 
 
 class LensMap:

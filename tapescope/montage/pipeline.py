@@ -56,13 +56,9 @@ class Canvas:
     def around(cls, positions: np.ndarray, tile_shape: tuple[int, int], margin: int,
                linear: np.ndarray | None = None) -> Canvas:
         """The canvas that holds every tile (each with its own linear part, if given)."""
-        if linear is not None:
-            corners = tile_corners(positions, tile_shape, linear).reshape(-1, 2)
-            lo = np.floor(corners.min(axis=0)).astype(int) - margin
-            hi = np.ceil(corners.max(axis=0)).astype(int) + margin
-            return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
-        lo = np.floor(positions.min(axis=0)).astype(int) - margin
-        hi = np.ceil(positions.max(axis=0) + np.array(tile_shape)).astype(int) + margin
+        corners = tile_corners(np.asarray(positions, float), tile_shape, linear).reshape(-1, 2)
+        lo = np.floor(corners.min(axis=0)).astype(int) - margin
+        hi = np.ceil(corners.max(axis=0)).astype(int) + margin
         return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tapescope.stitching.lens import RadialDistortion
+from tapescope.stitching.lens import RadialDistortion, camera_pixels
 
-from .lens_map import LensMap, camera_pixels, lens_map
+from .lens_map import LensMap, lens_map
 from .transform import SectionTransform
 from .warp import CvWarp, Warp
 
@@ -182,7 +182,8 @@ class _Setup:
                 max(int(np.floor(x0)) - 1 - b, 0), min(int(np.ceil(x1)) + 2 + b, tw))
 
     def tile_maps(self, mx: np.ndarray, my: np.ndarray, i: int, cy0: int, cx0: int) -> tuple[np.ndarray, np.ndarray]:
-        """Section maps turned, in place, into maps of tile i's crop at (cy0, cx0)."""
+        """Section maps turned into maps of tile i's crop at (cy0, cx0): in place, except
+        through a tile's own linear part (new arrays then)."""
         py, px = self.positions[i]
         # Section -> tile, then tile -> crop by an integer: exact, so a pixel samples the same
         # point whichever region it is rendered in (blocks equal the whole render, bit for

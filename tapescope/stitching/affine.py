@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.linalg import lsqr
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.linalg import splu
 
-from .lens import PatchOffset, RadialDistortion, measure_patches
+from .lens import PatchOffset, RadialDistortion, camera_points, measure_patches
 from .register import MIN_OVERLAP_PX
 from .solve import MIN_CONFIDENCE, OUTLIER_PX, PRIOR_WEIGHT, Pair, Solution, axis_weights
 
@@ -62,10 +62,16 @@ class AffineFit:
     rms: float                  # ... of an affine per tile
 
 
+def _frame(shape: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """The tile's centre and half-width: the unknowns are solved about the one, in units of the other."""
+    return (np.array(shape, float) - 1) / 2, max(shape) / 2
+
+
 def _rows(patches: list[PatchOffset], n: int, shape: tuple[int, int], lens: RadialDistortion | None,
-          stage: np.ndarray, prior: float) -> tuple[coo_matrix, np.ndarray, int]:
-    centre = (np.array(shape, float) - 1) / 2
-    half = max(shape) / 2
+          stage: np.ndarray, prior: float) -> tuple[csr_matrix, np.ndarray, csr_matrix]:
+    """The weighted least-squares rows (patches, then priors) with their right-hand side, and
+    the gauge's rows (sum_k E_k = 0; dense: kept apart for the solve)."""
+    centre, half = _frame(shape)
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []
@@ -85,7 +91,6 @@ def _rows(patches: list[PatchOffset], n: int, shape: tuple[int, int], lens: Radi
             vals += list(w[axis] * np.array([1.0, -1.0, ub[0], ub[1], -ua[0], -ua[1]]))
             rhs.append(w[axis] * (qa[axis] - qb[axis]))
             r += 1
-    measured = r
     for t in range(n):
         for axis in range(2):
             rows.append(r)
@@ -99,27 +104,26 @@ def _rows(patches: list[PatchOffset], n: int, shape: tuple[int, int], lens: Radi
             vals.append(prior)
             rhs.append(0.0)
             r += 1
-    for k in range(4):
-        rows += [r] * n
-        cols += [6 * t + 2 + k for t in range(n)]
-        vals += [GAUGE_WEIGHT / n] * n
-        rhs.append(0.0)
-        r += 1
-    return coo_matrix((vals, (rows, cols)), shape=(r, 6 * n)), np.asarray(rhs), measured
+    gauge = coo_matrix(([GAUGE_WEIGHT / n] * (4 * n), ([k for k in range(4) for _ in range(n)],
+                                                       [6 * t + 2 + k for k in range(4) for t in range(n)])),
+                       shape=(4, 6 * n))
+    return coo_matrix((vals, (rows, cols)), shape=(r, 6 * n)).tocsr(), np.asarray(rhs), gauge.tocsr()
 
 
 def measure_warped(a: np.ndarray, b: np.ndarray, i: int, j: int, origin_a: np.ndarray, origin_b: np.ndarray,
-                   relative: np.ndarray, size: int = PATCH_PX, backend: Any = None) -> list[PatchOffset]:
+                   relative: np.ndarray, size: int = PATCH_PX, backend: Any = None,
+                   lens: RadialDistortion | None = None, shape: tuple[int, int] | None = None) -> list[PatchOffset]:
     """Patch offsets of the overlap of crops a and b (starting at origin_a and origin_b in
     their tiles' pixels), both first resampled into a frame half-way between them through
-    `relative` (2 x 3, (y, x): tile-b pixel -> tile-a pixel, from a fit). What is left is a
-    small shift, even within a patch: between turned cameras b's offset changes by pixels
-    along a patch, and least squares on such a patch is pulled towards where its texture is
-    (0.1-0.3 px on synthetic arrays). Half-way, as `register.refine_shift` resamples, so
-    that both are smoothed alike."""
+    `relative` (2 x 3, (y, x): tile b -> tile a, in pixels with the lens taken out, q + D(q);
+    `lens` and the tiles' `shape` say what D is). What is left is a small shift, even within
+    a patch: between turned cameras b's offset changes by pixels along a patch, and least
+    squares on such a patch is pulled towards where its texture is (0.1-0.3 px on synthetic
+    arrays). Half-way, as `register.refine_shift` resamples, so that both are smoothed
+    alike. The offsets returned are in the tiles' own pixels, as measure_patches gives them."""
     lin, off = relative[:, :2], relative[:, 2]
-    # In crop pixels, qa = lin @ qb + shift. The half-way frame u: a is sampled at
-    # qa = half @ u + whole + frac / 2, b at qb = lin^-1 (half @ u - frac / 2).
+    # In crop pixels (lens taken out), qa = lin @ qb + shift. The half-way frame u: a is
+    # sampled at qa = half @ u + whole + frac / 2, b at qb = lin^-1 (half @ u - frac / 2).
     shift = lin @ origin_b + off - origin_a
     whole = np.round(shift)
     frac = shift - whole
@@ -128,19 +132,37 @@ def measure_warped(a: np.ndarray, b: np.ndarray, i: int, j: int, origin_a: np.nd
     back = np.linalg.inv(lin)
     to_b = np.column_stack([back @ half, -back @ frac / 2])
     box = _inner_box(to_a, a.shape) & _inner_box(to_b, b.shape)
+    bend = 0
+    if lens is not None and not lens.is_identity and shape is not None:
+        # The lens moves a pixel by this much at most: the box keeps clear of the crops' edges by it.
+        bend = int(np.ceil(np.abs(lens.at(np.zeros(2), shape)).max())) + 1
+    else:
+        lens = None
     if box is None:
         return []
     y0, y1, x0, x1 = box.bounds
+    y0, y1, x0, x1 = y0 + bend, y1 - bend, x0 + bend, x1 - bend
     if min(y1 - y0, x1 - x0) < MIN_OVERLAP_PX:
         return []
-    sa, sb = (_sample(img, m, box) for img, m in ((a, to_a), (b, to_b)))
+    frame = np.stack(np.mgrid[y0:y1, x0:x1], -1).astype(np.float64)
+
+    def raw(to: np.ndarray, u: np.ndarray, origin: np.ndarray) -> np.ndarray:
+        """Crop pixels (the tile's own, not lens-corrected) of frame points u."""
+        v = u @ to[:, :2].T + to[:, 2]
+        if lens is None or shape is None:
+            return v
+        return camera_points(lens, v + origin, shape) - origin
+
+    sa, sb = (ndimage.map_coordinates(np.asarray(img, np.float32), np.moveaxis(raw(to, frame, origin), -1, 0),
+                                      order=3, mode="nearest")
+              for img, to, origin in ((a, to_a, origin_a), (b, to_b, origin_b)))
     found = measure_patches(sa, sb, i, j, (0.0, 0.0), np.zeros(2), np.zeros(2), backend=backend, size=size,
                             own_peak=False)
     out = []
     for p in found:
         u = p.qb + np.array([y0, x0])        # where b's patch sits, in the half-way frame
-        qb = to_b[:, :2] @ u + to_b[:, 2] + origin_b
-        qa = to_a[:, :2] @ (u + p.m) + to_a[:, 2] + origin_a
+        qb = raw(to_b, u, origin_b) + origin_b
+        qa = raw(to_a, u + p.m, origin_a) + origin_a
         out.append(PatchOffset(i, j, qb, qa - qb, p.information))
     return out
 
@@ -168,16 +190,6 @@ def _inner_box(to_img: np.ndarray, shape: tuple[int, int]) -> _Box:
                  int(np.ceil(max(c[0, 1], c[2, 1]))), int(np.floor(min(c[1, 1], c[3, 1]))) + 1))
 
 
-def _sample(img: np.ndarray, to_img: np.ndarray, box: _Box) -> np.ndarray:
-    """img resampled on the frame's pixels in `box` by a cubic spline: exact to 1/1000 px on
-    band-passed texture, where OpenCV's cubic moved it by 0.07 px and its Lanczos by 0.02
-    (measured: the same crop resampled at mirrored phases and registered)."""
-    y0, y1, x0, x1 = box.bounds
-    return ndimage.affine_transform(np.asarray(img, np.float32), to_img[:, :2],
-                                    offset=to_img[:, :2] @ np.array([y0, x0], float) + to_img[:, 2],
-                                    output_shape=(y1 - y0, x1 - x0), order=3, mode="nearest")
-
-
 def relative_affine(positions: np.ndarray, linear: np.ndarray, i: int, j: int) -> np.ndarray:
     """2 x 3 (y, x): tile j's pixel -> tile i's pixel under a fit (A_i^-1 (t_j + A_j q - t_i))."""
     inv = np.linalg.inv(linear[i])
@@ -192,42 +204,48 @@ def patch_weights(patches: list[PatchOffset]) -> np.ndarray:
 
 
 def _solve(patches: list[PatchOffset], stage: np.ndarray, shape: tuple[int, int], lens: RadialDistortion | None,
-           prior: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(positions of pixel (0, 0), linear parts, patch residuals) of one least-squares solve."""
+           prior: float) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of pixel (0, 0), linear parts) of one least-squares solve.
+
+    Normal equations, factorised once (sparse: a tile meets four neighbours); the gauge's
+    four dense rows enter as a rank-4 update (Woodbury), so a montage of thousands of tiles
+    stays a sparse solve."""
     n = len(stage)
-    a, b, measured = _rows(patches, n, shape, lens, stage, prior)
-    a = a.tocsr()
-    x = lsqr(a, b, atol=1e-12, btol=1e-12, iter_lim=20 * a.shape[1] + 1000)[0]
-    res = np.linalg.norm((a @ x - b)[:measured].reshape(-1, 2), axis=1)
+    a, b, g = _rows(patches, n, shape, lens, stage, prior)
+    lu = splu((a.T @ a).tocsc())
+    x = lu.solve(a.T @ b)
+    u = g.T.toarray()                             # (6n, 4)
+    y = lu.solve(u)
+    x -= y @ np.linalg.solve(np.eye(4) + u.T @ y, u.T @ x)
     x = x.reshape(n, 6)
-    centre = (np.array(shape, float) - 1) / 2
-    half = max(shape) / 2
+    centre, half = _frame(shape)
     linear = np.eye(2)[None] + x[:, 2:].reshape(n, 2, 2) / half
     # The centre lands at P + centre; pixel (0, 0) at that minus A @ centre.
     positions = x[:, :2] + centre - linear @ centre
-    return positions, linear, res
+    return positions, linear
 
 
 def fit_affine(patches: list[PatchOffset], stage: np.ndarray, shape: tuple[int, int],
                lens: RadialDistortion | None = None) -> AffineFit:
-    """An affine per tile from patch offsets (module doc), with patch outliers dropped."""
+    """An affine per tile from patch offsets (module doc), with patch outliers dropped:
+    judged in pixels (where the two tiles put the patch), not weighted, as the translation
+    solve judges pairs."""
     stage = np.asarray(stage, float).reshape(-1, 2)
     keep = np.ones(len(patches), bool)
-    for _ in range(4):
+    for _ in range(8):
         kept = [p for p, k in zip(patches, keep, strict=True) if k]
-        positions, linear, res = _solve(kept, stage, shape, lens, AFFINE_PRIOR)
+        positions, linear = _solve(kept, stage, shape, lens, AFFINE_PRIOR)
+        res = _residuals(kept, positions, linear, shape, lens)
         bound = max(PATCH_OUTLIER_PX, 3 * float(np.median(res))) if len(res) else 0.0
         if (res <= bound).all():
             break
-        idx = np.flatnonzero(keep)
-        keep[idx[res > bound]] = False
-    residual = np.full(len(patches), np.nan)
-    if patches:
-        residual = _residuals(patches, positions, linear, shape, lens)
+        keep[np.flatnonzero(keep)[res > bound]] = False
+    residual = _residuals(patches, positions, linear, shape, lens)
     kept = [p for p, k in zip(patches, keep, strict=True) if k]
     # The same patches with each tile held to a translation (a prior too strong to move):
-    # what the affine buys, for the summary.
-    _, _, flat = _solve(kept, stage, shape, lens, 1e6)
+    # what the affine buys, for the summary; both in pixels.
+    flat_pos, flat_lin = _solve(kept, stage, shape, lens, 1e6)
+    flat = _residuals(kept, flat_pos, flat_lin, shape, lens)
     rms = float(np.sqrt(np.mean(residual[keep] ** 2))) if keep.any() else float("nan")
     rms_t = float(np.sqrt(np.mean(flat**2))) if len(flat) else float("nan")
     return AffineFit(positions, linear, residual, keep, rms_t, rms)
@@ -236,6 +254,8 @@ def fit_affine(patches: list[PatchOffset], stage: np.ndarray, shape: tuple[int, 
 def _residuals(patches: list[PatchOffset], positions: np.ndarray, linear: np.ndarray, shape: tuple[int, int],
                lens: RadialDistortion | None) -> np.ndarray:
     """|where the patch lands through a - where through b|, px, per patch."""
+    if not patches:
+        return np.zeros(0)
     i = np.array([p.i for p in patches])
     j = np.array([p.j for p in patches])
     qb = np.array([p.qb for p in patches], float)
@@ -251,8 +271,8 @@ def solve_affine(stage: np.ndarray, pairs: list[Pair], patches: list[PatchOffset
                  lens: RadialDistortion | None = None) -> tuple[Solution, AffineFit]:
     """The montage's Solution with an affine per tile (`Solution.linear`).
 
-    A pair is used where registration trusted it (confidence over MIN_CONFIDENCE) and at
-    least MIN_PATCHES of its patches fit; its residual is the RMS of its patches'. A pair
+    A pair is used where registration trusted it (confidence over MIN_CONFIDENCE) and half
+    of its patches (MIN_PATCHES at least) fit; its residual is the RMS of its patches'. A pair
     whose patches disagree with the rest by more than OUTLIER_PX is left out, the worst
     first, and the rest solved again. Tiles no used pair reaches stay at the stage."""
     n = len(stage)
@@ -267,14 +287,25 @@ def solve_affine(stage: np.ndarray, pairs: list[Pair], patches: list[PatchOffset
         fit = fit_affine(chosen, stage, shape, lens)
         owner = np.array([index[(p.i, p.j)] for p in chosen], int)
         res = np.full(len(pairs), np.nan)
+        share = np.ones(len(pairs))
         for k in np.flatnonzero(used):
             mine = (owner == k) & fit.patch_used
-            if mine.sum() < MIN_PATCHES:
-                used[k] = False
-                reason[k] = (f"too few patches: {int(mine.sum())} of {int((owner == k).sum())} of the overlap "
-                             f"fit the tiles' affines (at least {MIN_PATCHES} needed)")
-                continue
-            res[k] = float(np.sqrt(np.mean(fit.patch_residual[mine] ** 2)))
+            share[k] = mine.sum() / max((owner == k).sum(), 1)
+            if mine.any():
+                res[k] = float(np.sqrt(np.mean(fit.patch_residual[mine] ** 2)))
+        # Half of a pair's patches at least (MIN_PATCHES at least) must fit: a pair that is
+        # wrong as a whole loses most of them, and the few left by chance must not vouch for
+        # it. The one with the smallest share goes first, and the rest are fitted again: a
+        # wrong pair bends the fit, and its neighbours lose patches while it is in.
+        short = [k for k in np.flatnonzero(used)
+                 if (fit.patch_used & (owner == k)).sum() < max(MIN_PATCHES, (owner == k).sum() / 2)]
+        if short:
+            k = min(short, key=lambda k: share[k])
+            used[k] = False
+            reason[k] = (f"too few patches: {int((fit.patch_used & (owner == k)).sum())} of "
+                         f"{int((owner == k).sum())} of the overlap fit the tiles' affines (half, and "
+                         f"{MIN_PATCHES} at least, needed)")
+            continue
         worst = int(np.nanargmax(np.where(used, res, np.nan))) if used.any() else -1
         if worst < 0 or res[worst] <= OUTLIER_PX:
             break

@@ -91,8 +91,27 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
         raise ValueError(f"need at least 3 usable tiles to estimate a flat-field, got {len(small)}")
     stack = np.stack(small)
     q = choose_quantile(stack)
-    full = _poly_eval(_fit_quantile(stack, q), shape[0], shape[1], FIT_DEGREE)
-    return (full / full.mean()).astype(np.float32)
+    coef = _fit_quantile(stack, q)
+    if coef is None:
+        raise ValueError(f"the tiles' {q:g}th percentile is not positive on 3 of them (dark frames?)")
+    full = _poly_eval(coef, shape[0], shape[1], FIT_DEGREE)
+    low = float((full < MIN_GAIN * full.mean()).mean())
+    if low > MAX_LOW_AREA:
+        raise ValueError(f"the fitted gain is under {MIN_GAIN:g} of its mean on {100 * low:.0f} % of the tile "
+                         "(the tiles are too sparse or too dark for a flat-field)")
+    return _held(full).astype(np.float32)
+
+
+def _held(gain: np.ndarray) -> np.ndarray:
+    """A fitted gain over its mean, held at MIN_GAIN or more: a polynomial through the dark
+    corners of a round beam (real TEMCA frames) dips to or below zero there, and those
+    pixels must stay dark, not flip sign."""
+    g = np.maximum(gain / gain.mean(), MIN_GAIN)
+    return g / g.mean()
+
+
+MIN_GAIN = 0.05          # of the mean: the least gain a fitted flat-field is allowed
+MAX_LOW_AREA = 0.25      # more of the tile than this under MIN_GAIN: no flat-field at all
 
 
 # Per-pixel statistics tried, as percentiles over the tiles (each tile first divided by its
@@ -107,28 +126,35 @@ def choose_quantile(stack: np.ndarray) -> float:
     """The percentile whose estimates from the even and the odd tiles agree best: a
     statistic biased by the specimen gives two different answers on different tiles (the
     median where nuclei cover a third of the field), one too noisy (a low quantile of EM)
-    gives two noisy ones; the vignetting is the same in both halves."""
+    gives two noisy ones; the vignetting is the same in both halves. Percentiles whose fit on
+    all tiles is under MIN_GAIN on more than MAX_LOW_AREA of the tile are not candidates."""
     if len(stack) < MIN_SPLIT_TILES:
         return 50.0
     basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
     best, best_q = np.inf, 50.0
     for q in QUANTILES:
-        a, b = (basis @ _fit_quantile(half, q) for half in (stack[0::2], stack[1::2]))
-        if (a <= 0).any() or (b <= 0).any():
+        fits = [_fit_quantile(part, q) for part in (stack[0::2], stack[1::2], stack)]
+        if any(c is None for c in fits):
             continue
-        ratio = (a / a.mean()) / (b / b.mean())
+        a, b, whole = (_held(basis @ c) for c in fits if c is not None)
+        if float((whole <= MIN_GAIN).mean()) > MAX_LOW_AREA:
+            continue
+        ratio = a / b
         disagree = float(np.sqrt(np.mean((ratio - 1) ** 2)))
         if disagree < best:
             best, best_q = disagree, q
     return best_q
 
 
-def _fit_quantile(stack: np.ndarray, q: float) -> np.ndarray:
+def _fit_quantile(stack: np.ndarray, q: float) -> np.ndarray | None:
     """Polynomial coefficients fitted to the per-pixel q-th percentile of tiles each divided
-    by its own q-th percentile (reduced tiles, FIT_GRID x FIT_GRID)."""
+    by its own q-th percentile (reduced tiles, FIT_GRID x FIT_GRID); tiles whose percentile
+    is not positive (mostly dark) are left out; None if fewer than 3 are left."""
     level = np.percentile(stack.reshape(len(stack), -1), q, axis=1)
-    level = np.where(level > 0, level, np.median(stack.reshape(len(stack), -1), axis=1))
-    stat = np.percentile(stack / np.maximum(level, 1e-12)[:, None, None], q, axis=0)
+    usable = level > 0
+    if usable.sum() < 3:
+        return None
+    stat = np.percentile(stack[usable] / level[usable][:, None, None], q, axis=0)
     coef, *_ = np.linalg.lstsq(_poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE), stat.ravel(), rcond=None)
     return coef
 

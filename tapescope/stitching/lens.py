@@ -12,7 +12,6 @@ so a tile's position is still the position of its centre pixel minus the centre 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from scipy.sparse import coo_matrix, hstack
 from scipy.sparse.linalg import lsqr
 
 from .backend import CPU
-from .register import band_pass, overlap_slices, refine_pieces
+from .register import band_pass, overlap_slices, piece_spans, refine_pieces
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,47 @@ def radial_basis(q: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     v = q - c
     rho2 = (v**2).sum(-1, keepdims=True) / r_norm**2
     return np.stack([rho2 * v, rho2**2 * v], -1)
+
+
+LENS_TOL_PX = 1e-4      # camera_pixels' fixed-point steps stop when they move a pixel less than this
+LENS_MAX_STEPS = 30
+
+
+def camera_pixels(lens: RadialDistortion, ty: np.ndarray, tx: np.ndarray,
+                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The camera pixel q that sees tile-frame point t (lens.py: q + D(q) = t), exactly.
+
+    Rendering through this un-distorts the tiles: each output pixel samples the camera
+    pixel that saw its point of the specimen, so overlapping tiles agree at the seams.
+    Far outside a strongly bent sensor the steps diverge: such points come back inf or nan
+    (no warning), and the caller treats them as seeing nothing."""
+    cy, cx = np.float32((shape[0] - 1) / 2), np.float32((shape[1] - 1) / 2)
+    inv_r2 = np.float32(1.0 / (max(shape) / 2) ** 2)
+    k1, k2 = np.float32(lens.k1), np.float32(lens.k2)
+    # float32 cannot resolve 1e-4 px at coordinates of thousands: stop at a few of its steps there.
+    tol = max(LENS_TOL_PX, 4 * float(np.spacing(np.float32(max(shape)))))
+    qy, qx = ty, tx
+    moving = np.ones(np.shape(ty), bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(LENS_MAX_STEPS):
+            vy, vx = qy - cy, qx - cx
+            f = (vy * vy + vx * vx) * inv_r2
+            f = f * (k1 + k2 * f) if k2 else f * k1
+            ny, nx = ty - f * vy, tx - f * vx
+            # Each point stops on its own step, so its result does not depend on which others
+            # it is solved with (a block rendered alone equals the whole render).
+            ny, nx = np.where(moving, ny, qy), np.where(moving, nx, qx)
+            moving &= np.maximum(np.abs(ny - qy), np.abs(nx - qx)) >= tol
+            qy, qx = ny, nx
+            if not moving.any():
+                break
+    return qy, qx
+
+
+def camera_points(lens: RadialDistortion, t: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """`camera_pixels` of points t (..., 2) as (y, x)."""
+    qy, qx = camera_pixels(lens, t[..., 0], t[..., 1], shape)
+    return np.stack([qy, qx], -1)
 
 
 # -- estimation from the overlaps of a montage --------------------------------------------
@@ -132,14 +172,13 @@ def measure_patches(
         # a few tens of pixels wide finds its own peak less surely than the whole width does).
         # Two slabs at least where the overlap is wide enough: a tile's scale across a band
         # is only seen as the offset changing across it.
-        slabs = max(min(2, ca.shape[across] // MIN_SLAB_PX), ca.shape[across] // size)
-        edges = np.linspace(0, ca.shape[across], slabs + 1).round().astype(int)
-        spans = list(itertools.pairwise(edges.tolist()))
+        slabs = max(1, min(2, ca.shape[across] // MIN_SLAB_PX), ca.shape[across] // size)
+        spans = piece_spans(ca.shape[across], slabs)
         whole = {(lo, hi): fine.shift for lo, hi, fine in pieces}
         pieces = []
         for c0, c1 in spans:
             cut = (slice(None), slice(c0, c1)) if across == 1 else (slice(c0, c1), slice(None))
-            starts = [whole.get(span, start) for span in _spans(ca.shape[long_axis], count)]
+            starts = [whole.get(span, start) for span in piece_spans(ca.shape[long_axis], count)]
             pieces += [(lo, hi, fine, (c0, c1)) for lo, hi, fine in
                        refine_pieces(ca[cut], cb[cut], count, starts, along=long_axis, backend=backend)]
     else:
@@ -168,12 +207,6 @@ def texture_centre(piece: np.ndarray) -> np.ndarray:
         return (np.array(piece.shape, float) - 1) / 2
     return np.array([float((energy.sum(1) * np.arange(piece.shape[0])).sum()),
                      float((energy.sum(0) * np.arange(piece.shape[1])).sum())]) / total
-
-
-def _spans(length: int, pieces: int) -> list[tuple[int, int]]:
-    """The (first, end) of `refine_pieces`' pieces along a crop of `length`."""
-    edges = np.linspace(0, length, pieces + 1).round().astype(int).tolist()
-    return list(itertools.pairwise(edges))
 
 
 def fit_lens(

@@ -254,6 +254,11 @@ def register_pair(
     return PairShift(dy, dx, 0.0, NOT_REFINED)
 
 
+def piece_spans(length: int, pieces: int) -> list[tuple[int, int]]:
+    """(first, end) of `pieces` near-equal pieces of `length`."""
+    return list(itertools.pairwise(np.linspace(0, length, pieces + 1).round().astype(int).tolist()))
+
+
 def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] | list[tuple[float, float]] = (0.0, 0.0),
                   *, own_peak: bool = False, backend: Backend = CPU,
                   along: int | None = None) -> list[tuple[int, int, Refined]]:
@@ -262,9 +267,8 @@ def refine_pieces(ca: Any, cb: Any, pieces: int, start: tuple[float, float] | li
     its own integer correlation peak within PIECE_SHIFT_PX. Returns (first, end, shift)
     along that axis for each piece that converged."""
     along = int(np.argmax(ca.shape)) if along is None else along
-    edges = np.linspace(0, ca.shape[along], pieces + 1).round().astype(int)
     out = []
-    for k, (lo, hi) in enumerate(itertools.pairwise(edges)):
+    for k, (lo, hi) in enumerate(piece_spans(ca.shape[along], pieces)):
         cut = (slice(None), slice(lo, hi)) if along == 1 else (slice(lo, hi), slice(None))
         pa, pb = ca[cut], cb[cut]
         at = start[k] if isinstance(start, list) else start

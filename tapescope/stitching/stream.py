@@ -136,9 +136,10 @@ class StreamingStitcher:
                 stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
                 grid = self.patch_offsets(size=PATCH_PX)
                 solution, fit = solve_affine(stage, self.pairs, grid, self.shape, result.lens_applied)
-                # Measured again with each b resampled through the first fit: what is left
-                # within a patch is then a shift, which least squares measures without bias.
-                grid = self.warped_patch_offsets(fit)
+                # Measured again with both crops resampled onto each other through the first
+                # fit: what is left within a patch is then a shift, which least squares
+                # measures without bias.
+                grid = self.patch_offsets(size=PATCH_PX, through=fit, lens=result.lens_applied)
                 solution, fit = solve_affine(stage, self.pairs, grid, self.shape, result.lens_applied)
                 result = replace(result, solution=solution, affine=fit)
             return result
@@ -185,36 +186,27 @@ class StreamingStitcher:
         inside = {self._tiles[k].index for k in self.keys if k[0] in in_rows and k[1] in in_cols}
         return [p for p in self.pairs if p.i in inside and p.j in inside]
 
-    def patch_offsets(self, pairs: list[Pair] | None = None, size: int | None = None) -> list[PatchOffset]:
+    def patch_offsets(self, pairs: list[Pair] | None = None, size: int | None = None,
+                      through: AffineFit | None = None, lens: RadialDistortion | None = None) -> list[PatchOffset]:
         """Offsets of patches along every confident overlap (of `pairs`, default all), for the
-        lens fit; with `size`, in a grid of patches of about that side (`measure_patches`)."""
+        lens fit; with `size`, in a grid of patches of about that side (`measure_patches`);
+        with `through` too, each pair's crops resampled onto each other through that fit
+        first (`affine.measure_warped`; `lens`: the model the fit took out)."""
         by_index = {st.index: st for st in self._tiles.values()}
 
         def measure(p: Pair) -> list[PatchOffset]:
             a, b = by_index[p.i], by_index[p.j]
             horizontal = self.keys[p.i][0] == self.keys[p.j][0]
             sa, sb, origin = self._strips(a, b, horizontal)
+            if through is not None:
+                relative = relative_affine(through.positions, through.linear, p.i, p.j)
+                return measure_warped(sa, sb, p.i, p.j, origin, np.zeros(2), relative, size or PATCH_PX,
+                                      self.backend, lens, self.shape)
             local = (p.dy - origin[0], p.dx - origin[1])
             return measure_patches(sa, sb, p.i, p.j, local, origin, np.zeros(2), backend=self.backend, size=size)
 
         confident = [p for p in (self.pairs if pairs is None else pairs) if p.confidence >= MIN_CONFIDENCE]
         # On the registration threads where there are some (each pair's patches are its own).
-        per_pair = self._pool.map(measure, confident) if self._pool is not None else map(measure, confident)
-        return [patch for patches in per_pair for patch in patches]
-
-    def warped_patch_offsets(self, fit: AffineFit) -> list[PatchOffset]:
-        """Patch offsets in a grid over every confident overlap, each b resampled into a's
-        frame through `fit` first (`affine.measure_warped`)."""
-        by_index = {st.index: st for st in self._tiles.values()}
-
-        def measure(p: Pair) -> list[PatchOffset]:
-            a, b = by_index[p.i], by_index[p.j]
-            horizontal = self.keys[p.i][0] == self.keys[p.j][0]
-            sa, sb, origin = self._strips(a, b, horizontal)
-            relative = relative_affine(fit.positions, fit.linear, p.i, p.j)
-            return measure_warped(sa, sb, p.i, p.j, origin, np.zeros(2), relative, backend=self.backend)
-
-        confident = [p for p in self.pairs if p.confidence >= MIN_CONFIDENCE]
         per_pair = self._pool.map(measure, confident) if self._pool is not None else map(measure, confident)
         return [patch for patches in per_pair for patch in patches]
 

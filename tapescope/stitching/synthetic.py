@@ -25,7 +25,7 @@ from scipy.ndimage import map_coordinates, spline_filter
 
 from tapescope.specimen import Specimen, SpecimenParams
 
-from .lens import RadialDistortion
+from .lens import RadialDistortion, camera_points
 
 RESIN = 0.97   # transmission of bare resin (as the simulator's world uses)
 
@@ -69,14 +69,18 @@ class TileSet:
     blank: np.ndarray                  # (n,) bool
     truth_linear: np.ndarray | None = None   # (n, 2, 2) each tile's A (camera_linear), or None
 
-    def seam_error(self, positions: np.ndarray, linear: np.ndarray | None = None, samples: int = 9) -> np.ndarray:
+    def seam_error(self, positions: np.ndarray, linear: np.ndarray | None = None, samples: int = 9,
+                   lens: RadialDistortion | None = None) -> np.ndarray:
         """Per pair of grid neighbours, the RMS over points of their true overlap of how far
         apart the two tiles put the same specimen point (px): what a seam shows, free of the
-        montage's own translation, turn and scale, which nothing in the tiles fixes."""
+        montage's own translation, turn and scale, which nothing in the tiles fixes. `lens`:
+        the model the positions were solved with (none: tiles taken as undistorted)."""
         n, t = len(self.grid), self.params.tile
         true_lin = self.truth_linear if self.truth_linear is not None else np.tile(np.eye(2), (n, 1, 1))
         lin = np.tile(np.eye(2), (n, 1, 1)) if linear is None else np.asarray(linear, float)
         pos = np.asarray(positions, float)
+        shape = (t, t)
+        true_lens, fit_lens = self.params.distortion, lens or RadialDistortion()
         where = {rc: k for k, rc in enumerate(self.grid)}
         grid = np.stack(np.meshgrid(np.linspace(0, t - 1, samples), np.linspace(0, t - 1, samples),
                                     indexing="ij"), -1).reshape(-1, 2)
@@ -87,12 +91,14 @@ class TileSet:
                 if b is None:
                     continue
                 # Points of tile a, where tile b sees them too (the truth's inverse).
-                world = self.truth_px[a] + grid @ true_lin[a].T
-                qb = (world - self.truth_px[b]) @ np.linalg.inv(true_lin[b]).T
+                world = self.truth_px[a] + (grid + true_lens.at(grid, shape)) @ true_lin[a].T
+                qb = camera_points(true_lens, (world - self.truth_px[b]) @ np.linalg.inv(true_lin[b]).T, shape)
                 inside = ((qb >= 0) & (qb <= t - 1)).all(1)
                 if not inside.any():
                     continue
-                gap = (pos[a] + grid[inside] @ lin[a].T) - (pos[b] + qb[inside] @ lin[b].T)
+                qa, qb = grid[inside], qb[inside]
+                gap = (pos[a] + (qa + fit_lens.at(qa, shape)) @ lin[a].T) - (pos[b] + (qb + fit_lens.at(qb, shape))
+                                                                              @ lin[b].T)
                 out.append(float(np.sqrt((gap**2).sum(1).mean())))
         return np.array(out)
 
