@@ -254,6 +254,25 @@ def register_pair(
     return PairShift(dy, dx, 0.0, NOT_REFINED)
 
 
+def refine_at(a: np.ndarray, b: np.ndarray, offset: tuple[float, float], backend: Backend = CPU) -> PairShift | None:
+    """The offset of b from a refined from `offset` alone (no search): the overlap cut there,
+    its agreement checked against chance, the least-squares refinement from its fraction.
+    None where they do not overlap there, agree no better than chance, or it does not
+    converge. For a pair whose neighbours have already said where it must be."""
+    ndy, ndx = round(offset[0]), round(offset[1])
+    sl = overlap_slices(a.shape, ndy, ndx)
+    if sl is None:
+        return None
+    ca, cb = band_pass(a[sl[0]], backend), band_pass(b[sl[1]], backend)
+    conf = ncc(backend.to_host(ca), backend.to_host(cb))
+    if conf < chance_agreement(ca.shape):
+        return None
+    fine = refine_shift(ca, cb, (offset[0] - ndy, offset[1] - ndx), backend=backend, prefiltered=True)
+    if fine is None:
+        return None
+    return PairShift(ndy + fine.dy, ndx + fine.dx, conf, information=fine.information)
+
+
 def piece_spans(length: int, pieces: int) -> list[tuple[int, int]]:
     """(first, end) of `pieces` near-equal pieces of `length`."""
     return list(itertools.pairwise(np.linspace(0, length, pieces + 1).round().astype(int).tolist()))

@@ -24,11 +24,12 @@ from .affine import PATCH_PX, AffineFit, measure_warped, relative_affine, solve_
 from .backend import CPU, Backend
 from .flatfield import apply_flatfield
 from .lens import LensFit, PatchOffset, RadialDistortion, fit_lens, measure_patches, pair_correction
-from .register import MIN_OVERLAP_PX, register_pair
+from .register import MIN_OVERLAP_PX, refine_at, register_pair
 from .solve import MIN_CONFIDENCE, Pair, Solution, solve_positions
 
 Key = tuple[int, int]
 LENS_PROBE_TILES = 4     # side of the block of tiles first asked whether the overlaps show a lens
+SECOND_LOOK_PX = 0.5     # a pair registered again must land this close to where its neighbours put it
 
 
 @dataclass
@@ -150,7 +151,8 @@ class StreamingStitcher:
         self.wait()
         stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
         if lens == "none" or self.shape is None:
-            return StitchResult(solve_positions(stage, self.pairs), list(self.pairs))
+            solution, measured = self._second_look(stage, self.pairs, solve_positions(stage, self.pairs), None)
+            return StitchResult(solution, measured)
         fit = None
         model = lens if isinstance(lens, RadialDistortion) else None
         patches: list[PatchOffset] = []
@@ -171,7 +173,48 @@ class StreamingStitcher:
         if model is not None and not model.is_identity:
             patches = patches or self.patch_offsets()
             pairs = corrected_pairs(self.pairs, patches, model, self.shape)
-        return StitchResult(solve_positions(stage, pairs), list(self.pairs), fit, model)
+        else:
+            model = None
+        solution, measured = self._second_look(stage, pairs, solve_positions(stage, pairs), model)
+        return StitchResult(solution, measured, fit, model)
+
+    def _second_look(self, stage: np.ndarray, pairs: list[Pair], solution: Solution,
+                     model: RadialDistortion | None) -> tuple[Solution, list[Pair]]:
+        """Pairs left out (an outlier, or no convergence) between two tiles that other pairs
+        placed, registered again from where those put them: on a strip of a few pixels the
+        search across can keep a wrong cut that agrees well (a membrane running across
+        looks alike a few pixels over), or one the refinement cannot walk back from; the
+        neighbours' offset is within a pixel. Taken where it converges within
+        SECOND_LOOK_PX of that, and the montage solved again. `pairs` are what the solve
+        took (the lens taken out where `model`); returns the solution and the pairs as
+        measured (`StitchResult.pairs`), those registered again among them."""
+        measured = list(self.pairs)
+        if self.shape is None:
+            return solution, measured
+        by_index = {st.index: st for st in self._tiles.values()}
+        again = list(pairs)
+        for k, (p, why) in enumerate(zip(pairs, solution.pair_reason, strict=True)):
+            if not why.startswith(("outlier", "no convergence")) or "stage" in (solution.status[p.i],
+                                                                                  solution.status[p.j]):
+                continue
+            predicted = solution.positions[p.j] - solution.positions[p.i]
+            if model is not None:            # the tiles' raw offset: the lens put back
+                predicted = predicted + pair_correction(model, self.shape, predicted)
+            a, b = by_index[p.i], by_index[p.j]
+            sa, sb, origin = self._strips(a, b, self.keys[p.i][0] == self.keys[p.j][0])
+            local = predicted - origin
+            got = refine_at(sa, sb, (float(local[0]), float(local[1])), backend=self.backend)
+            if got is None or np.hypot(got.dy - local[0], got.dx - local[1]) > SECOND_LOOK_PX:
+                continue
+            raw = np.array([got.dy, got.dx]) + origin
+            d = raw - pair_correction(model, self.shape, raw) if model is not None else raw
+            note = f"registered again from where its neighbours put it ({why.split(':')[0]} at first)"
+            again[k] = Pair(p.i, p.j, float(d[0]), float(d[1]), got.confidence, information=got.information,
+                            note=note)
+            measured[k] = replace(again[k], dy=float(raw[0]), dx=float(raw[1]))
+        if again == pairs:
+            return solution, measured
+        return solve_positions(stage, again), measured
 
     def _central_pairs(self, side: int) -> list[Pair]:
         """The pairs among the side x side tiles around the middle of the grid."""
