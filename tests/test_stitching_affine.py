@@ -87,6 +87,14 @@ def test_narrow_overlaps_of_a_camera_array_are_used() -> None:
         0.5 * ts.seam_error(flat.solution.positions).max()
 
 
+def test_strips_too_narrow_to_resample_keep_their_first_look() -> None:
+    """10 px strips: the second look's resampling leaves too little of them; the first
+    look's patches stand (without them 1 pair of 12 was used; 11 with them, measured)."""
+    ts = make_tileset(SyntheticParams(tile=256, rows=3, cols=3, overlap=0.04, stage_error_px=1, camera_linear=0.004,
+                                      seed=6, dose=500))
+    assert _stitch(ts, "affine").solution.pair_used.sum() >= 10
+
+
 def test_a_camera_array_with_a_lens_keeps_every_patch() -> None:
     """The second look resamples through the lens too: with a lens moving the corners by
     5 px every patch still fits (without the lens taken out, most were lost)."""

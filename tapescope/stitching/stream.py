@@ -140,7 +140,11 @@ class StreamingStitcher:
                 # Measured again with both crops resampled onto each other through the first
                 # fit: what is left within a patch is then a shift, which least squares
                 # measures without bias.
-                grid = self.patch_offsets(size=PATCH_PX, through=fit, lens=result.lens_applied)
+                again = self.patch_offsets(size=PATCH_PX, through=fit, lens=result.lens_applied)
+                # A strip too narrow to resample (the spline needs 2 px at each edge) keeps
+                # its first look.
+                seen = {(p.i, p.j) for p in again}
+                grid = again + [p for p in grid if (p.i, p.j) not in seen]
                 solution, fit = solve_affine(stage, self.pairs, grid, self.shape, result.lens_applied)
                 result = replace(result, solution=solution, affine=fit)
             return result
