@@ -69,11 +69,9 @@ def tile_corners(positions: np.ndarray, shape: tuple[int, int], linear: np.ndarr
 def tilt_px(shape: tuple[int, int], linear: np.ndarray | None) -> int:
     """How far a tile's own linear part moves any of its pixels from where a translation
     would put it, at most, rounded up: the margin the tile's bounds widen by."""
-    if linear is None:
+    if linear is None or not len(linear):
         return 0
-    corners = tile_corners(np.zeros((len(linear), 2)), shape, linear)
-    plain = tile_corners(np.zeros((len(linear), 2)), shape)
-    return int(np.ceil(np.abs(corners - plain).max())) if len(linear) else 0
+    return int(np.ceil(np.abs(tile_corners(np.zeros((len(linear), 2)), shape, linear - np.eye(2))).max()))
 
 
 CELL_PX = 128       # grid, anchored at output (0, 0), on which each pixel is one tile's alone or blended

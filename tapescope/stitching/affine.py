@@ -43,7 +43,7 @@ from scipy.sparse.linalg import splu
 
 from .lens import PatchOffset, RadialDistortion, camera_points, measure_patches
 from .register import MIN_OVERLAP_PX
-from .solve import MIN_CONFIDENCE, OUTLIER_PX, PRIOR_WEIGHT, Pair, Solution, axis_weights
+from .solve import OUTLIER_PX, Pair, Solution, axis_weights, placed_tiles, stage_prior, trusted
 
 PATCH_PX = 128           # the grid's patches: about this many pixels on a side
 AFFINE_PRIOR = 0.1       # pull of E_k to 0: 1 px of turn/scale at a tile's half-width weighs 0.1 px of residual
@@ -91,13 +91,10 @@ def _rows(patches: list[PatchOffset], n: int, shape: tuple[int, int], lens: Radi
             vals += list(w[axis] * np.array([1.0, -1.0, ub[0], ub[1], -ua[0], -ua[1]]))
             rhs.append(w[axis] * (qa[axis] - qb[axis]))
             r += 1
+    held = stage_prior(stage, r, stride=6)
+    rows, cols, vals, rhs = rows + held[0], cols + held[1], vals + held[2], rhs + held[3]
+    r += len(held[0])
     for t in range(n):
-        for axis in range(2):
-            rows.append(r)
-            cols.append(6 * t + axis)
-            vals.append(PRIOR_WEIGHT)
-            rhs.append(PRIOR_WEIGHT * stage[t, axis])
-            r += 1
         for k in range(4):
             rows.append(r)
             cols.append(6 * t + 2 + k)
@@ -277,9 +274,7 @@ def solve_affine(stage: np.ndarray, pairs: list[Pair], patches: list[PatchOffset
     first, and the rest solved again. Tiles no used pair reaches stay at the stage."""
     n = len(stage)
     stage = np.asarray(stage, float).reshape(-1, 2)
-    used = np.array([p.confidence >= MIN_CONFIDENCE for p in pairs], bool)
-    reason = [p.refused or (f"low agreement: NCC {p.confidence:.2f} below {MIN_CONFIDENCE} (blank or too little "
-                            "texture in the overlap)") if not u else "" for p, u in zip(pairs, used, strict=True)]
+    used, reason = trusted(pairs)
     index = {(p.i, p.j): k for k, p in enumerate(pairs)}
     of_pair = np.array([index.get((p.i, p.j), -1) for p in patches], int)
     while True:
@@ -287,24 +282,21 @@ def solve_affine(stage: np.ndarray, pairs: list[Pair], patches: list[PatchOffset
         fit = fit_affine(chosen, stage, shape, lens)
         owner = np.array([index[(p.i, p.j)] for p in chosen], int)
         res = np.full(len(pairs), np.nan)
-        share = np.ones(len(pairs))
-        for k in np.flatnonzero(used):
+        total = np.bincount(owner, minlength=len(pairs))
+        fitting = np.bincount(owner[fit.patch_used], minlength=len(pairs))
+        for k in np.flatnonzero(used & (fitting > 0)):
             mine = (owner == k) & fit.patch_used
-            share[k] = mine.sum() / max((owner == k).sum(), 1)
-            if mine.any():
-                res[k] = float(np.sqrt(np.mean(fit.patch_residual[mine] ** 2)))
+            res[k] = float(np.sqrt(np.mean(fit.patch_residual[mine] ** 2)))
         # Half of a pair's patches at least (MIN_PATCHES at least) must fit: a pair that is
         # wrong as a whole loses most of them, and the few left by chance must not vouch for
         # it. The one with the smallest share goes first, and the rest are fitted again: a
         # wrong pair bends the fit, and its neighbours lose patches while it is in.
-        short = [k for k in np.flatnonzero(used)
-                 if (fit.patch_used & (owner == k)).sum() < max(MIN_PATCHES, (owner == k).sum() / 2)]
-        if short:
-            k = min(short, key=lambda k: share[k])
+        short = np.flatnonzero(used & (fitting < np.maximum(MIN_PATCHES, total / 2)))
+        if len(short):
+            k = int(short[np.argmin(fitting[short] / np.maximum(total[short], 1))])
             used[k] = False
-            reason[k] = (f"too few patches: {int((fit.patch_used & (owner == k)).sum())} of "
-                         f"{int((owner == k).sum())} of the overlap fit the tiles' affines (half, and "
-                         f"{MIN_PATCHES} at least, needed)")
+            reason[k] = (f"too few patches: {int(fitting[k])} of {int(total[k])} of the overlap fit the tiles' "
+                         f"affines (half, and {MIN_PATCHES} at least, needed)")
             continue
         worst = int(np.nanargmax(np.where(used, res, np.nan))) if used.any() else -1
         if worst < 0 or res[worst] <= OUTLIER_PX:
@@ -312,15 +304,9 @@ def solve_affine(stage: np.ndarray, pairs: list[Pair], patches: list[PatchOffset
         used[worst] = False
         reason[worst] = f"outlier: its patches disagree with the other pairs by {res[worst]:.1f} px RMS, left out"
     positions, linear = fit.positions.copy(), fit.linear.copy()
-    tile_res = np.zeros(n)
-    placed = np.zeros(n, bool)
-    for k in np.flatnonzero(used):
-        for t in (pairs[k].i, pairs[k].j):
-            placed[t] = True
-            tile_res[t] = max(tile_res[t], res[k])
+    tile_res, placed, status = placed_tiles(n, pairs, used, res)
     positions[~placed] = stage[~placed]
     linear[~placed] = np.eye(2)
-    status = ["ok" if h else "stage" for h in placed]
     solution = Solution(positions, np.where(used, res, np.nan), used, tile_res, status, reason,
                         [(p.i, p.j) for p in pairs], linear)
     return solution, fit

@@ -21,6 +21,7 @@ from scipy.sparse.linalg import lsqr
 
 from .backend import CPU
 from .register import band_pass, overlap_slices, piece_spans, refine_pieces
+from .solve import stage_prior
 
 
 @dataclass(frozen=True)
@@ -248,15 +249,10 @@ def _fit_once(
             rhs.append(p.m[axis])
             kcol.append(d[axis])
     n_meas = 2 * len(patches)
-    n_rows = n_meas
-    for t in range(n):
-        for axis in range(2):
-            rows.append(n_rows)
-            cols.append(2 * t + axis)
-            vals.append(prior_weight)
-            rhs.append(prior_weight * stage_px[t, axis])
-            kcol.append(0.0)
-            n_rows += 1
+    prior = stage_prior(stage_px, n_meas, weight=prior_weight)
+    rows, cols, vals, rhs = rows + prior[0], cols + prior[1], vals + prior[2], rhs + prior[3]
+    kcol += [0.0] * len(prior[0])
+    n_rows = n_meas + len(prior[0])
     base = coo_matrix((vals, (rows, cols)), shape=(n_rows, 2 * n)).tocsr()
     b = np.asarray(rhs)
     k = np.asarray(kcol)

@@ -94,12 +94,47 @@ def axis_weights(pairs: list[Pair], used: np.ndarray) -> np.ndarray:
     return conf[:, None] * precision
 
 
-def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | None = None) -> Solution:
-    n = len(stage_px)
-    stage_px = np.asarray(stage_px, dtype=float)
+def trusted(pairs: list[Pair]) -> tuple[np.ndarray, list[str]]:
+    """Which pairs a solve starts from (confidence MIN_CONFIDENCE or more), and why each of
+    the others is not used."""
     used = np.array([p.confidence >= MIN_CONFIDENCE for p in pairs], dtype=bool)
     reason = [p.refused or (f"low agreement: NCC {p.confidence:.2f} below {MIN_CONFIDENCE} (blank or too little "
                             "texture in the overlap)") if not u else "" for p, u in zip(pairs, used, strict=True)]
+    return used, reason
+
+
+def placed_tiles(n: int, pairs: list[Pair], used: np.ndarray, residual: np.ndarray,
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per tile: its worst used pair's residual, whether a used pair placed it, and its
+    status ("ok", or "stage": placed by the stage prior alone)."""
+    tile_res = np.zeros(n)
+    placed = np.zeros(n, dtype=bool)
+    for k in np.flatnonzero(used):
+        for t in (pairs[k].i, pairs[k].j):
+            placed[t] = True
+            tile_res[t] = max(tile_res[t], residual[k])
+    return tile_res, placed, ["ok" if h else "stage" for h in placed]
+
+
+def stage_prior(stage: np.ndarray, first_row: int, stride: int = 2, weight: float = PRIOR_WEIGHT,
+                axes: tuple[int, ...] = (0, 1)) -> tuple[list[int], list[int], list[float], list[float]]:
+    """(rows, columns, values, right-hand side) of the stage prior, rows numbered from
+    `first_row`: unknown stride * t + k (tile t's position on axes[k]) equals the stage's,
+    weighed `weight`."""
+    rows, cols, vals, rhs = [], [], [], []
+    for t in range(len(stage)):
+        for k, axis in enumerate(axes):
+            rows.append(first_row + len(axes) * t + k)
+            cols.append(stride * t + k)
+            vals.append(weight)
+            rhs.append(weight * float(stage[t, axis]))
+    return rows, cols, vals, rhs
+
+
+def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | None = None) -> Solution:
+    n = len(stage_px)
+    stage_px = np.asarray(stage_px, dtype=float)
+    used, reason = trusted(pairs)
     positions = stage_px.copy()
     weights = axis_weights(pairs, used)
     # Consistent pairs agree to well under a pixel, so an absolute bound is the right test;
@@ -115,14 +150,7 @@ def solve_positions(stage_px: np.ndarray, pairs: list[Pair], max_rounds: int | N
     else:
         positions = _lsq(stage_px, pairs, used, weights)  # rounds ran out right after a drop
     res = _residuals(positions, pairs)
-    tile_res = np.zeros(n)
-    has_pair = np.zeros(n, dtype=bool)
-    for k, p in enumerate(pairs):
-        if used[k]:
-            for t in (p.i, p.j):
-                has_pair[t] = True
-                tile_res[t] = max(tile_res[t], res[k])
-    status = ["ok" if h else "stage" for h in has_pair]
+    tile_res, has_pair, status = placed_tiles(n, pairs, used, res)
     if n:
         # A tile tied to nothing but the prior sits at the stage position exactly.
         positions[~has_pair] = stage_px[~has_pair]
@@ -146,12 +174,9 @@ def _lsq(stage_px: np.ndarray, pairs: list[Pair], used: np.ndarray, weights: np.
             vals += [w, -w]
             rhs.append(w * (p.dy, p.dx)[axis])
             r += 1
-        for t in range(n):
-            rows.append(r)
-            cols.append(t)
-            vals.append(PRIOR_WEIGHT)
-            rhs.append(PRIOR_WEIGHT * stage_px[t, axis])
-            r += 1
+        prior = stage_prior(stage_px, r, stride=1, axes=(axis,))
+        rows, cols, vals, rhs = rows + prior[0], cols + prior[1], vals + prior[2], rhs + prior[3]
+        r += n
         a = coo_matrix((vals, (rows, cols)), shape=(r, n)).tocsr()
         # Normal equations: A^T A is positive definite thanks to the prior, and sparse
         # (a tile has at most four neighbours), so a direct solve is exact and fast.

@@ -134,7 +134,7 @@ class StreamingStitcher:
         try:
             result = self._finish(lens)
             if tile_model == "affine" and self.shape is not None:
-                stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
+                stage = self._stage()
                 grid = self.patch_offsets(size=PATCH_PX)
                 solution, fit = solve_affine(stage, self.pairs, grid, self.shape, result.lens_applied)
                 # Measured again with both crops resampled onto each other through the first
@@ -153,7 +153,7 @@ class StreamingStitcher:
 
     def _finish(self, lens: str | RadialDistortion) -> StitchResult:
         self.wait()
-        stage = np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
+        stage = self._stage()
         if lens == "none" or self.shape is None:
             solution, measured = self._second_look(stage, self.pairs, solve_positions(stage, self.pairs), None)
             return StitchResult(solution, measured)
@@ -181,6 +181,10 @@ class StreamingStitcher:
             model = None
         solution, measured = self._second_look(stage, pairs, solve_positions(stage, pairs), model)
         return StitchResult(solution, measured, fit, model)
+
+    def _stage(self) -> np.ndarray:
+        """(n, 2) the tiles' nominal positions, in the order they were added."""
+        return np.array([self._tiles[k].position for k in self.keys]).reshape(-1, 2)
 
     def _second_look(self, stage: np.ndarray, pairs: list[Pair], solution: Solution,
                      model: RadialDistortion | None) -> tuple[Solution, list[Pair]]:
