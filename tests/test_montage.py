@@ -56,6 +56,48 @@ def test_blocks_equal_whole_render_at_every_level(tmp_path: Path) -> None:
     assert not vol.levels[0][0].any()     # the other section is untouched
 
 
+class ThreadNotingTile(CountingTile):
+    """A tile that notes how many threads OpenCV runs whenever the renderer reads it, and
+    fails on read number `fail_at` (None: never)."""
+
+    def __init__(self, data: np.ndarray, fail_at: int | None = None) -> None:
+        super().__init__(data)
+        self.threads: list[int] = []
+        self.fail_at = fail_at
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        import cv2
+
+        self.threads.append(cv2.getNumThreads())
+        if self.fail_at is not None and len(self.threads) >= self.fail_at:
+            raise OSError("tile file went away")
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_render_runs_opencv_on_one_thread_and_gives_its_threads_back(tmp_path: Path, fail: bool) -> None:
+    """Rendering is parallel over write units; OpenCV's own pool is held at one thread while
+    it runs, and the process's setting comes back after, also when the render fails."""
+    import cv2
+
+    tiles, pos = _tiles()
+    spied = [ThreadNotingTile(t, fail_at=3 if fail and k == 2 else None) for k, t in enumerate(tiles)]
+    vol = Volume.create(tmp_path / "v.zarr", (1, 600, 600), pixel_nm=4, thickness_nm=40, levels=3, chunk=64)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    try:
+        if fail:
+            with pytest.raises(OSError, match="went away"):
+                render_section(vol, 0, spied, pos, _warp(), threads=2)
+        else:
+            render_section(vol, 0, spied, pos, _warp(), threads=2)
+        seen = [n for t in spied for n in t.threads]
+        assert seen and set(seen) == {1}
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_render_reads_only_what_each_block_needs() -> None:
     data = np.random.default_rng(1).uniform(0, 1, (2000, 2000)).astype(np.float32)
     tile = CountingTile(data)

@@ -14,16 +14,6 @@ from .transform import SectionTransform
 from .warp import CvWarp, Warp
 
 
-def feather_weight(shape: tuple[int, int], ramp: int) -> np.ndarray:
-    """Weight that rises linearly from the tile edge over `ramp` pixels, 1 inside."""
-    h, w = shape
-    y = np.minimum(np.arange(h), np.arange(h)[::-1]) + 1.0
-    x = np.minimum(np.arange(w), np.arange(w)[::-1]) + 1.0
-    wy = np.clip(y / ramp, 0, 1)
-    wx = np.clip(x / ramp, 0, 1)
-    return np.outer(wy, wx).astype(np.float32)
-
-
 def montage_bounds(positions: np.ndarray, tile_shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """Integer origin (y, x) and shape of the canvas that holds every tile."""
     lo = np.floor(positions.min(axis=0)).astype(int)
@@ -32,7 +22,8 @@ def montage_bounds(positions: np.ndarray, tile_shape: tuple[int, int]) -> tuple[
 
 
 def _ramp(s: np.ndarray, n: int, ramp: float) -> np.ndarray:
-    """feather_weight's 1D profile at (fractional) tile coordinates s; 0 outside the tile."""
+    """The feather weight's 1D profile at (fractional) tile coordinates s: rising linearly
+    from the tile's edge over `ramp` pixels, 1 inside, 0 outside the tile."""
     r = np.minimum(s, np.float32(n - 1) - s)
     inside = r >= 0
     r += np.float32(1.0)
@@ -286,15 +277,15 @@ def _one_tile(s: _Setup, i: int, region: tuple[int, int, int, int], dst: np.ndar
     s.warp.draw(crop, mx, my, dst)
 
 
-def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Render a region where tiles overlap (or none lands), feathered: (image, weight sum).
-    `near`: the tiles that can reach it."""
+def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray, image: np.ndarray,
+           cover: np.ndarray) -> None:
+    """Render a region where tiles overlap (or none lands), feathered, into `image` and its
+    weight sum into `cover` (views of the region's shape). `near`: the tiles that can reach it."""
     y0, x0, h, w = region
     th, tw = s.shape
     mx, my = (None, None) if s.affine else s.transform.block_maps(y0, x0, h, w)
     box = s.source_box(y0, x0, h, w)
-    acc = s.warp.zeros((h, w))
-    wsum = s.warp.zeros((h, w))
+    acc, wsum = s.warp.sums(image, cover)
     inv = s.inv
     slack = (s.reach + s.bend) * float(np.abs(inv[:2, :2]).sum(axis=1).max()) + 2.0
     frames = tile_corners(s.positions[near] - 1, (th + 1, tw + 1), None if s.linear is None else s.linear[near])
@@ -327,7 +318,7 @@ def _blend(s: _Setup, region: tuple[int, int, int, int], near: np.ndarray) -> tu
             continue
         tx, ty = s.tile_maps(mx[by0:by1, bx0:bx1].copy(), my[by0:by1, bx0:bx1].copy(), i, cy0, cx0)
         s.warp.add_pulled(acc, wsum, at, crop, wt, tx, ty)
-    return s.warp.normalised(acc, wsum)
+    s.warp.finish(acc, wsum, image, cover)
 
 
 def render_block(
@@ -365,7 +356,7 @@ def render_block(
             _one_tile(s, who, region, image[at])
             cover[at] = 1.0
         else:
-            image[at], cover[at] = _blend(s, region, near)
+            _blend(s, region, near, image[at], cover[at])
     return image, cover
 
 

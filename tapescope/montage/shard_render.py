@@ -10,6 +10,7 @@ one writer, so units can be rendered by threads here or by Dask workers elsewher
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from tapescope.stitching.lens import RadialDistortion
 from .omezarr import Volume
 from .render import check_tile_shapes, render_block
 from .transform import SectionTransform
-from .warp import warp_for
+from .warp import one_opencv_thread, warp_for
 
 BLOCK_PX = 2048     # render_to's block: ~100 MB of maps and accumulators at most
 
@@ -34,14 +35,15 @@ class RenderStats:
 
 def render_section(
     volume: Volume, z: int, tiles: Sequence[np.ndarray], positions: np.ndarray,
-    transform: SectionTransform, *, ramp: int | None = None, threads: int = 1,
+    transform: SectionTransform, *, ramp: int | None = None, threads: int | None = None,
     lens: RadialDistortion | None = None, device: str = "cpu", linear: np.ndarray | None = None,
 ) -> RenderStats:
     """Render section z into every level of `volume`, one level-0 shard at a time.
 
     `transform` maps volume pixels to the coordinates the tile `positions` are given in
     (for a montage image given as one tile at (0, 0): its own pixels). `threads` renders
-    that many shards at once; OpenCV and NumPy release the GIL in the heavy parts.
+    that many write units at once (None: one per core); OpenCV and NumPy release the GIL
+    in the heavy parts, and OpenCV itself runs one thread meanwhile (`one_opencv_thread`).
     `device` picks where pixels are warped (warp.py). `linear`: each tile's own linear part
     (render_block).
     """
@@ -67,7 +69,9 @@ def render_section(
         volume.write_unit(z, unit, img)
         return img.size, covered
 
-    with volume.section_writes():       # on an error, no write of it goes on behind the caller
+    threads = min(threads or os.cpu_count() or 1, len(units))
+    # On an error, no write of it goes on behind the caller.
+    with one_opencv_thread(), volume.section_writes():
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
                 counts = list(pool.map(one, units))
@@ -80,16 +84,27 @@ def render_section(
 def render_to(
     image: np.ndarray, cover: np.ndarray, tiles: Sequence[np.ndarray], positions: np.ndarray,
     transform: SectionTransform, *, ramp: int | None = None, lens: RadialDistortion | None = None,
-    block: int = BLOCK_PX, device: str = "cpu", linear: np.ndarray | None = None,
+    block: int = BLOCK_PX, device: str = "cpu", linear: np.ndarray | None = None, threads: int | None = None,
 ) -> None:
     """Render a section into `image` and its coverage into `cover` (arrays of the output's
-    shape, e.g. memory-mapped files), block by block: memory bounded by a block."""
+    shape, e.g. memory-mapped files), block by block: memory bounded by a block per thread.
+    `threads`: blocks rendered at once (None: one per core), as in `render_section`."""
     h, w = image.shape
     check_tile_shapes(tiles)
     warp = warp_for(device)
-    for y in range(0, h, block):
-        for x in range(0, w, block):
-            bh, bw = min(block, h - y), min(block, w - x)
-            part, cov = render_block(tiles, positions, transform, (y, x, bh, bw), ramp, lens, warp, linear=linear)
-            image[y:y + bh, x:x + bw] = part
-            cover[y:y + bh, x:x + bw] = cov
+    blocks = [(y, x, min(block, h - y), min(block, w - x)) for y in range(0, h, block) for x in range(0, w, block)]
+
+    def one(b: tuple[int, int, int, int]) -> None:
+        y, x, bh, bw = b
+        part, cov = render_block(tiles, positions, transform, b, ramp, lens, warp, linear=linear)
+        image[y:y + bh, x:x + bw] = part
+        cover[y:y + bh, x:x + bw] = cov
+
+    threads = min(threads or os.cpu_count() or 1, len(blocks))
+    with one_opencv_thread():
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, blocks))
+        else:
+            for b in blocks:
+                one(b)

@@ -13,6 +13,9 @@ tests do). The two agree to within 1/100 px of placement (tested; measured 1/300
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -31,15 +34,16 @@ class Warp(Protocol):
     def draw(self, crop: np.ndarray, mx: np.ndarray, my: np.ndarray, dst: np.ndarray) -> None:
         """dst (host) = crop pulled through the maps."""
 
-    def zeros(self, shape: tuple[int, int]) -> Any:
-        """A float32 accumulator where this warp works."""
+    def sums(self, image: np.ndarray, cover: np.ndarray) -> tuple[Any, Any]:
+        """Zeroed float32 accumulators (weighted image, weight) where this warp works, for
+        the output views image and cover (host, float32): the views themselves on the host."""
 
     def add_pulled(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
                    mx: np.ndarray, my: np.ndarray) -> None:
         """acc[at] += crop and wsum[at] += wt, each pulled through the same maps."""
 
-    def normalised(self, acc: Any, wsum: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(acc / wsum, 0 where wsum is ~0; wsum), on the host."""
+    def finish(self, acc: Any, wsum: Any, image: np.ndarray, cover: np.ndarray) -> None:
+        """image = acc / max(wsum, MIN_WEIGHT) (0 where no tile lands), cover = wsum."""
 
     def draw_affine(self, crop: np.ndarray, m: np.ndarray, dst: np.ndarray) -> None:
         """`draw` where the maps are an affine: m (2 x 3) takes dst's (x, y) to the crop's."""
@@ -49,22 +53,30 @@ class Warp(Protocol):
         """`add_pulled` where the maps are an affine: m takes (x, y) of acc[at] to the crop's."""
 
 
+# The blend's image is its weighted sum over max(weight, this): where no tile lands both are 0
+# and so is the image, with no mask to build and apply (a third of a blend's divide time).
+MIN_WEIGHT = 1e-6
+
+
 class CvWarp:
     name = "opencv"
 
     def draw(self, crop: np.ndarray, mx: np.ndarray, my: np.ndarray, dst: np.ndarray) -> None:
         cv2.remap(crop, mx, my, cv2.INTER_LINEAR, dst=dst, borderMode=cv2.BORDER_CONSTANT)
 
-    def zeros(self, shape: tuple[int, int]) -> np.ndarray:
-        return np.zeros(shape, np.float32)
+    def sums(self, image: np.ndarray, cover: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        image.fill(0)
+        cover.fill(0)
+        return image, cover
 
     def add_pulled(self, acc: np.ndarray, wsum: np.ndarray, at: Index, crop: np.ndarray, wt: np.ndarray,
                    mx: np.ndarray, my: np.ndarray) -> None:
         acc[at] += cv2.remap(crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         wsum[at] += cv2.remap(wt, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
-    def normalised(self, acc: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 1e-6), wsum
+    def finish(self, acc: np.ndarray, wsum: np.ndarray, image: np.ndarray, cover: np.ndarray) -> None:
+        # acc and wsum are image and cover (sums): divided in place.
+        cv2.divide(acc, cv2.max(wsum, MIN_WEIGHT), dst=image)
 
     # OpenCV computes an affine's coordinates itself, fixed-point to 1/1024 px, a third of
     # the time of making the maps and pulling through them (measured on 1 Mpx regions).
@@ -103,8 +115,8 @@ class NdimageWarp:
     def draw(self, crop: np.ndarray, mx: np.ndarray, my: np.ndarray, dst: np.ndarray) -> None:
         dst[...] = to_numpy(self._pull(crop, self._coords(mx, my)))
 
-    def zeros(self, shape: tuple[int, int]) -> Any:
-        return self.xp.zeros(shape, self.xp.float32)
+    def sums(self, image: np.ndarray, cover: np.ndarray) -> tuple[Any, Any]:
+        return self.xp.zeros(image.shape, self.xp.float32), self.xp.zeros(image.shape, self.xp.float32)
 
     def add_pulled(self, acc: Any, wsum: Any, at: Index, crop: np.ndarray, wt: np.ndarray,
                    mx: np.ndarray, my: np.ndarray) -> None:
@@ -120,10 +132,36 @@ class NdimageWarp:
         block = (0, 0, at[0].stop - at[0].start, at[1].stop - at[1].start)
         self.add_pulled(acc, wsum, at, crop, wt, *affine_maps(m, block))
 
-    def normalised(self, acc: Any, wsum: Any) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self, acc: Any, wsum: Any, image: np.ndarray, cover: np.ndarray) -> None:
         xp = self.xp
-        out = xp.where(wsum > 1e-6, acc / xp.maximum(wsum, xp.float32(1e-6)), xp.float32(0)).astype(xp.float32)
-        return to_numpy(out), to_numpy(wsum)
+        image[...] = to_numpy(acc / xp.maximum(wsum, xp.float32(MIN_WEIGHT)))
+        cover[...] = to_numpy(wsum)
+
+
+_pool_lock = threading.Lock()
+_pool_holders = 0
+_pool_before = 1
+
+
+@contextlib.contextmanager
+def one_opencv_thread() -> Iterator[None]:
+    """OpenCV's own thread pool held at one thread while renders run, restored when the last
+    one in the process ends. A render is parallel across its write units (threads of its
+    own); OpenCV splitting every warp over the cores as well only adds its pool's waiting
+    (docs/montage.md, "Threads")."""
+    global _pool_holders, _pool_before
+    with _pool_lock:
+        if _pool_holders == 0:
+            _pool_before = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+        _pool_holders += 1
+    try:
+        yield
+    finally:
+        with _pool_lock:
+            _pool_holders -= 1
+            if _pool_holders == 0:
+                cv2.setNumThreads(_pool_before)
 
 
 def warp_for(device: str = "cpu") -> Warp:
