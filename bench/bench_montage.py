@@ -438,7 +438,7 @@ def main() -> None:
     else:
         accuracy(6, 1024, [0, 1])
         drift(16, 768, 0)
-        throughput(2048, 4, 3)
+        throughput(2048, 4, 5)
         allocator_effect(2048, 4, 3)
         lens_cost(2048, 3, 3)
         zstd_tradeoff(4096, 3)
