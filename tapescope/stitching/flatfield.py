@@ -7,7 +7,8 @@ tile to tile, the fit removes what little is left. Which statistic depends on th
 a low quantile for bright objects on a dark background (fluorescent nuclei), where the
 median of a pixel is often a nucleus. Tiles that are nearly blank (no contrast) or
 saturated carry no information about the specimen-free gain and would bias the
-statistic toward their own content, so they are left out.
+statistic toward their own content, so they are left out; so are the parts of a tile off
+the section's edge (bare resin or film: flat, and brighter than the specimen beside it).
 """
 
 from __future__ import annotations
@@ -52,12 +53,64 @@ def usable_for_flatfield(tile: np.ndarray, saturation: float | None = None) -> b
     return float(tile.mean()) > 0 and float(np.mean(tile >= sat)) < 0.001
 
 
-def detail_contrast(tile: np.ndarray) -> float:
-    """Fine-structure contrast (band-pass std / mean) at a reduced size: specimen has it,
-    bare resin has only shot noise, which the reduction averages away."""
+def _band(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the tile reduced to 2 FIT_GRID square, its band-pass): specimen has fine structure,
+    bare resin only shot noise, which the reduction averages away."""
     small = cv2.resize(tile.astype(np.float32), (FIT_GRID * 2, FIT_GRID * 2), interpolation=cv2.INTER_AREA)
-    band = cv2.GaussianBlur(small, (0, 0), 1.0) - cv2.GaussianBlur(small, (0, 0), 4.0)
+    return small, cv2.GaussianBlur(small, (0, 0), 1.0) - cv2.GaussianBlur(small, (0, 0), 4.0)
+
+
+def detail_contrast(tile: np.ndarray) -> float:
+    """Fine-structure contrast (band-pass std / mean) at a reduced size."""
+    small, band = _band(tile)
     return float(band.std() / max(float(small.mean()), 1e-6))
+
+
+MASK_BLOCKS = 16   # a tile's field is judged for bare resin in MASK_BLOCKS x MASK_BLOCKS blocks
+MIN_OFF_BLOCKS = 24   # of them (10 % of the field): the least area taken to be off the section
+RESIN_ABOVE = 90.0    # percentile of the set's textured blocks (through the gain) resin is brighter than
+
+
+def _blocks(a: np.ndarray, reduce: str = "mean") -> np.ndarray:
+    """MASK_BLOCKS x MASK_BLOCKS block means (or RMS) of a square reduced image."""
+    b = a.shape[0] // MASK_BLOCKS
+    v = a.reshape(MASK_BLOCKS, b, MASK_BLOCKS, b)
+    return np.sqrt((v * v).mean((1, 3))) if reduce == "rms" else v.mean((1, 3))
+
+
+def resin_masks(band_rms: np.ndarray, level: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """(n, FIT_GRID, FIT_GRID) True where a tile shows specimen, False off the section's edge.
+
+    band_rms, level: (n, MASK_BLOCKS, MASK_BLOCKS) band-pass RMS and mean per block; gain:
+    a first estimate on the FIT_GRID grid. A block is off the section where its fine
+    contrast (relative to its level) is under BLANK_CONTRAST of the set's median block and
+    it is brighter, through the gain, than the median of the tile's own textured blocks:
+    bare resin and film pass more electrons than the stained section beside them. Flat and
+    darker (the inside of a cell body; a dark field's background between stained nuclei; a
+    round beam's dark corners) stays: that is specimen, or what the gain is estimated from.
+    Off the section is one region reaching the tile's border (the section's edge crosses
+    the field) of MIN_OFF_BLOCKS or more; the flat bright insides of cells are islands
+    among textured blocks, and stay. Blocks next to those off the section go too (the edge
+    itself is textured, half resin)."""
+    rel = band_rms / np.maximum(level, 1e-6)
+    flat = rel < BLANK_CONTRAST * float(np.median(rel))
+    through = level / np.maximum(_blocks(gain)[None], 1e-6)
+    off = np.zeros_like(flat)
+    if flat.all() or not flat.any():
+        return ~np.zeros((len(flat), FIT_GRID, FIT_GRID), bool)
+    # Brighter than nearly all textured blocks of the set: resin passes more electrons than
+    # any stained part of the section.
+    textured = float(np.percentile(through[~flat], RESIN_ABOVE))
+    for k in range(len(flat)):
+        bright = (flat[k] & (through[k] > textured)).astype(np.uint8)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(bright, connectivity=8)
+        for c in range(1, count):
+            x, y, w, h, area = stats[c]
+            if area >= MIN_OFF_BLOCKS and (x == 0 or y == 0 or x + w == MASK_BLOCKS or y + h == MASK_BLOCKS):
+                off[k] |= labels == c
+    off = np.array([cv2.dilate(o.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0 for o in off])
+    rep = FIT_GRID // MASK_BLOCKS
+    return ~np.repeat(np.repeat(off, rep, axis=1), rep, axis=2)
 
 
 def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0.0) -> np.ndarray:
@@ -67,7 +120,7 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
     median) are left out: a blank tile's flat field is its own, uniform brightness over
     the gain, at a different level and often with a section edge across it.
     """
-    small, contrast = [], []
+    small, contrast, band_rms, block_level = [], [], [], []
     shape: tuple[int, ...] | None = None
     for tile in tiles:
         if shape is None:
@@ -83,10 +136,15 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
         if float(np.median(reduced)) <= 0:
             continue
         small.append(reduced)
-        contrast.append(detail_contrast(t))
+        half, band = _band(t)
+        contrast.append(float(band.std() / max(float(half.mean()), 1e-6)))
+        band_rms.append(_blocks(band, "rms"))
+        block_level.append(_blocks(half))
     if small:
         keep = np.array(contrast) >= BLANK_CONTRAST * float(np.median(contrast))
         small = [s for s, k in zip(small, keep, strict=True) if k]
+        band_rms = [b for b, k in zip(band_rms, keep, strict=True) if k]
+        block_level = [b for b, k in zip(block_level, keep, strict=True) if k]
     if shape is None or len(small) < 3:
         raise ValueError(f"need at least 3 usable tiles to estimate a flat-field, got {len(small)}")
     stack = np.stack(small)
@@ -94,6 +152,17 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
     coef = _fit_quantile(stack, q)
     if coef is None:
         raise ValueError(f"the tiles' {q:g}th percentile is not positive on 3 of them (dark frames?)")
+    # Parts of tiles off the section's edge, judged through this first estimate, are left
+    # out and the statistic taken again (each tile levelled through the gain, as its
+    # specimen may lie in one corner of the field only).
+    basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
+    masks = resin_masks(np.stack(band_rms), np.stack(block_level), _held(basis @ coef).reshape(FIT_GRID, FIT_GRID))
+    if not masks.all():
+        q = choose_quantile(stack, masks)
+        masked = _fit_quantile(stack, q, masks)
+        if masked is None:
+            raise ValueError(f"the tiles' {q:g}th percentile is not positive on 3 of them (dark frames?)")
+        coef = masked
     full = _poly_eval(coef, shape[0], shape[1], FIT_DEGREE)
     low = float((full < MIN_GAIN * full.mean()).mean())
     if low > MAX_LOW_AREA:
@@ -122,18 +191,20 @@ QUANTILES = (5.0, 10.0, 20.0, 35.0, 50.0)
 MIN_SPLIT_TILES = 6      # fewer usable tiles: the median, as no half can check the other
 
 
-def choose_quantile(stack: np.ndarray) -> float:
+def choose_quantile(stack: np.ndarray, masks: np.ndarray | None = None) -> float:
     """The percentile whose estimates from the even and the odd tiles agree best: a
     statistic biased by the specimen gives two different answers on different tiles (the
     median where nuclei cover a third of the field), one too noisy (a low quantile of EM)
     gives two noisy ones; the vignetting is the same in both halves. Percentiles whose fit on
-    all tiles is under MIN_GAIN on more than MAX_LOW_AREA of the tile are not candidates."""
+    all tiles is under MIN_GAIN on more than MAX_LOW_AREA of the tile are not candidates.
+    `masks`: where each tile shows specimen (resin_masks); None: everywhere."""
     if len(stack) < MIN_SPLIT_TILES:
         return 50.0
     basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
     best, best_q = np.inf, 50.0
     for q in QUANTILES:
-        fits = [_fit_quantile(part, q) for part in (stack[0::2], stack[1::2], stack)]
+        fits = [_fit_quantile(stack[part], q, None if masks is None else masks[part])
+                for part in (slice(0, None, 2), slice(1, None, 2), slice(None))]
         if any(c is None for c in fits):
             continue
         a, b, whole = (_held(basis @ c) for c in fits if c is not None)
@@ -146,17 +217,54 @@ def choose_quantile(stack: np.ndarray) -> float:
     return best_q
 
 
-def _fit_quantile(stack: np.ndarray, q: float) -> np.ndarray | None:
+def _fit_quantile(stack: np.ndarray, q: float, masks: np.ndarray | None = None) -> np.ndarray | None:
     """Polynomial coefficients fitted to the per-pixel q-th percentile of tiles each divided
     by its own q-th percentile (reduced tiles, FIT_GRID x FIT_GRID); tiles whose percentile
-    is not positive (mostly dark) are left out; None if fewer than 3 are left."""
-    level = np.percentile(stack.reshape(len(stack), -1), q, axis=1)
-    usable = level > 0
-    if usable.sum() < 3:
-        return None
-    stat = np.percentile(stack[usable] / level[usable][:, None, None], q, axis=0)
-    coef, *_ = np.linalg.lstsq(_poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE), stat.ravel(), rcond=None)
+    is not positive (mostly dark) are left out; None if fewer than 3 are left.
+
+    `masks` (resin_masks): only where each tile shows specimen. A tile is then levelled by
+    its percentile through a first fit (its specimen may lie where the gain is low), the
+    statistic of a pixel is taken over the tiles that show specimen there, and pixels
+    that fewer than 3 tiles show are left out of the fit."""
+    basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
+    if masks is None:
+        level = np.percentile(stack.reshape(len(stack), -1), q, axis=1)
+        usable = level > 0
+        if usable.sum() < 3:
+            return None
+        stat = np.percentile(stack[usable] / level[usable][:, None, None], q, axis=0)
+        coef, *_ = np.linalg.lstsq(basis, stat.ravel(), rcond=None)
+        return coef
+    shown = np.where(masks, stack, np.nan).reshape(len(stack), -1)
+    gain = np.ones(shown.shape[1])
+    coef = None
+    for _ in range(2):
+        level = _nan_percentile(shown / gain, q, axis=1)
+        usable = level > 0
+        if usable.sum() < 3:
+            return None
+        per_tile = shown[usable] / level[usable][:, None]
+        stat = _nan_percentile(per_tile, q, axis=0)
+        fit = np.isfinite(stat) & (np.isfinite(per_tile).sum(0) >= 3)
+        if fit.sum() < basis.shape[1]:
+            return None
+        coef, *_ = np.linalg.lstsq(basis[fit], stat[fit], rcond=None)
+        gain = _held(basis @ coef)
     return coef
+
+
+def _nan_percentile(a: np.ndarray, q: float, axis: int) -> np.ndarray:
+    """np.nanpercentile (linear interpolation) by one sort: NaN sorts last, so the k-th
+    finite value of a column is its k-th; nan where a column has none. A fifth of the time."""
+    s = np.sort(a, axis=axis)
+    n = np.isfinite(a).sum(axis=axis)
+    pos = q / 100.0 * np.maximum(n - 1, 0)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+    a_lo = np.take_along_axis(s, np.expand_dims(lo, axis), axis).squeeze(axis)
+    a_hi = np.take_along_axis(s, np.expand_dims(hi, axis), axis).squeeze(axis)
+    out = a_lo + (pos - lo) * (a_hi - a_lo)
+    return np.where(n > 0, out, np.nan)
 
 
 def flatfield_from_references(bright: np.ndarray, dark: float | np.ndarray = 0.0) -> np.ndarray:

@@ -44,6 +44,9 @@ class SyntheticParams:
     vignetting: float = 0.25           # relative fall-off at the sensor corner
     dust: int = 3                      # dark blots on the scintillator
     blank: tuple[tuple[int, int], ...] = ()   # (row, col) of tiles over bare resin
+    # The section's edge inside the montage: bare resin within this many tiles of the montage's
+    # border (0.3: the outer tiles see a third of their field off the section), the edge wavy.
+    resin_border: float = 0.0
     distortion: RadialDistortion = field(default_factory=RadialDistortion)
     # Each tile's own turn and scale, as a camera array's: each entry of A - I (below) drawn
     # with this RMS (0.004: 4 mrad, 0.4 %, 2 px at the edge of a 1024 px tile).
@@ -171,6 +174,12 @@ def make_tileset(p: SyntheticParams) -> TileSet:
     for k in np.flatnonzero(blank):
         y, x = np.floor(truth[k]).astype(int)
         image[y:y + p.tile + 1, x:x + p.tile + 1] = RESIN if p.texture == "em" else BACKGROUND
+    if p.resin_border > 0:
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        wave = 0.15 * p.tile * np.sin(2 * np.pi * (yy + xx) / (3.1 * p.tile) + p.seed)
+        inset = margin + p.resin_border * p.tile + wave
+        off = (yy < inset) | (yy > h - inset) | (xx < inset) | (xx > w - inset)
+        image[off] = RESIN if p.texture == "em" else BACKGROUND
     coeffs = spline_filter(image, order=3)
     gain = camera_gain((p.tile, p.tile), p.vignetting, p.dust, rng)
     dy, dx = p.distortion.displacement((p.tile, p.tile))
