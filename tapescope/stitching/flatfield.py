@@ -96,7 +96,10 @@ def _band(tile: np.ndarray, dark: float | np.ndarray = 0.0) -> tuple[np.ndarray,
 
 def detail_contrast(tile: np.ndarray, dark: float | np.ndarray = 0.0) -> float:
     """Fine-structure contrast (band-pass std / mean) at a reduced size."""
-    small, band = _band(tile, dark)
+    return _contrast(*_band(tile, dark))
+
+
+def _contrast(small: np.ndarray, band: np.ndarray) -> float:
     return float(band.std() / max(float(small.mean()), 1e-6))
 
 
@@ -118,9 +121,9 @@ def resin_masks(band_rms: np.ndarray, level: np.ndarray, gain: np.ndarray) -> np
     band_rms, level: (n, MASK_BLOCKS, MASK_BLOCKS) band-pass RMS and mean per block; gain:
     a first estimate on the FIT_GRID grid. A block is off the section where its fine
     contrast (relative to its level) is under BLANK_CONTRAST of the set's median block and
-    it is brighter, through the gain, than the median of the tile's own textured blocks:
-    bare resin and film pass more electrons than the stained section beside them. Flat and
-    darker (the inside of a cell body; a dark field's background between stained nuclei; a
+    it is brighter, through the gain, than RESIN_ABOVE % of the set's textured blocks: bare
+    resin and film pass more electrons than any stained part of the section. Flat and
+    darker (the inside of most cells; a dark field's background between stained nuclei; a
     round beam's dark corners) stays: that is specimen, or what the gain is estimated from.
     Off the section is one region reaching the tile's border (the section's edge crosses
     the field) of MIN_OFF_BLOCKS or more; the flat bright insides of cells are islands
@@ -170,7 +173,7 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
             continue
         small.append(reduced)
         half, band = _band(tile, dark)
-        contrast.append(float(band.std() / max(float(half.mean()), 1e-6)))
+        contrast.append(_contrast(half, band))
         band_rms.append(_blocks(band, "rms"))
         block_level.append(_blocks(half))
     if small:
