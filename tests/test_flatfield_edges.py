@@ -40,12 +40,16 @@ def _estimates(tiles: list[np.ndarray], dark: float,
     return with_masks, without, shares[0]
 
 
-def test_resin_past_the_sections_edge_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resin_past_the_sections_edge_is_left_out(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     """The outer tiles of a 4 x 4 montage see a third of their field off the section (bright
-    bare resin): left in, it puts the estimate 4.7 % RMS off the true gain, left out 2.2 %."""
+    bare resin): left in, it puts the estimate 4.7 % RMS off the true gain, left out 2.2 %;
+    the log says how many tiles showed the edge."""
     ts = make_tileset(SyntheticParams(tile=512, rows=4, cols=4, overlap=0.1, dose=300, seed=2, dust=0,
                                       resin_border=0.3))
-    est, without, share = _estimates(ts.tiles, ts.params.dark, monkeypatch)
+    with caplog.at_level("INFO", logger="tapescope.stitching.flatfield"):
+        est, without, share = _estimates(ts.tiles, ts.params.dark, monkeypatch)
+    assert any("12 of 16 tiles show the section's edge" in r.getMessage() for r in caplog.records), caplog.text
     assert 0.2 < share < 0.4, share
     off, off_without = _rms_off(est, ts.gain), _rms_off(without, ts.gain)
     assert off < 0.6 * off_without and off < 0.03, (off, off_without)

@@ -13,11 +13,14 @@ the section's edge (bare resin or film: flat, and brighter than the specimen bes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from functools import lru_cache
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FIT_GRID = 64      # the median is fitted on a FIT_GRID x FIT_GRID reduction of the tile
 FIT_DEGREE = 4
@@ -194,6 +197,10 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
     basis = _poly_basis(FIT_GRID, FIT_GRID, FIT_DEGREE)
     masks = resin_masks(np.stack(band_rms), np.stack(block_level), _held(basis @ coef).reshape(FIT_GRID, FIT_GRID))
     if not masks.all():
+        edged = int((~masks).any(axis=(1, 2)).sum())
+        log.info("flat-field: %d of %d tiles show the section's edge; %.0f %% of their area (bare resin "
+                 "past it) left out of the estimate", edged, len(masks),
+                 100 * float((~masks).mean()) * len(masks) / edged)
         q = choose_quantile(stack, masks)
         masked = _fit_quantile(stack, q, masks)
         if masked is None:
