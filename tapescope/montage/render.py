@@ -119,7 +119,7 @@ class _Setup:
         if lens is not None and lens.is_identity:
             lens = None
         # The lens moves a pixel most at the sensor's corner: crops and parts widen by that.
-        bend = 0 if lens is None else int(np.ceil(np.abs(lens.at(np.zeros(2), (th, tw))).max())) + 1
+        bend = 0 if lens is None else lens.bend_px((th, tw))
         table = None if lens is None else lens_map(lens, (th, tw), bend + 4)
         fmax = float(np.abs(transform.field).max()) if transform.field is not None else 0.0
         inv = np.linalg.inv(np.vstack([np.asarray(transform.matrix, np.float64), [0, 0, 1]]))

@@ -11,9 +11,10 @@ one writer, so units can be rendered by threads here or by Dask workers elsewher
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,7 +25,18 @@ from .render import check_tile_shapes, render_block
 from .transform import SectionTransform
 from .warp import one_opencv_thread, warp_for
 
+T = TypeVar("T")
+R = TypeVar("R")
 BLOCK_PX = 2048     # render_to's block: ~100 MB of maps and accumulators at most
+
+
+def _each(fn: Callable[[T], R], items: list[T], threads: int | None) -> list[R]:
+    """fn of every item, in order, on `threads` threads at once (None: one per core)."""
+    threads = min(threads or os.cpu_count() or 1, len(items))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(fn, items))
+    return [fn(item) for item in items]
 
 
 @dataclass(frozen=True)
@@ -69,14 +81,9 @@ def render_section(
         volume.write_unit(z, unit, img)
         return img.size, covered
 
-    threads = min(threads or os.cpu_count() or 1, len(units))
     # On an error, no write of it goes on behind the caller.
     with one_opencv_thread(), volume.section_writes():
-        if threads > 1:
-            with ThreadPoolExecutor(threads) as pool:
-                counts = list(pool.map(one, units))
-        else:
-            counts = [one(u) for u in units]
+        counts = _each(one, units, threads)
         volume.build_pyramid(z, start=1 if units == volume.shard_blocks(0) else 2)
     return RenderStats(sum(c[0] for c in counts), sum(c[1] for c in counts))
 
@@ -100,11 +107,5 @@ def render_to(
         image[y:y + bh, x:x + bw] = part
         cover[y:y + bh, x:x + bw] = cov
 
-    threads = min(threads or os.cpu_count() or 1, len(blocks))
     with one_opencv_thread():
-        if threads > 1:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(one, blocks))
-        else:
-            for b in blocks:
-                one(b)
+        _each(one, blocks, threads)

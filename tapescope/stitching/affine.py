@@ -129,12 +129,10 @@ def measure_warped(a: np.ndarray, b: np.ndarray, i: int, j: int, origin_a: np.nd
     back = np.linalg.inv(lin)
     to_b = np.column_stack([back @ half, -back @ frac / 2])
     box = _inner_box(to_a, a.shape) & _inner_box(to_b, b.shape)
-    bend = 0
-    if lens is not None and not lens.is_identity and shape is not None:
-        # The lens moves a pixel by this much at most: the box keeps clear of the crops' edges by it.
-        bend = int(np.ceil(np.abs(lens.at(np.zeros(2), shape)).max())) + 1
-    else:
+    if lens is None or lens.is_identity or shape is None:
         lens = None
+    # The lens moves a pixel by this much at most: the box keeps clear of the crops' edges by it.
+    bend = 0 if lens is None else lens.bend_px(shape)
     if box is None:
         return []
     y0, y1, x0, x1 = box.bounds

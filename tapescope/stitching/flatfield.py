@@ -79,27 +79,34 @@ def usable_for_flatfield(tile: np.ndarray, saturation: float | None = None) -> b
     return float(np.mean(tile >= sat)) < 0.001
 
 
-def _reduced(tile: np.ndarray, side: int, dark: float | np.ndarray) -> np.ndarray:
-    """The tile less dark, averaged down to side x side (float32). Integer tiles are
-    averaged in their own type and only the small result converted (their rounding is
-    half a count of a mean of hundreds of pixels)."""
+def _dark_at(dark: float | np.ndarray, side: int) -> np.ndarray:
+    """The dark level averaged down to side x side, as `_reduced` subtracts it (a scalar stays one)."""
+    d = np.asarray(dark, np.float32)
+    return cv2.resize(d, (side, side), interpolation=cv2.INTER_AREA) if d.ndim == 2 else d
+
+
+def _reduced(tile: np.ndarray, side: int, dark: np.ndarray) -> np.ndarray:
+    """The tile averaged down to side x side (float32), less `dark` (`_dark_at` the same
+    side: averaging is linear, so the dark frame is reduced once, not with every tile).
+    Integer tiles are averaged in their own type and only the small result converted (their
+    rounding is half a count of a mean of hundreds of pixels)."""
     if np.issubdtype(tile.dtype, np.integer) and tile.dtype.itemsize <= 2:
         small = cv2.resize(tile, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
-        d = np.asarray(dark, np.float32)
-        return small - (cv2.resize(d, (side, side), interpolation=cv2.INTER_AREA) if d.ndim == 2 else d)
-    return cv2.resize(tile.astype(np.float32) - dark, (side, side), interpolation=cv2.INTER_AREA)
+    else:
+        small = cv2.resize(tile.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
+    return small - dark
 
 
-def _band(tile: np.ndarray, dark: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(the tile less dark reduced to 2 FIT_GRID square, its band-pass): specimen has fine
-    structure, bare resin only shot noise, which the reduction averages away."""
+def _band(tile: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the tile less dark reduced to 2 FIT_GRID square, its band-pass; `dark` at that side):
+    specimen has fine structure, bare resin only shot noise, which the reduction averages away."""
     small = _reduced(tile, FIT_GRID * 2, dark)
     return small, cv2.GaussianBlur(small, (0, 0), 1.0) - cv2.GaussianBlur(small, (0, 0), 4.0)
 
 
 def detail_contrast(tile: np.ndarray, dark: float | np.ndarray = 0.0) -> float:
     """Fine-structure contrast (band-pass std / mean) at a reduced size."""
-    return _contrast(*_band(tile, dark))
+    return _contrast(*_band(tile, _dark_at(dark, FIT_GRID * 2)))
 
 
 def _contrast(small: np.ndarray, band: np.ndarray) -> float:
@@ -162,20 +169,23 @@ def estimate_flatfield(tiles: Iterable[np.ndarray], dark: float | np.ndarray = 0
     """
     small, contrast, band_rms, block_level = [], [], [], []
     shape: tuple[int, ...] | None = None
+    dark_fit, dark_band = _dark_at(dark, FIT_GRID), _dark_at(dark, FIT_GRID * 2)
     for tile in tiles:
         if shape is None:
             shape = tile.shape
+            if np.ndim(dark) == 2 and np.shape(dark) != shape:
+                raise ValueError(f"dark frame {np.shape(dark)} does not match the tiles' {shape}")
         elif tile.shape != shape:
             raise ValueError(f"tiles of different shapes: {shape} and {tile.shape}")
         if not usable_for_flatfield(tile):
             continue
         # Normalised later by a percentile of the reduced tile: one of a full tile costs more
         # than all the rest of the estimate together, and the scale is all it sets.
-        reduced = _reduced(tile, FIT_GRID, dark)
+        reduced = _reduced(tile, FIT_GRID, dark_fit)
         if float(np.median(reduced)) <= 0:
             continue
         small.append(reduced)
-        half, band = _band(tile, dark)
+        half, band = _band(tile, dark_band)
         contrast.append(_contrast(half, band))
         band_rms.append(_blocks(band, "rms"))
         block_level.append(_blocks(half))

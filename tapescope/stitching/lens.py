@@ -42,6 +42,11 @@ class RadialDistortion:
         b = radial_basis(np.asarray(q, float), shape)
         return b[..., 0] * self.k1 + b[..., 1] * self.k2
 
+    def bend_px(self, shape: tuple[int, int]) -> int:
+        """How far the lens moves a pixel at most (at the sensor's corner), rounded up, plus
+        one: the margin that crops and boxes keep for it."""
+        return int(np.ceil(np.abs(self.at(np.zeros(2), shape)).max())) + 1
+
     def displacement(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(dy, dx) fields of D over every pixel of a tile of `shape`."""
         if self.is_identity:

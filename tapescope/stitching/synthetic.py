@@ -171,15 +171,16 @@ def make_tileset(p: SyntheticParams) -> TileSet:
     stage = np.array([[margin + r * step, margin + c * step] for r, c in grid], float)
     truth = stage + rng.normal(0, p.stage_error_px / np.sqrt(2), stage.shape) + np.asarray(p.shift_px, float)
     blank = np.array([rc in set(p.blank) for rc in grid])
+    bare = RESIN if p.texture == "em" else BACKGROUND      # what is there where the specimen is not
     for k in np.flatnonzero(blank):
         y, x = np.floor(truth[k]).astype(int)
-        image[y:y + p.tile + 1, x:x + p.tile + 1] = RESIN if p.texture == "em" else BACKGROUND
+        image[y:y + p.tile + 1, x:x + p.tile + 1] = bare
     if p.resin_border > 0:
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
         wave = 0.15 * p.tile * np.sin(2 * np.pi * (yy + xx) / (3.1 * p.tile) + p.seed)
         inset = margin + p.resin_border * p.tile + wave
         off = (yy < inset) | (yy > h - inset) | (xx < inset) | (xx > w - inset)
-        image[off] = RESIN if p.texture == "em" else BACKGROUND
+        image[off] = bare
     coeffs = spline_filter(image, order=3)
     gain = camera_gain((p.tile, p.tile), p.vignetting, p.dust, rng)
     dy, dx = p.distortion.displacement((p.tile, p.tile))
