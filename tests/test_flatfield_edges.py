@@ -104,3 +104,9 @@ def test_real_em_texture_is_not_taken_for_resin_and_resin_beside_it_is(monkeypat
     # per-pixel statistic), 3.4 % with the masks, 6.4 % without.
     assert _rms_off(est, gain) < _rms_off(clean, gain) + 0.005
     assert _rms_off(without, gain) > _rms_off(est, gain) + 0.015
+
+
+def test_a_dark_frame_of_another_shape_is_named() -> None:
+    tiles = [np.full((64, 64), 1000, np.uint16)] * 3
+    with pytest.raises(ValueError, match=r"dark frame \(32, 32\) does not match the tiles' \(64, 64\)"):
+        flatfield.estimate_flatfield(tiles, dark=np.zeros((32, 32), np.float32))
