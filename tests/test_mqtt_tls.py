@@ -100,6 +100,30 @@ def test_certs_command_makes_owner_only_keys_and_keeps_the_ca_on_renewal(tmp_pat
     assert bad.returncode == 2 and "admin" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_certs_without_a_host_name_the_broker_localhost_only(tmp_path: Path) -> None:
+    """No --host: a broker certificate for localhost and 127.0.0.1, on every cryptography release
+    (51 and newer refuse an empty SubjectAlternativeName, which the client-certificate path must
+    not build either)."""
+    d = tmp_path / "pki"
+    r = subprocess.run([sys.executable, "-m", "tapescope.cli", "mqtt", "certs", str(d), "--client", "operator"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    from cryptography import x509
+
+    broker = x509.load_pem_x509_certificate((d / "broker.crt").read_bytes())
+    names = broker.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    client = x509.load_pem_x509_certificate((d / "operator.crt").read_bytes())
+    with pytest.raises(x509.ExtensionNotFound):                      # a role, not a host: no names at all
+        client.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert {p.name for p in d.iterdir()} == {"ca.crt", "ca.key", "broker.crt", "broker.key",
+                                             "operator.crt", "operator.key"}
+    with pytest.raises(certs.CertError, match="neither a host name"):
+        certs.make_all(tmp_path / "other", ["scope pc"], [])
+    assert not (tmp_path / "other").exists()                         # refused before anything is written
+
+
 def test_remote_brokers_need_tls_and_tls_needs_a_ca(pki: Path) -> None:
     with pytest.raises(ConfigError, match="tls = true"):
         parse_config({"mqtt": {"enabled": True, "host": "broker.example"}})

@@ -106,7 +106,8 @@ def _load_ca(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def _san(names: list[str]) -> x509.SubjectAlternativeName:
+def _general_names(names: list[str]) -> list[x509.GeneralName]:
+    """Each --host as an IP address or a DNS name; an empty list is fine (no extra names)."""
     entries: list[x509.GeneralName] = []
     for n in names:
         try:
@@ -115,7 +116,7 @@ def _san(names: list[str]) -> x509.SubjectAlternativeName:
             if not n or any(c.isspace() for c in n):
                 raise CertError(f"--host {n!r} is neither a host name nor an IP address") from None
             entries.append(x509.DNSName(n))
-    return x509.SubjectAlternativeName(entries)
+    return entries
 
 
 def _leaf(ca: Issued, cn: str, usage: x509.ObjectIdentifier, san: list[str] | None, days: int,
@@ -130,7 +131,8 @@ def _leaf(ca: Issued, cn: str, usage: x509.ObjectIdentifier, san: list[str] | No
          .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
          .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
     if san:
-        b = b.add_extension(_san(san), critical=False)
+        # Only when there are names: cryptography >= 51 refuses an empty SubjectAlternativeName.
+        b = b.add_extension(x509.SubjectAlternativeName(_general_names(san)), critical=False)
     cert = b.sign(ca_key, hashes.SHA256())
     issued = Issued(out / f"{stem}.crt", out / f"{stem}.key")
     _write_key(issued.key, key)
@@ -160,7 +162,7 @@ def make_all(directory: Path, hosts: list[str], clients: list[str], *, days: int
     for role in clients:
         if role not in ROLES:
             raise CertError(f"--client {role!r}: a client certificate is for one of the roles {', '.join(ROLES)}")
-    _san(hosts)                       # refuse a bad name before anything is written
+    _general_names(hosts)             # refuse a bad name before anything is written
     directory.mkdir(parents=True, exist_ok=True)
     ca = make_ca(directory)
     made = [ca, broker_cert(ca, hosts, directory, days=days)]
