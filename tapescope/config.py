@@ -170,7 +170,7 @@ class RunConfig(_Model):
     retry_window_s: Annotated[float, Field(ge=0, le=3600)] = Field(
         20.0, description="a failing device call is retried for at least this long (and device_retries times)")
     device_probe_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        15.0, description="paused for a device: how often it is tried again")
+        15.0, description="paused for a device: how often its failing step is tried again")
     watchdog_stall_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     min_free_gb: Annotated[float, Field(ge=0, le=1_000_000)] = 1.0
     reimage_at_end: bool = True

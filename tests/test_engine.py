@@ -144,7 +144,8 @@ async def test_device_that_keeps_failing_pauses_with_an_alarm_then_resumes(
     task = asyncio.create_task(eng.run())
     await asyncio.wait_for(paused.wait(), 20)
     assert "recovering" in states(events)
-    assert any(isinstance(e, Alarm) and e.source == "camera" and "failed after 1 retries" in e.message for e in events)
+    assert any(isinstance(e, Alarm) and e.source == "camera" and "failed 2 times in" in e.message
+               and "(1 retry, each after a reconnect)" in e.message for e in events)
     assert eng.resume()
     summary = await asyncio.wait_for(task, 30)
     assert summary.state is RunState.DONE and summary.tiles == 4

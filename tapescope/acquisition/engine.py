@@ -40,6 +40,7 @@ from .events import (
 )
 from .interrupts import Abort, Fatal, Skip
 from .journal import FINAL, RunProgress
+from .notices import CureNotices
 from .plan import SectionPlan, TilePlan
 from .sections import SectionRunner
 from .settings import EngineSettings
@@ -75,7 +76,19 @@ class GridPlanner:
 
 
 RETRY_BACKOFF_MAX_S = 2.0
-MAX_AUTO_RESUMES = 3    # a device that comes back and fails again this often needs a person
+MAX_AUTO_RESUMES = 3    # a device that comes back and fails again this often in one section needs a person
+# Devices a person may have their hands on while the run is paused for them: probed by
+# reconnecting only, never by repeating their step (a tape move at the transport).
+HANDS_ON = frozenset({"tape"})
+
+
+@dataclass
+class _Probe:
+    """What the probe of one device pause did: whether it is inside the step now (then it is
+    let finish, never cut mid-exchange), and the step's result once it succeeded."""
+
+    stepping: bool = False
+    result: list[Any] = field(default_factory=list)
 
 
 class Engine:
@@ -120,7 +133,8 @@ class Engine:
         self.tiles = TileTaker(self)
         self.sections = SectionRunner(self, self.tiles)
         self._waiting_for_processing = False     # the watchdog expects no tiles meanwhile
-        self._auto_resumes: dict[str, int] = {}  # device -> resumes after it answered a probe
+        self._auto_resumes: dict[str, int] = {}  # device -> resumes after a probe, this section
+        self.notices = CureNotices(self.alarm)    # the drivers' own cures, summarised when repeated
 
     # -- the operator's controls: flags only; safe from any state, never block -------------
     @property
@@ -204,12 +218,17 @@ class Engine:
         self.store.log_event("alarm", source=source, message=message, **extra, time=time.time())
 
     async def pause_with_alarm(self, source: str, message: str) -> None:
+        self.notices.flush()                     # the cures that came before the pause, said first
         self.alarm(source, message)
         self._pause_requested = f"{source}: {message}"
         await self._paused(self._pause_requested)
 
     # -- device calls: timeout, retry with reconnect, then pause or fail --------------------
     async def call_device(self, what: str, fn: Callable[[], Awaitable[T]], device: str = "") -> T:
+        """``fn()`` under the step timeout, retried after a reconnect until both the retry count
+        and the retry window are spent; then FAILED, or PAUSED until the step itself succeeds
+        again (docs/acquisition.md, "Faults and recovery"). A reconnect that works does not
+        count as progress: only the step's own success ends the retries or the pause."""
         s = self.settings
         while True:
             last: DeviceError | None = None
@@ -223,6 +242,9 @@ class Engine:
                 except DeviceError as exc:
                     last = exc
                 else:
+                    if attempt:
+                        self.notices.notice(last.device if last else device, f"{what} succeeded on retry {attempt}, "
+                                            "the device reconnected (the run goes on)")
                     if attempt and self._state is RunState.RECOVERING:
                         self._set_state(self._recover_from, f"{what} succeeded on retry {attempt}")
                     return result
@@ -235,8 +257,8 @@ class Engine:
                     self._recover_from = self._state
                     self._set_state(RunState.RECOVERING, f"{what}: {last}")
                 left = max(0.0, s.retry_window_s - (now - first_failure))
-                self.bus.emit(Alarm(last.device, f"{what} failed ({last}); retry {attempt} (at least "
-                                    f"{s.device_retries}, for up to {left:.0f} s more)", "warning"))
+                self.bus.emit(Alarm(last.device, f"{what} failed ({last}); retry {attempt} after a reconnect "
+                                    f"(at least {s.device_retries}, for up to {left:.0f} s more)", "warning"))
                 self.store.log_event("device_retry", what=what, error=str(last), attempt=attempt, time=time.time())
                 await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S))
                 await self._reconnect(last.device)
@@ -245,33 +267,50 @@ class Engine:
             assert last is not None
             if self._state is RunState.RECOVERING:
                 self._set_state(self._recover_from, "retries exhausted")
-            message = f"{what} failed after {attempt} retries in {time.monotonic() - first_failure:.0f} s: {last}"
+            message = (f"{what} failed {attempt + 1} times in {time.monotonic() - first_failure:.0f} s "
+                       f"({attempt} retr{'y' if attempt == 1 else 'ies'}, each after a reconnect): {last}")
             if s.on_device_failure != "pause":
                 raise Fatal(message) from last
-            # Pause, the tape and the plan kept; on resume (the operator's, or the device
-            # answering a probe), try the same step again from the start.
-            # The run resumes by itself only where nobody else asked for the pause meanwhile.
-            asked = self._pause_requested is not None
-            auto = self._auto_resumes.get(last.device, 0) < MAX_AUTO_RESUMES and not asked
-            if auto:
-                text = (f"{message}; paused: fix it and resume (the run also resumes by itself once the "
-                        f"{last.device} answers again)")
-            elif asked:
-                text = f"{message}; paused, as was asked: resume once it is fixed"
-            else:
-                text = f"{message}; paused: it came back and failed again {MAX_AUTO_RESUMES} times: needs a person"
-            probe = asyncio.create_task(self._probe(last.device, f"{last.device}: {text}") if auto
-                                        else asyncio.sleep(0), name=f"engine-probe-{last.device}")
-            try:
-                await self.pause_with_alarm(last.device, text)
-            finally:
-                probe.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await probe
+            probe = await self._pause_for(last.device, what, message, fn)
+            if probe.result:
+                return probe.result[0]       # the probe's own try of the step succeeded
+            # Resumed by the operator: try the same step again from the start.
+
+    async def _pause_for(self, device: str, what: str, message: str, step: Callable[[], Awaitable[Any]]) -> _Probe:
+        """PAUSED with one alarm; the tape and the plan kept. The run resumes by itself only
+        where nobody else asked for the pause meanwhile, and only when the probe's try of the
+        step succeeded (or, for a device a person may be handling, once it answers)."""
+        s = self.settings
+        asked = self._pause_requested is not None
+        auto = self._auto_resumes.get(device, 0) < MAX_AUTO_RESUMES and not asked
+        by_step = device not in HANDS_ON
+        if auto:
+            when = f"{what} succeeds again" if by_step else f"the {device} answers again"
+            text = (f"{message}; paused: fix it and resume (the run also resumes by itself once {when}; "
+                    f"tried every {s.device_probe_s:g} s)")
+        elif asked:
+            text = f"{message}; paused, as was asked: resume once it is fixed"
+        else:
+            text = (f"{message}; paused: it came back and failed again {MAX_AUTO_RESUMES} times in this section: "
+                    "needs a person")
+        probe = _Probe()
+        task = asyncio.create_task(
+            self._probe(device, f"{device}: {text}", what, step if by_step else None, probe) if auto
+            else asyncio.sleep(0), name=f"engine-probe-{device}")
+        try:
+            await self.pause_with_alarm(device, text)
+        finally:
+            if probe.stepping:
+                await asyncio.wait({task})   # a device exchange is never cut mid-way
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return probe
 
     async def _reconnect(self, device: str, *, clear_jam: bool = True) -> bool:
         """Close and reopen a device's connection and bring it back to where the run needs it
-        (the camera's exposure and arm; a jammed tape cleared). Whether it answers."""
+        (the camera's exposure and arm; a jammed tape cleared). Whether it answers. Part of a
+        retry or a probe, whose own alarms say so: not a cure by itself."""
         dev = getattr(self.scope, device, None)
         if dev is None:
             return False
@@ -288,25 +327,51 @@ class Engine:
                 st = await self.scope.tape.clear_jam()
                 self.alarm("tape", f"tape jammed at slot {st.slot}: sent CLEAR; the tape is {st.state.lower()}",
                             "warning")
-            self._device_notice(device, "reconnected")
             return True
         except (DeviceError, OSError, TimeoutError) as exc:
             log.warning("reconnecting %s failed: %s", device, exc)
             return False
 
-    async def _probe(self, device: str, reason: str) -> None:
-        """While paused for `device` (pause `reason`): try it every device_probe_s; once it
-        answers, resume. Only this pause: an operator's pause, asked meanwhile, is theirs. A
-        jammed tape is not cleared from here (a person may be at the transport)."""
+    async def _probe(self, device: str, reason: str, what: str, step: Callable[[], Awaitable[Any]] | None,
+                     probe: _Probe) -> None:
+        """While paused for `device` (pause `reason`): every device_probe_s, reconnect it and
+        try `step` (None: the reconnect alone); once that succeeds, resume. Only this pause:
+        an operator's pause, asked meanwhile, is theirs. A jammed tape is not cleared from
+        here (a person may be at the transport). Failed tries go to the journal and the log,
+        not to the alarms: the pause's alarm stands for them."""
+        t0 = time.monotonic()
+        tries = 0
         while True:
             await asyncio.sleep(self.settings.device_probe_s)
             if self._state is not RunState.PAUSED or self._pause_requested != reason:
                 return
-            if await self._reconnect(device, clear_jam=False):
-                self._auto_resumes[device] = self._auto_resumes.get(device, 0) + 1
-                self.alarm(device, f"{device} answers again: resuming", "warning")
-                self.resume(f"{device} answers again")
-                return
+            tries += 1
+            error = ""
+            if not await self._reconnect(device, clear_jam=False):
+                error = "does not answer"
+            elif step is not None:
+                probe.stepping = True
+                try:
+                    probe.result.append(await asyncio.wait_for(step(), self.settings.step_timeout_s))
+                except TimeoutError:
+                    error = f"no result within {self.settings.step_timeout_s:g} s"
+                except DeviceError as exc:
+                    error = str(exc)
+                finally:
+                    probe.stepping = False
+            if error:
+                log.info("%s still failing (probe %d): %s", what, tries, error)
+                self.store.log_event("device_probe", device=device, what=what, attempt=tries, error=error,
+                                     time=time.time())
+                continue
+            if self._pause_requested != reason or self._abort_requested is not None:
+                return                       # the operator took over meanwhile; the result stays
+            self._auto_resumes[device] = self._auto_resumes.get(device, 0) + 1
+            done = f"{what} succeeded" if step is not None else "it reconnected"
+            self.alarm(device, f"{device} answers again ({done} at probe {tries}, "
+                               f"{time.monotonic() - t0:.0f} s into the pause): resuming", "warning")
+            self.resume(f"{device} answers again")
+            return
 
     # -- the run -----------------------------------------------------------------------------
     async def run(self) -> RunSummary:
@@ -331,6 +396,7 @@ class Engine:
                     continue                      # done in an earlier life of this run
                 await self.sections.take(slot)
                 n_sections += 1
+                self._auto_resumes.clear()        # a device's comebacks are counted per section
             if self.settings.reimage_at_end and not self._stop_at_end:
                 await self._await_processing()
                 taken: set[tuple[int, bool]] = set()
@@ -380,9 +446,10 @@ class Engine:
         return lambda status, moving: self.bus.emit(DeviceStatus(device, status, moving))
 
     def _device_notice(self, device: str, message: str) -> None:
-        self.alarm(device, f"{message} (cured by the driver; the run goes on)", "warning")
+        self.notices.notice(device, f"{message} (cured by the driver; the run goes on)")
 
     def _finish(self, final: RunState, reason: str, n_sections: int) -> RunSummary:
+        self.notices.flush()
         if not self._state.terminal:
             self._set_state(final, reason)
         if self.section_queue is not None:
@@ -500,6 +567,7 @@ class Engine:
         period = min(1.0, stall / 4)
         while True:
             await asyncio.sleep(period)
+            self.notices.flush(older_than_s=self.notices.window_s)
             busy = self._state in (RunState.ACQUIRING, RunState.RECOVERING) and not self._waiting_for_processing
             idle_for = time.monotonic() - max(self._watch_from, self.tiles.last_stored_t)
             if busy and idle_for > stall and self._pause_requested is None:
