@@ -43,6 +43,7 @@ class TissueFinding:
     area_fraction: float              # tissue area / search area
     contrast: float                   # (resin - tissue) / resin
     message: str
+    cut: bool = False                 # tissue reaches the overview's edge: the field cuts it
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,11 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
         return TissueFinding("empty", (), 0.0, contrast, "no tissue region after cleaning the mask")
     areas = stats[1:, cv2.CC_STAT_AREA]
     main = 1 + int(np.argmax(areas))
+    cut = bool(mask[:2].any() or mask[-2:].any() or mask[:, :2].any() or mask[:, -2:].any())
     total = float(areas.sum())
     frac = total / max(float(aperture.sum()), 1.0)
     if frac < lim.min_area_fraction:
-        return TissueFinding("empty", (), frac, contrast, f"tissue covers {frac:.1%} of the aperture only")
+        return TissueFinding("empty", (), frac, contrast, f"tissue covers {frac:.1%} of the aperture only", cut)
     part = (labels == main).astype(np.uint8)
     contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     contour = max(contours, key=cv2.contourArea)
@@ -134,8 +136,8 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
         problems.append(f"folded ({doubled:.0%} of it doubled)")
     stats_txt = f"tissue {frac:.0%} of the aperture, contrast {contrast:.2f}, holes {holes:.1%}, doubled {doubled:.1%}"
     if problems:
-        return TissueFinding("damaged", poly, frac, contrast, "; ".join(problems) + f" ({stats_txt})")
-    return TissueFinding("tissue", poly, frac, contrast, stats_txt)
+        return TissueFinding("damaged", poly, frac, contrast, "; ".join(problems) + f" ({stats_txt})", cut)
+    return TissueFinding("tissue", poly, frac, contrast, stats_txt, cut)
 
 
 def film_points(ov: Overview, outline_nm: Polygon, tile_px: tuple[int, int], pixel_nm: float,

@@ -15,6 +15,7 @@ same overview in one frame; the mosaic works on any scope and is what runs today
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,40 @@ import numpy as np
 from .acquisition import Acquisition, SlotVerdict
 from .events import OverviewAvailable
 from .plan import SectionPlan, TilePlan
-from .roi import Overview, Polygon, TissueLimits, film_points, find_tissue, tiles_covering
+from .roi import Overview, Polygon, TissueFinding, TissueLimits, film_points, find_tissue, tiles_covering
 
 OVERVIEW_BIN = 8
+# The overview's field holds the search area this many times over: the section's edges
+# must be seen against the film around them.
+FIELD_MARGIN = 1.25
+
+
+def overview_magnifications(mags: Sequence[float], fov_at_1x_nm: Sequence[float],
+                            search_nm: Sequence[float]) -> list[float]:
+    """Magnifications to try, highest first: the highest whose field holds the search area
+    (FIELD_MARGIN times), then each lower one, for when the section turns out larger."""
+    fov = np.asarray(fov_at_1x_nm, float)
+    need = np.asarray(search_nm, float) * FIELD_MARGIN
+    fits = [m for m in mags if np.all(fov / m >= need)]
+    start = max(fits) if fits else min(mags)
+    return sorted((m for m in mags if m <= start), reverse=True)
+
+
+async def survey(take: Callable[[float], Awaitable[np.ndarray]], mags: Sequence[float],
+                 pixel_at_1x_nm: float, limits: TissueLimits) -> tuple[Overview, TissueFinding, float]:
+    """Overviews at each magnification in turn until the tissue found lies inside the field:
+    a section that the field cuts cannot be judged (its outline is the field's edge, its
+    pieces may join outside it). take(mag) returns one frame at that magnification, centred
+    on the beam axis. Returns the last overview, its finding and its magnification."""
+    for i, mag in enumerate(mags):
+        img = (await take(mag)).astype(np.float32)
+        pix = pixel_at_1x_nm / mag
+        h, w = img.shape
+        ov = Overview(img, (-h * pix / 2, -w * pix / 2), pix)
+        found = find_tissue(ov, limits)
+        if not found.cut or i == len(mags) - 1:
+            return ov, found, mag
+    raise ValueError("no magnification to survey at")
 
 
 @dataclass
@@ -57,41 +89,42 @@ class RoiPlanner:
             return SectionPlan(slot, barcode, tuple(tiles), poly, "operator")
         if self.mode == "grid":
             return SectionPlan(slot, barcode, tuple(self.grid))
-        ov = await self.overview(engine, slot)
+        ov, found = await self.overview(engine, slot)
         engine.store.log_event("overview", slot=slot, shape=list(ov.image.shape), origin_nm=list(ov.origin_nm),
                                pixel_nm=ov.pixel_nm)
-        found = find_tissue(ov, self.limits, margin_nm=0.0)
         if found.verdict != "tissue":
             return SlotVerdict(found.verdict, found.message)
         self.film_points[slot] = film_points(ov, found.outline_nm, self.tile_px, self.pixel_nm)
         tiles = tiles_covering(found.outline_nm, self.tile_px, self.pixel_nm, self.overlap)
         return SectionPlan(slot, barcode, tuple(tiles), found.outline_nm, "auto")
 
-    async def overview(self, engine: Acquisition, slot: int) -> Overview:
+    async def overview(self, engine: Acquisition, slot: int) -> tuple[Overview, TissueFinding]:
         column = getattr(engine.scope, "column", None)
         if column is not None and getattr(column, "magnifications", None):
-            ov = await self._overview_low_mag(engine, column)
+            ov, found = await self._overview_low_mag(engine, column)
         else:
             ov = await self._overview_mosaic(engine)
+            found = find_tissue(ov, self.limits)
         engine.bus.emit(OverviewAvailable(slot, ov.image, ov.origin_nm, ov.pixel_nm))
-        return ov
+        return ov, found
 
-    async def _overview_low_mag(self, engine: Acquisition, column: Any) -> Overview:
-        """One frame at the highest magnification whose field holds the whole search area."""
+    async def _overview_low_mag(self, engine: Acquisition, column: Any) -> tuple[Overview, TissueFinding]:
+        """One frame at the highest magnification whose field holds the search area; lower
+        ones while the section reaches the field's edge."""
         imaging = (await engine.call_device("column status", column.status, "column")).magnification
-        h_nm, w_nm = self.search_box()
         fov = np.array(self.tile_px, float) * self.pixel_nm * imaging
-        fits = [m for m in column.magnifications if np.all(fov / m >= (h_nm, w_nm))]
-        mag = max(fits) if fits else min(column.magnifications)
-        try:
+        mags = overview_magnifications(column.magnifications, fov, self.search_box())
+
+        async def take(mag: float) -> np.ndarray:
             await engine.call_device(f"magnification {mag:g}", lambda: column.set_magnification(mag), "column")
             frame, _, _ = await engine.expose_at(TilePlan(0, 0, 0.0, 0.0))
+            return frame.data
+
+        try:
+            ov, found, _ = await survey(take, mags, self.pixel_nm * imaging, self.limits)
         finally:
             await engine.call_device(f"magnification {imaging:g}", lambda: column.set_magnification(imaging), "column")
-        pix = self.pixel_nm * imaging / mag
-        img = frame.data.astype(np.float32)
-        h, w = img.shape
-        return Overview(img, (-h * pix / 2, -w * pix / 2), pix)
+        return ov, found
 
     async def _overview_mosaic(self, engine: Acquisition) -> Overview:
         h_nm, w_nm = self.search_box()

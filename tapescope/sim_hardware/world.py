@@ -36,6 +36,7 @@ from tapescope.specimen import Specimen, SpecimenParams
 
 from .column_model import ColumnModel
 from .faults import FaultBook
+from .outline import Outline, draw_outline, outline_alpha
 from .params import WorldParams
 from .stage_model import StageModel
 from .tape_model import TapeModel
@@ -74,6 +75,8 @@ class SimWorld:
         self.focus_offsets_nm = p.focus_offset_sigma_nm * draw(10).standard_normal(p.n_slots)
         self._focus_phase = float(draw(12).uniform(0, 2 * math.pi))
         self.slot_truth = [self._draw_truth(k, np.random.default_rng([p.seed, 11, k])) for k in range(p.n_slots)]
+        self.slot_outlines: list[Outline] = [draw_outline(*p.section_px, np.random.default_rng([p.seed, 13, k]))
+                                             for k in range(p.n_slots)]
         self.rng = np.random.default_rng(p.seed + 1000)
         self.faults = FaultBook()
         self.t0 = time.monotonic()
@@ -126,8 +129,16 @@ class SimWorld:
         if not truth.tissue:
             return np.full((h, w), film, np.float32)
         img = self.specimen.section(slot)
-        if not truth.damage:
-            return img
+        if truth.damage:
+            img = self._apply_damage(slot, img)
+        # The section's own outline last: outside it (and in its holes) the beam sees film.
+        alpha = outline_alpha(h, w, self.slot_outlines[slot], np.random.default_rng([self.p.seed, 14, slot]))
+        return (film + (img - film) * alpha).astype(np.float32)
+
+    def _apply_damage(self, slot: int, img: np.ndarray) -> np.ndarray:
+        truth = self.slot_truth[slot]
+        h, w = self.p.section_px
+        film = np.float32(self.p.film_transmission)
         img = img.copy()
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         noise = cv2.GaussianBlur(np.random.default_rng([self.p.seed, slot, 3]).normal(0, 1, (h, w))
@@ -295,12 +306,13 @@ class SimWorld:
         return self._apply_aperture(slot, t, centre_nm, pix, b, roi)
 
     def section_corners_nm(self, slot: int) -> np.ndarray:
-        """Stage coordinates (y, x) of the section's four corners (the truth for ROI finding)."""
-        h, w = np.array(self.p.section_px) * self.p.pixel_nm / 2
+        """Stage coordinates (y, x) of the corners of the section's trapezoid (the truth for
+        ROI finding; its edges wave a little about the lines between them)."""
         theta = math.radians(self.slot_rotation_deg[slot])
         c, s = math.cos(theta), math.sin(theta)
         rot = np.array([[c, -s], [s, c]])           # section frame -> slot frame, (y, x)
-        corners = np.array([[-h, -w], [-h, w], [h, w], [h, -w]])
+        # Section pixel i lies at (i - size / 2) pixels from the section's centre (transmission_at).
+        corners = (self.slot_outlines[slot].corners - np.array(self.p.section_px) / 2) * self.p.pixel_nm
         return corners @ rot.T + self.slot_offsets_nm[slot]
 
     def aperture_half_nm(self) -> np.ndarray:
