@@ -50,15 +50,19 @@ class TissueFinding:
 class TissueLimits:
     min_contrast: float = 0.10        # tissue ~20 % darker than film; an empty film with dust ~5 %
     min_area_fraction: float = 0.02   # of the search area
-    min_main_fraction: float = 0.7    # largest piece / all tissue; below: torn section
+    min_main_fraction: float = 0.9    # largest piece / all tissue (crumbs below 1 % left out)
     min_solidity: float = 0.6         # area / convex hull area; below: folded or torn
-    max_hole_fraction: float = 0.04   # resin holes inside the outline
-    max_fold_fraction: float = 0.04   # tissue much darker than the section's own: lying twice
+    max_hole_fraction: float = 0.02   # film-bright holes wider than a cell, of the outline
+    max_fold_fraction: float = 0.02   # tissue much darker than the section's own: lying twice
+    min_gap_span: float = 0.3         # a film-bright line this long (of the section's size): a tear
 
 
 SMOOTH_NM = 100.0                     # blur sigma for the tissue mask (x 2.5: ~ a cell)
 OPAQUE_BELOW = 0.35                   # of the film level: the tape around the aperture
-FOLD_DARKER = 0.3                     # doubled tissue transmits ~ t^2: 30 % darker at t ~ 0.7
+CELL_NM = 420.0                       # a cell: light cells are not holes, a hole wider than one is
+FOLD_SMOOTH_NM = 150.0                # cells and mitochondria average out; a doubled band does not
+FOLD_DARKER = 0.18                    # doubled tissue transmits ~ t^2: ~20 % darker at t ~ 0.8
+GAP_LEVEL = 0.35                      # of the tissue contrast, below film: film-bright (a gap)
 
 
 def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: float = 0.0) -> TissueFinding:
@@ -99,6 +103,8 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
         return TissueFinding("empty", (), 0.0, contrast, "no tissue region after cleaning the mask")
     areas = stats[1:, cv2.CC_STAT_AREA]
     main = 1 + int(np.argmax(areas))
+    # Crumbs (dust, debris, a speck of the texture) are not pieces of the section.
+    areas_big = areas[areas >= 0.01 * areas.max()]
     cut = bool(mask[:2].any() or mask[-2:].any() or mask[:, :2].any() or mask[:, -2:].any())
     total = float(areas.sum())
     frac = total / max(float(aperture.sum()), 1.0)
@@ -109,13 +115,14 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     contour = max(contours, key=cv2.contourArea)
     filled = np.zeros_like(part)
     cv2.drawContours(filled, [contour], -1, 1, -1)
-    holes = float(((filled > 0) & (part == 0)).sum()) / max(float(filled.sum()), 1.0)
-    hull_area = float(cv2.contourArea(cv2.convexHull(contour))) or 1.0
+    hull = cv2.convexHull(contour)
+    hull_mask = np.zeros_like(part)
+    cv2.fillPoly(hull_mask, [hull[:, 0, :]], 1)
+    holes, gap_span = _film_inside(ov, hull_mask, filled, contrast)
+    hull_area = float(cv2.contourArea(hull)) or 1.0
     solidity = float(areas[main - 1]) / hull_area
-    main_frac = float(areas[main - 1]) / total
-    # A fold lays tissue on tissue: a band far darker than the section's own tissue.
-    t = norm[part > 0]
-    doubled = float(np.mean(t < tissue_level * (1 - FOLD_DARKER)))
+    main_frac = float(areas[main - 1]) / float(areas_big.sum())
+    doubled = _doubled(ov, part, film)
     if margin_nm > 0:
         r = max(1, round(margin_nm / ov.pixel_nm))
         grown = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
@@ -132,12 +139,53 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
         problems.append(f"ragged outline (solidity {solidity:.2f})")
     if holes > lim.max_hole_fraction:
         problems.append(f"holes {holes:.0%} of its area")
+    if gap_span > lim.min_gap_span:
+        problems.append(f"torn (a film gap across {gap_span:.0%} of it)")
     if doubled > lim.max_fold_fraction:
         problems.append(f"folded ({doubled:.0%} of it doubled)")
-    stats_txt = f"tissue {frac:.0%} of the aperture, contrast {contrast:.2f}, holes {holes:.1%}, doubled {doubled:.1%}"
+    stats_txt = (f"tissue {frac:.0%} of the aperture, contrast {contrast:.2f}, holes {holes:.1%}, "
+                 f"gap {gap_span:.0%}, doubled {doubled:.1%}")
     if problems:
         return TissueFinding("damaged", poly, frac, contrast, "; ".join(problems) + f" ({stats_txt})", cut)
     return TissueFinding("tissue", poly, frac, contrast, stats_txt, cut)
+
+
+def _film_inside(ov: Overview, hull: np.ndarray, filled: np.ndarray, contrast: float) -> tuple[float, float]:
+    """Bare film inside the section's convex hull: (holes and bites wider than a cell, as a
+    fraction of the hull; the longest film gap, as a fraction of the section's size).
+
+    Judged on the lightly smoothed overview, against the film around the section: a tear
+    may be a few overview pixels wide. A pale cell is a little darker than film and no wider
+    than a cell; a resin patch is nearly film and wider; a tear is film and long."""
+    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 0.7)
+    p99 = float(np.percentile(img, 99)) or 1.0
+    r_out = max(2, round(2 * SMOOTH_NM / ov.pixel_nm))
+    around = cv2.dilate(filled, np.ones((2 * r_out + 1,) * 2, np.uint8)) == 0
+    film_px = img[around & (img > OPAQUE_BELOW * p99)]
+    film = float(np.median(film_px)) if film_px.size else p99
+    bright = ((img > film * (1 - GAP_LEVEL * contrast)) & (hull > 0)).astype(np.uint8)
+    r = max(1, round(CELL_NM / 2 / ov.pixel_nm))
+    wide = cv2.morphologyEx(bright, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+    holes = float(wide.sum()) / max(float(hull.sum()), 1.0)
+    # A tear runs through the tissue: inside the outline, off its rim (where the blur
+    # mixes film in and a wavy edge leaves slivers of film between outline and hull).
+    gaps = bright & cv2.erode(filled, np.ones((5, 5), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(gaps, connectivity=8)
+    ys, xs = np.nonzero(filled)
+    size = max(float(ys.max() - ys.min()), float(xs.max() - xs.min()), 1.0)
+    spans = [max(stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT]) for i in range(1, n)]
+    return holes, (max(spans) / size if spans else 0.0)
+
+
+def _doubled(ov: Overview, part: np.ndarray, film: float) -> float:
+    """Fraction of the section much darker than its own median: tissue lying twice (a fold)."""
+    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), max(1.0, FOLD_SMOOTH_NM / ov.pixel_nm)) / film
+    r = max(1, round(FOLD_SMOOTH_NM * 2 / ov.pixel_nm))
+    core = cv2.erode(part, np.ones((2 * r + 1, 2 * r + 1), np.uint8))   # clear of the edge's blur
+    t = img[core > 0]
+    if t.size == 0:
+        return 0.0
+    return float(np.mean(t < np.median(t) * (1 - FOLD_DARKER)))
 
 
 def film_points(ov: Overview, outline_nm: Polygon, tile_px: tuple[int, int], pixel_nm: float,
