@@ -9,6 +9,7 @@ import numpy as np
 import tifffile
 
 from tapescope.acquisition.events import CalibrationDone, Event, EventBus
+from tapescope.acquisition.store import RunStore
 from tapescope.config import parse_config
 from tapescope.runner import run_acquisition
 
@@ -33,7 +34,7 @@ async def test_calibrations_measure_what_the_simulator_holds(tmp_path: Path) -> 
     journal = [json.loads(x) for x in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
     trails = {e["name"]: e["trail"] for e in journal if e["event"] == "calibration"}
     assert trails["darkfield"] == ["BLANK", "COLLECT", "UNBLANK", "STORE", "DONE"]
-    assert trails["autofocus"] == ["SWEEP", "FIT", "SET", "DONE"]
+    assert trails["autofocus"][0] == "COARSE" and trails["autofocus"][-4:] == ["FINE", "FIT", "SET", "DONE"]
     # Darkfield: the camera's offset.
     dark = tifffile.imread(tmp_path / "run" / "calibration" / "dark.tif")
     assert abs(float(dark.mean()) - world.p.dark_offset) < 5
@@ -54,3 +55,52 @@ async def test_calibrations_measure_what_the_simulator_holds(tmp_path: Path) -> 
                ["sections"])
     for summary in af:
         assert summary["gain"] > 1.2       # the sweep saw focus matter
+
+
+async def test_film_calibrations_in_grid_mode_are_not_run_and_say_why(tmp_path: Path) -> None:
+    run = {"scope": {"camera": {"width": 128, "height": 128}},
+           "run": {"slots": [0, 1], "grid": [2, 2], "seed": 3, "exposure_ms": 3.0, "roi": "grid",
+                   "calibrate": ["brightfield", "auto_exposure"]},
+           "processing": {"enabled": False}}
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    result = await run_acquisition(parse_config(run), tmp_path / "run", bus)
+    assert result.summary.state.value == "done", result.summary.reason
+    done = {e.name: e for e in events if isinstance(e, CalibrationDone)}
+    assert set(done) == {"brightfield", "auto_exposure"} and not any(e.ok for e in done.values())
+    assert all("no overview" in e.summary["skipped"] for e in done.values())
+    journal = [json.loads(x) for x in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    cal = [e for e in journal if e["event"] == "calibration"]
+    assert sorted(e["name"] for e in cal) == ["auto_exposure", "brightfield"]
+    assert all(e["ok"] is False and e["ran"] is False and e["trail"] == ["SKIPPED"] for e in cal)
+    alarms = [e["message"] for e in journal if e["event"] == "alarm" and e["source"] == "calibration"]
+    assert len(alarms) == 2 and all("not run: no overview" in m for m in alarms)
+    assert any("the flat-field is estimated from the tiles" in m for m in alarms)
+
+
+async def test_a_darkfield_whose_blank_fails_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    """on_device_failure = "fail", and the column never answers BLANK: the calibration fails
+    (journalled, an alarm), the beam is unblanked, and every tile is still taken."""
+    run = {"scope": {"camera": {"width": 128, "height": 128}},
+           "run": {"slots": [0], "grid": [2, 2], "seed": 3, "exposure_ms": 3.0, "calibrate": ["darkfield"],
+                   "on_device_failure": "fail", "device_retries": 1, "retry_window_s": 0.0},
+           "processing": {"enabled": False}}
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+
+    def blank_never_answers(sim) -> None:
+        sim.world.inject("column_timeout", 20, on="BLANK", executed=False)
+
+    result = await run_acquisition(parse_config(run), tmp_path / "run", bus, on_sim=blank_never_answers)
+    assert result.summary.state.value == "done", result.summary.reason
+    assert result.summary.tiles == 4
+    journal = [json.loads(x) for x in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    cal = [e for e in journal if e["event"] == "calibration"]
+    assert len(cal) == 1 and cal[0]["name"] == "darkfield" and cal[0]["ok"] is False
+    assert cal[0]["trail"] == ["BLANK", "UNBLANK", "FAILED"] and "could not be blanked" in cal[0]["error"]
+    alarms = [e["message"] for e in journal if e["event"] == "alarm" and e["source"] == "calibration"]
+    assert len(alarms) == 1 and "darkfield failed" in alarms[0] and "no measured dark" in alarms[0]
+    tiles = RunStore(tmp_path / "run").tiles()
+    assert all(t.meta["qc"]["mean"] > 500 for t in tiles)                   # the beam was unblanked

@@ -47,6 +47,10 @@ class Acquisition(Protocol):
         """A tile boundary: pause, abort and skip take effect here."""
         ...
 
+    def alarm(self, source: str, message: str, severity: str = "error") -> None:
+        """An alarm to every subscriber, and into the journal."""
+        ...
+
 
 class Calibrations(Protocol):
     """The calibration routines a run does before it starts, before a section, on a retake."""
@@ -54,7 +58,9 @@ class Calibrations(Protocol):
     async def prepare(self, engine: Acquisition) -> None: ...
 
     async def before_section(self, engine: Acquisition, plan: SectionPlan,
-                             film_points_nm: Sequence[tuple[float, float]]) -> None: ...
+                             film_points_nm: Sequence[tuple[float, float]] | None) -> None: ...
+
+    def finish(self, engine: Acquisition) -> None: ...
 
     async def refocus(self, engine: Acquisition) -> None: ...
 
@@ -70,17 +76,13 @@ class Planner(Protocol):
 
 class RunContext(Acquisition, Protocol):
     """What the engine's actions (sections.py, tiles.py) use of the run that drives them: the
-    planner-facing interface, and the run's settings, alarms and bookkeeping."""
+    planner-facing interface, and the run's settings and bookkeeping."""
 
     settings: EngineSettings
     planner: Planner
     calibration: Calibrations | None
     tile_shape: tuple[int, int] | None
     pixel_nm: float
-
-    def alarm(self, source: str, message: str, severity: str = "error") -> None:
-        """An alarm to every subscriber, and into the journal."""
-        ...
 
     async def pause_with_alarm(self, source: str, message: str) -> None:
         """Pause the run, with an alarm that says why; returns once resumed."""

@@ -406,6 +406,8 @@ class Engine:
                                if (s, self.progress.slot(s).retake_all) not in taken]:
                     taken.add((todo[0], self.progress.slot(todo[0]).retake_all))
                     await self.sections.take(todo[0], reimage=True)
+            if self.calibration is not None:
+                self.calibration.finish(self)
             self._set_state(RunState.FINISHING, "all slots visited")
             final = RunState.DONE
         except Abort as exc:

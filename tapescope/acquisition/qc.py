@@ -11,11 +11,18 @@ The focus score is the variance of the Laplacian of the frame, blurred by one pi
 keep shot noise out, divided by the squared mean so that exposure does not change it.
 It is compared with the section's own reference (the median of its good tiles so far),
 not with an absolute number: specimens differ far more than focus does.
+
+That cannot see a section imaged out of focus from its first tile, so each tile's
+sharpness is also judged on its own: the energy of its finest detail (a difference of
+Gaussians, 1-2 px) over that of the next octave (2-4 px). Blur removes the first long
+before the second, and the ratio hardly depends on what the tissue is; its floor
+(`QCLimits.sharpness_min`) and what it was measured on are in docs/acquisition.md.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +56,7 @@ class QCLimits:
     saturation_max: float = 0.005    # fraction of pixels at full scale
     saturation_level: int = 65535
     focus_min_ratio: float = 0.3     # of the section reference: content alone varies ~3x (docs)
+    sharpness_min: float = 0.27      # fine over medium detail of one tile: below, out of focus (docs)
     resin_cv_max: float = 0.04       # std/mean of the blurred frame: below this it is bare resin
     max_retakes: int = 2
 
@@ -62,6 +70,7 @@ class TileQC:
     resin: bool
     faults: tuple[str, ...] = ()
     messages: tuple[str, ...] = ()
+    sharpness: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -79,6 +88,7 @@ class TileQC:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["faults"], d["messages"] = list(self.faults), list(self.messages)
+        d["sharpness"] = None if math.isnan(self.sharpness) else self.sharpness     # JSON has no NaN
         return d
 
 
@@ -98,6 +108,46 @@ def focus_score(frame: np.ndarray) -> tuple[float, float, float]:
     lap_std = float(cv2.meanStdDev(lap)[1][0, 0])
     cv = float(cv2.meanStdDev(cv2.GaussianBlur(b, (0, 0), 4.0))[1][0, 0]) / mean
     return lap_std * lap_std / (mean * mean), cv, mean
+
+
+SHARPNESS_PX = 512      # the central square the sharpness is measured on
+_SCALES = (1.0, 2.0, 4.0)
+
+
+def _band_gains() -> tuple[float, float]:
+    """How much of white noise's variance each band passes (1-2 px, 2-4 px): the sums of
+    squares of the bands' kernels, taken from the same OpenCV blurs that measure them."""
+    d = np.zeros((81, 81), np.float32)
+    d[40, 40] = 1.0
+    g1, g2, g4 = (cv2.GaussianBlur(d, (0, 0), s).astype(np.float64) for s in _SCALES)
+    return float(((g1 - g2) ** 2).sum()), float(((g2 - g4) ** 2).sum())
+
+
+_NOISE_IN_FINE, _NOISE_IN_MEDIUM = _band_gains()
+# Immerkaer's mask: blind to a frame's smooth structure, so what it passes is mostly noise.
+_NOISE_MASK = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+def noise_variance(frame: np.ndarray) -> float:
+    """The frame's white (shot + read) noise variance, from the median response of
+    Immerkaer's mask (36 x the variance; the median keeps edges out)."""
+    r = cv2.filter2D(frame.astype(np.float32), -1, _NOISE_MASK)[1:-1, 1:-1]
+    return (float(np.median(np.abs(r))) / (0.6745 * 6.0)) ** 2
+
+
+def sharpness(frame: np.ndarray) -> float:
+    """Energy of the 1-2 px detail over the 2-4 px detail, each less what the frame's own
+    noise puts there (a dim frame's noise would pass for detail), on the frame's central
+    SHARPNESS_PX square: a ratio of scales, so it is taken at full resolution, where
+    focus_score reduces large frames. NaN for a frame without structure."""
+    h, w = frame.shape[:2]
+    y0, x0 = max(0, (h - SHARPNESS_PX) // 2), max(0, (w - SHARPNESS_PX) // 2)
+    f = frame[y0:y0 + SHARPNESS_PX, x0:x0 + SHARPNESS_PX].astype(np.float32)
+    g1, g2, g4 = (cv2.GaussianBlur(f, (0, 0), s) for s in _SCALES)
+    noise = noise_variance(f)
+    fine = float(cv2.meanStdDev(cv2.subtract(g1, g2))[1][0, 0]) ** 2 - _NOISE_IN_FINE * noise
+    medium = float(cv2.meanStdDev(cv2.subtract(g2, g4))[1][0, 0]) ** 2 - _NOISE_IN_MEDIUM * noise
+    return max(fine, 0.0) / medium if medium > 0 else math.nan
 
 
 def integrity_faults(frame: np.ndarray, expected_shape: tuple[int, int] | None) -> list[str]:
@@ -138,11 +188,15 @@ def evaluate(frame: np.ndarray, limits: QCLimits, *, reference_focus: float | No
         faults.append("saturated")
         msgs.append(f"{sat:.2%} of pixels saturated > {limits.saturation_max:.2%}")
     # Bare resin has no structure to focus on: a low score there is not a focus fault.
-    if (not resin and not faults and reference_focus is not None
+    sharp = sharpness(frame) if not resin and not faults else math.nan
+    if sharp < limits.sharpness_min:
+        faults.append("focus")
+        msgs.append(f"sharpness {sharp:.2f} < {limits.sharpness_min:g}: the finest detail is gone (out of focus)")
+    elif (not resin and not faults and reference_focus is not None
             and focus < limits.focus_min_ratio * reference_focus):
         faults.append("focus")
         msgs.append(f"focus {focus:.3g} < {limits.focus_min_ratio:g} x section reference {reference_focus:.3g}")
-    return TileQC(mean, std, sat, focus, resin, tuple(faults), tuple(msgs))
+    return TileQC(mean, std, sat, focus, resin, tuple(faults), tuple(msgs), sharp)
 
 
 @dataclass

@@ -107,7 +107,7 @@ class SectionRunner:
                                      tuple((t.row, t.col, t.y_nm, t.x_nm) for t in plan.tiles),
                                      (h * px, w * px), plan.roi_source))
         if self.run.calibration is not None and todo:
-            film = self.run.planner.film_points.get(slot, [])
+            film = self.run.planner.film_points.get(slot)     # None: no overview of this slot
             await self.run.calibration.before_section(self.run, plan, film)
         while (why := self.check_disk(len(todo))) is not None:
             await self.run.pause_with_alarm("disk", why)

@@ -5,6 +5,7 @@ of each tile behind the next one's move. The engine (engine.py) decides when; th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -116,8 +117,8 @@ class TileTaker:
             qc = await asyncio.to_thread(evaluate, frame.data, limits, reference_focus=focus_ref.value,
                                          expected_shape=self.run.tile_shape)
             if frame.frame_id <= self.last_frame_id and "integrity" not in qc.faults:
-                qc = TileQC(qc.mean, qc.std, qc.saturation, qc.focus, qc.resin, (*qc.faults, "integrity"),
-                            (*qc.messages, f"frame id {frame.frame_id} repeats (last {self.last_frame_id})"))
+                qc = dataclasses.replace(qc, faults=(*qc.faults, "integrity"), messages=(
+                    *qc.messages, f"frame id {frame.frame_id} repeats (last {self.last_frame_id})"))
             self.last_frame_id = max(self.last_frame_id, frame.frame_id)
             if qc.ok or attempt > limits.max_retakes:
                 break

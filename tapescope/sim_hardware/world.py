@@ -34,6 +34,7 @@ import numpy as np
 
 from tapescope.specimen import Specimen, SpecimenParams
 
+from . import defocus
 from .column_model import ColumnModel
 from .faults import FaultBook
 from .outline import Outline, draw_outline, outline_alpha
@@ -372,10 +373,8 @@ class SimWorld:
             pix = self.pixel_nm_now()
             at = self.stage.true if stage_nm is None else stage_nm
             t = self.transmission_at(self.tape.beam_slot, at, binning=binning, roi=roi, pixel_nm=pix)
-            defocus = abs(self.column.focus_nm - self.true_focus_nm(self.tape.beam_slot))
-            blur_px = p.defocus_blur * defocus / (pix * binning)
-            if blur_px > 0.3:
-                t = cv2.GaussianBlur(t, (0, 0), blur_px)
+            defocus_nm = abs(self.column.focus_nm - self.true_focus_nm(self.tape.beam_slot))
+            t = defocus.blur(t, p.defocus_blur * defocus_nm / (pix * binning))
             electrons = cv2.multiply(t, gain, scale=p.electrons_per_ms * exposure_ms * binning * binning)
         else:
             electrons = np.zeros(gain.shape, np.float32)
