@@ -147,3 +147,16 @@ async def test_killed_engine_is_marked_dead_by_its_last_will(broker, watcher, tm
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@needs_mosquitto
+async def test_the_engine_publishes_its_own_health(broker, watcher, scope: Scope, tmp_path: Path) -> None:
+    """Memory, open files, threads and asyncio tasks of the engine's process, retained: what a
+    watcher of a days-long run needs to see a leak grow."""
+    eng, _ = make_engine(scope, tmp_path, [0])
+    async with bridge_for(broker, eng):
+        health = await watcher.wait_for(f"{ROOT}/health")
+        tasks_now = len(asyncio.all_tasks())
+    # This process's: the bridge's own tasks at least, the broker's socket and the drivers' lines.
+    assert 3 <= health["tasks"] <= tasks_now + 2
+    assert health["fds"] > 3 and health["threads"] >= 1 and health["rss_mb"] > 10

@@ -37,3 +37,74 @@ def test_bad_fault_flag_is_refused() -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "clears_after must be int" in r.stderr
+
+
+async def test_the_control_backdoor_arms_faults_while_the_simulator_serves(
+        tmp_path: Path, sim_server: Callable[..., Any]) -> None:
+    import asyncio
+    import json
+    import re
+
+    from tapescope.hardware.camera import Camera
+    from tapescope.hardware.errors import DeviceError
+
+    server = sim_server("--control-port", "0")
+    host, port = re.search(r"# control backdoor: ([\d.]+):(\d+)", server.tables).groups()
+    cfg_file = tmp_path / "scope.toml"
+    cfg_file.write_text(server.tables)
+    cam_cfg = load_config(cfg_file).scope.camera
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def ask(line: str) -> str:
+        writer.write(line.encode() + b"\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
+
+    try:
+        assert await ask("fault frame_drop:1") == "ok: armed frame_drop x1"
+        assert json.loads(await ask("armed")) == {"frame_drop": 1}
+        assert (await ask("fault tape_jam,clears_after=soon")).startswith("error: ")
+        assert "unknown request" in await ask("explode")
+        cam = Camera(cam_cfg.host, cam_cfg.port, timeout_s=0.5)
+        await cam.connect()
+        try:
+            try:                                    # the armed fault fires at the first exposure
+                await cam.trigger()
+            except DeviceError:
+                pass
+            else:
+                raise AssertionError("the armed frame_drop did not fire")
+            assert (await cam.trigger()).data.shape == (cam_cfg.height, cam_cfg.width)   # once only
+        finally:
+            await cam.close()
+        fired = json.loads(await ask("fired"))
+        assert [name for _, name in fired] == ["frame_drop"]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+        out = server.stop()
+    assert "faults fired: frame_drop" in out
+
+
+def test_a_garbled_reply_at_start_up_is_ridden_out_and_a_dead_device_is_one_line(
+        tmp_path: Path, sim_server: Callable[..., Any]) -> None:
+    """The first thing a run (or a run resumed after a crash) does is connect: a garbled reply
+    to the tape's first STATE? is tried again; a tape that never answers ends in one error line
+    (exit code 4), not a traceback."""
+    run = "[run]\nslots = [0]\ngrid = [1, 1]\nexposure_ms = 2.0\n[processing]\nenabled = false\n"
+    server = sim_server("--fault", "tape_garbled:1")
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(server.tables + "\n" + run)
+    r = subprocess.run([*CLI, "acquire", str(cfg), "--run-dir", str(tmp_path / "ok")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "tape_garbled" in server.stop()
+    dead = sim_server("--fault", "tape_timeout:20,executed=false")
+    cfg = tmp_path / "dead.toml"
+    cfg.write_text(dead.tables + "\n" + run)
+    r = subprocess.run([*CLI, "acquire", str(cfg), "--run-dir", str(tmp_path / "dead")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "cannot start: tape" in lines[0] and "--resume" in r.stdout

@@ -227,6 +227,9 @@ def sim_serve(
     slots: int = typer.Option(16, "--slots", min=1, max=100_000, help="slots on the simulated tape (at least "
                               "those the config's run images)"),
     camera_port: int = typer.Option(0, "--camera-port", min=0, max=65535, help="camera TCP port (0: any free)"),
+    control_port: int | None = typer.Option(None, "--control-port", min=0, max=65535,
+                                            help="also serve the control backdoor (arm faults while it runs) "
+                                            "on 127.0.0.1:PORT (0: any free); docs/simulator.md"),
 ) -> None:
     """Serve the simulated stage, tape, column and camera; print their ports as config tables."""
     import asyncio
@@ -244,7 +247,7 @@ def sim_serve(
         for spec in fault:   # validate every spec before anything starts
             name, count, after, options = parse_fault_spec(spec)
             FaultBook().inject(name, count, after=after, **options)
-        asyncio.run(serve(params, fault, camera_port=camera_port, scope=cfg.scope))
+        asyncio.run(serve(params, fault, camera_port=camera_port, scope=cfg.scope, control_port=control_port))
     except FaultError as exc:
         raise _fail(f"--fault: {exc}") from None
     except OSError as exc:

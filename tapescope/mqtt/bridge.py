@@ -34,6 +34,7 @@ from tapescope.acquisition.events import (
     SectionFinished,
     SectionPlanned,
 )
+from tapescope.health import process_health
 
 from . import commands
 from .tls import TlsFiles, explain
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MOVING_HZ = 20.0        # device status while a device moves (the Allen stage service's rate class)
 IDLE_HZ = 1.0
+HEALTH_S = 5.0          # the engine process's memory, files, threads and tasks (tapescope/health.py)
 PROGRESS_MIN_S = 0.1    # progress is retained state: 10 Hz is plenty for a dashboard
 
 
@@ -178,6 +180,7 @@ class MqttBridge:
                         tg.create_task(self._publisher(client))
                         tg.create_task(self._receiver(client))
                         tg.create_task(self._heartbeat())
+                        tg.create_task(self._health())
             except* aiomqtt.MqttError as eg:
                 exc = eg.exceptions[0]
                 log.warning("MQTT broker %s: %s; reconnecting in %.1f s", self.settings.url, exc, delay)
@@ -230,6 +233,12 @@ class MqttBridge:
                 if now - self._device_sent.get(name, 0.0) >= (tick if moving else 1 / IDLE_HZ) - 0.005:
                     self._publish_device(name, now)
             await asyncio.sleep(tick)
+
+    async def _health(self) -> None:
+        """`<root>/health` every HEALTH_S (retained: a viewer that joins sees the last)."""
+        while True:
+            self._enqueue(Message(f"{self.root}/health", {**process_health(), "time": time.time()}, 0, True))
+            await asyncio.sleep(HEALTH_S)
 
     async def _receiver(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
