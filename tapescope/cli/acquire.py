@@ -30,6 +30,7 @@ from tapescope.acquisition.events import Alarm, Event, EventBus, SectionFinished
 from tapescope.acquisition.events import Progress as ProgressEvent
 from tapescope.budget import plan_problem
 from tapescope.config import TapescopeConfig
+from tapescope.hardware.errors import DeviceError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_ATTENTION, EXIT_FAILED, EXIT_ABORTED = 0, 2, 3, 4, 5
 NEEDS_ATTENTION = frozenset({"flagged", "damaged", "skipped", "wrong_barcode", "not reached"})
@@ -143,6 +144,13 @@ def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: 
     except ResumeError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return EXIT_BAD_INPUT
+    except DeviceError as exc:
+        # A device that does not answer at start-up (after the scope's own tries): nothing
+        # was imaged in this start; say which, and how to go on.
+        console.print(f"[bold red]error:[/] cannot start: {exc}; nothing was imaged. Check the device, then "
+                      f"continue the run: tapescope acquire CONFIG --resume {run_dir}", highlight=False,
+                      soft_wrap=True)
+        return EXIT_FAILED
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

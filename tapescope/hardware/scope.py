@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 
 from .camera import Camera, Frame
 from .column import Column
 from .device import Device
+from .errors import DeviceError
 from .genicam_camera import GenicamCamera
 from .gridtape import GridTape
 from .stage import Stage, StageLimits
@@ -15,6 +18,9 @@ from .temscript_column import TemscriptColumn
 from .temscript_http import is_temscript
 from .temscript_stage import TemscriptStage
 
+log = logging.getLogger(__name__)
+CONNECT_TRIES = 3
+CONNECT_BACKOFF_S = 0.5
 MIN_HTTP_TIMEOUT_S = 5.0   # a request to temscript's server waits at least this long
 
 
@@ -83,9 +89,23 @@ class Scope(Device):
         return frame
 
     async def connect(self) -> None:
+        """Every device, each tried CONNECT_TRIES times: a garbled or lost reply to the first
+        query is as transient at start-up as it is during a run (and a run resumed after a
+        crash starts up in the middle of whatever the devices were doing)."""
         try:
             for dev in self.devices:
-                await dev.connect()
+                for attempt in range(1, CONNECT_TRIES + 1):
+                    try:
+                        await dev.connect()
+                        break
+                    except DeviceError as exc:
+                        if attempt == CONNECT_TRIES:
+                            raise
+                        log.warning("%s: connecting failed (%s); try %d of %d", dev.name, exc, attempt + 1,
+                                    CONNECT_TRIES)
+                        with contextlib.suppress(Exception):
+                            await dev.close()
+                        await asyncio.sleep(CONNECT_BACKOFF_S * attempt)
         except BaseException:
             await self.close()
             raise
