@@ -143,3 +143,13 @@ async def test_a_run_out_of_focus_without_autofocus_is_not_done_in_silence(tmp_p
     assert all(s["status"] != "complete" for s in report["sections"]), report["sections"]
     qc_alarms = [e for e in events if isinstance(e, Alarm) and e.source == "qc" and "out of focus" in e.message]
     assert len(qc_alarms) >= 3                       # 128 px tiles: one may sit on the section's edge
+
+
+def test_a_blank_tile_with_a_gradient_is_not_called_out_of_focus() -> None:
+    """Resin or film past the section's edge, brighter on one side: no structure to judge
+    (the resin test misses it: the gradient lifts its variation above resin's)."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0.8, 1.2, 256, dtype=np.float32)[None, :] * np.ones((256, 1), np.float32)
+    frame = (8000 * ramp + rng.normal(0, 90, (256, 256))).astype(np.uint16)
+    qc = evaluate(frame, QCLimits(), reference_focus=None)
+    assert not qc.resin and np.isnan(sharpness(frame)) and "focus" not in qc.faults

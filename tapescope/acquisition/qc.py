@@ -111,6 +111,10 @@ def focus_score(frame: np.ndarray) -> tuple[float, float, float]:
 
 
 SHARPNESS_PX = 512      # the central square the sharpness is measured on
+# Structure in the 2-4 px band at least this many times the noise there, or the tile is not
+# judged: on the simulator tissue 3 um out of focus has 9-20x (5 um: 2.6-6.6x), blank resin
+# and film tiles 0.1-0.5x.
+MIN_STRUCTURE = 2.0
 _SCALES = (1.0, 2.0, 4.0)
 
 
@@ -139,7 +143,7 @@ def sharpness(frame: np.ndarray) -> float:
     """Energy of the 1-2 px detail over the 2-4 px detail, each less what the frame's own
     noise puts there (a dim frame's noise would pass for detail), on the frame's central
     SHARPNESS_PX square: a ratio of scales, so it is taken at full resolution, where
-    focus_score reduces large frames. NaN for a frame without structure."""
+    focus_score reduces large frames. NaN for a frame without structure above its noise."""
     h, w = frame.shape[:2]
     y0, x0 = max(0, (h - SHARPNESS_PX) // 2), max(0, (w - SHARPNESS_PX) // 2)
     f = frame[y0:y0 + SHARPNESS_PX, x0:x0 + SHARPNESS_PX].astype(np.float32)
@@ -147,7 +151,9 @@ def sharpness(frame: np.ndarray) -> float:
     noise = noise_variance(f)
     fine = float(cv2.meanStdDev(cv2.subtract(g1, g2))[1][0, 0]) ** 2 - _NOISE_IN_FINE * noise
     medium = float(cv2.meanStdDev(cv2.subtract(g2, g4))[1][0, 0]) ** 2 - _NOISE_IN_MEDIUM * noise
-    return max(fine, 0.0) / medium if medium > 0 else math.nan
+    if medium < MIN_STRUCTURE * _NOISE_IN_MEDIUM * noise:
+        return math.nan             # no structure above the noise (resin, film, a gap): nothing to judge
+    return max(fine, 0.0) / medium
 
 
 def integrity_faults(frame: np.ndarray, expected_shape: tuple[int, int] | None) -> list[str]:
