@@ -173,3 +173,22 @@ def test_the_tissue_flow_keeps_steady_movement_out_of_the_sections_distortion() 
     # Measured: the ends 3.0-4.4 px without the flow, 1.2-1.6 px with it.
     assert max(flow) < 0.5 * max(plain)
     assert np.mean(plain[-2:] + plain[:2]) > 2 * np.mean(flow[-2:] + flow[:2])
+
+
+def test_a_section_whose_matches_all_weigh_nothing_stays_where_it_started() -> None:
+    """Every point of its match rejected (weight 0), live with the reference fixed and the
+    elastic field on: the system was singular and the section lost ("Factor is exactly
+    singular"); it is placed where it started, with no distortion, and the others as before."""
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 40, (30, 2))
+    start = np.eye(3)
+    start[:2, 2] = (3.0, -2.0)
+    initial = {0: np.eye(3), 1: start}
+    sol = solve_stack(SHAPE, [0, 1], [PairMatch(0, 1, pts, pts + 1.0, np.zeros(30))], initial, SolveParams(),
+                      fixed=[0])
+    np.testing.assert_allclose(sol.transforms[1].matrix, np.linalg.inv(start)[:2], atol=1e-9)   # output -> source
+    field = sol.transforms[1].field
+    assert field is None or np.abs(field).max() < 1e-6
+    weighed = solve_stack(SHAPE, [0, 1], [PairMatch(0, 1, pts, pts + 1.0, np.ones(30))], initial, SolveParams(),
+                          fixed=[0])
+    assert abs(weighed.transforms[1].matrix[0, 2] - 1.0) < 1e-6       # with data: the data's answer

@@ -45,6 +45,7 @@ from .flow import second_differences
 from .transform import SectionTransform
 
 MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
+RIDGE = 1e-9      # of the mean diagonal of the normal equations: holds unknowns no data sees
 
 
 @dataclass
@@ -302,8 +303,28 @@ def solve_stack(
         for r, t in targets:
             rhs[r] = t
         normal = (mat.T @ mat).tocsc()
-        solve = spla.factorized(normal)
-        x = np.stack([solve(mat.T @ rhs[:, 0]), solve(mat.T @ rhs[:, 1])], 1)
+        # The priors scale with the data a node sees: a section whose every match point has
+        # weight 0 (all rejected, or none where both sections were imaged) leaves its unknowns
+        # free and the system singular. Those unknowns (nothing in the system sees them) are
+        # held where they start: the initial affine, no distortion. The rest is untouched.
+        start = np.zeros((lay.n, 2))
+        for z in zs:
+            a = lay.affine(z)
+            start[a], start[a + 1] = initial[z][:2, 0], initial[z][:2, 1]
+            start[a + 2] = (initial[z] @ [*centre, 1])[:2]
+        free = (normal.diagonal() <= 0).astype(np.float64)
+        normal = (normal + sp.diags(free, format="csc")).tocsc()
+        try:
+            solve = spla.factorized(normal)
+        except RuntimeError:
+            # Singular through a combination of unknowns, not one alone: a ridge far below
+            # any data term on all of them.
+            seen = np.asarray(mat[reg_rows:data_rows].power(2).sum(axis=0)).ravel()
+            ridge = RIDGE * (float(seen[seen > 0].mean()) if (seen > 0).any() else 1.0)
+            free = free + ridge
+            normal = (normal + ridge * sp.identity(lay.n, format="csc")).tocsc()
+            solve = spla.factorized(normal)
+        x = np.stack([solve(mat.T @ rhs[:, c] + free * start[:, c]) for c in (0, 1)], 1)
         # Unpack: forward affines and fields.
         for z in zs:
             a = lay.affine(z)
