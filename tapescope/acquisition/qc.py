@@ -56,7 +56,7 @@ class QCLimits:
     saturation_max: float = 0.005    # fraction of pixels at full scale
     saturation_level: int = 65535
     focus_min_ratio: float = 0.3     # of the section reference: content alone varies ~3x (docs)
-    sharpness_min: float = 0.27      # fine over medium detail of one tile: below, out of focus (docs)
+    sharpness_min: float = 0.22      # fine over medium detail of one tile: below, out of focus (docs)
     resin_cv_max: float = 0.04       # std/mean of the blurred frame: below this it is bare resin
     max_retakes: int = 2
 
