@@ -20,11 +20,21 @@ try:  # Qt needs system libraries (libGL, libEGL, fontconfig...) that a bare mac
 except ImportError as exc:  # pragma: no cover - depends on the machine
     pytest.skip(f"Qt cannot load here: {exc}", allow_module_level=True)
 
-from tapescope.acquisition.events import Alarm, EventBus, RunFinished, RunStarted, SectionStarted, TileAcquired
+from tapescope.acquisition.events import (
+    Alarm,
+    EventBus,
+    OverviewAvailable,
+    RunFinished,
+    RunStarted,
+    SectionPlanned,
+    SectionProcessed,
+    SectionStarted,
+    TileAcquired,
+)
 from tapescope.config import CameraConfig, RunConfig, ScopeConfig, TapescopeConfig
 from tapescope.gui.app import LocalController
 from tapescope.gui.latest import Frame, LatestFrame, bin_mean
-from tapescope.gui.model import RunModel, SlotState, TileState, allowed
+from tapescope.gui.model import SECTIONS_KEPT, RunModel, SlotState, TileState, allowed
 from tapescope.gui.plans import plan_of
 from tapescope.gui.section_map import COLOURS
 from tapescope.gui.session import LocalSession, SimFault
@@ -77,6 +87,28 @@ def test_model_follows_tiles_sections_and_run_end() -> None:
     m.apply(RunFinished("failed", 0, 2, 1.0))
     assert m.slots[4].state is SlotState.FAILED and m.run_state == "failed"
     assert any("camera" in line for line in m.log)
+
+
+def test_model_keeps_per_section_detail_for_recent_sections_only() -> None:
+    """A run of days: each section's tiles, ROI, overview and verdict are kept for the most
+    recent SECTIONS_KEPT sections, the one being imaged always among them."""
+    m = RunModel()
+    m.set_plan([(0, 0, 0.0, 0.0), (0, 1, 0.0, 100.0)], (100.0, 100.0))
+    n = SECTIONS_KEPT * 3
+    m.apply(RunStarted("/tmp/x", tuple(range(n)), 2))
+    m.apply(SectionStarted(0, "BC0"))                     # the current slot: never dropped
+    for slot in range(1, n):
+        m.apply(OverviewAvailable(slot, np.zeros((64, 64), np.float32), (0.0, 0.0), 10.0))
+        m.apply(SectionPlanned(slot, f"BC{slot}", ((0.0, 0.0),), ((0, 0, 0.0, 0.0), (0, 1, 0.0, 100.0)),
+                               (100.0, 100.0)))
+        m.apply(TileAcquired(slot, 0, 0, 0, 10.0))
+        m.apply(SectionProcessed(slot, slot, "ok", 0.1, (0.0, 0.0), 0.9))
+    for per_section in (m.section_tiles, m.rois, m.overviews, m.sections_processed):
+        assert len(per_section) <= SECTIONS_KEPT + 1
+        assert n - 1 in per_section and n - SECTIONS_KEPT + 1 in per_section and 1 not in per_section
+    assert 0 in m.section_tiles and m.tiles_of(0)                # the current slot's tiles stay
+    assert m.tiles_of(n - 1)[(0, 0)].state is TileState.ACQUIRED
+    assert len(m.slots) == n                                     # every section keeps its line
 
 
 def test_run_control_offers_only_what_the_state_allows() -> None:

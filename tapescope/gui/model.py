@@ -42,6 +42,11 @@ from .link_events import CommandReply, LinkChanged, RoleChanged
 
 LOG_LINES = 500      # the log panel keeps this many; the journal keeps everything
 ALARMS_KEPT = 50
+# Per-section detail (each tile's QC, the ROI, the overview image, processing's verdict) is
+# kept for this many sections, the most recently touched; older sections keep their line on
+# the tape view (SlotInfo) and show their planned grid without QC colours. A run of days has
+# thousands of sections of thousands of tiles: kept whole, the GUI would grow without end.
+SECTIONS_KEPT = 64
 
 
 class TileState(enum.Enum):
@@ -146,8 +151,17 @@ class RunModel:
         if slot is None:
             return {}
         if slot not in self.section_tiles:
-            self.section_tiles[slot] = {(r, c): TileInfo(r, c, y, x) for r, c, y, x in self.plan}
+            self._keep(self.section_tiles, slot, {(r, c): TileInfo(r, c, y, x) for r, c, y, x in self.plan})
         return self.section_tiles[slot]
+
+    def _keep(self, per_section: dict[int, Any], slot: int, value: Any) -> None:
+        """per_section[slot] = value, as the most recent; the oldest beyond SECTIONS_KEPT go
+        (never the current slot's)."""
+        per_section.pop(slot, None)
+        per_section[slot] = value
+        for old in list(per_section)[:max(0, len(per_section) - SECTIONS_KEPT)]:
+            if old != self.current_slot and old != slot:
+                del per_section[old]
 
     def tiles_per_second(self) -> float:
         if self.engine_progress is not None:
@@ -289,14 +303,14 @@ class RunModel:
         return {"map"}
 
     def _on_section_planned(self, ev: Any) -> set[str]:
-        self.section_tiles[ev.slot] = {(r, c): TileInfo(r, c, y, x) for r, c, y, x in ev.tiles}
-        self.rois[ev.slot] = tuple(ev.roi_nm)
+        self._keep(self.section_tiles, ev.slot, {(r, c): TileInfo(r, c, y, x) for r, c, y, x in ev.tiles})
+        self._keep(self.rois, ev.slot, tuple(ev.roi_nm))
         self.tile_nm = tuple(ev.tile_nm)  # type: ignore[assignment]
         self._log(f"slot {ev.slot}: {len(ev.tiles)} tiles planned (ROI from {ev.roi_source})")
         return {"map", "progress"}
 
     def _on_overview_available(self, ev: Any) -> set[str]:
-        self.overviews[ev.slot] = (ev.image, tuple(ev.origin_nm), float(ev.pixel_nm))
+        self._keep(self.overviews, ev.slot, (ev.image, tuple(ev.origin_nm), float(ev.pixel_nm)))
         return {"map"}
 
     def _on_awaiting_processing(self, ev: Any) -> set[str]:
@@ -339,7 +353,7 @@ class RunModel:
         info = self.slots.setdefault(ev.slot, SlotInfo(ev.slot))
         info.state = {"ok": SlotState.DONE, "failed": SlotState.FAILED}.get(ev.status, SlotState.FLAGGED)
         info.note = ev.message
-        self.sections_processed[ev.slot] = ev
+        self._keep(self.sections_processed, ev.slot, ev)
         self.last_processed = ev
         self._log(f"slot {ev.slot} (z={ev.z}) processed: {ev.status}, worst seam {ev.max_residual_px:.2f} px, "
                   f"shift ({ev.shift_px[0]:+.1f}, {ev.shift_px[1]:+.1f}) px")

@@ -14,7 +14,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from .model import RunModel, TileInfo, TileState
+from .model import SECTIONS_KEPT, RunModel, TileInfo, TileState
 
 MOSAIC_MAX_PX = 2048     # longest side of the thumbnail mosaic of one section
 
@@ -164,8 +164,13 @@ class SectionMap(QtWidgets.QWidget):
             self.plot.autoRange(padding=0.05)
 
     def add_thumbnail(self, slot: int, row: int, col: int, thumb: np.ndarray) -> None:
-        """Keep an acquired tile's thumbnail; paste it as soon as its slot is shown and planned."""
+        """Keep an acquired tile's thumbnail; paste it as soon as its slot is shown and planned.
+        Thumbnails wait for the SECTIONS_KEPT most recent slots only (the rest of a long run's
+        would pile up unseen)."""
         self._pending.setdefault(slot, {})[(row, col)] = thumb
+        for old in list(self._pending)[:max(0, len(self._pending) - SECTIONS_KEPT)]:
+            if old not in (slot, self.slot):
+                del self._pending[old]
         if slot == self.slot:
             self._paste_pending()
 
