@@ -92,18 +92,18 @@ def test_a_garbled_reply_at_start_up_is_ridden_out_and_a_dead_device_is_one_line
     to the tape's first STATE? is tried again; a tape that never answers ends in one error line
     (exit code 4), not a traceback."""
     run = "[run]\nslots = [0]\ngrid = [1, 1]\nexposure_ms = 2.0\n[processing]\nenabled = false\n"
-    server = sim_server("--fault", "tape_garbled:1")
-    cfg = tmp_path / "ok.toml"
-    cfg.write_text(server.tables + "\n" + run)
-    r = subprocess.run([*CLI, "acquire", str(cfg), "--run-dir", str(tmp_path / "ok")], capture_output=True,
-                       text=True, timeout=120)
+
+    def acquire_against(fault: str, name: str) -> tuple[Any, subprocess.CompletedProcess[str]]:
+        server = sim_server("--fault", fault)
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(server.tables + "\n" + run)
+        return server, subprocess.run([*CLI, "acquire", str(cfg), "--run-dir", str(tmp_path / name)],
+                                      capture_output=True, text=True, timeout=120)
+
+    server, r = acquire_against("tape_garbled:1", "ok")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tape_garbled" in server.stop()
-    dead = sim_server("--fault", "tape_timeout:20,executed=false")
-    cfg = tmp_path / "dead.toml"
-    cfg.write_text(dead.tables + "\n" + run)
-    r = subprocess.run([*CLI, "acquire", str(cfg), "--run-dir", str(tmp_path / "dead")], capture_output=True,
-                       text=True, timeout=120)
+    _, r = acquire_against("tape_timeout:20,executed=false", "dead")
     assert r.returncode == 4, r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     lines = [x for x in r.stdout.splitlines() if x.startswith("error:")]
