@@ -67,12 +67,8 @@ class Routine:
             # Fatal: a device that on_device_failure = "fail" gave up on. A calibration is not
             # worth the run: the run goes on without it (what needs the device fails by itself).
             self.enter("FAILED")
-            severity = "error" if self.name == "autofocus" else "warning"
-            engine.alarm("calibration", f"{self.name} failed: {exc}; {WITHOUT.get(self.name, 'the run goes on')}",
-                         severity)
-            engine.store.log_event("calibration", name=self.name, ok=False, error=str(exc), trail=self.trail,
-                                   time=time.time())
-            engine.bus.emit(CalibrationDone(self.name, False, {"error": str(exc)}))
+            self._not_done(engine, f"failed: {exc}", "error" if self.name == "autofocus" else "warning",
+                           {"error": str(exc)}, error=str(exc))
             return {"ok": False, "error": str(exc)}
         self.enter("DONE")
         engine.progress.calibrations[self.name] = {"ok": True, **result}
@@ -83,11 +79,15 @@ class Routine:
     def skip(self, engine: Acquisition, why: str) -> None:
         """Not run, and why: journalled and said, as a failure is."""
         self.trail[:] = ["SKIPPED"]
-        engine.alarm("calibration", f"{self.name} not run: {why}; {WITHOUT.get(self.name, 'the run goes on')}",
-                     "warning")
-        engine.store.log_event("calibration", name=self.name, ok=False, ran=False, why=why, trail=self.trail,
-                               time=time.time())
-        engine.bus.emit(CalibrationDone(self.name, False, {"skipped": why}))
+        self._not_done(engine, f"not run: {why}", "warning", {"skipped": why}, ran=False, why=why)
+
+    def _not_done(self, engine: Acquisition, what: str, severity: str, summary: dict[str, Any],
+                  **record: Any) -> None:
+        """A failure or a skip: an alarm that says what the run does without the routine, the
+        journal's line (``record``: its own fields) and the event (``summary``)."""
+        engine.alarm("calibration", f"{self.name} {what}; {WITHOUT.get(self.name, 'the run goes on')}", severity)
+        engine.store.log_event("calibration", name=self.name, ok=False, trail=self.trail, time=time.time(), **record)
+        engine.bus.emit(CalibrationDone(self.name, False, summary))
 
     async def _run(self, engine: Acquisition, **kw: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -121,13 +121,11 @@ class Darkfield(Routine):
         col = _column(engine)
         self.enter("BLANK")
         try:
-            await engine.call_device("blank beam", col.blank, "column")
-        except (DeviceError, Fatal) as exc:
-            # The beam may be blanked or not: unblank (the run images next), then give up.
-            self.enter("UNBLANK")
-            await engine.call_device("unblank beam", col.unblank, "column")
-            raise CalibrationFailed(f"the beam could not be blanked: {exc}") from exc
-        try:
+            try:
+                await engine.call_device("blank beam", col.blank, "column")
+            except (DeviceError, Fatal) as exc:
+                # The beam may be blanked or not: it is unblanked below (the run images next).
+                raise CalibrationFailed(f"the beam could not be blanked: {exc}") from exc
             self.enter("COLLECT")
             acc = None
             for _ in range(self.frames):
