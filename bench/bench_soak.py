@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 
 from tapescope.acquisition.store import RunStore
+from tapescope.health import process_stats
 from tapescope.mqtt.broker import MosquittoBroker
 
 CLI = [sys.executable, "-m", "tapescope.cli"]
@@ -98,18 +99,10 @@ class Watch:
 
 
 def proc_stats(pid: int | None) -> dict[str, float]:
-    """Resident memory (MB), open fds and threads of a live process; NaN when it is gone."""
-    nan = float("nan")
+    """Resident memory (MB), open fds and threads of a live process; NaN when there is none."""
     if pid is None:
-        return {"rss_mb": nan, "fds": nan, "threads": nan}
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return {"rss_mb": nan, "fds": nan, "threads": nan}
-    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024       # type: ignore[union-attr]
-    threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))        # type: ignore[union-attr]
-    return {"rss_mb": rss, "fds": float(fds), "threads": float(threads)}
+        return dict.fromkeys(("rss_mb", "fds", "threads"), float("nan"))
+    return process_stats(pid)
 
 
 def start_simulator(cfg: Path, slots: int, log: Path) -> tuple[subprocess.Popen[bytes], str, int]:
