@@ -231,6 +231,12 @@ class ProcessingConfig(_Model):
     device: Literal["cpu", "gpu", "auto"] = Field(
         "cpu", description="where sections are warped and their flow fields computed: 'gpu' needs CuPy and "
         "a CUDA device (checked before the run starts), 'auto' uses one where present")
+    scheduler: Annotated[str, Field(pattern=r"^(tcp|tls)://[^:/\s]+:\d+$")] | None = Field(
+        None, description="dask scheduler tcp://HOST:PORT: sections are stitched and rendered on its workers, "
+        "several at once (the run directory and the volume on a disk they all see); unset: in this process")
+    max_backlog: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        8, description="sections acquired and not yet processed beyond which processing raises an alarm "
+        "(0: never)")
 
     @model_validator(mode="after")
     def _chunk_power_of_two(self) -> ProcessingConfig:

@@ -21,7 +21,7 @@ from tapescope.sim_hardware.scope import SimulatedScope
 from tapescope.sim_hardware.serve import READY
 from tapescope.sim_hardware.world import WorldParams
 
-from .support import ROOT, USERS, Watcher, client
+from .support import ROOT, USERS, DaskProcesses, Watcher, client
 
 SMALL_WORLD = WorldParams(seed=3, n_slots=4, tile_px=(128, 128), section_px=(512, 512))
 
@@ -151,3 +151,19 @@ async def watcher(broker: MosquittoBroker) -> AsyncIterator[Watcher]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.fixture
+def dask_processes(tmp_path: Path) -> Iterator[DaskProcesses]:
+    """A real dask scheduler and two worker processes on 127.0.0.1, stopped after the test."""
+    cluster = DaskProcesses(tmp_path, workers=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def dask_cluster(dask_processes: DaskProcesses) -> str:
+    """The address of `dask_processes`' scheduler."""
+    return dask_processes.address

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -160,3 +164,51 @@ async def bridge_for(broker: MosquittoBroker, eng, **kw: Any) -> AsyncIterator[M
         yield bridge
     finally:
         await bridge.stop()
+
+
+class DaskProcesses:
+    """A real `dask scheduler` and `workers` `dask worker` processes on 127.0.0.1, as on a
+    cluster. Workers run without a nanny: each is one process, and a killed one stays dead."""
+
+    def __init__(self, tmp_path: Path, workers: int = 2) -> None:
+        self.sched_file = tmp_path / "scheduler.json"
+        self.env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
+        self.scheduler = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--no-dashboard", "--scheduler-file", str(self.sched_file)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.workers: list[subprocess.Popen[bytes]] = []
+        try:
+            deadline = time.monotonic() + 60
+            while not self.sched_file.exists():
+                if self.scheduler.poll() is not None:
+                    raise RuntimeError(f"dask scheduler exited with {self.scheduler.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("dask scheduler did not start in 60 s")
+                time.sleep(0.1)
+            for i in range(workers):
+                self.workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(self.sched_file),
+                     "--nthreads", "1", "--no-dashboard", "--no-nanny", "--name", f"w{i}", "--host", "127.0.0.1"],
+                    env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.address: str = json.loads(self.sched_file.read_text())["address"]
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_for_workers(self, n: int) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout="30s") as c:
+            c.wait_for_workers(n, timeout=60)
+
+    def stop(self) -> None:
+        # The workers are killed (nothing is left behind), the scheduler terminated cleanly.
+        for p in self.workers:
+            p.kill()
+        self.scheduler.terminate()
+        for p in [*self.workers, self.scheduler]:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()

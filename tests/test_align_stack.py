@@ -4,10 +4,6 @@ same result from a real dask scheduler with two workers as from a local run."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,46 +80,6 @@ def test_bad_stack_is_refused_by_name(sim_stack, tmp_path: Path, csv: str | None
     assert result.exit_code == 2
     assert message.split("'")[0].split(":")[-1].strip() in result.output
     assert not (out / "volume.zarr").exists()        # bad input changes nothing
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not start in 60 s")
-        time.sleep(0.1)
-
-
-@pytest.fixture
-def dask_cluster(tmp_path: Path) -> Iterator[str]:
-    """A real scheduler and two worker processes on 127.0.0.1, as on a cluster."""
-    sched_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        _wait_for(sched_file, procs[0], "dask scheduler")
-        for i in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sched_file),
-                 "--nthreads", "1", "--no-dashboard", "--no-nanny", "--name", f"w{i}", "--host", "127.0.0.1"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        import json
-        yield json.loads(sched_file.read_text())["address"]
-    finally:
-        # Workers run without a nanny, so each is one process and a kill leaves nothing
-        # behind; the scheduler gets a clean terminate.
-        for p in procs[1:]:
-            p.kill()
-        procs[0].terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_distributed_result_equals_local(sim_stack, tmp_path: Path, dask_cluster: str) -> None:

@@ -152,6 +152,16 @@ class Progress(Event):
 
 
 @dataclass(frozen=True)
+class ProcessingBacklog(Event):
+    """Sections acquired and not yet judged by processing, after each section it judges."""
+
+    waiting: int
+    oldest_s: float                 # age of the oldest waiting section (0 when none waits)
+    in_flight: int = 0              # sections being stitched on the cluster
+    limit: int = 0                  # waiting beyond this raised an alarm (0: no limit)
+
+
+@dataclass(frozen=True)
 class AwaitingProcessing(Event):
     """Acquisition is done but for re-imaging: the engine waits for processing's verdicts
     (at most limit_s) so that a section that does not register is re-imaged now."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tifffile
@@ -21,13 +22,26 @@ import tifffile
 from tapescope.montage.pipeline import SectionProcessor, SectionReport
 from tapescope.stitching.flatfield import estimate_flatfield
 
-from .events import Alarm, EventBus, SectionProcessed
-from .store import RunStore, TileRecord
+from .events import Alarm, EventBus, ProcessingBacklog, SectionProcessed
+from .store import RunStore, TileRecord, section_inputs
+
+if TYPE_CHECKING:
+    from .cluster import SectionCluster
 
 log = logging.getLogger(__name__)
 
 MIN_FLATFIELD_TILES = 3
 MAX_FLATFIELD_TILES = 256    # the median converges long before; bounds memory and time
+PROCESSED = ("ok", "unaligned")   # a section recorded so in the volume is done (`process` skips it)
+
+
+def acquired_takes(store: RunStore) -> dict[int, tuple[int, str, float]]:
+    """Per slot, its last section_done: (journal line, status, time)."""
+    done: dict[int, tuple[int, str, float]] = {}
+    for i, e in enumerate(store.events()):
+        if e["event"] == "section_done":
+            done[int(e["slot"])] = (i, e["status"], float(e.get("time", 0.0)))
+    return done
 
 
 def _more_file_handles() -> None:
@@ -45,10 +59,17 @@ def _more_file_handles() -> None:
 
 
 class ProcessingWorker:
+    """Processes a run's sections into its volume, live (`run`, fed by the engine) or
+    offline (`process_offline`, `tapescope process`: `journal=False`, nothing is written
+    into the run directory). With a `cluster`, stitching and rendering run on its workers,
+    several sections' stitching at once; the alignment chain stays here, one section at a
+    time, since each section is aligned to those written below it."""
+
     def __init__(
         self, store: RunStore, processor: SectionProcessor, bus: EventBus, *,
         z_of_slot: dict[int, int], pixel_nm: float, flatfield: str = "auto",
-        on_unregistered: Callable[[int, str], object] | None = None,
+        on_unregistered: Callable[[int, str], object] | None = None, journal: bool = True,
+        cluster: SectionCluster | None = None, max_backlog: int = 0,
     ) -> None:
         self.store = store
         self.processor = processor
@@ -57,10 +78,24 @@ class ProcessingWorker:
         self.pixel_nm = pixel_nm
         self.flatfield = flatfield
         self.on_unregistered = on_unregistered      # called on the loop: (slot, why)
+        self.journal = journal
+        self.cluster = cluster
+        self.max_backlog = max_backlog               # sections waiting beyond this: an alarm (0: never)
         self.reports: dict[int, SectionReport] = {}  # the latest verdict per slot
         self.failed: dict[int, str] = {}
         self._tried: dict[int, int] = {}             # slot -> journal line of the section_done last taken
+        self._over_limit = False
+        # slot -> (records, lens asked for, future of its stitching on the cluster)
+        self._stitching: dict[int, tuple[list[TileRecord], object, Any]] = {}
         _more_file_handles()
+
+    def close(self) -> None:
+        """Cancel stitching still in flight and let go of the cluster."""
+        for _, _, future in self._stitching.values():
+            future.cancel()
+        self._stitching.clear()
+        if self.cluster is not None:
+            self.cluster.close()
 
     async def run(self, queue: asyncio.Queue[int | None]) -> None:
         """Process what the journal says is acquired and not yet processed, each time an item
@@ -81,21 +116,45 @@ class ProcessingWorker:
             if slot is None:
                 return
 
+    def _waiting(self) -> dict[int, tuple[int, float]]:
+        """slot -> (journal line, time) of its last section_done, for the sections acquired
+        since they were last processed: a retake after processing makes a slot due again."""
+        processed = {int(e["slot"]): i for i, e in enumerate(self.store.events()) if e["event"] == "section_processed"}
+        return {s: (i, t) for s, (i, st, t) in acquired_takes(self.store).items() if st in ("complete", "flagged")
+                and processed.get(s, -1) < i and s in self.z_of_slot}
+
     def unprocessed(self) -> list[tuple[int, int]]:
         """(slot, journal line of its last section_done) for the sections acquired since they
-        were last processed or tried: a retake after processing makes a slot due again."""
-        done: dict[int, tuple[int, str]] = {}
-        processed: dict[int, int] = {}
-        for i, e in enumerate(self.store.events()):
-            if e["event"] == "section_done":
-                done[int(e["slot"])] = (i, e["status"])
-            elif e["event"] == "section_processed":
-                processed[int(e["slot"])] = i
-        return sorted((s, i) for s, (i, st) in done.items() if st in ("complete", "flagged")
-                      and processed.get(s, -1) < i and self._tried.get(s, -1) < i and s in self.z_of_slot)
+        were last processed or tried."""
+        return sorted((s, i) for s, (i, _) in self._waiting().items() if self._tried.get(s, -1) < i)
+
+    def backlog(self) -> tuple[int, float]:
+        """Sections acquired and not yet judged by processing, and the age in seconds of the
+        oldest of them (0 when none waits)."""
+        waiting = self._waiting()
+        oldest = min((t for _, t in waiting.values()), default=None)
+        return len(waiting), 0.0 if oldest is None else max(time.time() - oldest, 0.0)
+
+    def publish_backlog(self) -> None:
+        """The backlog as an event (progress bar, MQTT, GUI); past `max_backlog` sections one
+        alarm, and a warning again only after it has come back under the limit."""
+        if not self.journal:     # offline, the journal does not say what was processed
+            return
+        waiting, oldest = self.backlog()
+        in_flight = len(self._stitching)
+        self.bus.emit(ProcessingBacklog(waiting, oldest, in_flight, self.max_backlog))
+        over = self.max_backlog > 0 and waiting > self.max_backlog
+        if over and not self._over_limit:
+            self.bus.emit(Alarm("processing", f"processing is {waiting} sections behind acquisition (limit "
+                                f"{self.max_backlog}, oldest waiting {oldest:.0f} s): it catches up from disk, "
+                                "and the run waits for it at the end; more workers keep pace", "warning"))
+        self._over_limit = over
 
     async def catch_up(self) -> None:
-        for slot, line in await asyncio.to_thread(self.unprocessed):
+        due = await asyncio.to_thread(self.unprocessed)
+        if due and self.cluster is not None:
+            await asyncio.to_thread(self._prefetch, [s for s, _ in due])
+        for slot, line in due:
             self._tried[slot] = line
             report = await asyncio.to_thread(self.process_slot, slot)
             if report is not None and report.status == "unaligned" and self.on_unregistered is not None:
@@ -132,7 +191,12 @@ class ProcessingWorker:
             self.processor.dark = tifffile.imread(cal / "dark.tif").astype(np.float32)
         if (cal / "gain.tif").exists():
             self.processor.gain = tifffile.imread(cal / "gain.tif").astype(np.float32)
-            self.store.log_event("flatfield", file="calibration/gain.tif", source="brightfield")
+            if self.journal:
+                self.store.log_event("flatfield", file="calibration/gain.tif", source="brightfield")
+            return
+        # One gain a run: the one estimated before a resume, or by the live run for `process`.
+        if (self.store.dir / "flatfield.tif").exists():
+            self.processor.gain = tifffile.imread(self.store.dir / "flatfield.tif").astype(np.float32)
             return
         records = self.store.tiles()
         if len(records) < MIN_FLATFIELD_TILES:
@@ -141,8 +205,80 @@ class ProcessingWorker:
             return
         gain = estimate_flatfield(RunStore.read_tile(r) for r in records[:MAX_FLATFIELD_TILES])
         self.processor.gain = gain
-        tifffile.imwrite(self.store.dir / "flatfield.tif", gain)
-        self.store.log_event("flatfield", file="flatfield.tif", tiles=len(records))
+        if self.journal:
+            tifffile.imwrite(self.store.dir / "flatfield.tif", gain)
+            self.store.log_event("flatfield", file="flatfield.tif", tiles=len(records))
+
+    def _prefetch(self, slots: list[int]) -> None:
+        """Start the stitching of the next sections on the cluster (twice its workers at
+        most: enough to keep them busy, few to redo if the lens is estimated meanwhile)."""
+        assert self.cluster is not None
+        self._ensure_flatfield()
+        room = 2 * max(self.cluster.worker_count(), 1) - len(self._stitching)
+        for slot in slots:
+            if room <= 0:
+                break
+            if slot in self._stitching:
+                continue
+            records = self.store.tiles(slot)
+            if records:
+                self._stitching[slot] = (records, self.processor.lens_wanted, self._stitch_remote(records))
+                room -= 1
+
+    def _stitch_remote(self, records: list[TileRecord]) -> Any:
+        assert self.cluster is not None
+        p = self.processor
+        return self.cluster.stitch(records, self.pixel_nm, lens=p.lens_wanted, gain=p.gain, dark=p.dark,
+                                   tile_model=p.tile_model)
+
+    def _process_on_cluster(self, slot: int, z: int, records: list[TileRecord], info: dict) -> SectionReport:
+        """Section z with its stitching and its rendering on the cluster: stitching started
+        ahead is taken if it saw these tiles and the lens that holds now (a lens estimated
+        meanwhile, or a retake, makes it stitch again), else it is started now."""
+        assert self.cluster is not None
+        ahead = self._stitching.pop(slot, None)
+        future = ahead[2] if ahead is not None and ahead[0] == records and ahead[1] == self.processor.lens_wanted \
+            else self._stitch_remote(records)
+        if ahead is not None and future is not ahead[2]:
+            ahead[2].cancel()
+        stitched = self.cluster.result(future)
+        tiles, stage_px, grid = section_inputs(records, self.pixel_nm)
+        p = self.processor
+        render = self.cluster.renderer(p.volume, records, gain=p.gain, dark=p.dark, device=p.device)
+        return p.process(z, tiles, stage_px, grid, info, stitched=stitched, render=render)
+
+    def _cluster_news(self) -> None:
+        """Workers that left the cluster since the last section: an alarm each (their tasks
+        were given to the others by the scheduler, and retried)."""
+        if self.cluster is None:
+            return
+        for address, left in self.cluster.lost_workers():
+            self.bus.emit(Alarm("processing", f"dask worker {address} left the cluster; its tasks go to the "
+                                f"{left} worker(s) left and are retried", "warning" if left else "error"))
+
+    def process_offline(self, slots: Sequence[int], *, on_skip: Callable[[int, int], None] | None = None) -> None:
+        """The given slots' sections in z order, each once (`tapescope process`). A section
+        that the volume records as processed (ok or unaligned) is skipped: a killed `process`
+        goes on where it stopped; a section written but not recorded (killed while rendering
+        it) is done again."""
+        sections = self.processor.volume.group.attrs["tapescope"].get("sections", {})
+        takes = acquired_takes(self.store)
+        due = []
+        for slot in sorted(slots, key=lambda s: self.z_of_slot[s]):
+            z = self.z_of_slot[slot]
+            if sections.get(str(z), {}).get("status") in PROCESSED:
+                if on_skip is not None:
+                    on_skip(slot, z)
+                continue
+            if takes.get(slot, (0, "", 0.0))[1] not in ("complete", "flagged"):
+                status = takes[slot][1] if slot in takes else "not acquired"
+                self.processor.record_missing(z, {"slot": slot, "z": z}, f"no section to process ({status})")
+                continue
+            due.append(slot)
+        for k, slot in enumerate(due):
+            if self.cluster is not None:
+                self._prefetch(due[k:])
+            self.process_slot(slot)
 
     def process_slot(self, slot: int) -> SectionReport | None:
         z = self.z_of_slot[slot]
@@ -153,12 +289,10 @@ class ProcessingWorker:
             if not records:
                 raise ValueError("no tiles stored for this section")
             self._ensure_flatfield()
-            tiles = [RunStore.open_tile(r) for r in records]
-            h, w = tiles[0].shape
-            # Stage encoder gives the tile centre; positions are top-left, in pixels.
-            stage_px = np.array([[r.y_nm, r.x_nm] for r in records]) / self.pixel_nm - (h / 2, w / 2)
-            grid = [(r.row, r.col) for r in records]
-            report = self.processor.process(z, tiles, stage_px, grid, info)
+            if self.cluster is not None:
+                report = self._process_on_cluster(slot, z, records, info)
+            else:
+                report = self.processor.process(z, *section_inputs(records, self.pixel_nm), info)
         except Exception as exc:
             log.exception("processing slot %d failed", slot)
             reason = f"{type(exc).__name__}: {exc}"
@@ -166,17 +300,23 @@ class ProcessingWorker:
             self.reports.pop(slot, None)
             self.processor.record_missing(z, info, reason)
             # Journalled, not as processed: a resumed run tries the section again.
-            self.store.log_event("processing_failed", slot=slot, z=z, message=reason, time=time.time())
+            if self.journal:
+                self.store.log_event("processing_failed", slot=slot, z=z, message=reason, time=time.time())
+            self._cluster_news()
             self.bus.emit(Alarm("processing", f"slot {slot} (z={z}) not processed: {reason}"))
             self.bus.emit(SectionProcessed(slot, z, "failed", float("nan"), (0.0, 0.0), 0.0, reason))
+            self.publish_backlog()
             return None
         self.reports[slot] = report
         self.failed.pop(slot, None)
-        self.store.log_event("section_processed", slot=slot, z=z, status=report.status,
-                             max_residual_px=report.max_residual_px, shift_px=list(report.shift_px),
-                             message=report.message, time=time.time())
+        if self.journal:
+            self.store.log_event("section_processed", slot=slot, z=z, status=report.status,
+                                 max_residual_px=report.max_residual_px, shift_px=list(report.shift_px),
+                                 message=report.message, time=time.time())
+        self._cluster_news()
         if report.status != "ok":
             self.bus.emit(Alarm("alignment", f"slot {slot} (z={z}): {report.message}", "warning"))
         self.bus.emit(SectionProcessed(slot, z, report.status, report.max_residual_px,
                                        report.shift_px, report.alignment_confidence, report.message))
+        self.publish_backlog()
         return report

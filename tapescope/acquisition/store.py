@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,3 +187,14 @@ class RunStore:
         if zlib.crc32(np.ascontiguousarray(mapped).tobytes()) != rec.crc32:
             raise OSError(f"{rec.path}: pixel checksum does not match the journal")
         return mapped
+
+
+def section_inputs(records: Sequence[TileRecord], pixel_nm: float,
+                   ) -> tuple[list[np.ndarray], np.ndarray, list[tuple[int, int]]]:
+    """A section's tiles (mapped, checked against the journal), their stage positions as
+    top-left pixels and their grid cells: what the section processor takes."""
+    tiles = [RunStore.open_tile(r) for r in records]
+    h, w = tiles[0].shape
+    # Stage encoder gives the tile centre; positions are top-left, in pixels.
+    stage_px = np.array([[r.y_nm, r.x_nm] for r in records]) / pixel_nm - (h / 2, w / 2)
+    return tiles, stage_px, [(r.row, r.col) for r in records]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tapescope.acquisition.cluster import ClusterError, check_scheduler
 from tapescope.errors import TapescopeError
 from tapescope.montage.array_backend import array_module
 from tapescope.montage.stack import AlignParams, StackError, align_stack, dask_map, read_sections
@@ -26,15 +26,10 @@ from tapescope.montage.stack import AlignParams, StackError, align_stack, dask_m
 
 def _check_reachable(address: str) -> None:
     """Fail in seconds, naming the address, where the Client would retry until its timeout."""
-    from urllib.parse import urlparse
-
-    u = urlparse(address if "://" in address else f"tcp://{address}")
-    if u.scheme not in ("tcp", "tls") or not u.hostname or not u.port:
-        raise StackError(f"--scheduler {address}: expected tcp://HOST:PORT")
     try:
-        socket.create_connection((u.hostname, u.port), timeout=5).close()
-    except OSError as exc:
-        raise StackError(f"--scheduler {address}: cannot connect ({exc})") from None
+        check_scheduler(address)
+    except ClusterError as exc:
+        raise StackError(f"--{exc}") from None
 
 
 @contextlib.contextmanager

@@ -278,6 +278,26 @@ def align(
 
 
 @app.command()
+def process(
+    run_dir: Path = typer.Argument(..., help="a run directory (journal.jsonl, config.json, tiles/)"),
+    out: Path | None = typer.Option(None, "--out", help="the volume to write (default RUN_DIR/volume.zarr); "
+                                    "an existing one of this run is completed, not replaced"),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="dask scheduler tcp://HOST:PORT for stitching "
+                                         "and rendering (default: the run's [processing] scheduler, else here)"),
+    sections: str | None = typer.Option(None, "--sections", help="A-B: only sections z = A..B (inclusive)"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config whose [processing] fields replace "
+                                       "the run's"),
+) -> None:
+    """A finished run's raw tiles to the aligned volume, as live processing does it; resumable
+    (exit codes: 0 ok, 1 some section not ok, 2 bad input)."""
+    from tapescope.cli.process import run_process
+
+    override = _load(config) if config is not None else None
+    raise typer.Exit(run_process(run_dir, out, scheduler=scheduler, sections=sections, override=override,
+                                 console=console, err_console=err_console))
+
+
+@app.command()
 def view(
     volume: Path = typer.Argument(..., help="a volume folder, e.g. RUN_DIR/volume.zarr"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="port on 127.0.0.1 (0: any free one)"),

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 from tapescope.allocator import keep_large_blocks
 from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
-from tapescope.stitching.section import stitch_section
+from tapescope.stitching.section import StitchResult, stitch_section
 
 from .align import SectionAlignment, align_section, repeat_reason, unregistered_reason
 from .omezarr import Volume
@@ -45,6 +45,21 @@ SEAM_FLAG_PX = 1.0            # a stitched pair whose residual exceeds this is a
 # simulated stacks; on real neighbouring sections the content's own drift is larger).
 LIVE_ELASTIC = {"stride": 48, "patch": 96, "passes": 2}
 LIVE_NEIGHBOURS = 2           # good sections each live section is aligned to (docs/alignment.md)
+
+
+# Renders section z into the volume from the section's tiles: (z, tile positions, the
+# volume-to-tile transform, lens, per-tile linear parts). `render_section` in this process,
+# or the same call in another one (acquisition/cluster.py).
+FinalRender = Callable[[int, np.ndarray, SectionTransform, RadialDistortion | None, np.ndarray | None], object]
+
+
+def stitch_tiles(raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray, grid: Sequence[tuple[int, int]], *,
+                 lens: str | RadialDistortion, gain: np.ndarray | None, dark: float | np.ndarray,
+                 tile_model: str) -> StitchResult:
+    """One section's registration and solve as the live processor does it (edge strips of
+    the raw tiles, flat-fielded as read)."""
+    return stitch_section(raw_tiles, stage_px, grid, lens=lens, gain=gain, dark=dark, strips=True,
+                          tile_model=tile_model)
 
 
 @dataclass(frozen=True)
@@ -186,16 +201,32 @@ class SectionProcessor:
             for stale in self.scratch.glob(f"{self._scratch_prefix}*"):
                 shutil.rmtree(stale, ignore_errors=True)
 
+    @property
+    def lens_wanted(self) -> str | RadialDistortion:
+        """What stitching a section is told about the lens now: the camera's model once one
+        was estimated, else the configured mode."""
+        return self.lens if self.lens is not None else self.lens_mode
+
+    def stitch(self, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
+               grid: Sequence[tuple[int, int]]) -> StitchResult:
+        """Register and solve one section's tiles (no volume, no alignment): the part of
+        `process` that sections can do at once, anywhere (`stitch_tiles`)."""
+        return stitch_tiles(raw_tiles, stage_px, grid, lens=self.lens_wanted, gain=self.gain, dark=self.dark,
+                            tile_model=self.tile_model)
+
     def process(
         self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
-        grid: Sequence[tuple[int, int]], info: dict,
+        grid: Sequence[tuple[int, int]], info: dict, *, stitched: StitchResult | None = None,
+        render: FinalRender | None = None,
     ) -> SectionReport:
+        """Section z: stitch (or take `stitched`, made elsewhere with `lens_wanted`), align
+        to the good sections below, render into the volume (or have `render` do it: the
+        same rendering in another process) and record it."""
         self._rendering = None
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
         # each crop as it reads it: no float32 copy of the section's tiles is ever whole.
-        want: str | RadialDistortion = self.lens if self.lens is not None else self.lens_mode
-        stitched = stitch_section(raw_tiles, stage_px, grid, lens=want, gain=self.gain, dark=self.dark, strips=True,
-                                  tile_model=self.tile_model)
+        if stitched is None:
+            stitched = self.stitch(raw_tiles, stage_px, grid)
         tiles = [FlatFielded(t, self.gain, self.dark) for t in raw_tiles]
         lens = stitched.lens_applied
         if self.lens is None and lens is not None:
@@ -227,8 +258,11 @@ class SectionProcessor:
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
         p = placed
-        render_section(self.volume, z, tiles, sol.positions, p.transform.shifted(oy, ox), lens=lens,
-                       device=self.device, linear=sol.linear)
+        if render is None:
+            render_section(self.volume, z, tiles, sol.positions, p.transform.shifted(oy, ox), lens=lens,
+                           device=self.device, linear=sol.linear)
+        else:
+            render(z, sol.positions, p.transform.shifted(oy, ox), lens, sol.linear)
         stored = self._save_transform(z, p.transform)
         self.volume.record(z, {
             **info, "status": p.status, "shift_px": list(p.shift), "alignment_confidence": p.confidence,
@@ -331,6 +365,7 @@ class SectionProcessor:
         aligner makes its own low-resolution pass from it). Coverage is where the stored
         section is non-zero: the volume's fill value 0 marks where no tile landed.
         """
+        self._restore_lens()
         if z is None:
             good = self._good_sections()
             if not good:
@@ -342,6 +377,19 @@ class SectionProcessor:
         self._reference_z = z
         log.info("alignment reference primed from z=%d of the volume", z)
         return z
+
+    def _restore_lens(self) -> None:
+        """The lens estimated before a resume, from the volume's records: the sections after
+        it are stitched and rendered with it, as they would have been without the stop
+        (estimating again from the next section would give a slightly different model)."""
+        if self.lens is not None or self.lens_mode != "estimate":
+            return
+        sections = self.volume.group.attrs["tapescope"].get("sections", {})
+        seen = sorted((int(k), v["lens"]) for k, v in sections.items() if v.get("lens"))
+        if seen:
+            self.lens = RadialDistortion(float(seen[0][1]["k1"]), float(seen[0][1]["k2"]))
+            log.info("lens distortion of z=%d taken from the volume: k1 %.3g, k2 %.3g",
+                     seen[0][0], self.lens.k1, self.lens.k2)
 
     def _good_sections(self) -> list[int]:
         sections = self.volume.group.attrs["tapescope"].get("sections", {})

@@ -1,0 +1,132 @@
+"""Sections' stitching and rendering on a dask.distributed cluster (`[processing] scheduler`,
+`tapescope process --scheduler`).
+
+The tasks are plain functions of paths: a worker maps the tiles from the run directory and
+writes the section into the volume itself, so the run directory and the volume must be on
+a disk every worker sees (one machine, or a shared file system). One task renders a whole
+section: every shard of it has one writer. A task whose worker dies is given to another by
+the scheduler; one that raises is retried `retries` times; after that the section fails
+with an alarm (ProcessingWorker), recorded missing, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from tapescope.errors import TapescopeError
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.pipeline import FinalRender, stitch_tiles
+from tapescope.montage.shard_render import render_section
+from tapescope.montage.transform import SectionTransform
+from tapescope.stitching.flatfield import FlatFielded
+from tapescope.stitching.lens import RadialDistortion
+from tapescope.stitching.section import StitchResult
+
+from .store import RunStore, TileRecord, section_inputs
+
+log = logging.getLogger(__name__)
+
+TASK_RETRIES = 2           # a task that raises is run this many more times before its section fails
+TASK_TIMEOUT_S = 3600.0    # a section's task not done by then (no worker left?) fails the section
+
+
+class ClusterError(TapescopeError):
+    """A scheduler that cannot be reached or used; the message names it."""
+
+
+def check_scheduler(address: str) -> None:
+    """Refuse an address that is not tcp://HOST:PORT or where nothing listens, in seconds
+    (a dask Client retries until its own timeout)."""
+    u = urlparse(address if "://" in address else f"tcp://{address}")
+    if u.scheme not in ("tcp", "tls") or not u.hostname or not u.port:
+        raise ClusterError(f"scheduler {address}: expected tcp://HOST:PORT")
+    try:
+        socket.create_connection((u.hostname, u.port), timeout=5).close()
+    except OSError as exc:
+        raise ClusterError(f"scheduler {address}: cannot connect ({exc})") from None
+
+
+def stitch_task(records: list[TileRecord], pixel_nm: float, lens: str | RadialDistortion,
+                gain: np.ndarray | None, dark: float | np.ndarray, tile_model: str) -> StitchResult:
+    """On a worker: one section's registration and solve, from its tile files."""
+    tiles, stage_px, grid = section_inputs(records, pixel_nm)
+    return stitch_tiles(tiles, stage_px, grid, lens=lens, gain=gain, dark=dark, tile_model=tile_model)
+
+
+def render_task(volume_path: str, z: int, records: list[TileRecord], positions: np.ndarray,
+                transform: SectionTransform, lens: RadialDistortion | None, linear: np.ndarray | None,
+                gain: np.ndarray | None, dark: float | np.ndarray, device: str) -> int:
+    """On a worker: section z rendered from its tile files into every level of the volume
+    (the caller records it). Returns the pixels covered."""
+    volume = Volume.open(volume_path)
+    tiles = [FlatFielded(RunStore.open_tile(r), gain, dark) for r in records]
+    stats = render_section(volume, z, tiles, positions, transform, lens=lens, device=device, linear=linear)
+    return stats.covered
+
+
+class SectionCluster:
+    """A Client on the scheduler at `address`, and the section tasks sent through it."""
+
+    def __init__(self, address: str, *, retries: int = TASK_RETRIES, timeout_s: float = TASK_TIMEOUT_S) -> None:
+        check_scheduler(address)
+        from distributed import Client
+
+        # distributed logs every connection at INFO; the run's log wants ours.
+        for name in ("distributed", "distributed.batched", "distributed.comm"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            self.client = Client(address, timeout="15s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ClusterError(f"scheduler {address}: cannot connect ({exc})") from None
+        self.address = address
+        self.retries = retries
+        self.timeout_s = timeout_s
+        self._workers = self._current_workers()
+
+    def _current_workers(self) -> set[str]:
+        return set(self.client.scheduler_info().get("workers", {}))
+
+    def worker_count(self) -> int:
+        return len(self._workers)
+
+    def lost_workers(self) -> list[tuple[str, int]]:
+        """(address, workers left) of each worker gone since the last call; new workers are
+        taken in silently."""
+        now = self._current_workers()
+        gone = sorted(self._workers - now)
+        self._workers = now
+        return [(a, len(now)) for a in gone]
+
+    def stitch(self, records: list[TileRecord], pixel_nm: float, *, lens: str | RadialDistortion,
+               gain: np.ndarray | None, dark: float | np.ndarray, tile_model: str) -> Any:
+        """A future of `stitch_task`."""
+        return self.client.submit(stitch_task, records, pixel_nm, lens, gain, dark, tile_model,
+                                  retries=self.retries, pure=False)
+
+    def result(self, future: Any) -> Any:
+        return future.result(timeout=self.timeout_s)
+
+    def renderer(self, volume: Volume, records: list[TileRecord], *, gain: np.ndarray | None,
+                 dark: float | np.ndarray, device: str) -> FinalRender:
+        """The section processor's final render, done by one task on the cluster."""
+        root = getattr(volume.group.store, "root", None)
+        if root is None:
+            raise ClusterError("rendering on a cluster needs the volume on a disk the workers see")
+        path = str(Path(str(root)).resolve())
+
+        def render(z: int, positions: np.ndarray, transform: SectionTransform, lens: RadialDistortion | None,
+                   linear: np.ndarray | None) -> int:
+            future = self.client.submit(render_task, path, z, records, positions, transform, lens, linear,
+                                        gain, dark, device, retries=self.retries, pure=False)
+            return int(self.result(future))
+
+        return render
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,211 @@
+"""`tapescope process`: a finished run's raw tiles to the volume, with the live code, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from tapescope.acquisition.store import RunStore
+from tapescope.cli import app
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.synthetic import make_stack
+
+DEMO_CONFIG = """
+[processing]
+elastic = false
+"""
+SECTIONS = 6
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tapescope.cli", *args]
+
+
+def tree(path: Path) -> dict[str, tuple[int, int]]:
+    """Every file under path with its size and modification time: 'nothing changed'."""
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
+
+
+def same_volume(live: Path, other: Path, depth: int) -> None:
+    """Transforms within 0.1 px over the whole canvas; the same pixels where they agree;
+    the same per-section verdicts."""
+    a, b = Volume.open(live), Volume.open(other)
+    assert a.shape == b.shape and a.levels[0].dtype == b.levels[0].dtype
+    h, w = a.shape[1:]
+    yy, xx = np.mgrid[0:h:16, 0:w:16].astype(float)
+    ra, rb = a.group.attrs["tapescope"]["sections"], b.group.attrs["tapescope"]["sections"]
+    for z in range(depth):
+        assert rb[str(z)]["status"] == ra[str(z)]["status"] == "ok", (z, ra[str(z)], rb[str(z)])
+        pa, pb = a.load_transform(z).apply(xx, yy), b.load_transform(z).apply(xx, yy)
+        moved = max(np.abs(pa[0] - pb[0]).max(), np.abs(pa[1] - pb[1]).max())
+        assert moved < 0.1, (z, moved)
+        for k in range(len(a.levels)):
+            assert np.array_equal(np.asarray(a.levels[k][z]), np.asarray(b.levels[k][z])), (z, k)
+        for key in ("tile_positions_px", "shift_px", "max_residual_px", "alignment_references", "lens"):
+            assert ra[str(z)][key] == rb[str(z)][key], (z, key)
+
+
+def test_process_matches_the_live_run_and_resumes_after_kills(tmp_path: Path) -> None:
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(DEMO_CONFIG)
+    out = tmp_path / "demo"
+    r = subprocess.run(cli("demo", "--out", str(out), "--sections", str(SECTIONS), "--grid", "2", "2",
+                           "--config", str(cfg)), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = out / "run"
+    before = tree(run_dir)
+
+    t0 = time.monotonic()
+    r = subprocess.run(cli("process", str(run_dir), "--out", str(tmp_path / "offline.zarr")),
+                       capture_output=True, text=True, timeout=400)
+    whole = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("skipped") == 0 and all(f"z={z} slot {z}: ok" in r.stdout for z in range(SECTIONS))
+    same_volume(out / "volume.zarr", tmp_path / "offline.zarr", SECTIONS)
+    assert tree(run_dir) == before                     # the run is read, never written
+
+    # Killed at random points, three times, then let finish: the same volume.
+    rng = random.Random(int(os.environ.get("TAPESCOPE_KILL_SEED", "27")))
+    target = tmp_path / "resumed.zarr"
+    per_section = whole / SECTIONS
+    done_after_kill = []
+    for _ in range(3):
+        p = subprocess.Popen(cli("process", str(run_dir), "--out", str(target)), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        assert p.stdout is not None
+        # Killed a random time into a random section: 0 or 1 sections after the set-up.
+        wait_for, started = rng.randint(0, 1), False
+        for line in p.stdout:
+            started = started or line.startswith("processing ")
+            wait_for -= ": ok, seam" in line
+            if started and wait_for <= 0:
+                break
+        time.sleep(rng.uniform(0.0, 0.8 * per_section))
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=60)
+        assert p.returncode == -signal.SIGKILL
+        records = Volume.open(target).group.attrs["tapescope"]["sections"]
+        done_after_kill.append(sorted(int(z) for z, v in records.items() if v["status"] == "ok"))
+    assert len(done_after_kill[-1]) < SECTIONS, done_after_kill   # the kills did stop it short
+    r = subprocess.run(cli("process", str(run_dir), "--out", str(target)), capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("already in the volume, skipped") == len(done_after_kill[-1])
+    same_volume(out / "volume.zarr", target, SECTIONS)
+    # No scratch left behind by the killed processes.
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tapescope-section-")]
+    assert tree(run_dir) == before
+
+
+runner = CliRunner()
+
+
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path: Path) -> None:
+    not_a_run = tmp_path / "notarun"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("hello")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    run_dir = tiny_run(tmp_path / "run", np.uint16)
+    listen = __import__("socket").socket()
+    listen.bind(("127.0.0.1", 0))
+    port = listen.getsockname()[1]
+    listen.close()                                      # nothing listens there now
+    before = {p: tree(p) for p in (tmp_path,)}
+    cases = [
+        ([str(not_a_run)], "not a tapescope run directory"),
+        ([str(a_file)], "is a file, not a run directory"),
+        ([str(tmp_path / "nowhere")], "no such run directory"),
+        ([str(run_dir), "--scheduler", f"tcp://127.0.0.1:{port}"], "cannot connect"),
+        ([str(run_dir), "--scheduler", "127.0.0.1"], "expected tcp://HOST:PORT"),
+        ([str(run_dir), "--sections", "2-9"], "--sections 2-9"),
+        ([str(run_dir), "--sections", "x"], "--sections x"),
+        ([str(run_dir), "--out", str(a_file)], "is not a volume"),
+    ]
+    for args, words in cases:
+        res = runner.invoke(app, ["process", *args])
+        assert res.exit_code == 2, (args, res.output)
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in res.output.replace("\n", ""), \
+            (args, res.output)
+    assert {p: tree(p) for p in (tmp_path,)} == before
+
+
+# -- an 8-bit tile set --------------------------------------------------------------------
+
+TILE, STEP = 224, 200         # 2 x 2 tiles per section, 24 px overlap
+
+
+def tiny_run(run_dir: Path, dtype: type, sections: int = 2) -> Path:
+    """A run directory written as the engine writes one (config snapshot, tiles, journal):
+    `sections` consecutive synthetic sections of 2 x 2 tiles in `dtype`."""
+    from tapescope.config import TapescopeConfig
+    from tapescope.runner import snapshot_json
+
+    pixel_nm = 4.0
+    cfg = TapescopeConfig.model_validate({
+        "scope": {"camera": {"width": TILE, "height": TILE, "pixel_size_nm": pixel_nm}},
+        "run": {"slots": list(range(sections)), "grid": [2, 2], "overlap": (TILE - STEP) / TILE},
+        "processing": {"elastic": False, "pyramid_levels": 2, "chunk": 64},
+    })
+    store = RunStore.create(run_dir, snapshot_json(cfg))
+    st = make_stack(sections, (STEP + TILE, STEP + TILE), seed=3, max_rotation_deg=1, max_shift_px=8, missing=())
+    top = 250 if dtype == np.uint8 else 60000
+    for slot, img in enumerate(st.images):
+        for r in range(2):
+            for c in range(2):
+                tile = img[r * STEP:r * STEP + TILE, c * STEP:c * STEP + TILE]
+                data = np.clip(tile * top, 0, top).astype(dtype)
+                # Tile centres in stage nm, the grid centred on the aperture as the planner does.
+                y = ((r - 0.5) * STEP) * pixel_nm
+                x = ((c - 0.5) * STEP) * pixel_nm
+                store.write_tile(slot, r, c, data, y_nm=y, x_nm=x, meta={"barcode": f"B{slot}"})
+        store.log_event("section_done", slot=slot, status="complete", n_tiles=4, time=time.time())
+    return run_dir
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_volume_keeps_the_tiles_bit_depth(tmp_path: Path, dtype: type) -> None:
+    run_dir = tiny_run(tmp_path / "run", dtype)
+    assert tifffile.imread(next((run_dir / "tiles").rglob("*.tif"))).dtype == dtype
+    res = runner.invoke(app, ["process", str(run_dir), "--out", str(tmp_path / "v.zarr")])
+    assert res.exit_code == 0, res.output
+    vol = Volume.open(tmp_path / "v.zarr")
+    assert all(level.dtype == dtype for level in vol.levels)
+    for z in range(2):
+        plane = np.asarray(vol.levels[0][z])
+        imaged = plane[plane > 0]
+        assert imaged.size > 0.5 * STEP * STEP and imaged.max() > np.iinfo(dtype).max // 3
+    sections = vol.group.attrs["tapescope"]["sections"]
+    assert [sections[str(z)]["status"] for z in range(2)] == ["ok", "ok"]
+    assert json.loads(json.dumps(sections["1"]["shift_px"]))     # aligned, recorded
+
+
+def test_process_on_a_dask_cluster_writes_the_same_volume(tmp_path: Path, dask_processes) -> None:
+    from distributed import Client, get_task_stream
+
+    run_dir = tiny_run(tmp_path / "run", np.uint16, sections=3)
+    res = runner.invoke(app, ["process", str(run_dir), "--out", str(tmp_path / "here.zarr")])
+    assert res.exit_code == 0, res.output
+    dask_processes.wait_for_workers(2)
+    with Client(dask_processes.address, timeout="30s") as client, get_task_stream(client) as stream:
+        res = runner.invoke(app, ["process", str(run_dir), "--out", str(tmp_path / "there.zarr"),
+                                  "--scheduler", dask_processes.address])
+    assert res.exit_code == 0, res.output
+    same_volume(tmp_path / "here.zarr", tmp_path / "there.zarr", 3)
+    ran = [(t["key"].split("-")[0], t["worker"]) for t in stream.data]
+    # Each section stitched and rendered on the workers (stitching again where the lens
+    # estimated from an earlier section arrived after it had started), by both of them.
+    assert sum(k == "render_task" for k, _ in ran) == 3 and sum(k == "stitch_task" for k, _ in ran) >= 3, ran
+    assert len({w for _, w in ran}) == 2, ran
