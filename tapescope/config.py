@@ -111,6 +111,9 @@ class CameraConfig(_Model):
     width: Annotated[int, Field(ge=16, le=16384)] = 512
     height: Annotated[int, Field(ge=16, le=16384)] = 512
     pixel_size_nm: Annotated[float, Field(gt=0, le=10_000)] = 4.0
+    bit_depth: Literal[8, 16] = Field(
+        16, description="the camera's sample size: 8 keeps tiles, montages and the volume uint8 (TEMCA's "
+        "cameras; half the bytes), 16 uint16; the simulator serves frames of this depth")
 
     @model_validator(mode="after")
     def _genicam(self) -> CameraConfig:

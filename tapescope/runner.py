@@ -64,7 +64,8 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
         from tapescope.sim_hardware.scope import SimulatedScope
 
         sim = SimulatedScope(sim_world_params(cfg), tape_driver=scope_cfg.tape.driver,
-                             stage_driver=scope_cfg.stage.driver, column_driver=scope_cfg.column.driver)
+                             stage_driver=scope_cfg.stage.driver, column_driver=scope_cfg.column.driver,
+                             camera_bits=scope_cfg.camera.bit_depth)
         await sim.start()
         if on_sim is not None:
             on_sim(sim)
@@ -78,7 +79,8 @@ async def open_scope(cfg: TapescopeConfig, on_sim: Callable[[Any], None] | None 
         column_url=scope_cfg.column.url, column_ramp_timeout_s=scope_cfg.column.ramp_timeout_s,
         stage_travel_nm=(s.travel_um[0] * 1e3, s.travel_um[1] * 1e3),
         tape=gridtape(t) if t.driver == "gridtape" else None,
-        camera=GenicamCamera(c.device, roi=(0, 0, c.width, c.height), timeout_s=c.timeout_s)
+        camera=GenicamCamera(c.device, roi=(0, 0, c.width, c.height), timeout_s=c.timeout_s,
+                             pixel_format="Mono8" if c.bit_depth == 8 else None)
         if c.driver == "genicam" and c.device else None,
     )
     try:
@@ -157,7 +159,7 @@ def config_differences(old: TapescopeConfig, new: TapescopeConfig) -> list[str]:
         a.pop(machine_local, None)
         b.pop(machine_local, None)
     cam_a, cam_b = old.scope.camera, new.scope.camera
-    for f in ("width", "height", "pixel_size_nm"):
+    for f in ("width", "height", "pixel_size_nm", "bit_depth"):
         a[f"scope.camera.{f}"], b[f"scope.camera.{f}"] = getattr(cam_a, f), getattr(cam_b, f)
     return [f"{k}: run has {a.get(k)!r}, config has {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
@@ -394,7 +396,8 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
         volume = Volume.open(vol_path)
     else:
         volume = Volume.create(vol_path, (len(slots), *canvas.shape), pixel_nm=cam.pixel_size_nm,
-                               thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels, chunk=proc.chunk)
+                               thickness_nm=proc.section_thickness_nm, levels=proc.pyramid_levels, chunk=proc.chunk,
+                               dtype="uint8" if cam.bit_depth == 8 else "uint16")
     processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic, lens=proc.lens,
                                  scratch=proc.scratch, device=proc.device, neighbours=proc.align_neighbours,
                                  tile_model=proc.tile_model)

@@ -65,6 +65,9 @@ def test_process_matches_the_live_run_and_resumes_after_kills(tmp_path: Path) ->
     assert r.returncode == 0, r.stdout + r.stderr
     run_dir = out / "run"
     before = tree(run_dir)
+    # The demo's camera is 16-bit, and so is everything after it.
+    assert tifffile.imread(next((run_dir / "tiles").rglob("*.tif"))).dtype == np.uint16
+    assert all(level.dtype == np.uint16 for level in Volume.open(out / "volume.zarr").levels)
 
     t0 = time.monotonic()
     r = subprocess.run(cli("process", str(run_dir), "--out", str(tmp_path / "offline.zarr")),
@@ -190,6 +193,39 @@ def test_the_volume_keeps_the_tiles_bit_depth(tmp_path: Path, dtype: type) -> No
     sections = vol.group.attrs["tapescope"]["sections"]
     assert [sections[str(z)]["status"] for z in range(2)] == ["ok", "ok"]
     assert json.loads(json.dumps(sections["1"]["shift_px"]))     # aligned, recorded
+
+
+def test_an_8_bit_camera_gives_8_bit_tiles_and_volume_live_and_offline(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[scope.camera]\nbit_depth = 8\n" + DEMO_CONFIG)
+    out = tmp_path / "demo"
+    r = subprocess.run(cli("demo", "--out", str(out), "--sections", "2", "--grid", "2", "2", "--config", str(cfg)),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning" not in r.stdout and "error" not in r.stdout        # QC judged the 8-bit tiles as tiles
+    tiles = [tifffile.imread(f) for f in (out / "run" / "tiles").rglob("*.tif")]
+    assert len(tiles) == 8 and all(t.dtype == np.uint8 for t in tiles)
+    assert 40 < float(np.mean([t.mean() for t in tiles])) < 200       # the 8-bit range is used, not its floor
+    live = Volume.open(out / "volume.zarr")
+    assert all(level.dtype == np.uint8 for level in live.levels)
+    assert [live.group.attrs["tapescope"]["sections"][z]["status"] for z in "01"] == ["ok", "ok"]
+    res = runner.invoke(app, ["process", str(out / "run"), "--out", str(tmp_path / "offline.zarr")])
+    assert res.exit_code == 0, res.output
+    same_volume(out / "volume.zarr", tmp_path / "offline.zarr", 2)
+
+
+def test_qc_judges_an_8_bit_frame_at_its_own_full_scale() -> None:
+    from tapescope.acquisition.qc import QCLimits, evaluate
+
+    rng = np.random.default_rng(1)
+    tissue = np.clip(rng.normal(120, 25, (256, 256)), 0, 255).astype(np.uint8)
+    assert evaluate(tissue, QCLimits(), reference_focus=None).faults == ()  # 120 of 255 is not 'dark'
+    dark = np.clip(rng.normal(1, 0.5, (256, 256)), 0, 255).astype(np.uint8)
+    assert "dark" in evaluate(dark, QCLimits(), reference_focus=None).faults
+    burnt = tissue.copy()
+    burnt[:64] = 255
+    assert "saturated" in evaluate(burnt, QCLimits(), reference_focus=None).faults
+    assert QCLimits().for_frame(np.dtype(np.uint16)) == QCLimits()
 
 
 def test_process_on_a_dask_cluster_writes_the_same_volume(tmp_path: Path, dask_processes) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -51,6 +51,9 @@ FAULT_DECISIONS: dict[str, Decision] = {
 
 @dataclass(frozen=True)
 class QCLimits:
+    """Levels in counts of a 16-bit frame; a frame of another depth is judged at the same
+    fraction of its full scale (`for_frame`)."""
+
     mean_min: float = 500.0          # counts; below: beam off or blanked
     mean_max: float = 60000.0
     saturation_max: float = 0.005    # fraction of pixels at full scale
@@ -59,6 +62,15 @@ class QCLimits:
     sharpness_min: float = 0.22      # fine over medium detail of one tile: below, out of focus (docs)
     resin_cv_max: float = 0.04       # std/mean of the blurred frame: below this it is bare resin
     max_retakes: int = 2
+
+    def for_frame(self, dtype: np.dtype) -> QCLimits:
+        """These limits for frames of `dtype`: the count levels scaled to its full scale (an
+        8-bit camera's 'dark' is 500/65535 of 255, its saturation 255)."""
+        if not np.issubdtype(dtype, np.integer) or np.iinfo(dtype).max == 65535:
+            return self
+        scale = np.iinfo(dtype).max / 65535
+        return replace(self, mean_min=self.mean_min * scale, mean_max=self.mean_max * scale,
+                       saturation_level=min(round(self.saturation_level * scale), int(np.iinfo(dtype).max)))
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,7 @@ def evaluate(frame: np.ndarray, limits: QCLimits, *, reference_focus: float | No
              expected_shape: tuple[int, int] | None = None) -> TileQC:
     faults: list[str] = []
     msgs: list[str] = []
+    limits = limits.for_frame(frame.dtype)
     integ = integrity_faults(frame, expected_shape)
     if integ:
         faults.append("integrity")

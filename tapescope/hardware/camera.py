@@ -29,7 +29,7 @@ STREAM_LIMIT = 64 * 1024 * 1024
 
 @dataclass
 class Frame:
-    """One camera frame: uint16 pixels and what the camera says about them."""
+    """One camera frame: uint16 (an 8-bit camera's: uint8) pixels and what the camera says about them."""
 
     data: np.ndarray
     frame_id: int

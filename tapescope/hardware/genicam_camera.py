@@ -182,7 +182,10 @@ class GenicamCamera(Device):
             if bits not in (8, 16):
                 raise DeviceError(self.name, f"pixel format {hex(fmt)} ({bits} bits, packed) is not read; "
                                   f"use one of {PIXEL_FORMATS}")
-            img = np.frombuffer(raw, np.uint8 if bits == 8 else "<u2").reshape(h, w).astype(np.uint16)
+            img = np.frombuffer(raw, np.uint8 if bits == 8 else "<u2").reshape(h, w)
+            # Mono8 asked for (an 8-bit camera, camera.bit_depth = 8) stays uint8; otherwise a
+            # camera that has only Mono8 is widened, so a run's tiles have the configured depth.
+            img = img.copy() if bits == 8 and self.pixel_format == "Mono8" else img.astype(np.uint16)
             return Frame(img, int(buf.get_frame_id()), buf.get_timestamp() / 1e9, self.exposure_ms,
                          {"binning": self.binning, "roi": list(self.roi) if self.roi else None,
                           "pixel_format": hex(fmt), "model": self.model})

@@ -16,11 +16,17 @@ from .world import SimWorld
 BINNINGS = (1, 2, 4, 8)
 
 
+EIGHT_BIT_STEP = 64.0     # 16-bit counts per 8-bit count of a simulated 8-bit camera
+
+
 class CameraEmulator:
     model = "tapescope-sim-cam"
 
-    def __init__(self, world: SimWorld, host: str = "127.0.0.1") -> None:
+    def __init__(self, world: SimWorld, host: str = "127.0.0.1", bit_depth: int = 16) -> None:
+        if bit_depth not in (8, 16):
+            raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
         self.world = world
+        self.bit_depth = bit_depth
         self.faults = world.faults          # the camera faults this camera takes
         self.host = host
         self.port = 0
@@ -184,12 +190,18 @@ class CameraEmulator:
         faults = self.faults
         if faults.take("frame_drop") is not None:
             return None          # exposed (the frame id moved on) but never sent
+        if self.bit_depth == 8:
+            # The same sensor read by an 8-bit converter whose full scale is 2^14 counts: the
+            # film (~8000 counts at the default exposure) sits near half scale, as a person
+            # sets an 8-bit camera up, not at 1/8 of it.
+            img = np.clip(np.rint(np.asarray(img, np.float32) / EIGHT_BIT_STEP), 0, 255).astype(np.uint8)
+        dtype = "|u1" if self.bit_depth == 8 else "<u2"
         meta = {
             "frame_id": self.frame_id, "timestamp": t0, "shape": list(img.shape),
-            "dtype": "<u2", "exposure_ms": self.exposure_ms, "binning": self.binning,
+            "dtype": dtype, "exposure_ms": self.exposure_ms, "binning": self.binning,
             "roi": list(self.roi),
         }
-        payload = memoryview(np.ascontiguousarray(img, dtype="<u2")).cast("B")
+        payload = memoryview(np.ascontiguousarray(img, dtype=dtype)).cast("B")
         head = cp.pack_head(cp.KIND_FRAME, meta, len(payload))
         if faults.take("frame_truncated") is not None:
             return _Truncated(head + bytes(payload[: len(payload) // 2]))

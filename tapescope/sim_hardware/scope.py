@@ -20,7 +20,7 @@ class SimulatedScope:
     """``async with SimulatedScope(params) as sim: sim.scope_config(...)``"""
 
     def __init__(self, params: WorldParams | None = None, *, tape_driver: str = "line",
-                 stage_driver: str = "asi", column_driver: str = "line") -> None:
+                 stage_driver: str = "asi", column_driver: str = "line", camera_bits: int = 16) -> None:
         """``tape_driver``: the tape's protocol, ``line`` (tapescope's) or ``gridtape`` (GridTape's
         reel controller firmware, with its tape camera). ``stage_driver`` ``temscript`` and
         ``column_driver`` ``temscript``: the goniometer and the column served as a Thermo
@@ -36,7 +36,7 @@ class SimulatedScope:
             self.tape_camera = TapeCameraEmulator(self.tape.model)
         else:
             self.tape = TapeEmulator(self.world)
-        self.camera = CameraEmulator(self.world)
+        self.camera = CameraEmulator(self.world, bit_depth=camera_bits)
         self.column = ColumnEmulator(self.world)
 
     async def start(self, camera_port: int = 0) -> None:

@@ -45,7 +45,7 @@ async def serve(params: WorldParams, faults: list[str], *, camera_port: int = 0,
     specs = [parse_fault_spec(f) for f in faults]   # refuse bad specs before opening anything
     sc = scope or ScopeConfig()
     sim = SimulatedScope(params, tape_driver=sc.tape.driver, stage_driver=sc.stage.driver,
-                         column_driver=sc.column.driver)
+                         column_driver=sc.column.driver, camera_bits=sc.camera.bit_depth)
     for name, count, after, options in specs:
         sim.inject(name, count, after=after, **options)
     stop = stop or asyncio.Event()
