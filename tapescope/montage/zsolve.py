@@ -31,7 +31,7 @@ the inverse of F_z, found by fixed-point iteration on the transform's field grid
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -315,7 +315,7 @@ def solve_stack(
         free = (normal.diagonal() <= 0).astype(np.float64)
         normal = (normal + sp.diags(free, format="csc")).tocsc()
         try:
-            solve = spla.factorized(normal)
+            solve = _factorize(normal)
         except RuntimeError:
             # Singular through a combination of unknowns, not one alone: a ridge far below
             # any data term on all of them.
@@ -323,7 +323,7 @@ def solve_stack(
             ridge = RIDGE * (float(seen[seen > 0].mean()) if (seen > 0).any() else 1.0)
             free = free + ridge
             normal = (normal + ridge * sp.identity(lay.n, format="csc")).tocsc()
-            solve = spla.factorized(normal)
+            solve = _factorize(normal)
         x = np.stack([solve(mat.T @ rhs[:, c] + free * start[:, c]) for c in (0, 1)], 1)
         # Unpack: forward affines and fields.
         for z in zs:
@@ -383,6 +383,15 @@ def solve_stack(
     transforms = {z: _inverse(forward[z], dfield[z] if p.elastic else None, lay, shape, p.transform_stride)
                   for z in zs}
     return StackSolution(transforms, forward, residual, kept)
+
+
+def _factorize(normal: sp.csc_matrix) -> Callable[[np.ndarray], np.ndarray]:
+    """LU of the symmetric positive (semi-)definite normal matrix with a symmetric fill-reducing
+    order (minimum degree on A + A^T) and no pivoting off the diagonal. SuperLU's default
+    column order ignores the symmetry: on 23 sections of 520 px (6.7k unknowns) it took 36x
+    longer for the same solution (within 1e-6 px)."""
+    lu = spla.splu(normal, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    return lu.solve
 
 
 def _connected(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> bool:
