@@ -155,7 +155,7 @@ def config_differences(old: TapescopeConfig, new: TapescopeConfig) -> list[str]:
     a = _flat({k: old.model_dump(mode="json")[k] for k in RUN_DEFINING})
     b = _flat({k: new.model_dump(mode="json")[k] for k in RUN_DEFINING})
     # Where this host keeps scratch and does its arithmetic, not what is imaged.
-    for machine_local in ("processing.scratch", "processing.device"):
+    for machine_local in ("processing.scratch", "processing.device", "processing.scheduler", "processing.max_backlog"):
         a.pop(machine_local, None)
         b.pop(machine_local, None)
     cam_a, cam_b = old.scope.camera, new.scope.camera
@@ -240,8 +240,8 @@ def open_for_resume(run_dir: Path, cfg: TapescopeConfig) -> tuple[RunStore, Tape
     store.log_event("run_resumed", time=time.time(), **notes)
     # Keep cfg's scope (ports may differ: a restarted simulator, a moved serial adapter), its
     # scratch folder (the disk may be mounted elsewhere on this host) and its device.
-    processing = snap.processing.model_copy(update={"scratch": cfg.processing.scratch,
-                                                    "device": cfg.processing.device})
+    processing = snap.processing.model_copy(update={k: getattr(cfg.processing, k) for k in
+                                                    ("scratch", "device", "scheduler", "max_backlog")})
     return store, snap.model_copy(update={"scope": cfg.scope, "mqtt": cfg.mqtt, "processing": processing}), notes
 
 
@@ -258,6 +258,12 @@ def processing_problem(cfg: TapescopeConfig) -> str | None:
         cupy, why = probe()
         if cupy is None:
             return f"processing.device: 'gpu', but {why} (or set 'cpu' or 'auto')"
+    if proc.scheduler is not None:
+        from tapescope.acquisition.cluster import ClusterError, check_scheduler
+        try:
+            check_scheduler(proc.scheduler)
+        except ClusterError as exc:
+            return f"processing.{exc}"
     return None
 
 
@@ -349,6 +355,8 @@ async def run_acquisition(
         finally:
             if consumer is not None:
                 await _finish_processing(consumer, bus)   # what was acquired, even after a failure
+            if worker is not None:
+                await asyncio.to_thread(worker.close)
             if bridge is not None:
                 await bridge.stop()
     if worker is not None:
@@ -405,8 +413,12 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
         # The next section aligns to the last good one written before the crash, not to nothing.
         primed = processor.prime_from_volume()
         store.log_event("alignment_primed", z=primed)
+    cluster = None
+    if proc.scheduler is not None:
+        from tapescope.acquisition.cluster import SectionCluster
+        cluster = SectionCluster(proc.scheduler)
     return ProcessingWorker(store, processor, bus, z_of_slot=z_of_slot, pixel_nm=cam.pixel_size_nm,
-                            flatfield=proc.flatfield)
+                            flatfield=proc.flatfield, cluster=cluster, max_backlog=proc.max_backlog)
 
 
 def write_report(store: RunStore, summary: RunSummary, progress: RunProgress, slots: list[int],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ import tifffile
 from tapescope.montage.pipeline import SectionProcessor, SectionReport
 from tapescope.stitching.flatfield import estimate_flatfield
 
-from .events import Alarm, EventBus, ProcessingBacklog, SectionProcessed
+from .events import Alarm, Event, EventBus, ProcessingBacklog, SectionFinished, SectionProcessed
 from .store import RunStore, TileRecord, section_inputs
 
 if TYPE_CHECKING:
@@ -85,12 +86,17 @@ class ProcessingWorker:
         self.failed: dict[int, str] = {}
         self._tried: dict[int, int] = {}             # slot -> journal line of the section_done last taken
         self._over_limit = False
+        self._backlog_lock = threading.Lock()
+        # The backlog grows as the engine finishes sections, not only as processing ends them.
+        self._unsubscribe = bus.subscribe(self._on_event) if journal else None
         # slot -> (records, lens asked for, future of its stitching on the cluster)
         self._stitching: dict[int, tuple[list[TileRecord], object, Any]] = {}
         _more_file_handles()
 
     def close(self) -> None:
         """Cancel stitching still in flight and let go of the cluster."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         for _, _, future in self._stitching.values():
             future.cancel()
         self._stitching.clear()
@@ -135,20 +141,39 @@ class ProcessingWorker:
         oldest = min((t for _, t in waiting.values()), default=None)
         return len(waiting), 0.0 if oldest is None else max(time.time() - oldest, 0.0)
 
+    def _on_event(self, event: Event) -> None:
+        if not isinstance(event, SectionFinished):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.publish_backlog()
+            return
+        # Off the engine's loop: it reads the journal.
+        loop.run_in_executor(None, self._publish_backlog_logged)
+
+    def _publish_backlog_logged(self) -> None:
+        try:
+            self.publish_backlog()
+        except Exception:       # a report, not the run: the next section publishes again
+            log.exception("publishing the processing backlog failed")
+
     def publish_backlog(self) -> None:
         """The backlog as an event (progress bar, MQTT, GUI); past `max_backlog` sections one
         alarm, and a warning again only after it has come back under the limit."""
         if not self.journal:     # offline, the journal does not say what was processed
             return
-        waiting, oldest = self.backlog()
-        in_flight = len(self._stitching)
-        self.bus.emit(ProcessingBacklog(waiting, oldest, in_flight, self.max_backlog))
-        over = self.max_backlog > 0 and waiting > self.max_backlog
-        if over and not self._over_limit:
-            self.bus.emit(Alarm("processing", f"processing is {waiting} sections behind acquisition (limit "
-                                f"{self.max_backlog}, oldest waiting {oldest:.0f} s): it catches up from disk, "
-                                "and the run waits for it at the end; more workers keep pace", "warning"))
-        self._over_limit = over
+        # Called from the engine's loop and the processing thread: one at a time, so that the
+        # limit's alarm is raised once per crossing.
+        with self._backlog_lock:
+            waiting, oldest = self.backlog()
+            self.bus.emit(ProcessingBacklog(waiting, oldest, len(self._stitching), self.max_backlog))
+            over = self.max_backlog > 0 and waiting > self.max_backlog
+            if over and not self._over_limit:
+                self.bus.emit(Alarm("processing", f"processing is {waiting} sections behind acquisition (limit "
+                                    f"{self.max_backlog}, oldest waiting {oldest:.0f} s): it catches up from "
+                                    "disk, and the run waits for it at the end; more workers keep pace", "warning"))
+            self._over_limit = over
 
     async def catch_up(self) -> None:
         due = await asyncio.to_thread(self.unprocessed)

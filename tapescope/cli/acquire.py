@@ -26,7 +26,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tapescope.acquisition.engine import Engine, RunState
-from tapescope.acquisition.events import Alarm, Event, EventBus, SectionFinished, StateChanged, TileAcquired
+from tapescope.acquisition.events import (
+    Alarm,
+    Event,
+    EventBus,
+    ProcessingBacklog,
+    SectionFinished,
+    StateChanged,
+    TileAcquired,
+)
 from tapescope.acquisition.events import Progress as ProgressEvent
 from tapescope.budget import plan_problem
 from tapescope.config import TapescopeConfig
@@ -105,6 +113,7 @@ def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: 
                         console=console, transient=False)
     t_sec = progress.add_task("sections", total=None, info="")
     t_tile = progress.add_task("tiles", total=None, info="")
+    t_backlog = progress.add_task("processing", total=None, info="", visible=cfg.processing.enabled)
     log = logging.getLogger("tapescope.acquire")
 
     def on_event(ev: Event) -> None:
@@ -119,6 +128,9 @@ def run_headless(cfg: TapescopeConfig, run_dir: Path, *, resume: bool, console: 
             log.info("state %s -> %s (%s)", ev.old, ev.new, ev.reason)
             if ev.new in ("paused", "recovering"):
                 progress.console.print(f"[cyan]{ev.new}[/]: {ev.reason}", highlight=False)
+        elif isinstance(ev, ProcessingBacklog):
+            progress.update(t_backlog, info=f"{ev.waiting} sections waiting, oldest {ev.oldest_s:.0f} s"
+                            + (f", {ev.in_flight} in flight" if ev.in_flight else ""))
         elif isinstance(ev, SectionFinished):
             log.info("slot %d: %s %s", ev.slot, ev.status, ev.message)
         elif isinstance(ev, TileAcquired) and ev.qc.get("faults"):

@@ -12,6 +12,7 @@ from tapescope.acquisition.events import (
     Alarm,
     DeviceStatus,
     Event,
+    ProcessingBacklog,
     Progress,
     RunFinished,
     SectionFinished,
@@ -57,6 +58,10 @@ def messages_for(event: Event, scope: str) -> list[Message]:
                  "tiles_per_s": _num(event.tiles_per_s), "eta_s": _num(event.eta_s), "slot": event.slot,
                  "time": now}
             return [Message(f"{r}/progress", p, 0, True)]
+        case ProcessingBacklog():
+            p = {"waiting": event.waiting, "oldest_s": _num(event.oldest_s), "in_flight": event.in_flight,
+                 "limit": event.limit, "time": now}
+            return [Message(f"{r}/processing", p, 0, True)]
         case SectionPlanned():
             # The tiles go with the plan (about 30 bytes a tile: 150 kB for a 5000-tile section,
             # once per section), so that a window attached from elsewhere can draw the map.
@@ -120,6 +125,9 @@ def events_of(suffix: str, p: dict[str, Any], retained: bool = False) -> list[Ev
             return [Progress(int(p["sections_done"]), int(p["sections_total"]), int(p["tiles_done"]),
                              int(p["tiles_total"]), _float(p.get("tiles_per_s")), _float(p.get("eta_s")),
                              int(p.get("slot", -1)))]
+        case ["processing"]:
+            return [ProcessingBacklog(int(p["waiting"]), _float(p.get("oldest_s")), int(p.get("in_flight", 0)),
+                                      int(p.get("limit", 0)))]
         case ["section"]:
             started = SectionStarted(int(p["slot"]), str(p.get("barcode") or ""))
             if "tiles" not in p:        # an engine from before the plan was published
