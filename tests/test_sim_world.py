@@ -50,6 +50,27 @@ def test_damage_shows_where_the_truth_says() -> None:
     assert (w.specimen.section(5) == np.float32(film)).mean() == 0
 
 
+def test_a_fold_is_the_film_twice_along_its_line_across_the_section() -> None:
+    w = SimWorld(dataclasses.replace(QUIET, seed=1))
+    assert w.slot_truth[6].damage == ("fold",)
+    y0, x0, y1, x1, width = w.slot_truth[6].regions["fold"]
+    folded, flat = w.section_image(6), w.specimen.section(6)
+    n = np.array([x1 - x0, -(y1 - y0)]) / np.hypot(y1 - y0, x1 - x0)      # (y, x), to the band's side
+    ratios = []
+    for t in np.linspace(0.1, 0.9, 9):                                    # all along the crease
+        band = np.array([y0 + t * (y1 - y0), x0 + t * (x1 - x0)]) + n * width / 2
+        beside = band - n * width                                         # the other side: one layer
+        for p, want in ((band, "twice"), (beside, "once")):
+            y, x = np.round(p).astype(int)
+            a, b = folded[y - 2:y + 3, x - 2:x + 3], flat[y - 2:y + 3, x - 2:x + 3]
+            ratios.append((want, float(np.log(a).mean() / np.log(b).mean())))
+    twice = [r for k, r in ratios if k == "twice"]
+    once = [r for k, r in ratios if k == "once"]
+    # Attenuations add: -log of the doubled film is about twice the single layer's.
+    assert np.median(twice) > 1.6 and min(twice) > 1.2
+    assert np.allclose(once, 1.0, atol=0.05)
+
+
 def test_rotation_turns_the_section() -> None:
     p = dataclasses.replace(QUIET, slot_offset_sigma_nm=0.0)
     plain, turned = SimWorld(p), SimWorld(p)

@@ -151,9 +151,11 @@ class SimWorld:
             img = img * (1 - a) + np.float32(0.9) * a  # embedding resin: a little less clear than film
         if "fold" in truth.regions:
             y0, x0, y1, x1, width = truth.regions["fold"]
-            # Signed distance to the fold line; the band on one side is tissue lying twice.
-            n = np.array([-(x1 - x0), y1 - y0]) / math.hypot(y1 - y0, x1 - x0)
-            d = (yy - y0) * n[1] + (xx - x0) * n[0]
+            # Signed distance to the fold line (the crease, from edge to edge of the section);
+            # the band on one side is film lying twice: its attenuation adds, so the
+            # transmissions multiply. Straight parallel edges, across the whole section.
+            n = np.array([x1 - x0, -(y1 - y0)]) / math.hypot(y1 - y0, x1 - x0)   # (y, x), normal to it
+            d = (yy - y0) * np.float32(n[0]) + (xx - x0) * np.float32(n[1])
             band = (d > 0) & (d < width)
             img = np.where(band, img * np.roll(img, int(width), axis=0), img)
             img *= 1 - 0.5 * np.exp(-((d / 3) ** 2)).astype(np.float32)  # the crease itself
