@@ -365,10 +365,29 @@ def _coarse_small(fs: np.ndarray, fv: np.ndarray, ms: np.ndarray, mv: np.ndarray
     return _Coarse(SectionTransform(full[:2]), conf, rot if np.isfinite(rot) else angle, overlap)
 
 
+def _reduce(img: np.ndarray, ok: np.ndarray | None, s: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """s x s block means of a strip and its valid mask (wholly valid blocks only)."""
+    if s == 1:
+        return img, ok
+    h, w = img.shape[0] // s, img.shape[1] // s
+    img = img[:h * s, :w * s]
+    out = img.reshape(h, s, w, s).mean(axis=(1, 3), dtype=np.float32)
+    if ok is None:
+        return out, None
+    return out, ok[:h * s, :w * s].reshape(h, s, w, s).all(axis=(1, 3))
+
+
+def _fit_grid(u: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A node field (gh, gw, 2) cut or edge-extended to `shape`."""
+    gh, gw = shape
+    u = u[:gh, :gw]
+    return np.pad(u, ((0, gh - u.shape[0]), (0, gw - u.shape[1]), (0, 0)), mode="edge")
+
+
 def align_section(
     fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarray | None = None,
     moving_valid: np.ndarray | None = None, *, elastic: bool = True, max_rotation_deg: float = 10.0,
-    stride: int = 32, patch: int = 64, passes: int = 3, stiffness: float = 0.3, device: str = "cpu",
+    stride: int = 32, patch: int = 64, passes: int = 3, stiffness: float = 0.3, scale: int = 1, device: str = "cpu",
 ) -> SectionAlignment:
     """Align `moving` to `fixed` (same canvas): coarse rigid + affine, then elastic.
 
@@ -377,6 +396,8 @@ def align_section(
     result (rotated into the moving frame) to the transform's field; each further pass
     measures what the last left, where the patches' window no longer biases the peak.
     Inputs may be memory-mapped: they are read in strips and patches, never whole.
+    With `scale` s > 1 the flow is measured on s x s block means (`stride` and `patch` in
+    those reduced pixels): s^2 fewer patches for the same area of tissue per patch.
     """
     if fixed.shape != moving.shape:
         raise ValueError(f"shapes differ: {fixed.shape} vs {moving.shape}")
@@ -388,35 +409,45 @@ def align_section(
     weight = None
     if elastic:
         shape = fixed.shape
+        s = max(1, int(scale))
+        small = (shape[0] // s, shape[1] // s)
+        out_stride = stride * s      # the field's grid in output pixels
         mv = None if moving_valid is None else AsFloat32(moving_valid)
-        field = np.zeros((*SectionTransform.grid_shape(shape, stride), 2), np.float32)
+        field = np.zeros((*SectionTransform.grid_shape(shape, out_stride), 2), np.float32)
 
         def fixed_rows(y0: int, y1: int) -> tuple[np.ndarray, np.ndarray | None]:
-            return fixed[y0:y1], None if fixed_valid is None else np.asarray(fixed_valid[y0:y1], bool)
+            img = fixed[y0 * s:y1 * s, :small[1] * s]
+            ok = None if fixed_valid is None else np.asarray(fixed_valid[y0 * s:y1 * s, :small[1] * s], bool)
+            return _reduce(np.asarray(img, np.float32), ok, s)
 
         for _ in range(passes):
-            current = SectionTransform(transform.matrix, field, stride)
+            current = SectionTransform(transform.matrix, field, out_stride)
 
             def moving_rows(y0: int, y1: int, t: SectionTransform = current) -> tuple[np.ndarray, np.ndarray]:
                 # The moving strip rendered through the current transform on demand: the
                 # warped section is never whole in memory (render_block reads what it needs).
-                block = (y0, 0, y1 - y0, shape[1])
+                block = (y0 * s, 0, (y1 - y0) * s, small[1] * s)
                 img, cover = render_block([moving], np.zeros((1, 2)), t, block, ramp=1, warp=warp)
                 ok = cover > 0.99
                 if mv is not None:
                     ok &= render_block([mv], np.zeros((1, 2)), t, block, ramp=1, warp=warp)[0] > 0.99
-                return img, ok
+                reduced, reduced_ok = _reduce(img, ok, s)
+                assert reduced_ok is not None
+                return reduced, reduced_ok
 
-            flow = flow_rows(fixed_rows, moving_rows, shape, stride=stride, patch=patch, max_shift=patch / 8,
+            flow = flow_rows(fixed_rows, moving_rows, small, stride=stride, patch=patch, max_shift=patch / 8,
                              xp=xp)
             weight = clean_flow(flow)
             u = relax_mesh(flow, weight, stiffness=stiffness)
             keep = weight > 0
             nodes = int(keep.sum())
-            rms = float(np.sqrt(((flow.vectors - u)[keep] ** 2).sum(-1).mean())) if nodes else 0.0
-            # Flow u is in output pixels; the field is added in moving pixels.
+            rms = s * float(np.sqrt(((flow.vectors - u)[keep] ** 2).sum(-1).mean())) if nodes else 0.0
+            # Flow u is in reduced output pixels; the field is added in moving pixels, on the
+            # field's grid (one node more where the full size is not a multiple of s).
+            u = _fit_grid(u * s, field.shape[:2])
             field = field + (u.reshape(-1, 2) @ current.linear.T).reshape(field.shape).astype(np.float32)
-        transform = SectionTransform(transform.matrix, field, stride)
+        transform = SectionTransform(transform.matrix, field, out_stride)
+        stride = out_stride
     overlap = coarse.overlap
     detail = detail_agreement(fixed, moving, transform, fixed_valid, moving_valid)
     return SectionAlignment(transform, conf, rot, nodes, rms, overlap, coarse.chance, weight, stride,

@@ -38,7 +38,7 @@ from .align import align_section, block_mean, repeat_reason, unregistered_reason
 from .omezarr import Volume, pyramid_levels
 from .shard_render import RenderStats, render_section
 from .transform import SectionTransform
-from .zsolve import PairMatch, SolveParams, chain_initial, groups, matches_of, solve_stack
+from .zsolve import PairMatch, SolveParams, chain_initial, groups, matches_of, solve_windowed
 
 MIN_PAIR_CONFIDENCE = 0.2   # coarse NCC below this: the pair did not register (docs/alignment.md)
 BLANK_DETAIL = 0.01         # relative band-passed contrast below this: no tissue
@@ -57,6 +57,17 @@ class StackEntry:
 
 
 @dataclass(frozen=True)
+class FlowParams:
+    """The pair's elastic stage (`align.align_section`): patches of `patch` px every `stride`
+    px, on `scale` x `scale` block means, `passes` times, relaxed with `stiffness`."""
+    patch: int = 64
+    stride: int = 32
+    scale: int = 1
+    passes: int = 3
+    stiffness: float = 0.3
+
+
+@dataclass(frozen=True)
 class AlignParams:
     max_rotation_deg: float = 10.0
     elastic: bool = True
@@ -64,6 +75,7 @@ class AlignParams:
     neighbours: int = NEIGHBOURS
     solve: SolveParams = field(default_factory=SolveParams)
     canvas: tuple[int, int] | None = None   # montages smaller than this are padded to it
+    flow: FlowParams = field(default_factory=FlowParams)
 
 
 @dataclass
@@ -338,8 +350,10 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
     fixed = open_image(fixed_path, params.canvas)
     moving = open_image(moving_path, params.canvas)
     fv, mv = Imaged(fixed), Imaged(moving)
+    f = params.flow
     a = align_section(fixed, moving, fv, mv, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
-                      device=params.device)
+                      device=params.device, stride=f.stride, patch=f.patch, passes=f.passes, stiffness=f.stiffness,
+                      scale=f.scale)
     return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px,
                       a.chance, matches_of(a, fixed_z, moving_z, fv, mv), a.detail)
 
@@ -574,8 +588,8 @@ def align_stack(
     if aligned:
         say(f"solving {len(aligned)} sections together from {len(kept)} pairs")
         initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items()})
-        solution = solve_stack(shape, aligned, [r.matches for r in kept.values() if r.matches is not None],
-                               initial, replace(params.solve, elastic=params.elastic))
+        solution = solve_windowed(shape, aligned, [r.matches for r in kept.values() if r.matches is not None],
+                                  initial, replace(params.solve, elastic=params.elastic))
         transforms = solution.transforms
         for z in aligned:
             o = outcome[z]

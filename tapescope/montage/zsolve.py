@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import numpy as np
 import scipy.sparse as sp
@@ -45,6 +46,7 @@ from .flow import second_differences
 from .transform import SectionTransform
 
 MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
+MAX_PRIOR_GAIN = 100.0   # most the bending's weight grows (as a factor on px; squared in energy)
 RIDGE = 1e-9      # of the mean diagonal of the normal equations: holds unknowns no data sees
 
 
@@ -99,6 +101,8 @@ class SolveParams:
     tukey: float = 4.685          # robust cut-off, in robust standard deviations of the residuals
     pair_outlier: float = 3.0     # a pair whose RMS is this many times the median pair's is dropped...
     pair_outlier_px: float = 1.0  # ...when it is also above this
+    pair_variance: bool = True    # weigh each pair by 1 / its RMS^2 about the solution (capped at 1)
+    noise_ref_px: float = 0.1     # `bend` is for matches this precise; noisier ones stiffen it (0: off)
     transform_stride: int = 32    # field grid of the returned SectionTransforms
 
 
@@ -108,6 +112,7 @@ class StackSolution:
     forward: dict[int, np.ndarray]             # 3x3 affine part of F_z (raw -> stack frame)
     residual_px: dict[tuple[int, int], float]  # RMS of each pair's kept matches after the solve
     kept: dict[tuple[int, int], float]         # fraction of each pair's matches kept
+    fields: dict[int, np.ndarray] = dataclass_field(default_factory=dict)   # D_z's nodes (n, 2), if elastic
 
 
 def _grid(shape: tuple[int, int], spacing: float) -> tuple[int, int, float]:
@@ -175,14 +180,15 @@ def _rows(coo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_rows: int, n: 
 
 def solve_stack(
     shape: tuple[int, int], zs: Sequence[int], matches: Sequence[PairMatch], initial: dict[int, np.ndarray],
-    params: SolveParams | None = None, fixed: Iterable[int] = (),
+    params: SolveParams | None = None, fixed: Iterable[int] = (), fixed_fields: dict[int, np.ndarray] | None = None,
 ) -> StackSolution:
     """Transforms of the sections `zs` (ascending) from `matches` between them.
 
     `initial` gives each section's forward affine (3x3, raw -> stack frame), e.g. from a
     chain of the pairs' coarse transforms; the solution keeps their mean as the stack's
     frame (a frame common to all sections is not determined by the data) and takes
-    nothing else from them. Sections in `fixed` keep their initial affine and no field
+    nothing else from them. Sections in `fixed` keep their initial affine and their field in
+    `fixed_fields` (node values as `StackSolution.fields` gives them; none: no field)
     (sections already written, live): they are the frame instead.
     """
     p = params or SolveParams()
@@ -197,6 +203,7 @@ def solve_stack(
 
     # Static regularisers: thin-plate and size of every D, z-smoothness and size of v.
     reg: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    bending: list[int] = []     # which of them are a field's bending
     row = 0
     # Each prior is scaled by how much data a node sees, so one set of weights serves any
     # section size and match density.
@@ -210,6 +217,7 @@ def solve_stack(
             off = lay.field(z)
             s = np.sqrt(p.bend * d_density)
             reg.append((d2.row + row, d2.col + off, d2.data * s))
+            bending.append(len(reg) - 1)
             row += d2.shape[0]
             ids = np.arange(lay.nd)
             reg.append((row + ids, off + ids, np.full(lay.nd, np.sqrt(p.field_size * d_density))))
@@ -224,11 +232,18 @@ def solve_stack(
                 reg.append((row + ids, lay.flow(k + 1) + ids, np.full(lay.nv, s)))
                 row += lay.nv
     reg_rows = row
+    prior_gain = 1.0
+    bend_rows = set(bending)
 
     residual: dict[tuple[int, int], float] = {}
     kept: dict[tuple[int, int], float] = {}
     for it in range(p.iterations):
-        coo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = list(reg)
+        # The bending prior is set for matches of `noise_ref_px`; noisier matches (measured by
+        # the last solve's scatter) lean on it more, as a least-squares estimate weighs data by
+        # 1 / variance: the same settings then serve a one-image test stack (0.1 px) and real
+        # neighbours whose content differs (~1 px).
+        coo: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [
+            (r, c, v * prior_gain) if k in bend_rows else (r, c, v) for k, (r, c, v) in enumerate(reg)]
         row = reg_rows
         # The data: one row per match point, the same for x and y.
         for m, wt in zip(matches, weights, strict=True):
@@ -275,6 +290,8 @@ def solve_stack(
             if p.elastic:
                 ids = np.arange(lay.nd)
                 coo.append((row + ids, lay.field(z) + ids, np.full(lay.nd, pin)))
+                if fixed_fields is not None and z in fixed_fields:
+                    targets += [(row + i, pin * v) for i, v in enumerate(np.asarray(fixed_fields[z], np.float64))]
                 row += lay.nd
         mean0 = np.mean([np.concatenate([initial[z][:2, :2].T.ravel(), (initial[z] @ [*centre, 1])[:2]])
                          for z in zs], axis=0)
@@ -367,6 +384,8 @@ def solve_stack(
                 if per_pair else np.zeros(0)
             scale = 1.4826 * float(np.median(allr)) if allr.size else 1.0
             cut = max(p.tukey * scale, 0.25)
+            if p.noise_ref_px > 0 and allr.size:
+                prior_gain = float(np.clip(scale / p.noise_ref_px, 1.0, MAX_PRIOR_GAIN))
             for k, (m, r) in enumerate(zip(matches, per_pair, strict=True)):
                 if bad[k]:
                     weights[k] = np.zeros(len(m.p))
@@ -374,7 +393,10 @@ def solve_stack(
                 if (m.fixed_z, m.moving_z) in bridges:
                     continue        # its points are all that place one side: none is judged
                 u = np.clip(r / cut, 0, 1)
-                weights[k] = np.where(weights[k] > 0, np.asarray(m.w, np.float64) * (1 - u ** 2) ** 2, 0.0)
+                # Each pair counts by how well it agrees with the rest (1 / its variance about
+                # the solution): pairs further apart in z, or across a fold, measure worse.
+                trust = (typical / max(rms[k], typical)) ** 2 if p.pair_variance and typical > 0 else 1.0
+                weights[k] = np.where(weights[k] > 0, np.asarray(m.w, np.float64) * trust * (1 - u ** 2) ** 2, 0.0)
     for m, wt, r in zip(matches, weights, per_pair, strict=True):
         key = (m.fixed_z, m.moving_z)
         on = wt > 0
@@ -382,7 +404,53 @@ def solve_stack(
         kept[key] = float(on.mean()) if len(on) else 0.0
     transforms = {z: _inverse(forward[z], dfield[z] if p.elastic else None, lay, shape, p.transform_stride)
                   for z in zs}
-    return StackSolution(transforms, forward, residual, kept)
+    return StackSolution(transforms, forward, residual, kept, dfield if p.elastic else {})
+
+
+WINDOW = 12      # sections solved together by `solve_windowed`...
+LOOK_AHEAD = 4   # ...of which this many past the sections it finalises
+
+
+def solve_windowed(
+    shape: tuple[int, int], zs: Sequence[int], matches: Sequence[PairMatch], initial: dict[int, np.ndarray],
+    params: SolveParams | None = None, window: int = WINDOW, look_ahead: int = LOOK_AHEAD,
+) -> StackSolution:
+    """`solve_stack` over a sliding window: `window` sections at a time, the first
+    `window - look_ahead` of them finalised, each window anchored on the finalised sections
+    its matches reach (held with their affine and field). Time grows linearly with the
+    stack and memory with the window, not the stack; a stack no longer than the window is
+    one `solve_stack`. A section is finalised with its successors `look_ahead` deep, as a
+    live run can place it once those are imaged."""
+    zs = sorted(zs)
+    if len(zs) <= window:
+        return solve_stack(shape, zs, matches, initial, params)
+    step = max(1, window - look_ahead)
+    forward: dict[int, np.ndarray] = {}
+    fields: dict[int, np.ndarray] = {}
+    transforms: dict[int, SectionTransform] = {}
+    residual: dict[tuple[int, int], float] = {}
+    kept: dict[tuple[int, int], float] = {}
+    start = 0
+    while start < len(zs):
+        free = zs[start:start + window]
+        last = start + window >= len(zs)
+        done = free if last else free[:step]
+        anchors = sorted({m.fixed_z for m in matches if m.moving_z in free and m.fixed_z in forward})
+        win = sorted({*anchors, *free})
+        mine = [m for m in matches if m.fixed_z in win and m.moving_z in win and m.moving_z in free]
+        start_at = {z: forward.get(z, initial[z]) for z in win}
+        sol = solve_stack(shape, win, mine, start_at, params, fixed=anchors, fixed_fields=fields)
+        for z in done:
+            forward[z], transforms[z] = sol.forward[z], sol.transforms[z]
+            if z in sol.fields:
+                fields[z] = sol.fields[z]
+        for key, v in sol.residual_px.items():
+            if key[1] in done:
+                residual[key], kept[key] = v, sol.kept[key]
+        if last:
+            break
+        start += step
+    return StackSolution(transforms, forward, residual, kept, fields)
 
 
 def _factorize(normal: sp.csc_matrix) -> Callable[[np.ndarray], np.ndarray]:
