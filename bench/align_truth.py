@@ -16,6 +16,7 @@ over z at each p (a smooth warp shared by all sections), which no method can kno
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,3 +216,57 @@ def map_transform(m: np.ndarray, step: int = 8) -> object:
     # SectionTransform's field nodes cover the output edge to edge, one more than the samples.
     field = np.pad(field, ((0, 1), (0, 1), (0, 0)), mode="edge")
     return SectionTransform(fit.T, field, step)
+
+
+# -- the four numbers every real stack supports (bench_align_stack.py) ---------------------
+
+def error_vectors(stack: TruthStack, maps: dict[int, np.ndarray], reference: dict | None = None,
+                  step: int = 8) -> dict[int, np.ndarray]:
+    """Per section, the error vector (gh*gw, 2) at every output grid point, nan where the map
+    draws nothing the section imaged, after the one affine common to all sections: against
+    the truth (`reference` None: W_z(T_z(p))), or against the aligner's own unwarped run
+    (`reference`: z -> its SectionTransform; the point found there for the same tissue)."""
+    pts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for z, m in maps.items():
+        if reference is not None and z not in reference:
+            continue
+        pz, tz, flat = _truth_points(stack, z, m, step)
+        pts[z] = (pz, invert(reference[z], tz) if reference is not None else tz, flat)
+    p = np.concatenate([v[0] for v in pts.values()])
+    t = np.concatenate([v[1] for v in pts.values()])
+    g, *_ = np.linalg.lstsq(np.column_stack([p, np.ones(len(p))]), t, rcond=None)
+    size = next(iter(maps.values())).shape[0] * next(iter(maps.values())).shape[1]
+    out = {}
+    for z, (pz, tz, flat) in pts.items():
+        e = np.full((size, 2), np.nan)
+        e[flat] = tz - np.column_stack([pz, np.ones(len(pz))]) @ g
+        out[z] = e
+    return out
+
+
+@dataclass
+class Measures:
+    """Global RMS, local RMS (the change of error between consecutive sections: what a
+    tracer crossing them sees), the same across the missing section, and growth along z."""
+    global_px: float
+    local_px: float
+    gap_px: float
+    growth: float
+
+    def cells(self) -> str:
+        return f"{self.global_px:5.2f} / {self.local_px:5.2f} / {self.gap_px:5.2f} / {self.growth:5.2f}"
+
+
+def _rms(v: list[np.ndarray]) -> float:
+    a = np.concatenate([x[np.isfinite(x).all(1)] for x in v]) if v else np.zeros((0, 2))
+    return float(np.sqrt((a ** 2).sum(1).mean())) if len(a) else float("nan")
+
+
+def measures(errors: dict[int, np.ndarray]) -> Measures:
+    zs = sorted(errors)
+    local, gap = [], []
+    for a, b in itertools.pairwise(zs):
+        (local if b - a == 1 else gap).append(errors[b] - errors[a])
+    per_z = [_rms([errors[z]]) for z in zs]
+    growth = float(np.mean(per_z[-3:]) / np.mean(per_z[:3])) if len(per_z) >= 6 else float("nan")
+    return Measures(_rms([errors[z] for z in zs]), _rms(local), _rms(gap), growth)

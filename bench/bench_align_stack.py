@@ -1,0 +1,244 @@
+"""Section alignment on real stacks, judged by what the data supports, beside a rigid chain
+(OpenCV ECC) and SOFIMA in the same run.
+
+    python bench/bench_align_stack.py [--seeds 11 12] [--stacks fibsem vnc cardona cardona-gap synthetic]
+                                      [--no-sofima]
+
+Every stack is warped section by section by a known rotation (<= 4 deg), shift (<= 50 px)
+and smooth elastic field (3 px), with one section left out (not for `cardona`), and
+aligned; the same sections are aligned once more *unwarped*. On a grid of output points
+(every 8 px) two error vectors per section (align_truth.error_vectors):
+
+- consistency: the warped run against the method's own unwarped run, after one common
+  affine. Does the aligner undo the warps, whatever it makes of the tissue's own movement?
+- truth (FIB-SEM and the simulator only, where it is physical): the warped run against
+  each section's own slice.
+
+Each is printed as global RMS / local RMS (the change of error between consecutive
+sections) / across the gap / growth (the last three sections' RMS over the first three's),
+in px, the median over the seeds. Real data is read from ../shared/data next to the
+repository and skipped where absent; SOFIMA runs from its own virtual environment
+(bench/peers/sofima_stack.py) and is skipped, saying so, where that is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from align_truth import (
+    Measures,
+    TruthStack,
+    Warp,
+    error_vectors,
+    make_truth_stack,
+    map_transform,
+    measures,
+    transform_maps,
+)
+from bench_align import PEERS, SOFIMA_PY, ecc_chain
+
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.stack import align_stack, write_stack
+from tapescope.specimen import Specimen, SpecimenParams
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WARP = {"max_rotation_deg": 4.0, "elastic_px": 3.0}
+UNWARPED = {"max_rotation_deg": 0.0, "max_shift_frac": 0.0, "elastic_px": 0.0}
+
+
+def _read(folder: str, names: list[int]) -> list[np.ndarray] | None:
+    d = DATA / folder
+    if not (d / f"{names[0]}.png").is_file():
+        return None
+    return [cv2.imread(str(d / f"{i}.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32) for i in names]
+
+
+@dataclass
+class StackSpec:
+    name: str
+    sections: Callable[[int], list[np.ndarray] | None]
+    drop: tuple[int, ...]
+    physical_truth: bool
+    noise: float = 0.0
+
+
+def _synthetic(seed: int, n: int = 24, size: int = 512) -> list[np.ndarray]:
+    spec = Specimen(SpecimenParams(height_px=size, width_px=size, n_sections=n, seed=seed))
+    return [spec.section(i) * 255 for i in range(n)]
+
+
+STACKS = {
+    # Every 5th 10 nm slice: 50 nm sections whose true alignment is the identity.
+    "fibsem": StackSpec("FIB-SEM, every 5th slice, 24 sections, z=11 left out",
+                        lambda _s: _read("fibsem_medulla", list(range(0, 120, 5))), (11,), True),
+    "vnc": StackSpec("ssTEM VNC, 20 sections of 1024 px, z=9 left out",
+                     lambda _s: _read("sstem_vnc", list(range(20))), (9,), False),
+    "cardona": StackSpec("ssTEM Cardona 2010, 16 sections, none left out",
+                         lambda _s: _read("sstem_cardona2010", list(range(16))), (), False),
+    "cardona-gap": StackSpec("ssTEM Cardona 2010, 16 sections, z=7 left out",
+                             lambda _s: _read("sstem_cardona2010", list(range(16))), (7,), False),
+    "synthetic": StackSpec("simulated specimen, 24 sections of 512 px, z=11 left out", _synthetic, (11,), True, 0.03),
+}
+
+
+def sofima(stack: TruthStack, d: Path) -> dict[int, np.ndarray] | None:
+    """SOFIMA's notebook recipe; its reconcile area scaled to the section (20 grid cells at 520 px)."""
+    zs = sorted(stack.images)
+    write_stack(d / "in", [stack.images[z] * 256 for z in zs], zs)
+    k = max(1, max(stack.shape) // 512)
+    run = subprocess.run([str(SOFIMA_PY), str(Path(__file__).parent / "peers" / "sofima_stack.py"), str(d / "in"),
+                          str(d / "out"), "--patch", str(64 * k), "--stride", str(16 * k),
+                          "--min-patch-size", str(20 * k * k)],
+                         env={**os.environ, "PYTHONPATH": str(PEERS)}, capture_output=True, text=True)
+    if run.returncode:
+        print(f"    SOFIMA failed: {run.stderr.strip().splitlines()[-1:]}")
+        return None
+    with np.load(d / "out" / "maps.npz") as m:
+        return {int(k[2:]): m[k] for k in m.files}
+
+
+def tapescope(stack: TruthStack, d: Path) -> dict[int, np.ndarray]:
+    zs = sorted(stack.images)
+    write_stack(d / "stack", [stack.images[z] * 256 for z in zs], zs)
+    res = align_stack(d / "stack", d / "out")
+    vol = Volume.open(res.volume)
+    for o in res.sections:
+        if o.z in stack.images and (o.status != "ok" or o.message):
+            print(f"    tapescope z={o.z} {o.status}: {o.message}")
+    return transform_maps({o.z: vol.load_transform(o.z) for o in res.sections if o.status == "ok"}, stack.shape)
+
+
+METHODS: dict[str, Callable[[TruthStack, Path], dict[int, np.ndarray] | None]] = {
+    "rigid chain": lambda st, _d: transform_maps(ecc_chain(st), st.shape),
+    "SOFIMA": sofima,
+    "tapescope": tapescope,
+}
+
+
+@dataclass
+class Row:
+    consistency: Measures
+    truth: Measures | None
+    seconds_per_section: float
+
+
+def run_method(fn: Callable[[TruthStack, Path], dict[int, np.ndarray] | None], warped: TruthStack,
+               unwarped: TruthStack, physical: bool) -> Row | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        maps = fn(warped, Path(tmp) / "w")
+        seconds = time.perf_counter() - t0
+        ref = fn(unwarped, Path(tmp) / "u")
+    if maps is None or ref is None:
+        return None
+    reference = {z: map_transform(m) for z, m in ref.items()}
+    cons = measures(error_vectors(warped, maps, reference))
+    truth = measures(error_vectors(warped, maps)) if physical else None
+    return Row(cons, truth, seconds / max(len(maps), 1))
+
+
+def rigid_undone(stack: TruthStack) -> dict[int, np.ndarray]:
+    """Maps that undo each section's known rotation and shift exactly and leave its elastic
+    field: what a perfect rigid aligner reaches."""
+    out = {}
+    for z, wz in stack.warps.items():
+        if z not in stack.images:
+            continue
+        rigid = Warp(wz.angle_deg, wz.shift_xy, wz.centre_xy, [])
+        h, w = stack.shape
+        gy, gx = np.mgrid[0:h:8, 0:w:8].astype(np.float64)
+        q = np.stack([gx, gy], -1)
+        for _ in range(30):     # q with rigid(q) = p, by fixed point (exact for a rotation)
+            bx, by = rigid.apply(q[..., 0], q[..., 1])
+            a = np.radians(wz.angle_deg)
+            r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+            q = q - (np.stack([bx - gx, by - gy], -1) @ np.linalg.inv(r).T)
+        out[z] = q
+    return out
+
+
+def common_distortion(stack: TruthStack, step: int = 8) -> float:
+    """RMS over the section of the mean over z of the warps' non-affine parts: a distortion
+    that every section shares is the stack's frame to any aligner (no pair sees it), so
+    consistency cannot be better than this."""
+    h, w = stack.shape
+    gy, gx = np.mgrid[0:h:step, 0:w:step].astype(np.float64)
+    pts = np.stack([gx.ravel(), gy.ravel()], 1)
+    design = np.column_stack([pts, np.ones(len(pts))])
+    parts = []
+    for z, wz in stack.warps.items():
+        if z in stack.images:
+            q = np.stack(wz.apply(pts[:, 0], pts[:, 1]), 1)
+            g, *_ = np.linalg.lstsq(design, q, rcond=None)
+            parts.append(q - design @ g)
+    mean = np.mean(parts, axis=0)
+    return float(np.sqrt((mean ** 2).sum(1).mean()))
+
+
+def median_measures(ms: list[Measures]) -> Measures:
+    return Measures(*(float(np.nanmedian([getattr(m, f) for m in ms]))
+                      for f in ("global_px", "local_px", "gap_px", "growth")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
+    ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    a = ap.parse_args()
+    methods = dict(METHODS)
+    if "SOFIMA" in a.methods and (not SOFIMA_PY.exists() or not (PEERS / "sofima").is_dir()):
+        print(f"SOFIMA skipped: no {SOFIMA_PY} or no {PEERS / 'sofima'} (bench/peers/sofima_stack.py says how)")
+        a.methods.remove("SOFIMA")
+    for key in a.stacks:
+        spec = STACKS[key]
+        rows: dict[str, list[Row]] = {m: [] for m in a.methods}
+        # Beside the methods: the known rotation and shift undone exactly, the elastic part
+        # left (its consistency is against the identity, which is what it does unwarped).
+        for seed in a.seeds:
+            secs = spec.sections(seed)
+            if secs is None:
+                print(f"== {spec.name}: skipped, data not found under {DATA}")
+                break
+            h = secs[0].shape[0]
+            warped = make_truth_stack(secs, seed, drop=spec.drop, noise=spec.noise, max_shift_frac=50 / h, **WARP)
+            unwarped = make_truth_stack(secs, seed, drop=spec.drop, noise=spec.noise, **UNWARPED)
+            identity = {z: np.stack(np.mgrid[0:h:8, 0:secs[0].shape[1]:8][::-1].astype(np.float64), -1)
+                        for z in unwarped.images}
+            ref = {z: map_transform(m) for z, m in identity.items()}
+            bound = rigid_undone(warped)
+            rows.setdefault("rigid undone", []).append(Row(
+                measures(error_vectors(warped, bound, ref)),
+                measures(error_vectors(warped, bound)) if spec.physical_truth else None, 0.0))
+            print(f"   seed {seed}: the warps' non-affine part shared by all sections (no aligner can see it): "
+                  f"{common_distortion(warped):.2f} px RMS")
+            for m in a.methods:
+                row = run_method(methods[m], warped, unwarped, spec.physical_truth)
+                if row is not None:
+                    rows[m].append(row)
+                    print(f"   seed {seed} {m:<12} consistency {row.consistency.cells()}"
+                          + (f"  truth {row.truth.cells()}" if row.truth else "")
+                          + f"  {row.seconds_per_section:5.1f} s/section", flush=True)
+        else:
+            print(f"== {spec.name}: median of seeds {a.seeds}; px, global / local / gap / growth")
+            for m, rs in rows.items():
+                if not rs:
+                    continue
+                cons = median_measures([r.consistency for r in rs])
+                truth = median_measures([r.truth for r in rs if r.truth]) if rs[0].truth else None
+                sec = float(np.median([r.seconds_per_section for r in rs]))
+                print(f"  {m:<12} consistency {cons.cells()}" + (f"  truth {truth.cells()}" if truth else "")
+                      + f"  {sec:5.1f} s/section", flush=True)
+
+
+if __name__ == "__main__":
+    main()
