@@ -74,3 +74,16 @@ async def test_a_run_on_a_dask_cluster_survives_a_dead_worker(
     seen = [p for t, p in watcher.seen if t == f"{ROOT}/processing"]
     assert seen and max(p["waiting"] for p in seen) <= SLOTS
     assert json.loads(json.dumps(seen[-1]))["oldest_s"] is not None
+
+
+def test_the_backlog_crosses_mqtt_and_reaches_the_gui_model() -> None:
+    from tapescope.gui.model import RunModel
+    from tapescope.mqtt.topics import events_of, messages_for
+
+    ev = ProcessingBacklog(5, 42.5, 2, 8)
+    (msg,) = messages_for(ev, "sim-scope")
+    assert msg.topic == f"{ROOT}/processing" and msg.retain
+    (back,) = events_of("processing", json.loads(json.dumps(msg.payload)), retained=True)
+    assert back == ev
+    model = RunModel()
+    assert "progress" in model.apply(back) and model.backlog == ev

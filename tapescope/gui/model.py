@@ -23,6 +23,7 @@ from tapescope.acquisition.events import (
     DeviceStatus,
     Event,
     OverviewAvailable,
+    ProcessingBacklog,
     Progress,
     RunFinished,
     RunStarted,
@@ -113,6 +114,7 @@ class RunModel:
         self.overviews: dict[int, tuple[Any, tuple[float, float], float]] = {}  # image, origin (y, x), nm/px
         self.tiles_done = 0
         self.engine_progress: Any = None     # the engine's own Progress event, when it sends one
+        self.backlog: ProcessingBacklog | None = None    # processing's latest backlog
         self.sections_processed: dict[int, SectionProcessed] = {}
         self.last_processed: SectionProcessed | None = None
         self.alarms: deque[AlarmLine] = deque(maxlen=ALARMS_KEPT)
@@ -202,6 +204,7 @@ class RunModel:
             SectionFinished: self._on_section_finished,
             DeviceStatus: self._on_device_status,
             Progress: self._on_progress,
+            ProcessingBacklog: self._on_backlog,
             CalibrationDone: self._on_calibration_done,
             SectionAcquired: self._on_section_acquired,
             SectionProcessed: self._on_section_processed,
@@ -228,6 +231,7 @@ class RunModel:
         self.section_tiles.clear()
         self.sections_processed.clear()
         self.last_processed = None
+        self.backlog = None
         self.tiles_done = 0
         self.current_slot = None
         self._tile_times.clear()
@@ -332,6 +336,10 @@ class RunModel:
             ("  (moving)" if ev.moving else "")
         self.readouts_time[ev.device] = time.monotonic()
         return {"readouts"}
+
+    def _on_backlog(self, ev: ProcessingBacklog) -> set[str]:
+        self.backlog = ev
+        return {"progress"}
 
     def _on_progress(self, ev: Any) -> set[str]:
         self.engine_progress = ev

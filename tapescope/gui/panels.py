@@ -259,6 +259,9 @@ class RunControl(QtWidgets.QWidget):
         sec_total = len(m.slots)
         if m.engine_progress is not None:   # attached over MQTT, the slots seen are not all the run's
             sec_done, sec_total = int(m.engine_progress.sections_done), int(m.engine_progress.sections_total)
+        b = m.backlog
+        waiting = "" if b is None else f" · processing behind {b.waiting}" + \
+            (f" (oldest {fmt_duration(b.oldest_s)})" if b.waiting else "")
         self.detail.setText(f"sections {sec_done}/{sec_total} · {m.tiles_per_second():.1f} tiles/s · "
                             f"elapsed {fmt_duration(m.elapsed_s() if m.t_start else None)} · "
-                            f"ETA {fmt_duration(m.eta_s())}")
+                            f"ETA {fmt_duration(m.eta_s())}{waiting}")
