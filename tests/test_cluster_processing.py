@@ -87,3 +87,21 @@ def test_the_backlog_crosses_mqtt_and_reaches_the_gui_model() -> None:
     assert back == ev
     model = RunModel()
     assert "progress" in model.apply(back) and model.backlog == ev
+
+
+def test_an_unreachable_scheduler_refuses_the_run_before_anything_is_made(tmp_path: Path) -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from tapescope.cli import app
+
+    with socket.socket() as s:           # a port where nothing listens once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[processing]\nscheduler = "tcp://127.0.0.1:{port}"\n')
+    res = CliRunner().invoke(app, ["acquire", str(cfg), "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert f"scheduler tcp://127.0.0.1:{port}: cannot connect" in res.output.replace("\n", "")
+    assert not (tmp_path / "run").exists()
