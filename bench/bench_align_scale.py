@@ -1,0 +1,121 @@
+"""How `tapescope align` scales with the stack's length and the section's size, one core,
+beside SOFIMA on the same stack.
+
+    python bench/bench_align_scale.py [--counts 8 32 128] [--sizes 1024 2048 4096] [--no-sofima]
+
+Sections are real FIB-SEM slices (../shared/data/fibsem_medulla, every 2nd 10 nm slice),
+enlarged to the size asked (cubic), each turned by <= 4 deg, shifted by <= 5 % and warped
+by a 3 px elastic field. Each configuration runs in its own process pinned to one core
+(`taskset`, one BLAS/FFT thread) so that its peak memory (ru_maxrss) and its time are its
+own. Printed per configuration: seconds per section, seconds per Mpx of section area,
+throughput in Mpx/s per core, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "fibsem_medulla"
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def make_stack(out: Path, n: int, size: int, seed: int = 3) -> None:
+    sys.path.insert(0, str(HERE))
+    from align_truth import make_truth_stack
+
+    from tapescope.montage.stack import write_stack
+
+    secs = []
+    for i in range(n):
+        img = cv2.imread(str(DATA / f"{(2 * i) % 260}.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        secs.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC))
+    st = make_truth_stack(secs, seed, max_rotation_deg=4.0, max_shift_frac=0.05, elastic_px=3.0)
+    zs = sorted(st.images)
+    write_stack(out, [np.clip(st.images[z], 0, 255) * 256 for z in zs], zs)
+
+
+def run_one(stack: Path, out: Path) -> dict[str, float]:
+    """`align_stack` in this process; its time and peak memory."""
+    import resource
+    import time
+
+    from tapescope.montage.stack import align_stack
+
+    t0 = time.perf_counter()
+    res = align_stack(stack, out)
+    seconds = time.perf_counter() - t0
+    ok = sum(o.status == "ok" for o in res.sections)
+    return {"seconds": seconds, "ok": ok, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def sofima_one(stack: Path, out: Path, size: int) -> dict[str, float]:
+    from bench_align import PEERS, SOFIMA_PY
+
+    k = max(1, size // 512)
+    cmd = ["taskset", "-c", "0", str(SOFIMA_PY), str(HERE / "peers" / "sofima_stack.py"), str(stack), str(out),
+           "--patch", str(64 * k), "--stride", str(16 * k), "--min-patch-size", str(20 * k * k)]
+    run = subprocess.run(cmd, env={**os.environ, **ONE_THREAD, "PYTHONPATH": str(PEERS),
+                                   "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"},
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(run.stderr.strip().splitlines()[-1:])
+    timing = json.loads((out / "timing.json").read_text())
+    return {"seconds": timing["seconds_total"]}
+
+
+def child(stack: str, out: str) -> None:
+    print(json.dumps(run_one(Path(stack), Path(out))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--no-sofima", action="store_true")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(*a.child)
+        return
+    if not (DATA / "0.png").is_file():
+        print(f"skipped: {DATA} not found")
+        return
+    sys.path.insert(0, str(HERE))
+    from bench_align import SOFIMA_PY
+
+    configs = [(n, 1024) for n in a.counts] + [(8, s) for s in a.sizes if s != 1024 or 8 not in a.counts]
+    print(f"{'sections':>8} {'px':>6} {'s/section':>10} {'s/Mpx':>8} {'Mpx/s/core':>11} {'peak MB':>8}  method")
+    for n, size in configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            make_stack(d / "stack", n, size)
+            run = subprocess.run(["taskset", "-c", "0", sys.executable, __file__, "--child", str(d / "stack"),
+                                  str(d / "out")], env={**os.environ, **ONE_THREAD}, capture_output=True, text=True)
+            if run.returncode:
+                print(f"{n:>8} {size:>6}  failed: {run.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            mpx = n * size * size / 1e6
+            print(f"{n:>8} {size:>6} {r['seconds'] / n:>10.2f} {r['seconds'] / mpx:>8.2f} {mpx / r['seconds']:>11.3f} "
+                  f"{r['peak_mb']:>8.0f}  tapescope ({r['ok']}/{n} aligned)", flush=True)
+            if not a.no_sofima and SOFIMA_PY.exists() and n <= 32:
+                try:
+                    s = sofima_one(d / "stack", d / "sofima", size)
+                    print(f"{n:>8} {size:>6} {s['seconds'] / n:>10.2f} {s['seconds'] / mpx:>8.2f} "
+                          f"{mpx / s['seconds']:>11.3f} {'':>8}  SOFIMA", flush=True)
+                except RuntimeError as e:
+                    print(f"{n:>8} {size:>6}  SOFIMA failed: {e}")
+
+
+if __name__ == "__main__":
+    main()
