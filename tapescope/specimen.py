@@ -4,7 +4,7 @@ Neurites are tubes that run through the block: each has an axis that crosses the
 section plane at a point that moves as z grows, and a section's cells are the power
 diagram (a Voronoi diagram weighted by each neurite's calibre) of those points, so
 membranes run continuously from one section to the next and move between sections the
-way real tissue does (docs/simulator.md, "Specimen", has the measurements):
+way real tissue does (docs/simulator.md, "The specimen", has the measurements):
 
 - a smooth tilt field, varying across the block over micrometres and slowly along z,
   carries the neurites of a region together, so a patch of tissue keeps moving the same
@@ -39,21 +39,25 @@ class SpecimenParams:
     cell_diameter_nm: float = 420.0   # sets the neurites' spacing (and the calibre of thick ones)
     seed: int = 1
     # How the tissue moves with z (tilts are nm sideways per nm of depth).
-    flow_tilt: float = 0.36           # RMS of the smooth tilt field
+    flow_tilt: float = 0.22           # RMS of the smooth tilt field
     flow_scale_nm: float = 2500.0     # its wavelength across the block (middle of the range drawn)
     flow_depth_nm: float = 1500.0     # its wavelength along z
-    drift_tilt: float = 0.04          # the tilt common to the whole block
-    neurite_tilt: float = 0.15        # RMS of each neurite's own tilt
-    neurite_length_nm: float = 2500.0  # mean length of a neurite before it ends (or leaves)
+    drift_tilt: float = 0.0           # a tilt common to the whole block (the field's own mean drifts it already)
+    neurite_tilt: float = 0.5         # RMS of each neurite's own tilt
+    neurite_length_nm: float = 800.0   # mean length of a neurite before it ends (or leaves)
 
 
 N_MODES = 24            # plane waves in the tilt field: enough that it looks random
-MEMBRANE_NM = 9.0       # half-width of a stained membrane pair cut square
+MEMBRANE_NM = 7.0       # half-width of a stained membrane pair cut square
 GRAIN_NM = 6.0          # correlation length of the cytoplasm's stain grain
 GRAIN_CONTRAST = 0.02   # its RMS, relative
-# Neurites per cell_diameter^2 of section (before thick ones take over thin ones): as dense
-# as the many small profiles of real neuropil rather than one cell per diameter.
-DENSITY = 2.0
+# Neurites per cell_diameter^2 of section (before thick ones take over thin ones). Twice as
+# many looked more like the medulla's many small profiles, but let the alignment take
+# another specimen for a neighbour (confidence 0.47, tests/test_montage_pipeline.py).
+DENSITY = 1.0
+MITO_PER_PROFILE = 0.2
+WALL_SLANT = 0.3       # RMS slant of a neurite's membrane to the section's normal
+TONE = (0.65, 0.90)   # cytoplasm's range from neurite to neurite
 
 
 class Specimen:
@@ -83,12 +87,14 @@ class Specimen:
         # takes over the thin ones near its axis).
         thick = rng.random(n) < 0.12
         self.radius = np.where(thick, rng.uniform(0.6, 1.4, n), rng.uniform(0.0, 0.45, n)) * spacing
-        self.tone = rng.uniform(0.70, 0.88, n)
+        self.tone = rng.uniform(TONE[0], TONE[1], n)
         # How obliquely each neurite's membrane crosses the section (nm sideways per nm of
         # depth): a section is a slab, so an oblique membrane shows as a wider, paler band.
-        self.wall_tilt = np.abs(rng.normal(0, 0.6, n))
+        self.wall_tilt = np.abs(rng.normal(0, WALL_SLANT, n))
         # Mitochondria: capsules (a span in z about z_c, a radius) in a neurite, off its axis.
-        n_mito = max(4, n // 2)
+        # About MITO_PER_PROFILE of the neurites in a section hold a mitochondrion: a
+        # neurite is alive over 1.5 lengths on average, a mitochondrion over ~1 um.
+        n_mito = max(4, int(n * MITO_PER_PROFILE * 1.5 * length / 1000.0))
         self.mito_owner = rng.integers(0, n, n_mito)
         self.mito_zc = self.z_mid[self.mito_owner] + rng.uniform(-1, 1, n_mito) * self.half_len[self.mito_owner]
         self.mito_half = rng.uniform(200, 800, n_mito)
@@ -215,7 +221,9 @@ class Specimen:
     def _draw_mitochondria(self, img: np.ndarray, z: float) -> None:
         p = self.p
         dz = np.abs(z - self.mito_zc)
-        on = np.flatnonzero(dz < self.mito_half)
+        owner = self.mito_owner
+        # Only while its neurite is there: a mitochondrion does not outlive its neurite.
+        on = np.flatnonzero((dz < self.mito_half) & (np.abs(z - self.z_mid[owner]) < self.half_len[owner]))
         if not len(on):
             return
         # Capsule: full radius along its middle, rounded over the last radius at each end.
@@ -241,7 +249,7 @@ class Specimen:
             region = img[y0:y1, x0:x1]
             # Dark matrix, a darker double membrane at the rim, lighter cristae stripes.
             cristae = 0.5 + 0.5 * np.cos(u * self.mito_aspect[k] / 28.0)
-            matrix = 0.32 + 0.10 * cristae
+            matrix = 0.24 + 0.10 * cristae
             rim = np.exp(-(((dist - r) / 6.0) ** 2))
             region[inside] = (matrix * (1 - 0.6 * rim))[inside]
 

@@ -94,11 +94,22 @@ def test_lens_distortion_moves_the_corners_not_the_centre() -> None:
     a, b = straight.transmission_at(0, np.zeros(2)), bent.transmission_at(0, np.zeros(2))
     (dx, dy), _ = cv2.phaseCorrelate(a[48:80, 48:80].astype(np.float64), b[48:80, 48:80].astype(np.float64))
     assert abs(dx) < 0.3 and abs(dy) < 0.3
-    (dx, dy), _ = cv2.phaseCorrelate(a[:40, :40].astype(np.float64), b[:40, :40].astype(np.float64))
-    # Barrel: 4 px at the very corner, growing as r^3; this patch's centre is at (20, 20).
-    expected = 4.0 * (np.hypot(44, 44) / np.hypot(64, 64)) ** 3
-    assert np.hypot(dx, dy) == pytest.approx(expected, abs=0.3)
-    assert dx > 0 and dy > 0            # content moves towards the centre
+    # Barrel: a pixel at radius r sees the specimen at r (1 + k r^2), 4 px at the very corner.
+    # The straight frame resampled so is the bent one in the corner, and resampled with half
+    # or twice the distortion (or none) it is not. (One phase correlation over the corner is
+    # no measure of it: the shift runs from 0.2 to 4 px across a 40 px patch, and the
+    # estimate follows wherever the patch's membranes happen to be.)
+    h, w = a.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = yy - h / 2, xx - w / 2
+
+    def misfit(corner_px: float) -> float:
+        f = (1 + corner_px / np.hypot(h / 2, w / 2) ** 3 * (yy * yy + xx * xx)).astype(np.float32)
+        seen = cv2.remap(a, xx * f + w / 2, yy * f + h / 2, cv2.INTER_CUBIC)
+        return float(np.sqrt(np.mean((seen - b)[4:40, 4:40] ** 2)))
+
+    assert misfit(4.0) < 0.3 * misfit(0.0)
+    assert misfit(4.0) < min(misfit(2.0), misfit(8.0))
 
 
 def test_backlash_depends_on_the_approach() -> None:
@@ -135,8 +146,11 @@ async def test_binning_and_roi_over_tcp(sim: SimulatedScope) -> None:
         await cam.set_roi((32, 16, 64, 48))
         roi = (await cam.trigger()).data.astype(np.float32)
         assert roi.shape == (48, 64)
-        same = full[16:64, 32:96]
-        assert np.corrcoef(roi.ravel(), same.ravel())[0, 1] > 0.9   # the same place on the sensor
+        # The same place on the sensor: the ROI is found there in the full frame. (Not a
+        # correlation bound: where the ROI falls inside one neurite, as here, two exposures
+        # of it correlate 0.37 through shot noise alone; 0.95-0.99 for seeds 1, 2, 4-6.)
+        corr = cv2.matchTemplate(full, roi, cv2.TM_CCOEFF_NORMED)
+        assert np.unravel_index(int(corr.argmax()), corr.shape) == (16, 32)
         await cam.set_binning(2)
         binned = await cam.trigger()
         assert binned.data.shape == (24, 32) and binned.meta["binning"] == 2
