@@ -5,10 +5,12 @@ slots are flagged. The survey and the tissue finder are the run's (roi_planner.s
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from tapescope.acquisition.plan import TilePlan
 from tapescope.acquisition.roi import Overview, find_tissue, tiles_covering
 from tapescope.acquisition.roi_planner import overview_magnifications, survey
 from tapescope.config import parse_config
@@ -37,6 +39,14 @@ def judge(seed: int, cam: int, grid: int, slot: int):
     return world, planner, ov, found, mag
 
 
+def centroid(polygon: object) -> np.ndarray:
+    """The area's centre of a polygon (y, x): its vertices crowd where the outline waves."""
+    p = np.asarray(polygon, float)
+    y, x = p[:, 0], p[:, 1]
+    cross = x * np.roll(y, -1) - np.roll(x, -1) * y
+    return np.array([((y + np.roll(y, -1)) * cross).sum(), ((x + np.roll(x, -1)) * cross).sum()]) / (3 * cross.sum())
+
+
 @pytest.mark.parametrize(("seed", "cam", "grid", "slot"), [(1, 512, 3, 0), (1, 512, 3, 1), (2, 256, 2, 1)])
 def test_intact_section_gets_tiles_at_the_default_aperture(seed: int, cam: int, grid: int, slot: int) -> None:
     world, planner, ov, found, _ = judge(seed, cam, grid, slot)
@@ -46,9 +56,7 @@ def test_intact_section_gets_tiles_at_the_default_aperture(seed: int, cam: int, 
     tiles = tiles_covering(found.outline_nm, planner.tile_px, planner.pixel_nm, planner.overlap)
     assert len(tiles) >= grid * grid
     # The outline is the simulator's trapezoid: its centre within a few overview pixels.
-    poly = np.array(found.outline_nm)
-    corners = world.section_corners_nm(slot)
-    assert np.abs(poly.mean(axis=0) - corners.mean(axis=0)).max() < 4 * ov.pixel_nm + 200
+    assert np.abs(centroid(found.outline_nm) - centroid(world.section_corners_nm(slot))).max() < 4 * ov.pixel_nm + 200
 
 
 def test_field_inside_the_section_is_not_judged() -> None:
@@ -71,3 +79,64 @@ def test_empty_and_damaged_slots_are_flagged(seed: int, slot: int, kind: str) ->
     truth = world.slot_truth[slot]
     assert (not truth.tissue) if kind == "empty" else kind in truth.damage
     assert found.verdict == ("empty" if kind == "empty" else "damaged"), found.message
+
+
+@pytest.mark.parametrize(("seed", "cam", "grid", "slot", "kind", "said"),
+                         [(4, 512, 2, 8, "fold", "folded"), (1, 256, 2, 6, "fold", "folded"),
+                          (2, 256, 3, 7, "tear", "torn"), (1, 256, 2, 5, "tear", "torn")])
+def test_a_fold_or_a_tear_across_the_section_is_flagged(seed: int, cam: int, grid: int, slot: int,
+                                                        kind: str, said: str) -> None:
+    # A fold a few overview pixels wide (its darkness within the tissue's own range) and a
+    # tear about one pixel wide: each a straight strip across the whole section.
+    world, _, _, found, _ = judge(seed, cam, grid, slot)
+    assert world.slot_truth[slot].damage == (kind,)
+    assert found.verdict == "damaged", found.message
+    assert said in found.message
+
+
+@pytest.mark.parametrize(("seed", "cam", "grid", "slot"), [(15, 512, 3, 0), (12, 256, 3, 0)])
+def test_pale_tissue_is_neither_holed_nor_empty(seed: int, cam: int, grid: int, slot: int) -> None:
+    # Pale cells in a vignetted field read as film against one film level; and a first
+    # field inside a pale section has too little contrast to see tissue in: it steps out.
+    world, _, _, found, _ = judge(seed, cam, grid, slot)
+    assert world.slot_truth[slot].tissue and not world.slot_truth[slot].damage
+    assert found.verdict == "tissue", found.message
+
+
+class _NoColumnEngine:
+    """What RoiPlanner.overview uses of the engine, on a scope without a column driver."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+        self.scope = SimpleNamespace(column=None)
+        self.bus = SimpleNamespace(emit=lambda event: None)
+        self.taken: list[tuple[float, float]] = []
+
+    async def boundary(self) -> None:
+        return None
+
+    async def expose_at(self, tile: TilePlan, nxt: TilePlan | None = None) -> tuple[object, float, float]:
+        self.taken.append((tile.y_nm, tile.x_nm))
+        frame = self.world.expose(20.0, stage_nm=np.array([tile.y_nm, tile.x_nm]))
+        return SimpleNamespace(data=frame), tile.x_nm, tile.y_nm
+
+
+def test_mosaic_overview_grows_until_it_sees_past_the_section() -> None:
+    # The grid's footprint (2 x 2 frames) lies inside the section: the mosaic adds rings
+    # of frames until film shows around it, each frame taken once.
+    cfg = parse_config({"scope": {"camera": {"width": 256, "height": 256}},
+                        "run": {"roi": "auto", "seed": 1, "grid": [2, 2], "slots": [0]}})
+    planner = make_planner(cfg)
+    world = SimWorld(sim_world_params(cfg))
+    world.tape.goto(0)
+    engine = _NoColumnEngine(world)
+    try:
+        ov, found = asyncio.run(planner.overview(engine, 0))      # type: ignore[arg-type]
+    finally:
+        world.close()
+    assert found.verdict == "tissue", found.message
+    assert not found.inside()
+    assert len(engine.taken) == len(set(engine.taken)) > 4
+    side = round(len(engine.taken) ** 0.5)
+    assert ov.image.shape == (side * 256 // 8, side * 256 // 8)
+    assert np.abs(centroid(found.outline_nm) - centroid(world.section_corners_nm(0))).max() < 4 * ov.pixel_nm + 200

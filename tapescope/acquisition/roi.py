@@ -3,8 +3,10 @@
 The overview is a low-resolution image of the search area (the slot's aperture). Tissue
 absorbs electrons and has texture; bare resin (or an empty aperture) is bright and flat.
 The outline is the largest connected dark region, after vignetting is divided out;
-a slot with no such region is *empty*, one whose tissue falls apart into pieces (a torn
-or folded section) is *damaged*. Both are recorded and skipped by the engine, not fatal.
+a slot with no such region is *empty*, one whose tissue falls apart into pieces, has holes
+of bare film or resin, or a straight line or band across it that attenuates much less (a
+tear) or more (a fold: the film lying twice) than its sides, is *damaged*. Both are
+recorded and skipped by the engine, not fatal.
 
 All geometry is (y, x) in stage nanometres, as the rest of the acquisition package.
 """
@@ -12,11 +14,13 @@ All geometry is (y, x) in stage nanometres, as the rest of the acquisition packa
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .plan import TilePlan
 
@@ -44,6 +48,13 @@ class TissueFinding:
     contrast: float                   # (resin - tissue) / resin
     message: str
     cut: bool = False                 # tissue reaches the overview's edge: the field cuts it
+    tape: bool = True                 # the opaque tape shows: the field reaches past the aperture
+
+    def inside(self) -> bool:
+        """The field may lie inside the section: it cuts the tissue, or it sees no film to
+        judge tissue against (an all-tissue field splits its own texture and looks "empty")
+        and no tape either. A wider field must judge it."""
+        return self.cut or (self.verdict == "empty" and not self.tape)
 
 
 @dataclass(frozen=True)
@@ -53,16 +64,19 @@ class TissueLimits:
     min_main_fraction: float = 0.9    # largest piece / all tissue (crumbs below 1 % left out)
     min_solidity: float = 0.6         # area / convex hull area; below: folded or torn
     max_hole_fraction: float = 0.02   # film-bright holes wider than a cell, of the outline
-    max_fold_fraction: float = 0.02   # tissue much darker than the section's own: lying twice
     min_gap_span: float = 0.3         # a film-bright line this long (of the section's size): a tear
+    # Straight strips across the section, in units of its own attenuation (see _strips):
+    max_fold_excess: float = 0.5      # a band this much more attenuating than both sides: film lying twice (+1)
+    max_tear_loss: float = 0.45       # a line this much less attenuating than both sides: a gap (-1)
 
 
 SMOOTH_NM = 100.0                     # blur sigma for the tissue mask (x 2.5: ~ a cell)
 OPAQUE_BELOW = 0.35                   # of the film level: the tape around the aperture
 CELL_NM = 420.0                       # a cell: light cells are not holes, a hole wider than one is
-FOLD_SMOOTH_NM = 150.0                # cells and mitochondria average out; a doubled band does not
-FOLD_DARKER = 0.18                    # doubled tissue transmits ~ t^2: ~20 % darker at t ~ 0.8
-GAP_LEVEL = 0.35                      # of the tissue contrast, below film: film-bright (a gap)
+GAP_LEVEL = 0.15                      # of the section's attenuation: bare film (a gap), noise allowed
+RESIN_LEVEL = 0.5                     # of the section's attenuation: as clear as blank resin
+STRIP_SECTION_PX = 256                # the line test resamples the section to at most this size
+STRIP_CHORD = 0.6                     # a line counts where it runs this far through the section (of its size)
 
 
 def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: float = 0.0) -> TissueFinding:
@@ -87,6 +101,7 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     inside = norm[aperture > 0]
     if inside.size < 16:
         return TissueFinding("empty", (), 0.0, 0.0, "no aperture in the overview (all opaque)")
+    tape = bool((norm <= OPAQUE_BELOW).any())
     u8 = np.clip(norm * 200, 0, 255).astype(np.uint8)
     thr, _ = cv2.threshold(u8[aperture > 0].reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = ((u8 < thr) & (aperture > 0)).astype(np.uint8)
@@ -94,13 +109,14 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     tissue_level = float(np.median(norm[mask > 0])) if mask.any() else film_level
     contrast = 1.0 - tissue_level / max(film_level, 1e-6)
     if contrast < lim.min_contrast or not mask.any():
-        return TissueFinding("empty", (), 0.0, contrast, f"no tissue: contrast {contrast:.3f} < {lim.min_contrast}")
+        return TissueFinding("empty", (), 0.0, contrast, f"no tissue: contrast {contrast:.3f} < {lim.min_contrast}",
+                             tape=tape)
     k3 = np.ones((3, 3), np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k3)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k3, iterations=2)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
-        return TissueFinding("empty", (), 0.0, contrast, "no tissue region after cleaning the mask")
+        return TissueFinding("empty", (), 0.0, contrast, "no tissue region after cleaning the mask", tape=tape)
     areas = stats[1:, cv2.CC_STAT_AREA]
     main = 1 + int(np.argmax(areas))
     # Crumbs (dust, debris, a speck of the texture) are not pieces of the section.
@@ -109,7 +125,8 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     total = float(areas.sum())
     frac = total / max(float(aperture.sum()), 1.0)
     if frac < lim.min_area_fraction:
-        return TissueFinding("empty", (), frac, contrast, f"tissue covers {frac:.1%} of the aperture only", cut)
+        return TissueFinding("empty", (), frac, contrast, f"tissue covers {frac:.1%} of the aperture only", cut,
+                             tape)
     part = (labels == main).astype(np.uint8)
     contours, _ = cv2.findContours(part, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     contour = max(contours, key=cv2.contourArea)
@@ -118,11 +135,19 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
     hull = cv2.convexHull(contour)
     hull_mask = np.zeros_like(part)
     cv2.fillPoly(hull_mask, [hull[:, 0, :]], 1)
-    holes, gap_span = _film_inside(ov, hull_mask, filled, contrast)
+    # Attenuation against the film fitted around the section (vignetting divided out), in
+    # units of the section's own (median over its core). The core is the hull's, clear of
+    # the blurred, wavy rim: a tear from edge to edge is an inlet of the outline, and it
+    # must lie inside what is judged.
+    core = cv2.erode(hull_mask, np.ones((7, 7), np.uint8))
+    att = _attenuation(ov, filled, aperture)
+    a0 = float(np.median(att[core > 0])) if core.any() else 0.0
+    rel = att / a0 if a0 > 0 else np.ones_like(att)
+    holes, gap_span = _film_inside(ov, rel, hull_mask, filled)
     hull_area = float(cv2.contourArea(hull)) or 1.0
     solidity = float(areas[main - 1]) / hull_area
     main_frac = float(areas[main - 1]) / float(areas_big.sum())
-    doubled = _doubled(ov, part, film)
+    fold_excess, tear_loss = _strips(rel, core)
     if margin_nm > 0:
         r = max(1, round(margin_nm / ov.pixel_nm))
         grown = cv2.dilate(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
@@ -141,31 +166,33 @@ def find_tissue(ov: Overview, limits: TissueLimits | None = None, margin_nm: flo
         problems.append(f"holes {holes:.0%} of its area")
     if gap_span > lim.min_gap_span:
         problems.append(f"torn (a film gap across {gap_span:.0%} of it)")
-    if doubled > lim.max_fold_fraction:
-        problems.append(f"folded ({doubled:.0%} of it doubled)")
+    if fold_excess > lim.max_fold_excess:
+        problems.append(f"folded (a straight band across it {fold_excess:+.2f} x its attenuation)")
+    if tear_loss > lim.max_tear_loss:
+        problems.append(f"torn (a straight line across it -{tear_loss:.2f} x its attenuation)")
     stats_txt = (f"tissue {frac:.0%} of the aperture, contrast {contrast:.2f}, holes {holes:.1%}, "
-                 f"gap {gap_span:.0%}, doubled {doubled:.1%}")
+                 f"gap {gap_span:.0%}, band {fold_excess:+.2f}, line -{tear_loss:.2f}")
     if problems:
-        return TissueFinding("damaged", poly, frac, contrast, "; ".join(problems) + f" ({stats_txt})", cut)
-    return TissueFinding("tissue", poly, frac, contrast, stats_txt, cut)
+        return TissueFinding("damaged", poly, frac, contrast, "; ".join(problems) + f" ({stats_txt})", cut, tape)
+    return TissueFinding("tissue", poly, frac, contrast, stats_txt, cut, tape)
 
 
-def _film_inside(ov: Overview, hull: np.ndarray, filled: np.ndarray, contrast: float) -> tuple[float, float]:
+def _film_inside(ov: Overview, rel: np.ndarray, hull: np.ndarray, filled: np.ndarray) -> tuple[float, float]:
     """Bare film inside the section's convex hull: (holes and bites wider than a cell, as a
     fraction of the hull; the longest film gap, as a fraction of the section's size).
 
-    Judged on the lightly smoothed overview, against the film around the section: a tear
-    may be a few overview pixels wide. A pale cell is a little darker than film and no wider
-    than a cell; a resin patch is nearly film and wider; a tear is film and long."""
-    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 0.7)
-    p99 = float(np.percentile(img, 99)) or 1.0
-    r_out = max(2, round(2 * SMOOTH_NM / ov.pixel_nm))
-    around = cv2.dilate(filled, np.ones((2 * r_out + 1,) * 2, np.uint8)) == 0
-    film_px = img[around & (img > OPAQUE_BELOW * p99)]
-    film = float(np.median(film_px)) if film_px.size else p99
-    bright = ((img > film * (1 - GAP_LEVEL * contrast)) & (hull > 0)).astype(np.uint8)
+    Judged on the lightly smoothed overview's attenuation `rel` (the section's own = 1): a
+    tear may be a few overview pixels wide. A pale cell attenuates less than the section
+    and is no wider than a cell; a resin patch nearly nothing, and wider; a tear nothing,
+    and long."""
+    bright = ((rel < GAP_LEVEL) & (hull > 0)).astype(np.uint8)
     r = max(1, round(CELL_NM / 2 / ov.pixel_nm))
     wide = cv2.morphologyEx(bright, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+    # Blank resin attenuates a little, as little as the palest neurites: a patch of it
+    # counts where it is wider than the thickest neurite (~3 cells; a profile's membrane
+    # cuts it off from its neighbours).
+    pale = ((rel < RESIN_LEVEL) & (hull > 0)).astype(np.uint8)
+    wide |= cv2.morphologyEx(pale, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (6 * r + 1,) * 2))
     holes = float(wide.sum()) / max(float(hull.sum()), 1.0)
     # A tear runs through the tissue: inside the outline, off its rim (where the blur
     # mixes film in and a wavy edge leaves slivers of film between outline and hull).
@@ -177,15 +204,106 @@ def _film_inside(ov: Overview, hull: np.ndarray, filled: np.ndarray, contrast: f
     return holes, (max(spans) / size if spans else 0.0)
 
 
-def _doubled(ov: Overview, part: np.ndarray, film: float) -> float:
-    """Fraction of the section much darker than its own median: tissue lying twice (a fold)."""
-    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), max(1.0, FOLD_SMOOTH_NM / ov.pixel_nm)) / film
-    r = max(1, round(FOLD_SMOOTH_NM * 2 / ov.pixel_nm))
-    core = cv2.erode(part, np.ones((2 * r + 1, 2 * r + 1), np.uint8))   # clear of the edge's blur
-    t = img[core > 0]
-    if t.size == 0:
-        return 0.0
-    return float(np.mean(t < np.median(t) * (1 - FOLD_DARKER)))
+def _attenuation(ov: Overview, filled: np.ndarray, aperture: np.ndarray) -> np.ndarray:
+    """-log(I / film) per pixel: what the specimen takes out of the beam. Attenuations add
+    where layers lie on one another (a fold is two layers: twice the section's own).
+
+    The film level is a smooth surface (quadratic in log) fitted to the film around the
+    section, so that the frame's vignetting does not read as thicker or thinner tissue."""
+    img = cv2.GaussianBlur(ov.image.astype(np.float32), (0, 0), 0.7)
+    logi = np.log(np.maximum(img, 1e-3))
+    r_out = max(2, round(2 * SMOOTH_NM / ov.pixel_nm))
+    film = (cv2.dilate(filled, np.ones((2 * r_out + 1,) * 2, np.uint8)) == 0) & (aperture > 0)
+    ys, xs = np.nonzero(film)
+    h, w = img.shape
+    if ys.size < 50:
+        return float(np.percentile(logi, 99)) - logi
+    step = max(1, ys.size // 20000)
+    ys, xs = ys[::step], xs[::step]
+
+    def terms(y: np.ndarray, x: np.ndarray) -> list[np.ndarray]:
+        return [np.ones_like(y * x), y, x, y * y, x * x, y * x]
+
+    yn, xn = (ys - h / 2) / h, (xs - w / 2) / w
+    coef = np.linalg.lstsq(np.stack(terms(yn, xn), -1), logi[ys, xs], rcond=None)[0]
+    # Evaluated as an outer sum: a column of y against a row of x.
+    yc = ((np.arange(h) - h / 2) / h).astype(np.float32)[:, None]
+    xr = ((np.arange(w) - w / 2) / w).astype(np.float32)[None, :]
+    base = sum(np.float32(c) * t for c, t in zip(coef, terms(yc, xr), strict=True))
+    return base - logi
+
+
+def _line_means(r: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, int]:
+    """Mean of r along every straight line through the section (a Radon transform of r over
+    the section's core, divided by that of the core): rows are directions, columns offsets
+    1 pixel apart; NaN where the line runs through less than STRIP_CHORD of the section.
+    The section is first resampled to at most STRIP_SECTION_PX. Returns (means, size)."""
+    ys, xs = np.nonzero(core)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    c = core[y0:y1, x0:x1].astype(np.float32)
+    num = r[y0:y1, x0:x1] * c
+    f = max(y1 - y0, x1 - x0) / STRIP_SECTION_PX
+    if f > 1:
+        dsize = (max(1, round((x1 - x0) / f)), max(1, round((y1 - y0) / f)))
+        c = cv2.resize(c, dsize, interpolation=cv2.INTER_AREA)
+        num = cv2.resize(num, dsize, interpolation=cv2.INTER_AREA)
+    hh, ww = c.shape
+    size = max(hh, ww)
+    side = math.ceil(math.hypot(hh, ww)) + 2
+    canvas = np.zeros((side, side, 2), np.float32)
+    oy, ox = (side - hh) // 2, (side - ww) // 2
+    canvas[oy:oy + hh, ox:ox + ww, 0] = num
+    canvas[oy:oy + hh, ox:ox + ww, 1] = c
+    # Steps of 2 / size radians: a line is off by at most a pixel at the section's ends.
+    # Turned by a + 90 degrees is turned by a, transposed: rows and columns give both.
+    n = max(2, math.ceil(math.pi * size / 4))
+    sums = []
+    for a in np.arange(n) * 90.0 / n:
+        rot = cv2.warpAffine(canvas, cv2.getRotationMatrix2D((side / 2, side / 2), float(a), 1.0), (side, side))
+        sums += [rot.sum(axis=1), rot.sum(axis=0)]
+    s = np.stack(sums)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(s[..., 1] >= STRIP_CHORD * size, s[..., 0] / s[..., 1], np.nan)
+    return means.astype(np.float32), size
+
+
+def _band_contrast(means: np.ndarray, width: int, flank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each line and each band of `width` lines beside it: the band's mean, and the mean of
+    the `flank` lines on each side of it (one line apart). NaN where a flank lies off the
+    section: a band must have section on both sides."""
+    n = means.shape[0]
+    pad = np.full((n, width + 2 * flank + 2), np.nan, np.float32)
+    q = np.concatenate([pad, means, pad], 1)
+    band = sliding_window_view(q, width, axis=1).mean(-1)
+    fl = sliding_window_view(q, flank, axis=1)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # all-NaN windows: off the section
+        flm = np.where(np.isfinite(fl).sum(-1) >= (flank + 1) // 2, np.nanmean(fl, -1), np.nan)
+    i = np.arange(flank + 1, band.shape[1] - width - 1 - flank)
+    return band[:, i], flm[:, i - 1 - flank], flm[:, i + width + 1]
+
+
+def _strips(rel: np.ndarray, core: np.ndarray) -> tuple[float, float]:
+    """Straight strips across the section: (the most a band exceeds both its sides, the most a
+    line falls below both its sides), in units of the section's own attenuation.
+
+    A fold is the film lying twice along a straight band: twice the attenuation, across the
+    section. A tear is a gap of bare film (no attenuation) along a line across it. Cells
+    and mitochondria darken or lighten a line only where it crosses them: averaged along a
+    line across the section they average out, a fold or a tear does not. Judged on
+    log attenuation in units of the section's own (`rel`, over its `core`), so a band that
+    is the film twice counts the same in pale and in dark tissue."""
+    if core.sum() < 64:
+        return 0.0, 0.0
+    means, size = _line_means(rel, core)
+    # A fold is a band 2-4 % of the section wide; a tear a line a pixel or two wide.
+    k = max(2, round(size / 64))
+    band, left, right = _band_contrast(means, k, max(6, 2 * k))
+    excess = band - np.maximum(left, right)
+    band, left, right = _band_contrast(means, 1, 6)
+    loss = np.minimum(left, right) - band
+    return (float(np.nanmax(excess)) if np.isfinite(excess).any() else 0.0,
+            float(np.nanmax(loss)) if np.isfinite(loss).any() else 0.0)
 
 
 def film_points(ov: Overview, outline_nm: Polygon, tile_px: tuple[int, int], pixel_nm: float,

@@ -6,10 +6,11 @@ overview of the search area, finds the tissue outline, and covers it with tiles
 (roi.tiles_covering). Empty and damaged slots come back as SlotVerdicts: recorded and
 skipped, never fatal.
 
-The overview is a mosaic of frames on a coarse grid over the search area, each reduced
-to OVERVIEW_BIN x fewer pixels, then divided by its own vignetting (the median of the
-reduced frames). A scope whose column driver offers a low magnification can make the
-same overview in one frame; the mosaic works on any scope and is what runs today.
+The overview is one frame at a low magnification where the column driver offers one
+(stepping out while the field lies inside the section), otherwise a mosaic of frames at
+the imaging magnification on a coarse grid over the search area, each reduced to
+OVERVIEW_BIN x fewer pixels, then divided by its own vignetting (the median of the reduced
+frames), grown by a ring of frames while it lies inside the section.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ OVERVIEW_BIN = 8
 # The overview's field holds the search area this many times over: the section's edges
 # must be seen against the film around them.
 FIELD_MARGIN = 1.25
+# At most this many rings of frames are added around a mosaic overview that the section
+# fills: each ring widens it by two frames, and costs a frame per tile of its border.
+MOSAIC_RINGS = 3
 
 
 def overview_magnifications(mags: Sequence[float], fov_at_1x_nm: Sequence[float],
@@ -56,7 +60,7 @@ async def survey(take: Callable[[float], Awaitable[np.ndarray]], mags: Sequence[
         h, w = img.shape
         ov = Overview(img, (-h * pix / 2, -w * pix / 2), pix)
         found = find_tissue(ov, limits)
-        if not found.cut or i == len(mags) - 1:
+        if not found.inside() or i == len(mags) - 1:
             return ov, found, mag
     raise ValueError("no magnification to survey at")
 
@@ -103,8 +107,7 @@ class RoiPlanner:
         if column is not None and getattr(column, "magnifications", None):
             ov, found = await self._overview_low_mag(engine, column)
         else:
-            ov = await self._overview_mosaic(engine)
-            found = find_tissue(ov, self.limits)
+            ov, found = await self._overview_mosaic(engine)
         engine.bus.emit(OverviewAvailable(slot, ov.image, ov.origin_nm, ov.pixel_nm))
         return ov, found
 
@@ -126,25 +129,44 @@ class RoiPlanner:
             await engine.call_device(f"magnification {imaging:g}", lambda: column.set_magnification(imaging), "column")
         return ov, found
 
-    async def _overview_mosaic(self, engine: Acquisition) -> Overview:
+    async def _overview_mosaic(self, engine: Acquisition) -> tuple[Overview, TissueFinding]:
+        """A mosaic over the search area; a ring of frames more while the section fills it
+        (no column to step out in magnification with). Frames already taken are kept."""
         h_nm, w_nm = self.search_box()
         th, tw = self.tile_px[0] * self.pixel_nm, self.tile_px[1] * self.pixel_nm
         rows, cols = max(1, math.ceil(h_nm / th)), max(1, math.ceil(w_nm / tw))
+        small: dict[tuple[int, int], np.ndarray] = {}
+        for ring in range(MOSAIC_RINGS + 1):
+            ov = await self._mosaic(engine, rows + 2 * ring, cols + 2 * ring, small)
+            found = find_tissue(ov, self.limits)
+            if not found.inside():
+                break
+        return ov, found
+
+    async def _mosaic(self, engine: Acquisition, rows: int, cols: int,
+                      small: dict[tuple[int, int], np.ndarray]) -> Overview:
+        """rows x cols frames centred on the axis, reduced OVERVIEW_BIN x; `small` holds the
+        reduced frames by position from the axis in half frames (exact, whatever the grid),
+        and frames in it are not taken again."""
+        th, tw = self.tile_px[0] * self.pixel_nm, self.tile_px[1] * self.pixel_nm
         y0 = -th * (rows - 1) / 2
         x0 = -tw * (cols - 1) / 2
         bh, bw = self.tile_px[0] // OVERVIEW_BIN, self.tile_px[1] // OVERVIEW_BIN
-        small: dict[tuple[int, int], np.ndarray] = {}
+        at: dict[tuple[int, int], tuple[int, int]] = {}
         for r in range(rows):
             order = range(cols) if r % 2 == 0 else range(cols - 1, -1, -1)
             for c in order:
+                key = at[(r, c)] = (2 * r - rows + 1, 2 * c - cols + 1)
+                if key in small:
+                    continue
                 await engine.boundary()          # an overview can take a while: stay controllable
                 frame, _, _ = await engine.expose_at(TilePlan(r, c, y0 + r * th, x0 + c * tw))
-                small[(r, c)] = cv2.resize(frame.data.astype(np.float32), (bw, bh), interpolation=cv2.INTER_AREA)
+                small[key] = cv2.resize(frame.data.astype(np.float32), (bw, bh), interpolation=cv2.INTER_AREA)
         # Vignetting is the same in every frame: the median of the mean-normalised frames.
-        stack = np.stack([s / max(float(np.median(s)), 1e-6) for s in small.values()])
+        stack = np.stack([small[k] / max(float(np.median(small[k])), 1e-6) for k in at.values()])
         gain = np.median(stack, axis=0) if len(stack) >= 3 else np.ones((bh, bw), np.float32)
         gain /= max(float(gain.mean()), 1e-6)
         image = np.zeros((rows * bh, cols * bw), np.float32)
-        for (r, c), s in small.items():
-            image[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = s / np.maximum(gain, 1e-3)
+        for (r, c), k in at.items():
+            image[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = small[k] / np.maximum(gain, 1e-3)
         return Overview(image, (y0 - th / 2, x0 - tw / 2), self.pixel_nm * OVERVIEW_BIN)
