@@ -270,3 +270,23 @@ def measures(errors: dict[int, np.ndarray]) -> Measures:
     per_z = [_rms([errors[z]]) for z in zs]
     growth = float(np.mean(per_z[-3:]) / np.mean(per_z[:3])) if len(per_z) >= 6 else float("nan")
     return Measures(_rms([errors[z] for z in zs]), _rms(local), _rms(gap), growth)
+
+
+def patch_means(errors: dict[int, np.ndarray], grid: tuple[int, int], patches: int = 4) -> dict[int, np.ndarray]:
+    """The error vectors averaged over each patch of a `patches` x `patches` grid (a quarter
+    of the section a side): one vector per patch, nan where the patch holds none. What a
+    patch-wise measurement of the aligned sections (one shift per patch) reports."""
+    gh, gw = grid
+    ys = np.array_split(np.arange(gh), patches)
+    xs = np.array_split(np.arange(gw), patches)
+    out = {}
+    for z, e in errors.items():
+        e = e.reshape(gh, gw, 2)
+        cells = []
+        for y in ys:
+            for x in xs:
+                block = e[y[0]:y[-1] + 1, x[0]:x[-1] + 1].reshape(-1, 2)
+                ok = np.isfinite(block).all(1)
+                cells.append(block[ok].mean(0) if ok.sum() >= 0.5 * len(block) else np.full(2, np.nan))
+        out[z] = np.array(cells)
+    return out

@@ -42,6 +42,7 @@ from align_truth import (
     make_truth_stack,
     map_transform,
     measures,
+    patch_means,
     transform_maps,
 )
 from bench_align import PEERS, SOFIMA_PY, ecc_chain
@@ -131,19 +132,44 @@ class Row:
     seconds_per_section: float
 
 
-def run_method(fn: Callable[[TruthStack, Path], dict[int, np.ndarray] | None], warped: TruthStack,
-               unwarped: TruthStack, physical: bool) -> Row | None:
+def _cached(fn: Callable[[TruthStack, Path], dict[int, np.ndarray] | None], stack: TruthStack,
+            cache: Path | None, key: str) -> tuple[dict[int, np.ndarray] | None, float]:
+    """The method's maps and seconds, from `cache` when it holds them (--cache)."""
+    f = None if cache is None else cache / f"{key}.npz"
+    if f is not None and f.is_file():
+        with np.load(f) as d:
+            return {int(k[2:]): d[k] for k in d.files if k.startswith("z_")}, float(d["seconds"])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        maps = fn(warped, Path(tmp) / "w")
+        maps = fn(stack, Path(tmp))
         seconds = time.perf_counter() - t0
-        ref = fn(unwarped, Path(tmp) / "u")
+    if maps is not None and f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(f, seconds=seconds, **{f"z_{z}": m for z, m in maps.items()})
+    return maps, seconds
+
+
+def run_method(fn: Callable[[TruthStack, Path], dict[int, np.ndarray] | None], warped: TruthStack,
+               unwarped: TruthStack, physical: bool, cache: Path | None = None, key: str = "",
+               ) -> tuple[Row, Row] | None:
+    """(by points, by quarter-section patches) for one method on one stack."""
+    maps, seconds = _cached(fn, warped, cache, key + "-w")
+    ref, _ = _cached(fn, unwarped, cache, key + "-u")
     if maps is None or ref is None:
         return None
+    return rows_of(warped, maps, ref, physical, seconds / max(len(maps), 1))
+
+
+def rows_of(warped: TruthStack, maps: dict[int, np.ndarray], ref: dict[int, np.ndarray], physical: bool,
+            seconds: float) -> tuple[Row, Row]:
     reference = {z: map_transform(m) for z, m in ref.items()}
-    cons = measures(error_vectors(warped, maps, reference))
-    truth = measures(error_vectors(warped, maps)) if physical else None
-    return Row(cons, truth, seconds / max(len(maps), 1))
+    grid = next(iter(maps.values())).shape[:2]
+    cons = error_vectors(warped, maps, reference)
+    truth = error_vectors(warped, maps) if physical else None
+    by_points = Row(measures(cons), measures(truth) if truth else None, seconds)
+    by_patches = Row(measures(patch_means(cons, grid)), measures(patch_means(truth, grid)) if truth else None,
+                     seconds)
+    return by_points, by_patches
 
 
 def rigid_undone(stack: TruthStack) -> dict[int, np.ndarray]:
@@ -194,6 +220,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
     ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep each method's maps here and reuse them (delete it after changing a method)")
     a = ap.parse_args()
     methods = dict(METHODS)
     if "SOFIMA" in a.methods and (not SOFIMA_PY.exists() or not (PEERS / "sofima").is_dir()):
@@ -202,6 +230,7 @@ def main() -> None:
     for key in a.stacks:
         spec = STACKS[key]
         rows: dict[str, list[Row]] = {m: [] for m in a.methods}
+        patch_rows: dict[str, list[Row]] = {}
         # Beside the methods: the known rotation and shift undone exactly, the elastic part
         # left (its consistency is against the identity, which is what it does unwarped).
         for seed in a.seeds:
@@ -214,30 +243,33 @@ def main() -> None:
             unwarped = make_truth_stack(secs, seed, drop=spec.drop, noise=spec.noise, **UNWARPED)
             identity = {z: np.stack(np.mgrid[0:h:8, 0:secs[0].shape[1]:8][::-1].astype(np.float64), -1)
                         for z in unwarped.images}
-            ref = {z: map_transform(m) for z, m in identity.items()}
-            bound = rigid_undone(warped)
-            rows.setdefault("rigid undone", []).append(Row(
-                measures(error_vectors(warped, bound, ref)),
-                measures(error_vectors(warped, bound)) if spec.physical_truth else None, 0.0))
+            pair = rows_of(warped, rigid_undone(warped), identity, spec.physical_truth, 0.0)
+            rows.setdefault("rigid undone", []).append(pair[0])
+            patch_rows.setdefault("rigid undone", []).append(pair[1])
             print(f"   seed {seed}: the warps' non-affine part shared by all sections (no aligner can see it): "
                   f"{common_distortion(warped):.2f} px RMS")
             for m in a.methods:
-                row = run_method(methods[m], warped, unwarped, spec.physical_truth)
-                if row is not None:
-                    rows[m].append(row)
-                    print(f"   seed {seed} {m:<12} consistency {row.consistency.cells()}"
+                got = run_method(methods[m], warped, unwarped, spec.physical_truth, a.cache,
+                                 f"{key}-{seed}-{m.replace(' ', '_')}")
+                if got is None:
+                    continue
+                rows[m].append(got[0])
+                patch_rows.setdefault(m, []).append(got[1])
+                for label, row in zip(("points", "patches"), got, strict=True):
+                    print(f"   seed {seed} {m:<12} {label:<7} consistency {row.consistency.cells()}"
                           + (f"  truth {row.truth.cells()}" if row.truth else "")
                           + f"  {row.seconds_per_section:5.1f} s/section", flush=True)
         else:
-            print(f"== {spec.name}: median of seeds {a.seeds}; px, global / local / gap / growth")
-            for m, rs in rows.items():
-                if not rs:
-                    continue
-                cons = median_measures([r.consistency for r in rs])
-                truth = median_measures([r.truth for r in rs if r.truth]) if rs[0].truth else None
-                sec = float(np.median([r.seconds_per_section for r in rs]))
-                print(f"  {m:<12} consistency {cons.cells()}" + (f"  truth {truth.cells()}" if truth else "")
-                      + f"  {sec:5.1f} s/section", flush=True)
+            for label, table in (("every 8 px", rows), ("quarter-section patches", patch_rows)):
+                print(f"== {spec.name}: median of seeds {a.seeds}, by {label}; px, global / local / gap / growth")
+                for m, rs in table.items():
+                    if not rs:
+                        continue
+                    cons = median_measures([r.consistency for r in rs])
+                    truth = median_measures([r.truth for r in rs if r.truth]) if rs[0].truth else None
+                    sec = float(np.median([r.seconds_per_section for r in rs]))
+                    print(f"  {m:<12} consistency {cons.cells()}" + (f"  truth {truth.cells()}" if truth else "")
+                          + f"  {sec:5.1f} s/section", flush=True)
 
 
 if __name__ == "__main__":
