@@ -81,7 +81,9 @@ def tapescope(stack: TruthStack, d: Path) -> dict[int, SectionTransform]:
     return {o.z: vol.load_transform(o.z) for o in res.sections if o.status == "ok"}
 
 
-def sofima(stack: TruthStack, d: Path) -> dict[int, np.ndarray] | None:
+def sofima(stack: TruthStack, d: Path, min_patch_cells: int | None = None) -> dict[int, np.ndarray] | None:
+    """SOFIMA's notebook recipe on the stack; `min_patch_cells`: its reconcile area per 512 px
+    of section (default: the harness's own scaling)."""
     if not SOFIMA_PY.exists() or not (PEERS / "sofima").is_dir():
         print(f"    SOFIMA skipped: no {SOFIMA_PY} or no {PEERS / 'sofima'} (bench/peers/sofima_stack.py)")
         return None
@@ -90,8 +92,10 @@ def sofima(stack: TruthStack, d: Path) -> dict[int, np.ndarray] | None:
     # Patch and stride scale with the section (64/16 at 512 px): at 2048 px the 512 px
     # settings missed the 10 % shifts (135 px RMS); its reconcile area scales with its grid.
     k = max(1, max(stack.shape) // 512)
+    extra = [] if min_patch_cells is None else ["--min-patch-size", str(min_patch_cells * k * k)]
     run = subprocess.run([str(SOFIMA_PY), str(Path(__file__).parent / "peers" / "sofima_stack.py"),
-                          str(d / "sofima_in"), str(d / "sofima_out"), "--patch", str(64 * k), "--stride", str(16 * k)],
+                          str(d / "sofima_in"), str(d / "sofima_out"), "--patch", str(64 * k), "--stride", str(16 * k),
+                          *extra],
                          env={**os.environ, "PYTHONPATH": str(PEERS)}, capture_output=True, text=True)
     if run.returncode:
         print(f"    SOFIMA failed: {run.stderr.strip().splitlines()[-1:]}")

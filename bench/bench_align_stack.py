@@ -24,8 +24,6 @@ repository and skipped where absent; SOFIMA runs from its own virtual environmen
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,7 +43,7 @@ from align_truth import (
     patch_means,
     transform_maps,
 )
-from bench_align import PEERS, SOFIMA_PY, ecc_chain
+from bench_align import PEERS, SOFIMA_PY, ecc_chain, sofima
 
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.stack import align_stack, write_stack
@@ -91,22 +89,6 @@ STACKS = {
 }
 
 
-def sofima(stack: TruthStack, d: Path) -> dict[int, np.ndarray] | None:
-    """SOFIMA's notebook recipe; its reconcile area scaled to the section (20 grid cells at 520 px)."""
-    zs = sorted(stack.images)
-    write_stack(d / "in", [stack.images[z] * 256 for z in zs], zs)
-    k = max(1, max(stack.shape) // 512)
-    run = subprocess.run([str(SOFIMA_PY), str(Path(__file__).parent / "peers" / "sofima_stack.py"), str(d / "in"),
-                          str(d / "out"), "--patch", str(64 * k), "--stride", str(16 * k),
-                          "--min-patch-size", str(20 * k * k)],
-                         env={**os.environ, "PYTHONPATH": str(PEERS)}, capture_output=True, text=True)
-    if run.returncode:
-        print(f"    SOFIMA failed: {run.stderr.strip().splitlines()[-1:]}")
-        return None
-    with np.load(d / "out" / "maps.npz") as m:
-        return {int(k[2:]): m[k] for k in m.files}
-
-
 def tapescope(stack: TruthStack, d: Path) -> dict[int, np.ndarray]:
     zs = sorted(stack.images)
     write_stack(d / "stack", [stack.images[z] * 256 for z in zs], zs)
@@ -120,7 +102,8 @@ def tapescope(stack: TruthStack, d: Path) -> dict[int, np.ndarray]:
 
 METHODS: dict[str, Callable[[TruthStack, Path], dict[int, np.ndarray] | None]] = {
     "rigid chain": lambda st, _d: transform_maps(ecc_chain(st), st.shape),
-    "SOFIMA": sofima,
+    # SOFIMA's notebook recipe, its reconcile area scaled to the section (20 grid cells at 512 px).
+    "SOFIMA": lambda st, d: sofima(st, d, min_patch_cells=20),
     "tapescope": tapescope,
 }
 
