@@ -124,7 +124,7 @@ class _NoColumnEngine:
 def test_mosaic_overview_grows_until_it_sees_past_the_section() -> None:
     # The grid's footprint (2 x 2 frames) lies inside the section: the mosaic adds rings
     # of frames until film shows around it, each frame taken once.
-    cfg = parse_config({"scope": {"camera": {"width": 256, "height": 256}},
+    cfg = parse_config({"scope": {"camera": {"width": 512, "height": 512}},
                         "run": {"roi": "auto", "seed": 1, "grid": [2, 2], "slots": [0]}})
     planner = make_planner(cfg)
     world = SimWorld(sim_world_params(cfg))
@@ -138,5 +138,5 @@ def test_mosaic_overview_grows_until_it_sees_past_the_section() -> None:
     assert not found.inside()
     assert len(engine.taken) == len(set(engine.taken)) > 4
     side = round(len(engine.taken) ** 0.5)
-    assert ov.image.shape == (side * 256 // 8, side * 256 // 8)
+    assert ov.image.shape == (side * 512 // 8, side * 512 // 8)
     assert np.abs(centroid(found.outline_nm) - centroid(world.section_corners_nm(0))).max() < 4 * ov.pixel_nm + 200
