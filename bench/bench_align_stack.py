@@ -47,7 +47,7 @@ from bench_align import PEERS, SOFIMA_PY, ecc_chain, sofima
 
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.stack import align_stack, write_stack
-from tapescope.specimen import Specimen, SpecimenParams
+from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WARP = {"max_rotation_deg": 4.0, "elastic_px": 3.0}
@@ -71,7 +71,9 @@ class StackSpec:
 
 
 def _synthetic(seed: int, n: int = 24, size: int = 512) -> list[np.ndarray]:
-    spec = Specimen(SpecimenParams(height_px=size, width_px=size, n_sections=n, seed=seed))
+    """The simulator's neurites at 10 nm pixels and 50 nm sections, as the FIB-SEM stack."""
+    spec = NeuriteSpecimen(NeuriteParams(height_px=size, width_px=size, pixel_nm=10.0, thickness_nm=50.0,
+                                         n_sections=n, seed=seed))
     return [spec.section(i) * 255 for i in range(n)]
 
 
@@ -85,7 +87,7 @@ STACKS = {
                          lambda _s: _read("sstem_cardona2010", list(range(16))), (), False),
     "cardona-gap": StackSpec("ssTEM Cardona 2010, 16 sections, z=7 left out",
                              lambda _s: _read("sstem_cardona2010", list(range(16))), (7,), False),
-    "synthetic": StackSpec("simulated specimen, 24 sections of 512 px, z=11 left out", _synthetic, (11,), True, 0.03),
+    "synthetic": StackSpec("simulated neurites, 24 sections of 512 px, z=11 left out", _synthetic, (11,), True, 0.03),
 }
 
 

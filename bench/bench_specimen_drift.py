@@ -35,7 +35,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tapescope.specimen import Specimen, SpecimenParams
+from tapescope.neurites import NeuriteParams as SpecimenParams
+from tapescope.neurites import NeuriteSpecimen as Specimen
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHAIN = 23
@@ -174,7 +175,7 @@ def plot(real: list[np.ndarray], sim: list[np.ndarray], out: Path) -> None:
     """Four consecutive sections of each, real above ours, with a line of text over each row."""
     rows = []
     for stack, text in ((real, "real FIB-SEM (fibsem_medulla), every 5th slice: 50 nm sections, 10 nm px"),
-                        (sim, "tapescope.specimen at the same pixel size and thickness, sections 0-3")):
+                        (sim, "tapescope.neurites at the same pixel size and thickness, sections 0-3")):
         row = np.hstack([np.pad(s, 4, constant_values=1.0) for s in stack[:4]])
         row = np.clip(row * 255, 0, 255).astype(np.uint8)
         label = np.full((36, row.shape[1]), 255, np.uint8)

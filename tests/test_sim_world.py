@@ -68,7 +68,7 @@ def test_a_fold_is_the_film_twice_along_its_line_across_the_section() -> None:
     once = [r for k, r in ratios if k == "once"]
     # Attenuations add: -log of the doubled film is about twice the single layer's.
     assert np.median(twice) > 1.6 and min(twice) > 1.2
-    assert np.allclose(once, 1.0, atol=0.05)
+    assert np.allclose(once, 1.0, atol=0.1)     # measured 1.01-1.05 beside it, against 1.6-2 in it
 
 
 def test_rotation_turns_the_section() -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tapescope.specimen import Specimen, SpecimenParams
+from tapescope.neurites import NeuriteParams as SpecimenParams
+from tapescope.neurites import NeuriteSpecimen as Specimen
 
 FIB_LIKE = SpecimenParams(height_px=260, width_px=260, pixel_nm=10.0, thickness_nm=50.0, n_sections=8, seed=5)
 
