@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .specimen import SpecimenParams
+from .specimen import SpecimenParams, draw_vesicles
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ class NeuriteSpecimen:
         img += 0.05 * np.exp(-(((gap - 2 * width) / 5) ** 2))
 
         self._draw_mitochondria(img, z)
-        self._draw_vesicles(img, z)
+        draw_vesicles(img, self.vesicles, self.vesicle_r, z, self.p.pixel_nm)
         # Fine granular texture of stained cytoplasm.
         trng = np.random.default_rng(self._texture_seed + index)
         grain = trng.standard_normal(img.shape, dtype=np.float32)
@@ -249,16 +249,3 @@ class NeuriteSpecimen:
             matrix = 0.24 + 0.10 * cristae
             rim = np.exp(-(((dist - r) / 6.0) ** 2))
             region[inside] = (matrix * (1 - 0.6 * rim))[inside]
-
-    def _draw_vesicles(self, img: np.ndarray, z: float) -> None:
-        p = self.p
-        dz = np.abs(self.vesicles[:, 2] - z)
-        sel = dz < self.vesicle_r
-        for (cy, cx, _), rr, d in zip(self.vesicles[sel], self.vesicle_r[sel], dz[sel], strict=True):
-            r_px = np.sqrt(rr**2 - d**2) / p.pixel_nm
-            centre = (round(cx / p.pixel_nm * 4), round(cy / p.pixel_nm * 4))
-            if r_px < 1.0:
-                continue
-            # A vesicle is a dark ring (its membrane) with a lighter lumen.
-            cv2.circle(img, centre, round(r_px * 4), 0.5, thickness=2, shift=2,
-                       lineType=cv2.LINE_AA)

@@ -102,7 +102,7 @@ class Specimen:
         img += 0.05 * np.exp(-(((gap - 14) / 5) ** 2))
 
         self._draw_mitochondria(img, z)
-        self._draw_vesicles(img, z)
+        draw_vesicles(img, self.vesicles, self.vesicle_r, z, self.p.pixel_nm)
         # Fine granular texture of stained cytoplasm.
         trng = np.random.default_rng(self._texture_seed + index)
         grain = cv2.GaussianBlur(trng.normal(0, 1, img.shape).astype(np.float32), (0, 0), 1.5)
@@ -137,15 +137,16 @@ class Specimen:
             rim = np.exp(-(((dist - r) / 6.0) ** 2))
             region[inside] = (matrix * (1 - 0.6 * rim))[inside]
 
-    def _draw_vesicles(self, img: np.ndarray, z: float) -> None:
-        p = self.p
-        dz = np.abs(self.vesicles[:, 2] - z)
-        sel = dz < self.vesicle_r
-        for (cy, cx, _), rr, d in zip(self.vesicles[sel], self.vesicle_r[sel], dz[sel], strict=True):
-            r_px = np.sqrt(rr**2 - d**2) / p.pixel_nm
-            centre = (round(cx / p.pixel_nm * 4), round(cy / p.pixel_nm * 4))
-            if r_px < 1.0:
-                continue
-            # A vesicle is a dark ring (its membrane) with a lighter lumen.
-            cv2.circle(img, centre, round(r_px * 4), 0.5, thickness=2, shift=2,
-                       lineType=cv2.LINE_AA)
+
+def draw_vesicles(img: np.ndarray, vesicles: np.ndarray, radius_nm: np.ndarray, z: float, pixel_nm: float) -> None:
+    """The vesicles (spheres: centres (n, 3) as (y, x, z) nm, radii in nm) cut by the section
+    at depth z, drawn into `img` in place."""
+    dz = np.abs(vesicles[:, 2] - z)
+    sel = dz < radius_nm
+    for (cy, cx, _), rr, d in zip(vesicles[sel], radius_nm[sel], dz[sel], strict=True):
+        r_px = np.sqrt(rr**2 - d**2) / pixel_nm
+        centre = (round(cx / pixel_nm * 4), round(cy / pixel_nm * 4))
+        if r_px < 1.0:
+            continue
+        # A vesicle is a dark ring (its membrane) with a lighter lumen.
+        cv2.circle(img, centre, round(r_px * 4), 0.5, thickness=2, shift=2, lineType=cv2.LINE_AA)
