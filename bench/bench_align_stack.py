@@ -167,12 +167,12 @@ def rigid_undone(stack: TruthStack) -> dict[int, np.ndarray]:
         rigid = Warp(wz.angle_deg, wz.shift_xy, wz.centre_xy, [])
         h, w = stack.shape
         gy, gx = np.mgrid[0:h:8, 0:w:8].astype(np.float64)
+        a = np.radians(wz.angle_deg)
+        back = np.linalg.inv(np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])).T
         q = np.stack([gx, gy], -1)
         for _ in range(30):     # q with rigid(q) = p, by fixed point (exact for a rotation)
             bx, by = rigid.apply(q[..., 0], q[..., 1])
-            a = np.radians(wz.angle_deg)
-            r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-            q = q - (np.stack([bx - gx, by - gy], -1) @ np.linalg.inv(r).T)
+            q = q - np.stack([bx - gx, by - gy], -1) @ back
         out[z] = q
     return out
 

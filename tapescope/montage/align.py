@@ -366,15 +366,9 @@ def _coarse_small(fs: np.ndarray, fv: np.ndarray, ms: np.ndarray, mv: np.ndarray
 
 
 def _reduce(img: np.ndarray, ok: np.ndarray | None, s: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """s x s block means of a strip and its valid mask (wholly valid blocks only)."""
-    if s == 1:
-        return img, ok
-    h, w = img.shape[0] // s, img.shape[1] // s
-    img = img[:h * s, :w * s]
-    out = img.reshape(h, s, w, s).mean(axis=(1, 3), dtype=np.float32)
-    if ok is None:
-        return out, None
-    return out, ok[:h * s, :w * s].reshape(h, s, w, s).all(axis=(1, 3))
+    """s x s block means of a strip and its valid mask (wholly valid blocks only); the strip
+    itself at s = 1."""
+    return (img, ok) if s == 1 else block_mean(img, ok, s)
 
 
 def _fit_grid(u: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

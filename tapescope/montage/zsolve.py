@@ -425,6 +425,11 @@ def solve_windowed(
     if len(zs) <= window:
         return solve_stack(shape, zs, matches, initial, params)
     step = max(1, window - look_ahead)
+    # Each window takes the matches of its free sections: indexed once by the later section,
+    # so that finding them costs the window, not the stack.
+    by_moving: dict[int, list[int]] = {}
+    for k, m in enumerate(matches):
+        by_moving.setdefault(m.moving_z, []).append(k)
     forward: dict[int, np.ndarray] = {}
     fields: dict[int, np.ndarray] = {}
     transforms: dict[int, SectionTransform] = {}
@@ -435,9 +440,11 @@ def solve_windowed(
         free = zs[start:start + window]
         last = start + window >= len(zs)
         done = free if last else free[:step]
-        anchors = sorted({m.fixed_z for m in matches if m.moving_z in free and m.fixed_z in forward})
+        reach = sorted(k for z in free for k in by_moving.get(z, ()))   # in the given order
+        anchors = sorted({matches[k].fixed_z for k in reach if matches[k].fixed_z in forward})
         win = sorted({*anchors, *free})
-        mine = [m for m in matches if m.fixed_z in win and m.moving_z in win and m.moving_z in free]
+        inside = set(win)
+        mine = [matches[k] for k in reach if matches[k].fixed_z in inside]
         start_at = {z: forward.get(z, initial[z]) for z in win}
         sol = solve_stack(shape, win, mine, start_at, params, fixed=anchors, fixed_fields=fields)
         for z in done:
