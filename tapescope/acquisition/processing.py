@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,10 +36,10 @@ MAX_FLATFIELD_TILES = 256    # the median converges long before; bounds memory a
 PROCESSED = ("ok", "unaligned")   # a section recorded so in the volume is done (`process` skips it)
 
 
-def acquired_takes(store: RunStore) -> dict[int, tuple[int, str, float]]:
-    """Per slot, its last section_done: (journal line, status, time)."""
+def acquired_takes(events: Iterable[dict[str, Any]]) -> dict[int, tuple[int, str, float]]:
+    """Per slot, its last section_done in the journal's `events`: (journal line, status, time)."""
     done: dict[int, tuple[int, str, float]] = {}
-    for i, e in enumerate(store.events()):
+    for i, e in enumerate(events):
         if e["event"] == "section_done":
             done[int(e["slot"])] = (i, e["status"], float(e.get("time", 0.0)))
     return done
@@ -125,8 +125,9 @@ class ProcessingWorker:
     def _waiting(self) -> dict[int, tuple[int, float]]:
         """slot -> (journal line, time) of its last section_done, for the sections acquired
         since they were last processed: a retake after processing makes a slot due again."""
-        processed = {int(e["slot"]): i for i, e in enumerate(self.store.events()) if e["event"] == "section_processed"}
-        return {s: (i, t) for s, (i, st, t) in acquired_takes(self.store).items() if st in ("complete", "flagged")
+        events = list(self.store.events())     # one read of the journal serves both
+        processed = {int(e["slot"]): i for i, e in enumerate(events) if e["event"] == "section_processed"}
+        return {s: (i, t) for s, (i, st, t) in acquired_takes(events).items() if st in ("complete", "flagged")
                 and processed.get(s, -1) < i and s in self.z_of_slot}
 
     def unprocessed(self) -> list[tuple[int, int]]:
@@ -287,7 +288,7 @@ class ProcessingWorker:
         goes on where it stopped; a section written but not recorded (killed while rendering
         it) is done again."""
         sections = self.processor.volume.group.attrs["tapescope"].get("sections", {})
-        takes = acquired_takes(self.store)
+        takes = acquired_takes(self.store.events())
         due = []
         for slot in sorted(slots, key=lambda s: self.z_of_slot[s]):
             z = self.z_of_slot[slot]
