@@ -37,9 +37,9 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
 
 
-def same_volume(live: Path, other: Path, depth: int) -> None:
-    """Transforms within 0.1 px over the whole canvas; the same pixels where they agree;
-    the same per-section verdicts."""
+def same_volume(live: Path, other: Path, depth: int, within_px: float = 0.1) -> None:
+    """Transforms within `within_px` over the whole canvas; the same pixels where they
+    agree; the same per-section verdicts."""
     a, b = Volume.open(live), Volume.open(other)
     assert a.shape == b.shape and a.levels[0].dtype == b.levels[0].dtype
     h, w = a.shape[1:]
@@ -49,7 +49,7 @@ def same_volume(live: Path, other: Path, depth: int) -> None:
         assert rb[str(z)]["status"] == ra[str(z)]["status"] == "ok", (z, ra[str(z)], rb[str(z)])
         pa, pb = a.load_transform(z).apply(xx, yy), b.load_transform(z).apply(xx, yy)
         moved = max(np.abs(pa[0] - pb[0]).max(), np.abs(pa[1] - pb[1]).max())
-        assert moved < 0.1, (z, moved)
+        assert moved < within_px, (z, moved)
         for k in range(len(a.levels)):
             assert np.array_equal(np.asarray(a.levels[k][z]), np.asarray(b.levels[k][z])), (z, k)
         for key in ("tile_positions_px", "shift_px", "max_residual_px", "alignment_references", "lens"):
@@ -229,19 +229,36 @@ def test_qc_judges_an_8_bit_frame_at_its_own_full_scale() -> None:
 
 
 def test_process_on_a_dask_cluster_writes_the_same_volume(tmp_path: Path, dask_processes) -> None:
+    """Stitching, the alignment of each section to each of its references (elastic) and the
+    render on two worker processes: the volume of the engine's own process to 0.01 px."""
     from distributed import Client, get_task_stream
 
-    run_dir = tiny_run(tmp_path / "run", np.uint16, sections=3)
-    res = runner.invoke(app, ["process", str(run_dir), "--out", str(tmp_path / "here.zarr")])
+    sections = 4
+    run_dir = tiny_run(tmp_path / "run", np.uint16, sections=sections)
+    cfg = tmp_path / "elastic.toml"
+    cfg.write_text("[processing]\nelastic = true\n")
+    res = runner.invoke(app, ["process", str(run_dir), "--out", str(tmp_path / "here.zarr"), "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     dask_processes.wait_for_workers(2)
     with Client(dask_processes.address, timeout="30s") as client, get_task_stream(client) as stream:
         res = runner.invoke(app, ["process", str(run_dir), "--out", str(tmp_path / "there.zarr"),
-                                  "--scheduler", dask_processes.address])
+                                  "--config", str(cfg), "--scheduler", dask_processes.address])
     assert res.exit_code == 0, res.output
-    same_volume(tmp_path / "here.zarr", tmp_path / "there.zarr", 3)
+    same_volume(tmp_path / "here.zarr", tmp_path / "there.zarr", sections, within_px=0.01)
+    records = Volume.open(tmp_path / "there.zarr").group.attrs["tapescope"]["sections"]
+    pairs = [(z, r) for z in range(sections) for r in records[str(z)]["alignment_references"]]
+    assert pairs == [(1, 0), (2, 1), (2, 0), (3, 2), (3, 1)]
+    assert Volume.open(tmp_path / "there.zarr").load_transform(3).field is not None     # elastic it was
     ran = [(t["key"].split("-")[0], t["worker"]) for t in stream.data]
     # Each section stitched and rendered on the workers (stitching again where the lens
-    # estimated from an earlier section arrived after it had started), by both of them.
-    assert sum(k == "render_task" for k, _ in ran) == 3 and sum(k == "stitch_task" for k, _ in ran) >= 3, ran
+    # estimated from an earlier section arrived after it had started), by both of them;
+    # each pair aligned there once, none for nothing.
+    assert sum(k == "render_task" for k, _ in ran) == sections and sum(k == "stitch_task" for k, _ in ran) >= 3, ran
+    assert sum(k == "align_task" for k, _ in ran) == len(pairs), ran
     assert len({w for _, w in ran}) == 2, ran
+    # Sections in flight: section z + 1's pair to z - 1 started before section z was rendered
+    # (its pair to z is the one that waits for it).
+    span = {tuple(t["key"].split("-")[:-1]): (min(s["start"] for s in t["startstops"]),
+                                               max(s["stop"] for s in t["startstops"])) for t in stream.data}
+    for z in (1, 2):
+        assert span[("align_task", str(z + 1), str(z - 1))][0] < span[("render_task", str(z))][1], span

@@ -1,12 +1,15 @@
-"""Sections' stitching and rendering on a dask.distributed cluster (`[processing] scheduler`,
-`tapescope process --scheduler`).
+"""Sections' stitching, alignment and rendering on a dask.distributed cluster
+(`[processing] scheduler`, `tapescope process --scheduler`).
 
-The tasks are plain functions of paths: a worker maps the tiles from the run directory and
-writes the section into the volume itself, so the run directory and the volume must be on
-a disk every worker sees (one machine, or a shared file system). One task renders a whole
-section: every shard of it has one writer. A task whose worker dies is given to another by
-the scheduler; one that raises is retried `retries` times; after that the section fails
-with an alarm (ProcessingWorker), recorded missing, never skipped silently.
+The tasks are plain functions of paths: a worker maps the tiles from the run directory,
+reads the references from the volume and writes the section into the volume itself, so the
+run directory and the volume must be on a disk every worker sees (one machine, or a shared
+file system). One task aligns a section to one of its references (`align_task`: the
+expensive part, the coarse search and the patch flow); the placement from those pairs, and
+the record, are decided by the caller. One task renders a whole section: every shard of it
+has one writer. A task whose worker dies is given to another by the scheduler; one that
+raises is retried `retries` times; after that the section fails with an alarm
+(ProcessingWorker), recorded missing, never skipped silently.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from uuid import uuid4
 
 import numpy as np
 
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import FinalRender, stitch_tiles
+from tapescope.montage.pipeline import Canvas, FinalRender, PairResult, Plane, align_pairs, stitch_tiles
 from tapescope.montage.shard_render import render_section
 from tapescope.montage.transform import SectionTransform
 from tapescope.stitching.flatfield import FlatFielded
@@ -70,6 +74,31 @@ def render_task(volume_path: str, z: int, records: list[TileRecord], positions: 
     return stats.covered
 
 
+def align_task(volume_path: str, z: int, reference: int, records: list[TileRecord], stitched: StitchResult,
+               canvas: Canvas, gain: np.ndarray | None, dark: float | np.ndarray, elastic: bool, device: str,
+               scratch: str | None, prefix: str) -> PairResult:
+    """On a worker: section z, rendered unaligned from its tile files into scratch, aligned
+    to section `reference` as written in the volume (`align_pairs`, as in the engine's
+    process). Scratch goes to `scratch` where the worker sees that folder, else to its
+    temporary folder; it is removed when the task ends (a killed worker's is swept by the
+    next processor of the volume, by the same name)."""
+    volume = Volume.open(volume_path)
+    tiles = [FlatFielded(RunStore.open_tile(r), gain, dark) for r in records]
+    where = Path(scratch) if scratch is not None and Path(scratch).is_dir() else None
+    (result,) = align_pairs(z, [(reference, Plane(volume.levels[0], reference))], canvas, tiles, stitched,
+                            elastic=elastic, device=device, scratch=where, prefix=prefix,
+                            volume_root=Path(volume_path))
+    return result
+
+
+def volume_path(volume: Volume) -> str:
+    """The volume's folder, as the workers open it."""
+    root = getattr(volume.group.store, "root", None)
+    if root is None:
+        raise ClusterError("processing on a cluster needs the volume on a disk the workers see")
+    return str(Path(str(root)).resolve())
+
+
 class SectionCluster:
     """A Client on the scheduler at `address`, and the section tasks sent through it."""
 
@@ -104,10 +133,19 @@ class SectionCluster:
         return [(a, len(now)) for a in gone]
 
     def stitch(self, records: list[TileRecord], pixel_nm: float, *, lens: str | RadialDistortion,
-               gain: np.ndarray | None, dark: float | np.ndarray, tile_model: str) -> Any:
+               gain: np.ndarray | None, dark: float | np.ndarray, tile_model: str, priority: int = 0) -> Any:
         """A future of `stitch_task`."""
         return self.client.submit(stitch_task, records, pixel_nm, lens, gain, dark, tile_model,
-                                  retries=self.retries, pure=False)
+                                  retries=self.retries, pure=False, priority=priority)
+
+    def align(self, volume: Volume, z: int, reference: int, records: list[TileRecord], stitched: Any,
+              canvas: Canvas, *, gain: np.ndarray | None, dark: float | np.ndarray, elastic: bool, device: str,
+              scratch: Path | None, prefix: str) -> Any:
+        """A future of `align_task`; `stitched` may be the future of the section's stitching
+        (the worker gets its result without it passing through here)."""
+        return self.client.submit(align_task, volume_path(volume), z, reference, records, stitched, canvas, gain,
+                                  dark, elastic, device, None if scratch is None else str(scratch), prefix,
+                                  retries=self.retries, priority=-z, key=f"align_task-{z}-{reference}-{uuid4().hex}")
 
     def result(self, future: Any) -> Any:
         return future.result(timeout=self.timeout_s)
@@ -115,15 +153,13 @@ class SectionCluster:
     def renderer(self, volume: Volume, records: list[TileRecord], *, gain: np.ndarray | None,
                  dark: float | np.ndarray, device: str) -> FinalRender:
         """The section processor's final render, done by one task on the cluster."""
-        root = getattr(volume.group.store, "root", None)
-        if root is None:
-            raise ClusterError("rendering on a cluster needs the volume on a disk the workers see")
-        path = str(Path(str(root)).resolve())
+        path = volume_path(volume)
 
         def render(z: int, positions: np.ndarray, transform: SectionTransform, lens: RadialDistortion | None,
                    linear: np.ndarray | None) -> int:
             future = self.client.submit(render_task, path, z, records, positions, transform, lens, linear,
-                                        gain, dark, device, retries=self.retries, pure=False)
+                                        gain, dark, device, retries=self.retries, priority=-z,
+                                        key=f"render_task-{z}-{uuid4().hex}")
             return int(self.result(future))
 
         return render

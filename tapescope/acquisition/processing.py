@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 
-from tapescope.montage.pipeline import SectionProcessor, SectionReport
+from tapescope.montage.pipeline import PairResult, SectionProcessor, SectionReport
 from tapescope.stitching.flatfield import estimate_flatfield
 
 from .events import Alarm, Event, EventBus, ProcessingBacklog, SectionFinished, SectionProcessed
@@ -62,9 +62,13 @@ def _more_file_handles() -> None:
 class ProcessingWorker:
     """Processes a run's sections into its volume, live (`run`, fed by the engine) or
     offline (`process_offline`, `tapescope process`: `journal=False`, nothing is written
-    into the run directory). With a `cluster`, stitching and rendering run on its workers,
-    several sections' stitching at once; the alignment chain stays here, one section at a
-    time, since each section is aligned to those written below it."""
+    into the run directory). With a `cluster`, stitching, alignment and rendering run on its
+    workers, several sections at once: each section's alignment to each of its references
+    is one task, started as soon as that reference is written and sure to be one of the
+    section's references, so a section's pairs to the sections further below run while the
+    sections just below it are still being aligned. Placing a section from its pairs (a
+    small solve), recording it and starting its render stay here, one section at a time in
+    z order, since each section is aligned to those written below it (docs/acquisition.md)."""
 
     def __init__(
         self, store: RunStore, processor: SectionProcessor, bus: EventBus, *,
@@ -91,6 +95,8 @@ class ProcessingWorker:
         self._unsubscribe = bus.subscribe(self._on_event) if journal else None
         # slot -> (records, lens asked for, future of its stitching on the cluster)
         self._stitching: dict[int, tuple[list[TileRecord], object, Any]] = {}
+        # slot -> (the stitching future its pairs used, reference z -> future of the pair)
+        self._aligning: dict[int, tuple[Any, dict[int, Any]]] = {}
         _more_file_handles()
 
     def close(self) -> None:
@@ -100,6 +106,8 @@ class ProcessingWorker:
         for _, _, future in self._stitching.values():
             future.cancel()
         self._stitching.clear()
+        for slot in list(self._aligning):
+            self._drop_pairs(slot)
         if self.cluster is not None:
             self.cluster.close()
 
@@ -178,9 +186,9 @@ class ProcessingWorker:
 
     async def catch_up(self) -> None:
         due = await asyncio.to_thread(self.unprocessed)
-        if due and self.cluster is not None:
-            await asyncio.to_thread(self._prefetch, [s for s, _ in due])
-        for slot, line in due:
+        for k, (slot, line) in enumerate(due):
+            if self.cluster is not None:
+                await asyncio.to_thread(self._prefetch, [s for s, _ in due[k:]])
             self._tried[slot] = line
             report = await asyncio.to_thread(self.process_slot, slot)
             if report is not None and report.status == "unaligned" and self.on_unregistered is not None:
@@ -237,9 +245,15 @@ class ProcessingWorker:
 
     def _prefetch(self, slots: list[int]) -> None:
         """Start the stitching of the next sections on the cluster (twice its workers at
-        most: enough to keep them busy, few to redo if the lens is estimated meanwhile)."""
+        most: enough to keep them busy, few to redo if the lens is estimated meanwhile), and
+        their alignment to the references they are sure to have (`_prefetch_pairs`)."""
         assert self.cluster is not None
         self._ensure_flatfield()
+        for slot, (records, lens, future) in list(self._stitching.items()):
+            if lens != self.processor.lens_wanted:    # the lens was estimated since: stitched again
+                future.cancel()
+                self._stitching[slot] = (records, self.processor.lens_wanted,
+                                         self._stitch_remote(self.z_of_slot[slot], records))
         room = 2 * max(self.cluster.worker_count(), 1) - len(self._stitching)
         for slot in slots:
             if room <= 0:
@@ -248,30 +262,84 @@ class ProcessingWorker:
                 continue
             records = self.store.tiles(slot)
             if records:
-                self._stitching[slot] = (records, self.processor.lens_wanted, self._stitch_remote(records))
+                z = self.z_of_slot[slot]
+                self._stitching[slot] = (records, self.processor.lens_wanted, self._stitch_remote(z, records))
                 room -= 1
+        self._prefetch_pairs(slots)
 
-    def _stitch_remote(self, records: list[TileRecord]) -> Any:
+    def _prefetch_pairs(self, slots: list[int]) -> None:
+        """For each of `slots` (processed in z order) whose stitching is under way: its
+        alignment to each section already written that will be one of its references
+        whatever the sections before it turn out to be (`SectionProcessor.known_references`).
+        No pair is started that the section may not use, so none is aligned for nothing."""
+        before: list[int] = []
+        for slot in sorted(slots, key=self.z_of_slot.__getitem__):
+            z = self.z_of_slot[slot]
+            if slot in self._stitching:
+                records, _, stitching = self._stitching[slot]
+                for reference in self.processor.known_references(z, before):
+                    self._pair(slot, z, reference, records, stitching)
+            before.append(z)
+
+    def _pair(self, slot: int, z: int, reference: int, records: list[TileRecord], stitching: Any) -> Any:
+        """The future of section z's alignment to `reference` on the cluster: the one started
+        ahead if it used this stitching, else one started now."""
+        assert self.cluster is not None
+        held = self._aligning.get(slot)
+        if held is None or held[0] is not stitching:
+            self._drop_pairs(slot)
+            held = self._aligning[slot] = (stitching, {})
+        if reference not in held[1]:
+            p = self.processor
+            held[1][reference] = self.cluster.align(
+                p.volume, z, reference, records, stitching, p.canvas, gain=p.gain, dark=p.dark, elastic=p.elastic,
+                device=p.device, scratch=p.scratch, prefix=p.scratch_prefix)
+        return held[1][reference]
+
+    def _drop_pairs(self, slot: int, reference: int | None = None) -> None:
+        """Cancel the pairs of `slot` started ahead (only those to `reference`, if given)."""
+        held = self._aligning.get(slot)
+        if held is None:
+            return
+        for r in [r for r in held[1] if reference is None or r == reference]:
+            held[1].pop(r).cancel()
+        if reference is None:
+            del self._aligning[slot]
+
+    def _stitch_remote(self, z: int, records: list[TileRecord]) -> Any:
         assert self.cluster is not None
         p = self.processor
         return self.cluster.stitch(records, self.pixel_nm, lens=p.lens_wanted, gain=p.gain, dark=p.dark,
-                                   tile_model=p.tile_model)
+                                   tile_model=p.tile_model, priority=-z)
 
     def _process_on_cluster(self, slot: int, z: int, records: list[TileRecord], info: dict) -> SectionReport:
-        """Section z with its stitching and its rendering on the cluster: stitching started
-        ahead is taken if it saw these tiles and the lens that holds now (a lens estimated
-        meanwhile, or a retake, makes it stitch again), else it is started now."""
+        """Section z with its stitching, its alignment to each reference and its rendering on
+        the cluster: work started ahead is taken if it saw these tiles and the lens that holds
+        now (a lens estimated meanwhile, or a retake, makes it stitch and align again), else
+        it is started now. Pairs that other sections started ahead against this z are
+        dropped: they read the pixels this take replaces."""
         assert self.cluster is not None
+        for other in list(self._aligning):
+            self._drop_pairs(other, reference=z)
         ahead = self._stitching.pop(slot, None)
         future = ahead[2] if ahead is not None and ahead[0] == records and ahead[1] == self.processor.lens_wanted \
-            else self._stitch_remote(records)
+            else self._stitch_remote(z, records)
         if ahead is not None and future is not ahead[2]:
             ahead[2].cancel()
-        stitched = self.cluster.result(future)
-        tiles, stage_px, grid = section_inputs(records, self.pixel_nm)
-        p = self.processor
-        render = self.cluster.renderer(p.volume, records, gain=p.gain, dark=p.dark, device=p.device)
-        return p.process(z, tiles, stage_px, grid, info, stitched=stitched, render=render)
+        cluster = self.cluster
+
+        def pairs(z: int, references: list[int]) -> list[PairResult]:
+            futures = [self._pair(slot, z, r, records, future) for r in references]
+            return [cluster.result(f) for f in futures]
+
+        try:
+            stitched = cluster.result(future)
+            tiles, stage_px, grid = section_inputs(records, self.pixel_nm)
+            p = self.processor
+            render = cluster.renderer(p.volume, records, gain=p.gain, dark=p.dark, device=p.device)
+            return p.process(z, tiles, stage_px, grid, info, stitched=stitched, render=render, pairs=pairs)
+        finally:
+            self._drop_pairs(slot)
 
     def _cluster_news(self) -> None:
         """Workers that left the cluster since the last section: an alarm each (their tasks

@@ -53,6 +53,24 @@ LIVE_NEIGHBOURS = 2           # good sections each live section is aligned to (d
 FinalRender = Callable[[int, np.ndarray, SectionTransform, RadialDistortion | None, np.ndarray | None], object]
 
 
+@dataclass
+class PairResult:
+    """Section z aligned to one reference below it: registered (`alignment` and its
+    `match`), or refused with the reason (`why`) and the confidence it reached."""
+
+    reference: int
+    confidence: float
+    why: str = ""
+    alignment: SectionAlignment | None = None
+    match: PairMatch | None = None
+
+
+# Aligns section z to each of the given references (z, reference zs, nearest first), one
+# PairResult each, in that order: `align_pairs` in this process, or the same call for each
+# pair on a cluster's workers (acquisition/cluster.py).
+PairAligner = Callable[[int, list[int]], list[PairResult]]
+
+
 def stitch_tiles(raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray, grid: Sequence[tuple[int, int]], *,
                  lens: str | RadialDistortion, gain: np.ndarray | None, dark: float | np.ndarray,
                  tile_model: str) -> StitchResult:
@@ -93,6 +111,21 @@ def scratch_prefix(volume_path: Path | None) -> str:
     return f"{SCRATCH_PREFIX}{Path(volume_path).name}-{digest}-"
 
 
+def check_scratch_space(shape: tuple[int, int], scratch: Path | None, volume_root: Path | None) -> None:
+    """A section's scratch (image, coverage, reference, two masks: 14 bytes a canvas pixel)
+    must fit, and on the volume's disk (where the tiles are written too) leave its reserve
+    for the tiles still to come: else the section fails here, with an alarm, instead of a
+    tile write failing later."""
+    need = 14 * shape[0] * shape[1]
+    where = scratch or Path(tempfile.gettempdir())
+    shares_volume_disk = volume_root is not None and os.stat(where).st_dev == os.stat(volume_root).st_dev
+    reserve = SCRATCH_RESERVE_BYTES if shares_volume_disk else 0
+    free = shutil.disk_usage(where).free
+    if free - need < reserve or free < need:
+        raise OSError(f"{free / 1e9:.2f} GB free in {where}; processing a section needs {need / 1e9:.2f} GB "
+                      f"of scratch" + (f" and leaves {reserve / 1e9:.0f} GB for the tiles" if reserve else ""))
+
+
 class Plane:
     """Plane z of a volume level, read a slice at a time as float32: a reference section
     stays in the volume instead of in memory (where it was imaged is where it is non-zero,
@@ -113,6 +146,49 @@ def _overlap_fraction(a: np.ndarray, b: np.ndarray) -> float:
     both = sum(int((np.asarray(a[y:y + STRIP_ROWS]) & np.asarray(b[y:y + STRIP_ROWS])).sum())
                for y in range(0, a.shape[0], STRIP_ROWS))
     return both / float(a.shape[0] * a.shape[1])
+
+
+def align_pairs(z: int, references: Sequence[tuple[int, Plane]], canvas: Canvas, tiles: Sequence[np.ndarray],
+                stitched: StitchResult, *, elastic: bool, device: str, scratch: Path | None, prefix: str,
+                volume_root: Path | None) -> list[PairResult]:
+    """Section z (its tiles placed by `stitched`) aligned to each of `references` (z and the
+    plane written in the volume), nearest first: the unaligned section is rendered into
+    memory-mapped scratch files once, each reference copied beside it in strips and aligned
+    to it (`align_section` with the live settings). A reference that overlaps too little,
+    or does not register, is refused with the reason."""
+    check_scratch_space(canvas.shape, scratch, volume_root)
+    oy, ox = np.asarray(canvas.origin, float)
+    sol = stitched.solution
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
+        shape = canvas.shape
+        image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
+        cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
+        render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox),
+                  lens=stitched.lens_applied, device=device, linear=sol.linear)
+        # Each reference is copied from the volume into scratch files once, in strips: the
+        # aligner reads it piecewise ~1000 times, each a chunk decode from the volume (+2.4 s
+        # on the demo's three sections before this copy). One set of files serves them in turn.
+        ref_img = np.lib.format.open_memmap(Path(tmp) / "reference.npy", "w+", np.float32, shape)
+        ref_valid = np.lib.format.open_memmap(Path(tmp) / "reference_valid.npy", "w+", bool, shape)
+        valid = np.lib.format.open_memmap(Path(tmp) / "valid.npy", "w+", bool, shape)
+        for y in range(0, shape[0], STRIP_ROWS):
+            valid[y:y + STRIP_ROWS] = cover[y:y + STRIP_ROWS] > 0.5
+        results = []
+        for rz, plane in references:
+            for y in range(0, shape[0], STRIP_ROWS):
+                rows = slice(y, y + STRIP_ROWS)
+                ref_img[rows] = plane[rows]
+                ref_valid[rows] = ref_img[rows] > 0
+            if _overlap_fraction(valid, ref_valid) < 0.05:
+                results.append(PairResult(rz, 0.0, "too little overlap with the previous section"))
+                continue
+            a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, **LIVE_ELASTIC)
+            if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
+                results.append(PairResult(rz, a.confidence, why))
+                continue
+            results.append(PairResult(rz, a.confidence, alignment=a, match=matches_of(a, rz, z, ref_valid, valid)))
+        del image, cover, ref_img, ref_valid, valid     # the maps go before their files
+        return results
 
 
 @dataclass
@@ -191,14 +267,15 @@ class SectionProcessor:
         root = getattr(volume.group.store, "root", None)
         if problem := scratch_problem(scratch):
             raise ValueError(problem)
-        self.scratch = scratch if scratch is not None else (Path(str(root)).parent if root is not None else None)
+        self.volume_root = Path(str(root)) if root is not None else None
+        self.scratch = scratch if scratch is not None else (self.volume_root.parent if self.volume_root else None)
         # Scratch is named after the volume: a processor sweeps only what its own volume's
         # killed processor left (one processor writes a volume), never another's.
-        self._scratch_prefix = scratch_prefix(Path(str(root)) if root is not None else None)
+        self.scratch_prefix = scratch_prefix(self.volume_root)
         if self.scratch is None:
             log.info("volume not on a local disk: section scratch goes to the system's temporary folder")
         else:
-            for stale in self.scratch.glob(f"{self._scratch_prefix}*"):
+            for stale in self.scratch.glob(f"{self.scratch_prefix}*"):
                 shutil.rmtree(stale, ignore_errors=True)
 
     @property
@@ -217,11 +294,13 @@ class SectionProcessor:
     def process(
         self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
         grid: Sequence[tuple[int, int]], info: dict, *, stitched: StitchResult | None = None,
-        render: FinalRender | None = None,
+        render: FinalRender | None = None, pairs: PairAligner | None = None,
     ) -> SectionReport:
         """Section z: stitch (or take `stitched`, made elsewhere with `lens_wanted`), align
-        to the good sections below, render into the volume (or have `render` do it: the
-        same rendering in another process) and record it."""
+        to the good sections below (or have `pairs` align it to each of them: the same
+        alignment in other processes; the placement from those pairs is decided here),
+        render into the volume (or have `render` do it: the same rendering in another
+        process) and record it."""
         self._rendering = None
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
         # each crop as it reads it: no float32 copy of the section's tiles is ever whole.
@@ -246,15 +325,16 @@ class SectionProcessor:
         references = [] if head is None else self._references(head)
         placed = Placement("ok", 1.0)
         if references:                   # nothing to align to: no scratch, no unaligned render
-            self._check_scratch_space()
-            with tempfile.TemporaryDirectory(prefix=self._scratch_prefix, dir=self.scratch) as tmp:
-                shape = self.canvas.shape
-                image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
-                cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
-                render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox), lens=lens,
-                          device=self.device, linear=sol.linear)
-                placed = self._align(z, image, cover, references, Path(tmp))
-                del image, cover     # the maps go before their files
+            if pairs is not None:
+                results = pairs(z, [rz for rz, _ in references])
+                if [r.reference for r in results] != [rz for rz, _ in references]:
+                    raise RuntimeError(f"z={z}: aligned to {[r.reference for r in results]}, "
+                                       f"not to the references {[rz for rz, _ in references]}")
+            else:
+                results = align_pairs(z, references, self.canvas, tiles, stitched, elastic=self.elastic,
+                                      device=self.device, scratch=self.scratch, prefix=self.scratch_prefix,
+                                      volume_root=self.volume_root)
+            placed = self._place(z, results)
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
         p = placed
@@ -283,49 +363,27 @@ class SectionProcessor:
             self._reference_lost(z)
         return SectionReport(z, p.status, max_res, flagged, p.shift, p.confidence, sol.status, p.message, p.repeats)
 
-    def _align(self, z: int, image: np.ndarray, cover: np.ndarray, references: list[tuple[int, Plane]], tmp: Path,
-               ) -> Placement:
-        """Where section z goes (`Placement`), aligned
-        section z against `references` (the nearest good section first, then good sections
-        below it). A section that repeats the nearest is not placed. Each reference that
-        registers adds its matches; with more than one, the section's transform is solved
-        from all of them at once, the references held where they were written
-        (`zsolve.solve_stack`), so one neighbour that differs more than usual does not decide
-        it alone, and one that does not register leaves the others to place the section."""
-        # Each reference is copied from the volume into scratch files once, in strips: the
-        # aligner reads it piecewise ~1000 times, each a chunk decode from the volume (+2.4 s
-        # on the demo's three sections before this copy). One set of files serves them in turn.
-        ref_img = np.lib.format.open_memmap(tmp / "reference.npy", "w+", np.float32, image.shape)
-        ref_valid = np.lib.format.open_memmap(tmp / "reference_valid.npy", "w+", bool, image.shape)
-        valid = np.lib.format.open_memmap(tmp / "valid.npy", "w+", bool, image.shape)
-        for y in range(0, image.shape[0], STRIP_ROWS):
-            valid[y:y + STRIP_ROWS] = cover[y:y + STRIP_ROWS] > 0.5
-        registered: list[tuple[int, SectionAlignment, PairMatch]] = []
-        refused: list[tuple[int, float, str]] = []
-        for rz, plane in references:
-            for y in range(0, image.shape[0], STRIP_ROWS):
-                rows = slice(y, y + STRIP_ROWS)
-                ref_img[rows] = plane[rows]
-                ref_valid[rows] = ref_img[rows] > 0
-            if _overlap_fraction(valid, ref_valid) < 0.05:
-                refused.append((rz, 0.0, "too little overlap with the previous section"))
-                continue
-            a = align_section(ref_img, image, ref_valid, valid, elastic=self.elastic, device=self.device,
-                              **LIVE_ELASTIC)
-            if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
-                refused.append((rz, a.confidence, why))
-                continue
-            registered.append((rz, a, matches_of(a, rz, z, ref_valid, valid)))
+    def _place(self, z: int, results: list[PairResult]) -> Placement:
+        """Where section z goes (`Placement`), from its alignment to each of its references
+        (`results`: the nearest good section first, then good sections below it). A section
+        that repeats the nearest is not placed. Each reference that registered adds its
+        matches; with more than one, the section's transform is solved from all of them at
+        once, the references held where they were written (`zsolve.solve_stack`), so one
+        neighbour that differs more than usual does not decide it alone, and one that does
+        not register leaves the others to place the section."""
+        registered = [(r.reference, r.alignment, r.match) for r in results if r.alignment is not None]
+        refused = [(r.reference, r.confidence, r.why) for r in results if r.alignment is None]
+        nearest = results[0].reference
         if not registered:
             _, conf, why = refused[0]
             below = "; ".join(f"z={r}: {w}" for r, _, w in refused[1:])
             return Placement("unaligned", conf, why + (f" (nor to the sections below: {below})" if below else ""))
         rz, a, _ = registered[0]
-        if rz == references[0][0] and (why := repeat_reason(a.confidence, self._typical("alignment_confidence"), rz,
-                                                            a.detail, self._typical("alignment_detail"))):
+        if rz == nearest and (why := repeat_reason(a.confidence, self._typical("alignment_confidence"), rz,
+                                                   a.detail, self._typical("alignment_detail"))):
             return Placement("unaligned", a.confidence, why, detail=a.detail, repeats=rz)
         transform, conf = a.transform, a.confidence
-        message = "" if rz == references[0][0] else \
+        message = "" if rz == nearest else \
             "aligned to the sections below the previous one: " + "; ".join(f"z={r}: {w}" for r, _, w in refused)
         if len(registered) > 1:
             zs = [r[0] for r in registered] + [z]
@@ -350,6 +408,18 @@ class SectionProcessor:
         seen = [v[key] for v in sections.values()
                 if v.get("status") == "ok" and v.get("alignment_references") and v.get(key) is not None]
         return float(np.median(seen)) if seen else 1.0
+
+    def known_references(self, z: int, before: Sequence[int]) -> list[int]:
+        """The sections already in the volume that section z will be aligned to whatever the
+        verdicts on the sections `before` it (processed first, in order): good ones with
+        fewer than `neighbours` sections still to come or good between them and z. Their
+        pairs can be aligned now, while the sections between are still being processed."""
+        if not self.align or self._reference_z is None or z <= self._reference_z:
+            return []                    # no chain yet, or a retake: aligned as it comes
+        pending = set(before)
+        good = set(self._good_sections()) - pending
+        nearest = sorted((k for k in good | pending if k < z), reverse=True)[:self.neighbours]
+        return [k for k in nearest if k in good]
 
     def _references(self, head: int) -> list[tuple[int, Plane]]:
         """Section `head` and up to `neighbours` - 1 good sections below it, nearest first."""
@@ -432,18 +502,3 @@ class SectionProcessor:
         failed): the reference is the last good section left in the volume, not those pixels."""
         log.warning("reference z=%d was overwritten by a take that is not good; re-primed from the volume", z)
         self.prime_from_volume()
-
-    def _check_scratch_space(self) -> None:
-        """A section's scratch (image, coverage, reference, two masks: 14 bytes a canvas pixel)
-        must fit, and on the volume's disk (where the tiles are written too) leave its reserve
-        for the tiles still to come: else the section fails here, with an alarm, instead of a
-        tile write failing later."""
-        need = 14 * self.canvas.shape[0] * self.canvas.shape[1]
-        where = self.scratch or Path(tempfile.gettempdir())
-        root = getattr(self.volume.group.store, "root", None)
-        shares_volume_disk = root is not None and os.stat(where).st_dev == os.stat(Path(str(root))).st_dev
-        reserve = SCRATCH_RESERVE_BYTES if shares_volume_disk else 0
-        free = shutil.disk_usage(where).free
-        if free - need < reserve or free < need:
-            raise OSError(f"{free / 1e9:.2f} GB free in {where}; processing a section needs {need / 1e9:.2f} GB "
-                          f"of scratch" + (f" and leaves {reserve / 1e9:.0f} GB for the tiles" if reserve else ""))
