@@ -23,6 +23,7 @@ from uuid import uuid4
 
 import numpy as np
 
+from tapescope.allocator import keep_large_blocks
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.pipeline import Canvas, FinalRender, PairResult, Plane, align_pairs, stitch_tiles
@@ -59,6 +60,7 @@ def check_scheduler(address: str) -> None:
 def stitch_task(records: list[TileRecord], pixel_nm: float, lens: str | RadialDistortion,
                 gain: np.ndarray | None, dark: float | np.ndarray, tile_model: str) -> StitchResult:
     """On a worker: one section's registration and solve, from its tile files."""
+    keep_large_blocks()     # once per worker process, as the engine's process does
     tiles, stage_px, grid = section_inputs(records, pixel_nm)
     return stitch_tiles(tiles, stage_px, grid, lens=lens, gain=gain, dark=dark, tile_model=tile_model)
 
@@ -68,6 +70,7 @@ def render_task(volume_path: str, z: int, records: list[TileRecord], positions: 
                 gain: np.ndarray | None, dark: float | np.ndarray, device: str) -> int:
     """On a worker: section z rendered from its tile files into every level of the volume
     (the caller records it). Returns the pixels covered."""
+    keep_large_blocks()
     volume = Volume.open(volume_path)
     tiles = [FlatFielded(RunStore.open_tile(r), gain, dark) for r in records]
     stats = render_section(volume, z, tiles, positions, transform, lens=lens, device=device, linear=linear)
@@ -82,6 +85,7 @@ def align_task(volume_path: str, z: int, reference: int, records: list[TileRecor
     process). Scratch goes to `scratch` where the worker sees that folder, else to its
     temporary folder; it is removed when the task ends (a killed worker's is swept by the
     next processor of the volume, by the same name)."""
+    keep_large_blocks()     # without it a pair costs twice the CPU on a worker (docs/capacity.md)
     volume = Volume.open(volume_path)
     tiles = [FlatFielded(RunStore.open_tile(r), gain, dark) for r in records]
     where = Path(scratch) if scratch is not None and Path(scratch).is_dir() else None
