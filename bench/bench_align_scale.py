@@ -7,8 +7,11 @@ Sections are real FIB-SEM slices (../shared/data/fibsem_medulla, every 2nd 10 nm
 enlarged to the size asked (cubic), each turned by <= 4 deg, shifted by <= 5 % and warped
 by a 3 px elastic field. Each configuration runs in its own process pinned to one core
 (`taskset`, one BLAS/FFT thread) so that its peak memory (ru_maxrss) and its time are its
-own. Printed per configuration: seconds per section, seconds per Mpx of section area,
-throughput in Mpx/s per core, and peak memory.
+own. Times are CPU seconds (user + system) of that one core, which a shared machine's load
+does not inflate as it does the wall clock; SOFIMA's include its process's start and JIT
+compilation. Printed per configuration: CPU seconds per section and per Mpx of section
+area, throughput in Mpx/s per core, peak memory, and the error against the physical truth
+(consecutive slices: the identity).
 """
 
 from __future__ import annotations
@@ -20,16 +23,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from align_truth import TruthStack
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "fibsem_medulla"
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def make_stack(out: Path, n: int, size: int, seed: int = 3) -> None:
+def make_stack(out: Path, n: int, size: int, seed: int = 3) -> TruthStack:
     sys.path.insert(0, str(HERE))
     from align_truth import make_truth_stack
 
@@ -42,6 +49,21 @@ def make_stack(out: Path, n: int, size: int, seed: int = 3) -> None:
     st = make_truth_stack(secs, seed, max_rotation_deg=4.0, max_shift_frac=0.05, elastic_px=3.0)
     zs = sorted(st.images)
     write_stack(out, [np.clip(st.images[z], 0, 255) * 256 for z in zs], zs)
+    return st
+
+
+def truth_of(st: TruthStack, volume: Path) -> tuple[float, float]:
+    """(global, local) RMS px against the physical truth (the slices' identity) of an aligned
+    volume, every 8th px of a 1024 px section (every size/128th)."""
+    from align_truth import error_vectors, measures, transform_maps
+
+    from tapescope.montage.omezarr import Volume
+
+    vol = Volume.open(volume)
+    step = max(8, st.shape[0] // 128)
+    ts = {z: vol.load_transform(z) for z in st.images if (vol.transforms_dir / f"z{z:06d}.npz").exists()}
+    m = measures(error_vectors(st, transform_maps(ts, st.shape, step), step=step))
+    return m.global_px, m.local_px
 
 
 def run_one(stack: Path, out: Path) -> dict[str, float]:
@@ -51,11 +73,16 @@ def run_one(stack: Path, out: Path) -> dict[str, float]:
 
     from tapescope.montage.stack import align_stack
 
-    t0 = time.perf_counter()
+    def cpu() -> float:
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        return u.ru_utime + u.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
     res = align_stack(stack, out)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, cpu() - c0
     ok = sum(o.status == "ok" for o in res.sections)
-    return {"seconds": seconds, "ok": ok, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": cpu_s, "wall": seconds, "ok": ok,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def sofima_one(stack: Path, out: Path, size: int) -> dict[str, float]:
@@ -64,13 +91,16 @@ def sofima_one(stack: Path, out: Path, size: int) -> dict[str, float]:
     k = max(1, size // 512)
     cmd = ["taskset", "-c", "0", str(SOFIMA_PY), str(HERE / "peers" / "sofima_stack.py"), str(stack), str(out),
            "--patch", str(64 * k), "--stride", str(16 * k), "--min-patch-size", str(20 * k * k)]
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     run = subprocess.run(cmd, env={**os.environ, **ONE_THREAD, "PYTHONPATH": str(PEERS),
                                    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"},
                          capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(run.stderr.strip().splitlines()[-1:])
-    timing = json.loads((out / "timing.json").read_text())
-    return {"seconds": timing["seconds_total"]}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
 
 
 def child(stack: str, out: str) -> None:
@@ -98,7 +128,7 @@ def main() -> None:
     for n, size in configs:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
-            make_stack(d / "stack", n, size)
+            st = make_stack(d / "stack", n, size)
             run = subprocess.run(["taskset", "-c", "0", sys.executable, __file__, "--child", str(d / "stack"),
                                   str(d / "out")], env={**os.environ, **ONE_THREAD}, capture_output=True, text=True)
             if run.returncode:
@@ -106,8 +136,11 @@ def main() -> None:
                 continue
             r = json.loads(run.stdout.strip().splitlines()[-1])
             mpx = n * size * size / 1e6
+            g, loc = truth_of(st, d / "out" / "volume.zarr")
+            k = size / 520   # px of the section per px of the FIB-SEM slice it was enlarged from
             print(f"{n:>8} {size:>6} {r['seconds'] / n:>10.2f} {r['seconds'] / mpx:>8.2f} {mpx / r['seconds']:>11.3f} "
-                  f"{r['peak_mb']:>8.0f}  tapescope ({r['ok']}/{n} aligned)", flush=True)
+                  f"{r['peak_mb']:>8.0f}  tapescope ({r['ok']}/{n} aligned; truth global / local "
+                  f"{g:.2f} / {loc:.2f} px, {g / k:.2f} / {loc / k:.2f} px of the slice)", flush=True)
             if not a.no_sofima and SOFIMA_PY.exists() and n <= 32:
                 try:
                     s = sofima_one(d / "stack", d / "sofima", size)

@@ -11,7 +11,7 @@ import zarr
 
 from tapescope.montage.stack import align_stack, write_stack
 from tapescope.montage.zsolve import PairMatch, SolveParams, chain_initial, solve_stack
-from tapescope.specimen import Specimen, SpecimenParams
+from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
 SHAPE = (256, 256)
 
@@ -79,7 +79,7 @@ def test_solve_ignores_a_wrong_pair() -> None:
 def test_a_repeated_section_is_flagged_and_bridged(tmp_path: Path) -> None:
     """Consecutive sections of the simulated specimen differ as real ones do; a section
     imaged twice (a tape slip) does not, and is taken out while its neighbours align across it."""
-    spec = Specimen(SpecimenParams(height_px=320, width_px=320, n_sections=6, seed=4))
+    spec = NeuriteSpecimen(NeuriteParams(height_px=320, width_px=320, n_sections=6, seed=4))
     rng = np.random.default_rng(1)
     secs = [spec.section(i) for i in range(4)]
     images = [secs[0], secs[1], secs[1], secs[2], secs[3]]     # z=2 repeats z=1
@@ -246,3 +246,55 @@ def test_a_long_stack_solved_window_by_window_matches_the_whole_solve() -> None:
     # Measured: windows within 0.20 px of the whole solve, 0.12 px RMS from the truth.
     assert max(gaps) < 0.35, gaps
     assert float(np.sqrt((errs ** 2).mean())) < 0.25
+
+
+def test_a_large_section_is_solved_on_a_grid_that_does_not_grow_with_it() -> None:
+    """Sections of 2048 px distorted by smooth fields, matched every 32 px with 0.5 px of
+    noise (as real neighbours scatter): on the default grid (at most 33 nodes a side, here
+    every 64 px) the solve lands where the 32 px grid puts it, and both find the truth."""
+    from tapescope.montage.zsolve import _Layout
+
+    shape = (2048, 2048)
+    rng = np.random.default_rng(5)
+    n = 4
+    truth = {z: _affine(rng) for z in range(n)}
+    waves = {z: (rng.uniform(-2, 2, 2), rng.uniform(0, 2 * np.pi, 2)) for z in range(n)}
+
+    def forward(z: int, raw: np.ndarray) -> np.ndarray:
+        amp, ph = waves[z]
+        bend = np.stack([amp[0] * np.sin(raw[:, 1] / 480 + ph[0]), amp[1] * np.sin(raw[:, 0] / 560 + ph[1])], 1)
+        return _apply(truth[z], raw) + bend
+
+    grid = np.stack(np.meshgrid(np.arange(16, 2032, 32.0), np.arange(16, 2032, 32.0)), -1).reshape(-1, 2)
+    matches, pair_affine = [], {}
+    for j in range(1, n):
+        for i in range(max(0, j - 3), j):
+            world = forward(i, grid)
+            q = grid.copy()
+            for _ in range(30):
+                q = q - (forward(j, q) - world) @ np.linalg.inv(truth[j][:2, :2]).T
+            matches.append(PairMatch(i, j, grid, q + rng.normal(0, 0.5, q.shape), np.ones(len(grid))))
+            pair_affine[(i, j)] = np.linalg.inv(truth[j]) @ truth[i]
+    initial = chain_initial(range(n), pair_affine)
+    coarse_p, fine_p = SolveParams(), SolveParams(max_nodes=65)
+    coarse_lay, fine_lay = _Layout(range(n), shape, coarse_p), _Layout(range(n), shape, fine_p)
+    assert (coarse_lay.dh, coarse_lay.dw, coarse_lay.ds) == (33, 33, 2047 / 32)
+    assert (fine_lay.dh, fine_lay.dw, fine_lay.ds) == (65, 65, 32.0)
+    coarse = solve_stack(shape, list(range(n)), matches, initial, coarse_p)
+    fine = solve_stack(shape, list(range(n)), matches, initial, fine_p)
+    pts = grid[(grid > 200).all(1) & (grid < 1848).all(1)]
+    for z in range(n):
+        a = np.stack(coarse.transforms[z].apply(*pts.T), 1)
+        b = np.stack(fine.transforms[z].apply(*pts.T), 1)
+        assert np.sqrt(((a - b) ** 2).sum(1).mean()) < 0.15, z
+    for sol in (coarse, fine):
+        # Against the truth: each section's raw point for a frame point, mapped back.
+        errs = []
+        for z in range(n):
+            raw = np.stack(sol.transforms[z].apply(*pts.T), 1)
+            errs.append(forward(z, raw))
+        world = np.concatenate(errs)
+        ref = np.concatenate([pts] * n)
+        g, *_ = np.linalg.lstsq(np.column_stack([world, np.ones(len(world))]), ref, rcond=None)
+        rms = np.sqrt(((np.column_stack([world, np.ones(len(world))]) @ g - ref) ** 2).sum(1).mean())
+        assert rms < 0.2, rms

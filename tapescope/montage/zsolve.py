@@ -86,8 +86,9 @@ def matches_of(a: SectionAlignment, fixed_z: int, moving_z: int, fixed_valid: ob
 
 @dataclass(frozen=True)
 class SolveParams:
-    field_spacing: float = 32.0   # px between distortion nodes (raw pixels)
-    flow_spacing: float = 32.0    # px between the tissue-flow nodes (stack frame)
+    field_spacing: float = 32.0   # px between distortion nodes (raw pixels)...
+    flow_spacing: float = 32.0    # ...and the tissue-flow nodes (stack frame)...
+    max_nodes: int = 33           # ...or wider, so that a side holds at most this many nodes
     bend: float = 0.1             # thin-plate penalty on each distortion field
     field_size: float = 0.01      # penalty on a distortion's size (keeps its linear part in A)
     stretch: float = 1.0          # penalty on A_z - rotation, in px at the section's half-size
@@ -152,8 +153,15 @@ class _Layout:
     def __init__(self, zs: Sequence[int], shape: tuple[int, int], p: SolveParams) -> None:
         self.zs = list(zs)
         self.pos = {z: k for k, z in enumerate(self.zs)}
-        self.dh, self.dw, self.ds = _grid(shape, p.field_spacing)
-        self.vh, self.vw, self.vs = _grid(shape, p.flow_spacing)
+        # A section's distortion is smooth at the scale of the section, so its grid does
+        # not grow with the section: the solve's size is then set by the stack, not by the
+        # section's area (docs/alignment.md, "Scale").
+        widest = (max(shape) - 1) / max(p.max_nodes - 1, 1)
+        self.dh, self.dw, self.ds = _grid(shape, max(p.field_spacing, widest))
+        self.vh, self.vw, self.vs = _grid(shape, max(p.flow_spacing, widest))
+        # The thin plate's energy for one smooth field grows as spacing^4 at a fixed weight per
+        # node's data (second differences ~ spacing^2, squared): held to the nominal spacing's.
+        self.bend_scale = (p.field_spacing / self.ds) ** 4
         self.nd = self.dh * self.dw if p.elastic else 0
         self.nv = self.vh * self.vw if p.elastic and p.tissue_flow else 0
         self.per_section = 3 + self.nd
@@ -215,7 +223,7 @@ def solve_stack(
         d2 = second_differences(lay.dh, lay.dw).tocoo()
         for z in zs:
             off = lay.field(z)
-            s = np.sqrt(p.bend * d_density)
+            s = np.sqrt(p.bend * lay.bend_scale * d_density)
             reg.append((d2.row + row, d2.col + off, d2.data * s))
             bending.append(len(reg) - 1)
             row += d2.shape[0]
