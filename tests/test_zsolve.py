@@ -202,23 +202,20 @@ def test_a_section_whose_matches_all_weigh_nothing_stays_where_it_started() -> N
     assert abs(weighed.transforms[1].matrix[0, 2] - 1.0) < 1e-6       # with data: the data's answer
 
 
-def test_a_long_stack_solved_window_by_window_matches_the_whole_solve() -> None:
-    """40 sections, each distorted by its own smooth field, matched to 3 predecessors with
-    0.1 px noise: solved 12 at a time (8 finalised, 4 looked ahead), every section lands
-    where the solve of the whole stack puts it, and both find the truth."""
-    from tapescope.montage.zsolve import solve_windowed
-
-    rng = np.random.default_rng(7)
-    n = 40
+def _waved_stack(seed: int, n: int, periods: tuple[float, float], grid: np.ndarray, noise: float):
+    """n sections, each under its own affine and a smooth sine field (2 px, wavelengths
+    2 pi `periods` px), matched at `grid` to 3 predecessors with `noise` px: (forward map
+    raw -> stack frame, the matches, the chained initial affines)."""
+    rng = np.random.default_rng(seed)
     truth = {z: _affine(rng) for z in range(n)}
     waves = {z: (rng.uniform(-2, 2, 2), rng.uniform(0, 2 * np.pi, 2)) for z in range(n)}
 
     def forward(z: int, raw: np.ndarray) -> np.ndarray:     # raw -> stack frame, with the field
         amp, ph = waves[z]
-        bend = np.stack([amp[0] * np.sin(raw[:, 1] / 60 + ph[0]), amp[1] * np.sin(raw[:, 0] / 70 + ph[1])], 1)
+        bend = np.stack([amp[0] * np.sin(raw[:, 1] / periods[0] + ph[0]),
+                         amp[1] * np.sin(raw[:, 0] / periods[1] + ph[1])], 1)
         return _apply(truth[z], raw) + bend
 
-    grid = np.stack(np.meshgrid(np.arange(8, 250, 12.0), np.arange(8, 250, 12.0)), -1).reshape(-1, 2)
     matches, pair_affine = [], {}
     for j in range(1, n):
         for i in range(max(0, j - 3), j):
@@ -226,9 +223,20 @@ def test_a_long_stack_solved_window_by_window_matches_the_whole_solve() -> None:
             q = grid.copy()
             for _ in range(30):     # q with forward(j, q) = world, by fixed point
                 q = q - (forward(j, q) - world) @ np.linalg.inv(truth[j][:2, :2]).T
-            matches.append(PairMatch(i, j, grid, q + rng.normal(0, 0.1, q.shape), np.ones(len(grid))))
+            matches.append(PairMatch(i, j, grid, q + rng.normal(0, noise, q.shape), np.ones(len(grid))))
             pair_affine[(i, j)] = np.linalg.inv(truth[j]) @ truth[i]
-    initial = chain_initial(range(n), pair_affine)
+    return forward, matches, chain_initial(range(n), pair_affine)
+
+
+def test_a_long_stack_solved_window_by_window_matches_the_whole_solve() -> None:
+    """40 sections, each distorted by its own smooth field, matched to 3 predecessors with
+    0.1 px noise: solved 12 at a time (8 finalised, 4 looked ahead), every section lands
+    where the solve of the whole stack puts it, and both find the truth."""
+    from tapescope.montage.zsolve import solve_windowed
+
+    n = 40
+    grid = np.stack(np.meshgrid(np.arange(8, 250, 12.0), np.arange(8, 250, 12.0)), -1).reshape(-1, 2)
+    forward, matches, initial = _waved_stack(7, n, (60, 70), grid, 0.1)
     whole = solve_stack(SHAPE, list(range(n)), matches, initial)
     windows = solve_windowed(SHAPE, list(range(n)), matches, initial, window=12, look_ahead=4)
     assert sorted(windows.transforms) == list(range(n))
@@ -255,27 +263,9 @@ def test_a_large_section_is_solved_on_a_grid_that_does_not_grow_with_it() -> Non
     from tapescope.montage.zsolve import _Layout
 
     shape = (2048, 2048)
-    rng = np.random.default_rng(5)
     n = 4
-    truth = {z: _affine(rng) for z in range(n)}
-    waves = {z: (rng.uniform(-2, 2, 2), rng.uniform(0, 2 * np.pi, 2)) for z in range(n)}
-
-    def forward(z: int, raw: np.ndarray) -> np.ndarray:
-        amp, ph = waves[z]
-        bend = np.stack([amp[0] * np.sin(raw[:, 1] / 480 + ph[0]), amp[1] * np.sin(raw[:, 0] / 560 + ph[1])], 1)
-        return _apply(truth[z], raw) + bend
-
     grid = np.stack(np.meshgrid(np.arange(16, 2032, 32.0), np.arange(16, 2032, 32.0)), -1).reshape(-1, 2)
-    matches, pair_affine = [], {}
-    for j in range(1, n):
-        for i in range(max(0, j - 3), j):
-            world = forward(i, grid)
-            q = grid.copy()
-            for _ in range(30):
-                q = q - (forward(j, q) - world) @ np.linalg.inv(truth[j][:2, :2]).T
-            matches.append(PairMatch(i, j, grid, q + rng.normal(0, 0.5, q.shape), np.ones(len(grid))))
-            pair_affine[(i, j)] = np.linalg.inv(truth[j]) @ truth[i]
-    initial = chain_initial(range(n), pair_affine)
+    forward, matches, initial = _waved_stack(5, n, (480, 560), grid, 0.5)
     coarse_p, fine_p = SolveParams(), SolveParams(max_nodes=65)
     coarse_lay, fine_lay = _Layout(range(n), shape, coarse_p), _Layout(range(n), shape, fine_p)
     assert (coarse_lay.dh, coarse_lay.dw, coarse_lay.ds) == (33, 33, 2047 / 32)
