@@ -142,3 +142,20 @@ def test_a_section_renders_again_from_its_stored_transform(sim_stack, tmp_path: 
     rerender_section(res.volume, 3, d / "section_00003.tif")
     after = [group[k][3] for k in ("0", "1")]
     assert all(np.array_equal(a, b) and a.any() for a, b in zip(before, after, strict=True))
+
+
+def test_far_pairs_take_fewer_flow_passes_except_across_a_gap() -> None:
+    """`far_passes` applies to a section's farther predecessors only; its nearest one and
+    every pair across a section missing from the stack keep `passes`."""
+    from dataclasses import replace
+
+    from tapescope.montage.stack import AlignParams, FlowParams, pair_params
+
+    params = AlignParams(flow=FlowParams(passes=3, far_passes=1))
+    present = [0, 1, 2, 3, 5, 6]          # 4 is missing
+    todo = [(2, 5), (3, 5), (1, 5), (0, 3), (1, 3), (2, 3), (5, 6), (3, 6), (2, 6)]
+    got = {k: p.flow.passes for k, p in zip(todo, pair_params(todo, params, present), strict=True)}
+    assert got == {(3, 5): 3, (2, 5): 3, (1, 5): 3,      # across the gap
+                   (2, 3): 3, (1, 3): 1, (0, 3): 1,      # nearest, then farther
+                   (5, 6): 3, (3, 6): 3, (2, 6): 3}      # 3-6 and 2-6 cross z=4
+    assert pair_params(todo, replace(params, flow=FlowParams()), present) == [AlignParams()] * len(todo)

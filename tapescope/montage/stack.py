@@ -59,12 +59,14 @@ class StackEntry:
 @dataclass(frozen=True)
 class FlowParams:
     """The pair's elastic stage (`align.align_section`): patches of `patch` px every `stride`
-    px, on `scale` x `scale` block means, `passes` times, relaxed with `stiffness`."""
+    px, on `scale` x `scale` block means, `passes` times (`far_passes` for a section's
+    farther predecessors), relaxed with `stiffness`."""
     patch: int = 64
     stride: int = 32
     scale: int = 1
     passes: int = 3
     stiffness: float = 0.3
+    far_passes: int = 3
 
 
 @dataclass(frozen=True)
@@ -358,6 +360,17 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
                       a.chance, matches_of(a, fixed_z, moving_z, fv, mv), a.detail)
 
 
+def pair_params(todo: Sequence[tuple[int, int]], params: AlignParams, present: Sequence[int]) -> list[AlignParams]:
+    """Each pair's settings: `flow.passes` for a section's nearest predecessor in `todo` and
+    for every pair across a section missing from `present` (what places the stack past a
+    gap), `flow.far_passes` for the other, farther predecessors (their matches weigh little
+    in the solve, and each pass after the first costs as much as the first)."""
+    nearest = {m: max(f for f, mm in todo if mm == m) for _, m in todo}
+    here = set(present)
+    far = replace(params, flow=replace(params.flow, passes=params.flow.far_passes))
+    return [params if f == nearest[m] or any(z not in here for z in range(f + 1, m)) else far for f, m in todo]
+
+
 def flag(o: SectionOutcome, status: str, why: str) -> None:
     """Takes a section out of the stack, with the reason; it is queued for re-imaging."""
     o.status, o.message, o.needs_reimaging = status, why, True
@@ -392,7 +405,7 @@ def match_sections(present: Sequence[int], by_z: dict[int, StackEntry], params: 
         if todo:
             say(f"matching {len(todo)} section pairs")
             results = map_fn(align_pair, [f for f, _ in todo], [by_z[f].path for f, _ in todo],
-                             [m for _, m in todo], [by_z[m].path for _, m in todo], [params] * len(todo))
+                             [m for _, m in todo], [by_z[m].path for _, m in todo], pair_params(todo, params, present))
             pairs.update({(r.fixed_z, r.moving_z): r for r in results})
         kept, flagged, cut_off = gate_pairs(present, pairs)
         main = [z for z in present if z not in flagged and z not in cut_off]
