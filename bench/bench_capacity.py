@@ -15,7 +15,14 @@
 3. End to end on the simulator (a run of --sections sections, 3 x 3 tiles of 512 px): the
    acquisition's tiles/s and the run's time with processing off, in the engine's process,
    and on a cluster of two `dask worker` processes with the scheduler in its own process
-   (`[processing] scheduler`), all in this run, on this machine.
+   (`[processing] scheduler`), both with the live elastic alignment and with rigid/affine
+   alone (`elastic = false`), all in this run, on this machine; --repeats runs of each,
+   interleaved, and their medians. Beside the measured pace, the best this machine allows:
+   the CPU seconds per tile that acquisition needs (engine and simulator, processing off)
+   and that processing adds (every process's CPU time), over the cores there are, give the
+   pace at which processing keeps up, and the dask tasks' own times the pace the section
+   chain allows (each section waits for its pair to the section below and its render).
+   `--pace-only` runs this part alone.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import psutil
 
 from tapescope.acquisition.events import EventBus, SectionProcessed, TileAcquired
 from tapescope.config import parse_config
@@ -182,7 +190,30 @@ def start_cluster(tmp: Path, workers: int) -> tuple[str, list[subprocess.Popen[b
     return address, procs
 
 
-def one_run(tmp: Path, sections: int, processing: dict[str, Any]) -> dict[str, float]:
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) of the processes `pids` and their children, as they stand."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for q in [root, *root.children(recursive=True)]:
+                t = q.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def task_seconds(stream: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Compute seconds of each dask task, by its function's name."""
+    out: dict[str, list[float]] = {}
+    for t in stream:
+        busy = sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
+        out.setdefault(t["key"].split("-")[0], []).append(busy)
+    return out
+
+
+def one_run(tmp: Path, sections: int, processing: dict[str, Any], cluster: list[int]) -> dict[str, Any]:
     cfg = parse_config({"scope": {"camera": {"width": 512, "height": 512, "bit_depth": 8}},
                         "run": {"slot_range": [0, sections - 1], "grid": [3, 3], "exposure_ms": 5.0, "seed": 3,
                                 "reimage_at_end": False},
@@ -192,32 +223,52 @@ def one_run(tmp: Path, sections: int, processing: dict[str, Any]) -> dict[str, f
     done: list[float] = []
     bus.subscribe(lambda e: stamps.append(time.perf_counter()) if isinstance(e, TileAcquired) else
                   done.append(time.perf_counter()) if isinstance(e, SectionProcessed) else None)
-    t0 = time.perf_counter()
-    result = asyncio.run(run_acquisition(cfg, tmp / "run", bus, volume=tmp / "volume.zarr"))
+    tasks: dict[str, list[float]] = {}
+    c0, k0, t0 = time.process_time(), tree_cpu_s(cluster), time.perf_counter()
+    if "scheduler" in processing:
+        from distributed import Client, get_task_stream
+
+        with Client(processing["scheduler"], timeout="30s") as client, get_task_stream(client) as ts:
+            result = asyncio.run(run_acquisition(cfg, tmp / "run", bus, volume=tmp / "volume.zarr"))
+        tasks = task_seconds(ts.data)
+    else:
+        result = asyncio.run(run_acquisition(cfg, tmp / "run", bus, volume=tmp / "volume.zarr"))
     end = time.perf_counter() - t0
+    own_cpu, cluster_cpu = time.process_time() - c0, tree_cpu_s(cluster) - k0
     assert result.summary.state.value == "done", result.summary.reason
     tiles = len(stamps)
     return {"tiles_per_s": (tiles - 1) / (stamps[-1] - stamps[0]), "acquired_s": stamps[-1] - t0, "run_s": end,
-            "processed": len(done), "tiles": tiles}
+            "processed": len(done), "tiles": tiles, "own_cpu_s": own_cpu, "cluster_cpu_s": cluster_cpu,
+            "tasks": tasks}
 
 
-def end_to_end(sections: int) -> dict[str, dict[str, float]]:
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    return float(np.median([r[key] for r in runs]))
+
+
+def end_to_end(sections: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
     print(f"== end to end: {sections} sections of 3x3 tiles of 512 px, 8-bit, the simulator; processing "
-          "elastic (the live default)")
-    out: dict[str, dict[str, float]] = {}
+          f"elastic (the live default) or rigid/affine (elastic = false); {repeats} runs of each, interleaved")
+    out: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         address, procs = start_cluster(root, 2)
+        cluster = [p.pid for p in procs]
         try:
             modes = {"processing off": {"enabled": False}, "in-process": {},
-                     "dask: 2 workers": {"scheduler": address}}
-            for name, proc in modes.items():
-                (root / name).mkdir()
-                r = one_run(root / name, sections, proc)
-                out[name] = r
-                print(f"  {name:<16} acquisition {r['tiles_per_s']:6.2f} tiles/s, tiles done at "
-                      f"{r['acquired_s']:6.1f} s, run done at {r['run_s']:6.1f} s ({r['processed']} sections "
-                      "processed)", flush=True)
+                     "dask: 2 workers": {"scheduler": address},
+                     "in-process, rigid": {"elastic": False},
+                     "dask, rigid": {"scheduler": address, "elastic": False}}
+            for k in range(repeats):
+                for name, proc in modes.items():
+                    where = root / f"{name}-{k}"
+                    where.mkdir()
+                    r = one_run(where, sections, proc, cluster if "scheduler" in proc else [])
+                    out.setdefault(name, []).append(r)
+                    print(f"  {name:<18} acquisition {r['tiles_per_s']:6.2f} tiles/s, tiles done at "
+                          f"{r['acquired_s']:6.1f} s, run done at {r['run_s']:6.1f} s ({r['processed']} sections "
+                          f"processed; CPU {r['own_cpu_s']:6.1f} s here, {r['cluster_cpu_s']:6.1f} s in the "
+                          "cluster's processes)", flush=True)
         finally:
             for p in procs[1:]:
                 p.kill()
@@ -225,6 +276,38 @@ def end_to_end(sections: int) -> dict[str, dict[str, float]]:
             for p in procs:
                 p.wait(20)
     return out
+
+
+def pace_bounds(e2e: dict[str, list[dict[str, Any]]], sections: int) -> None:
+    """The measured pace beside what the machine's cores and the section chain allow."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    off = e2e["processing off"]
+    pace = median(off, "tiles_per_s")
+    tiles = median(off, "tiles")
+    acquire = float(np.median([r["own_cpu_s"] / r["tiles"] for r in off]))
+    print(f"== pace (medians of {len(off)} runs): processing off {pace:.2f} tiles/s; acquisition (engine and "
+          f"simulator) {acquire:.3f} CPU s per tile; {cores} cores")
+    for name, runs in e2e.items():
+        ratio = median(runs, "tiles_per_s") / pace
+        through = median(runs, "run_s") / median(off, "run_s")
+        line = f"  {name:<18} acquisition pace {100 * ratio:5.1f} % of processing off; the run (to the last " \
+               f"section processed) {through:5.1f} x as long"
+        if name != "processing off":
+            process = float(np.median([(r["own_cpu_s"] + r["cluster_cpu_s"]) / r["tiles"] - acquire for r in runs]))
+            fits = min(1.0, cores / (pace * (acquire + process)))
+            line += f"; processing {process:.3f} CPU s per tile -> at most {100 * fits:5.1f} % keeping up on " \
+                    f"{cores} cores; {0.85 * pace * (acquire + process):.1f} cores for 85 %"
+            tasks: dict[str, list[float]] = {}
+            for r in runs:
+                for k, v in r["tasks"].items():
+                    tasks.setdefault(k, []).extend(v)
+            if "align_task" in tasks and "render_task" in tasks:
+                chain = float(np.median(tasks["align_task"]) + np.median(tasks["render_task"]))
+                imaged = tiles / sections / pace
+                line += f"; the chain (a pair {np.median(tasks['align_task']):.1f} s + a render " \
+                        f"{np.median(tasks['render_task']):.1f} s a section, against {imaged:.1f} s to image " \
+                        f"one) at most {100 * min(1.0, imaged / chain):5.1f} % whatever the cores"
+        print(line)
 
 
 def machine() -> str:
@@ -243,6 +326,8 @@ def main() -> None:
     ap.add_argument("--tile-px", type=int, default=1024)
     ap.add_argument("--sections", type=int, default=6)
     ap.add_argument("--neighbours", type=int, default=2, help="alignments per section (processing.align_neighbours)")
+    ap.add_argument("--repeats", type=int, default=3, help="end-to-end runs of each kind (medians)")
+    ap.add_argument("--pace-only", action="store_true", help="the end-to-end runs only")
     ap.add_argument("--quick", action="store_true", help="3x3 tiles of 512 px, 3 sections end to end")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"),
                     help="where the stages warp and compute flow fields (processing.device); on a GPU the "
@@ -251,9 +336,15 @@ def main() -> None:
     if a.quick:
         a.grid, a.tile_px, a.sections = 3, 512, 3
     print(f"machine: {machine()}")
-    rates = stages(a.grid, a.tile_px, a.device)
-    total, parts = capacity(rates, a.neighbours)
-    print(f"== capacity (live path: registration, solve, unaligned render, {a.neighbours} alignments, final render "
+    if not a.pace_only:
+        stage_table(a.grid, a.tile_px, a.device, a.neighbours)
+    pace_bounds(end_to_end(a.sections, a.repeats), a.sections)
+
+
+def stage_table(grid: int, tile_px: int, device: str, neighbours: int) -> None:
+    rates = stages(grid, tile_px, device)
+    total, parts = capacity(rates, neighbours)
+    print(f"== capacity (live path: registration, solve, unaligned render, {neighbours} alignments, final render "
           "and write; the flat-field is estimated once a run)")
     for name, s in parts:
         if s:
@@ -261,13 +352,9 @@ def main() -> None:
     print(f"  {'total':<22} {total:7.3f} core-s per Mpx = {1 / total:.2f} Mpx/s per core")
     print(f"  one scope at {SCOPE_MPX_S:g} Mpx/s: {SCOPE_MPX_S * total:.0f} cores; {SCOPES} scopes: "
           f"{SCOPES * SCOPE_MPX_S * total:.0f} cores")
-    rigid, _ = capacity(rates, a.neighbours, elastic=False)
+    rigid, _ = capacity(rates, neighbours, elastic=False)
     print(f"  with processing.elastic = false: {rigid:.3f} core-s per Mpx = {1 / rigid:.2f} Mpx/s per core; one "
           f"scope {SCOPE_MPX_S * rigid:.0f} cores, {SCOPES} scopes {SCOPES * SCOPE_MPX_S * rigid:.0f} cores")
-    e2e = end_to_end(a.sections)
-    off = e2e["processing off"]["tiles_per_s"]
-    for name, r in e2e.items():
-        print(f"  {name:<16} acquisition pace {100 * r['tiles_per_s'] / off:5.1f} % of processing off")
 
 
 if __name__ == "__main__":
