@@ -213,3 +213,24 @@ def test_an_affine_is_kept_only_within_what_neighbouring_sections_can_differ_by(
 
     assert 0.02 < strain(1.03) < 0.04
     assert strain(1.12) < 0.01
+
+
+def test_null_sigma_is_the_spread_of_chance_agreement() -> None:
+    """The NCC of unrelated images spreads as their texture allows: fine texture, little;
+    coarse texture (few independent samples), much. null_sigma predicts the spread measured
+    over many unrelated pairs."""
+    import cv2
+
+    from tapescope.montage.align import null_sigma
+
+    rng = np.random.default_rng(5)
+    ok = np.ones((96, 96), bool)
+    for blur in (0.0, 4.0):
+        def field(blur: float = blur) -> np.ndarray:
+            f = rng.standard_normal((96, 96)).astype(np.float32)
+            return cv2.GaussianBlur(f, (0, 0), blur) if blur else f
+        pairs = [(field(), field()) for _ in range(300)]
+        measured = np.std([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in pairs])
+        predicted = np.median([null_sigma(a, ok, b, ok) for a, b in pairs[:20]])
+        assert predicted == pytest.approx(measured, rel=0.2), (blur, predicted, measured)
+    assert measured > 5 / 96          # coarse texture: several times the 1/sqrt(N) of white noise

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import scipy.fft
 
 from tapescope.stitching.register import ncc, phase_correlate
 
@@ -112,19 +113,27 @@ class SectionAlignment:
     detail: float = float("nan")            # fine-detail NCC after alignment (detail_agreement)
 
 
-# A pair registers only when it agrees CHANCE_FACTOR times better than the same search finds on
-# the moving section mirrored (`_coarse_affine(..., chance=True)`), where chance is low enough to
-# tell: on a small montage the search fits anything (chance 0.3-0.4 on 2x2 tiles) and the test
-# says nothing. Measured on the simulator: neighbours 1.4-4.2x chance, the wrong tissue
-# 0.6-1.3x (docs/alignment.md).
+# A pair registers only when it agrees CHANCE_FACTOR times better than chance: the higher of
+# what the same search finds on the moving section mirrored (`_coarse_affine(..., chance=True)`)
+# and CHANCE_SIGMAS standard deviations of the NCC of unrelated images with the pair's texture
+# (`null_sigma`). One mirrored search is one draw from a wide distribution where the content is
+# coarse (on the simulator's neurites at 320-384 px it drew -0.09 to 0.22, below zero for a
+# third of the pairs, where wrong tissue reached 0.22); the sigma says how wide it is. In sigma
+# units the mirrored search reaches 1.3-5.3 on real ssTEM and the simulator alike; real
+# neighbours score 7.6-31, wrong tissue at most 3.1 on the simulator and 3.8-5.7 on real stacks
+# (sections 400-500 nm apart; FIB-SEM slices 1.3 um apart, whose columns run along z), where the
+# absolute floor refuses it (docs/alignment.md). Where chance is high (a small montage, chance
+# 0.3-0.4 on 2x2 tiles) the factor is not asked for (CHANCE_MAX), only that the pair agrees
+# better than chance.
 CHANCE_FACTOR = 1.25
 CHANCE_MAX = 0.25
+CHANCE_SIGMAS = 3.0
 # Below the absolute floor a pair still registers when it stands far clear of chance: real
 # serial sections under a few px of distortion agree at a coarse NCC of only 0.13-0.19 two or
-# three sections apart, and even some neighbours do (Cardona 2010: 0.16), yet 5-10x above the
-# mirrored search, and their transforms agree with the known warps within a few px; wrong
-# tissue on the simulator reaches at most 1.7x (docs/alignment.md).
-CLEAR_FACTOR = 4.0
+# three sections apart, and even some neighbours do (Cardona 2010: 0.16), yet 2.4-4.8x above
+# chance (neighbours at least 2.5x); wrong tissue reaches at most 1.9x (FIB-SEM slices 1.3 um
+# apart; 1.6x ssTEM 400-500 nm apart, 1.0x the simulator's other specimens) (docs/alignment.md).
+CLEAR_FACTOR = 2.25
 CLEAR_FLOOR = 0.12
 
 
@@ -220,9 +229,12 @@ def unregistered_reason(confidence: float, chance: float, min_confidence: float)
     if confidence < min_confidence and not clear:
         return (f"alignment confidence {confidence:.2f} < {min_confidence}"
                 + (f" and not {CLEAR_FACTOR:g}x chance ({chance:.2f})" if confidence >= CLEAR_FLOOR else ""))
-    if chance <= CHANCE_MAX and confidence < CHANCE_FACTOR * chance:
+    # Where chance is high (a small montage) the factor asks too much, but a pair that agrees no
+    # better than chance (the section mirrored agrees as well: a reference turned upside down)
+    # never registers.
+    if confidence < (CHANCE_FACTOR if chance <= CHANCE_MAX else 1.0) * chance:
         return (f"alignment confidence {confidence:.2f} is not clearly above chance ({chance:.2f}, the same "
-                "search on the section mirrored): the wrong tissue?")
+                "search on the section mirrored, or three null sigmas): the wrong tissue?")
     return ""
 
 
@@ -315,9 +327,39 @@ def _coarse_affine(fixed: np.ndarray, moving: np.ndarray, fixed_valid: np.ndarra
     ms, mv = block_mean(moving, moving_valid, k)
     c = _coarse_small(fs, fv, ms, mv, k, max_rotation_deg)
     if chance:
-        c.chance = _coarse_small(fs, fv, np.ascontiguousarray(ms[::-1]), np.ascontiguousarray(mv[::-1]), k,
+        mirrored = _coarse_small(fs, fv, np.ascontiguousarray(ms[::-1]), np.ascontiguousarray(mv[::-1]), k,
                                  max_rotation_deg).confidence
+        c.chance = max(mirrored, CHANCE_SIGMAS * null_sigma(fs, fv, ms, mv))
     return c
+
+
+def _autocorrelation(img: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the normalised autocorrelation of `img` over the pixels `ok`, the number of pixel
+    pairs at each lag), every lag at once (FFT, zero-padded: no wrap-around)."""
+    h, w = img.shape
+    m = ok.astype(np.float32)
+    a = (img.astype(np.float32) - np.float32(img[ok].mean())) * m if ok.any() else np.zeros((h, w), np.float32)
+    size = (2 * h, 2 * w)
+    r = scipy.fft.irfft2(np.abs(scipy.fft.rfft2(a, size)) ** 2, size)
+    n = np.rint(scipy.fft.irfft2(np.abs(scipy.fft.rfft2(m, size)) ** 2, size))
+    rho = np.where(n > 0, r / np.maximum(n, 1), 0.0)
+    return (rho / rho[0, 0] if rho[0, 0] > 0 else rho), n
+
+
+def null_sigma(fixed: np.ndarray, fixed_ok: np.ndarray, moving: np.ndarray, moving_ok: np.ndarray) -> float:
+    """The standard deviation of the NCC of two unrelated images with these images' texture,
+    at one placement: each pixel's product is correlated with its neighbours' as far as both
+    images' autocorrelations reach, so the variance is sum over lags of rho_f * rho_m * pairs,
+    over the pixels squared. Coarse content (cells a tenth of the image wide) leaves few
+    independent samples, and chance agreement is large; fine texture, small."""
+    rf, nf = _autocorrelation(fixed, fixed_ok)
+    rm, _ = _autocorrelation(moving, moving_ok)
+    n = float(nf[0, 0])
+    if n < 16:
+        return 0.0
+    # Lags that at least a quarter of the pixels share: beyond, rho is a few pixels' noise.
+    use = nf >= n / 4
+    return float(np.sqrt(max(float((rf * rm * nf)[use].sum(dtype=np.float64)) / n**2, 0.0)))
 
 
 def _coarse_small(fs: np.ndarray, fv: np.ndarray, ms: np.ndarray, mv: np.ndarray, k: int,
