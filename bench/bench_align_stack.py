@@ -73,7 +73,7 @@ class StackSpec:
 def _synthetic(seed: int, n: int = 24, size: int = 512) -> list[np.ndarray]:
     """The simulator's neurites at 10 nm pixels and 50 nm sections, as the FIB-SEM stack."""
     spec = NeuriteSpecimen(NeuriteParams(height_px=size, width_px=size, pixel_nm=10.0, thickness_nm=50.0,
-                                         n_sections=n, seed=seed))
+                                         n_sections=n, seed=seed, projected_texture=0.0))
     return [spec.section(i) * 255 for i in range(n)]
 
 

@@ -61,9 +61,25 @@ def load_stack(name: str, step: int = 1, limit: int | None = None) -> list[np.nd
     return [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255 for f in files]
 
 
-def ours(size: int, pixel_nm: float, thickness_nm: float, n: int, seed: int) -> tuple[list[np.ndarray], float]:
-    spec = Specimen(SpecimenParams(height_px=size, width_px=size, pixel_nm=pixel_nm,
-                                   thickness_nm=thickness_nm, n_sections=n, seed=seed))
+def fine_contrast(images: list[np.ndarray]) -> list[float]:
+    """Mean over `images` of the RMS of three difference-of-Gaussian bands (0.7-1.5, 1.5-3,
+    3-6 px) and of the gradient after a 1 px blur, each over the image's mean."""
+    out = []
+    for img in images:
+        img = img.astype(np.float32) / float(img.mean())
+        g = {sig: cv2.GaussianBlur(img, (0, 0), sig) for sig in (0.7, 1.0, 1.5, 3.0, 6.0)}
+        gy, gx = np.gradient(g[1.0])
+        out.append([float((g[a] - g[b]).std()) for a, b in ((0.7, 1.5), (1.5, 3.0), (3.0, 6.0))]
+                   + [float(np.sqrt((gx**2 + gy**2).mean()))])
+    return list(np.mean(out, 0))
+
+
+def ours(size: int, pixel_nm: float, thickness_nm: float, n: int, seed: int,
+         projected_texture: float = 0.0) -> tuple[list[np.ndarray], float]:
+    """Our sections; against the FIB-SEM without the fine texture a TEM projects through a
+    section (a block face shows none of it), against ssTEM with it."""
+    spec = Specimen(SpecimenParams(height_px=size, width_px=size, pixel_nm=pixel_nm, thickness_nm=thickness_nm,
+                                   n_sections=n, seed=seed, projected_texture=projected_texture))
     t = time.process_time()
     stack = [spec.section(i) for i in range(n)]
     return stack, (time.process_time() - t) / n
@@ -222,8 +238,18 @@ def main() -> None:
         stack = load_stack(name, limit=12)
         if stack is not None:
             print(f"  {name:18s} z-1 {span([ncc(x, y) for x, y in itertools.pairwise(stack)])}")
-        sim, _ = ours(size, px, thick, 12, 1)
+        sim, _ = ours(size, px, thick, 12, 1, SpecimenParams.projected_texture)
         print(f"  {'ours ' + f'{px} nm px':18s} z-1 {span([ncc(x, y) for x, y in itertools.pairwise(sim)])}")
+    print("\nfine contrast (RMS of a difference of Gaussians over the mean; px bands) on ssTEM and ours:")
+    print(f"  {'':26s} {'0.7-1.5':>8s} {'1.5-3':>8s} {'3-6':>8s} {'gradient':>9s}")
+    for name in ("sstem_cardona2010 (4 nm)", "sstem_vnc (4.6 nm)"):
+        stack = load_stack(name.split()[0], limit=11)
+        if stack is not None:
+            print(f"  {name:26s} " + " ".join(f"{v:8.3f}" for v in fine_contrast(stack[::5])))
+    for tex in (0.0, SpecimenParams.projected_texture):
+        sim = [Specimen(SpecimenParams(height_px=1024, width_px=1024, n_sections=2, seed=seed,
+                                       projected_texture=tex)).section(1) for seed in (3, 4)]
+        print(f"  {f'ours 4 nm, projected {tex:g}':26s} " + " ".join(f"{v:8.3f}" for v in fine_contrast(sim)))
     spec = Specimen(SpecimenParams(n_sections=4))
     t = time.process_time()
     for i in range(3):

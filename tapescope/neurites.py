@@ -1,6 +1,6 @@
 """A synthetic neuropil volume of neurites that move between sections as real tissue does.
 
-Not yet the simulator's default (`specimen.Specimen` is; docs/simulator.md says why).
+The simulator's specimen (the world's, the demo's, the alignment tests'); docs/simulator.md.
 
 Neurites are tubes that run through the block: each has an axis that crosses the
 section plane at a point that moves as z grows, and a section's cells are the power
@@ -14,7 +14,9 @@ way real tissue does (docs/simulator.md, "The specimen", has the measurements):
 - each neurite also has its own tilt, and neurites begin and end, so the picture changes
   within a patch as well;
 - mitochondria are capsules inside a neurite that move with it; vesicles are small 3D
-  spheres clustered in boutons.
+  spheres clustered in boutons;
+- a fine texture that a TEM projects through the section, new in every section
+  (`projected_texture`; 0 to compare with a block-face FIB-SEM).
 
 A section is the slice at z = (index + 0.5) * thickness. Intensities follow TEM contrast:
 stained membranes and organelles are dark (fewer electrons reach the camera), cytoplasm is
@@ -42,12 +44,18 @@ class NeuriteParams(SpecimenParams):
     drift_tilt: float = 0.0           # a tilt common to the whole block (the field's own mean drifts it already)
     neurite_tilt: float = 0.5         # RMS of each neurite's own tilt
     neurite_length_nm: float = 800.0   # mean length of a neurite before it ends (or leaves)
+    # RMS of the fine texture a TEM projects through the section (ribosomes, microtubules cut
+    # across, stain: correlation length PROJECTED_NM), new in every section. Real ssTEM at
+    # 4-4.6 nm holds 1.8x the fine contrast of the bare neurites (docs/simulator.md); a FIB-SEM
+    # images a block face and holds less (0 to compare with one: bench_specimen_drift.py).
+    projected_texture: float = 0.06
 
 
 N_MODES = 24            # plane waves in the tilt field: enough that it looks random
 MEMBRANE_NM = 7.0       # half-width of a stained membrane pair cut square
 GRAIN_NM = 6.0          # correlation length of the cytoplasm's stain grain
 GRAIN_CONTRAST = 0.02   # its RMS, relative
+PROJECTED_NM = 8.0      # correlation length of the texture a TEM projects (projected_texture)
 # Neurites per cell_diameter^2 of section (before thick ones take over thin ones). Twice as
 # many looked more like the medulla's many small profiles, but let the alignment take
 # another specimen for a neighbour (confidence 0.47, tests/test_montage_pipeline.py).
@@ -213,6 +221,11 @@ class NeuriteSpecimen:
         grain = cv2.GaussianBlur(grain, (0, 0), blur)
         # Unit variance whatever the blur, then the stain's contrast.
         img *= 1 + GRAIN_CONTRAST * 2 * np.sqrt(np.pi) * blur * grain
+        if p.projected_texture:
+            fine = trng.standard_normal(img.shape, dtype=np.float32)
+            blur = max(PROJECTED_NM / p.pixel_nm, 0.8)
+            fine = cv2.GaussianBlur(fine, (0, 0), blur)
+            img *= 1 + p.projected_texture * 2 * np.sqrt(np.pi) * blur * fine
         return np.clip(img, 0.02, 1.0, out=img)
 
     def _draw_mitochondria(self, img: np.ndarray, z: float) -> None:

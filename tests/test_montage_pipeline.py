@@ -198,10 +198,10 @@ def test_a_live_section_that_repeats_its_neighbour_is_flagged(tmp_path: Path) ->
     """Neighbouring sections of the simulated specimen differ as real ones do; the same
     section imaged again (the tape slipped back) agrees far better, and is flagged for
     re-imaging with the reason instead of being written as the next section."""
-    from tapescope.specimen import Specimen, SpecimenParams
+    from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
     shape = (STEP + TILE, STEP + TILE)
-    spec = Specimen(SpecimenParams(height_px=shape[0], width_px=shape[1], n_sections=5, seed=3))
+    spec = NeuriteSpecimen(NeuriteParams(height_px=shape[0], width_px=shape[1], n_sections=5, seed=3))
     rng = np.random.default_rng(0)
     secs = [spec.section(i) for i in range(4)]
     images = [secs[0], secs[1], secs[2], secs[2], secs[3]]          # z=3 is z=2 again

@@ -9,7 +9,9 @@ import numpy as np
 from tapescope.neurites import NeuriteParams as SpecimenParams
 from tapescope.neurites import NeuriteSpecimen as Specimen
 
-FIB_LIKE = SpecimenParams(height_px=260, width_px=260, pixel_nm=10.0, thickness_nm=50.0, n_sections=8, seed=5)
+# As the FIB-SEM stack: a block face, without the fine texture a TEM projects through a section.
+FIB_LIKE = SpecimenParams(height_px=260, width_px=260, pixel_nm=10.0, thickness_nm=50.0, n_sections=8, seed=5,
+                          projected_texture=0.0)
 
 
 def ncc(a: np.ndarray, b: np.ndarray) -> float:

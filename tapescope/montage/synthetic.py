@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from tapescope.specimen import Specimen, SpecimenParams
+from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
 from .transform import SectionTransform
 
@@ -118,8 +118,8 @@ def make_stack(
     rng = np.random.default_rng(seed)
     h, w = shape
     pad = int(max_shift_px + np.hypot(h, w) / 2 * np.sin(np.radians(max_rotation_deg)) + 4 * elastic_px + 16)
-    params = SpecimenParams(height_px=h + 2 * pad, width_px=w + 2 * pad, n_sections=1, seed=seed + 11)
-    base = Specimen(params).section(0)
+    params = NeuriteParams(height_px=h + 2 * pad, width_px=w + 2 * pad, n_sections=1, seed=seed + 11)
+    base = NeuriteSpecimen(params).section(0)
     images, valid, truth = [], [], []
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     for z in range(n):
