@@ -40,6 +40,14 @@ class Warp:
     centre_xy: tuple[float, float]
     waves: list[tuple[float, float, float, float, float]]   # amplitude, kx, ky, phase, direction
 
+    @property
+    def affine3(self) -> np.ndarray:
+        """The rotation about the centre and the shift, 3x3 over (x, y, 1)."""
+        a = np.radians(self.angle_deg)
+        c, s = np.cos(a), np.sin(a)
+        (cx, cy), (sx, sy) = self.centre_xy, self.shift_xy
+        return np.array([[c, -s, cx - c * cx + s * cy + sx], [s, c, cy - s * cx - c * cy + sy], [0, 0, 1.0]])
+
     def apply(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         a = np.radians(self.angle_deg)
         cx, cy = self.centre_xy

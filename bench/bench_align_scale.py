@@ -1,7 +1,8 @@
 """How `tapescope align` scales with the stack's length and the section's size, one core,
 beside SOFIMA on the same stack.
 
-    python bench/bench_align_scale.py [--counts 8 32 128] [--sizes 1024 2048 4096] [--no-sofima]
+    python bench/bench_align_scale.py [--counts 8 32 128] [--count-px 1024] [--sizes 1024 2048 4096]
+                                      [--no-sofima]
 
 Sections are real FIB-SEM slices (../shared/data/fibsem_medulla, every 2nd 10 nm slice),
 enlarged to the size asked (cubic), each turned by <= 4 deg, shifted by <= 5 % and warped
@@ -111,6 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--count-px", type=int, default=1024, help="section size of the --counts runs")
     ap.add_argument("--no-sofima", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from bench_align import SOFIMA_PY
 
-    configs = [(n, 1024) for n in a.counts] + [(8, s) for s in a.sizes if s != 1024 or 8 not in a.counts]
+    configs = [(n, a.count_px) for n in a.counts] + [(8, s) for s in a.sizes if s != a.count_px or 8 not in a.counts]
     print(f"{'sections':>8} {'px':>6} {'s/section':>10} {'s/Mpx':>8} {'Mpx/s/core':>11} {'peak MB':>8}  method")
     for n, size in configs:
         with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,13 @@ sections) / across the gap / growth (the last three sections' RMS over the first
 in px, the median over the seeds. Real data is read from ../shared/data next to the
 repository and skipped where absent; SOFIMA runs from its own virtual environment
 (bench/peers/sofima_stack.py) and is skipped, saying so, where that is absent.
+
+With --oracle, one more row: tapescope's solve given the warped stack's pairs *measured
+consistently* with the unwarped run's (each warped pair's points mapped through the known
+warps onto what the unwarped pair found). Those pairs cannot disagree between the runs, so
+what inconsistency is left is the solve's own (its priors are not blind to the warps), and
+the difference to the tapescope row is what the pairs' measurements cost: a bound that
+says which part of a target the matching, and which the solve, stands in the way of.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from align_truth import (
     TruthStack,
     Warp,
     error_vectors,
+    invert,
     make_truth_stack,
     map_transform,
     measures,
@@ -46,7 +54,15 @@ from align_truth import (
 from bench_align import PEERS, SOFIMA_PY, ecc_chain, sofima
 
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.stack import align_stack, write_stack
+from tapescope.montage.stack import (
+    AlignParams,
+    align_stack,
+    local_map,
+    match_sections,
+    read_stack,
+    write_stack,
+)
+from tapescope.montage.zsolve import PairMatch, chain_initial, solve_windowed
 from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -100,6 +116,58 @@ def tapescope(stack: TruthStack, d: Path) -> dict[int, np.ndarray]:
         if o.z in stack.images and (o.status != "ok" or o.message):
             print(f"    tapescope z={o.z} {o.status}: {o.message}")
     return transform_maps({o.z: vol.load_transform(o.z) for o in res.sections if o.status == "ok"}, stack.shape)
+
+
+def _matched(stack: TruthStack, d: Path) -> tuple[dict, list[int]]:
+    """tapescope's registered pairs of a stack (as `align_stack` finds them) and the sections
+    they align."""
+    zs = sorted(stack.images)
+    write_stack(d / "s", [stack.images[z] * 256 for z in zs], zs)
+    entries, shape = read_stack(d / "s")
+    kept, flagged, _ = match_sections(zs, {e.z: e for e in entries}, AlignParams(canvas=shape), local_map,
+                                      lambda _m: None, shape)
+    return kept, [z for z in zs if z not in flagged]
+
+
+def _solved(kept: dict, aligned: list[int], matches: list[PairMatch], shape: tuple[int, int]) -> dict:
+    initial = chain_initial(aligned, {k: r.coarse for k, r in kept.items()})
+    return solve_windowed(shape, aligned, matches, initial).transforms
+
+
+def oracle(warped: TruthStack, unwarped: TruthStack, d: Path) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(warped maps, unwarped maps) of the solve given pairs measured consistently: each
+    warped pair's points p, through W_i onto the unwarped section, through the unwarped
+    pair's transform, and back through W_j^-1."""
+    kw, aw = _matched(warped, d / "w")
+    ku, au = _matched(unwarped, d / "u")
+    consistent = []
+    for (i, j), r in kw.items():
+        ru = ku.get((i, j))
+        if ru is None or r.matches is None:
+            continue
+        m = r.matches
+        pu = np.stack(warped.warps[i].apply(m.p[:, 0], m.p[:, 1]), 1)
+        qu = np.stack(ru.transform.apply(pu[:, 0], pu[:, 1]), 1)
+        consistent.append(PairMatch(i, j, m.p, invert(warped.warps[j], qu), m.w))
+    tw = _solved(kw, aw, consistent, warped.shape)
+    tu = _solved(ku, au, [r.matches for r in ku.values() if r.matches is not None], unwarped.shape)
+    return transform_maps(tw, warped.shape), transform_maps(tu, unwarped.shape)
+
+
+def run_oracle(warped: TruthStack, unwarped: TruthStack, physical: bool, cache: Path | None,
+               key: str) -> tuple[Row, Row]:
+    f = None if cache is None else cache / f"{key}.npz"
+    if f is not None and f.is_file():
+        with np.load(f) as z:
+            maps = {int(k[2:]): z[k] for k in z.files if k.startswith("w_")}
+            ref = {int(k[2:]): z[k] for k in z.files if k.startswith("u_")}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            maps, ref = oracle(warped, unwarped, Path(tmp))
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(f, **{f"w_{z}": m for z, m in maps.items()}, **{f"u_{z}": m for z, m in ref.items()})
+    return rows_of(warped, maps, ref, physical, float("nan"))
 
 
 METHODS: dict[str, Callable[[TruthStack, Path], dict[int, np.ndarray] | None]] = {
@@ -205,6 +273,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
     ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--oracle", action="store_true",
+                    help="also the solve given pairs measured consistently (the bound; one more matching)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="keep each method's maps here and reuse them (delete it after changing a method)")
     a = ap.parse_args()
@@ -214,7 +284,7 @@ def main() -> None:
         a.methods.remove("SOFIMA")
     for key in a.stacks:
         spec = STACKS[key]
-        rows: dict[str, list[Row]] = {m: [] for m in a.methods}
+        rows: dict[str, list[Row]] = {m: [] for m in a.methods + (["oracle pairs"] if a.oracle else [])}
         patch_rows: dict[str, list[Row]] = {}
         # Beside the methods: the known rotation and shift undone exactly, the elastic part
         # left (its consistency is against the identity, which is what it does unwarped).
@@ -233,9 +303,10 @@ def main() -> None:
             patch_rows.setdefault("rigid undone", []).append(pair[1])
             print(f"   seed {seed}: the warps' non-affine part shared by all sections (no aligner can see it): "
                   f"{common_distortion(warped):.2f} px RMS")
-            for m in a.methods:
-                got = run_method(methods[m], warped, unwarped, spec.physical_truth, a.cache,
-                                 f"{key}-{seed}-{m.replace(' ', '_')}")
+            for m in a.methods + (["oracle pairs"] if a.oracle else []):
+                tag = f"{key}-{seed}-{m.replace(' ', '_')}"
+                got = (run_oracle(warped, unwarped, spec.physical_truth, a.cache, tag) if m == "oracle pairs"
+                       else run_method(methods[m], warped, unwarped, spec.physical_truth, a.cache, tag))
                 if got is None:
                     continue
                 rows[m].append(got[0])
