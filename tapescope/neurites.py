@@ -1,6 +1,6 @@
 """A synthetic neuropil volume of neurites that move between sections as real tissue does.
 
-The simulator's specimen (the world's, the demo's, the alignment tests'); docs/simulator.md.
+The alignment tests' specimen; not yet the simulated world's (docs/simulator.md says why).
 
 Neurites are tubes that run through the block: each has an axis that crosses the
 section plane at a point that moves as z grows, and a section's cells are the power

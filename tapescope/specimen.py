@@ -7,8 +7,8 @@ thickness. Intensities follow TEM contrast: stained membranes and organelles are
 (fewer electrons reach the camera), cytoplasm is light, empty resin is lightest.
 
 Everything is drawn from one seed, so the same (seed, section, region) always gives the
-same picture: the ground truth that the stitching tests' tile sets are cut from. The
-simulator and the alignment tests use `neurites.NeuriteSpecimen` (docs/simulator.md).
+same picture: the ground truth of the simulated world and of the stitching tests' tile
+sets. The alignment tests use `neurites.NeuriteSpecimen` (docs/simulator.md).
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class SectionAlignment:
 # coarse (on the simulator's neurites at 320-384 px it drew -0.09 to 0.22, below zero for a
 # third of the pairs, where wrong tissue reached 0.22); the sigma says how wide it is. In sigma
 # units the mirrored search reaches 1.3-5.3 on real ssTEM and the simulator alike; real
-# neighbours score 7.6-31, wrong tissue at most 3.1 on the simulator and 3.8-5.7 on real stacks
+# neighbours score 7.6-31, wrong tissue at most 5.3 on the simulator and 3.8-5.7 on real stacks
 # (sections 400-500 nm apart; FIB-SEM slices 1.3 um apart, whose columns run along z), where the
 # absolute floor refuses it (docs/alignment.md). Where chance is high (a small montage, chance
 # 0.3-0.4 on 2x2 tiles) the factor is not asked for (CHANCE_MAX), only that the pair agrees
@@ -132,7 +132,7 @@ CHANCE_SIGMAS = 3.0
 # serial sections under a few px of distortion agree at a coarse NCC of only 0.13-0.19 two or
 # three sections apart, and even some neighbours do (Cardona 2010: 0.16), yet 2.4-4.8x above
 # chance (neighbours at least 2.5x); wrong tissue reaches at most 1.9x (FIB-SEM slices 1.3 um
-# apart; 1.6x ssTEM 400-500 nm apart, 1.0x the simulator's other specimens) (docs/alignment.md).
+# apart; 1.6x ssTEM 400-500 nm apart, 1.3x the simulator's other specimens) (docs/alignment.md).
 CLEAR_FACTOR = 2.25
 CLEAR_FLOOR = 0.12
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from tapescope.neurites import NeuriteParams, NeuriteSpecimen
+from tapescope.specimen import Specimen, SpecimenParams
 
 from . import defocus
 from .column_model import ColumnModel
@@ -59,7 +59,7 @@ class SimWorld:
     def __init__(self, params: WorldParams | None = None) -> None:
         self.p = p = params or WorldParams()
         rng = np.random.default_rng(p.seed)
-        self.specimen = NeuriteSpecimen(NeuriteParams(
+        self.specimen = Specimen(SpecimenParams(
             height_px=p.section_px[0], width_px=p.section_px[1], pixel_nm=p.pixel_nm,
             thickness_nm=p.thickness_nm, n_sections=p.n_slots, seed=p.seed,
         ))

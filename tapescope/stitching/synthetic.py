@@ -1,7 +1,7 @@
 """Synthetic tile sets with known truth: what the stitching tests and benchmarks measure against.
 
-A montage is cut from one section of the synthetic specimen (tapescope/specimen.py: the older
-cells, not yet the simulator's neurites; docs/simulator.md says why) at true positions that
+A montage is cut from one section of the synthetic specimen (tapescope/specimen.py, the
+simulator's too; not yet the neurites, docs/simulator.md says why) at true positions that
 differ from the nominal (stage) ones by a random stage error, then passed through a camera
 model: lens distortion, vignetting and dust (gain), shot noise at a given dose, read noise and
 a dark offset. Blank tiles see bare resin: the specimen under
