@@ -7,7 +7,7 @@ beside SOFIMA on the same stack.
 Sections are real FIB-SEM slices (../shared/data/fibsem_medulla, every 2nd 10 nm slice),
 enlarged to the size asked (cubic), each turned by <= 4 deg, shifted by <= 5 % and warped
 by a 3 px elastic field. Each configuration runs in its own process pinned to one core
-(`taskset`, one BLAS/FFT thread) so that its peak memory (ru_maxrss) and its time are its
+(`taskset`, one BLAS/FFT thread) so that its peak memory (VmHWM) and its time are its
 own. Times are CPU seconds (user + system) of that one core, which a shared machine's load
 does not inflate as it does the wall clock; SOFIMA's include its process's start and JIT
 compilation. Printed per configuration: CPU seconds per section and per Mpx of section
@@ -82,8 +82,16 @@ def run_one(stack: Path, out: Path) -> dict[str, float]:
     res = align_stack(stack, out)
     seconds, cpu_s = time.perf_counter() - t0, cpu() - c0
     ok = sum(o.status == "ok" for o in res.sections)
-    return {"seconds": cpu_s, "wall": seconds, "ok": ok,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": cpu_s, "wall": seconds, "ok": ok, "peak_mb": own_peak_mb()}
+
+
+def own_peak_mb() -> float:
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: across fork and exec
+    that keeps the parent's peak, and the parent here holds the whole generated stack."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def sofima_one(stack: Path, out: Path, size: int) -> dict[str, float]:
