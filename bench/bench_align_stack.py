@@ -1,7 +1,7 @@
 """Section alignment on real stacks, judged by what the data supports, beside a rigid chain
 (OpenCV ECC) and SOFIMA in the same run.
 
-    python bench/bench_align_stack.py [--seeds 11 12] [--stacks fibsem vnc cardona cardona-gap synthetic]
+    python bench/bench_align_stack.py [--seeds 11 12] [--stacks fibsem vnc cardona cardona-gap synthetic synthetic-100]
                                       [--no-sofima]
 
 Every stack is warped section by section by a known rotation (<= 4 deg), shift (<= 50 px)
@@ -104,6 +104,8 @@ STACKS = {
     "cardona-gap": StackSpec("ssTEM Cardona 2010, 16 sections, z=7 left out",
                              lambda _s: _read("sstem_cardona2010", list(range(16))), (7,), False),
     "synthetic": StackSpec("simulated neurites, 24 sections of 512 px, z=11 left out", _synthetic, (11,), True, 0.03),
+    "synthetic-100": StackSpec("simulated neurites, 100 sections of 512 px, z=50 left out",
+                               lambda seed: _synthetic(seed, n=100), (50,), True, 0.03),
 }
 
 
