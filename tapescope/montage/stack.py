@@ -365,7 +365,9 @@ def pair_params(todo: Sequence[tuple[int, int]], params: AlignParams, present: S
     for every pair across a section missing from `present` (what places the stack past a
     gap), `flow.far_passes` for the other, farther predecessors (their matches weigh little
     in the solve, and each pass after the first costs as much as the first)."""
-    nearest = {m: max(f for f, mm in todo if mm == m) for _, m in todo}
+    nearest: dict[int, int] = {}
+    for f, m in todo:
+        nearest[m] = max(f, nearest.get(m, f))
     here = set(present)
     far = replace(params, flow=replace(params.flow, passes=params.flow.far_passes))
     return [params if f == nearest[m] or any(z not in here for z in range(f + 1, m)) else far for f, m in todo]
