@@ -26,7 +26,7 @@ import numpy as np
 from tapescope.allocator import keep_large_blocks
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import Canvas, FinalRender, PairResult, Plane, align_pairs, stitch_tiles
+from tapescope.montage.pipeline import Canvas, FinalRender, Plane, ReferencePair, align_pairs, stitch_tiles
 from tapescope.montage.shard_render import render_section
 from tapescope.montage.transform import SectionTransform
 from tapescope.stitching.flatfield import FlatFielded
@@ -79,7 +79,7 @@ def render_task(volume_path: str, z: int, records: list[TileRecord], positions: 
 
 def align_task(volume_path: str, z: int, reference: int, records: list[TileRecord], stitched: StitchResult,
                canvas: Canvas, gain: np.ndarray | None, dark: float | np.ndarray, elastic: bool, device: str,
-               scratch: str | None, prefix: str) -> PairResult:
+               scratch: str | None, prefix: str) -> ReferencePair:
     """On a worker: section z, rendered unaligned from its tile files into scratch, aligned
     to section `reference` as written in the volume (`align_pairs`, as in the engine's
     process). Scratch goes to `scratch` where the worker sees that folder, else to its

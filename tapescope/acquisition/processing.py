@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 
-from tapescope.montage.pipeline import PairResult, SectionProcessor, SectionReport
+from tapescope.montage.pipeline import ReferencePair, SectionProcessor, SectionReport
 from tapescope.stitching.flatfield import estimate_flatfield
 
 from .events import Alarm, Event, EventBus, ProcessingBacklog, SectionFinished, SectionProcessed
@@ -328,7 +328,7 @@ class ProcessingWorker:
             ahead[2].cancel()
         cluster = self.cluster
 
-        def pairs(z: int, references: list[int]) -> list[PairResult]:
+        def pairs(z: int, references: list[int]) -> list[ReferencePair]:
             futures = [self._pair(slot, z, r, records, future) for r in references]
             return [cluster.result(f) for f in futures]
 

@@ -54,7 +54,7 @@ FinalRender = Callable[[int, np.ndarray, SectionTransform, RadialDistortion | No
 
 
 @dataclass
-class PairResult:
+class ReferencePair:
     """Section z aligned to one reference below it: registered (`alignment` and its
     `match`), or refused with the reason (`why`) and the confidence it reached."""
 
@@ -66,9 +66,9 @@ class PairResult:
 
 
 # Aligns section z to each of the given references (z, reference zs, nearest first), one
-# PairResult each, in that order: `align_pairs` in this process, or the same call for each
+# ReferencePair each, in that order: `align_pairs` in this process, or the same call for each
 # pair on a cluster's workers (acquisition/cluster.py).
-PairAligner = Callable[[int, list[int]], list[PairResult]]
+PairAligner = Callable[[int, list[int]], list[ReferencePair]]
 
 
 def stitch_tiles(raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray, grid: Sequence[tuple[int, int]], *,
@@ -150,7 +150,7 @@ def _overlap_fraction(a: np.ndarray, b: np.ndarray) -> float:
 
 def align_pairs(z: int, references: Sequence[tuple[int, Plane]], canvas: Canvas, tiles: Sequence[np.ndarray],
                 stitched: StitchResult, *, elastic: bool, device: str, scratch: Path | None, prefix: str,
-                volume_root: Path | None) -> list[PairResult]:
+                volume_root: Path | None) -> list[ReferencePair]:
     """Section z (its tiles placed by `stitched`) aligned to each of `references` (z and the
     plane written in the volume), nearest first: the unaligned section is rendered into
     memory-mapped scratch files once, each reference copied beside it in strips and aligned
@@ -180,13 +180,13 @@ def align_pairs(z: int, references: Sequence[tuple[int, Plane]], canvas: Canvas,
                 ref_img[rows] = plane[rows]
                 ref_valid[rows] = ref_img[rows] > 0
             if _overlap_fraction(valid, ref_valid) < 0.05:
-                results.append(PairResult(rz, 0.0, "too little overlap with the previous section"))
+                results.append(ReferencePair(rz, 0.0, "too little overlap with the previous section"))
                 continue
             a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, **LIVE_ELASTIC)
             if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
-                results.append(PairResult(rz, a.confidence, why))
+                results.append(ReferencePair(rz, a.confidence, why))
                 continue
-            results.append(PairResult(rz, a.confidence, alignment=a, match=matches_of(a, rz, z, ref_valid, valid)))
+            results.append(ReferencePair(rz, a.confidence, alignment=a, match=matches_of(a, rz, z, ref_valid, valid)))
         del image, cover, ref_img, ref_valid, valid     # the maps go before their files
         return results
 
@@ -363,7 +363,7 @@ class SectionProcessor:
             self._reference_lost(z)
         return SectionReport(z, p.status, max_res, flagged, p.shift, p.confidence, sol.status, p.message, p.repeats)
 
-    def _place(self, z: int, results: list[PairResult]) -> Placement:
+    def _place(self, z: int, results: list[ReferencePair]) -> Placement:
         """Where section z goes (`Placement`), from its alignment to each of its references
         (`results`: the nearest good section first, then good sections below it). A section
         that repeats the nearest is not placed. Each reference that registered adds its
