@@ -104,6 +104,10 @@ def test_transform_compose_and_roundtrip(tmp_path) -> None:
     a.save(tmp_path / "t.npz")
     back = SectionTransform.load(tmp_path / "t.npz")
     assert np.array_equal(back.matrix, a.matrix) and np.array_equal(back.field, a.field)
+    # output_of undoes apply: a reference's matches carried into the volume's frame.
+    ox, oy = a.output_of(ix, iy)
+    assert np.hypot(ox - x, oy - y).max() < 1e-3
+    assert np.hypot(*np.subtract(a.output_of(x, y), (x, y))).max() > 1.0     # not the identity
 
 
 def test_batched_flow_matches_the_tile_registration() -> None:

@@ -105,6 +105,26 @@ class SectionTransform:
             sy = sy + fy
         return sx, sy
 
+    def output_of(self, sx: np.ndarray, sy: np.ndarray, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
+        """The output points that `apply` maps onto source points (sx, sy): the inverse, by
+        fixed-point iteration on p = A^-1 (s - b - f(p)), which converges while the field
+        changes by less than a pixel a pixel (a smooth distortion changes by far less)."""
+        sx = np.asarray(sx, np.float64)
+        sy = np.asarray(sy, np.float64)
+        m = np.asarray(self.matrix, np.float64)
+        inv = np.linalg.inv(m[:, :2])
+        ux, uy = sx - m[0, 2], sy - m[1, 2]
+        x = inv[0, 0] * ux + inv[0, 1] * uy
+        y = inv[1, 0] * ux + inv[1, 1] * uy
+        if self.field is None:
+            return x, y
+        for _ in range(iterations):
+            fx, fy = self.field_at(x, y)
+            vx, vy = ux - fx, uy - fy
+            x = inv[0, 0] * vx + inv[0, 1] * vy
+            y = inv[1, 0] * vx + inv[1, 1] * vy
+        return x, y
+
     def block_maps(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 source maps (x, y) of the output block [y0:y0+h, x0:x0+w], for cv2.remap."""
         mx, my = affine_maps(self.matrix, (y0, x0, h, w))
