@@ -120,11 +120,11 @@ def test_a_retake_is_aligned_to_the_good_section_below_it(tmp_path: Path) -> Non
 
 
 def test_scratch_files_go_with_the_section_and_a_killed_run_leaves_none(tmp_path: Path) -> None:
-    """The unaligned montage and the reference live in memory-mapped scratch beside the volume
-    while a section is processed; they go when it is done, and a processor started after a
-    kill removes what the killed one left."""
+    """Unaligned montages live in memory-mapped scratch beside the volume while coming
+    sections may be aligned to them (the `neighbours` last good ones); they go when the
+    processor is closed, and a processor started after a kill removes what the killed one left."""
     shape = (STEP + TILE, STEP + TILE)
-    st = make_stack(2, shape, seed=5, max_rotation_deg=2, max_shift_px=20, elastic_px=0.5, missing=())
+    st = make_stack(4, shape, seed=5, max_rotation_deg=2, max_shift_px=20, elastic_px=0.5, missing=())
     _, pos, _ = tiles_of(st.images[0])
     canvas = Canvas.around(pos, (TILE, TILE), 0)
     left = tmp_path / f"{scratch_prefix(tmp_path / 'v.zarr')}killed"
@@ -133,11 +133,15 @@ def test_scratch_files_go_with_the_section_and_a_killed_run_leaves_none(tmp_path
     for d in (left, other):
         d.mkdir()
         (d / "image.npy").write_bytes(b"partial")
-    vol = Volume.create(tmp_path / "v.zarr", (2, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
+    vol = Volume.create(tmp_path / "v.zarr", (4, *canvas.shape), pixel_nm=4, thickness_nm=40, levels=2, chunk=64)
     proc = SectionProcessor(vol, canvas, elastic=False)
     assert not left.exists() and other.exists()
-    for z in range(2):
+    for z in range(4):
         assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
+    kept = proc.montages.folder
+    assert kept.parent == tmp_path and sorted(proc.montages.current) == [2, 3]
+    assert len(list(kept.iterdir())) == 4           # image and coverage of z=2 and z=3, nothing else
+    proc.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "v.transforms", "v.zarr"]
 
 
@@ -173,8 +177,9 @@ def test_a_retake_that_fails_before_rendering_leaves_the_good_take(tmp_path: Pat
 
 def test_a_live_section_is_placed_by_the_good_sections_below_it_too(tmp_path: Path) -> None:
     """A section is aligned to the last good section and the good ones below it; when the
-    last one no longer matches (here its pixels were turned upside down in the volume), the
-    ones below still place it, and the record says which did."""
+    last one no longer matches (here its kept unaligned montage, what coming sections are
+    aligned to, was turned upside down), the ones below still place it, and the record says
+    which did."""
     st, wrong, vol, proc = neighbours_and_wrong_tissue(tmp_path, 5)
     proc.neighbours = 3
     statuses = [proc.process(z, *tiles_of(img), {"slot": z}).status
@@ -182,8 +187,11 @@ def test_a_live_section_is_placed_by_the_good_sections_below_it_too(tmp_path: Pa
     assert statuses == ["ok", "ok", "unaligned", "ok"]
     sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
     assert sections["3"]["alignment_references"] == [1, 0]          # across the wrong tissue
-    plane = vol.levels[0][3]
-    vol.levels[0][3] = plane[::-1]
+    image_path, _ = proc.montages.files(proc.montages.folder, proc.montages.current[3])
+    image = np.load(image_path, mmap_mode="r+")
+    image[:] = image[::-1].copy()
+    image.flush()
+    del image
     report = proc.process(4, *tiles_of(st.images[4]), {"slot": 4})
     sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
     assert report.status == "ok" and sections["4"]["alignment_references"] == [1, 0]

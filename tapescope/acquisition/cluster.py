@@ -2,12 +2,14 @@
 (`[processing] scheduler`, `tapescope process --scheduler`).
 
 The tasks are plain functions of paths: a worker maps the tiles from the run directory,
-reads the references from the volume and writes the section into the volume itself, so the
-run directory and the volume must be on a disk every worker sees (one machine, or a shared
-file system). One task aligns a section to one of its references (`align_task`: the
-expensive part, the coarse search and the patch flow); the placement from those pairs, and
-the record, are decided by the caller. One task renders a whole section: every shard of it
-has one writer. A task whose worker dies is given to another by the scheduler; one that
+writes a section's unaligned montage into the processor's montage folder (`montage_task`),
+reads montages (or, for a retake, the references in the volume) and writes the section into
+the volume itself, so the run directory, the scratch folder and the volume must be on a disk
+every worker sees (one machine, or a shared file system). One task aligns a section to one
+of its references (`align_task`: the expensive part, the coarse search and the patch flow),
+montage to montage, so it needs neither section placed first; the placement from those
+pairs, and the record, are decided by the caller. One task renders a whole section: every
+shard of it has one writer. A task whose worker dies is given to another by the scheduler; one that
 raises is retried `retries` times; after that the section fails with an alarm
 (ProcessingWorker), recorded missing, never skipped silently.
 """
@@ -26,7 +28,17 @@ import numpy as np
 from tapescope.allocator import keep_large_blocks
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import Canvas, FinalRender, Plane, ReferencePair, align_pairs, stitch_tiles
+from tapescope.montage.pipeline import (
+    Canvas,
+    FinalRender,
+    Montage,
+    MontageStore,
+    Plane,
+    ReferencePair,
+    align_pairs,
+    render_montage,
+    stitch_tiles,
+)
 from tapescope.montage.shard_render import render_section
 from tapescope.montage.transform import SectionTransform
 from tapescope.stitching.flatfield import FlatFielded
@@ -77,21 +89,29 @@ def render_task(volume_path: str, z: int, records: list[TileRecord], positions: 
     return stats.covered
 
 
-def align_task(volume_path: str, z: int, reference: int, records: list[TileRecord], stitched: StitchResult,
-               canvas: Canvas, gain: np.ndarray | None, dark: float | np.ndarray, elastic: bool, device: str,
-               scratch: str | None, prefix: str) -> ReferencePair:
-    """On a worker: section z, rendered unaligned from its tile files into scratch, aligned
-    to section `reference` as written in the volume (`align_pairs`, as in the engine's
-    process). Scratch goes to `scratch` where the worker sees that folder, else to its
-    temporary folder; it is removed when the task ends (a killed worker's is swept by the
-    next processor of the volume, by the same name)."""
-    keep_large_blocks()     # without it a pair costs twice the CPU on a worker (docs/capacity.md)
-    volume = Volume.open(volume_path)
+def montage_task(folder: str, name: str, records: list[TileRecord], stitched: StitchResult, canvas: Canvas,
+                 gain: np.ndarray | None, dark: float | np.ndarray, device: str) -> str:
+    """On a worker: a section's unaligned montage, from its tile files, into `folder` as
+    `name` (`render_montage`). Returns the name."""
+    keep_large_blocks()
     tiles = [FlatFielded(RunStore.open_tile(r), gain, dark) for r in records]
+    return render_montage(Path(folder), name, canvas, tiles, stitched.solution.positions, lens=stitched.lens_applied,
+                          linear=stitched.solution.linear, device=device)
+
+
+def align_task(volume_path: str, folder: str, z: int, montage: str, reference: int, reference_montage: str | None,
+               elastic: bool, device: str, scratch: str | None, prefix: str) -> ReferencePair:
+    """On a worker: section z's montage aligned to section `reference`'s (`align_pairs`, as
+    in the engine's process), or to the reference as written in the volume where its montage
+    is not kept (None); that copy goes to `scratch` where the worker sees that folder, else
+    to its temporary folder, and is removed when the task ends."""
+    keep_large_blocks()     # without it a pair costs twice the CPU on a worker (docs/capacity.md)
     where = Path(scratch) if scratch is not None and Path(scratch).is_dir() else None
-    (result,) = align_pairs(z, [(reference, Plane(volume.levels[0], reference))], canvas, tiles, stitched,
-                            elastic=elastic, device=device, scratch=where, prefix=prefix,
-                            volume_root=Path(volume_path))
+    own = MontageStore.read(Path(folder), montage)
+    source: Montage | Plane = MontageStore.read(Path(folder), reference_montage) if reference_montage is not None \
+        else Plane(Volume.open(volume_path).levels[0], reference)
+    (result,) = align_pairs(z, own, [(reference, source)], elastic=elastic, device=device, scratch=where,
+                            prefix=prefix, volume_root=Path(volume_path))
     return result
 
 
@@ -142,14 +162,21 @@ class SectionCluster:
         return self.client.submit(stitch_task, records, pixel_nm, lens, gain, dark, tile_model,
                                   retries=self.retries, pure=False, priority=priority)
 
-    def align(self, volume: Volume, z: int, reference: int, records: list[TileRecord], stitched: Any,
-              canvas: Canvas, *, gain: np.ndarray | None, dark: float | np.ndarray, elastic: bool, device: str,
-              scratch: Path | None, prefix: str) -> Any:
-        """A future of `align_task`; `stitched` may be the future of the section's stitching
-        (the worker gets its result without it passing through here)."""
-        return self.client.submit(align_task, volume_path(volume), z, reference, records, stitched, canvas, gain,
-                                  dark, elastic, device, None if scratch is None else str(scratch), prefix,
-                                  retries=self.retries, priority=-z, key=f"align_task-{z}-{reference}-{uuid4().hex}")
+    def montage(self, folder: Path, z: int, records: list[TileRecord], stitched: Any, canvas: Canvas, *,
+                gain: np.ndarray | None, dark: float | np.ndarray, device: str) -> Any:
+        """A future of `montage_task` (its result: the montage's name in `folder`);
+        `stitched` may be the future of the section's stitching."""
+        return self.client.submit(montage_task, str(folder), MontageStore.new_name(z), records, stitched, canvas,
+                                  gain, dark, device, retries=self.retries, pure=False, priority=-z)
+
+    def align(self, volume: Volume, folder: Path, z: int, montage: Any, reference: int, reference_montage: Any,
+              *, elastic: bool, device: str, scratch: Path | None, prefix: str) -> Any:
+        """A future of `align_task`; the montages may be futures of `montage` (the worker
+        gets their names without them passing through here)."""
+        return self.client.submit(align_task, volume_path(volume), str(folder), z, montage, reference,
+                                  reference_montage, elastic, device, None if scratch is None else str(scratch),
+                                  prefix, retries=self.retries, priority=-z,
+                                  key=f"align_task-{z}-{reference}-{uuid4().hex}")
 
     def result(self, future: Any) -> Any:
         return future.result(timeout=self.timeout_s)

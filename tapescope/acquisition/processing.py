@@ -62,13 +62,13 @@ def _more_file_handles() -> None:
 class ProcessingWorker:
     """Processes a run's sections into its volume, live (`run`, fed by the engine) or
     offline (`process_offline`, `tapescope process`: `journal=False`, nothing is written
-    into the run directory). With a `cluster`, stitching, alignment and rendering run on its
-    workers, several sections at once: each section's alignment to each of its references
-    is one task, started as soon as that reference is written and sure to be one of the
-    section's references, so a section's pairs to the sections further below run while the
-    sections just below it are still being aligned. Placing a section from its pairs (a
-    small solve), recording it and starting its render stay here, one section at a time in
-    z order, since each section is aligned to those written below it (docs/acquisition.md)."""
+    into the run directory). With a `cluster`, stitching, the unaligned montages, alignment
+    and rendering run on its workers, several sections at once: each section's alignment to
+    each of its likely references is one task, montage to montage, started as soon as both
+    montages are under way, so no section's alignment waits for another's. Placing a section
+    from its pairs (a small solve), recording it and its render stay here, one section at a
+    time in z order, since each section is placed on those placed below it
+    (docs/acquisition.md)."""
 
     def __init__(
         self, store: RunStore, processor: SectionProcessor, bus: EventBus, *,
@@ -93,23 +93,27 @@ class ProcessingWorker:
         self._backlog_lock = threading.Lock()
         # The backlog grows as the engine finishes sections, not only as processing ends them.
         self._unsubscribe = bus.subscribe(self._on_event) if journal else None
-        # slot -> (records, lens asked for, future of its stitching on the cluster)
-        self._stitching: dict[int, tuple[list[TileRecord], object, Any]] = {}
-        # slot -> (the stitching future its pairs used, reference z -> future of the pair)
-        self._aligning: dict[int, tuple[Any, dict[int, Any]]] = {}
+        # slot -> (records, lens asked for, future of its stitching, future of its montage)
+        self._stitching: dict[int, tuple[list[TileRecord], object, Any, Any]] = {}
+        # z -> future of the montage of its take last processed (kept while it may be a reference)
+        self._montages: dict[int, Any] = {}
+        # slot -> (the stitching future its pairs used, reference z -> (its montage's token, pair's future))
+        self._aligning: dict[int, tuple[Any, dict[int, tuple[Any, Any]]]] = {}
         _more_file_handles()
 
     def close(self) -> None:
         """Cancel stitching still in flight and let go of the cluster."""
         if self._unsubscribe is not None:
             self._unsubscribe()
-        for _, _, future in self._stitching.values():
-            future.cancel()
+        for ahead in self._stitching.values():
+            self._cancel(ahead)
         self._stitching.clear()
+        self._montages.clear()
         for slot in list(self._aligning):
             self._drop_pairs(slot)
         if self.cluster is not None:
             self.cluster.close()
+        self.processor.close()
 
     async def run(self, queue: asyncio.Queue[int | None]) -> None:
         """Process what the journal says is acquired and not yet processed, each time an item
@@ -249,11 +253,10 @@ class ProcessingWorker:
         their alignment to the references they are sure to have (`_prefetch_pairs`)."""
         assert self.cluster is not None
         self._ensure_flatfield()
-        for slot, (records, lens, future) in list(self._stitching.items()):
-            if lens != self.processor.lens_wanted:    # the lens was estimated since: stitched again
-                future.cancel()
-                self._stitching[slot] = (records, self.processor.lens_wanted,
-                                         self._stitch_remote(self.z_of_slot[slot], records))
+        for slot, ahead in list(self._stitching.items()):
+            if ahead[1] != self.processor.lens_wanted:    # the lens was estimated since: stitched again
+                self._cancel(ahead)
+                self._stitching[slot] = self._start(slot, ahead[0])
         room = 2 * max(self.cluster.worker_count(), 1) - len(self._stitching)
         for slot in slots:
             if room <= 0:
@@ -262,84 +265,117 @@ class ProcessingWorker:
                 continue
             records = self.store.tiles(slot)
             if records:
-                z = self.z_of_slot[slot]
-                self._stitching[slot] = (records, self.processor.lens_wanted, self._stitch_remote(z, records))
+                self._stitching[slot] = self._start(slot, records)
                 room -= 1
         self._prefetch_pairs(slots)
 
+    def _start(self, slot: int, records: list[TileRecord]) -> tuple[list[TileRecord], object, Any, Any]:
+        """A section's stitching and its unaligned montage on the cluster."""
+        assert self.cluster is not None
+        p, z = self.processor, self.z_of_slot[slot]
+        stitching = self.cluster.stitch(records, self.pixel_nm, lens=p.lens_wanted, gain=p.gain, dark=p.dark,
+                                        tile_model=p.tile_model, priority=-z)
+        montage = self.cluster.montage(p.montages.folder, z, records, stitching, p.canvas, gain=p.gain,
+                                       dark=p.dark, device=p.device) if p.align else None
+        return records, p.lens_wanted, stitching, montage
+
+    def _cancel(self, ahead: tuple[list[TileRecord], object, Any, Any]) -> None:
+        """Cancel a section's stitching and montage started ahead (a montage already
+        written stays in the folder until the processor is closed)."""
+        for future in ahead[2:]:
+            if future is not None:
+                future.cancel()
+
+    def _montage_of(self, z: int) -> Any:
+        """What section z's pairs are aligned against: the future of its montage (a section
+        under way, or processed from one), its kept montage's name, or None: its pixels in
+        the volume."""
+        slot = {z_: s for s, z_ in self.z_of_slot.items()}.get(z)
+        if slot in self._stitching:
+            return self._stitching[slot][3]
+        return self._montages.get(z, self.processor.montages.current.get(z))
+
     def _prefetch_pairs(self, slots: list[int]) -> None:
         """For each of `slots` (processed in z order) whose stitching is under way: its
-        alignment to each section already written that will be one of its references
-        whatever the sections before it turn out to be (`SectionProcessor.known_references`).
-        No pair is started that the section may not use, so none is aligned for nothing."""
+        alignment to each of the sections it will be aligned to if those under way before
+        it are good (`SectionProcessor.likely_references`); a pair for a section that turns
+        out not good is dropped when its section is placed."""
         before: list[int] = []
         for slot in sorted(slots, key=self.z_of_slot.__getitem__):
             z = self.z_of_slot[slot]
             if slot in self._stitching:
-                records, _, stitching = self._stitching[slot]
-                for reference in self.processor.known_references(z, before):
-                    self._pair(slot, z, reference, records, stitching)
+                stitching, montage = self._stitching[slot][2:]
+                for reference in self.processor.likely_references(z, before):
+                    token = self._montage_of(reference)
+                    if token is not None or reference not in before:     # a section not started yet waits
+                        self._pair(slot, z, reference, stitching, montage, token)
             before.append(z)
 
-    def _pair(self, slot: int, z: int, reference: int, records: list[TileRecord], stitching: Any) -> Any:
-        """The future of section z's alignment to `reference` on the cluster: the one started
-        ahead if it used this stitching, else one started now."""
+    def _pair(self, slot: int, z: int, reference: int, stitching: Any, montage: Any, token: Any) -> Any:
+        """The future of section z's alignment (its `montage`, from `stitching`) to
+        `reference` (`token`: `_montage_of`) on the cluster: the one started ahead if it
+        used the same montages, else one started now."""
         assert self.cluster is not None
         held = self._aligning.get(slot)
         if held is None or held[0] is not stitching:
             self._drop_pairs(slot)
             held = self._aligning[slot] = (stitching, {})
-        if reference not in held[1]:
+        if reference not in held[1] or held[1][reference][0] is not token:
+            self._drop_pairs(slot, reference)
             p = self.processor
-            held[1][reference] = self.cluster.align(
-                p.volume, z, reference, records, stitching, p.canvas, gain=p.gain, dark=p.dark, elastic=p.elastic,
-                device=p.device, scratch=p.scratch, prefix=p.scratch_prefix)
-        return held[1][reference]
+            held[1][reference] = (token, self.cluster.align(
+                p.volume, p.montages.folder, z, montage, reference, token, elastic=p.elastic, device=p.device,
+                scratch=p.scratch, prefix=p.scratch_prefix))
+        return held[1][reference][1]
 
-    def _drop_pairs(self, slot: int, reference: int | None = None) -> None:
-        """Cancel the pairs of `slot` started ahead (only those to `reference`, if given)."""
+    def _drop_pairs(self, slot: int, reference: int | None = None, unless: Any = None) -> None:
+        """Cancel the pairs of `slot` started ahead (only those to `reference`, if given,
+        and not those made against the montage `unless`)."""
         held = self._aligning.get(slot)
         if held is None:
             return
         for r in [r for r in held[1] if reference is None or r == reference]:
-            held[1].pop(r).cancel()
+            if unless is None or held[1][r][0] is not unless:
+                held[1].pop(r)[1].cancel()
         if reference is None:
             del self._aligning[slot]
 
-    def _stitch_remote(self, z: int, records: list[TileRecord]) -> Any:
-        assert self.cluster is not None
-        p = self.processor
-        return self.cluster.stitch(records, self.pixel_nm, lens=p.lens_wanted, gain=p.gain, dark=p.dark,
-                                   tile_model=p.tile_model, priority=-z)
-
     def _process_on_cluster(self, slot: int, z: int, records: list[TileRecord], info: dict) -> SectionReport:
-        """Section z with its stitching, its alignment to each reference and its rendering on
-        the cluster: work started ahead is taken if it saw these tiles and the lens that holds
-        now (a lens estimated meanwhile, or a retake, makes it stitch and align again), else
-        it is started now. Pairs that other sections started ahead against this z are
-        dropped: they read the pixels this take replaces."""
+        """Section z with its stitching, its montage, its alignment to each reference and its
+        rendering on the cluster: work started ahead is taken if it saw these tiles and the
+        lens that holds now (a lens estimated meanwhile, or a retake, makes it stitch and
+        align again), else it is started now. Pairs that other sections started ahead
+        against another take of this z (or against its pixels in the volume) are dropped."""
         assert self.cluster is not None
-        for other in list(self._aligning):
-            self._drop_pairs(other, reference=z)
         ahead = self._stitching.pop(slot, None)
-        future = ahead[2] if ahead is not None and ahead[0] == records and ahead[1] == self.processor.lens_wanted \
-            else self._stitch_remote(z, records)
-        if ahead is not None and future is not ahead[2]:
-            ahead[2].cancel()
+        if ahead is None or ahead[0] != records or ahead[1] != self.processor.lens_wanted:
+            if ahead is not None:
+                self._cancel(ahead)
+            ahead = self._start(slot, records)
+        _, _, future, montage = ahead
+        for other in list(self._aligning):
+            self._drop_pairs(other, reference=z, unless=montage)
+        if montage is not None:
+            self._montages[z] = montage
         cluster = self.cluster
 
         def pairs(z: int, references: list[int]) -> list[ReferencePair]:
-            futures = [self._pair(slot, z, r, records, future) for r in references]
+            futures = [self._pair(slot, z, r, future, montage, self._montage_of(r)) for r in references]
             return [cluster.result(f) for f in futures]
 
         try:
             stitched = cluster.result(future)
+            name = None if montage is None else cluster.result(montage)
             tiles, stage_px, grid = section_inputs(records, self.pixel_nm)
             p = self.processor
             render = cluster.renderer(p.volume, records, gain=p.gain, dark=p.dark, device=p.device)
-            return p.process(z, tiles, stage_px, grid, info, stitched=stitched, render=render, pairs=pairs)
+            return p.process(z, tiles, stage_px, grid, info, stitched=stitched, render=render, pairs=pairs,
+                             montage=name)
         finally:
             self._drop_pairs(slot)
+            # Montages of sections that are no longer references go, as the processor drops them.
+            self._montages = {k: m for k, m in self._montages.items()
+                              if k in self.processor.montages.current or k > z}
 
     def _cluster_news(self) -> None:
         """Workers that left the cluster since the last section: an alarm each (their tasks
@@ -374,6 +410,19 @@ class ProcessingWorker:
                 self._prefetch(due[k:])
             self.process_slot(slot)
 
+    def _restore_montages(self, z: int) -> None:
+        """The montages of section z's references that are not kept (a resumed run, a retake
+        aligned to older sections), rendered again from their tiles, so that z is aligned as
+        it would have been without the stop; a reference whose tiles are gone is aligned to
+        as written in the volume."""
+        slot_of = {z_: s for s, z_ in self.z_of_slot.items()}
+        for k in self.processor.missing_montages(z):
+            records = self.store.tiles(slot_of[k]) if k in slot_of else []
+            try:
+                self.processor.restore_montage(k, section_inputs(records, self.pixel_nm)[0])
+            except (ValueError, OSError) as exc:
+                log.warning("montage of z=%d not restored (%s): z=%d is aligned to it as written", k, exc, z)
+
     def process_slot(self, slot: int) -> SectionReport | None:
         z = self.z_of_slot[slot]
         records: list[TileRecord] = self.store.tiles(slot)
@@ -383,6 +432,7 @@ class ProcessingWorker:
             if not records:
                 raise ValueError("no tiles stored for this section")
             self._ensure_flatfield()
+            self._restore_montages(z)
             if self.cluster is not None:
                 report = self._process_on_cluster(slot, z, records, info)
             else:

@@ -297,6 +297,27 @@ class Volume:
         transform.save(path)
         return path
 
+    def save_tile_placement(self, z: int, positions: np.ndarray, linear: np.ndarray | None) -> Path:
+        """Where section z's stitching put its tiles, exactly (the record keeps them rounded):
+        its unaligned montage can be rendered again to the bit (a resumed run's references)."""
+        self.check_z(z)
+        d = self.transforms_dir
+        d.mkdir(exist_ok=True)
+        path = d / f"z{z:06d}.tiles.npz"
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, positions=np.asarray(positions, np.float64),
+                 **({} if linear is None else {"linear": np.asarray(linear, np.float64)}))
+        tmp.replace(path)
+        return path
+
+    def load_tile_placement(self, z: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """`save_tile_placement`'s positions and linear parts of section z (None: not stored)."""
+        path = self.transforms_dir / f"z{z:06d}.tiles.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as f:
+            return f["positions"], (f["linear"] if "linear" in f.files else None)
+
     def load_transform(self, z: int) -> SectionTransform:
         path = self.transforms_dir / f"z{z:06d}.npz"
         if not path.exists():

@@ -8,6 +8,7 @@ stage got wrong.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 
@@ -56,13 +58,15 @@ FinalRender = Callable[[int, np.ndarray, SectionTransform, RadialDistortion | No
 @dataclass
 class ReferencePair:
     """Section z aligned to one reference below it: registered (`alignment` and its
-    `match`), or refused with the reason (`why`) and the confidence it reached."""
+    `match`, in the reference's unaligned frame or the volume's, as `frame` says), or
+    refused with the reason (`why`) and the confidence it reached."""
 
     reference: int
     confidence: float
     why: str = ""
     alignment: SectionAlignment | None = None
     match: PairMatch | None = None
+    frame: str = "unaligned"     # the reference as imaged ("unaligned") or as written ("aligned")
 
 
 # Aligns section z to each of the given references (z, reference zs, nearest first), one
@@ -148,47 +152,138 @@ def _overlap_fraction(a: np.ndarray, b: np.ndarray) -> float:
     return both / float(a.shape[0] * a.shape[1])
 
 
-def align_pairs(z: int, references: Sequence[tuple[int, Plane]], canvas: Canvas, tiles: Sequence[np.ndarray],
-                stitched: StitchResult, *, elastic: bool, device: str, scratch: Path | None, prefix: str,
-                volume_root: Path | None) -> list[ReferencePair]:
-    """Section z (its tiles placed by `stitched`) aligned to each of `references` (z and the
-    plane written in the volume), nearest first: the unaligned section is rendered into
-    memory-mapped scratch files once, each reference copied beside it in strips and aligned
-    to it (`align_section` with the live settings). A reference that overlaps too little,
-    or does not register, is refused with the reason."""
-    check_scratch_space(canvas.shape, scratch, volume_root)
+def render_montage(folder: Path, name: str, canvas: Canvas, tiles: Sequence[np.ndarray], positions: np.ndarray, *,
+                   lens: RadialDistortion | None, linear: np.ndarray | None, device: str) -> str:
+    """Section's unaligned montage (its tiles where the stitching put them, on the run's
+    canvas) into `folder` as `name` (`MontageStore.files`): written under other names and
+    renamed when whole, so a reader never sees half a montage. Returns `name`."""
     oy, ox = np.asarray(canvas.origin, float)
-    sol = stitched.solution
-    with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
-        shape = canvas.shape
-        image = np.lib.format.open_memmap(Path(tmp) / "image.npy", "w+", np.float32, shape)
-        cover = np.lib.format.open_memmap(Path(tmp) / "cover.npy", "w+", np.float32, shape)
-        render_to(image, cover, tiles, sol.positions, SectionTransform.identity().shifted(oy, ox),
-                  lens=stitched.lens_applied, device=device, linear=sol.linear)
-        # Each reference is copied from the volume into scratch files once, in strips: the
-        # aligner reads it piecewise ~1000 times, each a chunk decode from the volume (+2.4 s
-        # on the demo's three sections before this copy). One set of files serves them in turn.
-        ref_img = np.lib.format.open_memmap(Path(tmp) / "reference.npy", "w+", np.float32, shape)
-        ref_valid = np.lib.format.open_memmap(Path(tmp) / "reference_valid.npy", "w+", bool, shape)
-        valid = np.lib.format.open_memmap(Path(tmp) / "valid.npy", "w+", bool, shape)
-        for y in range(0, shape[0], STRIP_ROWS):
+    image_path, valid_path = MontageStore.files(folder, name)
+    part = folder / f"{name}.part"
+    shutil.rmtree(part, ignore_errors=True)      # a retried task's first try, killed with its worker
+    part.mkdir()
+    try:
+        image = np.lib.format.open_memmap(part / "image.npy", "w+", np.float32, canvas.shape)
+        cover = np.lib.format.open_memmap(part / "cover.npy", "w+", np.float32, canvas.shape)
+        valid = np.lib.format.open_memmap(part / "valid.npy", "w+", bool, canvas.shape)
+        render_to(image, cover, tiles, positions, SectionTransform.identity().shifted(oy, ox), lens=lens,
+                  device=device, linear=linear)
+        for y in range(0, canvas.shape[0], STRIP_ROWS):
             valid[y:y + STRIP_ROWS] = cover[y:y + STRIP_ROWS] > 0.5
-        results = []
-        for rz, plane in references:
-            for y in range(0, shape[0], STRIP_ROWS):
-                rows = slice(y, y + STRIP_ROWS)
-                ref_img[rows] = plane[rows]
-                ref_valid[rows] = ref_img[rows] > 0
-            if _overlap_fraction(valid, ref_valid) < 0.05:
-                results.append(ReferencePair(rz, 0.0, "too little overlap with the previous section"))
-                continue
-            a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, **LIVE_ELASTIC)
-            if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
-                results.append(ReferencePair(rz, a.confidence, why))
-                continue
-            results.append(ReferencePair(rz, a.confidence, alignment=a, match=matches_of(a, rz, z, ref_valid, valid)))
-        del image, cover, ref_img, ref_valid, valid     # the maps go before their files
-        return results
+        image.flush()
+        valid.flush()
+        del image, cover, valid        # the maps go before their files
+        (part / "valid.npy").replace(valid_path)
+        (part / "image.npy").replace(image_path)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return name
+
+
+class MontageStore:
+    """The unaligned montages of the sections that coming sections may be aligned to, as
+    memory-mapped files in one scratch folder (`folder`, which cluster workers must see).
+    A section is aligned to its references' unaligned montages, as the offline stack is, so
+    its alignment never waits for theirs; a take's files have a name of their own, so a
+    retake never changes the pixels a running alignment reads."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.current: dict[int, str] = {}      # z -> its montage's name
+
+    @staticmethod
+    def files(folder: Path, name: str) -> tuple[Path, Path]:
+        return folder / f"{name}.image.npy", folder / f"{name}.valid.npy"
+
+    @staticmethod
+    def new_name(z: int) -> str:
+        return f"z{z:06d}-{uuid4().hex[:10]}"
+
+    @staticmethod
+    def read(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A montage's image and coverage, memory-mapped read-only."""
+        image_path, valid_path = MontageStore.files(folder, name)
+        return np.load(image_path, mmap_mode="r"), np.load(valid_path, mmap_mode="r")
+
+    def render(self, z: int, canvas: Canvas, tiles: Sequence[np.ndarray], stitched: StitchResult, *,
+               device: str) -> str:
+        return render_montage(self.folder, self.new_name(z), canvas, tiles, stitched.solution.positions,
+                              lens=stitched.lens_applied, linear=stitched.solution.linear, device=device)
+
+    def adopt(self, z: int, name: str) -> None:
+        """`name` is section z's montage now (an earlier take's goes)."""
+        if (old := self.current.get(z)) is not None and old != name:
+            self.discard(old)
+        self.current[z] = name
+
+    def get(self, z: int) -> tuple[np.ndarray, np.ndarray] | None:
+        name = self.current.get(z)
+        return None if name is None else self.read(self.folder, name)
+
+    def discard(self, name: str) -> None:
+        for path in self.files(self.folder, name):
+            path.unlink(missing_ok=True)
+
+    def drop(self, z: int) -> None:
+        if (name := self.current.pop(z, None)) is not None:
+            self.discard(name)
+
+    def keep(self, zs: set[int], upto: int) -> None:
+        """Drop the montages of sections up to `upto` other than `zs`."""
+        for z in [k for k in self.current if k <= upto and k not in zs]:
+            self.drop(z)
+
+    def remove(self) -> None:
+        self.current.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+Montage = tuple[np.ndarray, np.ndarray]     # an unaligned montage's image and coverage
+
+
+def align_pair(z: int, image: np.ndarray, valid: np.ndarray, rz: int, ref_img: np.ndarray, ref_valid: np.ndarray,
+               frame: str, *, elastic: bool, device: str) -> ReferencePair:
+    """Section z (`image`, where `valid`) aligned to reference rz (`ref_img`, `ref_valid`:
+    its unaligned montage, frame "unaligned", or its pixels in the volume, "aligned") with
+    the live settings; refused with the reason when they overlap too little or it does not
+    register."""
+    if _overlap_fraction(valid, ref_valid) < 0.05:
+        return ReferencePair(rz, 0.0, "too little overlap with the previous section", frame=frame)
+    a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, **LIVE_ELASTIC)
+    if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
+        return ReferencePair(rz, a.confidence, why, frame=frame)
+    return ReferencePair(rz, a.confidence, alignment=a, match=matches_of(a, rz, z, ref_valid, valid), frame=frame)
+
+
+def align_pairs(z: int, montage: Montage, references: Sequence[tuple[int, Montage | Plane]], *, elastic: bool,
+                device: str, scratch: Path | None, prefix: str, volume_root: Path | None) -> list[ReferencePair]:
+    """Section z (its unaligned `montage`) aligned to each of `references`, nearest first:
+    a reference's unaligned montage where it is kept, else (a retake, a resumed run) its
+    pixels as written in the volume, copied into scratch files once, in strips (the aligner
+    reads it piecewise ~1000 times, each a chunk decode from the volume)."""
+    image, valid = montage
+    results = []
+    planes = [(rz, src) for rz, src in references if isinstance(src, Plane)]
+    with contextlib.ExitStack() as stack:
+        if planes:
+            check_scratch_space(image.shape, scratch, volume_root)
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix, dir=scratch)))
+            ref_img = np.lib.format.open_memmap(tmp / "reference.npy", "w+", np.float32, image.shape)
+            ref_valid = np.lib.format.open_memmap(tmp / "reference_valid.npy", "w+", bool, image.shape)
+        for rz, src in references:
+            if isinstance(src, Plane):
+                for y in range(0, image.shape[0], STRIP_ROWS):
+                    rows = slice(y, y + STRIP_ROWS)
+                    ref_img[rows] = src[rows]
+                    ref_valid[rows] = ref_img[rows] > 0
+                results.append(align_pair(z, image, valid, rz, ref_img, ref_valid, "aligned", elastic=elastic,
+                                          device=device))
+            else:
+                results.append(align_pair(z, image, valid, rz, *src, "unaligned", elastic=elastic, device=device))
+        if planes:
+            del ref_img, ref_valid      # the maps go before their files
+    return results
 
 
 @dataclass
@@ -277,6 +372,14 @@ class SectionProcessor:
         else:
             for stale in self.scratch.glob(f"{self.scratch_prefix}*"):
                 shutil.rmtree(stale, ignore_errors=True)
+        base = self.scratch if self.scratch is not None else Path(tempfile.gettempdir())
+        self.montages = MontageStore(base / f"{self.scratch_prefix}montages")
+        self._transforms: dict[int, SectionTransform] = {}   # of the sections whose montages are kept
+
+    def close(self) -> None:
+        """Remove the montages kept for coming sections (a processor that is not closed
+        leaves them to the next processor of its volume, which sweeps them)."""
+        self.montages.remove()
 
     @property
     def lens_wanted(self) -> str | RadialDistortion:
@@ -294,11 +397,12 @@ class SectionProcessor:
     def process(
         self, z: int, raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray,
         grid: Sequence[tuple[int, int]], info: dict, *, stitched: StitchResult | None = None,
-        render: FinalRender | None = None, pairs: PairAligner | None = None,
+        render: FinalRender | None = None, pairs: PairAligner | None = None, montage: str | None = None,
     ) -> SectionReport:
-        """Section z: stitch (or take `stitched`, made elsewhere with `lens_wanted`), align
-        to the good sections below (or have `pairs` align it to each of them: the same
-        alignment in other processes; the placement from those pairs is decided here),
+        """Section z: stitch (or take `stitched`, made elsewhere with `lens_wanted`), render
+        its unaligned montage (or take `montage`, rendered into `montages.folder` elsewhere),
+        align it to the good sections below (or have `pairs` align it to each of them: the
+        same alignment in other processes; the placement from those pairs is decided here),
         render into the volume (or have `render` do it: the same rendering in another
         process) and record it."""
         self._rendering = None
@@ -323,17 +427,23 @@ class SectionProcessor:
         retake = self._reference_z is not None and z <= self._reference_z
         head = None if not self.align else self._good_below(z) if retake else self._reference_z
         references = [] if head is None else self._references(head)
+        if self.align:                   # what this section and the coming ones are aligned to
+            if montage is None:
+                check_scratch_space(self.canvas.shape, self.scratch, self.volume_root)
+                montage = self.montages.render(z, self.canvas, tiles, stitched, device=self.device)
+            self.montages.adopt(z, montage)
         placed = Placement("ok", 1.0)
-        if references:                   # nothing to align to: no scratch, no unaligned render
+        if references:
             if pairs is not None:
                 results = pairs(z, [rz for rz, _ in references])
                 if [r.reference for r in results] != [rz for rz, _ in references]:
                     raise RuntimeError(f"z={z}: aligned to {[r.reference for r in results]}, "
                                        f"not to the references {[rz for rz, _ in references]}")
             else:
-                results = align_pairs(z, references, self.canvas, tiles, stitched, elastic=self.elastic,
-                                      device=self.device, scratch=self.scratch, prefix=self.scratch_prefix,
-                                      volume_root=self.volume_root)
+                own = self.montages.get(z)
+                assert own is not None
+                results = align_pairs(z, own, references, elastic=self.elastic, device=self.device,
+                                      scratch=self.scratch, prefix=self.scratch_prefix, volume_root=self.volume_root)
             placed = self._place(z, results)
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
@@ -344,6 +454,8 @@ class SectionProcessor:
         else:
             render(z, sol.positions, p.transform.shifted(oy, ox), lens, sol.linear)
         stored = self._save_transform(z, p.transform)
+        if stored is not None and self.align:
+            self.volume.save_tile_placement(z, sol.positions, sol.linear)
         self.volume.record(z, {
             **info, "status": p.status, "shift_px": list(p.shift), "alignment_confidence": p.confidence,
             "alignment_detail": None if not np.isfinite(p.detail) else p.detail,
@@ -361,7 +473,72 @@ class SectionProcessor:
             self._reference_z = z
         elif z == self._reference_z:
             self._reference_lost(z)
+        self._keep_montages(z, p)
         return SectionReport(z, p.status, max_res, flagged, p.shift, p.confidence, sol.status, p.message, p.repeats)
+
+    def missing_montages(self, z: int) -> list[int]:
+        """The references section z will be aligned to whose montages are not kept (after a
+        resume, or for a retake aligned to older sections): `restore_montage` them first,
+        or z is aligned to their pixels in the volume, which places it slightly differently."""
+        if not self.align:
+            return []
+        retake = self._reference_z is not None and z <= self._reference_z
+        head = self._good_below(z) if retake else self._reference_z
+        if head is None:
+            return []
+        below = sorted(k for k in self._good_sections() if k < head)[::-1][:max(self.neighbours - 1, 0)]
+        return [k for k in (head, *below) if k not in self.montages.current]
+
+    def restore_montage(self, z: int, raw_tiles: Sequence[np.ndarray]) -> None:
+        """Section z's unaligned montage again, from its tiles where its record says the
+        stitching put them (the same pixels as when it was processed), with its placement."""
+        record = self.volume.group.attrs["tapescope"].get("sections", {}).get(str(z), {})
+        if record.get("status") != "ok" or "tile_positions_px" not in record:
+            raise ValueError(f"section z={z} is not recorded as good with its tile positions: no montage to restore")
+        exact = self.volume.load_tile_placement(z) if self.volume_root is not None else None
+        if exact is not None:
+            positions, linear = exact
+        else:
+            positions = np.asarray(record["tile_positions_px"], float)
+            linear = np.asarray(record["tile_linear"], float) if "tile_linear" in record else None
+        if len(positions) != len(raw_tiles):
+            raise ValueError(f"section z={z}: {len(raw_tiles)} tiles, its record places {len(positions)}")
+        lens = RadialDistortion(float(record["lens"]["k1"]), float(record["lens"]["k2"])) if record.get("lens") \
+            else None
+        tiles = [FlatFielded(t, self.gain, self.dark) for t in raw_tiles]
+        check_scratch_space(self.canvas.shape, self.scratch, self.volume_root)
+        name = render_montage(self.montages.folder, self.montages.new_name(z), self.canvas, tiles, positions,
+                              lens=lens, linear=linear, device=self.device)
+        self.montages.adopt(z, name)
+        self._transforms[z] = self.volume.load_transform(z)
+
+    def _keep_montages(self, z: int, placed: Placement) -> None:
+        """Keep the montages (and transforms) of the sections coming sections will be aligned
+        to: the `neighbours` highest good ones. A retake aligned to older ones reads them
+        from the volume."""
+        if placed.status == "ok":
+            self._transforms[z] = placed.transform
+        else:
+            self.montages.drop(z)
+        keep = set(sorted(self._good_sections())[-self.neighbours:])
+        self.montages.keep(keep, max(z, self._reference_z if self._reference_z is not None else z))
+        self._transforms = {k: t for k, t in self._transforms.items() if k in self.montages.current}
+
+    def _transform_of(self, z: int) -> SectionTransform:
+        """Section z's placement (volume pixel -> its unaligned montage's pixel)."""
+        return self._transforms[z] if z in self._transforms else self.volume.load_transform(z)
+
+    def _in_volume(self, r: ReferencePair) -> tuple[SectionTransform, PairMatch]:
+        """A registered pair's transform and matches in the volume's frame: a pair made
+        against the reference's unaligned montage is carried through the reference's own
+        placement."""
+        assert r.alignment is not None and r.match is not None
+        if r.frame == "aligned":
+            return r.alignment.transform, r.match
+        placed = self._transform_of(r.reference)
+        px, py = placed.output_of(r.match.p[:, 0], r.match.p[:, 1])
+        return (placed.then(r.alignment.transform, self.canvas.shape),
+                PairMatch(r.match.fixed_z, r.match.moving_z, np.stack([px, py], 1), r.match.q, r.match.w))
 
     def _place(self, z: int, results: list[ReferencePair]) -> Placement:
         """Where section z goes (`Placement`), from its alignment to each of its references
@@ -371,34 +548,34 @@ class SectionProcessor:
         once, the references held where they were written (`zsolve.solve_stack`), so one
         neighbour that differs more than usual does not decide it alone, and one that does
         not register leaves the others to place the section."""
-        registered = [(r.reference, r.alignment, r.match) for r in results if r.alignment is not None]
+        registered = [(r.reference, r.alignment, *self._in_volume(r)) for r in results if r.alignment is not None]
         refused = [(r.reference, r.confidence, r.why) for r in results if r.alignment is None]
         nearest = results[0].reference
         if not registered:
             _, conf, why = refused[0]
             below = "; ".join(f"z={r}: {w}" for r, _, w in refused[1:])
             return Placement("unaligned", conf, why + (f" (nor to the sections below: {below})" if below else ""))
-        rz, a, _ = registered[0]
+        rz, a, transform, _ = registered[0]
         if rz == nearest and (why := repeat_reason(a.confidence, self._typical("alignment_confidence"), rz,
                                                    a.detail, self._typical("alignment_detail"))):
             return Placement("unaligned", a.confidence, why, detail=a.detail, repeats=rz)
-        transform, conf = a.transform, a.confidence
+        conf = a.confidence
         message = "" if rz == nearest else \
             "aligned to the sections below the previous one: " + "; ".join(f"z={r}: {w}" for r, _, w in refused)
         if len(registered) > 1:
             zs = [r[0] for r in registered] + [z]
-            initial = {r: np.eye(3) for r, _, _ in registered}
-            initial[z] = np.linalg.inv(a.transform.affine3)
-            sol = solve_stack(self.canvas.shape, zs, [m for _, _, m in registered], initial,
+            initial = {r[0]: np.eye(3) for r in registered}
+            initial[z] = np.linalg.inv(transform.affine3)
+            sol = solve_stack(self.canvas.shape, zs, [r[3] for r in registered], initial,
                               SolveParams(elastic=self.elastic, field_spacing=LIVE_ELASTIC["stride"]),
-                              fixed=[r for r, _, _ in registered])
+                              fixed=[r[0] for r in registered])
             transform = sol.transforms[z]
         # Where the canvas centre's content came from: for a pure translation this is the
         # shift s with aligned(p) = moving(p + s).
         cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
         sx, sy = transform.apply(np.array(cx), np.array(cy))
         return Placement("ok", conf, message, transform, (float(sy - cy), float(sx - cx)),
-                         [r for r, _, _ in registered], a.detail)
+                         [r[0] for r in registered], a.detail)
 
     def _typical(self, key: str) -> float:
         """How well this run's good neighbours agree (the median of `key`, a section record's
@@ -409,22 +586,27 @@ class SectionProcessor:
                 if v.get("status") == "ok" and v.get("alignment_references") and v.get(key) is not None]
         return float(np.median(seen)) if seen else 1.0
 
-    def known_references(self, z: int, before: Sequence[int]) -> list[int]:
-        """The sections already in the volume that section z will be aligned to whatever the
-        verdicts on the sections `before` it (processed first, in order): good ones with
-        fewer than `neighbours` sections still to come or good between them and z. Their
-        pairs can be aligned now, while the sections between are still being processed."""
-        if not self.align or self._reference_z is None or z <= self._reference_z:
-            return []                    # no chain yet, or a retake: aligned as it comes
+    def likely_references(self, z: int, before: Sequence[int]) -> list[int]:
+        """The sections section z will be aligned to if the sections `before` it (processed
+        first, in order) are good, as most are: its pairs to them can be aligned now, while
+        those are still being processed, since pairs are made between unaligned montages.
+        A retake is aligned as it comes."""
+        if not self.align or (self._reference_z is not None and z <= self._reference_z):
+            return []
         pending = set(before)
         good = set(self._good_sections()) - pending
-        nearest = sorted((k for k in good | pending if k < z), reverse=True)[:self.neighbours]
-        return [k for k in nearest if k in good]
+        return sorted((k for k in good | pending if k < z), reverse=True)[:self.neighbours]
 
-    def _references(self, head: int) -> list[tuple[int, Plane]]:
-        """Section `head` and up to `neighbours` - 1 good sections below it, nearest first."""
+    def _references(self, head: int) -> list[tuple[int, Montage | Plane]]:
+        """Section `head` and up to `neighbours` - 1 good sections below it, nearest first:
+        each one's unaligned montage where it is kept, else its pixels in the volume."""
         below = sorted(k for k in self._good_sections() if k < head)[::-1][:max(self.neighbours - 1, 0)]
-        return [(k, self._read_reference(k)) for k in (head, *below)]
+        refs: list[tuple[int, Montage | Plane]] = []
+        for k in (head, *below):
+            plane = self._read_reference(k)          # refuses a section that is not good
+            kept = self.montages.get(k)
+            refs.append((k, plane if kept is None else kept))
+        return refs
 
     def prime_from_volume(self, z: int | None = None) -> int | None:
         """Take section z of the volume (default: the highest z recorded "ok") as the
