@@ -299,7 +299,11 @@ class ProcessingWorker:
         """For each of `slots` (processed in z order) whose stitching is under way: its
         alignment to each of the sections it will be aligned to if those under way before
         it are good (`SectionProcessor.likely_references`); a pair for a section that turns
-        out not good is dropped when its section is placed."""
+        out not good is dropped when its section is placed. None before the first section is
+        placed while the lens is still to be estimated: the sections stitched before it are
+        stitched again with it, and their montages made again."""
+        if not self.processor.lens_settled:
+            return
         before: list[int] = []
         for slot in sorted(slots, key=self.z_of_slot.__getitem__):
             z = self.z_of_slot[slot]

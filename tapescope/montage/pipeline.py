@@ -375,11 +375,18 @@ class SectionProcessor:
         base = self.scratch if self.scratch is not None else Path(tempfile.gettempdir())
         self.montages = MontageStore(base / f"{self.scratch_prefix}montages")
         self._transforms: dict[int, SectionTransform] = {}   # of the sections whose montages are kept
+        self.processed = 0      # sections this processor has taken in hand
 
     def close(self) -> None:
         """Remove the montages kept for coming sections (a processor that is not closed
         leaves them to the next processor of its volume, which sweeps them)."""
         self.montages.remove()
+
+    @property
+    def lens_settled(self) -> bool:
+        """Whether sections stitched now keep their stitching: the lens is estimated, not to
+        be estimated, or a section was processed (the first one may estimate it)."""
+        return self.lens is not None or self.lens_mode != "estimate" or self.processed > 0
 
     @property
     def lens_wanted(self) -> str | RadialDistortion:
@@ -406,6 +413,7 @@ class SectionProcessor:
         render into the volume (or have `render` do it: the same rendering in another
         process) and record it."""
         self._rendering = None
+        self.processed += 1
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
         # each crop as it reads it: no float32 copy of the section's tiles is ever whole.
         if stitched is None:
