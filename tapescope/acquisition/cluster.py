@@ -141,6 +141,20 @@ class SectionCluster:
         self.retries = retries
         self.timeout_s = timeout_s
         self._workers = self._current_workers()
+        self._scattered: list[tuple[np.ndarray, Any]] = []      # flat-field arrays sent once, and their futures
+
+    def _shared(self, value: Any) -> Any:
+        """An array every task of the run takes (the flat-field's gain and dark: 121 MB each
+        at 5504 x 5504 px) sent to the workers once, as a future the tasks resolve there,
+        instead of with every task; anything else as it is."""
+        if not isinstance(value, np.ndarray) or value.nbytes < 1 << 16:
+            return value
+        for array, future in self._scattered:
+            if array is value and future.status == "finished":    # not lost with every worker that held it
+                return future
+        future = self.client.scatter(value, broadcast=True, hash=False)
+        self._scattered = [*self._scattered[-1:], (value, future)]    # the gain and the dark
+        return future
 
     def _current_workers(self) -> set[str]:
         return set(self.client.scheduler_info().get("workers", {}))
@@ -159,7 +173,8 @@ class SectionCluster:
     def stitch(self, records: list[TileRecord], pixel_nm: float, *, lens: str | RadialDistortion,
                gain: np.ndarray | None, dark: float | np.ndarray, tile_model: str, priority: int = 0) -> Any:
         """A future of `stitch_task`."""
-        return self.client.submit(stitch_task, records, pixel_nm, lens, gain, dark, tile_model,
+        return self.client.submit(stitch_task, records, pixel_nm, lens, self._shared(gain), self._shared(dark),
+                                  tile_model,
                                   retries=self.retries, pure=False, priority=priority)
 
     def montage(self, folder: Path, z: int, records: list[TileRecord], stitched: Any, canvas: Canvas, *,
@@ -167,7 +182,8 @@ class SectionCluster:
         """A future of `montage_task` (its result: the montage's name in `folder`);
         `stitched` may be the future of the section's stitching."""
         return self.client.submit(montage_task, str(folder), MontageStore.new_name(z), records, stitched, canvas,
-                                  gain, dark, device, retries=self.retries, pure=False, priority=-z)
+                                  self._shared(gain), self._shared(dark), device, retries=self.retries, pure=False,
+                                  priority=-z)
 
     def align(self, volume: Volume, folder: Path, z: int, montage: Any, reference: int, reference_montage: Any,
               *, elastic: bool, device: str, scratch: Path | None, prefix: str) -> Any:
@@ -189,7 +205,8 @@ class SectionCluster:
         def render(z: int, positions: np.ndarray, transform: SectionTransform, lens: RadialDistortion | None,
                    linear: np.ndarray | None) -> int:
             future = self.client.submit(render_task, path, z, records, positions, transform, lens, linear,
-                                        gain, dark, device, retries=self.retries, priority=-z,
+                                        self._shared(gain), self._shared(dark), device, retries=self.retries,
+                                        priority=-z,
                                         key=f"render_task-{z}-{uuid4().hex}")
             return int(self.result(future))
 
