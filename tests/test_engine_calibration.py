@@ -104,3 +104,20 @@ async def test_a_darkfield_whose_blank_fails_is_recorded_and_the_run_goes_on(tmp
     assert len(alarms) == 1 and "darkfield failed" in alarms[0] and "no measured dark" in alarms[0]
     tiles = RunStore(tmp_path / "run").tiles()
     assert all(t.meta["qc"]["mean"] > 500 for t in tiles)                   # the beam was unblanked
+
+
+async def test_auto_exposure_sets_an_8_bit_camera_at_its_own_scale(tmp_path: Path) -> None:
+    """The 16-bit band (6000-10000 counts) is out of an 8-bit camera's reach: it is set with
+    film near half its 255 levels instead, from an exposure that puts film at a quarter."""
+    run = {"scope": {"camera": {"width": 128, "height": 128, "bit_depth": 8}},
+           "run": {"slots": [1, 2], "seed": 4, "roi": "auto", "aperture_um": [7.0, 7.0], "exposure_ms": 1.5,
+                   "calibrate": ["auto_exposure"]},
+           "processing": {"enabled": False}}
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    result = await run_acquisition(parse_config(run), tmp_path / "run", bus)
+    assert result.summary.state.value == "done", result.summary.reason
+    (ae,) = [e for e in events if isinstance(e, CalibrationDone) and e.name == "auto_exposure"]
+    assert ae.ok, ae
+    assert ae.summary["exposure_ms"] > 1.5 and 94 <= ae.summary["level"] <= 156 and ae.summary["band"] == [94, 156]

@@ -176,9 +176,16 @@ class AutoExposure(Routine):
     of counts: bright enough for signal, clear of saturation."""
 
     name: str = "auto_exposure"
-    target: tuple[float, float] = (6000.0, 10000.0)
+    target: tuple[float, float] = (6000.0, 10000.0)     # counts of a 16-bit camera
+    # An 8-bit camera is set up with film near half its scale (256 levels are few to waste):
+    # the 16-bit band as an 8-bit converter of a 2^14-count sensor reads it.
+    target_8bit: tuple[float, float] = (94.0, 156.0)
     max_iterations: int = 5
     max_ms: float = 1000.0
+
+    def band(self, dtype: np.dtype) -> tuple[float, float]:
+        """The target band in counts of frames of `dtype`."""
+        return self.target_8bit if np.dtype(dtype) == np.uint8 else self.target
 
     async def _run(self, engine: Acquisition, *, film_point_nm: tuple[float, float] | None = None, **kw: Any,
                    ) -> dict[str, Any]:
@@ -188,17 +195,20 @@ class AutoExposure(Routine):
         exposure = engine.exposure_ms
         dark = _stored(engine, "dark.tif")
         offset = float(dark.mean()) if dark is not None else 0.0
+        target = self.target
         for _ in range(self.max_iterations):
             self.enter("MEASURE")
-            level = float(np.percentile(await _frame(engine), 95)) - offset
-            if self.target[0] <= level <= self.target[1]:
+            frame = await engine.call_device("camera trigger", cam.trigger, "camera")
+            target = self.band(frame.data.dtype)
+            level = float(np.percentile(frame.data, 95)) - offset
+            if target[0] <= level <= target[1]:
                 engine.exposure_ms = exposure
-                return {"exposure_ms": exposure, "level": level}
+                return {"exposure_ms": exposure, "level": level, "band": list(target)}
             self.enter("ADJUST")
-            want = (self.target[0] + self.target[1]) / 2
+            want = (target[0] + target[1]) / 2
             exposure = float(np.clip(exposure * want / max(level, 1.0), 0.01, self.max_ms))
             await engine.call_device("set exposure", lambda e=exposure: cam.set_exposure(e), "camera")
-        raise CalibrationFailed(f"level not in {self.target} after {self.max_iterations} tries "
+        raise CalibrationFailed(f"level not in {target} after {self.max_iterations} tries "
                                 f"(exposure {exposure:g} ms)")
 
 
