@@ -34,6 +34,7 @@ from tapescope.hardware.gridtape import GridTape, Tension
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_problem
+from tapescope.montage.writer_lock import WriterLock, lock_path
 
 ALIGN_MARGIN_PX = 256   # canvas border that absorbs section offsets on the tape
 
@@ -178,7 +179,7 @@ def never_started(run_dir: Path) -> bool:
     """A run directory that a kill left before its journal: only start-up files, no tile."""
     if not run_dir.is_dir():
         return False
-    allowed = {"config.json", "config.json.part", "run.log", "tiles"}
+    allowed = {"config.json", "config.json.part", "run.log", "tiles", lock_path(run_dir / "volume.zarr").name}
     names = {p.name for p in run_dir.iterdir()}
     return (bool(names) and names <= allowed
             and not any(p.is_file() for p in (run_dir / "tiles").rglob("*")))
@@ -306,71 +307,80 @@ async def run_acquisition(
     unless `volume` says where), or its resumption."""
     if (problem := processing_problem(cfg)) is not None:
         raise ValueError(problem)
-    notes: dict[str, Any] = {}
-    if resume and not (run_dir / "journal.jsonl").exists() and never_started(run_dir):
-        resume = False     # killed before its journal existed: nothing was recorded, start it
-        notes = {"torn_journal_bytes": 0, "torn_tile_files": [], "invalid_tiles": [],
-                 "note": "the run had not started; started it"}
-    if resume:
-        store, cfg, notes = open_for_resume(run_dir, cfg)
-    else:
-        store = RunStore.create(run_dir, snapshot_json(cfg))
-    progress = RunProgress.replay(store)
-    cam, r = cfg.scope.camera, cfg.run
-    async with open_scope(cfg, on_sim) as (scope, _):
-        if r.all_slots:
-            slots = select_slots(all_slots=True, tape_slots=await scope.tape.slot_count())
-        elif r.slot_range is not None:
-            slots = select_slots(slot_range=r.slot_range)
+    with contextlib.ExitStack() as held:
+        # One writer per volume: taken before anything is written where the folder exists
+        # (a resumed run), else as soon as the new run's folder is made.
+        lock_at = (volume or run_dir / "volume.zarr") if cfg.processing.enabled else None
+        if lock_at is not None and lock_at.parent.is_dir():
+            held.enter_context(WriterLock(lock_at, f"the run in {run_dir}"))
+            lock_at = None
+        notes: dict[str, Any] = {}
+        if resume and not (run_dir / "journal.jsonl").exists() and never_started(run_dir):
+            resume = False     # killed before its journal existed: nothing was recorded, start it
+            notes = {"torn_journal_bytes": 0, "torn_tile_files": [], "invalid_tiles": [],
+                     "note": "the run had not started; started it"}
+        if resume:
+            store, cfg, notes = open_for_resume(run_dir, cfg)
         else:
-            slots = select_slots(slots=r.slots)
-        z_of_slot = {s: k for k, s in enumerate(slots)}
-        worker, vol_path, queue = None, None, None
-        if cfg.processing.enabled:
-            vol_path = volume or store.dir / "volume.zarr"
-            worker = _processing(cfg, store, bus, slots, z_of_slot, vol_path, search_canvas(cfg))
-            queue = asyncio.Queue(maxsize=PROCESS_QUEUE)
-        # A resumed run keeps the exposure its auto-exposure chose.
-        exposure = progress.calibrations.get("auto_exposure", {}).get("exposure_ms", r.exposure_ms)
-        engine = Engine(scope, store, bus, slots=slots, exposure_ms=exposure, section_queue=queue,
-                        planner=make_planner(cfg), settings=engine_settings(cfg), progress=progress,
-                        tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm,
-                        calibration=CalibrationSuite(tuple(r.calibrate)) if r.calibrate else None)
-        if worker is not None:
-            worker.on_unregistered = engine.request_reimage   # re-imaged while the tape is loaded
-        if on_engine is not None:
-            on_engine(engine)
-        bridge = None
-        if cfg.mqtt.enabled:
-            from tapescope.mqtt.bridge import BrokerSettings, MqttBridge
-
-            m = cfg.mqtt
-            bridge = MqttBridge(BrokerSettings(m.host, m.port, m.username, password, m.keepalive_s, m.buffer,
-                                               tls=m.tls_files),
-                                bus, cfg.scope.name, engine=engine, run_dir=str(run_dir))
-            bridge.start()
-        consumer = asyncio.create_task(worker.run(queue)) if worker is not None and queue is not None else None
-        try:
-            summary = await engine.run()
-        finally:
-            if consumer is not None:
-                await _finish_processing(consumer, bus)   # what was acquired, even after a failure
+            store = RunStore.create(run_dir, snapshot_json(cfg))
+        if lock_at is not None:
+            held.enter_context(WriterLock(lock_at, f"the run in {run_dir}"))
+        progress = RunProgress.replay(store)
+        cam, r = cfg.scope.camera, cfg.run
+        async with open_scope(cfg, on_sim) as (scope, _):
+            if r.all_slots:
+                slots = select_slots(all_slots=True, tape_slots=await scope.tape.slot_count())
+            elif r.slot_range is not None:
+                slots = select_slots(slot_range=r.slot_range)
+            else:
+                slots = select_slots(slots=r.slots)
+            z_of_slot = {s: k for k, s in enumerate(slots)}
+            worker, vol_path, queue = None, None, None
+            if cfg.processing.enabled:
+                vol_path = volume or store.dir / "volume.zarr"
+                worker = _processing(cfg, store, bus, slots, z_of_slot, vol_path, search_canvas(cfg))
+                queue = asyncio.Queue(maxsize=PROCESS_QUEUE)
+            # A resumed run keeps the exposure its auto-exposure chose.
+            exposure = progress.calibrations.get("auto_exposure", {}).get("exposure_ms", r.exposure_ms)
+            engine = Engine(scope, store, bus, slots=slots, exposure_ms=exposure, section_queue=queue,
+                            planner=make_planner(cfg), settings=engine_settings(cfg), progress=progress,
+                            tile_shape=(cam.height, cam.width), pixel_nm=cam.pixel_size_nm,
+                            calibration=CalibrationSuite(tuple(r.calibrate)) if r.calibrate else None)
             if worker is not None:
-                await asyncio.to_thread(worker.close)
-            if bridge is not None:
-                await bridge.stop()
-    if worker is not None:
-        # What no process of this run has judged (the journal knows, across resumes) is
-        # recorded in the volume as missing, with why.
-        final = RunProgress.replay(store)
-        for slot in slots:
-            p = final.slot(slot)
-            if p.processing is None:
-                what = "acquired, not processed" if p.tiles else "not acquired"
-                worker.processor.record_missing(z_of_slot[slot], {"slot": slot, "z": z_of_slot[slot]},
-                                                f"{what} (run {summary.state.value})")
-    write_report(store, summary, progress, slots, worker, notes)
-    return AcquisitionResult(summary, run_dir, vol_path, worker, notes, slots)
+                worker.on_unregistered = engine.request_reimage   # re-imaged while the tape is loaded
+            if on_engine is not None:
+                on_engine(engine)
+            bridge = None
+            if cfg.mqtt.enabled:
+                from tapescope.mqtt.bridge import BrokerSettings, MqttBridge
+
+                m = cfg.mqtt
+                bridge = MqttBridge(BrokerSettings(m.host, m.port, m.username, password, m.keepalive_s, m.buffer,
+                                                   tls=m.tls_files),
+                                    bus, cfg.scope.name, engine=engine, run_dir=str(run_dir))
+                bridge.start()
+            consumer = asyncio.create_task(worker.run(queue)) if worker is not None and queue is not None else None
+            try:
+                summary = await engine.run()
+            finally:
+                if consumer is not None:
+                    await _finish_processing(consumer, bus)   # what was acquired, even after a failure
+                if worker is not None:
+                    await asyncio.to_thread(worker.close)
+                if bridge is not None:
+                    await bridge.stop()
+        if worker is not None:
+            # What no process of this run has judged (the journal knows, across resumes) is
+            # recorded in the volume as missing, with why.
+            final = RunProgress.replay(store)
+            for slot in slots:
+                p = final.slot(slot)
+                if p.processing is None:
+                    what = "acquired, not processed" if p.tiles else "not acquired"
+                    worker.processor.record_missing(z_of_slot[slot], {"slot": slot, "z": z_of_slot[slot]},
+                                                    f"{what} (run {summary.state.value})")
+        write_report(store, summary, progress, slots, worker, notes)
+        return AcquisitionResult(summary, run_dir, vol_path, worker, notes, slots)
 
 
 PROCESS_QUEUE = 4     # sections waiting for processing; beyond it, processing catches up from disk

@@ -145,6 +145,34 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path: Path) -> Non
     assert {p: tree(p) for p in (tmp_path,)} == before
 
 
+def test_a_volume_has_one_writer_and_a_killed_writer_leaves_no_lock(tmp_path: Path) -> None:
+    """A second writer of a volume (here `process`, while another process holds it) is bad
+    input, naming the holder; once the holder is killed the kernel has dropped its lock and
+    `process` writes the volume."""
+    run_dir = tiny_run(tmp_path / "run", np.uint16)
+    out = tmp_path / "v.zarr"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys; from pathlib import Path; from tapescope.montage.writer_lock import "
+                               f"WriterLock; held = WriterLock(Path({str(out)!r}), 'the run in /runs/r7').acquire(); "
+                               "print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = tree(tmp_path)
+        res = runner.invoke(app, ["process", str(run_dir), "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        text = res.output.replace("\n", "")
+        assert len(lines) == 1 and "is being written by the run in /runs/r7" in text and f"pid {holder.pid}" in text
+        assert tree(tmp_path) == before and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait(10)
+    res = runner.invoke(app, ["process", str(run_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert Volume.open(out).group.attrs["tapescope"]["sections"]["1"]["status"] == "ok"
+
+
 # -- an 8-bit tile set --------------------------------------------------------------------
 
 TILE, STEP = 224, 200         # 2 x 2 tiles per section, 24 px overlap

@@ -30,6 +30,7 @@ from tapescope.config import ConfigError, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.pipeline import SectionProcessor
+from tapescope.montage.writer_lock import WriterLock
 from tapescope.runner import processing_problem, search_canvas
 
 
@@ -127,7 +128,11 @@ def run_process(run_dir: Path, out: Path | None, *, scheduler: str | None, secti
         address = scheduler or proc.scheduler
         if address:
             cluster = SectionCluster(address)
+        # Last of the checks: a lock taken here is a file beside the volume.
+        lock = WriterLock(volume_path, f"tapescope process {run_dir}").acquire()
     except TapescopeError as exc:
+        if cluster is not None:
+            cluster.close()
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     try:
@@ -150,6 +155,7 @@ def run_process(run_dir: Path, out: Path | None, *, scheduler: str | None, secti
     finally:
         if cluster is not None:
             cluster.close()
+        lock.release()
 
 
 def _run(worker: ProcessingWorker, slots: list[int], volume_path: Path, address: str | None,
