@@ -164,7 +164,7 @@ def test_a_scratch_folder_that_is_not_there_is_refused_at_once(tmp_path: Path) -
 
 
 def test_a_retake_that_fails_before_rendering_leaves_the_good_take(tmp_path: Path) -> None:
-    st, _, _, proc = neighbours_and_wrong_tissue(tmp_path, 2)
+    st, _, _, proc = neighbours_and_wrong_tissue(tmp_path, 3)
     for z in range(2):
         assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}).status == "ok"
     tiles, pos, grid = tiles_of(st.images[1])
@@ -173,6 +173,19 @@ def test_a_retake_that_fails_before_rendering_leaves_the_good_take(tmp_path: Pat
     proc.record_missing(1, {"slot": 1}, "ValueError: ...")
     sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
     assert sections["1"]["status"] == "ok" and proc._reference_z == 1
+    # A retake whose alignment fails after its montage was made (a worker lost past its
+    # retries) leaves the good take's montage as what coming sections are aligned to.
+    kept = dict(proc.montages.current)
+
+    def lost(z: int, references: list[int]) -> list:
+        raise RuntimeError("the pair's worker is gone")
+
+    with pytest.raises(RuntimeError, match="worker is gone"):
+        proc.process(1, *tiles_of(st.images[1]), {"slot": 1}, pairs=lost)
+    assert proc.montages.current == kept
+    names = {p.name.split(".")[0] for p in proc.montages.folder.iterdir()}
+    assert names == set(kept.values())           # the failed take's montage is gone
+    assert proc.process(2, *tiles_of(st.images[2]), {"slot": 2}).status == "ok"
 
 
 def test_a_live_section_is_placed_by_the_good_sections_below_it_too(tmp_path: Path) -> None:

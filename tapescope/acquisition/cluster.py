@@ -177,11 +177,11 @@ class SectionCluster:
                                   tile_model,
                                   retries=self.retries, pure=False, priority=priority)
 
-    def montage(self, folder: Path, z: int, records: list[TileRecord], stitched: Any, canvas: Canvas, *,
+    def montage(self, folder: Path, z: int, name: str, records: list[TileRecord], stitched: Any, canvas: Canvas, *,
                 gain: np.ndarray | None, dark: float | np.ndarray, device: str) -> Any:
-        """A future of `montage_task` (its result: the montage's name in `folder`);
+        """A future of `montage_task` (its result: `name`, the montage's in `folder`);
         `stitched` may be the future of the section's stitching."""
-        return self.client.submit(montage_task, str(folder), MontageStore.new_name(z), records, stitched, canvas,
+        return self.client.submit(montage_task, str(folder), name, records, stitched, canvas,
                                   self._shared(gain), self._shared(dark), device, retries=self.retries, pure=False,
                                   priority=-z)
 

@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import tifffile
 
-from tapescope.montage.pipeline import ReferencePair, SectionProcessor, SectionReport
+from tapescope.montage.pipeline import MontageStore, ReferencePair, SectionProcessor, SectionReport
 from tapescope.stitching.flatfield import estimate_flatfield
 
 from .events import Alarm, Event, EventBus, ProcessingBacklog, SectionFinished, SectionProcessed
@@ -28,6 +28,16 @@ from .store import RunStore, TileRecord, section_inputs
 
 if TYPE_CHECKING:
     from .cluster import SectionCluster
+
+
+class Ahead(NamedTuple):
+    """A section's work started on the cluster before its turn."""
+
+    records: list[TileRecord]
+    lens: object                 # the lens it was stitched with
+    stitching: Any               # future of its stitching
+    montage: Any                 # future of its unaligned montage (None: no alignment)
+    name: str                    # that montage's name in the processor's montage folder
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +104,7 @@ class ProcessingWorker:
         # The backlog grows as the engine finishes sections, not only as processing ends them.
         self._unsubscribe = bus.subscribe(self._on_event) if journal else None
         # slot -> (records, lens asked for, future of its stitching, future of its montage)
-        self._stitching: dict[int, tuple[list[TileRecord], object, Any, Any]] = {}
+        self._stitching: dict[int, Ahead] = {}
         # z -> future of the montage of its take last processed (kept while it may be a reference)
         self._montages: dict[int, Any] = {}
         # slot -> (the stitching future its pairs used, reference z -> (its montage's token, pair's future))
@@ -254,9 +264,9 @@ class ProcessingWorker:
         assert self.cluster is not None
         self._ensure_flatfield()
         for slot, ahead in list(self._stitching.items()):
-            if ahead[1] != self.processor.lens_wanted:    # the lens was estimated since: stitched again
+            if ahead.lens != self.processor.lens_wanted:    # the lens was estimated since: stitched again
                 self._cancel(ahead)
-                self._stitching[slot] = self._start(slot, ahead[0])
+                self._stitching[slot] = self._start(slot, ahead.records)
         room = 2 * max(self.cluster.worker_count(), 1) - len(self._stitching)
         for slot in slots:
             if room <= 0:
@@ -269,20 +279,21 @@ class ProcessingWorker:
                 room -= 1
         self._prefetch_pairs(slots)
 
-    def _start(self, slot: int, records: list[TileRecord]) -> tuple[list[TileRecord], object, Any, Any]:
+    def _start(self, slot: int, records: list[TileRecord]) -> Ahead:
         """A section's stitching and its unaligned montage on the cluster."""
         assert self.cluster is not None
         p, z = self.processor, self.z_of_slot[slot]
         stitching = self.cluster.stitch(records, self.pixel_nm, lens=p.lens_wanted, gain=p.gain, dark=p.dark,
                                         tile_model=p.tile_model, priority=-z)
-        montage = self.cluster.montage(p.montages.folder, z, records, stitching, p.canvas, gain=p.gain,
+        name = MontageStore.new_name(z)
+        montage = self.cluster.montage(p.montages.folder, z, name, records, stitching, p.canvas, gain=p.gain,
                                        dark=p.dark, device=p.device) if p.align else None
-        return records, p.lens_wanted, stitching, montage
+        return Ahead(records, p.lens_wanted, stitching, montage, name)
 
-    def _cancel(self, ahead: tuple[list[TileRecord], object, Any, Any]) -> None:
+    def _cancel(self, ahead: Ahead) -> None:
         """Cancel a section's stitching and montage started ahead (a montage already
-        written stays in the folder until the processor is closed)."""
-        for future in ahead[2:]:
+        written goes with the next sweep of the folder)."""
+        for future in (ahead.stitching, ahead.montage):
             if future is not None:
                 future.cancel()
 
@@ -292,7 +303,7 @@ class ProcessingWorker:
         the volume."""
         slot = {z_: s for s, z_ in self.z_of_slot.items()}.get(z)
         if slot in self._stitching:
-            return self._stitching[slot][3]
+            return self._stitching[slot].montage
         return self._montages.get(z, self.processor.montages.current.get(z))
 
     def _prefetch_pairs(self, slots: list[int]) -> None:
@@ -308,7 +319,7 @@ class ProcessingWorker:
         for slot in sorted(slots, key=self.z_of_slot.__getitem__):
             z = self.z_of_slot[slot]
             if slot in self._stitching:
-                stitching, montage = self._stitching[slot][2:]
+                stitching, montage = self._stitching[slot].stitching, self._stitching[slot].montage
                 for reference in self.processor.likely_references(z, before):
                     token = self._montage_of(reference)
                     if token is not None or reference not in before:     # a section not started yet waits
@@ -352,15 +363,13 @@ class ProcessingWorker:
         against another take of this z (or against its pixels in the volume) are dropped."""
         assert self.cluster is not None
         ahead = self._stitching.pop(slot, None)
-        if ahead is None or ahead[0] != records or ahead[1] != self.processor.lens_wanted:
+        if ahead is None or ahead.records != records or ahead.lens != self.processor.lens_wanted:
             if ahead is not None:
                 self._cancel(ahead)
             ahead = self._start(slot, records)
-        _, _, future, montage = ahead
+        future, montage = ahead.stitching, ahead.montage
         for other in list(self._aligning):
             self._drop_pairs(other, reference=z, unless=montage)
-        if montage is not None:
-            self._montages[z] = montage
         cluster = self.cluster
 
         def pairs(z: int, references: list[int]) -> list[ReferencePair]:
@@ -373,13 +382,18 @@ class ProcessingWorker:
             tiles, stage_px, grid = section_inputs(records, self.pixel_nm)
             p = self.processor
             render = cluster.renderer(p.volume, records, gain=p.gain, dark=p.dark, device=p.device)
-            return p.process(z, tiles, stage_px, grid, info, stitched=stitched, render=render, pairs=pairs,
-                             montage=name)
+            report = p.process(z, tiles, stage_px, grid, info, stitched=stitched, render=render, pairs=pairs,
+                               montage=name)
+            if montage is not None:      # this take's montage is z's now (the processor kept it)
+                self._montages[z] = montage
+            return report
         finally:
             self._drop_pairs(slot)
-            # Montages of sections that are no longer references go, as the processor drops them.
+            # Montages of sections that are no longer references go, as the processor drops them,
+            # and those of takes cancelled or failed after theirs was written.
             self._montages = {k: m for k, m in self._montages.items()
                               if k in self.processor.montages.current or k > z}
+            self.processor.montages.sweep({a.name for a in self._stitching.values()})
 
     def _cluster_news(self) -> None:
         """Workers that left the cluster since the last section: an alarm each (their tasks

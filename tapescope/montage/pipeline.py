@@ -234,6 +234,14 @@ class MontageStore:
         for z in [k for k in self.current if k <= upto and k not in zs]:
             self.drop(z)
 
+    def sweep(self, keep: set[str]) -> None:
+        """Remove the montages that are neither kept for a section nor in `keep` (those
+        under way): a take cancelled or failed after its montage was written."""
+        wanted = {*self.current.values(), *keep}
+        for path in self.folder.glob("*.npy"):
+            if path.name.split(".")[0] not in wanted:
+                path.unlink(missing_ok=True)
+
     def remove(self) -> None:
         self.current.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -435,26 +443,32 @@ class SectionProcessor:
         retake = self._reference_z is not None and z <= self._reference_z
         head = None if not self.align else self._good_below(z) if retake else self._reference_z
         references = [] if head is None else self._references(head)
-        if self.align:                   # what this section and the coming ones are aligned to
-            if montage is None:
-                check_scratch_space(self.canvas.shape, self.scratch, self.volume_root)
-                montage = self.montages.render(z, self.canvas, tiles, stitched, device=self.device)
-            self.montages.adopt(z, montage)
+        if self.align and montage is None:     # what this section and the coming ones are aligned to
+            check_scratch_space(self.canvas.shape, self.scratch, self.volume_root)
+            montage = self.montages.render(z, self.canvas, tiles, stitched, device=self.device)
         placed = Placement("ok", 1.0)
-        if references:
-            if pairs is not None:
-                results = pairs(z, [rz for rz, _ in references])
-                if [r.reference for r in results] != [rz for rz, _ in references]:
-                    raise RuntimeError(f"z={z}: aligned to {[r.reference for r in results]}, "
-                                       f"not to the references {[rz for rz, _ in references]}")
-            else:
-                own = self.montages.get(z)
-                assert own is not None
-                results = align_pairs(z, own, references, elastic=self.elastic, device=self.device,
-                                      scratch=self.scratch, prefix=self.scratch_prefix, volume_root=self.volume_root)
-            placed = self._place(z, results)
+        try:
+            if references:
+                if pairs is not None:
+                    results = pairs(z, [rz for rz, _ in references])
+                    if [r.reference for r in results] != [rz for rz, _ in references]:
+                        raise RuntimeError(f"z={z}: aligned to {[r.reference for r in results]}, "
+                                           f"not to the references {[rz for rz, _ in references]}")
+                else:
+                    assert montage is not None
+                    own = MontageStore.read(self.montages.folder, montage)
+                    results = align_pairs(z, own, references, elastic=self.elastic, device=self.device,
+                                          scratch=self.scratch, prefix=self.scratch_prefix,
+                                          volume_root=self.volume_root)
+                placed = self._place(z, results)
+        except BaseException:
+            if montage is not None:      # this take's, never kept: an earlier good take's stays
+                self.montages.discard(montage)
+            raise
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
+        if montage is not None:
+            self.montages.adopt(z, montage)
         p = placed
         if render is None:
             render_section(self.volume, z, tiles, sol.positions, p.transform.shifted(oy, ox), lens=lens,
@@ -513,12 +527,13 @@ class SectionProcessor:
             raise ValueError(f"section z={z}: {len(raw_tiles)} tiles, its record places {len(positions)}")
         lens = RadialDistortion(float(record["lens"]["k1"]), float(record["lens"]["k2"])) if record.get("lens") \
             else None
+        placed = self.volume.load_transform(z)      # no montage kept without its placement
         tiles = [FlatFielded(t, self.gain, self.dark) for t in raw_tiles]
         check_scratch_space(self.canvas.shape, self.scratch, self.volume_root)
         name = render_montage(self.montages.folder, self.montages.new_name(z), self.canvas, tiles, positions,
                               lens=lens, linear=linear, device=self.device)
         self.montages.adopt(z, name)
-        self._transforms[z] = self.volume.load_transform(z)
+        self._transforms[z] = placed
 
     def _keep_montages(self, z: int, placed: Placement) -> None:
         """Keep the montages (and transforms) of the sections coming sections will be aligned
