@@ -173,6 +173,30 @@ def test_a_volume_has_one_writer_and_a_killed_writer_leaves_no_lock(tmp_path: Pa
     assert Volume.open(out).group.attrs["tapescope"]["sections"]["1"]["status"] == "ok"
 
 
+def test_a_reference_retaken_since_is_not_made_again_from_the_newer_tiles(tmp_path: Path) -> None:
+    """Slot 1 was retaken after it was processed and the retake never was (the tiles are
+    rewritten in place; the volume keeps the good take). A later `process` must not rebuild
+    z=1's montage from the retake's tiles at the good take's positions: z=2 is aligned to z=1
+    as written, and an alarm says why."""
+    run_dir = tiny_run(tmp_path / "run", np.uint16, sections=3)
+    out = tmp_path / "v.zarr"
+    res = runner.invoke(app, ["process", str(run_dir), "--out", str(out), "--sections", "0-1"])
+    assert res.exit_code == 0, res.output
+    store = RunStore(run_dir)
+    for r in store.tiles(1):                # the retake: another picture at the same places
+        data = tifffile.imread(r.path)
+        store.write_tile(1, r.row, r.col, np.ascontiguousarray(data[::-1]), y_nm=r.y_nm, x_nm=r.x_nm,
+                         meta={"barcode": "B1"})
+    store.log_event("section_done", slot=1, status="complete", n_tiles=4, time=time.time())
+    res = runner.invoke(app, ["process", str(run_dir), "--out", str(out), "--sections", "2-2"])
+    assert res.exit_code == 0, res.output
+    text = res.output.replace("\n", "")
+    assert "montage of z=1 not made again (its tiles are a newer take" in text, res.output
+    assert "montage of z=0" not in text                       # z=0's tiles are its own: made again
+    records = Volume.open(out).group.attrs["tapescope"]["sections"]
+    assert records["2"]["status"] == "ok" and records["2"]["alignment_references"] == [1, 0]
+
+
 # -- an 8-bit tile set --------------------------------------------------------------------
 
 TILE, STEP = 224, 200         # 2 x 2 tiles per section, 24 px overlap

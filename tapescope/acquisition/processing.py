@@ -431,21 +431,37 @@ class ProcessingWorker:
     def _restore_montages(self, z: int) -> None:
         """The montages of section z's references that are not kept (a resumed run, a retake
         aligned to older sections), rendered again from their tiles, so that z is aligned as
-        it would have been without the stop; a reference whose tiles are gone is aligned to
-        as written in the volume."""
+        it would have been without the stop. A reference whose tiles are gone, or are a newer
+        take's than the one in the volume (a retake that failed: the tiles are rewritten in
+        place, the good take's pixels kept), is aligned to as written in the volume: its tiles
+        at the good take's positions would be another picture in the good take's place."""
+        missing = self.processor.missing_montages(z)
+        if not missing:
+            return
         slot_of = {z_: s for s, z_ in self.z_of_slot.items()}
-        for k in self.processor.missing_montages(z):
+        takes = acquired_takes(self.store.events())
+        sections = self.processor.volume.group.attrs["tapescope"].get("sections", {})
+        for k in missing:
             records = self.store.tiles(slot_of[k]) if k in slot_of else []
+            kept_take = sections.get(str(k), {}).get("take")
+            latest = takes.get(slot_of[k], (None,))[0] if k in slot_of else None
             try:
+                if kept_take is not None and latest != kept_take:
+                    raise ValueError(f"its tiles are a newer take (journal line {latest}) than the one in the "
+                                     f"volume (line {kept_take})")
                 self.processor.restore_montage(k, section_inputs(records, self.pixel_nm)[0])
             except (ValueError, OSError) as exc:
-                log.warning("montage of z=%d not restored (%s): z=%d is aligned to it as written", k, exc, z)
+                self.bus.emit(Alarm("alignment", f"montage of z={k} not made again ({exc}): z={z} is aligned to "
+                                    "it as written in the volume", "warning"))
 
     def process_slot(self, slot: int) -> SectionReport | None:
         z = self.z_of_slot[slot]
         records: list[TileRecord] = self.store.tiles(slot)
+        # The take (its section_done's journal line) whose tiles these are: the tiles of a
+        # later take are written over them.
+        take = acquired_takes(self.store.events()).get(slot, (None,))[0]
         info = {"slot": slot, "z": z, "barcode": records[0].meta.get("barcode", "") if records else "",
-                "tiles": len(records)}
+                "tiles": len(records), "take": take}
         try:
             if not records:
                 raise ValueError("no tiles stored for this section")
