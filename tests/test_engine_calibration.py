@@ -57,17 +57,22 @@ async def test_calibrations_measure_what_the_simulator_holds(tmp_path: Path) -> 
         assert summary["gain"] > 1.2       # the sweep saw focus matter
 
 
+async def calibrations_of(run: dict, run_dir: Path) -> dict[str, CalibrationDone]:
+    """Run `run` (ending done) and return its calibrations' verdicts by name."""
+    bus = EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    result = await run_acquisition(parse_config(run), run_dir, bus)
+    assert result.summary.state.value == "done", result.summary.reason
+    return {e.name: e for e in events if isinstance(e, CalibrationDone)}
+
+
 async def test_film_calibrations_in_grid_mode_are_not_run_and_say_why(tmp_path: Path) -> None:
     run = {"scope": {"camera": {"width": 128, "height": 128}},
            "run": {"slots": [0, 1], "grid": [2, 2], "seed": 3, "exposure_ms": 3.0, "roi": "grid",
                    "calibrate": ["brightfield", "auto_exposure"]},
            "processing": {"enabled": False}}
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(events.append)
-    result = await run_acquisition(parse_config(run), tmp_path / "run", bus)
-    assert result.summary.state.value == "done", result.summary.reason
-    done = {e.name: e for e in events if isinstance(e, CalibrationDone)}
+    done = await calibrations_of(run, tmp_path / "run")
     assert set(done) == {"brightfield", "auto_exposure"} and not any(e.ok for e in done.values())
     assert all("no overview" in e.summary["skipped"] for e in done.values())
     journal = [json.loads(x) for x in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
@@ -113,11 +118,6 @@ async def test_auto_exposure_sets_an_8_bit_camera_at_its_own_scale(tmp_path: Pat
            "run": {"slots": [1, 2], "seed": 4, "roi": "auto", "aperture_um": [7.0, 7.0], "exposure_ms": 1.5,
                    "calibrate": ["auto_exposure"]},
            "processing": {"enabled": False}}
-    bus = EventBus()
-    events: list[Event] = []
-    bus.subscribe(events.append)
-    result = await run_acquisition(parse_config(run), tmp_path / "run", bus)
-    assert result.summary.state.value == "done", result.summary.reason
-    (ae,) = [e for e in events if isinstance(e, CalibrationDone) and e.name == "auto_exposure"]
+    ae = (await calibrations_of(run, tmp_path / "run"))["auto_exposure"]
     assert ae.ok, ae
     assert ae.summary["exposure_ms"] > 1.5 and 94 <= ae.summary["level"] <= 156 and ae.summary["band"] == [94, 156]
