@@ -289,21 +289,24 @@ class Volume:
             raise ValueError("transforms are stored beside a volume on a local disk only")
         return root.with_suffix(".transforms")
 
-    def save_transform(self, z: int, transform: SectionTransform) -> Path:
+    def _section_file(self, z: int, kind: str = "") -> Path:
+        """Section z's file of `kind` beside the volume ("": its transform)."""
+        return self.transforms_dir / f"z{z:06d}{kind}.npz"
+
+    def _new_section_file(self, z: int, kind: str = "") -> Path:
         self.check_z(z)
-        d = self.transforms_dir
-        d.mkdir(exist_ok=True)
-        path = d / f"z{z:06d}.npz"
+        self.transforms_dir.mkdir(exist_ok=True)
+        return self._section_file(z, kind)
+
+    def save_transform(self, z: int, transform: SectionTransform) -> Path:
+        path = self._new_section_file(z)
         transform.save(path)
         return path
 
     def save_tile_placement(self, z: int, positions: np.ndarray, linear: np.ndarray | None) -> Path:
         """Where section z's stitching put its tiles, exactly (the record keeps them rounded):
         its unaligned montage can be rendered again to the bit (a resumed run's references)."""
-        self.check_z(z)
-        d = self.transforms_dir
-        d.mkdir(exist_ok=True)
-        path = d / f"z{z:06d}.tiles.npz"
+        path = self._new_section_file(z, ".tiles")
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, positions=np.asarray(positions, np.float64),
                  **({} if linear is None else {"linear": np.asarray(linear, np.float64)}))
@@ -312,14 +315,14 @@ class Volume:
 
     def load_tile_placement(self, z: int) -> tuple[np.ndarray, np.ndarray | None] | None:
         """`save_tile_placement`'s positions and linear parts of section z (None: not stored)."""
-        path = self.transforms_dir / f"z{z:06d}.tiles.npz"
+        path = self._section_file(z, ".tiles")
         if not path.exists():
             return None
         with np.load(path) as f:
             return f["positions"], (f["linear"] if "linear" in f.files else None)
 
     def load_transform(self, z: int) -> SectionTransform:
-        path = self.transforms_dir / f"z{z:06d}.npz"
+        path = self._section_file(z)
         if not path.exists():
             raise FileNotFoundError(f"no stored transform for z={z} ({path})")
         return SectionTransform.load(path)

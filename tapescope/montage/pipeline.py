@@ -272,7 +272,7 @@ def align_pairs(z: int, montage: Montage, references: Sequence[tuple[int, Montag
     reads it piecewise ~1000 times, each a chunk decode from the volume)."""
     image, valid = montage
     results = []
-    planes = [(rz, src) for rz, src in references if isinstance(src, Plane)]
+    planes = any(isinstance(src, Plane) for _, src in references)
     with contextlib.ExitStack() as stack:
         if planes:
             check_scratch_space(image.shape, scratch, volume_root)
@@ -438,11 +438,7 @@ class SectionProcessor:
         flagged = int((used > SEAM_FLAG_PX).sum())
 
         oy, ox = np.asarray(self.canvas.origin, float)
-        # A retake (a section re-imaged after later ones were processed) is aligned to the
-        # good section below it, read back from the volume, and does not become the reference.
-        retake = self._reference_z is not None and z <= self._reference_z
-        head = None if not self.align else self._good_below(z) if retake else self._reference_z
-        references = [] if head is None else self._references(head)
+        references = self._references(z)
         if self.align and montage is None:     # what this section and the coming ones are aligned to
             check_scratch_space(self.canvas.shape, self.scratch, self.volume_root)
             montage = self.montages.render(z, self.canvas, tiles, stitched, device=self.device)
@@ -502,14 +498,7 @@ class SectionProcessor:
         """The references section z will be aligned to whose montages are not kept (after a
         resume, or for a retake aligned to older sections): `restore_montage` them first,
         or z is aligned to their pixels in the volume, which places it slightly differently."""
-        if not self.align:
-            return []
-        retake = self._reference_z is not None and z <= self._reference_z
-        head = self._good_below(z) if retake else self._reference_z
-        if head is None:
-            return []
-        below = sorted(k for k in self._good_sections() if k < head)[::-1][:max(self.neighbours - 1, 0)]
-        return [k for k in (head, *below) if k not in self.montages.current]
+        return [k for k in self._reference_zs(z) if k not in self.montages.current]
 
     def restore_montage(self, z: int, raw_tiles: Sequence[np.ndarray]) -> None:
         """Section z's unaligned montage again, from its tiles where its record says the
@@ -620,12 +609,25 @@ class SectionProcessor:
         good = set(self._good_sections()) - pending
         return sorted((k for k in good | pending if k < z), reverse=True)[:self.neighbours]
 
-    def _references(self, head: int) -> list[tuple[int, Montage | Plane]]:
-        """Section `head` and up to `neighbours` - 1 good sections below it, nearest first:
-        each one's unaligned montage where it is kept, else its pixels in the volume."""
+    def _reference_zs(self, z: int) -> list[int]:
+        """The sections section z is aligned to, nearest first: the reference (for a retake,
+        a section re-imaged after later ones were processed, the good section below it,
+        read back from the volume; a retake does not become the reference) and up to
+        `neighbours` - 1 good sections below that; none without alignment or a chain."""
+        if not self.align:
+            return []
+        retake = self._reference_z is not None and z <= self._reference_z
+        head = self._good_below(z) if retake else self._reference_z
+        if head is None:
+            return []
         below = sorted(k for k in self._good_sections() if k < head)[::-1][:max(self.neighbours - 1, 0)]
+        return [head, *below]
+
+    def _references(self, z: int) -> list[tuple[int, Montage | Plane]]:
+        """Section z's references (`_reference_zs`), each as its unaligned montage where it
+        is kept, else its pixels in the volume."""
         refs: list[tuple[int, Montage | Plane]] = []
-        for k in (head, *below):
+        for k in self._reference_zs(z):
             plane = self._read_reference(k)          # refuses a section that is not good
             kept = self.montages.get(k)
             refs.append((k, plane if kept is None else kept))
