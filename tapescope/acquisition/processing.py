@@ -90,6 +90,7 @@ class ProcessingWorker:
         self.processor = processor
         self.bus = bus
         self.z_of_slot = z_of_slot
+        self.slot_of_z = {z: s for s, z in z_of_slot.items()}
         self.pixel_nm = pixel_nm
         self.flatfield = flatfield
         self.on_unregistered = on_unregistered      # called on the loop: (slot, why)
@@ -204,16 +205,15 @@ class ProcessingWorker:
             if self.cluster is not None:
                 await asyncio.to_thread(self._prefetch, [s for s, _ in due[k:]])
             self._tried[slot] = line
-            report = await asyncio.to_thread(self.process_slot, slot)
+            report = await asyncio.to_thread(self.process_slot, slot, line)
             if report is not None and report.status == "unaligned" and self.on_unregistered is not None:
                 if await asyncio.to_thread(self._newer_take, slot, line):
                     continue     # judged an older take; the newer one is judged next
                 self._queue_reimage(slot, report.message)
                 # A repeat does not say which take is wrong: this one slipped back, or the one
                 # before slipped forward onto this section. Both are re-imaged.
-                slot_of = {z: s for s, z in self.z_of_slot.items()}
-                if report.repeats is not None and report.repeats in slot_of:
-                    self._queue_reimage(slot_of[report.repeats], f"slot {slot} repeats it: one of the two takes "
+                if report.repeats is not None and report.repeats in self.slot_of_z:
+                    self._queue_reimage(self.slot_of_z[report.repeats], f"slot {slot} repeats it: one of the two takes "
                                         "shows the wrong section (a tape slip?); both are re-imaged")
 
     def _queue_reimage(self, slot: int, why: str) -> None:
@@ -301,7 +301,7 @@ class ProcessingWorker:
         """What section z's pairs are aligned against: the future of its montage (a section
         under way, or processed from one), its kept montage's name, or None: its pixels in
         the volume."""
-        slot = {z_: s for s, z_ in self.z_of_slot.items()}.get(z)
+        slot = self.slot_of_z.get(z)
         if slot in self._stitching:
             return self._stitching[slot].montage
         return self._montages.get(z, self.processor.montages.current.get(z))
@@ -426,7 +426,7 @@ class ProcessingWorker:
         for k, slot in enumerate(due):
             if self.cluster is not None:
                 self._prefetch(due[k:])
-            self.process_slot(slot)
+            self.process_slot(slot, takes[slot][0])
 
     def _restore_montages(self, z: int) -> None:
         """The montages of section z's references that are not kept (a resumed run, a retake
@@ -438,13 +438,13 @@ class ProcessingWorker:
         missing = self.processor.missing_montages(z)
         if not missing:
             return
-        slot_of = {z_: s for s, z_ in self.z_of_slot.items()}
         takes = acquired_takes(self.store.events())
         sections = self.processor.volume.group.attrs["tapescope"].get("sections", {})
         for k in missing:
-            records = self.store.tiles(slot_of[k]) if k in slot_of else []
+            slot = self.slot_of_z.get(k)
+            records = self.store.tiles(slot) if slot is not None else []
             kept_take = sections.get(str(k), {}).get("take")
-            latest = takes.get(slot_of[k], (None,))[0] if k in slot_of else None
+            latest = takes.get(slot, (None,))[0] if slot is not None else None
             try:
                 if kept_take is not None and latest != kept_take:
                     raise ValueError(f"its tiles are a newer take (journal line {latest}) than the one in the "
@@ -454,12 +454,11 @@ class ProcessingWorker:
                 self.bus.emit(Alarm("alignment", f"montage of z={k} not made again ({exc}): z={z} is aligned to "
                                     "it as written in the volume", "warning"))
 
-    def process_slot(self, slot: int) -> SectionReport | None:
+    def process_slot(self, slot: int, take: int) -> SectionReport | None:
+        """Section `slot` as its take at journal line `take` (its section_done) left it: the
+        record names the take, since a later take's tiles are written over these."""
         z = self.z_of_slot[slot]
         records: list[TileRecord] = self.store.tiles(slot)
-        # The take (its section_done's journal line) whose tiles these are: the tiles of a
-        # later take are written over them.
-        take = acquired_takes(self.store.events()).get(slot, (None,))[0]
         info = {"slot": slot, "z": z, "barcode": records[0].meta.get("barcode", "") if records else "",
                 "tiles": len(records), "take": take}
         try:
