@@ -307,13 +307,11 @@ async def run_acquisition(
     unless `volume` says where), or its resumption."""
     if (problem := processing_problem(cfg)) is not None:
         raise ValueError(problem)
-    with contextlib.ExitStack() as held:
-        # One writer per volume: taken before anything is written where the folder exists
-        # (a resumed run), else as soon as the new run's folder is made.
-        lock_at = (volume or run_dir / "volume.zarr") if cfg.processing.enabled else None
-        if lock_at is not None and lock_at.parent.is_dir():
-            held.enter_context(WriterLock(lock_at, f"the run in {run_dir}"))
-            lock_at = None
+    # One writer per volume, taken before anything is written (it makes the volume's folder,
+    # a new run's, for its lock file).
+    writer = WriterLock(volume or run_dir / "volume.zarr", f"the run in {run_dir}") if cfg.processing.enabled \
+        else contextlib.nullcontext()
+    with writer:
         notes: dict[str, Any] = {}
         if resume and not (run_dir / "journal.jsonl").exists() and never_started(run_dir):
             resume = False     # killed before its journal existed: nothing was recorded, start it
@@ -323,8 +321,6 @@ async def run_acquisition(
             store, cfg, notes = open_for_resume(run_dir, cfg)
         else:
             store = RunStore.create(run_dir, snapshot_json(cfg))
-        if lock_at is not None:
-            held.enter_context(WriterLock(lock_at, f"the run in {run_dir}"))
         progress = RunProgress.replay(store)
         cam, r = cfg.scope.camera, cfg.run
         async with open_scope(cfg, on_sim) as (scope, _):
