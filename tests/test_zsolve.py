@@ -256,6 +256,28 @@ def test_a_long_stack_solved_window_by_window_matches_the_whole_solve() -> None:
     assert float(np.sqrt((errs ** 2).mean())) < 0.25
 
 
+def test_pinned_sections_keep_their_affine_and_field_exactly() -> None:
+    """Sections already written (live, or an earlier window) are held exactly where they
+    are, field and all, and the free sections are placed against them as the whole solve
+    places them."""
+    n = 10
+    grid = np.stack(np.meshgrid(np.arange(8, 250, 12.0), np.arange(8, 250, 12.0)), -1).reshape(-1, 2)
+    _forward, matches, initial = _waved_stack(3, n, (60, 70), grid, 0.1)
+    whole = solve_stack(SHAPE, list(range(n)), matches, initial)
+    pinned = [0, 1, 2]
+    start = {z: (whole.forward[z] if z in pinned else initial[z]) for z in range(n)}
+    part = solve_stack(SHAPE, list(range(n)), matches, start, fixed=pinned,
+                       fixed_fields={z: whole.fields[z] for z in pinned})
+    for z in pinned:
+        np.testing.assert_array_equal(part.forward[z], whole.forward[z])
+        np.testing.assert_array_equal(part.fields[z], whole.fields[z])
+    pts = grid[(grid > 40).all(1) & (grid < 216).all(1)]
+    for z in range(3, n):
+        a = np.stack(whole.transforms[z].apply(*pts.T), 1)
+        b = np.stack(part.transforms[z].apply(*pts.T), 1)
+        assert float(np.sqrt(((a - b) ** 2).sum(1).mean())) < 0.1
+
+
 def test_a_large_section_is_solved_on_a_grid_that_does_not_grow_with_it() -> None:
     """Sections of 2048 px distorted by smooth fields, matched every 32 px with 0.5 px of
     noise (as real neighbours scatter): on the default grid (at most 33 nodes a side, here

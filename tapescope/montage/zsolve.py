@@ -31,18 +31,18 @@ the inverse of F_z, found by fixed-point iteration on the transform's field grid
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from tapescope.graph import groups
 
 from .align import SectionAlignment
 from .flow import second_differences
+from .sparse_solve import NormalSolver
 from .transform import SectionTransform
 
 MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
@@ -178,6 +178,18 @@ class _Layout:
     def flow(self, step: int) -> int:
         return len(self.zs) * self.per_section + (step - self.z0) * self.nv
 
+    def positions(self) -> np.ndarray:
+        """(n, 2) where each unknown sits, px (x, y) on its grid; NaN for the affine terms,
+        which are coupled to the whole section: for the solver's elimination order."""
+        xy = np.full((self.n, 2), np.nan)
+        for z in self.zs:
+            ids = np.arange(self.nd)
+            xy[self.field(z) + ids] = np.stack([ids % self.dw, ids // self.dw], 1) * self.ds
+        for k in range(self.z0, self.z0 + self.steps):
+            ids = np.arange(self.nv)
+            xy[self.flow(k) + ids] = np.stack([ids % self.vw, ids // self.vw], 1) * self.vs
+        return xy
+
 
 def _rows(coo: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_rows: int, n: int) -> sp.csr_matrix:
     r = np.concatenate([c[0] for c in coo])
@@ -243,6 +255,24 @@ def solve_stack(
     prior_gain = 1.0
     bend_rows = set(bending)
 
+    # Where each unknown starts (the initial affine, no distortion), and which are known: the
+    # pinned sections' (their affine and field as given).
+    start = np.zeros((lay.n, 2))
+    for z in zs:
+        a = lay.affine(z)
+        start[a], start[a + 1] = initial[z][:2, 0], initial[z][:2, 1]
+        start[a + 2] = (initial[z] @ [*centre, 1])[:2]
+    pinned = [z for z in zs if z in set(fixed)]
+    known = np.zeros(lay.n, bool)
+    known_at = start.copy()
+    for z in pinned:
+        known[lay.affine(z):lay.affine(z) + lay.per_section] = True
+        if p.elastic and fixed_fields is not None and z in fixed_fields:
+            known_at[lay.field(z):lay.field(z) + lay.nd] = np.asarray(fixed_fields[z], np.float64)
+    known_cols, free_cols = np.flatnonzero(known), np.flatnonzero(~known)
+    known_vals = known_at[known_cols]
+    solver = NormalSolver(lay.positions()[free_cols])
+
     residual: dict[tuple[int, int], float] = {}
     kept: dict[tuple[int, int], float] = {}
     for it in range(p.iterations):
@@ -287,20 +317,6 @@ def solve_stack(
                 targets.append((row, s_aff * rot[:, k]))
                 row += 1
         gauge = np.sqrt(total_w)
-        pinned = [z for z in zs if z in set(fixed)]
-        for z in pinned:        # far stronger than any data: these sections do not move
-            pin = 1e3 * gauge
-            for k in range(3):
-                coo.append((np.array([row]), np.array([lay.affine(z) + k]), np.array([pin])))
-                col = initial[z][:2, k] if k < 2 else (initial[z] @ [*centre, 1])[:2]
-                targets.append((row, pin * np.asarray(col, np.float64)))
-                row += 1
-            if p.elastic:
-                ids = np.arange(lay.nd)
-                coo.append((row + ids, lay.field(z) + ids, np.full(lay.nd, pin)))
-                if fixed_fields is not None and z in fixed_fields:
-                    targets += [(row + i, pin * v) for i, v in enumerate(np.asarray(fixed_fields[z], np.float64))]
-                row += lay.nd
         mean0 = np.mean([np.concatenate([initial[z][:2, :2].T.ravel(), (initial[z] @ [*centre, 1])[:2]])
                          for z in zs], axis=0)
         # unknown order per coordinate c: (a_c1, a_c2, b_c); mean0 holds A's columns then b.
@@ -327,29 +343,32 @@ def solve_stack(
         rhs = np.zeros((row, 2))
         for r, t in targets:
             rhs[r] = t
-        normal = (mat.T @ mat).tocsc()
+        # The pinned sections' unknowns are known: moved to the right-hand side, so that the
+        # system holds only the unknowns that move.
+        cols = mat.tocsc()
+        if known_cols.size:
+            rhs = rhs - cols[:, known_cols] @ known_vals
+        a_free = cols[:, free_cols]
+        normal = (a_free.T @ a_free).tocsc()
         # The priors scale with the data a node sees: a section whose every match point has
         # weight 0 (all rejected, or none where both sections were imaged) leaves its unknowns
         # free and the system singular. Those unknowns (nothing in the system sees them) are
         # held where they start: the initial affine, no distortion. The rest is untouched.
-        start = np.zeros((lay.n, 2))
-        for z in zs:
-            a = lay.affine(z)
-            start[a], start[a + 1] = initial[z][:2, 0], initial[z][:2, 1]
-            start[a + 2] = (initial[z] @ [*centre, 1])[:2]
-        free = (normal.diagonal() <= 0).astype(np.float64)
-        normal = (normal + sp.diags(free, format="csc")).tocsc()
+        hold = (normal.diagonal() <= 0).astype(np.float64)
+        normal = (normal + sp.diags(hold, format="csc")).tocsc()
+        at_b = a_free.T @ rhs
         try:
-            solve = _factorize(normal)
+            x_free = solver.solve(normal, at_b + hold[:, None] * start[free_cols], prior_gain)
         except RuntimeError:
             # Singular through a combination of unknowns, not one alone: a ridge far below
             # any data term on all of them.
-            seen = np.asarray(mat[reg_rows:data_rows].power(2).sum(axis=0)).ravel()
+            seen = np.asarray(a_free[reg_rows:data_rows].power(2).sum(axis=0)).ravel()
             ridge = RIDGE * (float(seen[seen > 0].mean()) if (seen > 0).any() else 1.0)
-            free = free + ridge
-            normal = (normal + ridge * sp.identity(lay.n, format="csc")).tocsc()
-            solve = _factorize(normal)
-        x = np.stack([solve(mat.T @ rhs[:, c] + free * start[:, c]) for c in (0, 1)], 1)
+            normal = (normal + ridge * sp.identity(len(free_cols), format="csc")).tocsc()
+            x_free = solver.solve(normal, at_b + (hold + ridge)[:, None] * start[free_cols], prior_gain)
+        x = np.zeros((lay.n, 2))
+        x[free_cols] = x_free
+        x[known_cols] = known_vals
         # Unpack: forward affines and fields.
         for z in zs:
             a = lay.affine(z)
@@ -466,15 +485,6 @@ def solve_windowed(
             break
         start += step
     return StackSolution(transforms, forward, residual, kept, fields)
-
-
-def _factorize(normal: sp.csc_matrix) -> Callable[[np.ndarray], np.ndarray]:
-    """LU of the symmetric positive (semi-)definite normal matrix with a symmetric fill-reducing
-    order (minimum degree on A + A^T) and no pivoting off the diagonal. SuperLU's default
-    column order ignores the symmetry: on 23 sections of 520 px (6.7k unknowns) it took 36x
-    longer for the same solution (within 1e-6 px)."""
-    lu = spla.splu(normal, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-    return lu.solve
 
 
 def _connected(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> bool:
