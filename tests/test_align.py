@@ -176,8 +176,10 @@ class _Counting:
 
 def test_alignment_reads_sections_in_strips(stack, monkeypatch: pytest.MonkeyPatch) -> None:
     import tapescope.montage.align as align_mod
+    import tapescope.montage.flow as flow_mod
 
     monkeypatch.setattr(align_mod, "STRIP_ROWS", 64)
+    monkeypatch.setattr(flow_mod, "STRIP_PX", 96 * SHAPE[1])
     fixed, moving = _Counting(stack.images[0]), _Counting(stack.images[1])
     a = align_section(fixed, moving)
     whole = SHAPE[0] * SHAPE[1]

@@ -156,7 +156,7 @@ def flow_rows(
     h, w = shape
     gh, gw = -(-h // stride) + 1, -(-w // stride) + 1
     half = patch // 2
-    rows = max(2 * patch, STRIP_PX // max(w, 1))
+    rows = max(patch, STRIP_PX // max(w, 1))
     fixed_rows, moving_rows = _Strips(fixed_rows, h, rows), _Strips(moving_rows, h, rows)
     vec = np.zeros((gh, gw, 2), np.float32)
     qual = np.zeros((gh, gw), np.float32)
