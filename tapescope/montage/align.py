@@ -489,7 +489,7 @@ def align_section(
                 return reduced, reduced_ok
 
             flow = flow_rows(fixed_rows, moving_rows, small, stride=stride, patch=patch, max_shift=patch / 8,
-                             xp=xp)
+                             xp=xp, source_scale=s)
             weight = clean_flow(flow)
             u = relax_mesh(flow, weight, stiffness=stiffness)
             keep = weight > 0

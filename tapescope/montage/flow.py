@@ -142,6 +142,7 @@ class _Strips:
 def flow_rows(
     fixed_rows: RowSource, moving_rows: RowSource, shape: tuple[int, int], *, stride: int = 32,
     patch: int = 64, max_shift: float = 8.0, min_valid: float = 0.6, xp: ModuleType = np,
+    source_scale: int = 1,
 ) -> Flow:
     """Flow of the moving image against the fixed one over an output of `shape`, one
     vector per grid node whose patch lies inside and is at least `min_valid` valid.
@@ -152,11 +153,13 @@ def flow_rows(
     on demand. Invalid pixels are set to the patch's valid mean in both images: the
     shared border this makes pulls toward zero shift, which is the current estimate in
     the later passes, so it slows convergence at the edge of the overlap but does not
-    bias where it converges."""
+    bias where it converges. `source_scale`: the sources reduce s x s blocks of their own
+    (the strips they are asked for are sized in their pixels)."""
     h, w = shape
     gh, gw = -(-h // stride) + 1, -(-w // stride) + 1
     half = patch // 2
-    rows = max(patch, STRIP_PX // max(w, 1))
+    # A source that reduces s x s blocks reads (and renders) s^2 pixels for each of ours.
+    rows = max(patch, STRIP_PX // max(w * source_scale ** 2, 1))
     fixed_rows, moving_rows = _Strips(fixed_rows, h, rows), _Strips(moving_rows, h, rows)
     vec = np.zeros((gh, gw, 2), np.float32)
     qual = np.zeros((gh, gw), np.float32)

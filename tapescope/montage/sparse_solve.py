@@ -76,15 +76,17 @@ class NormalSolver:
         self.factorisations = 0
         self.cg_iterations = 0
 
-    def solve(self, normal: sp.spmatrix, rhs: np.ndarray, gain: float) -> np.ndarray:
-        """x (n, 2) with normal @ x = rhs. A singular matrix raises RuntimeError."""
+    def solve(self, normal: sp.spmatrix, rhs: np.ndarray, gain: float, refactor: bool = False) -> np.ndarray:
+        """x (n, 2) with normal @ x = rhs. A singular matrix raises RuntimeError when it is
+        factorised; conjugate gradients on the last factor (where `gain` is near the one it
+        was made for, and not `refactor`) converge on it to a solution instead."""
         normal = sp.csc_matrix(normal)
         if self.order is None:
             self.order = nested_dissection(normal, self.xy)
         p = self.order
         kp = normal[p][:, p].tocsc()
         bp = rhs[p]
-        reusable = self.lu is not None and self.x is not None and \
+        reusable = not refactor and self.lu is not None and self.x is not None and \
             max(gain, self.gain) <= REUSE_GAIN * max(min(gain, self.gain), 1e-300)
         if reusable:
             got = self._cg(kp, bp)

@@ -262,7 +262,8 @@ def solve_stack(
         a = lay.affine(z)
         start[a], start[a + 1] = initial[z][:2, 0], initial[z][:2, 1]
         start[a + 2] = (initial[z] @ [*centre, 1])[:2]
-    pinned = [z for z in zs if z in set(fixed)]
+    fixed_set = set(fixed)
+    pinned = [z for z in zs if z in fixed_set]
     known = np.zeros(lay.n, bool)
     known_at = start.copy()
     for z in pinned:
@@ -365,7 +366,8 @@ def solve_stack(
             seen = np.asarray(a_free[reg_rows:data_rows].power(2).sum(axis=0)).ravel()
             ridge = RIDGE * (float(seen[seen > 0].mean()) if (seen > 0).any() else 1.0)
             normal = (normal + ridge * sp.identity(len(free_cols), format="csc")).tocsc()
-            x_free = solver.solve(normal, at_b + (hold + ridge)[:, None] * start[free_cols], prior_gain)
+            x_free = solver.solve(normal, at_b + (hold + ridge)[:, None] * start[free_cols], prior_gain,
+                                  refactor=True)
         x = np.zeros((lay.n, 2))
         x[free_cols] = x_free
         x[known_cols] = known_vals
@@ -377,7 +379,7 @@ def solve_stack(
             f = np.eye(3)
             f[:2, :2] = amat
             f[:2, 2] = b - amat @ centre
-            forward[z] = f
+            forward[z] = initial[z].copy() if z in fixed_set else f   # held exactly, not through b
             if p.elastic:
                 dfield[z] = x[lay.field(z):lay.field(z) + lay.nd]
         # Residual of every match point, then Tukey weights for the next solve.
