@@ -202,6 +202,27 @@ def test_a_section_whose_matches_all_weigh_nothing_stays_where_it_started() -> N
     assert abs(weighed.transforms[1].matrix[0, 2] - 1.0) < 1e-6       # with data: the data's answer
 
 
+def test_a_section_no_match_places_is_held_where_it_started_and_reported() -> None:
+    """Nothing pinned (offline), and every point of one section's only pair weighs nothing:
+    its shift was tied to the others' by the frame's mean alone, and the stack went
+    thousands of px astray. It is held where its pairs' coarse chain puts it, the others are
+    placed by their matches, and the solution names it."""
+    rng = np.random.default_rng(3)
+    truth = {z: _affine(rng) for z in range(4)}
+    matches, pair_affine = [], {}
+    for i, j in ((0, 1), (1, 2), (0, 2), (2, 3)):
+        p = rng.uniform(0, 255, (40, 2))
+        q = _apply(np.linalg.inv(truth[j]) @ truth[i], p)
+        matches.append(PairMatch(i, j, p, q, np.zeros(40) if j == 3 else np.ones(40)))
+        pair_affine[(i, j)] = np.linalg.inv(truth[j]) @ truth[i]
+    initial = chain_initial(range(4), pair_affine)
+    for params in (SolveParams(elastic=False), SolveParams()):
+        sol = solve_stack(SHAPE, list(range(4)), matches, initial, params)
+        assert sol.held == {3}
+        np.testing.assert_array_equal(sol.forward[3], initial[3])
+        assert max(_error_by_z({z: truth[z] for z in range(3)}, {z: sol.forward[z] for z in range(3)})) < 0.05
+
+
 def _waved_stack(seed: int, n: int, periods: tuple[float, float], grid: np.ndarray, noise: float):
     """n sections, each under its own affine and a smooth sine field (2 px, wavelengths
     2 pi `periods` px), matched at `grid` to 3 predecessors with `noise` px: (forward map

@@ -616,6 +616,11 @@ def align_stack(
             else:   # the first section: nothing below it, its best pair above says how it registers
                 o.confidence = max((r.confidence for k, r in kept.items() if z in k), default=1.0)
             o.pairs = len([k for k in kept if z in k])
+            if z in solution.held:
+                o.message = "; ".join(filter(None, [o.message, (
+                    "the solve rejected every match of its pairs as an outlier: placed by its pairs' "
+                    "coarse alignment alone, with no distortion; check its alignment")]))
+                say(f"z={z}: {o.message}")
             res = [solution.residual_px[k] for k in kept if z in k and np.isfinite(solution.residual_px[k])]
             o.solve_rms_px = float(np.sqrt(np.mean(np.square(res)))) if res else 0.0
 

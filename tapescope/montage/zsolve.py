@@ -114,6 +114,7 @@ class StackSolution:
     residual_px: dict[tuple[int, int], float]  # RMS of each pair's kept matches after the solve
     kept: dict[tuple[int, int], float]         # fraction of each pair's matches kept
     fields: dict[int, np.ndarray] = dataclass_field(default_factory=dict)   # D_z's nodes (n, 2), if elastic
+    held: set[int] = dataclass_field(default_factory=set)   # no match of theirs weighed anything: where they started
 
 
 def _grid(shape: tuple[int, int], spacing: float) -> tuple[int, int, float]:
@@ -264,19 +265,31 @@ def solve_stack(
         start[a + 2] = (initial[z] @ [*centre, 1])[:2]
     fixed_set = set(fixed)
     pinned = [z for z in zs if z in fixed_set]
-    known = np.zeros(lay.n, bool)
     known_at = start.copy()
     for z in pinned:
-        known[lay.affine(z):lay.affine(z) + lay.per_section] = True
         if p.elastic and fixed_fields is not None and z in fixed_fields:
             known_at[lay.field(z):lay.field(z) + lay.nd] = np.asarray(fixed_fields[z], np.float64)
-    known_cols, free_cols = np.flatnonzero(known), np.flatnonzero(~known)
-    known_vals = known_at[known_cols]
-    solver = NormalSolver(lay.positions()[free_cols])
+    held: set[int] = set()
+    solver: NormalSolver | None = None
 
     residual: dict[tuple[int, int], float] = {}
     kept: dict[tuple[int, int], float] = {}
     for it in range(p.iterations):
+        # A section none of whose match points weighs anything (all rejected as outliers, or
+        # none where both sections were imaged) is placed by nothing: the gauge row alone
+        # would tie its shift to the others' and leave the system singular along "move it,
+        # move the rest the other way" (seen: 1.9e3 px off). It is held where it started (its
+        # pairs' coarse chain, no distortion), as the pinned ones are held, and reported.
+        weighed = {z for m, wt in zip(matches, weights, strict=True) if (wt > 0).any() for z in (m.fixed_z, m.moving_z)}
+        dead = {z for z in zs if z not in fixed_set and z not in weighed}
+        if solver is None or dead != held:
+            held = dead
+            known = np.zeros(lay.n, bool)
+            for z in [*pinned, *held]:
+                known[lay.affine(z):lay.affine(z) + lay.per_section] = True
+            known_cols, free_cols = np.flatnonzero(known), np.flatnonzero(~known)
+            known_vals = known_at[known_cols]
+            solver = NormalSolver(lay.positions()[free_cols])
         # The bending prior is set for matches of `noise_ref_px`; noisier matches (measured by
         # the last solve's scatter) lean on it more, as a least-squares estimate weighs data by
         # 1 / variance: the same settings then serve a one-image test stack (0.1 px) and real
@@ -379,7 +392,7 @@ def solve_stack(
             f = np.eye(3)
             f[:2, :2] = amat
             f[:2, 2] = b - amat @ centre
-            forward[z] = initial[z].copy() if z in fixed_set else f   # held exactly, not through b
+            forward[z] = initial[z].copy() if z in fixed_set or z in held else f   # exactly, not through b
             if p.elastic:
                 dfield[z] = x[lay.field(z):lay.field(z) + lay.nd]
         # Residual of every match point, then Tukey weights for the next solve.
@@ -433,7 +446,7 @@ def solve_stack(
         kept[key] = float(on.mean()) if len(on) else 0.0
     transforms = {z: _inverse(forward[z], dfield[z] if p.elastic else None, lay, shape, p.transform_stride)
                   for z in zs}
-    return StackSolution(transforms, forward, residual, kept, dfield if p.elastic else {})
+    return StackSolution(transforms, forward, residual, kept, dfield if p.elastic else {}, held)
 
 
 WINDOW = 12      # sections solved together by `solve_windowed`...
@@ -464,6 +477,7 @@ def solve_windowed(
     transforms: dict[int, SectionTransform] = {}
     residual: dict[tuple[int, int], float] = {}
     kept: dict[tuple[int, int], float] = {}
+    held: set[int] = set()
     start = 0
     while start < len(zs):
         free = zs[start:start + window]
@@ -476,6 +490,7 @@ def solve_windowed(
         mine = [matches[k] for k in reach if matches[k].fixed_z in inside]
         start_at = {z: forward.get(z, initial[z]) for z in win}
         sol = solve_stack(shape, win, mine, start_at, params, fixed=anchors, fixed_fields=fields)
+        held |= sol.held & set(done)
         for z in done:
             forward[z], transforms[z] = sol.forward[z], sol.transforms[z]
             if z in sol.fields:
@@ -486,7 +501,7 @@ def solve_windowed(
         if last:
             break
         start += step
-    return StackSolution(transforms, forward, residual, kept, fields)
+    return StackSolution(transforms, forward, residual, kept, fields, held)
 
 
 def _connected(zs: Sequence[int], links: Sequence[tuple[int, int]]) -> bool:
