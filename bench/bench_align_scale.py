@@ -140,6 +140,7 @@ def main() -> None:
 
     configs = [(n, a.count_px) for n in a.counts] + [(8, s) for s in a.sizes if s != a.count_px or 8 not in a.counts]
     print(f"{'sections':>8} {'px':>6} {'s/section':>10} {'s/Mpx':>8} {'Mpx/s/core':>11} {'peak MB':>8}  method")
+    ours: dict[tuple[int, int], dict[str, float]] = {}
     for n, size in configs:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
@@ -151,6 +152,7 @@ def main() -> None:
                 continue
             r = json.loads(run.stdout.strip().splitlines()[-1])
             mpx = n * size * size / 1e6
+            ours[(n, size)] = {"per_section": r["seconds"] / n, "per_mpx": r["seconds"] / mpx, "peak": r["peak_mb"]}
             g, loc = truth_of(st, d / "out" / "volume.zarr")
             k = size / 520   # px of the section per px of the FIB-SEM slice it was enlarged from
             print(f"{n:>8} {size:>6} {r['seconds'] / n:>10.2f} {r['seconds'] / mpx:>8.2f} {mpx / r['seconds']:>11.3f} "
@@ -163,6 +165,22 @@ def main() -> None:
                           f"{mpx / s['seconds']:>11.3f} {'':>8}  SOFIMA", flush=True)
                 except RuntimeError as e:
                     print(f"{n:>8} {size:>6}  SOFIMA failed: {e}")
+    spread(ours, [(n, a.count_px) for n in a.counts], "sections", "per_section")
+    spread(ours, [(8, s) for s in a.sizes], "section sizes", "per_mpx")
+
+
+def spread(rows: dict[tuple[int, int], dict[str, float]], keys: list[tuple[int, int]], what: str, measure: str) -> None:
+    """How flat a range is: the largest over the smallest of time (per section along the
+    stack, per Mpx across sizes) and of peak memory; the target is within 1.5x for time and
+    memory that does not grow with the stack."""
+    got = [rows[k] for k in keys if k in rows]
+    if len(got) < 2:
+        return
+    t = [g[measure] for g in got]
+    m = [g["peak"] for g in got]
+    print(f"over the {what} {', '.join(f'{n}x{px}' for n, px in keys if (n, px) in rows)}: "
+          f"{measure.replace('_', ' ')} {max(t) / min(t):.2f}x max/min (first to last {t[-1] / t[0]:.2f}x), "
+          f"peak memory first to last {m[-1] / m[0]:.2f}x (last two {m[-1] / m[-2]:.2f}x)")
 
 
 if __name__ == "__main__":
