@@ -49,13 +49,25 @@ def _hann(n: int, xp: ModuleType) -> object:
     return w[:, None] * w[None, :]
 
 
-def _fft2(xp: ModuleType) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """(fft2, ifft2) over the last two axes. On the CPU scipy.fft, on every core: on a batch of
-    300 float32 patches of 96 px it took 7 ms against numpy.fft's 71 ms (ifft2 8 vs 27 ms),
-    the same to float32 precision. CuPy's own on a GPU."""
+def _rfft2(xp: ModuleType) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(rfft2, irfft2) over the last two axes: the patches are real, so half the spectrum is
+    the whole of it, at half the work of complex FFTs. On the CPU scipy.fft, on every core (on
+    batches of float32 patches 7x faster than numpy.fft); CuPy's own on a GPU."""
     if xp is np:
-        return (lambda x: scipy_fft.fft2(x, workers=-1)), (lambda x: scipy_fft.ifft2(x, workers=-1))
-    return xp.fft.fft2, xp.fft.ifft2
+        return (lambda x: scipy_fft.rfft2(x, workers=-1)), (lambda x, s: scipy_fft.irfft2(x, s, workers=-1))
+    return xp.fft.rfft2, (lambda x, s: xp.fft.irfft2(x, s))
+
+
+def _full_spectrum(half: Any, size: int, xp: ModuleType) -> Any:
+    """The (n, P, P) spectrum of real patches from its (n, P, P // 2 + 1) half: X[k1, k2] =
+    conj(X[-k1, -k2])."""
+    n = half.shape[0]
+    full = xp.empty((n, size, size), half.dtype)
+    full[:, :, :size // 2 + 1] = half
+    rows = (-xp.arange(size)) % size
+    cols = size - xp.arange(size // 2 + 1, size)
+    full[:, :, size // 2 + 1:] = xp.conj(half[:, rows][:, :, cols])
+    return full
 
 
 def batched_phase_correlate(
@@ -67,17 +79,19 @@ def batched_phase_correlate(
     a = xp.asarray(a, xp.float32)
     b = xp.asarray(b, xp.float32)
     win = _hann(size, xp)
-    fft2, ifft2 = _fft2(xp)
-    fa = fft2((a - a.mean(axis=(1, 2), keepdims=True)) * win)
-    fb = fft2((b - b.mean(axis=(1, 2), keepdims=True)) * win)
+    rfft2, irfft2 = _rfft2(xp)
+    fa = rfft2((a - a.mean(axis=(1, 2), keepdims=True)) * win)
+    fb = rfft2((b - b.mean(axis=(1, 2), keepdims=True)) * win)
     f = xp.fft.fftfreq(size).astype(xp.float32)
-    cross = fa * xp.conj(fb)
+    fr = xp.fft.rfftfreq(size).astype(xp.float32)
+    half = fa * xp.conj(fb)
     if PRE_BLUR:
-        g = xp.exp(-2 * (np.pi * PRE_BLUR) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
-        cross *= (g * g).astype(xp.float32)   # both images blurred: the transfer function twice
-    mag = xp.abs(cross)
-    cross /= (xp.sqrt(mag) if WHITEN == 0.5 else mag ** WHITEN) + 1e-12
-    corr = ifft2(cross).real
+        g = xp.exp(-2 * (np.pi * PRE_BLUR) ** 2 * (f[:, None] ** 2 + fr[None, :] ** 2))
+        half *= (g * g).astype(xp.float32)   # both images blurred: the transfer function twice
+    mag = xp.abs(half)
+    half /= (xp.sqrt(mag) if WHITEN == 0.5 else mag ** WHITEN) + 1e-12
+    corr = irfft2(half, (size, size))
+    cross = _full_spectrum(half, size, xp)      # the upsampled DFT below takes all of it
     fi = xp.abs(f * size)
     inside = ((fi[:, None] <= max_shift) & (fi[None, :] <= max_shift)).ravel()
     where = xp.nonzero(inside)[0]
