@@ -38,10 +38,10 @@ from align_truth import (
     transform_maps,
 )
 
+from tapescope.alignment.stack import AlignParams, align_stack, local_map, match_sections, read_stack, write_stack
+from tapescope.alignment.zsolve import chain_initial, solve_stack
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.stack import AlignParams, align_stack, local_map, match_sections, read_stack, write_stack
 from tapescope.montage.transform import SectionTransform
-from tapescope.montage.zsolve import chain_initial, solve_stack
 from tapescope.specimen import Specimen, SpecimenParams
 from tapescope.stitching.register import ncc, phase_correlate
 

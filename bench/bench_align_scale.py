@@ -41,7 +41,7 @@ def make_stack(out: Path, n: int, size: int, seed: int = 3) -> TruthStack:
     sys.path.insert(0, str(HERE))
     from align_truth import make_truth_stack
 
-    from tapescope.montage.stack import write_stack
+    from tapescope.alignment.stack import write_stack
 
     secs = []
     for i in range(n):
@@ -77,7 +77,7 @@ def run_one(stack: Path, out: Path) -> dict[str, float]:
     import resource
     import time
 
-    from tapescope.montage.stack import align_stack
+    from tapescope.alignment.stack import align_stack
 
     def cpu() -> float:
         u = resource.getrusage(resource.RUSAGE_SELF)

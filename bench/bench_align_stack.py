@@ -53,8 +53,7 @@ from align_truth import (
 )
 from bench_align import PEERS, SOFIMA_PY, ecc_chain, sofima
 
-from tapescope.montage.omezarr import Volume
-from tapescope.montage.stack import (
+from tapescope.alignment.stack import (
     AlignParams,
     align_stack,
     local_map,
@@ -62,7 +61,8 @@ from tapescope.montage.stack import (
     read_stack,
     write_stack,
 )
-from tapescope.montage.zsolve import PairMatch, chain_initial, solve_windowed
+from tapescope.alignment.zsolve import PairMatch, chain_initial, solve_windowed
+from tapescope.montage.omezarr import Volume
 from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -46,10 +46,10 @@ import numpy as np
 import psutil
 
 from tapescope.acquisition.events import EventBus, SectionProcessed, TileAcquired
+from tapescope.alignment.align import align_section
+from tapescope.alignment.pipeline import LIVE_ELASTIC, Canvas
 from tapescope.config import parse_config
-from tapescope.montage.align import align_section
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import LIVE_ELASTIC, Canvas
 from tapescope.montage.shard_render import render_section, render_to
 from tapescope.montage.synthetic import make_stack
 from tapescope.montage.transform import SectionTransform

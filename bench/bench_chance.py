@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from align_truth import make_truth_stack
 
-from tapescope.montage import align as A
+from tapescope.alignment import align as A
 from tapescope.montage.synthetic import make_stack
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

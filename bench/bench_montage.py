@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tapescope.alignment.stack import AlignParams, align_stack, write_stack
 from tapescope.allocator import keep_large_blocks
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.render import render_block, render_montage
 from tapescope.montage.shard_render import render_section
-from tapescope.montage.stack import AlignParams, align_stack, write_stack
 from tapescope.montage.synthetic import make_stack
 from tapescope.montage.transform import SectionTransform
 
@@ -359,7 +359,7 @@ LIVE_MEMORY_CHILD = r"""
 import sys, numpy as np, tempfile, threading, time, cv2
 from pathlib import Path
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import Canvas, SectionProcessor
+from tapescope.alignment.pipeline import Canvas, SectionProcessor
 
 def status(key):
     for line in open('/proc/self/status'):

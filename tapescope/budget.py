@@ -17,7 +17,7 @@ from pathlib import Path
 from tapescope.acquisition.disk import section_need
 from tapescope.config import TapescopeConfig
 
-SCRATCH_BYTES_PER_PX = 14     # a section's alignment scratch (montage/pipeline.py)
+SCRATCH_BYTES_PER_PX = 14     # a section's alignment scratch (alignment/pipeline.py)
 SIM_BYTES_PER_PX = 4 * 3      # float32 section, its pyramid and render temporaries
 SIM_SECTIONS_HELD = 3         # the simulator keeps the sections around the beam rendered
 

@@ -25,6 +25,7 @@ from tapescope.acquisition.qc import QCLimits
 from tapescope.acquisition.roi import validate_polygon
 from tapescope.acquisition.roi_planner import RoiPlanner
 from tapescope.acquisition.store import JournalError, RunStore, TileRecord
+from tapescope.alignment.pipeline import Canvas, SectionProcessor, scratch_problem
 from tapescope.budget import plan_problem, search_extent_nm
 from tapescope.config import ConfigError, ScopeConfig, TapeConfig, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
@@ -33,7 +34,6 @@ from tapescope.hardware.genicam_camera import GenicamCamera
 from tapescope.hardware.gridtape import GridTape, Tension
 from tapescope.hardware.scope import Scope
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_problem
 from tapescope.montage.writer_lock import WriterLock, lock_path
 
 ALIGN_MARGIN_PX = 256   # canvas border that absorbs section offsets on the tape

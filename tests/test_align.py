@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tapescope.montage.align import align_section, coarse_affine
-from tapescope.montage.flow import Flow, clean_flow, relax_mesh
+from tapescope.alignment.align import align_section, coarse_affine
+from tapescope.alignment.flow import Flow, clean_flow, relax_mesh
 from tapescope.montage.synthetic import make_stack
 from tapescope.montage.transform import SectionTransform
 
@@ -111,7 +111,7 @@ def test_transform_compose_and_roundtrip(tmp_path) -> None:
 
 
 def test_batched_flow_matches_the_tile_registration() -> None:
-    from tapescope.montage.flow import batched_phase_correlate
+    from tapescope.alignment.flow import batched_phase_correlate
     from tapescope.stitching.register import phase_correlate
 
     st = make_stack(1, (256, 256), seed=3, missing=(), elastic_px=0.0, max_shift_px=0.0)
@@ -155,7 +155,7 @@ def test_flow_on_gpu_equals_cpu(stack) -> None:
 
     if not gpu_available():
         pytest.skip("no CuPy or no CUDA device here")
-    from tapescope.montage.flow import patch_flow
+    from tapescope.alignment.flow import patch_flow
     cpu = patch_flow(stack.images[0], stack.images[0], None, stride=64, patch=64, max_shift=8)
     gpu = patch_flow(stack.images[0], stack.images[0], None, stride=64, patch=64, max_shift=8,
                      xp=array_module("gpu"))
@@ -175,8 +175,8 @@ class _Counting:
 
 
 def test_alignment_reads_sections_in_strips(stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tapescope.montage.align as align_mod
-    import tapescope.montage.flow as flow_mod
+    import tapescope.alignment.align as align_mod
+    import tapescope.alignment.flow as flow_mod
 
     monkeypatch.setattr(align_mod, "STRIP_ROWS", 64)
     monkeypatch.setattr(flow_mod, "STRIP_PX", 96 * SHAPE[1])
@@ -197,7 +197,7 @@ def test_alignment_reads_sections_in_strips(stack, monkeypatch: pytest.MonkeyPat
 def test_chance_confidence_separates_a_neighbour_from_the_wrong_tissue() -> None:
     """The same search on a mirrored section is what agreement by chance looks like: a
     neighbour agrees clearly better than that, another specimen does not."""
-    from tapescope.montage.align import CHANCE_FACTOR, CHANCE_MAX
+    from tapescope.alignment.align import CHANCE_FACTOR, CHANCE_MAX
 
     st = make_stack(2, (384, 384), seed=8, max_rotation_deg=3, max_shift_px=20, elastic_px=0.5, missing=())
     wrong = make_stack(1, (384, 384), seed=77, missing=()).images[0]
@@ -233,7 +233,7 @@ def test_null_sigma_is_the_spread_of_chance_agreement() -> None:
     over many unrelated pairs."""
     import cv2
 
-    from tapescope.montage.align import null_sigma
+    from tapescope.alignment.align import null_sigma
 
     rng = np.random.default_rng(5)
     ok = np.ones((96, 96), bool)

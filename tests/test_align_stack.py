@@ -11,9 +11,9 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+from tapescope.alignment.stack import StackError, align_stack, dask_map, read_stack, write_stack
 from tapescope.cli import app
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.stack import StackError, align_stack, dask_map, read_stack, write_stack
 from tapescope.montage.synthetic import make_stack
 
 from .support import check_volume
@@ -131,7 +131,7 @@ def test_wrong_tissue_is_unaligned_and_stepped_over(tmp_path: Path) -> None:
 
 
 def test_a_section_renders_again_from_its_stored_transform(sim_stack, tmp_path: Path) -> None:
-    from tapescope.montage.stack import rerender_section
+    from tapescope.alignment.stack import rerender_section
 
     _, d = sim_stack
     res = align_stack(d, tmp_path)
@@ -149,7 +149,7 @@ def test_far_pairs_take_fewer_flow_passes_except_across_a_gap() -> None:
     every pair across a section missing from the stack keep `passes`."""
     from dataclasses import replace
 
-    from tapescope.montage.stack import AlignParams, FlowParams, pair_params
+    from tapescope.alignment.stack import AlignParams, FlowParams, pair_params
 
     params = AlignParams(flow=FlowParams(passes=3, far_passes=1))
     present = [0, 1, 2, 3, 5, 6]          # 4 is missing

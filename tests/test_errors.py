@@ -6,10 +6,10 @@ from __future__ import annotations
 from tapescope.acquisition.calibration import CalibrationFailed
 from tapescope.acquisition.state import IllegalTransition
 from tapescope.acquisition.store import JournalError
+from tapescope.alignment.stack import StackError
 from tapescope.config import ConfigError
 from tapescope.errors import TapescopeError
 from tapescope.hardware.errors import DeviceError, DeviceTimeout, ProtocolError
-from tapescope.montage.stack import StackError
 from tapescope.mqtt.certs import CertError
 from tapescope.mqtt.commands import CommandError
 from tapescope.mqtt.tls import TlsError

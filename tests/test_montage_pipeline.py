@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
+from tapescope.alignment.pipeline import Canvas, SectionProcessor, scratch_prefix
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import Canvas, SectionProcessor, scratch_prefix
 from tapescope.montage.synthetic import make_stack
 
 TILE, STEP = 224, 200   # 2 x 2 tiles, 24 px overlap

@@ -7,8 +7,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from tapescope.montage.flow import second_differences
-from tapescope.montage.sparse_solve import NormalSolver, nested_dissection
+from tapescope.alignment.flow import second_differences
+from tapescope.alignment.sparse_solve import NormalSolver, nested_dissection
 
 
 def _system(rng: np.random.Generator, sections: int = 4, side: int = 12, weight: float = 1.0,

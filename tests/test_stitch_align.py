@@ -64,8 +64,8 @@ def test_align_refuses_what_is_not_a_section(tmp_path: Path) -> None:
 
 
 def test_montages_of_different_pixel_types_are_refused(tmp_path: Path) -> None:
+    from tapescope.alignment.stack import StackError, read_sections
     from tapescope.montage.omezarr import Volume
-    from tapescope.montage.stack import StackError, read_sections
 
     for name, dtype in (("a", "uint8"), ("b", "uint16")):
         Volume.create(tmp_path / name / "montage.zarr", (1, 64, 64), pixel_nm=4.0, thickness_nm=40.0, dtype=dtype)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from tapescope.montage.stack import align_stack, write_stack
-from tapescope.montage.zsolve import PairMatch, SolveParams, chain_initial, solve_stack
+from tapescope.alignment.stack import align_stack, write_stack
+from tapescope.alignment.zsolve import PairMatch, SolveParams, chain_initial, solve_stack
 from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
 SHAPE = (256, 256)
@@ -117,7 +117,7 @@ def test_a_pair_that_alone_joins_two_parts_is_never_dropped() -> None:
 def test_pairs_joining_a_cut_off_group_are_taken_where_they_agree() -> None:
     """Below the gates, right pairs agree on where a cut-off group lies and wrong ones
     scatter, whatever their NCC: the agreeing ones join it, not the one with the best NCC."""
-    from tapescope.montage.stack import PairResult, agreeing_bridges
+    from tapescope.alignment.stack import PairResult, agreeing_bridges
     from tapescope.montage.transform import SectionTransform
 
     rng = np.random.default_rng(2)
@@ -253,7 +253,7 @@ def test_a_long_stack_solved_window_by_window_matches_the_whole_solve() -> None:
     """40 sections, each distorted by its own smooth field, matched to 3 predecessors with
     0.1 px noise: solved 12 at a time (8 finalised, 4 looked ahead), every section lands
     where the solve of the whole stack puts it, and both find the truth."""
-    from tapescope.montage.zsolve import solve_windowed
+    from tapescope.alignment.zsolve import solve_windowed
 
     n = 40
     grid = np.stack(np.meshgrid(np.arange(8, 250, 12.0), np.arange(8, 250, 12.0)), -1).reshape(-1, 2)
@@ -303,7 +303,7 @@ def test_a_large_section_is_solved_on_a_grid_that_does_not_grow_with_it() -> Non
     """Sections of 2048 px distorted by smooth fields, matched every 32 px with 0.5 px of
     noise (as real neighbours scatter): on the default grid (at most 33 nodes a side, here
     every 64 px) the solve lands where the 32 px grid puts it, and both find the truth."""
-    from tapescope.montage.zsolve import _Layout
+    from tapescope.alignment.zsolve import _Layout
 
     shape = (2048, 2048)
     n = 4

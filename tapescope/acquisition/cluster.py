@@ -25,10 +25,7 @@ from uuid import uuid4
 
 import numpy as np
 
-from tapescope.allocator import keep_large_blocks
-from tapescope.errors import TapescopeError
-from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import (
+from tapescope.alignment.pipeline import (
     Canvas,
     FinalRender,
     Montage,
@@ -39,6 +36,9 @@ from tapescope.montage.pipeline import (
     render_montage,
     stitch_tiles,
 )
+from tapescope.allocator import keep_large_blocks
+from tapescope.errors import TapescopeError
+from tapescope.montage.omezarr import Volume
 from tapescope.montage.shard_render import render_section
 from tapescope.montage.transform import SectionTransform
 from tapescope.stitching.flatfield import FlatFielded

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import tifffile
 
-from tapescope.montage.pipeline import MontageStore, ReferencePair, SectionProcessor, SectionReport
+from tapescope.alignment.pipeline import MontageStore, ReferencePair, SectionProcessor, SectionReport
 from tapescope.stitching.flatfield import estimate_flatfield
 
 from .events import Alarm, Event, EventBus, ProcessingBacklog, SectionFinished, SectionProcessed

@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tapescope.acquisition.cluster import ClusterError, check_scheduler
+from tapescope.alignment.stack import AlignParams, StackError, align_stack, dask_map, read_sections
 from tapescope.errors import TapescopeError
 from tapescope.montage.array_backend import array_module
-from tapescope.montage.stack import AlignParams, StackError, align_stack, dask_map, read_sections
 
 
 def _check_reachable(address: str) -> None:

@@ -26,10 +26,10 @@ from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcesse
 from tapescope.acquisition.plan import select_slots
 from tapescope.acquisition.processing import ProcessingWorker
 from tapescope.acquisition.store import JournalError, RunStore
+from tapescope.alignment.pipeline import SectionProcessor
 from tapescope.config import ConfigError, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
-from tapescope.montage.pipeline import SectionProcessor
 from tapescope.montage.writer_lock import WriterLock
 from tapescope.runner import processing_problem, search_canvas
 

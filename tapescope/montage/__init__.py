@@ -1,1 +1,2 @@
-"""Montage rendering, section-to-section alignment and the OME-Zarr volume."""
+"""Montage rendering, the canvas, the OME-Zarr volume and the warps (section-to-section
+alignment is `tapescope.alignment`)."""

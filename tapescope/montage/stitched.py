@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tapescope.montage.canvas import Canvas
 from tapescope.montage.omezarr import Volume, pyramid_levels
-from tapescope.montage.pipeline import Canvas
 from tapescope.montage.shard_render import render_section
 from tapescope.montage.transform import SectionTransform
 from tapescope.stitching.flatfield import FlatFielded

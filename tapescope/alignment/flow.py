@@ -26,7 +26,7 @@ import scipy.fft as scipy_fft
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from .array_backend import to_numpy
+from tapescope.montage.array_backend import to_numpy
 
 WHITEN = 0.5        # same partial whitening as the tile registration (docs/stitching.md)
 PRE_BLUR = 1.0      # px, Gaussian applied in the Fourier domain

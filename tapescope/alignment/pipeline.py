@@ -22,15 +22,15 @@ from uuid import uuid4
 import numpy as np
 
 from tapescope.allocator import keep_large_blocks
+from tapescope.montage.canvas import Canvas
+from tapescope.montage.omezarr import Volume
+from tapescope.montage.shard_render import render_section, render_to
+from tapescope.montage.transform import SectionTransform
 from tapescope.stitching.flatfield import FlatFielded
 from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import StitchResult, stitch_section
 
 from .align import SectionAlignment, align_section, repeat_reason, unregistered_reason
-from .omezarr import Volume
-from .render import tile_corners
-from .shard_render import render_section, render_to
-from .transform import SectionTransform
 from .zsolve import PairMatch, SolveParams, matches_of, solve_stack
 
 STRIP_ROWS = 2048   # rows at a time for whole-canvas checks on memory-mapped planes
@@ -82,21 +82,6 @@ def stitch_tiles(raw_tiles: Sequence[np.ndarray], stage_px: np.ndarray, grid: Se
     the raw tiles, flat-fielded as read)."""
     return stitch_section(raw_tiles, stage_px, grid, lens=lens, gain=gain, dark=dark, strips=True,
                           tile_model=tile_model)
-
-
-@dataclass(frozen=True)
-class Canvas:
-    origin: np.ndarray            # (y, x) stage pixel coordinate of the volume's (0, 0)
-    shape: tuple[int, int]
-
-    @classmethod
-    def around(cls, positions: np.ndarray, tile_shape: tuple[int, int], margin: int,
-               linear: np.ndarray | None = None) -> Canvas:
-        """The canvas that holds every tile (each with its own linear part, if given)."""
-        corners = tile_corners(np.asarray(positions, float), tile_shape, linear).reshape(-1, 2)
-        lo = np.floor(corners.min(axis=0)).astype(int) - margin
-        hi = np.ceil(corners.max(axis=0)).astype(int) + margin
-        return cls(lo, (int(hi[0] - lo[0]), int(hi[1] - lo[1])))
 
 
 def scratch_problem(scratch: Path | None) -> str | None:

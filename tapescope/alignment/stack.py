@@ -33,11 +33,11 @@ import zarr
 
 from tapescope.allocator import keep_large_blocks
 from tapescope.errors import TapescopeError
+from tapescope.montage.omezarr import Volume, pyramid_levels
+from tapescope.montage.shard_render import RenderStats, render_section
+from tapescope.montage.transform import SectionTransform
 
 from .align import align_section, block_mean, repeat_reason, unregistered_reason
-from .omezarr import Volume, pyramid_levels
-from .shard_render import RenderStats, render_section
-from .transform import SectionTransform
 from .zsolve import PairMatch, SolveParams, chain_initial, groups, matches_of, solve_windowed
 
 MIN_PAIR_CONFIDENCE = 0.2   # coarse NCC below this: the pair did not register (docs/alignment.md)

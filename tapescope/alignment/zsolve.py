@@ -39,11 +39,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from tapescope.graph import groups
+from tapescope.montage.transform import SectionTransform
 
 from .align import SectionAlignment
 from .flow import second_differences
 from .sparse_solve import NormalSolver
-from .transform import SectionTransform
 
 MATCH_GRID = 9    # points a side where only the coarse (affine) transform is matched
 MAX_PRIOR_GAIN = 100.0   # most the bending's weight grows (as a factor on px; squared in energy)

@@ -14,13 +14,13 @@ import cv2
 import numpy as np
 import scipy.fft
 
+from tapescope.montage.array_backend import array_module
+from tapescope.montage.render import render_block
+from tapescope.montage.transform import SectionTransform
+from tapescope.montage.warp import warp_for
 from tapescope.stitching.register import ncc, phase_correlate
 
-from .array_backend import array_module
 from .flow import clean_flow, flow_rows, relax_mesh
-from .render import render_block
-from .transform import SectionTransform
-from .warp import warp_for
 
 COARSE_FACTOR = 4
 
