@@ -364,23 +364,16 @@ def solve_stack(
             rhs = rhs - cols[:, known_cols] @ known_vals
         a_free = cols[:, free_cols]
         normal = (a_free.T @ a_free).tocsc()
-        # The priors scale with the data a node sees: a section whose every match point has
-        # weight 0 (all rejected, or none where both sections were imaged) leaves its unknowns
-        # free and the system singular. Those unknowns (nothing in the system sees them) are
-        # held where they start: the initial affine, no distortion. The rest is untouched.
-        hold = (normal.diagonal() <= 0).astype(np.float64)
-        normal = (normal + sp.diags(hold, format="csc")).tocsc()
         at_b = a_free.T @ rhs
         try:
-            x_free = solver.solve(normal, at_b + hold[:, None] * start[free_cols], prior_gain)
+            x_free = solver.solve(normal, at_b, prior_gain)
         except RuntimeError:
-            # Singular through a combination of unknowns, not one alone: a ridge far below
-            # any data term on all of them.
+            # Singular still (the sections nothing places are held above): a ridge far below
+            # any data term on every unknown, toward where it starts, holds what no row sees.
             seen = np.asarray(a_free[reg_rows:data_rows].power(2).sum(axis=0)).ravel()
             ridge = RIDGE * (float(seen[seen > 0].mean()) if (seen > 0).any() else 1.0)
             normal = (normal + ridge * sp.identity(len(free_cols), format="csc")).tocsc()
-            x_free = solver.solve(normal, at_b + (hold + ridge)[:, None] * start[free_cols], prior_gain,
-                                  refactor=True)
+            x_free = solver.solve(normal, at_b + ridge * start[free_cols], prior_gain, refactor=True)
         x = np.zeros((lay.n, 2))
         x[free_cols] = x_free
         x[known_cols] = known_vals
