@@ -53,7 +53,9 @@ from align_truth import (
 )
 from bench_align import PEERS, SOFIMA_PY, ecc_chain, sofima
 
+from tapescope.alignment.pipeline import FLOWS, LIVE_NEIGHBOURS, SectionProcessor
 from tapescope.alignment.stack import (
+    NEIGHBOURS,
     AlignParams,
     align_stack,
     local_map,
@@ -62,6 +64,7 @@ from tapescope.alignment.stack import (
     write_stack,
 )
 from tapescope.alignment.zsolve import PairMatch, chain_initial, solve_windowed
+from tapescope.montage.canvas import Canvas
 from tapescope.montage.omezarr import Volume
 from tapescope.neurites import NeuriteParams, NeuriteSpecimen
 
@@ -118,6 +121,30 @@ def tapescope(stack: TruthStack, d: Path) -> dict[int, np.ndarray]:
         if o.z in stack.images and (o.status != "ok" or o.message):
             print(f"    tapescope z={o.z} {o.status}: {o.message}")
     return transform_maps({o.z: vol.load_transform(o.z) for o in res.sections if o.status == "ok"}, stack.shape)
+
+
+def tapescope_live(stack: TruthStack, d: Path, look_ahead: int = 0, flow: str = "live",
+                   neighbours: int = LIVE_NEIGHBOURS) -> dict[int, np.ndarray]:
+    """The live processor on the same sections, each as one tile at the stage's placement,
+    in z order: each aligned to `neighbours` good sections below it (`[processing]
+    align_neighbours`) with the `flow` settings (`align_flow`); with `look_ahead`, placed
+    again by that many successors before it is written (`align_look_ahead`)."""
+    zs = sorted(stack.images)
+    h, w = stack.shape
+    vol = Volume.create(d / "live.zarr", (max(zs) + 1, h, w), pixel_nm=10.0, thickness_nm=50.0, levels=2)
+    proc = SectionProcessor(vol, Canvas(np.zeros(2, int), (h, w)), lens="none", look_ahead=look_ahead, scratch=d,
+                            flow=FLOWS[flow], neighbours=neighbours)
+    try:
+        for z in zs:
+            proc.process(z, [(stack.images[z] * 256).astype(np.float32)], np.zeros((1, 2)), [(0, 0)], {"slot": z})
+        proc.flush()
+        done = proc.finished()
+    finally:
+        proc.close()
+    for r in done:
+        if r.status != "ok" or r.message:
+            print(f"    live z={r.z} {r.status}: {r.message}")
+    return transform_maps({r.z: vol.load_transform(r.z) for r in done if r.status == "ok"}, stack.shape)
 
 
 def _matched(stack: TruthStack, d: Path) -> tuple[dict, list[int]]:
@@ -177,7 +204,13 @@ METHODS: dict[str, Callable[[TruthStack, Path], dict[int, np.ndarray] | None]] =
     # SOFIMA's notebook recipe, its reconcile area scaled to the section (20 grid cells at 512 px).
     "SOFIMA": lambda st, d: sofima(st, d, min_patch_cells=20),
     "tapescope": tapescope,
+    # The live processor (not run by default): its defaults, section by section; in a window
+    # of 4; and in a window of 4 with the offline stack's flow and neighbours.
+    "live": tapescope_live,
+    "live window 4": lambda st, d: tapescope_live(st, d, look_ahead=4),
+    "live as stack": lambda st, d: tapescope_live(st, d, look_ahead=4, flow="stack", neighbours=NEIGHBOURS),
 }
+DEFAULT_METHODS = ["rigid chain", "SOFIMA", "tapescope"]
 
 
 @dataclass
@@ -280,7 +313,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
     ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=list(STACKS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--oracle", action="store_true",
                     help="also the solve given pairs measured consistently (the bound; one more matching)")
     ap.add_argument("--cache", type=Path, default=None,

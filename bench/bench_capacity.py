@@ -6,7 +6,7 @@
    overlap (default 4 x 4 of 1024 px), each through the code the live processor runs:
    flat-field estimate, registration (every neighbouring pair, edge strips), the global
    solve, the unaligned render (into scratch, for the aligner), the alignment (rigid,
-   affine and the live elastic pass, `pipeline.LIVE_ELASTIC`), the final render into the
+   affine and the live elastic pass, `pipeline.LIVE_FLOW`), the final render into the
    volume and the volume write alone. Each timed in CPU seconds of this process with one
    render thread and OpenCV at one thread, so the figure is Mpx per core-second: the
    section's acquired (tile) megapixels over the stage's CPU time.
@@ -47,7 +47,7 @@ import psutil
 
 from tapescope.acquisition.events import EventBus, SectionProcessed, TileAcquired
 from tapescope.alignment.align import align_section
-from tapescope.alignment.pipeline import LIVE_ELASTIC, Canvas
+from tapescope.alignment.pipeline import LIVE_FLOW, Canvas
 from tapescope.config import parse_config
 from tapescope.montage.omezarr import Volume
 from tapescope.montage.shard_render import render_section, render_to
@@ -136,7 +136,8 @@ def stages(grid: int, tile: int, device: str = "cpu") -> dict[str, float]:
         render_to(ref, ref_cover, [FlatFielded(t, gain) for t in tiles0], pos0,
                   SectionTransform.identity().shifted(oy, ox), threads=1)
         a, cpu, wall = cpu_timed(lambda: align_section(ref, image, ref_cover > 0.5, cover > 0.5, elastic=True,
-                                                       device=device, **LIVE_ELASTIC))
+                                                       device=device, stride=LIVE_FLOW.stride,
+                                                       patch=LIVE_FLOW.patch, passes=LIVE_FLOW.passes))
         report("alignment (1 neighbour)", cpu, wall)
         _, cpu, wall = cpu_timed(lambda: align_section(ref, image, ref_cover > 0.5, cover > 0.5, elastic=False,
                                                        device=device))

@@ -222,6 +222,14 @@ class ProcessingConfig(_Model):
     align_neighbours: Annotated[int, Field(ge=1, le=8)] = Field(
         2, description="good sections below each section that it is aligned to together (the last good "
         "one and those under it); each costs one more alignment per section")
+    align_flow: Literal["live", "stack"] = Field(
+        "live", description="the pairs' elastic flow: 'live' (patches of 96 px every 48 px, 2 passes) or 'stack' "
+        "(the offline stack's 64 px every 32 px, 3 passes: about 2x the CPU, undoes more of the warps on real "
+        "tissue; docs/alignment.md)")
+    align_look_ahead: Annotated[int, Field(ge=0, le=16)] = Field(
+        0, description="sections a good section stays open after its verdict: each later one places the open "
+        "ones again with its own matches (the stack solve, live), and a section is written when it leaves "
+        "the window, this many sections later; 0 writes each section as soon as it is placed")
     lens: Literal["estimate", "none"] = Field(
         "estimate", description="estimate the camera's radial distortion from the first sections' overlaps "
         "and take it out of every tile when stitching and rendering; 'none' renders tiles as taken")

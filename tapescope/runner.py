@@ -25,7 +25,7 @@ from tapescope.acquisition.qc import QCLimits
 from tapescope.acquisition.roi import validate_polygon
 from tapescope.acquisition.roi_planner import RoiPlanner
 from tapescope.acquisition.store import JournalError, RunStore, TileRecord
-from tapescope.alignment.pipeline import Canvas, SectionProcessor, scratch_problem
+from tapescope.alignment.pipeline import FLOWS, Canvas, SectionProcessor, scratch_problem
 from tapescope.budget import plan_problem, search_extent_nm
 from tapescope.config import ConfigError, ScopeConfig, TapeConfig, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
@@ -414,6 +414,7 @@ def _processing(cfg: TapescopeConfig, store: RunStore, bus: EventBus, slots: lis
                                dtype="uint8" if cam.bit_depth == 8 else "uint16")
     processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic, lens=proc.lens,
                                  scratch=proc.scratch, device=proc.device, neighbours=proc.align_neighbours,
+                                 look_ahead=proc.align_look_ahead, flow=FLOWS[proc.align_flow],
                                  tile_model=proc.tile_model)
     if resumed:
         # The next section aligns to the last good one written before the crash, not to nothing.

@@ -265,3 +265,94 @@ def test_a_camera_array_section_is_stitched_and_rendered_with_an_affine_per_tile
     assert np.abs(got[inner] - expect[inner]).max() < 0.05 * float(np.abs(expect).max())
     with pytest.raises(ValueError, match="tile_model"):
         SectionProcessor(vol, canvas, tile_model="projective")
+
+
+def _registered(vol: Volume, za: int, zb: int) -> float:
+    a, b = vol.levels[0][za].astype(float), vol.levels[0][zb].astype(float)
+    core = (slice(40, -40), slice(40, -40))
+    both = (a[core] > 0) & (b[core] > 0)
+    return float(np.corrcoef(a[core][both], b[core][both])[0, 1])
+
+
+def test_a_live_window_writes_each_good_section_when_it_leaves_the_window(tmp_path: Path) -> None:
+    """With a look-ahead of 2, a good section's verdict comes at once but it is written two
+    good sections later, placed again by each of them; a section that does not register is
+    written (and flagged) at once; the end flushes the window. The volume is in register."""
+    st, wrong, vol, _ = neighbours_and_wrong_tissue(tmp_path, 5)
+    proc = SectionProcessor(vol, proc_canvas(vol), elastic=False, look_ahead=2)
+    images = [st.images[0], st.images[1], wrong, st.images[3], st.images[4]]
+    verdicts, written = [], []
+    for z, img in enumerate(images):
+        verdicts.append(proc.process(z, *tiles_of(img), {"slot": z}))
+        written.append([r.z for r in proc.finished()])
+    assert [v.status for v in verdicts] == ["ok", "ok", "unaligned", "ok", "ok"]
+    assert [v.written for v in verdicts] == [False, False, True, False, False]
+    assert written == [[], [], [2], [0], [1]]
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert sorted(sections) == ["0", "1", "2"] and proc.open_sections == [3, 4]
+    proc.flush()
+    assert [(r.z, r.status) for r in proc.finished()] == [(3, "ok"), (4, "ok")]
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert [sections[str(z)]["status"] for z in range(5)] == ["ok", "ok", "unaligned", "ok", "ok"]
+    assert sections["3"]["alignment_references"] == [1, 0]      # across the wrong tissue
+    assert _registered(vol, 0, 1) > 0.8 and _registered(vol, 1, 3) > 0.8 and _registered(vol, 3, 4) > 0.8
+    # Only the montages coming sections are aligned to are kept.
+    assert sorted(proc.montages.current) == [3, 4]
+
+
+def test_a_live_window_places_sections_at_least_as_near_the_truth_as_without_one(tmp_path: Path) -> None:
+    """Sections turned, shifted and bent by known amounts: placed in a window of 3, each
+    section is as near its truth as when placed from the sections below alone (and the
+    first stays where the stage put it)."""
+    shape = (STEP + TILE, STEP + TILE)
+    st = make_stack(6, shape, seed=8, max_rotation_deg=3, max_shift_px=30, elastic_px=1.5, missing=())
+    errors = []
+    for look_ahead in (0, 3):
+        _, pos, _ = tiles_of(st.images[0])
+        canvas = Canvas.around(pos, (TILE, TILE), 0)
+        assert canvas.shape == shape and tuple(canvas.origin) == (0, 0)     # volume pixel = raw pixel
+        vol = Volume.create(tmp_path / f"v{look_ahead}.zarr", (6, *canvas.shape), pixel_nm=4, thickness_nm=40,
+                            levels=2, chunk=64)
+        proc = SectionProcessor(vol, canvas, look_ahead=look_ahead)
+        for z, img in enumerate(st.images):
+            proc.process(z, *tiles_of(img), {"slot": z})
+        proc.flush()
+        assert sorted(r.z for r in proc.finished() if r.status == "ok") == list(range(6))
+        transforms = {z: vol.load_transform(z) for z in range(6)}
+        assert np.abs(st.residual(0, transforms[0])).max() < 1e-9 or look_ahead == 0
+        errors.append([float(np.sqrt(np.mean(st.residual(z, transforms[z]) ** 2))) for z in range(6)])
+        proc.close()
+    plain, window = np.array(errors)
+    assert plain[1:].max() > 0.2            # there was error to make: the test can tell
+    assert np.sqrt(np.mean(window ** 2)) <= np.sqrt(np.mean(plain ** 2)) + 0.05, (plain, window)
+    assert window.max() < 2.0, window
+
+
+def test_a_retake_flushes_the_window_and_a_closed_processor_leaves_open_sections_unrecorded(
+        tmp_path: Path) -> None:
+    """A retake of a section below the window writes the window first, then is aligned to
+    the good section below it as without a window; sections still open when the processor
+    is closed are not recorded (a resume processes them again)."""
+    st, wrong, vol, _ = neighbours_and_wrong_tissue(tmp_path, 5)
+    proc = SectionProcessor(vol, proc_canvas(vol), elastic=False, look_ahead=2)
+    for z, img in enumerate([st.images[0], st.images[1], wrong, st.images[3]]):
+        proc.process(z, *tiles_of(img), {"slot": z})
+    proc.finished()
+    assert proc.open_sections == [1, 3]
+    retake = proc.process(2, *tiles_of(st.images[2]), {"slot": 2})
+    assert retake.status == "ok" and retake.written and proc.open_sections == []
+    assert [r.z for r in proc.finished()] == [1, 3, 2]
+    assert _registered(vol, 1, 2) > 0.8
+    proc.process(4, *tiles_of(st.images[4]), {"slot": 4})
+    assert proc.open_sections == [4]
+    proc.close()
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert "4" not in sections and [sections[str(z)]["status"] for z in range(4)] == ["ok"] * 4
+
+
+def proc_canvas(vol: Volume) -> Canvas:
+    """The canvas `neighbours_and_wrong_tissue` made its volume for."""
+    _, pos, _ = tiles_of(np.zeros((STEP + TILE, STEP + TILE)))
+    canvas = Canvas.around(pos, (TILE, TILE), 0)
+    assert canvas.shape == vol.shape[1:]
+    return canvas

@@ -37,7 +37,12 @@ RUN = {
 }
 
 
-async def test_a_section_that_does_not_register_is_reimaged_before_the_run_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("look_ahead", [0, 2])
+async def test_a_section_that_does_not_register_is_reimaged_before_the_run_ends(tmp_path: Path,
+                                                                               look_ahead: int) -> None:
+    """Also with an alignment window (`align_look_ahead`): the verdict still comes as each
+    section is processed; good sections are written later, and the retake writes the window
+    before it is aligned to slot 1."""
     bus, events, books = EventBus(), list[Event](), []
     bus.subscribe(events.append)
 
@@ -45,7 +50,8 @@ async def test_a_section_that_does_not_register_is_reimaged_before_the_run_ends(
         sim.world.inject("tape_slip", slots=12, at_slot=2, seen=False)
         books.append(sim.world.faults)
 
-    result = await run_acquisition(parse_config(RUN), tmp_path / "run", bus, on_sim=slip_at_slot_2)
+    cfg = parse_config({**RUN, "processing": {**RUN["processing"], "align_look_ahead": look_ahead}})
+    result = await run_acquisition(cfg, tmp_path / "run", bus, on_sim=slip_at_slot_2)
     assert result.summary.state.value == "done", result.summary.reason
     assert [n for _, n in books[0].fired] == ["tape_slip"]
 
@@ -68,6 +74,10 @@ async def test_a_section_that_does_not_register_is_reimaged_before_the_run_ends(
     sections = zarr.open_group(str(result.volume), mode="r").attrs["tapescope"]["sections"]
     assert sections["2"]["status"] == "ok" and sections["2"]["needs_reimaging"] is False
     assert sections["4"]["status"] == "unaligned" and sections["4"]["needs_reimaging"] is True
+    assert [sections[str(z)]["status"] for z in (0, 1, 3)] == ["ok"] * 3
+    # Each take journalled as processed once, when it was written.
+    processed = [e["slot"] for e in journal if e["event"] == "section_processed"]
+    assert sorted(processed) == [0, 1, 2, 2, 3, 14, 14]
 
     # The engine said it waited for processing before the re-image pass, and only once.
     assert len([e for e in events if isinstance(e, AwaitingProcessing)]) == 1

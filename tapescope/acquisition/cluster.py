@@ -36,6 +36,7 @@ from tapescope.alignment.pipeline import (
     render_montage,
     stitch_tiles,
 )
+from tapescope.alignment.stack import FlowParams
 from tapescope.allocator import keep_large_blocks
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
@@ -100,7 +101,7 @@ def montage_task(folder: str, name: str, records: list[TileRecord], stitched: St
 
 
 def align_task(volume_path: str, folder: str, z: int, montage: str, reference: int, reference_montage: str | None,
-               elastic: bool, device: str, scratch: str | None, prefix: str) -> ReferencePair:
+               elastic: bool, device: str, scratch: str | None, prefix: str, flow: FlowParams) -> ReferencePair:
     """On a worker: section z's montage aligned to section `reference`'s (`align_pairs`, as
     in the engine's process), or to the reference as written in the volume where its montage
     is not kept (None); that copy goes to `scratch` where the worker sees that folder, else
@@ -111,7 +112,7 @@ def align_task(volume_path: str, folder: str, z: int, montage: str, reference: i
     source: Montage | Plane = MontageStore.read(Path(folder), reference_montage) if reference_montage is not None \
         else Plane(Volume.open(volume_path).levels[0], reference)
     (result,) = align_pairs(z, own, [(reference, source)], elastic=elastic, device=device, scratch=where,
-                            prefix=prefix, volume_root=Path(volume_path))
+                            prefix=prefix, volume_root=Path(volume_path), flow=flow)
     return result
 
 
@@ -186,12 +187,12 @@ class SectionCluster:
                                   priority=-z)
 
     def align(self, volume: Volume, folder: Path, z: int, montage: Any, reference: int, reference_montage: Any,
-              *, elastic: bool, device: str, scratch: Path | None, prefix: str) -> Any:
+              *, elastic: bool, device: str, scratch: Path | None, prefix: str, flow: FlowParams) -> Any:
         """A future of `align_task`; the montages may be futures of `montage` (the worker
         gets their names without them passing through here)."""
         return self.client.submit(align_task, volume_path(volume), str(folder), z, montage, reference,
                                   reference_montage, elastic, device, None if scratch is None else str(scratch),
-                                  prefix, retries=self.retries, priority=-z,
+                                  prefix, flow, retries=self.retries, priority=-z,
                                   key=f"align_task-{z}-{reference}-{uuid4().hex}")
 
     def result(self, future: Any) -> Any:

@@ -141,6 +141,8 @@ class ProcessingWorker:
                 self.bus.emit(Alarm("processing", f"processing could not catch up: {type(exc).__name__}: {exc}; "
                                     "it tries again with the next section"))
             finally:
+                if slot is None:     # the end of the run: the alignment window is written
+                    await asyncio.to_thread(self.flush)
                 queue.task_done()
             if slot is None:
                 return
@@ -340,7 +342,7 @@ class ProcessingWorker:
             p = self.processor
             held[1][reference] = (token, self.cluster.align(
                 p.volume, p.montages.folder, z, montage, reference, token, elastic=p.elastic, device=p.device,
-                scratch=p.scratch, prefix=p.scratch_prefix))
+                scratch=p.scratch, prefix=p.scratch_prefix, flow=p.flow))
         return held[1][reference][1]
 
     def _drop_pairs(self, slot: int, reference: int | None = None, unless: Any = None) -> None:
@@ -427,6 +429,18 @@ class ProcessingWorker:
             if self.cluster is not None:
                 self._prefetch(due[k:])
             self.process_slot(slot, takes[slot][0])
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the sections still open in the processor's alignment window, and report
+        them. A fault is an alarm: those sections are not recorded, so a resume does them."""
+        try:
+            self.processor.flush()
+        except Exception as exc:
+            log.exception("writing the alignment window failed")
+            self.bus.emit(Alarm("processing", f"the sections open in the alignment window were not all written: "
+                                f"{type(exc).__name__}: {exc}; a resumed run processes them again"))
+        self._report_written()
 
     def _restore_montages(self, z: int) -> None:
         """The montages of section z's references that are not kept (a resumed run, a retake
@@ -473,27 +487,42 @@ class ProcessingWorker:
         except Exception as exc:
             log.exception("processing slot %d failed", slot)
             reason = f"{type(exc).__name__}: {exc}"
-            self.failed[slot] = reason
-            self.reports.pop(slot, None)
             self.processor.record_missing(z, info, reason)
-            # Journalled, not as processed: a resumed run tries the section again.
-            if self.journal:
-                self.store.log_event("processing_failed", slot=slot, z=z, message=reason, time=time.time())
+            self._report_written()      # sections the window wrote before the fault
+            self._failed(slot, z, reason)
             self._cluster_news()
-            self.bus.emit(Alarm("processing", f"slot {slot} (z={z}) not processed: {reason}"))
-            self.bus.emit(SectionProcessed(slot, z, "failed", float("nan"), (0.0, 0.0), 0.0, reason))
             self.publish_backlog()
             return None
-        self.reports[slot] = report
-        self.failed.pop(slot, None)
-        if self.journal:
-            self.store.log_event("section_processed", slot=slot, z=z, status=report.status,
-                                 max_residual_px=report.max_residual_px, shift_px=list(report.shift_px),
-                                 message=report.message, time=time.time())
+        self._report_written()
         self._cluster_news()
-        if report.status != "ok":
-            self.bus.emit(Alarm("alignment", f"slot {slot} (z={z}): {report.message}", "warning"))
-        self.bus.emit(SectionProcessed(slot, z, report.status, report.max_residual_px,
-                                       report.shift_px, report.alignment_confidence, report.message))
         self.publish_backlog()
         return report
+
+    def _failed(self, slot: int, z: int, reason: str) -> None:
+        self.failed[slot] = reason
+        self.reports.pop(slot, None)
+        # Journalled, not as processed: a resumed run tries the section again.
+        if self.journal:
+            self.store.log_event("processing_failed", slot=slot, z=z, message=reason, time=time.time())
+        self.bus.emit(Alarm("processing", f"slot {slot} (z={z}) not processed: {reason}"))
+        self.bus.emit(SectionProcessed(slot, z, "failed", float("nan"), (0.0, 0.0), 0.0, reason))
+
+    def _report_written(self) -> None:
+        """Journal and announce the sections the processor has written since the last call:
+        a section kept open in the alignment window is processed when it is written."""
+        for report in self.processor.finished():
+            z = report.z
+            slot = self.slot_of_z[z]
+            if report.status == "failed":
+                self._failed(slot, z, report.message)
+                continue
+            self.reports[slot] = report
+            self.failed.pop(slot, None)
+            if self.journal:
+                self.store.log_event("section_processed", slot=slot, z=z, status=report.status,
+                                     max_residual_px=report.max_residual_px, shift_px=list(report.shift_px),
+                                     message=report.message, time=time.time())
+            if report.status != "ok":
+                self.bus.emit(Alarm("alignment", f"slot {slot} (z={z}): {report.message}", "warning"))
+            self.bus.emit(SectionProcessed(slot, z, report.status, report.max_residual_px,
+                                           report.shift_px, report.alignment_confidence, report.message))

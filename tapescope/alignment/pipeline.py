@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from uuid import uuid4
 
@@ -31,6 +31,7 @@ from tapescope.stitching.lens import RadialDistortion
 from tapescope.stitching.section import StitchResult, stitch_section
 
 from .align import SectionAlignment, align_section, repeat_reason, unregistered_reason
+from .stack import FlowParams
 from .zsolve import PairMatch, SolveParams, matches_of, solve_stack
 
 STRIP_ROWS = 2048   # rows at a time for whole-canvas checks on memory-mapped planes
@@ -44,8 +45,10 @@ MIN_ALIGN_CONFIDENCE = 0.15   # NCC below this: the section did not register to 
 SEAM_FLAG_PX = 1.0            # a stitched pair whose residual exceeds this is a flagged seam
 # Live, the section must be done before the scope finishes the next one: a coarser flow
 # grid and two passes cost a sixth of the stack defaults (measured 0.18 vs 0.13 px RMS on
-# simulated stacks; on real neighbouring sections the content's own drift is larger).
-LIVE_ELASTIC = {"stride": 48, "patch": 96, "passes": 2}
+# simulated stacks). On real tissue the stack's own settings undo the warps better
+# (docs/alignment.md, "The live window"): `[processing] align_flow` chooses.
+LIVE_FLOW = FlowParams(patch=96, stride=48, passes=2)
+FLOWS = {"live": LIVE_FLOW, "stack": FlowParams()}
 LIVE_NEIGHBOURS = 2           # good sections each live section is aligned to (docs/alignment.md)
 
 
@@ -236,21 +239,23 @@ Montage = tuple[np.ndarray, np.ndarray]     # an unaligned montage's image and c
 
 
 def align_pair(z: int, image: np.ndarray, valid: np.ndarray, rz: int, ref_img: np.ndarray, ref_valid: np.ndarray,
-               frame: str, *, elastic: bool, device: str) -> ReferencePair:
+               frame: str, *, elastic: bool, device: str, flow: FlowParams = LIVE_FLOW) -> ReferencePair:
     """Section z (`image`, where `valid`) aligned to reference rz (`ref_img`, `ref_valid`:
     its unaligned montage, frame "unaligned", or its pixels in the volume, "aligned") with
     the live settings; refused with the reason when they overlap too little or it does not
     register."""
     if _overlap_fraction(valid, ref_valid) < 0.05:
         return ReferencePair(rz, 0.0, "too little overlap with the previous section", frame=frame)
-    a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, **LIVE_ELASTIC)
+    a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, stride=flow.stride,
+                      patch=flow.patch, passes=flow.passes, stiffness=flow.stiffness, scale=flow.scale)
     if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
         return ReferencePair(rz, a.confidence, why, frame=frame)
     return ReferencePair(rz, a.confidence, alignment=a, match=matches_of(a, rz, z, ref_valid, valid), frame=frame)
 
 
 def align_pairs(z: int, montage: Montage, references: Sequence[tuple[int, Montage | Plane]], *, elastic: bool,
-                device: str, scratch: Path | None, prefix: str, volume_root: Path | None) -> list[ReferencePair]:
+                device: str, scratch: Path | None, prefix: str, volume_root: Path | None,
+                flow: FlowParams = LIVE_FLOW) -> list[ReferencePair]:
     """Section z (its unaligned `montage`) aligned to each of `references`, nearest first:
     a reference's unaligned montage where it is kept, else (a retake, a resumed run) its
     pixels as written in the volume, copied into scratch files once, in strips (the aligner
@@ -271,9 +276,10 @@ def align_pairs(z: int, montage: Montage, references: Sequence[tuple[int, Montag
                     ref_img[rows] = src[rows]
                     ref_valid[rows] = ref_img[rows] > 0
                 results.append(align_pair(z, image, valid, rz, ref_img, ref_valid, "aligned", elastic=elastic,
-                                          device=device))
+                                          device=device, flow=flow))
             else:
-                results.append(align_pair(z, image, valid, rz, *src, "unaligned", elastic=elastic, device=device))
+                results.append(align_pair(z, image, valid, rz, *src, "unaligned", elastic=elastic, device=device,
+                                          flow=flow))
         if planes:
             del ref_img, ref_valid      # the maps go before their files
     return results
@@ -290,6 +296,7 @@ class SectionReport:
     tile_status: list[str]
     message: str = ""
     repeats: int | None = None    # the section z repeats (either take may show the wrong section)
+    written: bool = True          # False: placed and kept open in the window, written later
 
 
 @dataclass
@@ -304,6 +311,24 @@ class Placement:
     references: list[int] = field(default_factory=list)   # those that registered
     detail: float = float("nan")                  # fine-detail agreement with the nearest
     repeats: int | None = None                    # the section it repeats, if it does
+
+
+@dataclass
+class _Open:
+    """A good section kept open in the live window: placed, not yet rendered or recorded;
+    each later section's matches place it again (`SectionProcessor._solve_window`)."""
+
+    z: int
+    info: dict
+    tiles: list[FlatFielded]
+    stitched: StitchResult
+    max_res: float
+    flagged: int
+    placed: Placement
+    pairs: list[ReferencePair]                 # those that registered
+    render: FinalRender | None
+    forward: np.ndarray                        # current forward affine (raw -> volume frame)
+    fixed_matches: dict[int, PairMatch] = field(default_factory=dict)   # to written references, volume frame
 
 
 class SectionProcessor:
@@ -322,12 +347,21 @@ class SectionProcessor:
     memory-mapped files in `scratch` (default: beside the volume) for the aligner, which
     reads in strips; the reference is the previous section in the volume, read as needed;
     the aligned section is rendered from the tiles into the volume shard by shard.
+
+    With a `look_ahead` window, a good section is not written at once: it stays open while
+    the next `look_ahead` sections arrive, and each of them places the open sections again,
+    all together from all their pairs (the stack solve, as offline), the written sections
+    held; the oldest is written when it leaves the window. Its verdict (registered or not,
+    a repeat) is given at once, so a section that does not register is re-imaged as before.
+    `process` returns each section's verdict; `finished()` hands over the reports of the
+    sections written since (those are what is journalled); `flush()` writes the window (the
+    end of a run; a retake of a section at or below the window flushes it first).
     """
 
     def __init__(self, volume: Volume, canvas: Canvas, *, align: bool = True, neighbours: int = LIVE_NEIGHBOURS,
                  gain: np.ndarray | None = None, dark: float = 0.0, elastic: bool = True,
                  device: str = "cpu", lens: str = "estimate", scratch: Path | None = None,
-                 tile_model: str = "translation") -> None:
+                 tile_model: str = "translation", look_ahead: int = 0, flow: FlowParams = LIVE_FLOW) -> None:
         if volume.shape[1:] != canvas.shape:
             raise ValueError(f"volume {volume.shape[1:]} and canvas {canvas.shape} differ")
         keep_large_blocks()
@@ -340,6 +374,12 @@ class SectionProcessor:
         if neighbours < 1:
             raise ValueError(f"neighbours must be at least 1, got {neighbours}")
         self.neighbours = neighbours
+        if look_ahead < 0:
+            raise ValueError(f"look_ahead must be 0 or more, got {look_ahead}")
+        self.look_ahead = look_ahead if align else 0
+        self.flow = flow
+        self._open: list[_Open] = []           # the window, in z order
+        self._finished: list[SectionReport] = []
         self.device = device
         if lens not in ("estimate", "none"):
             raise ValueError(f"lens must be 'estimate' or 'none', not {lens!r}")
@@ -372,7 +412,13 @@ class SectionProcessor:
 
     def close(self) -> None:
         """Remove the montages kept for coming sections (a processor that is not closed
-        leaves them to the next processor of its volume, which sweeps them)."""
+        leaves them to the next processor of its volume, which sweeps them). Sections still
+        open in the window are not written: they are not recorded, so the next run or
+        `tapescope process` processes them again (`flush` first to write them)."""
+        if self._open:
+            log.warning("sections %s were open in the alignment window and are not written",
+                        self.open_sections)
+            self._open.clear()
         self.montages.remove()
 
     @property
@@ -404,7 +450,11 @@ class SectionProcessor:
         align it to the good sections below (or have `pairs` align it to each of them: the
         same alignment in other processes; the placement from those pairs is decided here),
         render into the volume (or have `render` do it: the same rendering in another
-        process) and record it."""
+        process) and record it; with a window, a good section is kept open instead and
+        written later (`finished`). Returns z's verdict."""
+        retake = self._reference_z is not None and z <= self._reference_z
+        if retake:               # aligned to written sections and written at once, as without a window
+            self.flush()
         self._rendering = None
         self.processed += 1
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
@@ -422,13 +472,14 @@ class SectionProcessor:
         max_res = float(used.max()) if used.size else 0.0
         flagged = int((used > SEAM_FLAG_PX).sum())
 
-        oy, ox = np.asarray(self.canvas.origin, float)
         references = self._references(z)
         if self.align and montage is None:     # what this section and the coming ones are aligned to
             check_scratch_space(self.canvas.shape, self.scratch, self.volume_root)
             montage = self.montages.render(z, self.canvas, tiles, stitched, device=self.device)
         placed = Placement("ok", 1.0)
+        opened: _Open | None = None
         try:
+            results: list[ReferencePair] = []
             if references:
                 if pairs is not None:
                     results = pairs(z, [rz for rz, _ in references])
@@ -440,17 +491,69 @@ class SectionProcessor:
                     own = MontageStore.read(self.montages.folder, montage)
                     results = align_pairs(z, own, references, elastic=self.elastic, device=self.device,
                                           scratch=self.scratch, prefix=self.scratch_prefix,
-                                          volume_root=self.volume_root)
+                                          volume_root=self.volume_root, flow=self.flow)
                 placed = self._place(z, results)
+            if self.look_ahead and not retake and placed.status == "ok" and montage is not None:
+                opened = _Open(z, info, tiles, stitched, max_res, flagged, placed,
+                               [r for r in results if r.alignment is not None], render,
+                               np.linalg.inv(placed.transform.affine3))
+                self._solve_window([*self._open, opened])
         except BaseException:
             if montage is not None:      # this take's, never kept: an earlier good take's stays
                 self.montages.discard(montage)
             raise
-        # Rendered once, from the tiles through the transform: pixels are interpolated once.
-        self._rendering = z              # from here the volume's pixels of z are this take's
         if montage is not None:
             self.montages.adopt(z, montage)
-        p = placed
+        if opened is not None:
+            self._open.append(opened)
+            self._transforms[z] = opened.placed.transform
+            if self._reference_z is None or z >= self._reference_z:
+                self._reference_z = z
+            while len(self._open) > self.look_ahead:
+                self._finished.append(self._close(self._open.pop(0)))
+            return SectionReport(z, "ok", max_res, flagged, placed.shift, placed.confidence, sol.status,
+                                 placed.message, written=False)
+        # Rendered once, from the tiles through the transform: pixels are interpolated once.
+        self._rendering = z              # from here the volume's pixels of z are this take's
+        report = self._write(z, info, tiles, stitched, max_res, flagged, placed, render)
+        self._finished.append(report)
+        return report
+
+    def finished(self) -> list[SectionReport]:
+        """The reports of the sections written since the last call, in the order written."""
+        done, self._finished = self._finished, []
+        return done
+
+    @property
+    def open_sections(self) -> list[int]:
+        """The sections placed and kept open in the window, not yet written."""
+        return [o.z for o in self._open]
+
+    def flush(self) -> None:
+        """Write every section still open in the window (`finished` reports them)."""
+        while self._open:
+            self._finished.append(self._close(self._open.pop(0)))
+
+    def _close(self, o: _Open) -> SectionReport:
+        """Write an open section as the window last placed it. A failure is that section's
+        alone: recorded as missing with the reason, the others go on."""
+        self._rendering = o.z
+        try:
+            return self._write(o.z, o.info, o.tiles, o.stitched, o.max_res, o.flagged, o.placed, o.render)
+        except Exception as exc:
+            log.exception("writing z=%d as it left the alignment window failed", o.z)
+            reason = f"not written as it left the alignment window: {type(exc).__name__}: {exc}"
+            self.montages.drop(o.z)
+            self._transforms.pop(o.z, None)
+            self.record_missing(o.z, o.info, reason)
+            return SectionReport(o.z, "failed", o.max_res, o.flagged, (0.0, 0.0), o.placed.confidence,
+                                 o.stitched.solution.status, reason)
+
+    def _write(self, z: int, info: dict, tiles: Sequence[np.ndarray], stitched: StitchResult, max_res: float,
+               flagged: int, p: Placement, render: FinalRender | None) -> SectionReport:
+        """Render section z through its placement into the volume and record it."""
+        sol, lens = stitched.solution, stitched.lens_applied
+        oy, ox = np.asarray(self.canvas.origin, float)
         if render is None:
             render_section(self.volume, z, tiles, sol.positions, p.transform.shifted(oy, ox), lens=lens,
                            device=self.device, linear=sol.linear)
@@ -478,6 +581,53 @@ class SectionProcessor:
             self._reference_lost(z)
         self._keep_montages(z, p)
         return SectionReport(z, p.status, max_res, flagged, p.shift, p.confidence, sol.status, p.message, p.repeats)
+
+    def _solve_window(self, opens: list[_Open]) -> None:
+        """Place the `opens` sections again, all together, from every pair they are in (the
+        stack solve, as offline): pairs between two of them in their unaligned frames, pairs
+        to written sections in the volume's frame with those held where they were written."""
+        # A section that starts a chain (no pair below it) stays where the stage put it, as
+        # without a window: the volume's frame is the stage's, not the window's mean.
+        starts = {o.z for o in opens if not o.pairs}
+        free = {o.z for o in opens} - starts
+        matches: list[PairMatch] = []
+        pinned: set[int] = set(starts)
+        for o in opens:
+            for r in o.pairs:
+                if r.reference in free and r.frame == "unaligned":
+                    assert r.match is not None
+                    matches.append(r.match)
+                    continue
+                if r.reference not in o.fixed_matches:   # its placement is final: carried once
+                    o.fixed_matches[r.reference] = self._in_volume(r)[1]
+                matches.append(o.fixed_matches[r.reference])
+                pinned.add(r.reference)
+        if not matches:
+            return
+        initial = {k: np.eye(3) for k in pinned} | {o.z: o.forward for o in opens}
+        sol = solve_stack(self.canvas.shape, sorted(free | pinned), matches, initial,
+                          self._solve_params,
+                          fixed=sorted(pinned))
+        for o in opens:
+            if o.z in starts:
+                continue
+            t = sol.transforms[o.z]
+            o.forward = sol.forward[o.z]
+            o.placed = replace(o.placed, transform=t, shift=self._centre_shift(t))
+            if o.z in self._transforms:
+                self._transforms[o.z] = t
+
+    @property
+    def _solve_params(self) -> SolveParams:
+        """The stack solve's settings, its field on the flow's grid."""
+        return SolveParams(elastic=self.elastic, field_spacing=self.flow.stride * self.flow.scale)
+
+    def _centre_shift(self, transform: SectionTransform) -> tuple[float, float]:
+        """Where the canvas centre's content came from: for a pure translation this is the
+        shift s with aligned(p) = moving(p + s)."""
+        cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
+        sx, sy = transform.apply(np.array(cx), np.array(cy))
+        return float(sy - cy), float(sx - cx)
 
     def missing_montages(self, z: int) -> list[int]:
         """The references section z will be aligned to whose montages are not kept (after a
@@ -517,7 +667,7 @@ class SectionProcessor:
             self._transforms[z] = placed.transform
         else:
             self.montages.drop(z)
-        keep = set(sorted(self._good_sections())[-self.neighbours:])
+        keep = set(sorted(self._good())[-self.neighbours:]) | set(self.open_sections)
         self.montages.keep(keep, max(z, self._reference_z if self._reference_z is not None else z))
         self._transforms = {k: t for k, t in self._transforms.items() if k in self.montages.current}
 
@@ -559,19 +709,15 @@ class SectionProcessor:
         conf = a.confidence
         message = "" if rz == nearest else \
             "aligned to the sections below the previous one: " + "; ".join(f"z={r}: {w}" for r, _, w in refused)
-        if len(registered) > 1:
+        if len(registered) > 1 and not self.look_ahead:     # with a window, the window's solve places it
             zs = [r[0] for r in registered] + [z]
             initial = {r[0]: np.eye(3) for r in registered}
             initial[z] = np.linalg.inv(transform.affine3)
             sol = solve_stack(self.canvas.shape, zs, [r[3] for r in registered], initial,
-                              SolveParams(elastic=self.elastic, field_spacing=LIVE_ELASTIC["stride"]),
+                              self._solve_params,
                               fixed=[r[0] for r in registered])
             transform = sol.transforms[z]
-        # Where the canvas centre's content came from: for a pure translation this is the
-        # shift s with aligned(p) = moving(p + s).
-        cy, cx = (np.array(self.canvas.shape, float) - 1) / 2
-        sx, sy = transform.apply(np.array(cx), np.array(cy))
-        return Placement("ok", conf, message, transform, (float(sy - cy), float(sx - cx)),
+        return Placement("ok", conf, message, transform, self._centre_shift(transform),
                          [r[0] for r in registered], a.detail)
 
     def _typical(self, key: str) -> float:
@@ -591,7 +737,7 @@ class SectionProcessor:
         if not self.align or (self._reference_z is not None and z <= self._reference_z):
             return []
         pending = set(before)
-        good = set(self._good_sections()) - pending
+        good = set(self._good()) - pending
         return sorted((k for k in good | pending if k < z), reverse=True)[:self.neighbours]
 
     def _reference_zs(self, z: int) -> list[int]:
@@ -605,16 +751,20 @@ class SectionProcessor:
         head = self._good_below(z) if retake else self._reference_z
         if head is None:
             return []
-        below = sorted(k for k in self._good_sections() if k < head)[::-1][:max(self.neighbours - 1, 0)]
+        below = sorted(k for k in self._good() if k < head)[::-1][:max(self.neighbours - 1, 0)]
         return [head, *below]
 
     def _references(self, z: int) -> list[tuple[int, Montage | Plane]]:
         """Section z's references (`_reference_zs`), each as its unaligned montage where it
         is kept, else its pixels in the volume."""
         refs: list[tuple[int, Montage | Plane]] = []
+        window = set(self.open_sections)
         for k in self._reference_zs(z):
-            plane = self._read_reference(k)          # refuses a section that is not good
             kept = self.montages.get(k)
+            if k in window and kept is not None:       # open: not in the volume yet
+                refs.append((k, kept))
+                continue
+            plane = self._read_reference(k)          # refuses a section that is not good
             refs.append((k, plane if kept is None else kept))
         return refs
 
@@ -654,12 +804,17 @@ class SectionProcessor:
                      seen[0][0], self.lens.k1, self.lens.k2)
 
     def _good_sections(self) -> list[int]:
+        """The sections recorded good in the volume."""
         sections = self.volume.group.attrs["tapescope"].get("sections", {})
         return [int(k) for k, v in sections.items() if v.get("status") == "ok"]
 
+    def _good(self) -> list[int]:
+        """The good sections: recorded so, or placed and open in the window."""
+        return sorted({*self._good_sections(), *self.open_sections})
+
     def _good_below(self, z: int) -> int | None:
-        """The highest good section below z in the volume (None: z starts a chain)."""
-        below = [k for k in self._good_sections() if k < z]
+        """The highest good section below z (None: z starts a chain)."""
+        below = [k for k in self._good() if k < z]
         return max(below) if below else None
 
     def _read_reference(self, z: int) -> Plane:

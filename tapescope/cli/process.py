@@ -26,7 +26,7 @@ from tapescope.acquisition.events import Alarm, Event, EventBus, SectionProcesse
 from tapescope.acquisition.plan import select_slots
 from tapescope.acquisition.processing import ProcessingWorker
 from tapescope.acquisition.store import JournalError, RunStore
-from tapescope.alignment.pipeline import SectionProcessor
+from tapescope.alignment.pipeline import FLOWS, SectionProcessor
 from tapescope.config import ConfigError, TapescopeConfig, parse_config
 from tapescope.errors import TapescopeError
 from tapescope.montage.omezarr import Volume
@@ -144,6 +144,7 @@ def run_process(run_dir: Path, out: Path | None, *, scheduler: str | None, secti
                                    chunk=proc.chunk, dtype=dtype)
         processor = SectionProcessor(volume, canvas, align=proc.align, elastic=proc.elastic, lens=proc.lens,
                                      scratch=proc.scratch, device=proc.device, neighbours=proc.align_neighbours,
+                                     look_ahead=proc.align_look_ahead, flow=FLOWS[proc.align_flow],
                                      tile_model=proc.tile_model)
         processor.prime_from_volume()      # the reference and the lens of a process that was stopped
         bus = EventBus()
