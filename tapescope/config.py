@@ -227,9 +227,9 @@ class ProcessingConfig(_Model):
         "(the offline stack's 64 px every 32 px, 3 passes: about 2x the CPU, undoes more of the warps on real "
         "tissue; docs/alignment.md)")
     align_look_ahead: Annotated[int, Field(ge=0, le=16)] = Field(
-        0, description="sections a good section stays open after its verdict: each later one places the open "
+        0, description="good sections a good section stays open for after its verdict: each places the open "
         "ones again with its own matches (the stack solve, live), and a section is written when it leaves "
-        "the window, this many sections later; 0 writes each section as soon as it is placed")
+        "the window, this many good sections later; 0 writes each section as soon as it is placed")
     lens: Literal["estimate", "none"] = Field(
         "estimate", description="estimate the camera's radial distortion from the first sections' overlaps "
         "and take it out of every tile when stitching and rendering; 'none' renders tiles as taken")

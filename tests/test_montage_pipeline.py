@@ -356,3 +356,29 @@ def proc_canvas(vol: Volume) -> Canvas:
     canvas = Canvas.around(pos, (TILE, TILE), 0)
     assert canvas.shape == vol.shape[1:]
     return canvas
+
+
+def test_a_section_that_fails_as_it_leaves_the_window_fails_alone(tmp_path: Path) -> None:
+    """Its render fails as it leaves the window (a lost worker, a full disk): it is recorded
+    as failed with the reason, its pairs leave the window, and every later section is
+    placed and written."""
+    from tapescope.montage.shard_render import render_section
+
+    st, _, vol, _ = neighbours_and_wrong_tissue(tmp_path, 6)
+    proc = SectionProcessor(vol, proc_canvas(vol), elastic=False, look_ahead=2)
+
+    def render(z: int, positions, transform, lens, linear) -> None:  # type: ignore[no-untyped-def]
+        if z == 1:
+            raise OSError(28, "No space left on device")
+        render_section(vol, z, tiles_of(st.images[z])[0], positions, transform, lens=lens, linear=linear)
+
+    for z in range(6):
+        assert proc.process(z, *tiles_of(st.images[z]), {"slot": z}, render=render).status == "ok"
+    proc.flush()
+    reports = {r.z: r for r in proc.finished()}
+    assert reports[1].status == "failed" and "No space left" in reports[1].message
+    assert [reports[z].status for z in (0, 2, 3, 4, 5)] == ["ok"] * 5
+    sections = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["tapescope"]["sections"]
+    assert sections["1"]["status"] == "failed" and "left the alignment window" in sections["1"]["message"]
+    assert all(sections[str(z)]["status"] == "ok" for z in (0, 2, 3, 4, 5))
+    assert _registered(vol, 0, 2) > 0.8 and _registered(vol, 4, 5) > 0.8

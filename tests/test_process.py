@@ -350,3 +350,26 @@ def test_an_alignment_window_on_a_dask_cluster_writes_the_same_volume(tmp_path: 
     # The first section stays where the stage put it; the rest within the pairs' own
     # differences (which placement is nearer the truth: test_montage_pipeline).
     assert apart[0] == 0.0 and max(apart) < 2.0, apart
+
+
+def test_a_take_is_processed_when_its_own_section_processed_is_journalled(tmp_path: Path) -> None:
+    """With an alignment window an older take can be written (and journalled) after a newer
+    take of the same slot was acquired: the newer one is still due, and a resume takes it."""
+    from tapescope.acquisition.events import EventBus
+    from tapescope.acquisition.processing import ProcessingWorker
+    from tapescope.alignment.pipeline import Canvas, SectionProcessor
+
+    run_dir = tiny_run(tmp_path / "run", np.uint16, sections=2)
+    store = RunStore(run_dir)
+    first = next(i for i, e in enumerate(store.events()) if e["event"] == "section_done" and e["slot"] == 1)
+    store.log_event("section_done", slot=1, status="complete", n_tiles=4, reimage=True, time=time.time())
+    store.log_event("section_processed", slot=1, z=1, status="ok", take=first, time=time.time())
+    vol = Volume.create(tmp_path / "v.zarr", (2, 64, 64), pixel_nm=4, thickness_nm=40, levels=1, chunk=64)
+    worker = ProcessingWorker(store, SectionProcessor(vol, Canvas(np.zeros(2, int), (64, 64))), EventBus(),
+                              z_of_slot={0: 0, 1: 1}, pixel_nm=4.0)
+    try:
+        assert [s for s, _ in worker.unprocessed()] == [0, 1]
+        store.log_event("section_processed", slot=1, z=1, status="ok", time=time.time())   # an older journal: no take
+        assert [s for s, _ in worker.unprocessed()] == [0]
+    finally:
+        worker.close()

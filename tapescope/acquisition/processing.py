@@ -149,9 +149,15 @@ class ProcessingWorker:
 
     def _waiting(self) -> dict[int, tuple[int, float]]:
         """slot -> (journal line, time) of its last section_done, for the sections acquired
-        since they were last processed: a retake after processing makes a slot due again."""
+        since they were last processed: a retake after processing makes a slot due again.
+        A section_processed names the take it wrote (the line of its section_done): with an
+        alignment window an older take can be written after a newer one was acquired."""
         events = list(self.store.events())     # one read of the journal serves both
-        processed = {int(e["slot"]): i for i, e in enumerate(events) if e["event"] == "section_processed"}
+        processed: dict[int, int] = {}
+        for i, e in enumerate(events):
+            if e["event"] == "section_processed":
+                take = e.get("take")
+                processed[int(e["slot"])] = max(processed.get(int(e["slot"]), -1), i if take is None else int(take))
         return {s: (i, t) for s, (i, st, t) in acquired_takes(events).items() if st in ("complete", "flagged")
                 and processed.get(s, -1) < i and s in self.z_of_slot}
 
@@ -161,9 +167,11 @@ class ProcessingWorker:
         return sorted((s, i) for s, (i, _) in self._waiting().items() if self._tried.get(s, -1) < i)
 
     def backlog(self) -> tuple[int, float]:
-        """Sections acquired and not yet judged by processing, and the age in seconds of the
+        """Sections acquired and not yet judged by processing (those judged and open in the
+        alignment window are not waiting for processing), and the age in seconds of the
         oldest of them (0 when none waits)."""
-        waiting = self._waiting()
+        open_slots = {self.slot_of_z[z] for z in list(self.processor.open_sections) if z in self.slot_of_z}
+        waiting = {s: v for s, v in self._waiting().items() if s not in open_slots}
         oldest = min((t for _, t in waiting.values()), default=None)
         return len(waiting), 0.0 if oldest is None else max(time.time() - oldest, 0.0)
 
@@ -479,6 +487,10 @@ class ProcessingWorker:
             if not records:
                 raise ValueError("no tiles stored for this section")
             self._ensure_flatfield()
+            # A retake writes the alignment window first: before the montages its references
+            # need are made again, and before pairs are set against montages the flush drops.
+            if self.processor.flush_for(z) and self.cluster is not None:
+                self._montages = {k: m for k, m in self._montages.items() if k in self.processor.montages.current}
             self._restore_montages(z)
             if self.cluster is not None:
                 report = self._process_on_cluster(slot, z, records, info)
@@ -521,7 +533,7 @@ class ProcessingWorker:
             if self.journal:
                 self.store.log_event("section_processed", slot=slot, z=z, status=report.status,
                                      max_residual_px=report.max_residual_px, shift_px=list(report.shift_px),
-                                     message=report.message, time=time.time())
+                                     message=report.message, take=report.take, time=time.time())
             if report.status != "ok":
                 self.bus.emit(Alarm("alignment", f"slot {slot} (z={z}): {report.message}", "warning"))
             self.bus.emit(SectionProcessed(slot, z, report.status, report.max_residual_px,

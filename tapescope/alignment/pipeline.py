@@ -297,6 +297,7 @@ class SectionReport:
     message: str = ""
     repeats: int | None = None    # the section z repeats (either take may show the wrong section)
     written: bool = True          # False: placed and kept open in the window, written later
+    take: int | None = None       # the take judged (its info's "take": the journal line of its section_done)
 
 
 @dataclass
@@ -452,9 +453,7 @@ class SectionProcessor:
         render into the volume (or have `render` do it: the same rendering in another
         process) and record it; with a window, a good section is kept open instead and
         written later (`finished`). Returns z's verdict."""
-        retake = self._reference_z is not None and z <= self._reference_z
-        if retake:               # aligned to written sections and written at once, as without a window
-            self.flush()
+        retake = self.flush_for(z)
         self._rendering = None
         self.processed += 1
         # Registration keeps only the tiles' edge strips, flat-fielded; rendering flat-fields
@@ -492,12 +491,17 @@ class SectionProcessor:
                     results = align_pairs(z, own, references, elastic=self.elastic, device=self.device,
                                           scratch=self.scratch, prefix=self.scratch_prefix,
                                           volume_root=self.volume_root, flow=self.flow)
-                placed = self._place(z, results)
+                placed = self._place(z, results, opening=bool(self.look_ahead) and not retake)
             if self.look_ahead and not retake and placed.status == "ok" and montage is not None:
                 opened = _Open(z, info, tiles, stitched, max_res, flagged, placed,
                                [r for r in results if r.alignment is not None], render,
                                np.linalg.inv(placed.transform.affine3))
-                self._solve_window([*self._open, opened])
+                try:
+                    self._solve_window([*self._open, opened])
+                except Exception as exc:      # the pairs' own placements stand; said with the section
+                    log.exception("the alignment window's solve failed at z=%d", z)
+                    why = f"the window's solve failed ({type(exc).__name__}: {exc}): placed from its own pairs"
+                    opened.placed = replace(placed, message="; ".join(m for m in (placed.message, why) if m))
         except BaseException:
             if montage is not None:      # this take's, never kept: an earlier good take's stays
                 self.montages.discard(montage)
@@ -512,7 +516,7 @@ class SectionProcessor:
             while len(self._open) > self.look_ahead:
                 self._finished.append(self._close(self._open.pop(0)))
             return SectionReport(z, "ok", max_res, flagged, placed.shift, placed.confidence, sol.status,
-                                 placed.message, written=False)
+                                 placed.message, written=False, take=info.get("take"))
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
         self._rendering = z              # from here the volume's pixels of z are this take's
         report = self._write(z, info, tiles, stitched, max_res, flagged, placed, render)
@@ -534,20 +538,40 @@ class SectionProcessor:
         while self._open:
             self._finished.append(self._close(self._open.pop(0)))
 
+    def flush_for(self, z: int) -> bool:
+        """Before section z is taken in hand: whether it is a retake (at or below the last
+        good section, open ones included); a retake is aligned to written sections and
+        written at once, so the window is written first. Call it before anything else reads
+        the montages kept for z's references (they may go with the flush)."""
+        retake = self._reference_z is not None and z <= self._reference_z
+        if retake:
+            self.flush()
+        return retake
+
     def _close(self, o: _Open) -> SectionReport:
-        """Write an open section as the window last placed it. A failure is that section's
-        alone: recorded as missing with the reason, the others go on."""
+        """Write an open section as the window last placed it; the open sections' pairs to
+        it are carried into the volume's frame through that placement first, since its
+        montage and placement need not be kept once it is written. A failure is that
+        section's alone: recorded as missing with the reason, its pairs dropped from the
+        open sections, which go on without it."""
+        carried = {k: self._in_volume(r, o.placed.transform)[1]
+                   for k, other in enumerate(self._open) for r in other.pairs if r.reference == o.z}
         self._rendering = o.z
         try:
-            return self._write(o.z, o.info, o.tiles, o.stitched, o.max_res, o.flagged, o.placed, o.render)
+            report = self._write(o.z, o.info, o.tiles, o.stitched, o.max_res, o.flagged, o.placed, o.render)
         except Exception as exc:
             log.exception("writing z=%d as it left the alignment window failed", o.z)
             reason = f"not written as it left the alignment window: {type(exc).__name__}: {exc}"
             self.montages.drop(o.z)
             self._transforms.pop(o.z, None)
+            for other in self._open:
+                other.pairs = [r for r in other.pairs if r.reference != o.z]
             self.record_missing(o.z, o.info, reason)
             return SectionReport(o.z, "failed", o.max_res, o.flagged, (0.0, 0.0), o.placed.confidence,
-                                 o.stitched.solution.status, reason)
+                                 o.stitched.solution.status, reason, take=o.info.get("take"))
+        for k, match in carried.items():
+            self._open[k].fixed_matches[o.z] = match
+        return report
 
     def _write(self, z: int, info: dict, tiles: Sequence[np.ndarray], stitched: StitchResult, max_res: float,
                flagged: int, p: Placement, render: FinalRender | None) -> SectionReport:
@@ -580,7 +604,8 @@ class SectionProcessor:
         elif z == self._reference_z:
             self._reference_lost(z)
         self._keep_montages(z, p)
-        return SectionReport(z, p.status, max_res, flagged, p.shift, p.confidence, sol.status, p.message, p.repeats)
+        return SectionReport(z, p.status, max_res, flagged, p.shift, p.confidence, sol.status, p.message, p.repeats,
+                             take=info.get("take"))
 
     def _solve_window(self, opens: list[_Open]) -> None:
         """Place the `opens` sections again, all together, from every pair they are in (the
@@ -661,8 +686,8 @@ class SectionProcessor:
 
     def _keep_montages(self, z: int, placed: Placement) -> None:
         """Keep the montages (and transforms) of the sections coming sections will be aligned
-        to: the `neighbours` highest good ones. A retake aligned to older ones reads them
-        from the volume."""
+        to, the `neighbours` highest good ones, and of the sections open in the window. A
+        retake aligned to older ones reads them from the volume."""
         if placed.status == "ok":
             self._transforms[z] = placed.transform
         else:
@@ -675,19 +700,20 @@ class SectionProcessor:
         """Section z's placement (volume pixel -> its unaligned montage's pixel)."""
         return self._transforms[z] if z in self._transforms else self.volume.load_transform(z)
 
-    def _in_volume(self, r: ReferencePair) -> tuple[SectionTransform, PairMatch]:
+    def _in_volume(self, r: ReferencePair, placed: SectionTransform | None = None,
+                   ) -> tuple[SectionTransform, PairMatch]:
         """A registered pair's transform and matches in the volume's frame: a pair made
         against the reference's unaligned montage is carried through the reference's own
-        placement."""
+        placement (`placed`, default the one kept or stored)."""
         assert r.alignment is not None and r.match is not None
         if r.frame == "aligned":
             return r.alignment.transform, r.match
-        placed = self._transform_of(r.reference)
+        placed = placed if placed is not None else self._transform_of(r.reference)
         px, py = placed.output_of(r.match.p[:, 0], r.match.p[:, 1])
         return (placed.then(r.alignment.transform, self.canvas.shape),
                 PairMatch(r.match.fixed_z, r.match.moving_z, np.stack([px, py], 1), r.match.q, r.match.w))
 
-    def _place(self, z: int, results: list[ReferencePair]) -> Placement:
+    def _place(self, z: int, results: list[ReferencePair], opening: bool = False) -> Placement:
         """Where section z goes (`Placement`), from its alignment to each of its references
         (`results`: the nearest good section first, then good sections below it). A section
         that repeats the nearest is not placed. Each reference that registered adds its
@@ -709,7 +735,7 @@ class SectionProcessor:
         conf = a.confidence
         message = "" if rz == nearest else \
             "aligned to the sections below the previous one: " + "; ".join(f"z={r}: {w}" for r, _, w in refused)
-        if len(registered) > 1 and not self.look_ahead:     # with a window, the window's solve places it
+        if len(registered) > 1 and not opening:     # a section opened in the window: the window's solve places it
             zs = [r[0] for r in registered] + [z]
             initial = {r[0]: np.eye(3) for r in registered}
             initial[z] = np.linalg.inv(transform.affine3)
@@ -727,6 +753,9 @@ class SectionProcessor:
         sections = self.volume.group.attrs["tapescope"].get("sections", {})
         seen = [v[key] for v in sections.values()
                 if v.get("status") == "ok" and v.get("alignment_references") and v.get(key) is not None]
+        attribute = {"alignment_confidence": "confidence", "alignment_detail": "detail"}[key]
+        seen += [getattr(o.placed, attribute) for o in self._open if o.placed.references]
+        seen = [v for v in seen if np.isfinite(v)]
         return float(np.median(seen)) if seen else 1.0
 
     def likely_references(self, z: int, before: Sequence[int]) -> list[int]:
@@ -835,7 +864,11 @@ class SectionProcessor:
 
     def record_missing(self, z: int, info: dict, reason: str) -> None:
         """A section that could not be processed keeps its z, recorded as missing; a retake
-        that failed before it wrote a pixel leaves the good section there as it was."""
+        that failed before it wrote a pixel leaves the good section there as it was (an
+        earlier take still open in the window is written first)."""
+        if z in self.open_sections:
+            self.flush()
+            self._rendering = None       # the take that failed wrote nothing
         previous = self.volume.group.attrs["tapescope"].get("sections", {}).get(str(z), {})
         if previous.get("status") == "ok" and self._rendering != z:
             log.warning("retake of z=%d failed before rendering (%s): the earlier good take stays", z, reason)
