@@ -100,6 +100,11 @@ def montage_task(folder: str, name: str, records: list[TileRecord], stitched: St
                           linear=stitched.solution.linear, device=device)
 
 
+def _held(value: np.ndarray) -> np.ndarray:
+    """The task whose result is `value` (`SectionCluster._shared`)."""
+    return value
+
+
 def align_task(volume_path: str, folder: str, z: int, montage: str, reference: int, reference_montage: str | None,
                elastic: bool, device: str, scratch: str | None, prefix: str, flow: FlowParams) -> ReferencePair:
     """On a worker: section z's montage aligned to section `reference`'s (`align_pairs`, as
@@ -151,9 +156,12 @@ class SectionCluster:
         if not isinstance(value, np.ndarray) or value.nbytes < 1 << 16:
             return value
         for array, future in self._scattered:
-            if array is value and future.status == "finished":    # not lost with every worker that held it
+            if array is value:
                 return future
-        future = self.client.scatter(value, broadcast=True, hash=False)
+        # A task that returns the array, not a scatter: the scheduler keeps the task, so when
+        # the worker holding its result dies it is run again elsewhere. Scattered data lost
+        # with its worker cancels every task waiting on it ("lost dependencies").
+        future = self.client.submit(_held, value, pure=False, key=f"flatfield-{uuid4().hex}")
         self._scattered = [*self._scattered[-1:], (value, future)]    # the gain and the dark
         return future
 
