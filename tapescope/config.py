@@ -227,7 +227,7 @@ class ProcessingConfig(_Model):
         "(the offline stack's 64 px every 32 px, 3 passes: about 2x the CPU, undoes more of the warps on real "
         "tissue; docs/alignment.md)")
     align_look_ahead: Annotated[int, Field(ge=0, le=16)] = Field(
-        0, description="good sections a good section stays open for after its verdict: each places the open "
+        4, description="good sections a good section stays open for after its verdict: each places the open "
         "ones again with its own matches (the stack solve, live), and a section is written when it leaves "
         "the window, this many good sections later; 0 writes each section as soon as it is placed")
     lens: Literal["estimate", "none"] = Field(

@@ -139,7 +139,8 @@ def test_resume_primes_alignment_from_the_volume(tmp_path: Path, sim_server: Cal
 
     The kill point is made, not raced: the simulator (its own process) loses every tape move
     after the first, so the run images section 0, processes it, and waits paused for the
-    tape at section 1; it is killed there, and resumed against a simulator without faults."""
+    tape at section 1 (the pause writes section 0, open in the live alignment window); it is
+    killed there, and resumed against a simulator without faults."""
     run = ("[run]\nslot_range = [0, 1]\ngrid = [2, 2]\nexposure_ms = 40.0\nseed = 5\n"
            "device_retries = 1\nretry_window_s = 0.5\n[processing]\nenabled = true\nelastic = false\n")
     sim_cfg = tmp_path / "sim.toml"

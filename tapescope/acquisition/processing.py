@@ -23,7 +23,7 @@ import tifffile
 from tapescope.alignment.pipeline import MontageStore, ReferencePair, SectionProcessor, SectionReport
 from tapescope.stitching.flatfield import estimate_flatfield
 
-from .events import Alarm, Event, EventBus, ProcessingBacklog, SectionFinished, SectionProcessed
+from .events import Alarm, Event, EventBus, ProcessingBacklog, SectionFinished, SectionProcessed, StateChanged
 from .store import RunStore, TileRecord, section_inputs
 
 if TYPE_CHECKING:
@@ -102,6 +102,9 @@ class ProcessingWorker:
         self._tried: dict[int, int] = {}             # slot -> journal line of the section_done last taken
         self._over_limit = False
         self._backlog_lock = threading.Lock()
+        # One section or one flush of the alignment window at a time: a pause flushes it
+        # from another thread than the one processing sections.
+        self._processing_lock = threading.RLock()
         # The backlog grows as the engine finishes sections, not only as processing ends them.
         self._unsubscribe = bus.subscribe(self._on_event) if journal else None
         # slot -> (records, lens asked for, future of its stitching, future of its montage)
@@ -124,7 +127,8 @@ class ProcessingWorker:
             self._drop_pairs(slot)
         if self.cluster is not None:
             self.cluster.close()
-        self.processor.close()
+        with self._processing_lock:      # after a flush a pause started
+            self.processor.close()
 
     async def run(self, queue: asyncio.Queue[int | None]) -> None:
         """Process what the journal says is acquired and not yet processed, each time an item
@@ -176,15 +180,19 @@ class ProcessingWorker:
         return len(waiting), 0.0 if oldest is None else max(time.time() - oldest, 0.0)
 
     def _on_event(self, event: Event) -> None:
-        if not isinstance(event, SectionFinished):
+        # A paused run (a person is needed, a device is down) may stay so for hours: what
+        # was imaged is written now, not when the window would have moved on.
+        pause = isinstance(event, StateChanged) and event.new == "paused" and bool(self.processor.open_sections)
+        if not isinstance(event, SectionFinished) and not pause:
             return
+        work = self.flush if pause else self._publish_backlog_logged
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.publish_backlog()
+            work()
             return
-        # Off the engine's loop: it reads the journal.
-        loop.run_in_executor(None, self._publish_backlog_logged)
+        # Off the engine's loop: it reads the journal, or renders.
+        loop.run_in_executor(None, work)
 
     def _publish_backlog_logged(self) -> None:
         try:
@@ -442,13 +450,15 @@ class ProcessingWorker:
     def flush(self) -> None:
         """Write the sections still open in the processor's alignment window, and report
         them. A fault is an alarm: those sections are not recorded, so a resume does them."""
-        try:
-            self.processor.flush()
-        except Exception as exc:
-            log.exception("writing the alignment window failed")
-            self.bus.emit(Alarm("processing", f"the sections open in the alignment window were not all written: "
-                                f"{type(exc).__name__}: {exc}; a resumed run processes them again"))
-        self._report_written()
+        with self._processing_lock:
+            try:
+                self.processor.flush()
+            except Exception as exc:
+                log.exception("writing the alignment window failed")
+                self.bus.emit(Alarm("processing", f"the sections open in the alignment window were not all "
+                                    f"written: {type(exc).__name__}: {exc}; a resumed run processes them again"))
+            self._report_written()
+            self.publish_backlog()
 
     def _restore_montages(self, z: int) -> None:
         """The montages of section z's references that are not kept (a resumed run, a retake
@@ -479,6 +489,10 @@ class ProcessingWorker:
     def process_slot(self, slot: int, take: int) -> SectionReport | None:
         """Section `slot` as its take at journal line `take` (its section_done) left it: the
         record names the take, since a later take's tiles are written over these."""
+        with self._processing_lock:
+            return self._process_slot(slot, take)
+
+    def _process_slot(self, slot: int, take: int) -> SectionReport | None:
         z = self.z_of_slot[slot]
         records: list[TileRecord] = self.store.tiles(slot)
         info = {"slot": slot, "z": z, "barcode": records[0].meta.get("barcode", "") if records else "",
