@@ -156,12 +156,14 @@ class SectionCluster:
         if not isinstance(value, np.ndarray) or value.nbytes < 1 << 16:
             return value
         for array, future in self._scattered:
-            if array is value:
+            # Lost is fine (the scheduler runs it again); cancelled (a lost connection to
+            # the scheduler) or failed is not: sent again.
+            if array is value and future.status not in ("cancelled", "error"):
                 return future
         # A task that returns the array, not a scatter: the scheduler keeps the task, so when
         # the worker holding its result dies it is run again elsewhere. Scattered data lost
         # with its worker cancels every task waiting on it ("lost dependencies").
-        future = self.client.submit(_held, value, pure=False, key=f"flatfield-{uuid4().hex}")
+        future = self.client.submit(_held, value, pure=False, key=f"flatfield-{uuid4().hex}", retries=self.retries)
         self._scattered = [*self._scattered[-1:], (value, future)]    # the gain and the dark
         return future
 

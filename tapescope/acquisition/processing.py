@@ -105,6 +105,7 @@ class ProcessingWorker:
         # One section or one flush of the alignment window at a time: a pause flushes it
         # from another thread than the one processing sections.
         self._processing_lock = threading.RLock()
+        self._paused = False     # the engine is paused: sections are written as processed
         # The backlog grows as the engine finishes sections, not only as processing ends them.
         self._unsubscribe = bus.subscribe(self._on_event) if journal else None
         # slot -> (records, lens asked for, future of its stitching, future of its montage)
@@ -181,8 +182,11 @@ class ProcessingWorker:
 
     def _on_event(self, event: Event) -> None:
         # A paused run (a person is needed, a device is down) may stay so for hours: what
-        # was imaged is written now, not when the window would have moved on.
-        pause = isinstance(event, StateChanged) and event.new == "paused" and bool(self.processor.open_sections)
+        # was imaged is written now, not when the window would have moved on; and so is
+        # what processing catches up on while the pause lasts (`catch_up`).
+        if isinstance(event, StateChanged):
+            self._paused = event.new == "paused"
+        pause = self._paused and isinstance(event, StateChanged) and bool(self.processor.open_sections)
         if not isinstance(event, SectionFinished) and not pause:
             return
         work = self.flush if pause else self._publish_backlog_logged
@@ -233,6 +237,8 @@ class ProcessingWorker:
                 if report.repeats is not None and report.repeats in self.slot_of_z:
                     self._queue_reimage(self.slot_of_z[report.repeats], f"slot {slot} repeats it: one of the two takes "
                                         "shows the wrong section (a tape slip?); both are re-imaged")
+        if due and self._paused and self.processor.open_sections:
+            await asyncio.to_thread(self.flush)
 
     def _queue_reimage(self, slot: int, why: str) -> None:
         assert self.on_unregistered is not None
@@ -279,6 +285,10 @@ class ProcessingWorker:
         """Start the stitching of the next sections on the cluster (twice its workers at
         most: enough to keep them busy, few to redo if the lens is estimated meanwhile), and
         their alignment to the references they are sure to have (`_prefetch_pairs`)."""
+        with self._processing_lock:      # not while a pause writes the window
+            self._prefetch_locked(slots)
+
+    def _prefetch_locked(self, slots: list[int]) -> None:
         assert self.cluster is not None
         self._ensure_flatfield()
         for slot, ahead in list(self._stitching.items()):
@@ -458,7 +468,7 @@ class ProcessingWorker:
                 self.bus.emit(Alarm("processing", f"the sections open in the alignment window were not all "
                                     f"written: {type(exc).__name__}: {exc}; a resumed run processes them again"))
             self._report_written()
-            self.publish_backlog()
+            self._publish_backlog_logged()
 
     def _restore_montages(self, z: int) -> None:
         """The montages of section z's references that are not kept (a resumed run, a retake
