@@ -136,8 +136,7 @@ def stages(grid: int, tile: int, device: str = "cpu") -> dict[str, float]:
         render_to(ref, ref_cover, [FlatFielded(t, gain) for t in tiles0], pos0,
                   SectionTransform.identity().shifted(oy, ox), threads=1)
         a, cpu, wall = cpu_timed(lambda: align_section(ref, image, ref_cover > 0.5, cover > 0.5, elastic=True,
-                                                       device=device, stride=LIVE_FLOW.stride,
-                                                       patch=LIVE_FLOW.patch, passes=LIVE_FLOW.passes))
+                                                       device=device, **LIVE_FLOW.section_args()))
         report("alignment (1 neighbour)", cpu, wall)
         _, cpu, wall = cpu_timed(lambda: align_section(ref, image, ref_cover > 0.5, cover > 0.5, elastic=False,
                                                        device=device))

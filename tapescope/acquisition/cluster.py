@@ -147,7 +147,7 @@ class SectionCluster:
         self.retries = retries
         self.timeout_s = timeout_s
         self._workers = self._current_workers()
-        self._scattered: list[tuple[np.ndarray, Any]] = []      # flat-field arrays sent once, and their futures
+        self._shared_arrays: list[tuple[np.ndarray, Any]] = []      # flat-field arrays sent once, and their futures
 
     def _shared(self, value: Any) -> Any:
         """An array every task of the run takes (the flat-field's gain and dark: 121 MB each
@@ -155,7 +155,7 @@ class SectionCluster:
         instead of with every task; anything else as it is."""
         if not isinstance(value, np.ndarray) or value.nbytes < 1 << 16:
             return value
-        for array, future in self._scattered:
+        for array, future in self._shared_arrays:
             # Lost is fine (the scheduler runs it again); cancelled (a lost connection to
             # the scheduler) or failed is not: sent again.
             if array is value and future.status not in ("cancelled", "error"):
@@ -164,7 +164,7 @@ class SectionCluster:
         # the worker holding its result dies it is run again elsewhere. Scattered data lost
         # with its worker cancels every task waiting on it ("lost dependencies").
         future = self.client.submit(_held, value, pure=False, key=f"flatfield-{uuid4().hex}", retries=self.retries)
-        self._scattered = [*self._scattered[-1:], (value, future)]    # the gain and the dark
+        self._shared_arrays = [*self._shared_arrays[-1:], (value, future)]    # the gain and the dark
         return future
 
     def _current_workers(self) -> set[str]:

@@ -246,8 +246,7 @@ def align_pair(z: int, image: np.ndarray, valid: np.ndarray, rz: int, ref_img: n
     register."""
     if _overlap_fraction(valid, ref_valid) < 0.05:
         return ReferencePair(rz, 0.0, "too little overlap with the previous section", frame=frame)
-    a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, stride=flow.stride,
-                      patch=flow.patch, passes=flow.passes, stiffness=flow.stiffness, scale=flow.scale)
+    a = align_section(ref_img, image, ref_valid, valid, elastic=elastic, device=device, **flow.section_args())
     if why := unregistered_reason(a.confidence, a.chance, MIN_ALIGN_CONFIDENCE):
         return ReferencePair(rz, a.confidence, why, frame=frame)
     return ReferencePair(rz, a.confidence, alignment=a, match=matches_of(a, rz, z, ref_valid, valid), frame=frame)
@@ -513,8 +512,7 @@ class SectionProcessor:
             self._transforms[z] = opened.placed.transform
             if self._reference_z is None or z >= self._reference_z:
                 self._reference_z = z
-            while len(self._open) > self.look_ahead:
-                self._finished.append(self._close(self._open.pop(0)))
+            self._close_oldest(keep=self.look_ahead)
             return SectionReport(z, "ok", max_res, flagged, placed.shift, placed.confidence, sol.status,
                                  placed.message, written=False, take=info.get("take"))
         # Rendered once, from the tiles through the transform: pixels are interpolated once.
@@ -535,7 +533,11 @@ class SectionProcessor:
 
     def flush(self) -> None:
         """Write every section still open in the window (`finished` reports them)."""
-        while self._open:
+        self._close_oldest(keep=0)
+
+    def _close_oldest(self, keep: int) -> None:
+        """Write the oldest open sections until `keep` are left open."""
+        while len(self._open) > keep:
             self._finished.append(self._close(self._open.pop(0)))
 
     def flush_for(self, z: int) -> bool:
@@ -630,8 +632,7 @@ class SectionProcessor:
         if not matches:
             return
         initial = {k: np.eye(3) for k in pinned} | {o.z: o.forward for o in opens}
-        sol = solve_stack(self.canvas.shape, sorted(free | pinned), matches, initial,
-                          self._solve_params,
+        sol = solve_stack(self.canvas.shape, sorted(free | pinned), matches, initial, self._solve_params,
                           fixed=sorted(pinned))
         for o in opens:
             if o.z in starts:
@@ -739,8 +740,7 @@ class SectionProcessor:
             zs = [r[0] for r in registered] + [z]
             initial = {r[0]: np.eye(3) for r in registered}
             initial[z] = np.linalg.inv(transform.affine3)
-            sol = solve_stack(self.canvas.shape, zs, [r[3] for r in registered], initial,
-                              self._solve_params,
+            sol = solve_stack(self.canvas.shape, zs, [r[3] for r in registered], initial, self._solve_params,
                               fixed=[r[0] for r in registered])
             transform = sol.transforms[z]
         return Placement("ok", conf, message, transform, self._centre_shift(transform),

@@ -68,6 +68,11 @@ class FlowParams:
     stiffness: float = 0.3
     far_passes: int = 3
 
+    def section_args(self) -> dict[str, Any]:
+        """The elastic stage's arguments of `align_section` (a nearest predecessor's passes)."""
+        return {"stride": self.stride, "patch": self.patch, "passes": self.passes, "stiffness": self.stiffness,
+                "scale": self.scale}
+
 
 @dataclass(frozen=True)
 class AlignParams:
@@ -352,10 +357,8 @@ def align_pair(fixed_z: int, fixed_path: Path, moving_z: int, moving_path: Path,
     fixed = open_image(fixed_path, params.canvas)
     moving = open_image(moving_path, params.canvas)
     fv, mv = Imaged(fixed), Imaged(moving)
-    f = params.flow
     a = align_section(fixed, moving, fv, mv, elastic=params.elastic, max_rotation_deg=params.max_rotation_deg,
-                      device=params.device, stride=f.stride, patch=f.patch, passes=f.passes, stiffness=f.stiffness,
-                      scale=f.scale)
+                      device=params.device, **params.flow.section_args())
     return PairResult(fixed_z, moving_z, a.transform, a.confidence, a.rotation_deg, a.flow_nodes, a.flow_rms_px,
                       a.chance, matches_of(a, fixed_z, moving_z, fv, mv), a.detail)
 
